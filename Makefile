@@ -1,0 +1,57 @@
+# GeoCATE: `make demo` runs the main job on the bundled demo, `make test` runs the tests.
+# Both install what is missing first (Debian packages, a venv, the plugin's QGIS profile); a second run skips it.
+
+SHELL := /bin/bash
+ROOT := $(CURDIR)
+VENV := $(ROOT)/.venv
+PY := $(VENV)/bin/python
+SITE := $(VENV)/lib/python3.11/site-packages
+PROFILE := $(ROOT)/.qgis-profile
+PLUGINS := $(PROFILE)/profiles/default/python/plugins
+APT_PACKAGES := qgis python3-qgis qgis-providers xvfb python3-venv
+DEMO := $(ROOT)/outputs/demo
+
+export QGIS_CUSTOM_CONFIG_PATH := $(PROFILE)
+export QT_QPA_PLATFORM := offscreen
+export XDG_RUNTIME_DIR := /tmp/runtime-$(shell id -u)
+export PYTHONPATH := $(PLUGINS):$(SITE)
+export PYTHONDONTWRITEBYTECODE := 1
+
+.PHONY: setup system venv profile demo test bench clean
+
+setup: system venv profile
+
+system:
+	@dpkg -s $(APT_PACKAGES) >/dev/null 2>&1 || { \
+	  echo "Installing Debian packages: $(APT_PACKAGES)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PACKAGES) >/dev/null; }
+	@mkdir -p $(XDG_RUNTIME_DIR) && chmod 700 $(XDG_RUNTIME_DIR)
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt requirements-dev.txt | system
+	test -x $(PY) || /usr/bin/python3 -m venv --system-site-packages $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements-dev.txt
+	touch $@
+
+profile: $(PLUGINS)/geocate $(PROFILE)/.enabled
+
+$(PLUGINS)/geocate:
+	mkdir -p $(PLUGINS)
+	ln -sfn $(ROOT) $@
+
+$(PROFILE)/.enabled: | $(PLUGINS)/geocate system
+	qgis_process.bin plugins enable geocate >/dev/null 2>&1 || true
+	touch $@
+
+demo: setup
+	@bash scripts/run_demo.sh $(DEMO)
+
+test: setup
+	$(PY) -m pytest -p no:cacheprovider tests
+
+bench: setup
+	$(PY) bench/bench_estimate.py
+
+clean:
+	rm -rf outputs .qgis-profile

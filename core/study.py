@@ -1,0 +1,155 @@
+"""What passes between the stages: the trial as plain arrays (Study) and the estimates (Result)."""
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .errors import GeoCateError
+from .patches import extract_patches, raster_info
+
+MIN_UNITS_PER_ARM = 20
+
+
+@dataclass(frozen=True)
+class UnitTable:
+    """The units layer as arrays, before any check (what the provider hands over).
+
+    xy: (n, 2) coordinates in ``crs_wkt``; treated, outcome: (n,) float with
+    nan for nulls; covariates: (n, p) float with nan for nulls.
+    """
+
+    xy: np.ndarray
+    crs_wkt: str
+    treated: np.ndarray
+    outcome: np.ndarray
+    covariates: np.ndarray
+    covariate_names: tuple = ()
+    treatment_name: str = "treatment"
+    outcome_name: str = "outcome"
+
+
+@dataclass(frozen=True)
+class Study:
+    """A checked trial ready for estimation; arrays cover every input unit.
+
+    coords: (n, 2) in the raster's CRS; treated, outcome: (n,); covariates: (n, p);
+    patches: (n, bands, h, w) float32 (zeros where not ok); patch_ok: (n,) bool;
+    used: (n,) bool, units that enter estimation (window usable, no nulls);
+    dropped: counts of units left out, by reason.
+    """
+
+    coords: np.ndarray
+    treated: np.ndarray
+    outcome: np.ndarray
+    covariates: np.ndarray
+    covariate_names: tuple
+    patches: np.ndarray
+    patch_ok: np.ndarray
+    patch_reason: np.ndarray
+    used: np.ndarray
+    dropped: dict
+    raster_path: str
+    raster_crs_wkt: str
+    pixel_size: float
+    bands: tuple
+
+    @property
+    def n_used(self):
+        return int(self.used.sum())
+
+    @property
+    def n_dropped(self):
+        return int(len(self.used) - self.used.sum())
+
+
+@dataclass(frozen=True)
+class Result:
+    """Per-unit estimates (nan / 0 for units not used) and the study-level summary.
+
+    cate, cate_lo, cate_hi, cate_se: (n,) out-of-fold CATE, its 95 % interval
+    and standard error; group: (n,) effect group 1..G by out-of-fold CATE
+    quantile (1 = smallest effects), 0 where not used; dr_scores: (n,)
+    doubly robust scores Gamma_i; fold: (n,) cross-fitting fold, -1 where not used.
+    """
+
+    cate: np.ndarray
+    cate_lo: np.ndarray
+    cate_hi: np.ndarray
+    cate_se: np.ndarray
+    group: np.ndarray
+    dr_scores: np.ndarray
+    fold: np.ndarray
+    ate: float
+    ate_se: float
+    n_used: int
+    n_dropped: int
+    metadata: dict = field(default_factory=dict)
+
+
+def check_treatment(treated, name="treatment"):
+    """Raise GeoCateError unless every non-null value is 0 or 1."""
+    values = np.asarray(treated, dtype=float)
+    present = values[~np.isnan(values)]
+    wrong = np.unique(present[(present != 0) & (present != 1)])
+    if len(wrong):
+        shown = ", ".join(f"{v:g}" for v in wrong[:5]) + (" ..." if len(wrong) > 5 else "")
+        raise GeoCateError(
+            f"The treatment field '{name}' must hold only 0 (control) and 1 (treated), "
+            f"but it also holds {shown}.",
+            "Recode it to 0/1 (e.g. with the Field Calculator) or choose the right field.",
+        )
+
+
+def build_study(units, raster_path, bands=None, window_size_px=33, nodata=None,
+                progress=None, is_cancelled=None):
+    """Check ``units`` (a UnitTable), read their windows and return a Study.
+
+    Raises GeoCateError for: a treatment other than 0/1, a raster without CRS,
+    a window larger than the raster, no unit inside the raster, fewer than
+    MIN_UNITS_PER_ARM units in an arm after dropping.
+    """
+    treated = np.asarray(units.treated, dtype=float)
+    outcome = np.asarray(units.outcome, dtype=float)
+    covariates = np.asarray(units.covariates, dtype=float).reshape(len(treated), -1)
+    check_treatment(treated, units.treatment_name)
+    info = raster_info(raster_path)
+    found = extract_patches(raster_path, units.xy, units.crs_wkt, bands, window_size_px,
+                            nodata, progress, is_cancelled)
+    if len(treated) and (found.reason == "outside").all():
+        raise GeoCateError(
+            f"None of the {len(treated)} units lies inside the raster '{info.path}'.",
+            "Check that the units and the imagery cover the same area and that both layers have the right CRS.",
+        )
+    null_treated = np.isnan(treated)
+    null_outcome = np.isnan(outcome)
+    null_covariate = np.isnan(covariates).any(axis=1) if covariates.shape[1] else np.zeros(len(treated), bool)
+    dropped = {
+        "treatment is null": int(null_treated.sum()),
+        "outcome is null": int((null_outcome & ~null_treated).sum()),
+        "a covariate is null": int((null_covariate & ~null_outcome & ~null_treated).sum()),
+    }
+    complete = ~(null_treated | null_outcome | null_covariate)
+    for code, label in (("outside", "outside the raster"), ("edge", "window crosses the raster edge"),
+                        ("nodata", "window holds nodata or fill")):
+        dropped[label] = int(((found.reason == code) & complete).sum())
+    used = complete & found.ok
+    for arm, label in ((1, "treated"), (0, "control")):
+        count = int((used & (treated == arm)).sum())
+        if count < MIN_UNITS_PER_ARM:
+            raise GeoCateError(
+                f"Only {count} {label} unit(s) remain after dropping units with nulls or unusable "
+                f"image windows ({describe_dropped(dropped)}); at least {MIN_UNITS_PER_ARM} per arm are needed.",
+                "Add units, fix the nulls, or use imagery that covers more of them (a smaller PATCH_SIZE helps near edges).",
+            )
+    return Study(
+        coords=found.coords, treated=treated, outcome=outcome, covariates=covariates,
+        covariate_names=tuple(units.covariate_names), patches=found.patches, patch_ok=found.ok,
+        patch_reason=found.reason, used=used, dropped=dropped, raster_path=str(raster_path),
+        raster_crs_wkt=info.crs_wkt, pixel_size=info.pixel_size, bands=found.bands,
+    )
+
+
+def describe_dropped(dropped):
+    parts = [f"{count} {why}" for why, count in dropped.items() if count]
+    return "; ".join(parts) if parts else "none dropped"
+

@@ -1,0 +1,1 @@
+"""QGIS glue: the Processing provider, one module per algorithm, and layer <-> array conversion."""

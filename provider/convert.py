@@ -1,0 +1,129 @@
+"""The two edges of the flow: QGIS features -> core arrays, and core results -> output features."""
+
+import math
+
+import numpy as np
+from qgis.core import (
+    QgsCoordinateReferenceSystem,
+    QgsFeature,
+    QgsField,
+    QgsFields,
+    QgsProcessingException,
+    QgsWkbTypes,
+)
+from qgis.PyQt.QtCore import QVariant
+
+# Fields every per-unit output appends (ARCHITECTURE.md, "Contracts").
+RESULT_FIELDS = (
+    ("cate", QVariant.Double),
+    ("cate_lo", QVariant.Double),
+    ("cate_hi", QVariant.Double),
+    ("cate_se", QVariant.Double),
+    ("group", QVariant.Int),
+    ("patch_ok", QVariant.Int),
+)
+
+
+def _number(value):
+    """A feature attribute as float; NULL and empty -> nan."""
+    if value is None:
+        return math.nan
+    if isinstance(value, QVariant):  # QGIS's NULL
+        return math.nan if value.isNull() else float(value.value())
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def check_numeric_field(fields, name, role):
+    index = fields.lookupField(name)
+    if index < 0:
+        raise QgsProcessingException(
+            f"The {role} field '{name}' does not exist in the units layer. Choose one of its fields.")
+    field = fields.at(index)
+    if not field.isNumeric():
+        raise QgsProcessingException(
+            f"The {role} field '{name}' is of type {field.typeName()}, not a number. "
+            f"Choose a numeric field, or convert it first (Field Calculator: to_int(\"{name}\") or to_real(\"{name}\")).")
+
+
+def unit_point(geometry):
+    """(x, y) of a unit: the point itself, or the centroid of a polygon; nan for no geometry."""
+    if geometry is None or geometry.isNull() or geometry.isEmpty():
+        return math.nan, math.nan
+    if geometry.type() != QgsWkbTypes.PointGeometry or geometry.isMultipart():
+        geometry = geometry.centroid()
+    point = geometry.asPoint()
+    return point.x(), point.y()
+
+
+def read_units(source, treatment, outcome, covariates, feedback=None):
+    """Read a feature source into (features, UnitTable); features keep the input's order."""
+    from ..core.study import UnitTable
+
+    fields = source.fields()
+    check_numeric_field(fields, treatment, "treatment")
+    check_numeric_field(fields, outcome, "outcome")
+    for name in covariates:
+        check_numeric_field(fields, name, "covariate")
+    crs = source.sourceCrs()
+    crs_wkt = crs.toWkt(QgsCoordinateReferenceSystem.WKT_PREFERRED) if crs.isValid() else ""
+    features, xy, treated, outcomes, covs = [], [], [], [], []
+    total = source.featureCount() or 1
+    for i, feature in enumerate(source.getFeatures()):
+        if feedback is not None and feedback.isCanceled():
+            break
+        features.append(QgsFeature(feature))
+        xy.append(unit_point(feature.geometry()))
+        treated.append(_number(feature[treatment]))
+        outcomes.append(_number(feature[outcome]))
+        covs.append([_number(feature[name]) for name in covariates])
+        if feedback is not None and i % 500 == 0:
+            feedback.setProgress(100.0 * i / total * 0.05)
+    n = len(features)
+    table = UnitTable(
+        xy=np.asarray(xy, dtype=float).reshape(n, 2), crs_wkt=crs_wkt,
+        treated=np.asarray(treated, dtype=float), outcome=np.asarray(outcomes, dtype=float),
+        covariates=np.asarray(covs, dtype=float).reshape(n, len(covariates)),
+        covariate_names=tuple(covariates), treatment_name=treatment, outcome_name=outcome,
+    )
+    return features, table
+
+
+def output_fields(input_fields, extra=RESULT_FIELDS):
+    """The input's fields, less any named like a result field (a rerun replaces them), plus the result fields."""
+    names = {name for name, _ in extra}
+    fields = QgsFields()
+    kept = []
+    for index, field in enumerate(input_fields):
+        if field.name().lower() in names:
+            continue
+        fields.append(field)
+        kept.append(index)
+    for name, kind in extra:
+        fields.append(QgsField(name, kind))
+    return fields, kept
+
+
+def _value(v, kind):
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return None
+    return int(v) if kind == QVariant.Int else float(v)
+
+
+def result_features(features, kept, fields, columns, feedback=None):
+    """Output features: each input feature's kept attributes plus ``columns`` (name -> (n,) array)."""
+    kinds = dict((name, kind) for name, kind in RESULT_FIELDS)
+    names = [fields.at(i).name() for i in range(len(kept), fields.count())]
+    out = []
+    for i, feature in enumerate(features):
+        new = QgsFeature(fields)
+        new.setGeometry(feature.geometry())
+        attributes = feature.attributes()
+        values = [attributes[j] for j in kept]
+        values += [_value(columns[name][i].item() if hasattr(columns[name][i], "item") else columns[name][i],
+                          kinds.get(name, QVariant.Double)) for name in names]
+        new.setAttributes(values)
+        out.append(new)
+    return out

@@ -1,0 +1,229 @@
+"""geocate:estimatecate - per-unit treatment effects of a trial from the imagery around each unit."""
+
+import json
+import os
+
+import numpy as np
+from qgis.core import (
+    QgsFeatureSink,
+    QgsProcessing,
+    QgsProcessingAlgorithm,
+    QgsProcessingException,
+    QgsProcessingLayerPostProcessorInterface,
+    QgsProcessingOutputNumber,
+    QgsProcessingParameterBand,
+    QgsProcessingParameterDefinition,
+    QgsProcessingParameterFeatureSink,
+    QgsProcessingParameterFeatureSource,
+    QgsProcessingParameterField,
+    QgsProcessingParameterNumber,
+    QgsProcessingParameterRasterLayer,
+    QgsProcessingUtils,
+)
+from qgis.PyQt.QtGui import QIcon
+
+from ..plugin import ICON
+from .convert import output_fields, read_units, result_features
+from .styles import apply_result_styles, save_styles_to_geopackage
+
+
+class _StyleOnLoad(QgsProcessingLayerPostProcessorInterface):
+    """Styles the output when Processing loads it into the project."""
+
+    instance = None  # Processing keeps only a pointer: hold the Python object
+
+    def postProcessLayer(self, layer, context, feedback):  # noqa: N802 - QGIS's name
+        if layer is not None and layer.fields().lookupField("cate") >= 0:
+            apply_result_styles(layer)
+
+    @classmethod
+    def create(cls):
+        cls.instance = cls()
+        return cls.instance
+
+
+def raster_path(layer):
+    """The file behind a raster layer, or a clear error if it is not a GDAL raster."""
+    if layer is None:
+        raise QgsProcessingException("No raster layer was given. Choose the imagery layer in RASTER.")
+    if layer.providerType() != "gdal":
+        raise QgsProcessingException(
+            f"The raster '{layer.name()}' comes from the '{layer.providerType()}' provider; GeoCATE reads "
+            "image windows from files GDAL can open. Save it as a GeoTIFF first (Export > Save As).")
+    return layer.source().split("|")[0]
+
+
+def sidecar_path(destination):
+    """Where a file output's run metadata goes: result.gpkg -> result.run.json."""
+    path = destination.split("|")[0]
+    if not path or path.startswith("memory:") or "://" in path or not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+        return None
+    return os.path.splitext(os.path.abspath(path))[0] + ".run.json"
+
+
+def write_json_atomically(path, payload):
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as handle:
+        json.dump(payload, handle, indent=2, default=str)
+    os.replace(tmp, path)
+
+
+class EstimateCateAlgorithm(QgsProcessingAlgorithm):
+    INPUT, TREATMENT, OUTCOME, COVARIATES = "INPUT", "TREATMENT", "OUTCOME", "COVARIATES"
+    RASTER, BANDS, PATCH_SIZE, NODATA, SEED = "RASTER", "BANDS", "PATCH_SIZE", "NODATA", "SEED"
+    GROUPS, OUTPUT = "GROUPS", "OUTPUT"
+
+    def name(self):
+        return "estimatecate"
+
+    def displayName(self):  # noqa: N802 - QGIS's name
+        return "Estimate treatment effects from imagery"
+
+    def group(self):
+        return "Treatment effects"
+
+    def groupId(self):  # noqa: N802 - QGIS's name
+        return "effects"
+
+    def icon(self):
+        return QIcon(ICON)
+
+    def createInstance(self):  # noqa: N802 - QGIS's name
+        return EstimateCateAlgorithm()
+
+    def shortHelpString(self):  # noqa: N802 - QGIS's name
+        return (
+            "Estimates each trial unit's conditional average treatment effect (CATE) from the "
+            "imagery around it (and optional covariates).\n\n"
+            "Each unit's window of PATCH_SIZE x PATCH_SIZE pixels is turned into random "
+            "convolutional features (MOSAIKS), reduced by PCA and, with the covariates, given to "
+            "econml's causal forest (CausalForestDML) with the trial's known propensity. "
+            "Cross-fitting: each unit's CATE and 95 % interval come from a forest that did not see it.\n\n"
+            "Output: the units with cate, cate_lo, cate_hi, cate_se, group (1 = smallest effects) "
+            "and patch_ok (0 where the window is outside the raster, crosses its edge or holds "
+            "nodata; those units keep their row with nulls). Also the doubly robust ATE and its "
+            "standard error. Polygons use their centroid."
+        )
+
+    def initAlgorithm(self, config=None):  # noqa: N802 - QGIS's name
+        self.addParameter(QgsProcessingParameterFeatureSource(
+            self.INPUT, "Trial units (points or polygons)",
+            [QgsProcessing.TypeVectorPoint, QgsProcessing.TypeVectorPolygon]))
+        self.addParameter(QgsProcessingParameterField(
+            self.TREATMENT, "Treatment field (0 = control, 1 = treated)", parentLayerParameterName=self.INPUT,
+            type=QgsProcessingParameterField.Numeric))
+        self.addParameter(QgsProcessingParameterField(
+            self.OUTCOME, "Outcome field", parentLayerParameterName=self.INPUT,
+            type=QgsProcessingParameterField.Numeric))
+        self.addParameter(QgsProcessingParameterField(
+            self.COVARIATES, "Covariate fields", parentLayerParameterName=self.INPUT,
+            type=QgsProcessingParameterField.Numeric, allowMultiple=True, optional=True))
+        self.addParameter(QgsProcessingParameterRasterLayer(self.RASTER, "Imagery"))
+        self.addParameter(QgsProcessingParameterBand(
+            self.BANDS, "Bands (default: all)", parentLayerParameterName=self.RASTER,
+            optional=True, allowMultiple=True))
+        self.addParameter(QgsProcessingParameterNumber(
+            self.PATCH_SIZE, "Window size (pixels per side)", QgsProcessingParameterNumber.Integer,
+            defaultValue=33, minValue=3, maxValue=1025))
+        self.addParameter(QgsProcessingParameterNumber(
+            self.NODATA, "Extra nodata value (besides the raster's own)", QgsProcessingParameterNumber.Double,
+            optional=True))
+        self.addParameter(QgsProcessingParameterNumber(
+            self.SEED, "Random seed", QgsProcessingParameterNumber.Integer, defaultValue=42, minValue=0))
+        groups = QgsProcessingParameterNumber(
+            self.GROUPS, "Number of effect groups", QgsProcessingParameterNumber.Integer,
+            defaultValue=3, minValue=2, maxValue=10)
+        groups.setFlags(groups.flags() | QgsProcessingParameterDefinition.FlagAdvanced)
+        self.addParameter(groups)
+        self.addParameter(QgsProcessingParameterFeatureSink(self.OUTPUT, "Treatment effects"))
+        self.addOutput(QgsProcessingOutputNumber("ATE", "Average treatment effect (doubly robust)"))
+        self.addOutput(QgsProcessingOutputNumber("ATE_SE", "Standard error of the ATE"))
+        self.addOutput(QgsProcessingOutputNumber("N_USED", "Units used"))
+        self.addOutput(QgsProcessingOutputNumber("N_DROPPED", "Units dropped"))
+
+    def processAlgorithm(self, parameters, context, feedback):  # noqa: N802 - QGIS's name
+        from ..core.errors import GeoCateError
+        from ..core.pipeline import estimate_cate
+        from ..core.study import describe_dropped
+
+        source = self.parameterAsSource(parameters, self.INPUT, context)
+        if source is None:
+            raise QgsProcessingException("The units layer could not be read. Choose a point or polygon layer in INPUT.")
+        treatment = self.parameterAsString(parameters, self.TREATMENT, context)
+        outcome = self.parameterAsString(parameters, self.OUTCOME, context)
+        covariates = self.parameterAsFields(parameters, self.COVARIATES, context)
+        raster = self.parameterAsRasterLayer(parameters, self.RASTER, context)
+        bands = self.parameterAsInts(parameters, self.BANDS, context) if parameters.get(self.BANDS) else None
+        window = self.parameterAsInt(parameters, self.PATCH_SIZE, context)
+        nodata = (self.parameterAsDouble(parameters, self.NODATA, context)
+                  if parameters.get(self.NODATA) not in (None, "") else None)
+        seed = self.parameterAsInt(parameters, self.SEED, context)
+        n_groups = self.parameterAsInt(parameters, self.GROUPS, context)
+        path = raster_path(raster)
+
+        features, units = read_units(source, treatment, outcome, covariates, feedback)
+
+        def progress(fraction, message):
+            feedback.setProgress(5 + 95 * fraction)
+            if message:
+                feedback.setProgressText(message)
+
+        try:
+            study, result = estimate_cate(units, path, bands, window, nodata, seed, n_groups,
+                                          progress=progress, is_cancelled=feedback.isCanceled)
+        except GeoCateError as error:
+            raise QgsProcessingException(str(error)) from error
+
+        not_ok = int((~study.patch_ok).sum())
+        feedback.pushInfo(f"Units: {len(features)} in the layer, {result.n_used} used, {result.n_dropped} dropped"
+                          f" ({describe_dropped(study.dropped)}).")
+        if not_ok:
+            feedback.pushWarning(f"{not_ok} unit(s) have no usable image window; they keep their row "
+                                 "with null effects and patch_ok = 0.")
+        low, high = result.ate - 1.96 * result.ate_se, result.ate + 1.96 * result.ate_se
+        feedback.pushInfo(f"ATE (doubly robust) = {result.ate:.4f}, SE {result.ate_se:.4f}, "
+                          f"95 % interval [{low:.4f}, {high:.4f}].")
+        feedback.pushInfo(f"Device: {result.metadata['device']}; timings: {result.metadata['timings']}.")
+
+        # Only now, with every number in hand, is the output created: a failed run writes nothing.
+        fields, kept = output_fields(source.fields())
+        sink, dest_id = self.parameterAsSink(parameters, self.OUTPUT, context, fields,
+                                             source.wkbType(), source.sourceCrs())
+        if sink is None:
+            raise QgsProcessingException("The output could not be created. Check the OUTPUT path and that it is writable.")
+        columns = {
+            "cate": result.cate, "cate_lo": result.cate_lo, "cate_hi": result.cate_hi,
+            "cate_se": result.cate_se, "group": np.where(result.group > 0, result.group, np.nan),
+            "patch_ok": study.patch_ok.astype(int),
+        }
+        if not sink.addFeatures(result_features(features, kept, fields, columns), QgsFeatureSink.FastInsert):
+            raise QgsProcessingException(f"Writing the output failed: {sink.lastError()}")
+        del sink  # closes the file, so postProcessAlgorithm can open and style it
+
+        self._dest_id = dest_id
+        self._metadata = dict(result.metadata, algorithm="geocate:estimatecate", parameters={
+            "INPUT": source.sourceName(), "TREATMENT": treatment, "OUTCOME": outcome,
+            "COVARIATES": covariates, "RASTER": path, "BANDS": bands, "PATCH_SIZE": window,
+            "NODATA": nodata, "SEED": seed, "GROUPS": n_groups,
+        }, n_units=len(features), n_used=result.n_used, n_dropped=result.n_dropped,
+            ate=result.ate, ate_se=result.ate_se)
+        if context.willLoadLayerOnCompletion(dest_id):
+            context.layerToLoadOnCompletionDetails(dest_id).setPostProcessor(_StyleOnLoad.create())
+        self._results = {self.OUTPUT: dest_id, "ATE": result.ate, "ATE_SE": result.ate_se,
+                         "N_USED": result.n_used, "N_DROPPED": result.n_dropped}
+        return self._results
+
+    def postProcessAlgorithm(self, context, feedback):  # noqa: N802 - QGIS's name
+        dest_id = getattr(self, "_dest_id", None)
+        if dest_id is None:
+            return {}
+        layer = QgsProcessingUtils.mapLayerFromString(dest_id, context)
+        if layer is not None:
+            apply_result_styles(layer)
+            save_styles_to_geopackage(layer)
+        sidecar = sidecar_path(dest_id)
+        if sidecar:
+            write_json_atomically(sidecar, self._metadata)
+            feedback.pushInfo(f"Run metadata written to {sidecar}.")
+        # A non-empty answer replaces processAlgorithm's results, so give them all again.
+        return self._results

@@ -1,0 +1,25 @@
+"""The 'geocate' Processing provider."""
+
+from qgis.core import QgsProcessingProvider
+from qgis.PyQt.QtGui import QIcon
+
+from ..plugin import ICON
+
+
+class GeoCateProvider(QgsProcessingProvider):
+    def id(self):
+        return "geocate"
+
+    def name(self):
+        return "GeoCATE"
+
+    def longName(self):  # noqa: N802 - QGIS's name
+        return "GeoCATE: treatment effect heterogeneity from imagery"
+
+    def icon(self):
+        return QIcon(ICON)
+
+    def loadAlgorithms(self):  # noqa: N802 - QGIS's name
+        from .estimatecate import EstimateCateAlgorithm
+
+        self.addAlgorithm(EstimateCateAlgorithm())
