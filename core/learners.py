@@ -123,8 +123,10 @@ class CrossFittedCausalForest:
             return clone(self.model_y)
         from sklearn.ensemble import RandomForestRegressor
 
+        # One thread: a threaded forest sums its trees in a varying order, and those last-bit
+        # differences in the residuals flip the causal forest's splits, so a seed would not fix the result.
         return RandomForestRegressor(n_estimators=100, min_samples_leaf=5, max_features=0.33,
-                                     n_jobs=self.n_jobs, random_state=self.seed)
+                                     n_jobs=1, random_state=self.seed)
 
     def _forest(self, p):
         dml = require("econml.dml", "econml==0.16.0")

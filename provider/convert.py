@@ -24,7 +24,7 @@ RESULT_FIELDS = (
 )
 
 
-def _number(value):
+def as_number(value):
     """A feature attribute as float; NULL and empty -> nan."""
     if value is None:
         return math.nan
@@ -76,9 +76,9 @@ def read_units(source, treatment, outcome, covariates, feedback=None):
             break
         features.append(QgsFeature(feature))
         xy.append(unit_point(feature.geometry()))
-        treated.append(_number(feature[treatment]))
-        outcomes.append(_number(feature[outcome]))
-        covs.append([_number(feature[name]) for name in covariates])
+        treated.append(as_number(feature[treatment]))
+        outcomes.append(as_number(feature[outcome]))
+        covs.append([as_number(feature[name]) for name in covariates])
         if feedback is not None and i % 500 == 0:
             feedback.setProgress(100.0 * i / total * 0.05)
     n = len(features)

@@ -1,0 +1,103 @@
+"""The cross-fitted causal forest, the DR ATE, folds and effect groups, on data with known truth."""
+
+import numpy as np
+import pytest
+from scipy.stats import spearmanr
+
+from geocate.core.errors import GeoCateError
+from geocate.core.learners import (
+    CrossFittedCausalForest,
+    effect_groups,
+    grf_max_features,
+    location_folds,
+    location_ids,
+)
+
+
+def tabular_trial(n=1500, seed=0, heterogeneous=True):
+    """tau(x) = 1 + 2 * 1[x0 > 0] (or 1); mu0(x) = x1 + sin(2 x2); W ~ Bernoulli(0.5); noise N(0, 1)."""
+    rng = np.random.default_rng(seed)
+    X = rng.standard_normal((n, 5))
+    tau = 1 + 2 * (X[:, 0] > 0) if heterogeneous else np.ones(n)
+    T = rng.integers(0, 2, n)
+    Y = X[:, 1] + np.sin(2 * X[:, 2]) + T * tau + rng.standard_normal(n)
+    return X, T, Y, tau
+
+
+@pytest.fixture(scope="module")
+def fitted():
+    X, T, Y, tau = tabular_trial()
+    return CrossFittedCausalForest(n_folds=5, n_estimators=200, seed=1).fit(Y, T, X), X, T, Y, tau
+
+
+def test_forest_recovers_a_known_heterogeneous_effect(fitted):
+    model, X, T, Y, tau = fitted
+    assert spearmanr(model.cate_, tau).correlation > 0.75
+    assert np.sqrt(np.mean((model.cate_ - tau) ** 2)) < 0.6  # sd of tau is 1: a constant guess scores 1.0
+    assert abs(model.cate_[tau == 3].mean() - model.cate_[tau == 1].mean() - 2) < 0.5
+
+
+def test_intervals_are_ordered_and_mostly_cover_the_truth(fitted):
+    model, X, T, Y, tau = fitted
+    assert np.all(model.cate_lo_ <= model.cate_) and np.all(model.cate_ <= model.cate_hi_)
+    np.testing.assert_allclose(model.cate_hi_ - model.cate_lo_, 2 * 1.959964 * model.cate_se_, rtol=1e-4)
+    coverage = np.mean((model.cate_lo_ <= tau) & (tau <= model.cate_hi_))
+    assert coverage > 0.6  # forests' pointwise intervals under-cover at the jump; far below means broken SEs
+
+
+def test_doubly_robust_ate_and_its_interval(fitted):
+    model, X, T, Y, tau = fitted
+    low, high = model.ate_interval()
+    assert low < tau.mean() < high
+    # An oracle difference in means has SE about sqrt(4 * var(Y | arm) / n) ~ 0.08; the DR SE must be of that order.
+    assert 0.03 < model.ate_se_ < 0.12
+    # grf's score: Gamma_i = tau_i + (W_i - e)/(e(1-e)) (Y_i - m_i - (W_i - e) tau_i)
+    e = model.propensity_
+    gamma = model.cate_ + (T - e) / (e * (1 - e)) * (Y - model.outcome_hat_ - (T - e) * model.cate_)
+    np.testing.assert_allclose(model.dr_scores_, gamma)
+    assert model.ate_ == pytest.approx(gamma.mean())
+
+
+def test_ate_interval_covers_a_constant_effect_over_seeds():
+    hits = 0
+    for seed in range(6):
+        X, T, Y, tau = tabular_trial(n=600, seed=100 + seed, heterogeneous=False)
+        model = CrossFittedCausalForest(n_folds=3, n_estimators=80, seed=seed).fit(Y, T, X)
+        low, high = model.ate_interval()
+        hits += low < 1.0 < high
+    assert hits >= 5  # 95 % intervals: P(fewer than 5 of 6) = 3 %
+
+
+def test_a_units_cate_does_not_depend_on_its_own_outcome():
+    """Out-of-fold: changing the outcomes of fold 0 leaves fold 0's estimates exactly as they were."""
+    X, T, Y, tau = tabular_trial(n=400, seed=3)
+    first = CrossFittedCausalForest(n_folds=4, n_estimators=40, seed=2).fit(Y, T, X)
+    in_fold = first.fold_ == 0
+    changed = Y.copy()
+    changed[in_fold] += 50 * T[in_fold]
+    second = CrossFittedCausalForest(n_folds=4, n_estimators=40, seed=2).fit(changed, T, X)
+    np.testing.assert_array_equal(second.fold_, first.fold_)
+    np.testing.assert_allclose(second.cate_[in_fold], first.cate_[in_fold])
+    assert not np.allclose(second.cate_[~in_fold], first.cate_[~in_fold])
+
+
+def test_units_sharing_a_location_share_a_fold():
+    coords = np.repeat(np.random.default_rng(0).uniform(0, 1000, (50, 2)), 4, axis=0)
+    folds = location_folds(location_ids(coords), 5, seed=1)
+    assert all(len(set(folds[i * 4:(i + 1) * 4])) == 1 for i in range(50))
+    assert sorted(np.bincount(folds).tolist()) == [40] * 5
+    with pytest.raises(GeoCateError, match="distinct unit locations"):
+        location_folds(np.zeros(30), 5, seed=1)
+
+
+def test_effect_groups_are_equal_sized_and_ordered():
+    cate = np.array([5.0, -1.0, 2.0, 2.0, 0.0, 9.0])
+    groups = effect_groups(cate, 3)
+    assert np.bincount(groups).tolist() == [0, 2, 2, 2]
+    assert groups[1] == 1 and groups[5] == 3
+    assert cate[groups == 1].max() <= cate[groups == 2].min() <= cate[groups == 2].max() <= cate[groups == 3].min()
+
+
+def test_grf_max_features():
+    assert grf_max_features(22) == 22
+    assert grf_max_features(400) == 40

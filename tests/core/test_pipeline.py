@@ -1,0 +1,118 @@
+"""The main job on simulated studies: recovery of image-driven effects, and every bad input."""
+
+import numpy as np
+import pytest
+from conftest import unit_table
+from scipy.stats import spearmanr
+
+from geocate.core.errors import Cancelled, GeoCateError
+from geocate.core.pipeline import estimate_cate
+from geocate.core.study import UnitTable
+
+
+@pytest.fixture(scope="module")
+def estimated(small_trial, demo_raster):
+    return estimate_cate(unit_table(small_trial), demo_raster, seed=3)
+
+
+def test_learner_recovers_the_image_driven_effect(small_trial, estimated):
+    study, result = estimated
+    truth = small_trial.true_cate
+    assert result.n_used == 600 and result.n_dropped == 0
+    assert spearmanr(result.cate, truth).correlation > 0.75
+    assert np.sqrt(np.mean((result.cate - truth) ** 2)) < 0.75  # sd of the truth is 1.04
+    # Effect groups follow the true groups: the top estimated group is mostly the true top group.
+    assert np.mean(small_trial.true_group[result.group == 3] == 3) > 0.6
+    assert np.mean(small_trial.true_group[result.group == 1] == 3) < 0.1
+
+
+def test_ate_interval_covers_the_true_average_effect(small_trial, estimated):
+    study, result = estimated
+    assert abs(result.ate - small_trial.true_cate.mean()) < 2.6 * result.ate_se
+    assert 0.04 < result.ate_se < 0.2
+
+
+def test_run_metadata_records_what_reproduces_the_run(estimated):
+    study, result = estimated
+    meta = result.metadata
+    assert meta["seed"] == 3 and meta["device"] == "cpu" and meta["window_size_m"] == pytest.approx(990.0)
+    assert {"numpy", "econml", "torch", "sklearn", "gdal"} <= set(meta["versions"])
+    assert set(meta["timings"]) == {"read_windows_s", "image_features_s", "causal_forest_s", "total_s"}
+
+
+def test_same_seed_gives_the_same_numbers(small_trial, demo_raster, estimated):
+    again = estimate_cate(unit_table(small_trial), demo_raster, seed=3)[1]
+    np.testing.assert_allclose(again.cate, estimated[1].cate, rtol=0, atol=1e-9)
+
+
+def test_non_binary_treatment_is_refused_naming_the_values(small_trial, demo_raster):
+    treated = small_trial.treated.astype(float)
+    treated[:3] = [2, 3, 2]
+    with pytest.raises(GeoCateError, match=r"only 0 \(control\) and 1 \(treated\).*also holds 2, 3"):
+        estimate_cate(unit_table(small_trial, treated=treated), demo_raster)
+
+
+def test_null_treatment_and_outcome_are_dropped_and_counted(small_trial, demo_raster):
+    treated = small_trial.treated.astype(float)
+    outcome = small_trial.outcome.copy()
+    treated[:4] = np.nan
+    outcome[2:10] = np.nan
+    from geocate.core.study import build_study
+
+    study = build_study(unit_table(small_trial, treated=treated, outcome=outcome), demo_raster)
+    assert study.dropped["treatment is null"] == 4
+    assert study.dropped["outcome is null"] == 6
+    assert study.n_used == 590 and study.n_dropped == 10
+
+
+def test_fewer_than_20_units_in_an_arm_is_refused(small_trial, demo_raster):
+    treated = np.zeros(600)
+    treated[:19] = 1
+    with pytest.raises(GeoCateError, match="Only 19 treated unit"):
+        estimate_cate(unit_table(small_trial, treated=treated), demo_raster)
+    control_missing = small_trial.outcome.copy()
+    control_missing[small_trial.treated == 0] = np.nan
+    with pytest.raises(GeoCateError, match="Only 0 control unit.*outcome is null"):
+        estimate_cate(unit_table(small_trial, outcome=control_missing), demo_raster)
+
+
+def test_no_unit_inside_the_raster_is_refused(small_trial, demo_raster):
+    far = UnitTable(xy=small_trial.coords + 1e6, crs_wkt=small_trial.crs_wkt,
+                    treated=small_trial.treated.astype(float), outcome=small_trial.outcome,
+                    covariates=small_trial.covariates)
+    with pytest.raises(GeoCateError, match="None of the 600 units lies inside the raster"):
+        estimate_cate(far, demo_raster)
+
+
+def test_units_with_unusable_windows_keep_their_rows_with_patch_ok_0(small_trial, demo_raster):
+    coords = small_trial.coords.copy()
+    coords[:5] = coords[:5] + 1e6           # outside
+    from geocate.core.patches import raster_info
+
+    gt = raster_info(demo_raster).geotransform
+    coords[5] = (gt[0] + 2.5 * gt[1], coords[5, 1])  # 2 pixels from the left edge: the window crosses it
+    units = UnitTable(xy=coords, crs_wkt=small_trial.crs_wkt, treated=small_trial.treated.astype(float),
+                      outcome=small_trial.outcome, covariates=small_trial.covariates)
+    study, result = estimate_cate(units, demo_raster, n_folds=3, n_estimators=40)
+    assert study.patch_ok[:6].tolist() == [False] * 6 and study.patch_ok[6:].all()
+    assert np.isnan(result.cate[:6]).all() and np.isnan(result.cate_lo[:6]).all()
+    assert (result.group[:6] == 0).all() and np.isfinite(result.cate[6:]).all()
+    assert study.dropped["outside the raster"] == 5 and study.dropped["window crosses the raster edge"] == 1
+
+
+def test_cancelling_stops_the_run(small_trial, demo_raster):
+    calls = []
+
+    def is_cancelled():
+        calls.append(1)
+        return len(calls) > 1
+
+    with pytest.raises(Cancelled):
+        estimate_cate(unit_table(small_trial), demo_raster, is_cancelled=is_cancelled)
+
+
+def test_progress_is_reported_and_reaches_the_end(small_trial, demo_raster):
+    seen = []
+    estimate_cate(unit_table(small_trial), demo_raster, n_folds=3, n_estimators=40,
+                  progress=lambda fraction, message: seen.append(fraction))
+    assert seen == sorted(seen) and seen[-1] == pytest.approx(1.0) and len(seen) >= 4

@@ -1,0 +1,221 @@
+"""The plugin inside real QGIS: loading, the provider, processing.run, styles, bad input, and qgis_process."""
+
+import json
+import math
+import os
+import site
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import PLUGINS, ROOT, write_raster
+from qgis.core import (
+    NULL,
+    QgsApplication,
+    QgsCategorizedSymbolRenderer,
+    QgsFeature,
+    QgsField,
+    QgsGeometry,
+    QgsGraduatedSymbolRenderer,
+    QgsPointXY,
+    QgsProcessingException,
+    QgsVectorLayer,
+)
+from qgis.PyQt.QtCore import QVariant
+
+RESULT_FIELDS = ["cate", "cate_lo", "cate_hi", "cate_se", "group", "patch_ok"]
+
+
+@pytest.fixture(scope="module")
+def plugin(qgis_iface, qgis_processing):
+    import geocate
+
+    if not hasattr(qgis_iface, "removePluginMenu"):  # pytest-qgis 2.1's stub iface lacks it
+        qgis_iface.removePluginMenu = lambda menu, action: None
+    loaded = geocate.classFactory(qgis_iface)
+    loaded.initGui()
+    yield loaded
+    loaded.unload()
+
+
+def run(parameters):
+    import processing
+
+    return processing.run("geocate:estimatecate", parameters)
+
+
+def base_parameters(units, demo_raster, **extra):
+    parameters = {"INPUT": units, "TREATMENT": "treated", "OUTCOME": "outcome",
+                  "COVARIATES": ["assets", "distance"], "RASTER": demo_raster, "PATCH_SIZE": 33,
+                  "SEED": 42, "OUTPUT": "memory:"}
+    parameters.update(extra)
+    return parameters
+
+
+@pytest.fixture(scope="module")
+def memory_run(plugin, demo_units_gpkg, demo_raster):
+    return run(base_parameters(demo_units_gpkg, demo_raster))
+
+
+def values(layer, name):
+    return [None if f[name] == NULL else f[name] for f in layer.getFeatures()]
+
+
+def test_plugin_loads_registers_the_provider_and_adds_a_toolbar_action(plugin):
+    registry = QgsApplication.processingRegistry()
+    assert registry.providerById("geocate") is not None
+    algorithm = registry.algorithmById("geocate:estimatecate")
+    assert algorithm.displayName() == "Estimate treatment effects from imagery"
+    names = {p.name() for p in algorithm.parameterDefinitions()}
+    assert {"INPUT", "TREATMENT", "OUTCOME", "COVARIATES", "RASTER", "BANDS", "PATCH_SIZE", "NODATA",
+            "SEED", "OUTPUT"} <= names
+    assert {o.name() for o in algorithm.outputDefinitions()} >= {"OUTPUT", "ATE", "ATE_SE", "N_USED", "N_DROPPED"}
+    assert plugin.action is not None and "GeoCATE" in plugin.action.text()
+
+
+def test_plugin_module_imports_nothing_heavy():
+    code = ("import sys; sys.path.insert(0, %r); import geocate, geocate.plugin; "
+            "print(sorted(m for m in ('torch', 'econml', 'sklearn') if m in sys.modules))" % str(PLUGINS))
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.stdout.strip() == "[]", done.stderr
+
+
+def test_processing_run_gives_the_documented_fields_and_sensible_values(memory_run, demo_units_gpkg):
+    layer = memory_run["OUTPUT"]
+    source = QgsVectorLayer(demo_units_gpkg, "units", "ogr")
+    assert layer.featureCount() == source.featureCount() == 312
+    names = [f.name() for f in layer.fields()]
+    assert names == [f.name() for f in source.fields()] + RESULT_FIELDS
+    assert values(layer, "unit_id") == values(source, "unit_id")   # every row kept, in order
+    ok = np.array(values(layer, "patch_ok"))
+    assert ok.sum() == 300 and set(ok) == {0, 1}
+    cate = np.array([np.nan if v is None else v for v in values(layer, "cate")], dtype=float)
+    low = np.array([np.nan if v is None else v for v in values(layer, "cate_lo")], dtype=float)
+    high = np.array([np.nan if v is None else v for v in values(layer, "cate_hi")], dtype=float)
+    assert np.isnan(cate[ok == 0]).all() and all(g is None for g, o in zip(values(layer, "group"), ok) if o == 0)
+    used = np.isfinite(cate)
+    assert used.sum() == memory_run["N_USED"] == 294           # 300 usable windows, 6 outcomes missing
+    assert memory_run["N_DROPPED"] == 18
+    assert np.all(low[used] <= cate[used]) and np.all(cate[used] <= high[used])
+    assert {g for g in values(layer, "group") if g is not None} == {1, 2, 3}
+    truth = np.array([np.nan if v is None else v for v in values(layer, "true_cate")], dtype=float)
+    assert np.corrcoef(cate[used], truth[used])[0, 1] > 0.6
+    assert abs(memory_run["ATE"] - truth[used].mean()) < 3 * memory_run["ATE_SE"]
+
+
+def test_output_is_styled_diverging_about_zero_with_a_group_style(memory_run):
+    layer = memory_run["OUTPUT"]
+    renderer = layer.renderer()
+    assert isinstance(renderer, QgsGraduatedSymbolRenderer) and renderer.classAttribute() == "cate"
+    ranges = renderer.ranges()
+    middle = ranges[len(ranges) // 2]
+    assert len(ranges) % 2 == 1 and middle.lowerValue() == pytest.approx(-middle.upperValue())
+    assert ranges[1].upperValue() == pytest.approx(-ranges[-2].lowerValue())
+    manager = layer.styleManager()
+    assert "Effect groups" in manager.styles()
+    manager.setCurrentStyle("Effect groups")
+    assert isinstance(layer.renderer(), QgsCategorizedSymbolRenderer)
+    assert [str(c.value()) for c in layer.renderer().categories()] == ["1", "2", "3"]
+
+
+def test_geopackage_output_loads_styled_and_has_its_run_metadata(plugin, demo_units_gpkg, demo_raster, tmp_path):
+    out = tmp_path / "effects.gpkg"
+    results = run(base_parameters(demo_units_gpkg, demo_raster, OUTPUT=str(out), COVARIATES=[]))
+    reloaded = QgsVectorLayer(str(out), "effects", "ogr")
+    assert reloaded.isValid() and isinstance(reloaded.renderer(), QgsGraduatedSymbolRenderer)
+    metadata = json.loads((tmp_path / "effects.run.json").read_text())
+    assert metadata["algorithm"] == "geocate:estimatecate" and metadata["parameters"]["SEED"] == 42
+    assert metadata["device"] == "cpu" and metadata["n_used"] == results["N_USED"]
+    assert "econml" in metadata["versions"] and metadata["timings"]["total_s"] > 0
+
+
+def units_layer(treatment_values, treatment_type=QVariant.Int, n=60):
+    """A memory layer of n points on the demo imagery (UTM 21N) with a given treatment column."""
+    layer = QgsVectorLayer("Point?crs=EPSG:32621", "units", "memory")
+    provider = layer.dataProvider()
+    provider.addAttributes([QgsField("treated", treatment_type), QgsField("outcome", QVariant.Double)])
+    layer.updateFields()
+    rng = np.random.default_rng(0)
+    features = []
+    for i in range(n):
+        feature = QgsFeature(layer.fields())
+        x, y = 731000 + rng.uniform(2000, 27000), -2798000 - rng.uniform(2000, 28000)
+        feature.setGeometry(QgsGeometry.fromPointXY(QgsPointXY(x, y)))
+        feature.setAttributes([treatment_values[i % len(treatment_values)], float(rng.normal())])
+        features.append(feature)
+    provider.addFeatures(features)
+    return layer
+
+
+def test_text_treatment_field_gets_a_clear_message_and_no_output(plugin, demo_raster, tmp_path):
+    layer = units_layer(["yes", "no"], QVariant.String)
+    out = tmp_path / "never.gpkg"
+    with pytest.raises(QgsProcessingException, match="'treated' is of type .*not a number.*to_int"):
+        run({"INPUT": layer, "TREATMENT": "treated", "OUTCOME": "outcome", "RASTER": demo_raster,
+             "OUTPUT": str(out)})
+    assert not out.exists()
+
+
+def test_non_binary_treatment_gets_a_clear_message_and_no_output(plugin, demo_raster, tmp_path):
+    layer = units_layer([0, 1, 2])
+    out = tmp_path / "never.gpkg"
+    with pytest.raises(QgsProcessingException, match=r"only 0 \(control\) and 1 \(treated\)"):
+        run({"INPUT": layer, "TREATMENT": "treated", "OUTCOME": "outcome", "RASTER": demo_raster,
+             "OUTPUT": str(out)})
+    assert not out.exists() and not (tmp_path / "never.run.json").exists()
+
+
+def test_raster_without_crs_and_oversized_window_are_refused(plugin, demo_raster, tmp_path):
+    no_crs = write_raster(tmp_path / "nocrs.tif", np.ones((1, 50, 50)) * 3, with_crs=False)
+    layer = units_layer([0, 1])
+    with pytest.raises(QgsProcessingException, match="no coordinate reference system"):
+        run({"INPUT": layer, "TREATMENT": "treated", "OUTCOME": "outcome", "RASTER": no_crs, "OUTPUT": "memory:"})
+    with pytest.raises(QgsProcessingException, match="larger than the raster"):
+        run({"INPUT": layer, "TREATMENT": "treated", "OUTCOME": "outcome", "RASTER": demo_raster,
+             "PATCH_SIZE": 1025, "OUTPUT": "memory:"})
+
+
+def test_too_few_units_in_an_arm_is_refused(plugin, demo_raster):
+    layer = units_layer([0, 0, 0, 1], n=60)   # 15 treated
+    with pytest.raises(QgsProcessingException, match="Only 15 treated unit"):
+        run({"INPUT": layer, "TREATMENT": "treated", "OUTCOME": "outcome", "RASTER": demo_raster, "OUTPUT": "memory:"})
+
+
+def qgis_process_env():
+    env = dict(os.environ)
+    profile = ROOT / ".qgis-profile"
+    env.update(QGIS_CUSTOM_CONFIG_PATH=str(profile), QT_QPA_PLATFORM="offscreen",
+               PYTHONPATH=os.pathsep.join([str(PLUGINS)] + site.getsitepackages()))
+    subprocess.run(["qgis_process.bin", "plugins", "enable", "geocate"], env=env, capture_output=True, timeout=120)
+    return env
+
+
+def test_qgis_process_runs_the_algorithm_from_the_command_line(demo_units_gpkg, demo_raster, tmp_path):
+    out = tmp_path / "cli.gpkg"
+    done = subprocess.run(
+        ["qgis_process.bin", "--json", "run", "geocate:estimatecate", "--",
+         f"INPUT={demo_units_gpkg}", "TREATMENT=treated", "OUTCOME=outcome", "COVARIATES=assets",
+         f"RASTER={demo_raster}", "SEED=7", f"OUTPUT={out}"],
+        env=qgis_process_env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    results = json.loads(done.stdout)["results"]
+    assert results["N_USED"] == 294 and results["N_DROPPED"] == 18
+    assert math.isfinite(results["ATE"]) and results["ATE_SE"] > 0
+    layer = QgsVectorLayer(str(out), "cli", "ogr")
+    assert layer.isValid() and layer.featureCount() == 312
+    assert [f.name() for f in layer.fields()][-6:] == RESULT_FIELDS
+    assert isinstance(layer.renderer(), QgsGraduatedSymbolRenderer)
+    assert (tmp_path / "cli.run.json").exists()
+
+
+def test_qgis_process_reports_bad_input_without_writing(demo_units_gpkg, demo_raster, tmp_path):
+    out = tmp_path / "bad.gpkg"
+    done = subprocess.run(
+        ["qgis_process.bin", "run", "geocate:estimatecate", "--", f"INPUT={demo_units_gpkg}",
+         "TREATMENT=true_group", "OUTCOME=outcome", f"RASTER={demo_raster}", f"OUTPUT={out}"],
+        env=qgis_process_env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode != 0
+    assert "only 0 (control) and 1 (treated)" in done.stdout + done.stderr
+    assert not out.exists()
