@@ -33,31 +33,47 @@ def location_ids(coords, precision=1e-6):
     return np.unique(rounded, axis=0, return_inverse=True)[1].ravel()
 
 
-def reduce_features(features, covariates=None, n_components=20, seed=42):
-    """Image features (n, d) and covariates (n, p) -> the forest's input (n, k + p).
+def design_matrix(features, covariates=None):
+    """Image features (n, d) and covariates (n, p) -> the forest's effect modifiers (n, d + p).
 
-    log1p of the (non-negative) pooled features, standardised, then the first
-    ``n_components`` principal components (PCA uses no outcome, so fitting it
-    on every unit leaks nothing); covariates are standardised and appended.
-    Returns (matrix, explained_variance_ratio).
+    log1p of the (non-negative) pooled features, then every column standardised;
+    covariates are appended after the d image columns. Returns (matrix, d).
     """
-    from sklearn.decomposition import PCA
-    from sklearn.preprocessing import StandardScaler
-
-    parts, explained = [], np.array([])
-    if features is not None and features.shape[1]:
-        k = int(min(n_components, features.shape[1], max(len(features) // 10, 1)))
-        scaled = StandardScaler().fit_transform(np.log1p(np.maximum(features, 0)))
-        pca = PCA(n_components=k, random_state=seed)
-        parts.append(pca.fit_transform(scaled))
-        explained = pca.explained_variance_ratio_
+    parts = []
+    n_image = 0
+    if features is not None and np.asarray(features).size:
+        parts.append(np.log1p(np.maximum(np.asarray(features, dtype=float), 0)))
+        n_image = parts[0].shape[1]
     if covariates is not None and np.asarray(covariates).size:
-        covariates = np.asarray(covariates, dtype=float).reshape(len(covariates), -1)
-        sd = covariates.std(axis=0)
-        parts.append((covariates - covariates.mean(axis=0)) / np.where(sd > 0, sd, 1.0))
+        parts.append(np.asarray(covariates, dtype=float).reshape(len(covariates), -1))
     if not parts:
         raise GeoCateError("There is nothing to learn effects from.", "Give imagery or covariates.")
-    return np.column_stack(parts), explained
+    matrix = np.column_stack(parts)
+    sd = matrix.std(axis=0)
+    return (matrix - matrix.mean(axis=0)) / np.where(sd > 0, sd, 1.0), n_image
+
+
+def reduced_outcome_model(n_image, n_columns, n_components=20, n_units=None, seed=42):
+    """Outcome model m(x) = E[Y | x] for a design_matrix: PCA of the image columns, covariates as they are, then a random forest.
+
+    The causal forest splits on the image features themselves (its trees draw
+    grf's max_features of them at each split), but the outcome regression only
+    needs their leading principal components, fit inside each training fold.
+    """
+    compose = require("sklearn.compose", "scikit-learn")
+    PCA = require("sklearn.decomposition", "scikit-learn").PCA
+    from sklearn.ensemble import RandomForestRegressor
+    from sklearn.pipeline import make_pipeline
+
+    k = min(n_components, n_image, max((n_units or 10 * n_components) // 10, 1))
+    steps = [("image_pca", PCA(n_components=k, random_state=seed), list(range(n_image)))]
+    if n_columns > n_image:
+        steps.append(("covariates", "passthrough", list(range(n_image, n_columns))))
+    # One thread: a threaded forest sums its trees in a varying order, and those last-bit
+    # differences in the residuals flip the causal forest's splits, so a seed would not fix the result.
+    forest = RandomForestRegressor(n_estimators=100, min_samples_leaf=5, max_features=0.33, n_jobs=1,
+                                   random_state=seed)
+    return make_pipeline(compose.ColumnTransformer(steps), forest)
 
 
 def grf_max_features(p):
@@ -84,7 +100,8 @@ class CrossFittedCausalForest:
     fold). For each fold k, a CausalForestDML (Athey, Tibshirani & Wager 2019,
     "Generalized random forests") is fit on the other folds, with
 
-    * outcome model m(x) = E[Y | X = x]: a random forest (``model_y``),
+    * outcome model m(x) = E[Y | X = x]: ``model_y``, by default a random
+      forest (the pipeline uses :func:`reduced_outcome_model`),
     * treatment model e(x): the known propensity of a randomized trial, the
       treated share of the training units (``DummyClassifier('prior')``),
     * grf's ``max_features`` = min(ceil(sqrt(p) + 20), p), honest trees,
@@ -102,7 +119,7 @@ class CrossFittedCausalForest:
 
     Learned: ``cate_``, ``cate_lo_``, ``cate_hi_``, ``cate_se_``, ``fold_``,
     ``outcome_hat_``, ``dr_scores_``, ``propensity_``, ``ate_``, ``ate_se_``,
-    ``forests_`` (one per fold).
+    ``forests_`` and ``fold_seconds_`` (one per fold).
     """
 
     def __init__(self, n_folds=5, n_estimators=200, min_samples_leaf=5, max_features="grf",
@@ -123,8 +140,7 @@ class CrossFittedCausalForest:
             return clone(self.model_y)
         from sklearn.ensemble import RandomForestRegressor
 
-        # One thread: a threaded forest sums its trees in a varying order, and those last-bit
-        # differences in the residuals flip the causal forest's splits, so a seed would not fix the result.
+        # One thread, for determinism (see reduced_outcome_model).
         return RandomForestRegressor(n_estimators=100, min_samples_leaf=5, max_features=0.33,
                                      n_jobs=1, random_state=self.seed)
 
@@ -154,13 +170,14 @@ class CrossFittedCausalForest:
         self.propensity_ = float(T.mean())
         self.cate_, self.cate_lo_, self.cate_hi_, self.cate_se_, self.outcome_hat_ = (
             np.full(n, np.nan) for _ in range(5))
-        self.forests_ = []
+        self.forests_, self.fold_seconds_ = [], []
         started = time.monotonic()
         for k in range(self.n_folds):
             if is_cancelled is not None and is_cancelled():
                 raise Cancelled()
             if progress is not None:
                 progress(k / self.n_folds, f"Causal forest: fold {k + 1} of {self.n_folds}")
+            fold_started = time.monotonic()
             train, test = self.fold_ != k, self.fold_ == k
             forest = self._forest(p)
             with warnings.catch_warnings():
@@ -173,6 +190,7 @@ class CrossFittedCausalForest:
             self.cate_se_[test] = np.ravel(inference.stderr)
             self.outcome_hat_[test] = np.mean([m.predict(X[test]) for m in forest.models_y[0]], axis=0)
             self.forests_.append(forest)
+            self.fold_seconds_.append(time.monotonic() - fold_started)
         e = self.propensity_
         self.dr_scores_ = self.cate_ + (T - e) / (e * (1 - e)) * (
             Y - self.outcome_hat_ - (T - e) * self.cate_)
@@ -194,3 +212,18 @@ class CrossFittedCausalForest:
         """CATE at new points: the mean of the fold forests' predictions (for units not in the trial)."""
         X = np.asarray(X, dtype=float)
         return np.mean([forest.effect(X) for forest in self.forests_], axis=0)
+
+
+def default_learner(features, covariates=None, n_components=20, n_folds=5, n_estimators=200, seed=42):
+    """The learner of geocate:estimatecate, unfitted, with its input: (design, CrossFittedCausalForest).
+
+    The causal forest's effect modifiers are the scaled image features and
+    covariates (design_matrix); its outcome model works on their principal
+    components (reduced_outcome_model).
+    """
+    design, n_image = design_matrix(features, covariates)
+    outcome_model = (reduced_outcome_model(n_image, design.shape[1], n_components, len(design), seed)
+                     if n_image else None)
+    learner = CrossFittedCausalForest(n_folds=n_folds, n_estimators=n_estimators, model_y=outcome_model,
+                                      seed=seed)
+    return design, learner

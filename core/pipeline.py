@@ -6,7 +6,7 @@ import time
 import numpy as np
 
 from .embed import BandScaler, RandomConvFeatures
-from .learners import CrossFittedCausalForest, effect_groups, location_ids, reduce_features
+from .learners import default_learner, effect_groups, location_ids
 from .study import Result, build_study
 
 
@@ -39,11 +39,12 @@ def estimate_cate(units, raster_path, bands=None, window_size_px=33, nodata=None
     """Estimate each unit's CATE from its image window (and covariates).
 
     units: a :class:`UnitTable`. Returns (Study, Result). Steps: read and check
-    the windows (build_study), MOSAIKS features of the windows (RandomConvFeatures
-    on BandScaler-scaled bands), PCA plus covariates (reduce_features), and a
-    CrossFittedCausalForest; effect groups 1..n_groups by out-of-fold CATE.
-    ``progress(fraction, message)`` is called at least once a second, and
-    ``is_cancelled()`` polled as often; cancelling raises :class:`Cancelled`.
+    the windows (build_study); MOSAIKS features of the windows (RandomConvFeatures
+    on BandScaler-scaled bands); the cross-fitted causal forest of default_learner;
+    effect groups 1..n_groups by out-of-fold CATE. ``progress(fraction, message)``
+    is called, and ``is_cancelled()`` polled, every quarter second while windows
+    are read and embedded and at each cross-fitting fold; cancelling raises
+    :class:`Cancelled`.
     """
     timings = {}
     started = time.monotonic()
@@ -60,8 +61,8 @@ def estimate_cate(units, raster_path, bands=None, window_size_px=33, nodata=None
     timings["image_features_s"] = time.monotonic() - t
 
     t = time.monotonic()
-    design, explained = reduce_features(features, study.covariates[used], n_components, seed)
-    learner = CrossFittedCausalForest(n_folds=n_folds, n_estimators=n_estimators, seed=seed)
+    design, learner = default_learner(features, study.covariates[used], n_components, n_folds,
+                                      n_estimators, seed)
     learner.fit(study.outcome[used], study.treated[used].astype(int), design,
                 locations=location_ids(study.coords[used]),
                 progress=_stage(progress, 0.3, 1.0), is_cancelled=is_cancelled)
@@ -85,8 +86,7 @@ def estimate_cate(units, raster_path, bands=None, window_size_px=33, nodata=None
         "n_folds": n_folds,
         "n_filters": n_filters,
         "n_features": int(features.shape[1]),
-        "n_components": int(len(explained)),
-        "pca_explained_variance": float(np.sum(explained)),
+        "outcome_model_pca_components": int(learner.model_y.steps[0][1].transformers[0][1].n_components),
         "covariates": list(study.covariate_names),
         "n_estimators": n_estimators,
         "propensity": learner.propensity_,

@@ -219,3 +219,20 @@ def test_qgis_process_reports_bad_input_without_writing(demo_units_gpkg, demo_ra
     assert done.returncode != 0
     assert "only 0 (control) and 1 (treated)" in done.stdout + done.stderr
     assert not out.exists()
+
+
+def test_polygon_units_use_their_centroid(plugin, memory_run, demo_units_gpkg, demo_raster):
+    import processing
+
+    # Polygons drawn around the demo villages, in the raster's CRS (UTM, metres).
+    projected = processing.run("native:reprojectlayer", {
+        "INPUT": demo_units_gpkg, "TARGET_CRS": "EPSG:32621", "OUTPUT": "memory:"})["OUTPUT"]
+    polygons = processing.run("native:buffer", {
+        "INPUT": projected, "DISTANCE": 40, "SEGMENTS": 8, "DISSOLVE": False, "OUTPUT": "memory:"})["OUTPUT"]
+    results = run(base_parameters(polygons, demo_raster))
+    assert results["N_USED"] == memory_run["N_USED"]
+    by_polygon = values(results["OUTPUT"], "cate")
+    by_point = values(memory_run["OUTPUT"], "cate")
+    assert [v is None for v in by_polygon] == [v is None for v in by_point]
+    np.testing.assert_allclose([v for v in by_polygon if v is not None], [v for v in by_point if v is not None],
+                               rtol=1e-6)
