@@ -70,10 +70,10 @@ def read_units(source, treatment, outcome, covariates, feedback=None):
     crs = source.sourceCrs()
     crs_wkt = crs.toWkt(QgsCoordinateReferenceSystem.WKT_PREFERRED) if crs.isValid() else ""
     features, xy, treated, outcomes, covs = [], [], [], [], []
-    total = source.featureCount() or 1
+    total = max(source.featureCount(), 1)
     for i, feature in enumerate(source.getFeatures()):
         if feedback is not None and feedback.isCanceled():
-            break
+            raise QgsProcessingException("The run was cancelled while reading the units. Nothing was written.")
         features.append(QgsFeature(feature))
         xy.append(unit_point(feature.geometry()))
         treated.append(as_number(feature[treatment]))
@@ -106,24 +106,23 @@ def output_fields(input_fields, extra=RESULT_FIELDS):
     return fields, kept
 
 
-def _value(v, kind):
-    if v is None or (isinstance(v, float) and math.isnan(v)):
+def _value(number, kind):
+    """A float from a result column as an attribute: nan -> NULL (None), ints as int."""
+    number = float(number)
+    if math.isnan(number):
         return None
-    return int(v) if kind == QVariant.Int else float(v)
+    return int(number) if kind == QVariant.Int else number
 
 
-def result_features(features, kept, fields, columns, feedback=None):
+def result_features(features, kept, fields, columns):
     """Output features: each input feature's kept attributes plus ``columns`` (name -> (n,) array)."""
-    kinds = dict((name, kind) for name, kind in RESULT_FIELDS)
-    names = [fields.at(i).name() for i in range(len(kept), fields.count())]
+    appended = [(field.name(), field.type()) for field in list(fields)[len(kept):]]
     out = []
     for i, feature in enumerate(features):
         new = QgsFeature(fields)
         new.setGeometry(feature.geometry())
         attributes = feature.attributes()
-        values = [attributes[j] for j in kept]
-        values += [_value(columns[name][i].item() if hasattr(columns[name][i], "item") else columns[name][i],
-                          kinds.get(name, QVariant.Double)) for name in names]
-        new.setAttributes(values)
+        new.setAttributes([attributes[j] for j in kept]
+                          + [_value(columns[name][i], kind) for name, kind in appended])
         out.append(new)
     return out

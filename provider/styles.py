@@ -19,6 +19,8 @@ from qgis.core import (
 )
 from qgis.PyQt.QtGui import QColor
 
+from .convert import as_number
+
 CATE_STYLE = "CATE (diverging, centred on 0)"
 GROUP_STYLE = "Effect groups"
 
@@ -38,8 +40,7 @@ def _ramp(name, fallback):
 
 def cate_renderer(layer, field="cate", n_classes=7):
     """Graduated renderer for ``field``, classes symmetric about 0, red (harm) to blue (gain)."""
-    values = np.array([f[field] for f in layer.getFeatures()], dtype=object)
-    values = np.array([float(v) for v in values if v is not None and str(v) != "NULL"], dtype=float)
+    values = np.array([as_number(f[field]) for f in layer.getFeatures()], dtype=float)
     values = values[np.isfinite(values)]
     bound = float(np.quantile(np.abs(values), 0.98)) if len(values) else 1.0
     bound = bound if bound > 0 else 1.0
@@ -61,8 +62,7 @@ def cate_renderer(layer, field="cate", n_classes=7):
 
 def group_renderer(layer, field="group"):
     """Categorized renderer with one class per group present (1 = smallest effects)."""
-    groups = sorted({int(f[field]) for f in layer.getFeatures()
-                     if f[field] is not None and str(f[field]) != "NULL"})
+    groups = sorted({int(v) for v in (as_number(f[field]) for f in layer.getFeatures()) if np.isfinite(v)})
     ramp = _ramp("Spectral", (QColor(215, 25, 28), QColor(43, 131, 186)))
     categories = []
     for k, group in enumerate(groups):

@@ -116,3 +116,13 @@ def test_progress_is_reported_and_reaches_the_end(small_trial, demo_raster):
     estimate_cate(unit_table(small_trial), demo_raster, n_folds=3, n_estimators=40,
                   progress=lambda fraction, message: seen.append(fraction))
     assert seen == sorted(seen) and seen[-1] == pytest.approx(1.0) and len(seen) >= 4
+
+
+def test_the_smallest_accepted_study_runs(small_trial, demo_raster):
+    """20 units per arm is the documented minimum: it must give estimates, not a crash."""
+    keep = np.r_[np.flatnonzero(small_trial.treated == 1)[:20], np.flatnonzero(small_trial.treated == 0)[:20]]
+    units = UnitTable(xy=small_trial.coords[keep], crs_wkt=small_trial.crs_wkt,
+                      treated=small_trial.treated[keep].astype(float), outcome=small_trial.outcome[keep],
+                      covariates=small_trial.covariates[keep])
+    study, result = estimate_cate(units, demo_raster, n_estimators=40)
+    assert result.n_used == 40 and np.isfinite(result.cate).all() and np.isfinite(result.ate_se)

@@ -236,3 +236,20 @@ def test_polygon_units_use_their_centroid(plugin, memory_run, demo_units_gpkg, d
     assert [v is None for v in by_polygon] == [v is None for v in by_point]
     np.testing.assert_allclose([v for v in by_polygon if v is not None], [v for v in by_point if v is not None],
                                rtol=1e-6)
+
+
+def test_without_the_estimation_packages_qgis_process_lists_the_algorithm_and_says_what_to_install(
+        demo_units_gpkg, demo_raster, tmp_path):
+    env = qgis_process_env()
+    env["PYTHONPATH"] = str(PLUGINS)  # Debian's Python alone: no torch, no econml
+    listed = subprocess.run(["qgis_process.bin", "list"], env=env, capture_output=True, text=True, timeout=300)
+    assert "geocate:estimatecate" in listed.stdout
+    out = tmp_path / "never.gpkg"
+    done = subprocess.run(
+        ["qgis_process.bin", "run", "geocate:estimatecate", "--", f"INPUT={demo_units_gpkg}",
+         "TREATMENT=treated", "OUTCOME=outcome", f"RASTER={demo_raster}", f"OUTPUT={out}"],
+        env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    assert "is not installed in the Python that runs QGIS" in done.stdout + done.stderr
+    assert "pip install" in done.stdout + done.stderr
+    assert not out.exists()
