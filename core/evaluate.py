@@ -1,0 +1,306 @@
+"""Judging heterogeneity without ground truth: DR scores, TOC / RATE (AUTOC, Qini), BLP calibration, GATEs, spatial folds.
+
+The rank-weighted average treatment effect follows grf's
+``rank_average_treatment_effect`` (Yadlowsky, Fleming, Shah, Brunskill &
+Wager, "Evaluating treatment prioritization rules via rank-weighted average
+treatment effects", JASA 2024); the calibration test is the best linear
+predictor of Chernozhukov, Demirer, Duflo & Fernandez-Val ("Generic machine
+learning inference on heterogeneous treatment effects in randomized
+experiments").
+"""
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .errors import GeoCateError, require
+from .learners import location_folds, location_ids
+
+DEFAULT_Q = np.round(np.arange(1, 11) / 10, 10)
+
+
+def aipw_scores(outcome, treated, mu0, mu1, propensity):
+    """Doubly robust (AIPW) scores:
+
+        Gamma_i = mu1(x_i) - mu0(x_i) + W_i (Y_i - mu1(x_i)) / e - (1 - W_i) (Y_i - mu0(x_i)) / (1 - e)
+
+    with e the propensity (a number, or one per unit). E[Gamma_i | X_i] = tau(X_i)
+    when either the outcome models or the propensity are right; in a trial the
+    propensity is known.
+    """
+    Y, W = np.asarray(outcome, float), np.asarray(treated, float)
+    e = np.asarray(propensity, float)
+    return mu1 - mu0 + W * (Y - mu1) / e - (1 - W) * (Y - mu0) / (1 - e)
+
+
+def cross_fitted_scores(outcome, treated, covariates=None, folds=None, n_folds=5, seed=42):
+    """AIPW scores with outcome models that did not see the unit.
+
+    For each fold, mu_w(x) = E[Y | X = x, W = w] is fit on the other folds: a
+    random forest on ``covariates`` when given, else the arm mean. The
+    propensity is the treated share (known in a trial). Returns (scores, mu0, mu1, e).
+    """
+    Y, W = np.asarray(outcome, float), np.asarray(treated, int)
+    n = len(Y)
+    folds = location_folds(np.arange(n), n_folds, seed) if folds is None else np.asarray(folds)
+    X = None if covariates is None or np.asarray(covariates).size == 0 else np.asarray(covariates, float).reshape(n, -1)
+    mu0, mu1 = np.empty(n), np.empty(n)
+    for k in np.unique(folds):
+        train, test = folds != k, folds == k
+        for arm, mu in ((0, mu0), (1, mu1)):
+            rows = train & (W == arm)
+            if X is None:
+                mu[test] = Y[rows].mean()
+            else:
+                from sklearn.ensemble import RandomForestRegressor
+
+                model = RandomForestRegressor(n_estimators=100, min_samples_leaf=5, n_jobs=1, random_state=seed)
+                mu[test] = model.fit(X[rows], Y[rows]).predict(X[test])
+    e = W.mean()
+    return aipw_scores(Y, W, mu0, mu1, e), mu0, mu1, e
+
+
+def _tie_ranks(priority):
+    """Integer ranks 0..K-1 of the distinct priority values (ties share a rank)."""
+    return np.unique(np.asarray(priority, float), return_inverse=True)[1].ravel()
+
+
+def toc_and_rate(scores, priority, q=DEFAULT_Q, target="AUTOC"):
+    """Point estimates of the TOC curve on ``q`` and of the RATE, as grf defines them.
+
+    Units are sorted by decreasing priority; tied units all take their tie
+    group's mean score. With the sorted scores s_(1..n) and ATE = mean(s):
+
+        TOC(k/n)  = (1/k) sum_{i<=k} s_(i) - ATE,                 k = 1..n
+        AUTOC     = (1/n) sum_{k=1}^n TOC(k/n)
+        QINI      = (1/n) sum_{k=1}^n (k/n) TOC(k/n)
+        TOC(q)    = (sum_{i<=floor(qn)} s_(i) + (qn - floor(qn)) s_(floor(qn)+1)) / (qn) - ATE
+
+    (a fractional unit fills the grid point q, so TOC(1) = 0). Returns (rate, toc on q).
+    """
+    scores = np.asarray(scores, float)
+    n = len(scores)
+    ranks = _tie_ranks(priority)
+    order = np.argsort(-ranks, kind="stable")
+    sorted_ranks = ranks[order]
+    sorted_scores = scores[order]
+    if len(np.unique(sorted_ranks)) < n:
+        sums = np.bincount(sorted_ranks, weights=sorted_scores)
+        counts = np.bincount(sorted_ranks)
+        sorted_scores = (sums / np.maximum(counts, 1))[sorted_ranks]
+    ate = sorted_scores.mean()
+    cumulative = np.cumsum(sorted_scores)
+    k = np.arange(1, n + 1)
+    toc = cumulative / k - ate
+    if target == "AUTOC":
+        rate = toc.mean()
+    elif target == "QINI":
+        rate = np.mean(k / n * toc)
+    else:
+        raise GeoCateError(f"Unknown RATE target '{target}'.", "Use 'AUTOC' or 'QINI'.")
+    qn = np.asarray(q, float) * n
+    whole = np.floor(qn + 1e-9).astype(int)
+    fraction = np.clip(qn - whole, 0, None)
+    head = np.where(whole > 0, cumulative[np.maximum(whole, 1) - 1], 0.0)
+    nxt = sorted_scores[np.minimum(whole, n - 1)]
+    toc_q = (head + fraction * nxt) / qn - ate
+    return float(rate), toc_q
+
+
+@dataclass(frozen=True)
+class RateResult:
+    """A RATE estimate with its half-sample bootstrap inference, and the TOC curve.
+
+    estimate, std_err, ci (95 %), p_value (two-sided, H0: RATE = 0);
+    toc: (len(q),) estimates, toc_se their standard errors, q the grid;
+    priority: a name; draws: (R,) bootstrap estimates.
+    """
+
+    target: str
+    priority: str
+    estimate: float
+    std_err: float
+    ci: tuple
+    p_value: float
+    q: np.ndarray
+    toc: np.ndarray
+    toc_se: np.ndarray
+    draws: np.ndarray = field(repr=False)
+
+    @property
+    def ratio(self):
+        """estimate / std_err, the t-statistic the issue of RATE tests reads."""
+        return self.estimate / self.std_err if self.std_err > 0 else float("nan")
+
+
+def _inference(name, target, estimate, toc, draws, toc_draws, q):
+    from scipy.stats import norm
+
+    se = float(np.std(draws, ddof=1)) if len(draws) > 1 else 0.0
+    p = float(2 * norm.sf(abs(estimate) / se)) if se > 0 else float("nan")
+    return RateResult(target=target, priority=name, estimate=float(estimate), std_err=se,
+                      ci=(float(estimate - 1.959964 * se), float(estimate + 1.959964 * se)), p_value=p,
+                      q=np.asarray(q), toc=np.asarray(toc),
+                      toc_se=np.std(toc_draws, axis=0, ddof=1) if len(draws) > 1 else np.zeros(len(q)),
+                      draws=np.asarray(draws))
+
+
+def half_samples(clusters, n_draws, seed):
+    """Index arrays of ``n_draws`` half-samples: floor(C/2) of the C clusters, drawn without replacement."""
+    clusters = np.asarray(clusters)
+    ids, inverse = np.unique(clusters, return_inverse=True)
+    if len(ids) < 4:
+        raise GeoCateError(
+            f"Only {len(ids)} distinct clusters: the half-sample bootstrap needs at least 4.",
+            "Use more units or locations.")
+    members = np.split(np.argsort(inverse, kind="stable"), np.cumsum(np.bincount(inverse))[:-1])
+    rng = np.random.default_rng(seed)
+    half = len(ids) // 2
+    for _ in range(n_draws):
+        chosen = rng.choice(len(ids), half, replace=False)
+        yield np.concatenate([members[c] for c in chosen])
+
+
+def rank_average_treatment_effect(scores, priorities, target="AUTOC", q=DEFAULT_Q, n_draws=200,
+                                  clusters=None, names=None, seed=42):
+    """RATE of one or two prioritisation rules (grf's ``rank_average_treatment_effect``).
+
+    scores: (n,) DR scores Gamma_i; priorities: (n,) or (n, 2), higher = treat
+    first; clusters: (n,) cluster (location) ids, the bootstrap's sampling
+    unit (default: each unit its own). Inference is the half-sample bootstrap:
+    each draw takes floor(C/2) of the C clusters without replacement and
+    recomputes the estimate; SE = standard deviation of the draws. With two
+    rules the draws are paired and the difference (rule 1 - rule 2) is
+    returned too. Returns a list of RateResult: [rule 1] or [rule 1, rule 2, difference].
+    """
+    scores = np.asarray(scores, float)
+    priorities = np.asarray(priorities, float)
+    priorities = priorities.reshape(len(scores), -1)
+    if np.isnan(priorities).any() or np.isnan(scores).any():
+        raise GeoCateError("Priorities or scores contain missing values.", "Drop or fill those units first.")
+    names = list(names or [f"priority {j + 1}" for j in range(priorities.shape[1])])
+    clusters = np.arange(len(scores)) if clusters is None else np.asarray(clusters)
+    point = [toc_and_rate(scores, priorities[:, j], q, target) for j in range(priorities.shape[1])]
+    draws = [[] for _ in point]
+    toc_draws = [[] for _ in point]
+    for idx in half_samples(clusters, n_draws, seed):
+        for j in range(len(point)):
+            rate, toc = toc_and_rate(scores[idx], priorities[idx, j], q, target)
+            draws[j].append(rate)
+            toc_draws[j].append(toc)
+    results = [_inference(names[j], target, point[j][0], point[j][1], np.array(draws[j]), np.array(toc_draws[j]), q)
+               for j in range(len(point))]
+    if len(point) == 2:
+        results.append(_inference(f"{names[0]} - {names[1]}", target, point[0][0] - point[1][0],
+                                  point[0][1] - point[1][1], np.array(draws[0]) - np.array(draws[1]),
+                                  np.array(toc_draws[0]) - np.array(toc_draws[1]), q))
+    return results
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Best linear predictor: Gamma_i = b1 + b2 (tau_i - mean tau) + e_i, OLS with HC3 standard errors.
+
+    b1 (``mean_forest``) estimates the ATE; b2 (``differential``) is 1 when the
+    CATE predictions are well calibrated and 0 when they carry no heterogeneity;
+    p-values are one-sided for b2 > 0 (heterogeneity detected), two-sided for b1.
+    """
+
+    mean_forest: float
+    mean_forest_se: float
+    mean_forest_p: float
+    differential: float
+    differential_se: float
+    differential_p: float
+
+
+def best_linear_predictor(scores, cate):
+    """The BLP calibration test (see :class:`Calibration`)."""
+    sm = require("statsmodels.api", "statsmodels")
+    from scipy.stats import norm
+
+    cate = np.asarray(cate, float)
+    design = np.column_stack([np.ones(len(cate)), cate - cate.mean()])
+    fit = sm.OLS(np.asarray(scores, float), design).fit(cov_type="HC3")
+    b, se = fit.params, fit.bse
+    return Calibration(
+        mean_forest=float(b[0]), mean_forest_se=float(se[0]), mean_forest_p=float(2 * norm.sf(abs(b[0] / se[0]))),
+        differential=float(b[1]), differential_se=float(se[1]), differential_p=float(norm.sf(b[1] / se[1])),
+    )
+
+
+def group_average_effects(scores, cate, n_groups=5):
+    """GATEs by CATE quantile group: (group 1..G, n, mean score, SE, 95 % interval low, high) rows.
+
+    Group 1 holds the smallest predicted effects. GATE_g = mean of Gamma_i in
+    group g; SE = sd / sqrt(n_g).
+    """
+    from .learners import effect_groups
+
+    scores = np.asarray(scores, float)
+    groups = effect_groups(cate, n_groups)
+    rows = []
+    for g in range(1, n_groups + 1):
+        s = scores[groups == g]
+        se = s.std(ddof=1) / np.sqrt(len(s)) if len(s) > 1 else float("nan")
+        rows.append((g, len(s), float(s.mean()), float(se), float(s.mean() - 1.959964 * se),
+                     float(s.mean() + 1.959964 * se)))
+    return rows
+
+
+def spatial_blocks(coords, block_size):
+    """Block id of each unit on a square grid of side ``block_size`` (CRS units, metres for projected CRSs)."""
+    if not block_size or block_size <= 0:
+        raise GeoCateError("The spatial block size must be positive.", "Give a size in metres, e.g. 5000.")
+    cells = np.floor(np.asarray(coords, float) / block_size).astype(np.int64)
+    return location_ids(cells, precision=1)
+
+
+def correlation_range(coords, values, max_units=2000, n_bins=20, threshold=0.1, seed=0):
+    """Distance beyond which ``values`` of two units are no longer correlated (an empirical correlogram).
+
+    Pairs of (at most ``max_units``) units are binned by distance; the range is
+    the upper edge of the first bin whose mean product of standardised values
+    falls below ``threshold``. Used to choose spatial blocks from the data.
+    """
+    coords = np.asarray(coords, float)
+    values = np.asarray(values, float)
+    rng = np.random.default_rng(seed)
+    if len(values) > max_units:
+        pick = rng.choice(len(values), max_units, replace=False)
+        coords, values = coords[pick], values[pick]
+    z = (values - values.mean()) / (values.std() or 1.0)
+    i, j = np.triu_indices(len(z), k=1)
+    distance = np.hypot(*(coords[i] - coords[j]).T)
+    products = z[i] * z[j]
+    edges = np.quantile(distance, np.linspace(0, 0.5, n_bins + 1))
+    which = np.digitize(distance, edges[1:-1])
+    for b in range(n_bins):
+        inside = which == b
+        if inside.any() and products[inside].mean() < threshold:
+            return float(edges[b + 1])
+    return float(edges[-1])
+
+
+def honest_folds(coords, n_folds=5, block_size=None, locations=None, seed=42):
+    """Cross-fitting folds that keep units sharing a location, or a spatial block, together.
+
+    block_size None or 0: folds by location only (identical coordinates, or ``locations``).
+    """
+    groups = location_ids(coords) if locations is None else np.unique(np.asarray(locations), return_inverse=True)[1]
+    if block_size:
+        groups = _merge(groups, spatial_blocks(coords, block_size))
+    return location_folds(groups, n_folds, seed)
+
+
+def _merge(locations, blocks):
+    """Group ids such that units sharing a location or a block share a group (connected components)."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    n = len(locations)
+    loc = np.unique(locations, return_inverse=True)[1]
+    blk = np.unique(blocks, return_inverse=True)[1] + loc.max() + 1
+    size = blk.max() + 1
+    graph = coo_matrix((np.ones(2 * n), (np.r_[loc, blk], np.r_[blk, loc])), shape=(size, size))
+    return connected_components(graph, directed=False)[1][loc]
