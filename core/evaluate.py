@@ -282,15 +282,37 @@ def correlation_range(coords, values, max_units=2000, n_bins=20, threshold=0.1, 
     return float(edges[-1])
 
 
-def honest_folds(coords, n_folds=5, block_size=None, locations=None, seed=42):
-    """Cross-fitting folds that keep units sharing a location, or a spatial block, together.
+def honest_fold_groups(coords, block_size=None, locations=None):
+    """Group ids that cross-fitting folds must keep whole: units sharing a location, or a spatial block.
 
-    block_size None or 0: folds by location only (identical coordinates, or ``locations``).
+    coords in metres (see metric_coords); locations: (n,) ids such as a village
+    field (default: identical coordinates); block_size None or 0: locations only.
+    A location that straddles a block border joins both blocks in one group.
     """
     groups = location_ids(coords) if locations is None else np.unique(np.asarray(locations), return_inverse=True)[1]
     if block_size:
         groups = _merge(groups, spatial_blocks(coords, block_size))
-    return location_folds(groups, n_folds, seed)
+    return groups
+
+
+def honest_folds(coords, n_folds=5, block_size=None, locations=None, seed=42):
+    """Cross-fitting folds (0..n_folds-1) that keep each group of honest_fold_groups together."""
+    return location_folds(honest_fold_groups(coords, block_size, locations), n_folds, seed)
+
+
+def metric_coords(coords, crs_wkt):
+    """Coordinates in metres: projected CRSs scaled by their linear unit; geographic ones by an
+    equirectangular approximation about the units' mean latitude (ample for blocks of kilometres)."""
+    from osgeo import osr
+
+    coords = np.asarray(coords, float)
+    srs = osr.SpatialReference()
+    srs.ImportFromWkt(crs_wkt)
+    srs.SetAxisMappingStrategy(osr.OAMS_TRADITIONAL_GIS_ORDER)
+    if srs.IsGeographic():
+        latitude = np.radians(np.nanmean(coords[:, 1]))
+        return np.column_stack([coords[:, 0] * 111320.0 * np.cos(latitude), coords[:, 1] * 110540.0])
+    return coords * srs.GetLinearUnits()
 
 
 def _merge(locations, blocks):

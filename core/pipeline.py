@@ -6,6 +6,7 @@ import time
 import numpy as np
 
 from .embed import BandScaler, RandomConvFeatures
+from .evaluate import correlation_range, honest_fold_groups, metric_coords, rank_average_treatment_effect
 from .learners import default_learner, effect_groups, location_ids
 from .study import Result, build_study
 
@@ -33,15 +34,45 @@ def package_versions():
     return versions
 
 
+def image_features(study, seed=42, n_filters=256, device="auto", progress=None, is_cancelled=None):
+    """MOSAIKS features of the used units' windows: (features (n_used, 2 n_filters), scaler, embedder)."""
+    scaler = BandScaler(seed=seed).fit(study.patches[study.used])
+    scaled = scaler.transform(study.patches[study.used])
+    embedder = RandomConvFeatures(n_filters=n_filters, seed=seed, device=device).fit(scaled)
+    return embedder.transform(scaled, progress, is_cancelled), scaler, embedder
+
+
+def fold_groups(study, spatial_block=0, window_size_px=33):
+    """Groups the cross-fitting folds must keep whole, for the used units: (group ids, block size in metres or None).
+
+    spatial_block 0: units sharing coordinates only; > 0: square blocks of that
+    many metres; < 0: blocks chosen from the data, the larger of the outcome's
+    correlation range (correlation_range of the outcome less its arm mean) and
+    the window's footprint on the ground.
+    """
+    coords = metric_coords(study.coords[study.used], study.raster_crs_wkt)
+    locations = location_ids(study.coords[study.used])
+    if not spatial_block:
+        return locations, None
+    if spatial_block < 0:
+        y, w = study.outcome[study.used], study.treated[study.used]
+        residual = y - np.where(w == 1, y[w == 1].mean(), y[w == 0].mean())
+        spatial_block = max(correlation_range(coords, residual), window_size_px * study.pixel_size)
+    return honest_fold_groups(coords, spatial_block, locations), float(spatial_block)
+
+
 def estimate_cate(units, raster_path, bands=None, window_size_px=33, nodata=None, seed=42,
                   n_groups=3, n_folds=5, n_filters=256, n_components=20, n_estimators=200,
-                  device="auto", progress=None, is_cancelled=None):
+                  device="auto", spatial_block=0, n_draws=200, progress=None, is_cancelled=None):
     """Estimate each unit's CATE from its image window (and covariates).
 
     units: a :class:`UnitTable`. Returns (Study, Result). Steps: read and check
     the windows (build_study); MOSAIKS features of the windows (RandomConvFeatures
     on BandScaler-scaled bands); the cross-fitted causal forest of default_learner;
-    effect groups 1..n_groups by out-of-fold CATE. ``progress(fraction, message)``
+    effect groups 1..n_groups by out-of-fold CATE; the AUTOC of that CATE with its
+    half-sample bootstrap interval (clusters: the fold groups). Folds keep units at
+    one place, or in one spatial block (``spatial_block``, see fold_groups), together.
+    ``progress(fraction, message)``
     is called, and ``is_cancelled()`` polled, every quarter second while windows
     are read and embedded and at each cross-fitting fold; cancelling raises
     :class:`Cancelled`.
@@ -54,20 +85,25 @@ def estimate_cate(units, raster_path, bands=None, window_size_px=33, nodata=None
 
     used = study.used
     t = time.monotonic()
-    scaler = BandScaler(seed=seed).fit(study.patches[used])
-    scaled = scaler.transform(study.patches[used])
-    embedder = RandomConvFeatures(n_filters=n_filters, seed=seed, device=device).fit(scaled)
-    features = embedder.transform(scaled, _stage(progress, 0.15, 0.3), is_cancelled)
+    features, scaler, embedder = image_features(study, seed, n_filters, device,
+                                                _stage(progress, 0.15, 0.3), is_cancelled)
     timings["image_features_s"] = time.monotonic() - t
 
     t = time.monotonic()
+    groups, block_size = fold_groups(study, spatial_block, window_size_px)
     design, learner = default_learner(features, study.covariates[used], n_components, n_folds,
                                       n_estimators, seed)
-    learner.fit(study.outcome[used], study.treated[used].astype(int), design,
-                locations=location_ids(study.coords[used]),
-                progress=_stage(progress, 0.3, 1.0), is_cancelled=is_cancelled)
+    learner.fit(study.outcome[used], study.treated[used].astype(int), design, locations=groups,
+                progress=_stage(progress, 0.3, 0.97), is_cancelled=is_cancelled)
     timings["causal_forest_s"] = time.monotonic() - t
+
+    t = time.monotonic()
+    autoc = rank_average_treatment_effect(learner.dr_scores_, learner.cate_, "AUTOC", n_draws=n_draws,
+                                          clusters=groups, names=["cate"], seed=seed)[0]
+    timings["autoc_s"] = time.monotonic() - t
     timings["total_s"] = time.monotonic() - started
+    if progress is not None:
+        progress(1.0, "Done")
 
     n = len(used)
 
@@ -92,6 +128,10 @@ def estimate_cate(units, raster_path, bands=None, window_size_px=33, nodata=None
         "propensity": learner.propensity_,
         "band_scaling": scaler.to_dict(),
         "device": embedder.device_,
+        "spatial_block_m": block_size,
+        "fold_groups": int(len(np.unique(groups))),
+        "autoc": {"estimate": autoc.estimate, "std_err": autoc.std_err, "ci": list(autoc.ci),
+                  "p_value": autoc.p_value, "draws": n_draws},
         "dropped": study.dropped,
         "versions": package_versions(),
         "timings": {k: round(v, 3) for k, v in timings.items()},
@@ -101,6 +141,6 @@ def estimate_cate(units, raster_path, bands=None, window_size_px=33, nodata=None
         cate_se=spread(learner.cate_se_), group=spread(effect_groups(learner.cate_, n_groups), 0, int),
         dr_scores=spread(learner.dr_scores_), fold=spread(learner.fold_, -1, int),
         ate=learner.ate_, ate_se=learner.ate_se_, n_used=study.n_used, n_dropped=study.n_dropped,
-        metadata=metadata,
+        autoc=autoc, metadata=metadata,
     )
     return study, result

@@ -83,6 +83,7 @@ class Result:
     ate_se: float
     n_used: int
     n_dropped: int
+    autoc: object = None  # evaluate.RateResult of the out-of-fold CATE, where computed
     metadata: dict = field(default_factory=dict)
 
 

@@ -71,7 +71,7 @@ def write_json_atomically(path, payload):
 class EstimateCateAlgorithm(QgsProcessingAlgorithm):
     INPUT, TREATMENT, OUTCOME, COVARIATES = "INPUT", "TREATMENT", "OUTCOME", "COVARIATES"
     RASTER, BANDS, PATCH_SIZE, NODATA, SEED = "RASTER", "BANDS", "PATCH_SIZE", "NODATA", "SEED"
-    GROUPS, OUTPUT = "GROUPS", "OUTPUT"
+    GROUPS, SPATIAL_BLOCK, OUTPUT = "GROUPS", "SPATIAL_BLOCK", "OUTPUT"
 
     def name(self):
         return "estimatecate"
@@ -135,11 +135,19 @@ class EstimateCateAlgorithm(QgsProcessingAlgorithm):
             defaultValue=3, minValue=2, maxValue=10)
         groups.setFlags(groups.flags() | QgsProcessingParameterDefinition.FlagAdvanced)
         self.addParameter(groups)
+        block = QgsProcessingParameterNumber(
+            self.SPATIAL_BLOCK, "Spatial blocks for cross-fitting, metres (0 = none, -1 = choose from the data)",
+            QgsProcessingParameterNumber.Double, defaultValue=0, minValue=-1)
+        block.setFlags(block.flags() | QgsProcessingParameterDefinition.FlagAdvanced)
+        self.addParameter(block)
         self.addParameter(QgsProcessingParameterFeatureSink(self.OUTPUT, "Treatment effects"))
         self.addOutput(QgsProcessingOutputNumber("ATE", "Average treatment effect (doubly robust)"))
         self.addOutput(QgsProcessingOutputNumber("ATE_SE", "Standard error of the ATE"))
         self.addOutput(QgsProcessingOutputNumber("N_USED", "Units used"))
         self.addOutput(QgsProcessingOutputNumber("N_DROPPED", "Units dropped"))
+        self.addOutput(QgsProcessingOutputNumber("AUTOC", "AUTOC of the out-of-fold CATE"))
+        self.addOutput(QgsProcessingOutputNumber("AUTOC_SE", "Standard error of the AUTOC"))
+        self.addOutput(QgsProcessingOutputNumber("AUTOC_P", "p-value of the AUTOC (H0: ranking by the CATE finds no heterogeneity)"))
 
     def processAlgorithm(self, parameters, context, feedback):  # noqa: N802 - QGIS's name
         from ..core.errors import GeoCateError
@@ -159,6 +167,9 @@ class EstimateCateAlgorithm(QgsProcessingAlgorithm):
                   if parameters.get(self.NODATA) not in (None, "") else None)
         seed = self.parameterAsInt(parameters, self.SEED, context)
         n_groups = self.parameterAsInt(parameters, self.GROUPS, context)
+        spatial_block = self.parameterAsDouble(parameters, self.SPATIAL_BLOCK, context)
+        if -1 < spatial_block < 0:
+            spatial_block = -1
         path = raster_path(raster)
 
         features, units = read_units(source, treatment, outcome, covariates, feedback)
@@ -170,7 +181,8 @@ class EstimateCateAlgorithm(QgsProcessingAlgorithm):
 
         try:
             study, result = estimate_cate(units, path, bands, window, nodata, seed, n_groups,
-                                          progress=progress, is_cancelled=feedback.isCanceled)
+                                          spatial_block=spatial_block, progress=progress,
+                                          is_cancelled=feedback.isCanceled)
         except GeoCateError as error:
             raise QgsProcessingException(str(error)) from error
 
@@ -183,6 +195,14 @@ class EstimateCateAlgorithm(QgsProcessingAlgorithm):
         low, high = result.ate - 1.96 * result.ate_se, result.ate + 1.96 * result.ate_se
         feedback.pushInfo(f"ATE (doubly robust) = {result.ate:.4f}, SE {result.ate_se:.4f}, "
                           f"95 % interval [{low:.4f}, {high:.4f}].")
+        autoc = result.autoc
+        feedback.pushInfo(f"AUTOC of the out-of-fold CATE = {autoc.estimate:.4f}, SE {autoc.std_err:.4f}, "
+                          f"95 % interval [{autoc.ci[0]:.4f}, {autoc.ci[1]:.4f}], p = {autoc.p_value:.3g} "
+                          f"({'heterogeneity detected' if autoc.ci[0] > 0 else 'no heterogeneity detected'}"
+                          f" at the 5 % level).")
+        if result.metadata["spatial_block_m"]:
+            feedback.pushInfo(f"Folds and bootstrap clusters: spatial blocks of {result.metadata['spatial_block_m']:.0f} m "
+                              f"({result.metadata['fold_groups']} groups).")
         feedback.pushInfo(f"Device: {result.metadata['device']}; timings: {result.metadata['timings']}.")
 
         # Only now, with every number in hand, is the output created: a failed run writes nothing.
@@ -204,13 +224,14 @@ class EstimateCateAlgorithm(QgsProcessingAlgorithm):
         self._metadata = dict(result.metadata, algorithm="geocate:estimatecate", parameters={
             "INPUT": source.sourceName(), "TREATMENT": treatment, "OUTCOME": outcome,
             "COVARIATES": covariates, "RASTER": path, "BANDS": bands, "PATCH_SIZE": window,
-            "NODATA": nodata, "SEED": seed, "GROUPS": n_groups,
+            "NODATA": nodata, "SEED": seed, "GROUPS": n_groups, "SPATIAL_BLOCK": spatial_block,
         }, n_units=len(features), n_used=result.n_used, n_dropped=result.n_dropped,
             ate=result.ate, ate_se=result.ate_se)
         if context.willLoadLayerOnCompletion(dest_id):
             context.layerToLoadOnCompletionDetails(dest_id).setPostProcessor(_StyleOnLoad.create())
         self._results = {self.OUTPUT: dest_id, "ATE": result.ate, "ATE_SE": result.ate_se,
-                         "N_USED": result.n_used, "N_DROPPED": result.n_dropped}
+                         "N_USED": result.n_used, "N_DROPPED": result.n_dropped, "AUTOC": autoc.estimate,
+                         "AUTOC_SE": autoc.std_err, "AUTOC_P": autoc.p_value}
         return self._results
 
     def postProcessAlgorithm(self, context, feedback):  # noqa: N802 - QGIS's name

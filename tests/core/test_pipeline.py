@@ -37,7 +37,26 @@ def test_run_metadata_records_what_reproduces_the_run(estimated):
     meta = result.metadata
     assert meta["seed"] == 3 and meta["device"] == "cpu" and meta["window_size_m"] == pytest.approx(990.0)
     assert {"numpy", "econml", "torch", "sklearn", "gdal"} <= set(meta["versions"])
-    assert set(meta["timings"]) == {"read_windows_s", "image_features_s", "causal_forest_s", "total_s"}
+    assert set(meta["timings"]) == {"read_windows_s", "image_features_s", "causal_forest_s", "autoc_s", "total_s"}
+
+
+def test_autoc_of_the_out_of_fold_cate_is_reported_and_clearly_positive(estimated):
+    study, result = estimated
+    assert result.autoc.estimate > 0.4 and result.autoc.ci[0] > 0 and result.autoc.p_value < 1e-3
+    assert result.metadata["autoc"]["estimate"] == result.autoc.estimate
+
+
+def test_spatial_blocks_keep_neighbours_in_one_fold(small_trial, demo_raster):
+    from geocate.core.evaluate import spatial_blocks
+
+    study, result = estimate_cate(unit_table(small_trial), demo_raster, spatial_block=5000, n_folds=3,
+                                  n_estimators=40, n_draws=50)
+    blocks = spatial_blocks(study.coords, 5000)
+    assert all(len(set(result.fold[blocks == b])) == 1 for b in np.unique(blocks))
+    assert result.metadata["spatial_block_m"] == 5000 and result.metadata["fold_groups"] == len(np.unique(blocks))
+    chosen = estimate_cate(unit_table(small_trial), demo_raster, spatial_block=-1, n_folds=3, n_estimators=40,
+                           n_draws=50)[1]
+    assert chosen.metadata["spatial_block_m"] >= 990.0
 
 
 def test_same_seed_gives_the_same_numbers(small_trial, demo_raster, estimated):
