@@ -326,3 +326,89 @@ def _merge(locations, blocks):
     size = blk.max() + 1
     graph = coo_matrix((np.ones(2 * n), (np.r_[loc, blk], np.r_[blk, loc])), shape=(size, size))
     return connected_components(graph, directed=False)[1][loc]
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """What geocate:evaluate reports for one or two priority rules.
+
+    rates: {"AUTOC": [RateResult...], "QINI": [...]} (rule 1, rule 2, difference);
+    calibration: [Calibration per rule]; gates: [rows of group_average_effects per rule];
+    scores: (n_used,) DR scores; used: (n,) bool; dropped: counts by reason;
+    block_size: metres or None; n_clusters: bootstrap clusters.
+    """
+
+    names: list
+    rates: dict
+    calibration: list
+    gates: list
+    scores: np.ndarray
+    used: np.ndarray
+    dropped: dict
+    block_size: object
+    n_clusters: int
+
+
+def evaluate_priorities(outcome, treated, priorities, names=None, covariates=None, coords=None,
+                        locations=None, spatial_block=0, n_groups=5, n_draws=200, n_folds=5, seed=42,
+                        treatment_name="treatment", progress=None):
+    """Evaluate priority rules on a trial: DR scores, AUTOC and Qini, BLP calibration, GATEs.
+
+    priorities: (n,) or (n, 2); covariates: (n, p) for the outcome models (none:
+    arm means); coords: (n, 2) in metres, needed for spatial blocks; locations:
+    (n,) cluster ids (a village field). Units with a null anywhere are dropped
+    and counted. The DR scores' outcome models are cross-fitted on honest folds
+    (locations and blocks kept whole), and the bootstrap draws the same groups.
+    """
+    from .study import MIN_UNITS_PER_ARM, check_treatment, describe_dropped
+
+    Y, W = np.asarray(outcome, float), np.asarray(treated, float)
+    n = len(Y)
+    P = np.asarray(priorities, float).reshape(n, -1)
+    names = list(names or [f"priority {j + 1}" for j in range(P.shape[1])])
+    X = None if covariates is None or np.asarray(covariates).size == 0 else np.asarray(covariates, float).reshape(n, -1)
+    check_treatment(W, treatment_name)
+    dropped = {"treatment is null": int(np.isnan(W).sum())}
+    bad = np.isnan(W)
+    for label, missing in (("outcome is null", np.isnan(Y)), ("priority is null", np.isnan(P).any(axis=1)),
+                           ("a covariate is null", np.isnan(X).any(axis=1) if X is not None else np.zeros(n, bool))):
+        dropped[label] = int((missing & ~bad).sum())
+        bad |= missing
+    if coords is not None:
+        missing = ~np.isfinite(np.asarray(coords, float)).all(axis=1)
+        dropped["no geometry"] = int((missing & ~bad).sum())
+        bad |= missing
+    used = ~bad
+    for arm, label in ((1, "treated"), (0, "control")):
+        count = int((used & (W == arm)).sum())
+        if count < MIN_UNITS_PER_ARM:
+            raise GeoCateError(
+                f"Only {count} {label} unit(s) remain after dropping units with nulls ({describe_dropped(dropped)}); "
+                f"at least {MIN_UNITS_PER_ARM} per arm are needed.", "Add units or fix the nulls.")
+    if spatial_block and coords is None:
+        raise GeoCateError("Spatial blocks need the units' coordinates.", "Use a layer with geometries, or no blocks.")
+    coords_used = np.asarray(coords, float)[used] if coords is not None else np.zeros((int(used.sum()), 2))
+    loc_used = None if locations is None else np.asarray(locations)[used]
+    if loc_used is None and coords is None:
+        loc_used = np.arange(int(used.sum()))
+    block_size = None
+    if spatial_block:
+        block_size = float(spatial_block if spatial_block > 0 else correlation_range(coords_used, Y[used] - np.where(
+            W[used] == 1, Y[used & (W == 1)].mean(), Y[used & (W == 0)].mean())))
+    groups = honest_fold_groups(coords_used, block_size, loc_used)
+    folds = location_folds(groups, n_folds, seed)
+    if progress:
+        progress(0.1, "Doubly robust scores")
+    scores = cross_fitted_scores(Y[used], W[used].astype(int), None if X is None else X[used], folds, seed=seed)[0]
+    rates = {}
+    for step, target in enumerate(("AUTOC", "QINI")):
+        if progress:
+            progress(0.3 + 0.3 * step, f"{target} with {n_draws} half-sample bootstrap draws")
+        rates[target] = rank_average_treatment_effect(scores, P[used], target, n_draws=n_draws, clusters=groups,
+                                                      names=names, seed=seed)
+    calibration = [best_linear_predictor(scores, P[used, j]) for j in range(P.shape[1])]
+    gates = [group_average_effects(scores, P[used, j], n_groups) for j in range(P.shape[1])]
+    if progress:
+        progress(1.0, "Done")
+    return Evaluation(names=names, rates=rates, calibration=calibration, gates=gates, scores=scores, used=used,
+                      dropped=dropped, block_size=block_size, n_clusters=int(len(np.unique(groups))))

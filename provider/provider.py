@@ -21,5 +21,7 @@ class GeoCateProvider(QgsProcessingProvider):
 
     def loadAlgorithms(self):  # noqa: N802 - QGIS's name
         from .estimatecate import EstimateCateAlgorithm
+        from .evaluate import EvaluateAlgorithm
 
         self.addAlgorithm(EstimateCateAlgorithm())
+        self.addAlgorithm(EvaluateAlgorithm())

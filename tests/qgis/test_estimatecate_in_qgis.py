@@ -253,3 +253,37 @@ def test_without_the_estimation_packages_qgis_process_lists_the_algorithm_and_sa
     assert "is not installed in the Python that runs QGIS" in done.stdout + done.stderr
     assert "pip install" in done.stdout + done.stderr
     assert not out.exists()
+
+
+def test_estimatecate_reports_the_autoc_of_its_own_cate(memory_run):
+    assert memory_run["AUTOC"] > 0 and memory_run["AUTOC_SE"] > 0 and 0 <= memory_run["AUTOC_P"] <= 1
+
+
+def test_evaluate_gives_table_plot_and_report_for_a_geocate_cate(memory_run, tmp_path):
+    import processing
+
+    results = processing.run("geocate:evaluate", {
+        "INPUT": memory_run["OUTPUT"], "PRIORITY": "cate", "PRIORITY_2": "assets", "TREATMENT": "treated",
+        "OUTCOME": "outcome", "COVARIATES": ["assets"], "SPATIAL_BLOCK": 3000, "BOOTSTRAP": 100,
+        "OUTPUT": "memory:", "OUTPUT_PLOT": str(tmp_path / "toc.png"), "OUTPUT_REPORT": str(tmp_path / "report.html")})
+    assert results["N_USED"] == 294
+    assert results["AUTOC"] > 0 and results["AUTOC"] - 1.96 * results["AUTOC_SE"] > 0
+    table = results["OUTPUT"]
+    metrics = [(f["metric"], f["priority"]) for f in table.getFeatures()]
+    assert ("AUTOC", "cate - assets") in metrics and ("QINI", "cate") in metrics
+    assert ("BLP differential (b2)", "cate") in metrics and ("GATE group 5 (n=58)", "cate") in metrics
+    assert (tmp_path / "toc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    report = (tmp_path / "report.html").read_text()
+    assert "AUTOC" in report and "data:image/png;base64" in report and "spatial block (m)" in report
+
+
+def test_evaluate_refuses_a_text_priority_and_writes_nothing(plugin, tmp_path):
+    import processing
+
+    layer = units_layer(["a", "b"], QVariant.String)
+    with pytest.raises(QgsProcessingException, match="priority field 'treated' is of type"):
+        processing.run("geocate:evaluate", {
+            "INPUT": layer, "PRIORITY": "treated", "TREATMENT": "outcome", "OUTCOME": "outcome",
+            "OUTPUT": str(tmp_path / "t.gpkg"), "OUTPUT_PLOT": str(tmp_path / "t.png"),
+            "OUTPUT_REPORT": str(tmp_path / "t.html")})
+    assert not any(tmp_path.iterdir())
