@@ -7,7 +7,7 @@ import numpy as np
 
 from .embed import BandScaler, RandomConvFeatures
 from .evaluate import correlation_range, honest_fold_groups, metric_coords, rank_average_treatment_effect
-from .learners import default_learner, effect_groups, location_ids
+from .learners import default_learner, design_matrix, effect_groups, location_ids
 from .study import Result, build_study
 
 
@@ -144,3 +144,64 @@ def estimate_cate(units, raster_path, bands=None, window_size_px=33, nodata=None
         autoc=autoc, metadata=metadata,
     )
     return study, result
+
+
+SOURCES = ("imagery", "covariates", "imagery + covariates")
+COMPARISONS = (("imagery + covariates", "covariates"), ("imagery + covariates", "imagery"), ("imagery", "covariates"))
+
+
+def compare_sources(units, raster_path, bands=None, window_size_px=33, nodata=None, seed=42, n_folds=5,
+                    n_estimators=200, n_draws=200, spatial_block=0, device="auto", progress=None,
+                    is_cancelled=None):
+    """What the imagery adds: the CATE learner with imagery only, covariates only, and both, on the same folds.
+
+    Every source's learner is cross-fitted on the same honest folds (fold_groups);
+    all rules are judged on the same DR scores (outcome models on the image
+    features' leading principal components and the covariates, cross-fitted on
+    those folds) with the same half-samples, so differences are paired.
+    Returns (study, {"cate": {source: (n_used,)}, "rates": {"AUTOC": [...], "QINI": [...]},
+    "differences": {"AUTOC": [...], "QINI": [...]}, "block_size", "n_clusters"}).
+    """
+    from .evaluate import cross_fitted_scores
+    from .learners import location_folds
+
+    study = build_study(units, raster_path, bands, window_size_px, nodata, _stage(progress, 0.0, 0.1), is_cancelled)
+    used = study.used
+    features = image_features(study, seed, device=device, progress=_stage(progress, 0.1, 0.2),
+                              is_cancelled=is_cancelled)[0]
+    covariates = study.covariates[used] if study.covariates.shape[1] else None
+    sources = [s for s in SOURCES if covariates is not None or s == "imagery"]
+    groups, block_size = fold_groups(study, spatial_block, window_size_px)
+    Y, W = study.outcome[used], study.treated[used].astype(int)
+    cate = {}
+    for k, source in enumerate(sources):
+        design, learner = default_learner(features if "imagery" in source else None,
+                                          covariates if "covariates" in source else None,
+                                          n_folds=n_folds, n_estimators=n_estimators, seed=seed)
+        learner.fit(Y, W, design, locations=groups, is_cancelled=is_cancelled,
+                    progress=_stage(progress, 0.2 + 0.7 * k / len(sources), 0.2 + 0.7 * (k + 1) / len(sources)))
+        cate[source] = learner.cate_
+    summary, _ = design_matrix_for_scores(features, covariates, seed)
+    scores = cross_fitted_scores(Y, W, summary, location_folds(groups, n_folds, seed), seed=seed)[0]
+    rates, differences = {}, {}
+    for target in ("AUTOC", "QINI"):
+        rates[target] = [rank_average_treatment_effect(scores, cate[s], target, n_draws=n_draws, clusters=groups,
+                                                       names=[s], seed=seed)[0] for s in sources]
+        differences[target] = [rank_average_treatment_effect(scores, np.column_stack([cate[a], cate[b]]), target,
+                                                             n_draws=n_draws, clusters=groups, names=[a, b],
+                                                             seed=seed)[2]
+                               for a, b in COMPARISONS if a in cate and b in cate]
+    if progress is not None:
+        progress(1.0, "Done")
+    return study, {"cate": cate, "rates": rates, "differences": differences, "block_size": block_size,
+                   "n_clusters": int(len(np.unique(groups))), "scores": scores}
+
+
+def design_matrix_for_scores(features, covariates, seed, n_components=20):
+    """The outcome models' input for shared DR scores: leading principal components of the features, plus covariates."""
+    from sklearn.decomposition import PCA
+
+    scaled = design_matrix(features, None)[0]
+    components = PCA(n_components=min(n_components, scaled.shape[1], len(scaled) // 10 or 1),
+                     random_state=seed).fit_transform(scaled)
+    return (np.column_stack([components, covariates]) if covariates is not None else components), components

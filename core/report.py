@@ -116,3 +116,36 @@ def evaluation_report(evaluation, html_path, png_path, inputs, metadata=None):
          "the priority (group 1 lowest).</p>"),
     ]
     return write_html(html_path, "GeoCATE: evaluation of heterogeneity", sections, metadata)
+
+
+def comparison_rows(comparison):
+    """Rows (metric, rule, estimate, SE, 95 % low, high, p-value, estimate/SE) of compare_sources' output."""
+    rows = []
+    for kind in ("rates", "differences"):
+        for target, results in comparison[kind].items():
+            for rate in results:
+                rows.append((target, rate.priority, rate.estimate, rate.std_err, rate.ci[0], rate.ci[1],
+                             rate.p_value, rate.ratio))
+    return rows
+
+
+def comparison_report(comparison, html_path, png_path, inputs, metadata=None):
+    """The HTML report of geocate:comparesources (TOC curves of each source embedded)."""
+    plot_toc(comparison["rates"]["AUTOC"], png_path, "TOC by source of the CATE")
+    lines = []
+    for rate in comparison["differences"]["AUTOC"]:
+        verdict = "ranks better" if rate.ci[0] > 0 else ("ranks worse" if rate.ci[1] < 0 else "is not distinguishable")
+        lines.append(f"<li>{html.escape(rate.priority)}: AUTOC difference {rate.estimate:.3f} "
+                     f"(95 % [{rate.ci[0]:.3f}, {rate.ci[1]:.3f}]); the first {verdict}.</li>")
+    sections = [
+        ("Inputs", table(["item", "value"], list(inputs.items()))),
+        ("What the imagery adds", "<ul>" + "".join(lines) + "</ul>" if lines else
+         "<p>Only imagery was given: no covariates to compare with.</p>"),
+        ("TOC curves", image(png_path, "TOC curves by source")),
+        ("Estimates", table(RATE_HEADERS, comparison_rows(comparison))),
+        ("How to read this", "<p class='note'>Each source's CATE is out-of-fold, all on the same honest folds; "
+         "all rules are judged on the same doubly robust scores and the same bootstrap half-samples, so the "
+         "differences are paired. A positive difference with an interval above 0 means the first source ranks "
+         "units by their gain better than the second.</p>"),
+    ]
+    return write_html(html_path, "GeoCATE: what the imagery adds", sections, metadata)

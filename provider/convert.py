@@ -4,6 +4,7 @@ import math
 
 import numpy as np
 from qgis.core import (
+    QgsFeatureSink,
     QgsCoordinateReferenceSystem,
     QgsFeature,
     QgsField,
@@ -126,3 +127,24 @@ def result_features(features, kept, fields, columns):
                           + [_value(columns[name][i], kind) for name, kind in appended])
         out.append(new)
     return out
+
+
+TABLE_FIELDS = (("metric", QVariant.String), ("rule", QVariant.String), ("estimate", QVariant.Double),
+                ("std_err", QVariant.Double), ("ci_low", QVariant.Double), ("ci_high", QVariant.Double),
+                ("p_value", QVariant.Double), ("ratio", QVariant.Double))
+
+
+def write_table(algorithm, parameters, context, rows, output="OUTPUT"):
+    """Write (metric, rule, six numbers) rows to a table sink (no geometry), then close it; returns its id."""
+    fields = QgsFields()
+    for name, kind in TABLE_FIELDS:
+        fields.append(QgsField(name, kind))
+    sink, dest_id = algorithm.parameterAsSink(parameters, output, context, fields, QgsWkbTypes.NoGeometry)
+    if sink is None:
+        raise QgsProcessingException("The table could not be created. Check the OUTPUT path and that it is writable.")
+    for row in rows:
+        feature = QgsFeature(fields)
+        feature.setAttributes([row[0], row[1]] + [float(v) if np.isfinite(v) else None for v in row[2:]])
+        sink.addFeature(feature, QgsFeatureSink.FastInsert)
+    del sink
+    return dest_id

@@ -6,24 +6,20 @@ import os
 import numpy as np
 from qgis.core import (
     QgsFeatureSink,
-    QgsProcessing,
     QgsProcessingAlgorithm,
     QgsProcessingException,
     QgsProcessingLayerPostProcessorInterface,
     QgsProcessingOutputNumber,
-    QgsProcessingParameterBand,
     QgsProcessingParameterDefinition,
     QgsProcessingParameterFeatureSink,
-    QgsProcessingParameterFeatureSource,
-    QgsProcessingParameterField,
     QgsProcessingParameterNumber,
-    QgsProcessingParameterRasterLayer,
     QgsProcessingUtils,
 )
 from qgis.PyQt.QtGui import QIcon
 
 from ..plugin import ICON
 from .convert import output_fields, read_units, result_features
+from .study_parameters import add_spatial_block_parameter, add_study_parameters, read_study_parameters
 from .styles import apply_result_styles, save_styles_to_geopackage
 
 
@@ -40,17 +36,6 @@ class _StyleOnLoad(QgsProcessingLayerPostProcessorInterface):
     def create(cls):
         cls.instance = cls()
         return cls.instance
-
-
-def raster_path(layer):
-    """The file behind a raster layer, or a clear error if it is not a GDAL raster."""
-    if layer is None:
-        raise QgsProcessingException("No raster layer was given. Choose the imagery layer in RASTER.")
-    if layer.providerType() != "gdal":
-        raise QgsProcessingException(
-            f"The raster '{layer.name()}' comes from the '{layer.providerType()}' provider; GeoCATE reads "
-            "image windows from files GDAL can open. Save it as a GeoTIFF first (Export > Save As).")
-    return layer.source().split("|")[0]
 
 
 def sidecar_path(destination):
@@ -106,40 +91,13 @@ class EstimateCateAlgorithm(QgsProcessingAlgorithm):
         )
 
     def initAlgorithm(self, config=None):  # noqa: N802 - QGIS's name
-        self.addParameter(QgsProcessingParameterFeatureSource(
-            self.INPUT, "Trial units (points or polygons)",
-            [QgsProcessing.TypeVectorPoint, QgsProcessing.TypeVectorPolygon]))
-        self.addParameter(QgsProcessingParameterField(
-            self.TREATMENT, "Treatment field (0 = control, 1 = treated)", parentLayerParameterName=self.INPUT,
-            type=QgsProcessingParameterField.Numeric))
-        self.addParameter(QgsProcessingParameterField(
-            self.OUTCOME, "Outcome field", parentLayerParameterName=self.INPUT,
-            type=QgsProcessingParameterField.Numeric))
-        self.addParameter(QgsProcessingParameterField(
-            self.COVARIATES, "Covariate fields", parentLayerParameterName=self.INPUT,
-            type=QgsProcessingParameterField.Numeric, allowMultiple=True, optional=True))
-        self.addParameter(QgsProcessingParameterRasterLayer(self.RASTER, "Imagery"))
-        self.addParameter(QgsProcessingParameterBand(
-            self.BANDS, "Bands (default: all)", parentLayerParameterName=self.RASTER,
-            optional=True, allowMultiple=True))
-        self.addParameter(QgsProcessingParameterNumber(
-            self.PATCH_SIZE, "Window size (pixels per side)", QgsProcessingParameterNumber.Integer,
-            defaultValue=33, minValue=3, maxValue=1025))
-        self.addParameter(QgsProcessingParameterNumber(
-            self.NODATA, "Extra nodata value (besides the raster's own)", QgsProcessingParameterNumber.Double,
-            optional=True))
-        self.addParameter(QgsProcessingParameterNumber(
-            self.SEED, "Random seed", QgsProcessingParameterNumber.Integer, defaultValue=42, minValue=0))
+        add_study_parameters(self)
         groups = QgsProcessingParameterNumber(
             self.GROUPS, "Number of effect groups", QgsProcessingParameterNumber.Integer,
             defaultValue=3, minValue=2, maxValue=10)
         groups.setFlags(groups.flags() | QgsProcessingParameterDefinition.FlagAdvanced)
         self.addParameter(groups)
-        block = QgsProcessingParameterNumber(
-            self.SPATIAL_BLOCK, "Spatial blocks for cross-fitting, metres (0 = none, -1 = choose from the data)",
-            QgsProcessingParameterNumber.Double, defaultValue=0, minValue=-1)
-        block.setFlags(block.flags() | QgsProcessingParameterDefinition.FlagAdvanced)
-        self.addParameter(block)
+        add_spatial_block_parameter(self)
         self.addParameter(QgsProcessingParameterFeatureSink(self.OUTPUT, "Treatment effects"))
         self.addOutput(QgsProcessingOutputNumber("ATE", "Average treatment effect (doubly robust)"))
         self.addOutput(QgsProcessingOutputNumber("ATE_SE", "Standard error of the ATE"))
@@ -154,23 +112,11 @@ class EstimateCateAlgorithm(QgsProcessingAlgorithm):
         from ..core.pipeline import estimate_cate
         from ..core.study import describe_dropped
 
-        source = self.parameterAsSource(parameters, self.INPUT, context)
-        if source is None:
-            raise QgsProcessingException("The units layer could not be read. Choose a point or polygon layer in INPUT.")
-        treatment = self.parameterAsString(parameters, self.TREATMENT, context)
-        outcome = self.parameterAsString(parameters, self.OUTCOME, context)
-        covariates = self.parameterAsFields(parameters, self.COVARIATES, context)
-        raster = self.parameterAsRasterLayer(parameters, self.RASTER, context)
-        bands = self.parameterAsInts(parameters, self.BANDS, context) if parameters.get(self.BANDS) else None
-        window = self.parameterAsInt(parameters, self.PATCH_SIZE, context)
-        nodata = (self.parameterAsDouble(parameters, self.NODATA, context)
-                  if parameters.get(self.NODATA) not in (None, "") else None)
-        seed = self.parameterAsInt(parameters, self.SEED, context)
+        source, study = read_study_parameters(self, parameters, context)
+        treatment, outcome, covariates = study["treatment"], study["outcome"], study["covariates"]
+        path, bands, window, nodata, seed = study["raster"], study["bands"], study["window"], study["nodata"], study["seed"]
         n_groups = self.parameterAsInt(parameters, self.GROUPS, context)
-        spatial_block = self.parameterAsDouble(parameters, self.SPATIAL_BLOCK, context)
-        if -1 < spatial_block < 0:
-            spatial_block = -1
-        path = raster_path(raster)
+        spatial_block = study["spatial_block"]
 
         features, units = read_units(source, treatment, outcome, covariates, feedback)
 

@@ -4,10 +4,6 @@ import os
 
 import numpy as np
 from qgis.core import (
-    QgsFeature,
-    QgsFeatureSink,
-    QgsField,
-    QgsFields,
     QgsProcessing,
     QgsProcessingAlgorithm,
     QgsProcessingException,
@@ -20,11 +16,10 @@ from qgis.core import (
     QgsProcessingParameterNumber,
     QgsWkbTypes,
 )
-from qgis.PyQt.QtCore import QVariant
 from qgis.PyQt.QtGui import QIcon
 
 from ..plugin import ICON
-from .convert import as_number, check_numeric_field, unit_point
+from .convert import as_number, check_numeric_field, unit_point, write_table
 
 
 class EvaluateAlgorithm(QgsProcessingAlgorithm):
@@ -109,7 +104,7 @@ class EvaluateAlgorithm(QgsProcessingAlgorithm):
     def processAlgorithm(self, parameters, context, feedback):  # noqa: N802 - QGIS's name
         from ..core.errors import GeoCateError
         from ..core.evaluate import evaluate_priorities, metric_coords
-        from ..core.report import RATE_HEADERS, evaluation_report, rate_rows
+        from ..core.report import evaluation_report, rate_rows
         from ..core.study import describe_dropped
 
         source = self.parameterAsSource(parameters, self.INPUT, context)
@@ -179,19 +174,8 @@ class EvaluateAlgorithm(QgsProcessingAlgorithm):
                   "units dropped": describe_dropped(evaluation.dropped), "bootstrap draws": n_draws,
                   "bootstrap clusters": evaluation.n_clusters, "spatial block (m)": evaluation.block_size or "-",
                   "seed": seed}
-        table_fields = QgsFields()
-        for name, kind in zip(["metric", "priority", "estimate", "std_err", "ci_low", "ci_high", "p_value", "ratio"],
-                              [QVariant.String, QVariant.String] + [QVariant.Double] * 6):
-            table_fields.append(QgsField(name, kind))
         # All numbers are in hand: only now are the outputs created.
-        sink, dest_id = self.parameterAsSink(parameters, self.OUTPUT, context, table_fields, QgsWkbTypes.NoGeometry)
-        if sink is None:
-            raise QgsProcessingException("The evaluation table could not be created. Check the OUTPUT path.")
-        for row in rate_rows(evaluation):
-            feature = QgsFeature(table_fields)
-            feature.setAttributes([row[0], row[1]] + [None if not np.isfinite(v) else float(v) for v in row[2:]])
-            sink.addFeature(feature, QgsFeatureSink.FastInsert)
-        del sink
+        dest_id = write_table(self, parameters, context, rate_rows(evaluation))
         os.makedirs(os.path.dirname(os.path.abspath(report_path)), exist_ok=True)
         evaluation_report(evaluation, report_path, plot_path, inputs, {"algorithm": "geocate:evaluate", **inputs})
         feedback.pushInfo(f"Report: {report_path}; TOC plot: {plot_path}.")

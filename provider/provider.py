@@ -20,8 +20,10 @@ class GeoCateProvider(QgsProcessingProvider):
         return QIcon(ICON)
 
     def loadAlgorithms(self):  # noqa: N802 - QGIS's name
+        from .comparesources import CompareSourcesAlgorithm
         from .estimatecate import EstimateCateAlgorithm
         from .evaluate import EvaluateAlgorithm
 
         self.addAlgorithm(EstimateCateAlgorithm())
         self.addAlgorithm(EvaluateAlgorithm())
+        self.addAlgorithm(CompareSourcesAlgorithm())

@@ -269,7 +269,7 @@ def test_evaluate_gives_table_plot_and_report_for_a_geocate_cate(memory_run, tmp
     assert results["N_USED"] == 294
     assert results["AUTOC"] > 0 and results["AUTOC"] - 1.96 * results["AUTOC_SE"] > 0
     table = results["OUTPUT"]
-    metrics = [(f["metric"], f["priority"]) for f in table.getFeatures()]
+    metrics = [(f["metric"], f["rule"]) for f in table.getFeatures()]
     assert ("AUTOC", "cate - assets") in metrics and ("QINI", "cate") in metrics
     assert ("BLP differential (b2)", "cate") in metrics and ("GATE group 5 (n=58)", "cate") in metrics
     assert (tmp_path / "toc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -287,3 +287,18 @@ def test_evaluate_refuses_a_text_priority_and_writes_nothing(plugin, tmp_path):
             "OUTPUT": str(tmp_path / "t.gpkg"), "OUTPUT_PLOT": str(tmp_path / "t.png"),
             "OUTPUT_REPORT": str(tmp_path / "t.html")})
     assert not any(tmp_path.iterdir())
+
+
+def test_comparesources_shows_what_the_imagery_adds(plugin, demo_units_gpkg, demo_raster, tmp_path):
+    import processing
+
+    results = processing.run("geocate:comparesources", dict(
+        base_parameters(demo_units_gpkg, demo_raster), BOOTSTRAP=100, OUTPUT="memory:",
+        OUTPUT_PLOT=str(tmp_path / "toc.png"), OUTPUT_REPORT=str(tmp_path / "compare.html")))
+    rows = {(f["metric"], f["rule"]): f for f in results["OUTPUT"].getFeatures()}
+    assert set(rows) >= {("AUTOC", "imagery"), ("AUTOC", "covariates"), ("AUTOC", "imagery + covariates"),
+                         ("AUTOC", "imagery + covariates - covariates"), ("QINI", "imagery - covariates")}
+    gain = rows[("AUTOC", "imagery + covariates - covariates")]
+    assert gain["ci_low"] > 0       # the simulated effect lives in the images
+    assert results["AUTOC_IMAGERY"] > results["AUTOC_COVARIATES"]
+    assert "what the imagery adds" in (tmp_path / "compare.html").read_text().lower()

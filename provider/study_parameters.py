@@ -1,0 +1,82 @@
+"""The parameters every algorithm that reads a trial and its imagery shares (names fixed by ARCHITECTURE.md)."""
+
+from qgis.core import (
+    QgsProcessing,
+    QgsProcessingException,
+    QgsProcessingParameterBand,
+    QgsProcessingParameterDefinition,
+    QgsProcessingParameterFeatureSource,
+    QgsProcessingParameterField,
+    QgsProcessingParameterNumber,
+    QgsProcessingParameterRasterLayer,
+)
+
+INPUT, TREATMENT, OUTCOME, COVARIATES = "INPUT", "TREATMENT", "OUTCOME", "COVARIATES"
+RASTER, BANDS, PATCH_SIZE, NODATA, SEED, SPATIAL_BLOCK = "RASTER", "BANDS", "PATCH_SIZE", "NODATA", "SEED", "SPATIAL_BLOCK"
+
+
+def add_study_parameters(algorithm):
+    """INPUT, TREATMENT, OUTCOME, COVARIATES, RASTER, BANDS, PATCH_SIZE, NODATA, SEED."""
+    numeric = QgsProcessingParameterField.Numeric
+    algorithm.addParameter(QgsProcessingParameterFeatureSource(
+        INPUT, "Trial units (points or polygons)", [QgsProcessing.TypeVectorPoint, QgsProcessing.TypeVectorPolygon]))
+    algorithm.addParameter(QgsProcessingParameterField(
+        TREATMENT, "Treatment field (0 = control, 1 = treated)", parentLayerParameterName=INPUT, type=numeric))
+    algorithm.addParameter(QgsProcessingParameterField(
+        OUTCOME, "Outcome field", parentLayerParameterName=INPUT, type=numeric))
+    algorithm.addParameter(QgsProcessingParameterField(
+        COVARIATES, "Covariate fields", parentLayerParameterName=INPUT, type=numeric, allowMultiple=True,
+        optional=True))
+    algorithm.addParameter(QgsProcessingParameterRasterLayer(RASTER, "Imagery"))
+    algorithm.addParameter(QgsProcessingParameterBand(
+        BANDS, "Bands (default: all)", parentLayerParameterName=RASTER, optional=True, allowMultiple=True))
+    algorithm.addParameter(QgsProcessingParameterNumber(
+        PATCH_SIZE, "Window size (pixels per side)", QgsProcessingParameterNumber.Integer,
+        defaultValue=33, minValue=3, maxValue=1025))
+    algorithm.addParameter(QgsProcessingParameterNumber(
+        NODATA, "Extra nodata value (besides the raster's own)", QgsProcessingParameterNumber.Double, optional=True))
+    algorithm.addParameter(QgsProcessingParameterNumber(
+        SEED, "Random seed", QgsProcessingParameterNumber.Integer, defaultValue=42, minValue=0))
+
+
+def add_spatial_block_parameter(algorithm, advanced=True):
+    block = QgsProcessingParameterNumber(
+        SPATIAL_BLOCK, "Spatial blocks for cross-fitting, metres (0 = none, -1 = choose from the data)",
+        QgsProcessingParameterNumber.Double, defaultValue=0, minValue=-1)
+    if advanced:
+        block.setFlags(block.flags() | QgsProcessingParameterDefinition.FlagAdvanced)
+    algorithm.addParameter(block)
+
+
+def read_study_parameters(algorithm, parameters, context):
+    """(feature source, dict of plain values) for the shared parameters; SPATIAL_BLOCK where present."""
+    source = algorithm.parameterAsSource(parameters, INPUT, context)
+    if source is None:
+        raise QgsProcessingException("The units layer could not be read. Choose a point or polygon layer in INPUT.")
+    values = {
+        "treatment": algorithm.parameterAsString(parameters, TREATMENT, context),
+        "outcome": algorithm.parameterAsString(parameters, OUTCOME, context),
+        "covariates": algorithm.parameterAsFields(parameters, COVARIATES, context),
+        "raster": raster_path(algorithm.parameterAsRasterLayer(parameters, RASTER, context)),
+        "bands": algorithm.parameterAsInts(parameters, BANDS, context) if parameters.get(BANDS) else None,
+        "window": algorithm.parameterAsInt(parameters, PATCH_SIZE, context),
+        "nodata": (algorithm.parameterAsDouble(parameters, NODATA, context)
+                   if parameters.get(NODATA) not in (None, "") else None),
+        "seed": algorithm.parameterAsInt(parameters, SEED, context),
+        "spatial_block": 0.0,
+    }
+    if algorithm.parameterDefinition(SPATIAL_BLOCK) is not None:
+        block = algorithm.parameterAsDouble(parameters, SPATIAL_BLOCK, context)
+        values["spatial_block"] = -1.0 if -1 < block < 0 else block
+    return source, values
+
+
+def raster_path(layer):
+    """The file behind a raster layer, or a clear error if it is not a GDAL raster."""
+    if layer is None:
+        raise QgsProcessingException("No raster layer was given. Choose the imagery layer in RASTER.")
+    if layer.providerType() != "gdal":
+        raise QgsProcessingException(
+            f"The raster '{layer.name()}' comes from the '{layer.providerType()}' provider; GeoCATE reads "
+            "image windows from files GDAL can open. Save it as a GeoTIFF first (Export > Save As).")
+    return layer.source().split("|")[0]
