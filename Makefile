@@ -51,6 +51,7 @@ test: setup
 	$(PY) -m pytest -p no:cacheprovider tests
 
 bench: setup
+	$(PY) bench/bench_evaluate.py
 	$(PY) bench/bench_estimate.py
 
 clean:
