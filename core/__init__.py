@@ -1,4 +1,6 @@
 """GeoCATE's estimation core: plain numpy in, plain numpy out; never imports qgis or PyQt5."""
 
-from .errors import GeoCateError, Cancelled  # noqa: F401
-from .study import Study, Result  # noqa: F401
+from .errors import Cancelled, GeoCateError
+from .study import Result, Study
+
+__all__ = ["Cancelled", "GeoCateError", "Result", "Study"]

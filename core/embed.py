@@ -15,11 +15,10 @@ depend only on the windows and the seed. torch runs the convolution, on CUDA
 when torch sees it.
 """
 
-import time
-
 import numpy as np
 
-from .errors import Cancelled, GeoCateError, require
+from .errors import GeoCateError, require
+from .progress import Throttle
 
 
 def resolve_device(device="auto"):
@@ -137,7 +136,7 @@ class RandomConvFeatures:
         offset = torch.from_numpy(self.offset_ + self.bias).to(device)[None, :, None, None]
         offset_neg = torch.from_numpy(-self.offset_ + self.bias).to(device)[None, :, None, None]
         out = np.empty((len(patches), 2 * self.n_filters), dtype=np.float32)
-        last_report = time.monotonic()
+        throttle = Throttle(progress, is_cancelled)
         # Small batches keep the response maps in cache on a CPU; a GPU wants large ones.
         batch_size = self.batch_size or (512 if device.type == "cuda" else 16)
         with torch.no_grad():
@@ -154,11 +153,5 @@ class RandomConvFeatures:
                     pos = torch.relu(response - offset).mean(dim=(2, 3))
                     neg = torch.relu(-response - offset_neg).mean(dim=(2, 3))
                 out[start:start + len(batch)] = torch.cat([pos, neg], dim=1).cpu().numpy()
-                now = time.monotonic()
-                if now - last_report > 0.25:
-                    last_report = now
-                    if is_cancelled is not None and is_cancelled():
-                        raise Cancelled()
-                    if progress is not None:
-                        progress(start / len(patches), f"Image features: {start} of {len(patches)} windows")
+                throttle.tick(start / len(patches), f"Image features: {start} of {len(patches)} windows")
         return out

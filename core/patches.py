@@ -9,11 +9,11 @@ convention of Landsat and most satellite products that declare no nodata).
 """
 
 from dataclasses import dataclass
-import time
 
 import numpy as np
 
-from .errors import Cancelled, GeoCateError
+from .errors import GeoCateError
+from .progress import Throttle
 
 # Why a window could not be used, one code per unit ("" = usable).
 OUTSIDE = "outside"   # the unit lies outside the raster
@@ -198,7 +198,7 @@ def extract_patches(
     todo = np.flatnonzero(whole)
     # Row-major order keeps GDAL's block cache warm on tiled and striped files.
     todo = todo[np.lexsort((origin[todo, 0], origin[todo, 1]))]
-    last_report = time.monotonic()
+    throttle = Throttle(progress, is_cancelled)
     for done, i in enumerate(todo):
         col, row = int(origin[i, 0]), int(origin[i, 1])
         window = dataset.ReadAsArray(
@@ -215,13 +215,7 @@ def extract_patches(
         else:
             reason[i] = ""
             patches[i] = window
-        now = time.monotonic()
-        if now - last_report > 0.25:
-            last_report = now
-            if is_cancelled is not None and is_cancelled():
-                raise Cancelled()
-            if progress is not None:
-                progress(done / max(len(todo), 1), f"Reading image windows: {done} of {len(todo)}")
+        throttle.tick(done / max(len(todo), 1), f"Reading image windows: {done} of {len(todo)}")
     if progress is not None:
         progress(1.0, f"Read {len(todo)} image windows")
     ok = reason == ""

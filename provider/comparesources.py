@@ -4,7 +4,6 @@ import os
 
 from qgis.core import (
     QgsProcessing,
-    QgsProcessingAlgorithm,
     QgsProcessingException,
     QgsProcessingOutputNumber,
     QgsProcessingParameterDefinition,
@@ -12,13 +11,12 @@ from qgis.core import (
     QgsProcessingParameterFileDestination,
     QgsProcessingParameterNumber,
 )
-from qgis.PyQt.QtGui import QIcon
 
-from ..plugin import ICON
+from .base import GeoCateAlgorithm
 from .convert import read_units, write_table
 from .study_parameters import add_spatial_block_parameter, add_study_parameters, read_study_parameters
 
-class CompareSourcesAlgorithm(QgsProcessingAlgorithm):
+class CompareSourcesAlgorithm(GeoCateAlgorithm):
     BOOTSTRAP, OUTPUT, OUTPUT_PLOT, OUTPUT_REPORT = "BOOTSTRAP", "OUTPUT", "OUTPUT_PLOT", "OUTPUT_REPORT"
 
     def name(self):
@@ -26,18 +24,6 @@ class CompareSourcesAlgorithm(QgsProcessingAlgorithm):
 
     def displayName(self):  # noqa: N802 - QGIS's name
         return "Compare imagery, covariates and both"
-
-    def group(self):
-        return "Treatment effects"
-
-    def groupId(self):  # noqa: N802 - QGIS's name
-        return "effects"
-
-    def icon(self):
-        return QIcon(ICON)
-
-    def createInstance(self):  # noqa: N802 - QGIS's name
-        return CompareSourcesAlgorithm()
 
     def shortHelpString(self):  # noqa: N802 - QGIS's name
         return (

@@ -6,7 +6,6 @@ import os
 import numpy as np
 from qgis.core import (
     QgsFeatureSink,
-    QgsProcessingAlgorithm,
     QgsProcessingException,
     QgsProcessingLayerPostProcessorInterface,
     QgsProcessingOutputNumber,
@@ -15,9 +14,8 @@ from qgis.core import (
     QgsProcessingParameterNumber,
     QgsProcessingUtils,
 )
-from qgis.PyQt.QtGui import QIcon
 
-from ..plugin import ICON
+from .base import GeoCateAlgorithm
 from .convert import output_fields, read_units, result_features
 from .study_parameters import add_spatial_block_parameter, add_study_parameters, read_study_parameters
 from .styles import apply_result_styles, save_styles_to_geopackage
@@ -53,7 +51,7 @@ def write_json_atomically(path, payload):
     os.replace(tmp, path)
 
 
-class EstimateCateAlgorithm(QgsProcessingAlgorithm):
+class EstimateCateAlgorithm(GeoCateAlgorithm):
     INPUT, TREATMENT, OUTCOME, COVARIATES = "INPUT", "TREATMENT", "OUTCOME", "COVARIATES"
     RASTER, BANDS, PATCH_SIZE, NODATA, SEED = "RASTER", "BANDS", "PATCH_SIZE", "NODATA", "SEED"
     GROUPS, SPATIAL_BLOCK, OUTPUT = "GROUPS", "SPATIAL_BLOCK", "OUTPUT"
@@ -64,25 +62,14 @@ class EstimateCateAlgorithm(QgsProcessingAlgorithm):
     def displayName(self):  # noqa: N802 - QGIS's name
         return "Estimate treatment effects from imagery"
 
-    def group(self):
-        return "Treatment effects"
-
-    def groupId(self):  # noqa: N802 - QGIS's name
-        return "effects"
-
-    def icon(self):
-        return QIcon(ICON)
-
-    def createInstance(self):  # noqa: N802 - QGIS's name
-        return EstimateCateAlgorithm()
-
     def shortHelpString(self):  # noqa: N802 - QGIS's name
         return (
             "Estimates each trial unit's conditional average treatment effect (CATE) from the "
             "imagery around it (and optional covariates).\n\n"
             "Each unit's window of PATCH_SIZE x PATCH_SIZE pixels is turned into random "
-            "convolutional features (MOSAIKS), reduced by PCA and, with the covariates, given to "
-            "econml's causal forest (CausalForestDML) with the trial's known propensity. "
+            "convolutional features (MOSAIKS) which, with the covariates, are the effect modifiers of "
+            "econml's causal forest (CausalForestDML), with an outcome model on their principal "
+            "components and the trial's known propensity. "
             "Cross-fitting: each unit's CATE and 95 % interval come from a forest that did not see it.\n\n"
             "Output: the units with cate, cate_lo, cate_hi, cate_se, group (1 = smallest effects) "
             "and patch_ok (0 where the window is outside the raster, crosses its edge or holds "

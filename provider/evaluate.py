@@ -5,7 +5,6 @@ import os
 import numpy as np
 from qgis.core import (
     QgsProcessing,
-    QgsProcessingAlgorithm,
     QgsProcessingException,
     QgsProcessingOutputNumber,
     QgsProcessingParameterDefinition,
@@ -16,13 +15,12 @@ from qgis.core import (
     QgsProcessingParameterNumber,
     QgsWkbTypes,
 )
-from qgis.PyQt.QtGui import QIcon
 
-from ..plugin import ICON
+from .base import GeoCateAlgorithm
 from .convert import as_number, check_numeric_field, unit_point, write_table
 
 
-class EvaluateAlgorithm(QgsProcessingAlgorithm):
+class EvaluateAlgorithm(GeoCateAlgorithm):
     INPUT, PRIORITY, PRIORITY_2, TREATMENT, OUTCOME = "INPUT", "PRIORITY", "PRIORITY_2", "TREATMENT", "OUTCOME"
     COVARIATES, CLUSTER, SPATIAL_BLOCK, GROUPS = "COVARIATES", "CLUSTER", "SPATIAL_BLOCK", "GROUPS"
     BOOTSTRAP, SEED = "BOOTSTRAP", "SEED"
@@ -33,18 +31,6 @@ class EvaluateAlgorithm(QgsProcessingAlgorithm):
 
     def displayName(self):  # noqa: N802 - QGIS's name
         return "Evaluate heterogeneity (RATE, TOC, calibration)"
-
-    def group(self):
-        return "Treatment effects"
-
-    def groupId(self):  # noqa: N802 - QGIS's name
-        return "effects"
-
-    def icon(self):
-        return QIcon(ICON)
-
-    def createInstance(self):  # noqa: N802 - QGIS's name
-        return EvaluateAlgorithm()
 
     def shortHelpString(self):  # noqa: N802 - QGIS's name
         return (
