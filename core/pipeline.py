@@ -6,7 +6,8 @@ import time
 import numpy as np
 
 from .embed import BandScaler, RandomConvFeatures
-from .evaluate import correlation_range, honest_fold_groups, metric_coords, rank_average_treatment_effect
+from .evaluate import (correlation_range, group_average_effects, honest_fold_groups, metric_coords,
+                       rank_average_treatment_effect)
 from .learners import default_learner, design_matrix, effect_groups, location_ids
 from .study import Result, build_study
 
@@ -106,6 +107,7 @@ def estimate_cate(units, raster_path, bands=None, window_size_px=33, nodata=None
         progress(1.0, "Done")
 
     n = len(used)
+    groups_of_units = effect_groups(learner.cate_, n_groups)
 
     def spread(values, fill=np.nan, dtype=float):
         out = np.full(n, fill, dtype=dtype)
@@ -131,14 +133,18 @@ def estimate_cate(units, raster_path, bands=None, window_size_px=33, nodata=None
         "spatial_block_m": block_size,
         "fold_groups": int(len(np.unique(groups))),
         "autoc": {"estimate": autoc.estimate, "std_err": autoc.std_err, "ci": list(autoc.ci),
-                  "p_value": autoc.p_value, "draws": n_draws},
+                  "p_value": autoc.p_value, "draws": n_draws, "q": autoc.q.tolist(), "toc": autoc.toc.tolist(),
+                  "toc_se": autoc.toc_se.tolist()},
+        "group_effects": [dict(zip(("group", "n", "effect", "std_err", "ci_low", "ci_high", "mean_cate"),
+                                   row + (float(learner.cate_[groups_of_units == row[0]].mean()),)))
+                          for row in group_average_effects(learner.dr_scores_, learner.cate_, n_groups)],
         "dropped": study.dropped,
         "versions": package_versions(),
         "timings": {k: round(v, 3) for k, v in timings.items()},
     }
     result = Result(
         cate=spread(learner.cate_), cate_lo=spread(learner.cate_lo_), cate_hi=spread(learner.cate_hi_),
-        cate_se=spread(learner.cate_se_), group=spread(effect_groups(learner.cate_, n_groups), 0, int),
+        cate_se=spread(learner.cate_se_), group=spread(groups_of_units, 0, int),
         dr_scores=spread(learner.dr_scores_), fold=spread(learner.fold_, -1, int),
         ate=learner.ate_, ate_se=learner.ate_se_, n_used=study.n_used, n_dropped=study.n_dropped,
         autoc=autoc, metadata=metadata,

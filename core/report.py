@@ -149,3 +149,122 @@ def comparison_report(comparison, html_path, png_path, inputs, metadata=None):
          "units by their gain better than the second.</p>"),
     ]
     return write_html(html_path, "GeoCATE: what the imagery adds", sections, metadata)
+
+
+def draw_group_effects(axes, group_effects, ate=None):
+    """Effects by group (doubly robust group averages, 95 % intervals) on matplotlib ``axes``."""
+    groups = [row["group"] for row in group_effects]
+    effect = [row["effect"] for row in group_effects]
+    low = [row["effect"] - row["ci_low"] for row in group_effects]
+    high = [row["ci_high"] - row["effect"] for row in group_effects]
+    axes.errorbar(groups, effect, yerr=[low, high], fmt="o", color="#2166ac", capsize=4,
+                  label="group average effect (95 %)")
+    axes.plot(groups, [row["mean_cate"] for row in group_effects], "x", color="#b2182b",
+              label="mean estimated CATE")
+    if ate is not None:
+        axes.axhline(ate, color="grey", linestyle="--", linewidth=0.8, label="ATE")
+    axes.axhline(0, color="black", linewidth=0.6)
+    axes.set_xticks(groups)
+    axes.set_xlabel("effect group (1 = smallest estimated effects)")
+    axes.set_ylabel("treatment effect")
+    axes.legend(fontsize=7)
+
+
+def plot_group_effects(group_effects, path, ate=None):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(5.6, 3.6), dpi=110)
+    draw_group_effects(figure.add_subplot(1, 1, 1), group_effects, ate)
+    figure.tight_layout()
+    figure.savefig(path)
+    return path
+
+
+def estimate_report(metadata, html_path, map_png=None):
+    """The HTML report of geocate:estimatecate: inputs, settings, ATE, effects by group, TOC, map, metadata."""
+    from .evaluate import RateResult
+    import numpy as np
+
+    stem = os.path.splitext(html_path)[0]
+    autoc = metadata["autoc"]
+    rate = RateResult(target="AUTOC", priority="cate", estimate=autoc["estimate"], std_err=autoc["std_err"],
+                      ci=tuple(autoc["ci"]), p_value=autoc["p_value"], q=np.array(autoc["q"]),
+                      toc=np.array(autoc["toc"]), toc_se=np.array(autoc["toc_se"]), draws=np.array([]))
+    toc_png = plot_toc([rate], stem + "_toc.png", "TOC of the out-of-fold CATE")
+    groups_png = plot_group_effects(metadata["group_effects"], stem + "_groups.png", metadata["ate"])
+    parameters = metadata.get("parameters", {})
+    low, high = metadata["ate"] - 1.959964 * metadata["ate_se"], metadata["ate"] + 1.959964 * metadata["ate_se"]
+    detected = autoc["ci"][0] > 0
+    summary = (f"<p>Average treatment effect (doubly robust): <b>{metadata['ate']:.3f}</b> "
+               f"(SE {metadata['ate_se']:.3f}, 95 % interval {low:.3f} to {high:.3f}), from "
+               f"{metadata['n_used']} units ({metadata['n_dropped']} dropped).</p>"
+               f"<p>Heterogeneity: AUTOC {autoc['estimate']:.3f} (95 % interval {autoc['ci'][0]:.3f} to "
+               f"{autoc['ci'][1]:.3f}): {'the estimated effects rank units by their gain better than chance' if detected else 'no evidence that the estimated effects rank units by their gain (the interval includes 0)'}.</p>")
+    group_rows = [(row["group"], row["n"], row["mean_cate"], row["effect"], row["ci_low"], row["ci_high"])
+                  for row in metadata["group_effects"]]
+    sections = [
+        ("Summary", summary),
+        ("Inputs and settings", table(["parameter", "value"], [(k, v if v is not None else "-")
+                                                              for k, v in parameters.items()])),
+        ("Effects by group", table(["group", "units", "mean estimated CATE", "group average effect (DR)",
+                                    "95 % low", "95 % high"], group_rows) + image(groups_png, "Effects by group")),
+        ("Targeting operator characteristic", image(toc_png, "TOC curve")),
+    ]
+    if map_png:
+        sections.append(("Map", image(map_png, "Map of the estimated effects")))
+    sections.append(("How to read this", "<p class='note'>Each unit's CATE comes from a causal forest that did "
+                     "not see it (cross-fitting). Group averages are means of doubly robust scores within each "
+                     "group of estimated effects; they, not the CATE of single units, are the numbers to quote. "
+                     "The TOC shows how much more than average the units ranked first gain.</p>"))
+    return write_html(html_path, "GeoCATE: treatment effects from imagery", sections, metadata)
+
+
+def plot_effect_map(raster_path, coords, cate, path, max_pixels=900):
+    """Units coloured by CATE (diverging, centred on 0) over the imagery around them, to a PNG.
+
+    coords are in the raster's CRS. Only the units' bounding box (plus a margin)
+    is read, decimated by GDAL to at most ``max_pixels`` per side; 3-band
+    imagery is shown as natural colour (bands 3, 2, 1), others as grey.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import numpy as np
+    from matplotlib.colors import TwoSlopeNorm
+    from matplotlib.figure import Figure
+    from osgeo import gdal
+
+    coords, cate = np.asarray(coords, float), np.asarray(cate, float)
+    shown = np.isfinite(cate) & np.isfinite(coords).all(axis=1)
+    dataset = gdal.Open(raster_path)
+    gt = dataset.GetGeoTransform()
+    inverse = gdal.InvGeoTransform(gt)
+    cols = inverse[0] + inverse[1] * coords[shown, 0] + inverse[2] * coords[shown, 1]
+    rows = inverse[3] + inverse[4] * coords[shown, 0] + inverse[5] * coords[shown, 1]
+    margin = 0.05 * max(np.ptp(cols), np.ptp(rows), 10)
+    c0, c1 = int(max(cols.min() - margin, 0)), int(min(cols.max() + margin, dataset.RasterXSize))
+    r0, r1 = int(max(rows.min() - margin, 0)), int(min(rows.max() + margin, dataset.RasterYSize))
+    scale = max((c1 - c0) / max_pixels, (r1 - r0) / max_pixels, 1)
+    width, height = max(int((c1 - c0) / scale), 1), max(int((r1 - r0) / scale), 1)
+    bands = [3, 2, 1] if dataset.RasterCount >= 3 else [1]
+    image_data = np.stack([dataset.GetRasterBand(b).ReadAsArray(c0, r0, c1 - c0, r1 - r0, width, height)
+                           .astype(float) for b in bands], axis=-1)
+    for band in range(image_data.shape[-1]):  # a 2-98 % stretch per band, fill (0) left out
+        values = image_data[..., band]
+        low, high = np.percentile(values[values > 0], [2, 98]) if (values > 0).any() else (0.0, 1.0)
+        image_data[..., band] = np.clip((values - low) / max(high - low, 1e-12), 0, 1)
+    figure = Figure(figsize=(7, 7 * height / width + 0.6), dpi=110)
+    axes = figure.add_subplot(1, 1, 1)
+    axes.imshow(image_data if image_data.shape[-1] == 3 else image_data[..., 0], cmap="gray",
+                extent=(c0, c1, r1, r0))
+    bound = float(np.nanpercentile(np.abs(cate[shown]), 98)) or 1.0
+    points = axes.scatter(cols, rows, c=cate[shown], cmap="RdBu", norm=TwoSlopeNorm(0, -bound, bound), s=14,
+                          edgecolors="#333333", linewidths=0.4)
+    figure.colorbar(points, ax=axes, fraction=0.04, label="estimated CATE (out-of-fold)")
+    axes.set_axis_off()
+    figure.tight_layout()
+    figure.savefig(path)
+    return path

@@ -11,6 +11,7 @@ from qgis.core import (
     QgsProcessingOutputNumber,
     QgsProcessingParameterDefinition,
     QgsProcessingParameterFeatureSink,
+    QgsProcessingParameterFileDestination,
     QgsProcessingParameterNumber,
     QgsProcessingUtils,
 )
@@ -54,7 +55,7 @@ def write_json_atomically(path, payload):
 class EstimateCateAlgorithm(GeoCateAlgorithm):
     INPUT, TREATMENT, OUTCOME, COVARIATES = "INPUT", "TREATMENT", "OUTCOME", "COVARIATES"
     RASTER, BANDS, PATCH_SIZE, NODATA, SEED = "RASTER", "BANDS", "PATCH_SIZE", "NODATA", "SEED"
-    GROUPS, SPATIAL_BLOCK, OUTPUT = "GROUPS", "SPATIAL_BLOCK", "OUTPUT"
+    GROUPS, SPATIAL_BLOCK, OUTPUT, OUTPUT_REPORT = "GROUPS", "SPATIAL_BLOCK", "OUTPUT", "OUTPUT_REPORT"
 
     def name(self):
         return "estimatecate"
@@ -86,6 +87,8 @@ class EstimateCateAlgorithm(GeoCateAlgorithm):
         self.addParameter(groups)
         add_spatial_block_parameter(self)
         self.addParameter(QgsProcessingParameterFeatureSink(self.OUTPUT, "Treatment effects"))
+        self.addParameter(QgsProcessingParameterFileDestination(
+            self.OUTPUT_REPORT, "Report (HTML)", "HTML files (*.html)", optional=True, createByDefault=False))
         self.addOutput(QgsProcessingOutputNumber("ATE", "Average treatment effect (doubly robust)"))
         self.addOutput(QgsProcessingOutputNumber("ATE_SE", "Standard error of the ATE"))
         self.addOutput(QgsProcessingOutputNumber("N_USED", "Units used"))
@@ -154,6 +157,8 @@ class EstimateCateAlgorithm(GeoCateAlgorithm):
         del sink  # closes the file, so postProcessAlgorithm can open and style it
 
         self._dest_id = dest_id
+        self._report = self.parameterAsFileOutput(parameters, self.OUTPUT_REPORT, context) or None
+        self._map = (path, study.coords, result.cate)
         self._metadata = dict(result.metadata, algorithm="geocate:estimatecate", parameters={
             "INPUT": source.sourceName(), "TREATMENT": treatment, "OUTCOME": outcome,
             "COVARIATES": covariates, "RASTER": path, "BANDS": bands, "PATCH_SIZE": window,
@@ -179,5 +184,12 @@ class EstimateCateAlgorithm(GeoCateAlgorithm):
         if sidecar:
             write_json_atomically(sidecar, self._metadata)
             feedback.pushInfo(f"Run metadata written to {sidecar}.")
+        if self._report:
+            from ..core.report import estimate_report, plot_effect_map
+
+            map_png = plot_effect_map(*self._map, os.path.splitext(self._report)[0] + "_map.png")
+            estimate_report(self._metadata, self._report, map_png)
+            self._results[self.OUTPUT_REPORT] = self._report
+            feedback.pushInfo(f"Report written to {self._report}.")
         # A non-empty answer replaces processAlgorithm's results, so give them all again.
         return self._results

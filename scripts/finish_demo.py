@@ -15,7 +15,6 @@ import time
 import numpy as np
 from qgis.core import (
     QgsApplication,
-    QgsContrastEnhancement,
     QgsLayoutExporter,
     QgsLayoutItemLabel,
     QgsLayoutItemLegend,
@@ -25,27 +24,17 @@ from qgis.core import (
     QgsPrintLayout,
     QgsProject,
     QgsRasterLayer,
-    QgsRasterMinMaxOrigin,
     QgsUnitTypes,
     QgsVectorLayer,
 )
 from qgis.PyQt.QtGui import QFont
 
 from geocate.provider.convert import as_number
+from geocate.provider.maps import true_color
 from geocate.provider.styles import apply_result_styles
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RASTER = os.path.join(os.path.dirname(HERE), "resources", "demo", "landsat8_demo_b234.tif")
-
-
-def true_color(layer):
-    """Landsat bands B2, B3, B4 shown as blue, green, red with a 2-98 % stretch."""
-    renderer = layer.renderer()
-    renderer.setRedBand(3)
-    renderer.setGreenBand(2)
-    renderer.setBlueBand(1)
-    layer.setContrastEnhancement(QgsContrastEnhancement.StretchToMinimumMaximum,
-                                 QgsRasterMinMaxOrigin.CumulativeCut)
 
 
 def export_map(project, result, raster, png_path, title):
@@ -145,7 +134,7 @@ def main(argv=None):
     print(f"AUTOC of the out-of-fold CATE: {results['AUTOC']:.3f}, SE {results['AUTOC_SE']:.3f}, "
           f"p = {results['AUTOC_P']:.2g}")
     print(f"Device: {metadata['device']}; time taken: {elapsed:.1f} s")
-    print(f"Outputs in {out}: result.gpkg, demo.qgz, map.png, run.json")
+    print(f"Outputs in {out}: result.gpkg, demo.qgz, map.png, report.html, run.json")
 
 
 if __name__ == "__main__":

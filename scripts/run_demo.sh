@@ -11,6 +11,6 @@ echo "Running geocate:estimatecate through qgis_process ..."
 qgis_process.bin --json run geocate:estimatecate -- \
   INPUT="$out/units.gpkg" TREATMENT=treated OUTCOME=outcome COVARIATES=assets COVARIATES=distance \
   RASTER="$here/resources/demo/landsat8_demo_b234.tif" PATCH_SIZE=33 SEED=42 \
-  OUTPUT="$out/result.gpkg" > "$out/qgis_process.json" 2> "$out/qgis_process.log" || {
+  OUTPUT="$out/result.gpkg" OUTPUT_REPORT="$out/report.html" > "$out/qgis_process.json" 2> "$out/qgis_process.log" || {
   echo "qgis_process failed; its log:"; tail -n 30 "$out/qgis_process.log"; exit 1; }
 "$py" "$here/scripts/finish_demo.py" "$out" --started "$started"

@@ -122,13 +122,21 @@ def test_output_is_styled_diverging_about_zero_with_a_group_style(memory_run):
 
 def test_geopackage_output_loads_styled_and_has_its_run_metadata(plugin, demo_units_gpkg, demo_raster, tmp_path):
     out = tmp_path / "effects.gpkg"
-    results = run(base_parameters(demo_units_gpkg, demo_raster, OUTPUT=str(out), COVARIATES=[]))
+    results = run(base_parameters(demo_units_gpkg, demo_raster, OUTPUT=str(out), COVARIATES=[],
+                                  OUTPUT_REPORT=str(tmp_path / "effects.html")))
     reloaded = QgsVectorLayer(str(out), "effects", "ogr")
     assert reloaded.isValid() and isinstance(reloaded.renderer(), QgsGraduatedSymbolRenderer)
     metadata = json.loads((tmp_path / "effects.run.json").read_text())
     assert metadata["algorithm"] == "geocate:estimatecate" and metadata["parameters"]["SEED"] == 42
     assert metadata["device"] == "cpu" and metadata["n_used"] == results["N_USED"]
     assert "econml" in metadata["versions"] and metadata["timings"]["total_s"] > 0
+    assert [row["group"] for row in metadata["group_effects"]] == [1, 2, 3]
+    report = (tmp_path / "effects.html").read_text()
+    assert results["OUTPUT_REPORT"] == str(tmp_path / "effects.html")
+    for part in ("Average treatment effect", "Effects by group", "Targeting operator characteristic", "Map",
+                 "Run metadata"):
+        assert part in report
+    assert report.count("data:image/png;base64") == 3
 
 
 def units_layer(treatment_values, treatment_type=QVariant.Int, n=60):
