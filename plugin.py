@@ -1,4 +1,4 @@
-"""The plugin object QGIS loads: registers the Processing provider and adds the toolbar action."""
+"""The plugin object QGIS loads: registers the Processing provider, adds the toolbar button and the dock."""
 
 import os
 
@@ -6,6 +6,7 @@ from qgis.core import QgsApplication
 
 ICON = os.path.join(os.path.dirname(__file__), "resources", "icon.png")
 MAIN_ALGORITHM = "geocate:estimatecate"
+MENU = "&GeoCATE"
 
 
 class GeoCatePlugin:
@@ -13,11 +14,15 @@ class GeoCatePlugin:
         self.iface = iface
         self.provider = None
         self.action = None
+        self.dialog_action = None
+        self.dock = None
 
     def initProcessing(self):  # noqa: N802 - QGIS's name
         """Register the provider; called by QGIS desktop (via initGui) and by qgis_process."""
         from .provider.provider import GeoCateProvider
+        from .ui.dependencies import add_packages_dir_to_path
 
+        add_packages_dir_to_path()  # packages the dock installed, if any; QGIS's own come first
         if self.provider is None:
             self.provider = GeoCateProvider()
             QgsApplication.processingRegistry().addProvider(self.provider)
@@ -27,11 +32,28 @@ class GeoCatePlugin:
         from qgis.PyQt.QtWidgets import QAction
 
         self.initProcessing()
-        self.action = QAction(QIcon(ICON), "GeoCATE: estimate treatment effects from imagery",
-                              self.iface.mainWindow())
-        self.action.triggered.connect(self.open_main_dialog)
+        self.action = QAction(QIcon(ICON), "GeoCATE: treatment effects from imagery", self.iface.mainWindow())
+        self.action.setCheckable(True)
+        self.action.triggered.connect(self.toggle_dock)
         self.iface.addToolBarIcon(self.action)
-        self.iface.addPluginToMenu("&GeoCATE", self.action)
+        self.iface.addPluginToMenu(MENU, self.action)
+        self.dialog_action = QAction(QIcon(ICON), "Estimate treatment effects (Processing dialog)...",
+                                     self.iface.mainWindow())
+        self.dialog_action.triggered.connect(self.open_main_dialog)
+        self.iface.addPluginToMenu(MENU, self.dialog_action)
+
+    def toggle_dock(self, checked=True):
+        """Show (creating it the first time) or hide the dock."""
+        if self.dock is None:
+            from qgis.PyQt.QtCore import Qt
+
+            from .ui.dock import GeoCateDock
+
+            self.dock = GeoCateDock(self.iface, self.iface.mainWindow())
+            self.iface.addDockWidget(Qt.RightDockWidgetArea, self.dock)
+            self.dock.visibilityChanged.connect(self.action.setChecked)
+        self.dock.setVisible(checked)
+        return self.dock
 
     def open_main_dialog(self):
         import processing
@@ -39,10 +61,15 @@ class GeoCatePlugin:
         processing.execAlgorithmDialog(MAIN_ALGORITHM)
 
     def unload(self):
-        if self.action is not None:
-            self.iface.removeToolBarIcon(self.action)
-            self.iface.removePluginMenu("&GeoCATE", self.action)
-            self.action = None
+        for action in (self.action, self.dialog_action):
+            if action is not None:
+                self.iface.removeToolBarIcon(action)
+                self.iface.removePluginMenu(MENU, action)
+        self.action = self.dialog_action = None
+        if self.dock is not None:
+            self.iface.removeDockWidget(self.dock)
+            self.dock.deleteLater()
+            self.dock = None
         if self.provider is not None:
             QgsApplication.processingRegistry().removeProvider(self.provider)
             self.provider = None

@@ -7,6 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+# Headless unless a display is given on purpose (the screenshot test runs under Xvfb).
+os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+
 ROOT = Path(__file__).resolve().parents[1]
 PLUGINS = ROOT / ".qgis-profile" / "profiles" / "default" / "python" / "plugins"
 DEMO_RASTER = ROOT / "resources" / "demo" / "landsat8_demo_b234.tif"

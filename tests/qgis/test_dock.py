@@ -1,0 +1,149 @@
+"""The dock with its real widgets: filling it in, running to completion, cancelling, bad choices, missing packages."""
+
+import os
+import time
+
+import pytest
+from conftest import PLUGINS  # noqa: F401 - makes 'geocate' importable
+from qgis.core import (
+    QgsApplication,
+    QgsCategorizedSymbolRenderer,
+    QgsGraduatedSymbolRenderer,
+    QgsProject,
+    QgsRasterLayer,
+    QgsVectorLayer,
+)
+from qgis.PyQt.QtCore import QVariant
+
+
+@pytest.fixture
+def project_layers(qgis_new_project, qgis_processing, demo_units_gpkg, demo_raster):
+    units = QgsVectorLayer(demo_units_gpkg, "units", "ogr")
+    raster = QgsRasterLayer(demo_raster, "imagery")
+    QgsProject.instance().addMapLayers([units, raster])
+    return units, raster
+
+
+@pytest.fixture
+def plugin(qgis_iface, qgis_processing):
+    import geocate
+
+    for name in ("removePluginMenu", "removeDockWidget"):  # pytest-qgis 2.1's stub iface lacks these
+        if not hasattr(qgis_iface, name):
+            setattr(qgis_iface, name, lambda *args: None)
+    loaded = geocate.classFactory(qgis_iface)
+    loaded.initGui()
+    yield loaded
+    loaded.unload()
+
+
+def filled_dock(plugin, units, raster):
+    dock = plugin.toggle_dock(True)
+    dock.units.setLayer(units)
+    dock.treatment.setField("treated")
+    dock.outcome.setField("outcome")
+    dock.covariates.setCheckedItems(["assets", "distance"])
+    dock.raster.setLayer(raster)
+    dock.window.setValue(33)
+    dock.seed.setValue(42)
+    return dock
+
+
+def wait_for_run(dock, timeout=300):
+    finished = []
+    dock.run_finished.connect(finished.append)
+    started = time.monotonic()
+    while not finished and time.monotonic() - started < timeout:
+        QgsApplication.processEvents()
+        time.sleep(0.02)
+    assert finished, "the run did not finish in time"
+    return finished[0]
+
+
+def test_toolbar_button_opens_the_dock_with_numeric_choices(plugin, project_layers):
+    units, raster = project_layers
+    plugin.action.trigger()
+    dock = plugin.dock
+    assert dock is not None and not dock.isHidden() and plugin.action.isChecked()
+    dock.units.setLayer(units)
+    dock.raster.setLayer(raster)
+    numeric = {f.name() for f in units.fields() if f.isNumeric()}
+    outcome_choices = {dock.outcome.itemText(i) for i in range(dock.outcome.count())} - {""}
+    assert outcome_choices <= numeric
+    assert {dock.covariates.itemText(i) for i in range(dock.covariates.count())} == numeric
+    assert dock.bands.count() == 3
+    assert dock.window_ground.text() == "= 990 m on the ground"
+    dock.window.setValue(11)
+    assert dock.window_ground.text() == "= 330 m on the ground"
+
+
+def test_treatment_is_checked_as_soon_as_it_is_chosen(plugin, project_layers):
+    units, raster = project_layers
+    dock = filled_dock(plugin, units, raster)
+    assert dock.treatment_status.text() == ""
+    dock.treatment.setField("true_group")
+    assert "must hold only 0 (control) and 1 (treated)" in dock.treatment_status.text()
+    assert "2, 3" in dock.treatment_status.text()
+    text_layer = QgsVectorLayer("Point?crs=EPSG:4326&field=arm:string&field=y:double", "text units", "memory")
+    QgsProject.instance().addMapLayer(text_layer)
+    dock.units.setLayer(text_layer)
+    dock.treatment.setField("arm")
+    assert "holds text" in dock.treatment_status.text() and "Field Calculator" in dock.treatment_status.text()
+    assert dock.start_run() is False
+    assert "holds text" in dock.message.text()
+
+
+def test_run_completes_in_the_background_with_styled_layers_and_a_summary(plugin, project_layers):
+    units, raster = project_layers
+    dock = filled_dock(plugin, units, raster)
+    assert dock.start_run()
+    assert dock.cancel_button.isEnabled() and not dock.run_button.isEnabled()
+    assert wait_for_run(dock) is True
+    root = QgsProject.instance().layerTreeRoot()
+    group = root.findGroup(dock.run_name)
+    assert group is not None and len(group.findLayers()) == 1
+    layer = group.findLayers()[0].layer()
+    assert isinstance(layer.renderer(), QgsGraduatedSymbolRenderer) and layer.featureCount() == 312
+    layer.styleManager().setCurrentStyle("Effect groups")
+    assert isinstance(layer.renderer(), QgsCategorizedSymbolRenderer)
+    summary = dock.summary.text()
+    assert "ATE" in summary and "AUTOC" in summary and "294 used, 18 dropped" in summary
+    assert dock.canvas.isVisibleTo(dock) and dock.canvas.figure.axes
+    assert dock.report_button.isEnabled() and os.path.exists(dock.last_results["OUTPUT_REPORT"])
+    # Choices are remembered in the project, and a new dock starts from them.
+    project = QgsProject.instance()
+    assert project.readEntry("geocate", "treatment", "")[0] == "treated"
+    from geocate.ui.dock import GeoCateDock
+
+    again = GeoCateDock()
+    assert again.units.currentLayer() == units and again.outcome.currentField() == "outcome"
+    assert sorted(again.covariates.checkedItems()) == ["assets", "distance"]
+
+
+def test_cancel_stops_the_run_and_leaves_nothing(plugin, project_layers):
+    units, raster = project_layers
+    dock = filled_dock(plugin, units, raster)
+    groups_before = len(QgsProject.instance().layerTreeRoot().children())
+    assert dock.start_run()
+    run_dir = dock.run_dir
+    started = time.monotonic()
+    while dock.progress.value() < 20 and time.monotonic() - started < 60:  # well inside the run
+        QgsApplication.processEvents()
+        time.sleep(0.02)
+    cancelled_at = time.monotonic()
+    dock.cancel_run()
+    assert wait_for_run(dock) is False
+    assert time.monotonic() - cancelled_at < 5
+    assert "cancelled" in dock.message.text()
+    assert len(QgsProject.instance().layerTreeRoot().children()) == groups_before
+    assert not os.path.exists(run_dir)
+
+
+def test_missing_packages_are_named_with_the_command_that_installs_them(plugin, project_layers):
+    dock = plugin.toggle_dock(True)
+    missing = dock.check_dependencies(find_spec=lambda name: None if name in ("torch", "econml") else object())
+    assert missing == ["torch", "econml"]
+    text = dock.message.text()
+    assert "torch, econml" in text and "pip install" in text and "--target" in text and "numpy==" in text
+    assert not dock.run_button.isEnabled() and dock.install_button.isVisibleTo(dock.widget().widget())
+    assert dock.check_dependencies() == [] and dock.run_button.isEnabled()

@@ -1,0 +1,1 @@
+"""Dock widgets and background tasks of the GeoCATE plugin."""

@@ -1,0 +1,477 @@
+"""The GeoCATE dock: choose the trial and the imagery, run in the background, read the summary.
+
+It runs the same Processing algorithm as the toolbox and qgis_process
+(``geocate:estimatecate``) through a ``QgsProcessingAlgRunnerTask``, so there
+is one implementation; QGIS stays responsive, the task manager shows progress,
+and Cancel stops the run between two checks (a quarter of a second while
+windows are read, at most one cross-fitting fold in the forest).
+"""
+
+import json
+import os
+import shutil
+import time
+
+from qgis.core import (
+    QgsApplication,
+    QgsCoordinateTransform,
+    QgsFieldProxyModel,
+    QgsMapLayerProxyModel,
+    QgsProcessingAlgRunnerTask,
+    QgsProcessingContext,
+    QgsProcessingFeatureSourceDefinition,
+    QgsProcessingFeedback,
+    QgsProcessingUtils,
+    QgsProject,
+    QgsVectorLayer,
+)
+from qgis.gui import QgsCheckableComboBox, QgsCollapsibleGroupBox, QgsDockWidget, QgsFieldComboBox, QgsMapLayerComboBox
+from qgis.PyQt.QtCore import Qt, QUrl, pyqtSignal
+from qgis.PyQt.QtGui import QDesktopServices
+from qgis.PyQt.QtWidgets import (
+    QCheckBox,
+    QComboBox,
+    QDoubleSpinBox,
+    QFormLayout,
+    QHBoxLayout,
+    QLabel,
+    QLineEdit,
+    QProgressBar,
+    QPushButton,
+    QScrollArea,
+    QSpinBox,
+    QVBoxLayout,
+    QWidget,
+)
+
+ALGORITHM = "geocate:estimatecate"
+SCOPE = "geocate"  # project entries: where the dock remembers its choices
+
+
+class CapturingFeedback(QgsProcessingFeedback):
+    """Feedback that keeps the error messages, so the dock can show them in plain words."""
+
+    def __init__(self):
+        super().__init__()
+        self.errors = []
+
+    def reportError(self, error, fatalError=False):  # noqa: N802, N803 - QGIS's names
+        self.errors.append(error)
+        super().reportError(error, fatalError)
+
+
+class GeoCateDock(QgsDockWidget):
+    """The guided analysis. ``run_finished(ok)`` is emitted when a run ends (done, failed or cancelled)."""
+
+    run_finished = pyqtSignal(bool)
+
+    def __init__(self, iface=None, parent=None):
+        super().__init__("GeoCATE: treatment effects from imagery", parent)
+        self.setObjectName("GeoCateDock")
+        self.iface = iface
+        self.task = None
+        self.run_dir = None
+        self.last_results = None
+        self.result_layer = None
+        self._build()
+        self.restore_choices()
+        self.check_dependencies()
+
+    # ---------------------------------------------------------------- widgets
+    def _build(self):
+        body = QWidget()
+        layout = QVBoxLayout(body)
+        form = QFormLayout()
+        self.units = QgsMapLayerComboBox()
+        self.units.setFilters(QgsMapLayerProxyModel.PointLayer | QgsMapLayerProxyModel.PolygonLayer)
+        self.selected_only = QCheckBox("Selected features only")
+        self.treatment = QgsFieldComboBox()     # all fields: a wrong choice is explained, not hidden
+        self.treatment_status = QLabel()
+        self.treatment_status.setWordWrap(True)
+        self.outcome = QgsFieldComboBox()
+        self.outcome.setFilters(QgsFieldProxyModel.Numeric)
+        self.covariates = QgsCheckableComboBox()
+        self.raster = QgsMapLayerComboBox()
+        self.raster.setFilters(QgsMapLayerProxyModel.RasterLayer)
+        self.bands = QgsCheckableComboBox()
+        self.window = QSpinBox()
+        self.window.setRange(3, 1025)
+        self.window.setValue(33)
+        self.window.setSuffix(" px")
+        self.window_ground = QLabel()
+        window_row = QHBoxLayout()
+        window_row.addWidget(self.window)
+        window_row.addWidget(self.window_ground, 1)
+        self.method = QComboBox()
+        self.method.addItem("Causal forest on image features", ALGORITHM)
+        self.seed = QSpinBox()
+        self.seed.setRange(0, 2 ** 31 - 1)
+        self.seed.setValue(42)
+        form.addRow("Units layer", self.units)
+        form.addRow("", self.selected_only)
+        form.addRow("Treatment (0/1)", self.treatment)
+        form.addRow("", self.treatment_status)
+        form.addRow("Outcome", self.outcome)
+        form.addRow("Covariates", self.covariates)
+        form.addRow("Imagery", self.raster)
+        form.addRow("Bands (none = all)", self.bands)
+        form.addRow("Window", window_row)
+        form.addRow("Method", self.method)
+        form.addRow("Seed", self.seed)
+        layout.addLayout(form)
+
+        self.advanced = QgsCollapsibleGroupBox("Advanced")
+        self.advanced.setCollapsed(True)
+        advanced = QFormLayout(self.advanced)
+        self.groups = QSpinBox()
+        self.groups.setRange(2, 10)
+        self.groups.setValue(3)
+        self.spatial_block = QDoubleSpinBox()
+        self.spatial_block.setRange(-1, 1e7)
+        self.spatial_block.setDecimals(0)
+        self.spatial_block.setSpecialValueText("none")
+        self.spatial_block.setMinimum(-1)
+        self.spatial_block.setValue(0)
+        self.spatial_block.setSuffix(" m")
+        self.spatial_block.setToolTip("Cross-fitting folds keep square blocks of this side whole; 0 = none, "
+                                      "-1 = chosen from the data.")
+        self.nodata = QLineEdit()
+        self.nodata.setPlaceholderText("none (the raster's own nodata and fill are always used)")
+        advanced.addRow("Effect groups", self.groups)
+        advanced.addRow("Spatial blocks", self.spatial_block)
+        advanced.addRow("Extra nodata value", self.nodata)
+        layout.addWidget(self.advanced)
+
+        buttons = QHBoxLayout()
+        self.run_button = QPushButton("Run")
+        self.cancel_button = QPushButton("Cancel")
+        self.cancel_button.setEnabled(False)
+        buttons.addWidget(self.run_button)
+        buttons.addWidget(self.cancel_button)
+        layout.addLayout(buttons)
+        self.progress = QProgressBar()
+        self.progress.setRange(0, 100)
+        layout.addWidget(self.progress)
+        self.message = QLabel()
+        self.message.setWordWrap(True)
+        self.message.setTextInteractionFlags(Qt.TextSelectableByMouse)
+        layout.addWidget(self.message)
+        self.install_button = QPushButton("Install missing packages")
+        self.install_button.hide()
+        layout.addWidget(self.install_button)
+
+        self.summary = QLabel()
+        self.summary.setWordWrap(True)
+        self.summary.setTextFormat(Qt.RichText)
+        layout.addWidget(self.summary)
+        self.canvas = self._plot_canvas()
+        if self.canvas is not None:
+            self.canvas.setMinimumHeight(220)
+            self.canvas.hide()
+            layout.addWidget(self.canvas)
+        result_buttons = QHBoxLayout()
+        self.report_button = QPushButton("Open report")
+        self.zoom_button = QPushButton("Zoom to units")
+        for button in (self.report_button, self.zoom_button):
+            button.setEnabled(False)
+            result_buttons.addWidget(button)
+        layout.addLayout(result_buttons)
+        layout.addStretch(1)
+        scroll = QScrollArea()
+        scroll.setWidgetResizable(True)
+        scroll.setWidget(body)
+        self.setWidget(scroll)
+
+        self.units.layerChanged.connect(self.on_units_changed)
+        self.treatment.fieldChanged.connect(self.check_treatment)
+        self.raster.layerChanged.connect(self.on_raster_changed)
+        self.window.valueChanged.connect(self.update_ground_size)
+        self.run_button.clicked.connect(self.start_run)
+        self.cancel_button.clicked.connect(self.cancel_run)
+        self.report_button.clicked.connect(self.open_report)
+        self.zoom_button.clicked.connect(self.zoom_to_units)
+        self.install_button.clicked.connect(self.install_packages)
+        self.on_units_changed(self.units.currentLayer())
+        self.on_raster_changed(self.raster.currentLayer())
+
+    @staticmethod
+    def _plot_canvas():
+        try:
+            from matplotlib.backends.backend_qt5agg import FigureCanvasQTAgg
+            from matplotlib.figure import Figure
+        except ImportError:
+            return None
+        return FigureCanvasQTAgg(Figure(figsize=(4, 2.6), dpi=90))
+
+    # ---------------------------------------------------------------- reacting to choices
+    def on_units_changed(self, layer):
+        self.treatment.setLayer(layer)
+        self.outcome.setLayer(layer)
+        self.covariates.clear()
+        if layer is not None:
+            self.covariates.addItems([f.name() for f in layer.fields() if f.isNumeric()])
+        self.check_treatment()
+
+    def on_raster_changed(self, layer):
+        self.bands.clear()
+        if layer is not None:
+            self.bands.addItems([f"{b}: {layer.bandName(b)}" for b in range(1, layer.bandCount() + 1)])
+        self.update_ground_size()
+
+    def update_ground_size(self):
+        layer = self.raster.currentLayer()
+        if layer is None:
+            self.window_ground.setText("")
+            return
+        from qgis.core import QgsUnitTypes
+
+        metres = self.window.value() * layer.rasterUnitsPerPixelX() * QgsUnitTypes.fromUnitToUnitFactor(
+            layer.crs().mapUnits(), QgsUnitTypes.DistanceMeters)
+        about = "about " if layer.crs().isGeographic() else ""
+        self.window_ground.setText(f"= {about}{metres:,.0f} m on the ground")
+
+    def check_treatment(self, *_):
+        """Say at once whether the treatment field is usable: numeric, and only 0/1."""
+        layer, name = self.units.currentLayer(), self.treatment.currentField()
+        problem = treatment_problem(layer, name)
+        self.treatment_status.setText(problem or "")
+        self.treatment_status.setStyleSheet("color: #b2182b" if problem else "")
+        return problem
+
+    def check_dependencies(self, find_spec=None):
+        from .dependencies import missing_message, missing_packages
+
+        missing = missing_packages(find_spec) if find_spec else missing_packages()
+        self.missing = missing
+        if missing:
+            self.show_error(missing_message(missing))
+            self.install_button.show()
+            self.run_button.setEnabled(False)
+        else:
+            self.install_button.hide()
+            self.run_button.setEnabled(True)
+        return missing
+
+    # ---------------------------------------------------------------- running
+    def parameters(self):
+        """The Processing parameters of the current choices (outputs inside this run's folder)."""
+        units = self.units.currentLayer()
+        source = (QgsProcessingFeatureSourceDefinition(units.id(), True) if self.selected_only.isChecked()
+                  else units.id())
+        bands = [int(text.split(":")[0]) for text in self.bands.checkedItems()]
+        parameters = {
+            "INPUT": source, "TREATMENT": self.treatment.currentField(), "OUTCOME": self.outcome.currentField(),
+            "COVARIATES": self.covariates.checkedItems(), "RASTER": self.raster.currentLayer().id(),
+            "BANDS": bands or None, "PATCH_SIZE": self.window.value(), "SEED": self.seed.value(),
+            "GROUPS": self.groups.value(), "SPATIAL_BLOCK": self.spatial_block.value(),
+            "OUTPUT": os.path.join(self.run_dir, "result.gpkg"),
+            "OUTPUT_REPORT": os.path.join(self.run_dir, "report.html"),
+        }
+        if self.nodata.text().strip():
+            parameters["NODATA"] = float(self.nodata.text())
+        return parameters
+
+    def validate(self):
+        """A plain-words problem with the current choices, or None."""
+        if self.units.currentLayer() is None:
+            return "Choose the layer of trial units (points or polygons)."
+        if self.raster.currentLayer() is None:
+            return "Choose the imagery (a raster layer)."
+        if not self.outcome.currentField():
+            return "Choose the outcome field (a number per unit)."
+        if self.nodata.text().strip():
+            try:
+                float(self.nodata.text())
+            except ValueError:
+                return f"The extra nodata value '{self.nodata.text()}' is not a number."
+        return self.check_treatment()
+
+    def start_run(self):
+        problem = self.validate()
+        if problem:
+            self.show_error(problem)
+            return False
+        self.run_name = f"GeoCATE {self.outcome.currentField()} {time.strftime('%H:%M:%S')}"
+        base = QgsProject.instance().homePath() or QgsProcessingUtils.tempFolder()
+        self.run_dir = os.path.join(base, "geocate_runs", time.strftime("%Y%m%d-%H%M%S"))
+        os.makedirs(self.run_dir, exist_ok=True)
+        self.save_choices()
+        algorithm = QgsApplication.processingRegistry().createAlgorithmById(ALGORITHM)
+        self.context = QgsProcessingContext()
+        self.context.setProject(QgsProject.instance())
+        self.feedback = CapturingFeedback()
+        self.feedback.progressChanged.connect(lambda value: self.progress.setValue(int(value)))
+        self.task = QgsProcessingAlgRunnerTask(algorithm, self.parameters(), self.context, self.feedback)
+        self.task.executed.connect(self.on_executed)
+        self.run_button.setEnabled(False)
+        self.cancel_button.setEnabled(True)
+        self.progress.setValue(0)
+        self.show_info(f"Running {self.run_name} ... QGIS stays usable; progress is also in the task manager.")
+        QgsApplication.taskManager().addTask(self.task)
+        return True
+
+    def cancel_run(self):
+        if self.task is not None:
+            self.show_info("Cancelling ...")
+            self.feedback.cancel()
+            self.task.cancel()
+
+    def on_executed(self, ok, results):
+        self.run_button.setEnabled(True)
+        self.cancel_button.setEnabled(False)
+        cancelled = self.feedback.isCanceled()
+        self.task = None
+        if ok and not cancelled:
+            self.last_results = results
+            self.load_results()
+            self.show_info(f"{self.run_name}: done.")
+        else:
+            shutil.rmtree(self.run_dir, ignore_errors=True)  # nothing half-written stays behind
+            if cancelled:
+                self.show_info("The run was cancelled; nothing was written.")
+            else:
+                detail = self.feedback.errors[-1] if self.feedback.errors else "see the Processing log"
+                self.show_error(f"The run failed: {detail}")
+        self.run_finished.emit(bool(ok and not cancelled))
+
+    def load_results(self):
+        from ..provider.styles import apply_result_styles
+
+        layer = QgsVectorLayer(self.last_results["OUTPUT"], "Treatment effects (CATE)", "ogr")
+        apply_result_styles(layer)
+        project = QgsProject.instance()
+        group = project.layerTreeRoot().insertGroup(0, self.run_name)
+        project.addMapLayer(layer, False)
+        group.addLayer(layer)
+        self.result_layer = layer
+        metadata_path = os.path.join(self.run_dir, "result.run.json")
+        with open(metadata_path, encoding="utf-8") as handle:
+            self.metadata = json.load(handle)
+        self.show_summary(self.metadata)
+        self.report_button.setEnabled(True)
+        self.zoom_button.setEnabled(True)
+
+    def show_summary(self, metadata):
+        ate, se = metadata["ate"], metadata["ate_se"]
+        autoc = metadata["autoc"]
+        verdict = "heterogeneity detected" if autoc["ci"][0] > 0 else "no heterogeneity detected"
+        self.summary.setText(
+            f"<b>ATE</b> {ate:.3f} (95 % interval {ate - 1.96 * se:.3f} to {ate + 1.96 * se:.3f})<br>"
+            f"<b>Units</b> {metadata['n_used']} used, {metadata['n_dropped']} dropped<br>"
+            f"<b>AUTOC</b> {autoc['estimate']:.3f} (95 % interval {autoc['ci'][0]:.3f} to {autoc['ci'][1]:.3f}): "
+            f"{verdict}<br><b>Device</b> {metadata['device']}, {metadata['timings']['total_s']:.1f} s")
+        if self.canvas is not None:
+            from ..core.report import draw_group_effects
+
+            figure = self.canvas.figure
+            figure.clear()
+            draw_group_effects(figure.add_subplot(1, 1, 1), metadata["group_effects"], ate)
+            figure.tight_layout()
+            self.canvas.draw()
+            self.canvas.show()
+
+    def open_report(self):
+        if self.last_results and self.last_results.get("OUTPUT_REPORT"):
+            QDesktopServices.openUrl(QUrl.fromLocalFile(self.last_results["OUTPUT_REPORT"]))
+
+    def zoom_to_units(self):
+        if self.result_layer is None or self.iface is None:
+            return
+        canvas = self.iface.mapCanvas()
+        transform = QgsCoordinateTransform(self.result_layer.crs(), canvas.mapSettings().destinationCrs(),
+                                           QgsProject.instance())
+        extent = transform.transformBoundingBox(self.result_layer.extent())
+        extent.scale(1.1)
+        canvas.setExtent(extent)
+        canvas.refresh()
+
+    def install_packages(self):
+        from .install import InstallTask
+
+        self.install_task = InstallTask(self.missing)
+        self.install_task.taskCompleted.connect(lambda: self.after_install(True))
+        self.install_task.taskTerminated.connect(lambda: self.after_install(False))
+        self.install_button.setEnabled(False)
+        self.show_info("Installing ... (this can take several minutes; QGIS stays usable)")
+        QgsApplication.taskManager().addTask(self.install_task)
+
+    def after_install(self, ok):
+        from .dependencies import add_packages_dir_to_path
+
+        add_packages_dir_to_path()
+        self.install_button.setEnabled(True)
+        if not ok:
+            self.show_error(f"The installation failed: {self.install_task.error}")
+        elif not self.check_dependencies():
+            self.show_info("Packages installed. You can run GeoCATE now.")
+
+    # ---------------------------------------------------------------- messages and memory
+    def show_error(self, text):
+        self.message.setStyleSheet("color: #b2182b")
+        self.message.setText(text)
+
+    def show_info(self, text):
+        self.message.setStyleSheet("")
+        self.message.setText(text)
+
+    def save_choices(self):
+        project = QgsProject.instance()
+        units, raster = self.units.currentLayer(), self.raster.currentLayer()
+        for key, value in (("units", units.id() if units else ""), ("raster", raster.id() if raster else ""),
+                           ("treatment", self.treatment.currentField()), ("outcome", self.outcome.currentField()),
+                           ("nodata", self.nodata.text())):
+            project.writeEntry(SCOPE, key, value)
+        project.writeEntry(SCOPE, "covariates", self.covariates.checkedItems())
+        project.writeEntry(SCOPE, "bands", self.bands.checkedItems())
+        for key, value in (("window", self.window.value()), ("seed", self.seed.value()),
+                           ("groups", self.groups.value())):
+            project.writeEntry(SCOPE, key, int(value))
+        project.writeEntryDouble(SCOPE, "spatial_block", self.spatial_block.value())
+
+    def restore_choices(self):
+        project = QgsProject.instance()
+        units = project.mapLayer(project.readEntry(SCOPE, "units", "")[0])
+        if units is not None:
+            self.units.setLayer(units)
+        raster = project.mapLayer(project.readEntry(SCOPE, "raster", "")[0])
+        if raster is not None:
+            self.raster.setLayer(raster)
+        for key, widget in (("treatment", self.treatment), ("outcome", self.outcome)):
+            value, found = project.readEntry(SCOPE, key, "")
+            if found:
+                widget.setField(value)
+        covariates, found = project.readListEntry(SCOPE, "covariates", [])
+        if found:
+            self.covariates.setCheckedItems(covariates)
+        bands, found = project.readListEntry(SCOPE, "bands", [])
+        if found:
+            self.bands.setCheckedItems(bands)
+        for key, widget in (("window", self.window), ("seed", self.seed), ("groups", self.groups)):
+            value, found = project.readNumEntry(SCOPE, key, widget.value())
+            if found:
+                widget.setValue(value)
+        value, found = project.readDoubleEntry(SCOPE, "spatial_block", 0.0)
+        if found:
+            self.spatial_block.setValue(value)
+        self.nodata.setText(project.readEntry(SCOPE, "nodata", "")[0])
+
+
+def treatment_problem(layer, name):
+    """Why ``name`` cannot be the treatment of ``layer`` (not numeric, not 0/1), or None."""
+    if layer is None or not name:
+        return "Choose the treatment field (0 = control, 1 = treated)."
+    index = layer.fields().lookupField(name)
+    if index < 0:
+        return f"The field '{name}' is not in the layer."
+    field = layer.fields().at(index)
+    if not field.isNumeric():
+        return (f"The treatment field '{name}' holds text ({field.typeName()}), not numbers. Choose a field of "
+                f"0 (control) and 1 (treated), or make one with the Field Calculator, e.g. "
+                f"if(\"{name}\" = 'treated', 1, 0).")
+    values = {v for v in layer.uniqueValues(index, 50) if v is not None and str(v) != "NULL"}
+    wrong = sorted(v for v in values if v not in (0, 1))
+    if wrong:
+        shown = ", ".join(str(v) for v in wrong[:5])
+        return (f"The treatment field '{name}' must hold only 0 (control) and 1 (treated), but it also holds "
+                f"{shown}. Recode it, or choose the right field.")
+    return None
