@@ -165,9 +165,9 @@ def draw_group_effects(axes, group_effects, ate=None):
         axes.axhline(ate, color="grey", linestyle="--", linewidth=0.8, label="ATE")
     axes.axhline(0, color="black", linewidth=0.6)
     axes.set_xticks(groups)
-    axes.set_xlabel("effect group (1 = smallest estimated effects)")
+    axes.set_xlabel("effect group (1 = smallest estimated)")
     axes.set_ylabel("treatment effect")
-    axes.legend(fontsize=7)
+    axes.legend(fontsize=7, loc="upper left")
 
 
 def plot_group_effects(group_effects, path, ate=None):

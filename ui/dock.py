@@ -99,9 +99,6 @@ class GeoCateDock(QgsDockWidget):
         self.window.setValue(33)
         self.window.setSuffix(" px")
         self.window_ground = QLabel()
-        window_row = QHBoxLayout()
-        window_row.addWidget(self.window)
-        window_row.addWidget(self.window_ground, 1)
         self.method = QComboBox()
         self.method.addItem("Causal forest on image features", ALGORITHM)
         self.seed = QSpinBox()
@@ -115,10 +112,15 @@ class GeoCateDock(QgsDockWidget):
         form.addRow("Covariates", self.covariates)
         form.addRow("Imagery", self.raster)
         form.addRow("Bands (none = all)", self.bands)
-        form.addRow("Window", window_row)
+        form.addRow("Window", self.window)
+        form.addRow("", self.window_ground)
         form.addRow("Method", self.method)
         form.addRow("Seed", self.seed)
         layout.addLayout(form)
+        for combo in (self.units, self.treatment, self.outcome, self.covariates, self.raster, self.bands, self.method):
+            # Long layer and field names must not widen the dock beyond the screen.
+            combo.setSizeAdjustPolicy(QComboBox.AdjustToMinimumContentsLengthWithIcon)
+            combo.setMinimumContentsLength(12)
 
         self.advanced = QgsCollapsibleGroupBox("Advanced")
         self.advanced.setCollapsed(True)
@@ -179,6 +181,8 @@ class GeoCateDock(QgsDockWidget):
         layout.addStretch(1)
         scroll = QScrollArea()
         scroll.setWidgetResizable(True)
+        scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarAlwaysOff)
+        self.setMinimumWidth(340)
         scroll.setWidget(body)
         self.setWidget(scroll)
 
@@ -236,6 +240,7 @@ class GeoCateDock(QgsDockWidget):
         problem = treatment_problem(layer, name)
         self.treatment_status.setText(problem or "")
         self.treatment_status.setStyleSheet("color: #b2182b" if problem else "")
+        self.treatment_status.setVisible(bool(problem))
         return problem
 
     def check_dependencies(self, find_spec=None):
@@ -343,6 +348,7 @@ class GeoCateDock(QgsDockWidget):
         group = project.layerTreeRoot().insertGroup(0, self.run_name)
         project.addMapLayer(layer, False)
         group.addLayer(layer)
+        group.setExpanded(True)
         self.result_layer = layer
         metadata_path = os.path.join(self.run_dir, "result.run.json")
         with open(metadata_path, encoding="utf-8") as handle:

@@ -4,7 +4,7 @@ import os
 import time
 
 import pytest
-from conftest import PLUGINS  # noqa: F401 - makes 'geocate' importable
+import conftest  # noqa: F401 - makes 'geocate' importable
 from qgis.core import (
     QgsApplication,
     QgsCategorizedSymbolRenderer,
@@ -13,7 +13,6 @@ from qgis.core import (
     QgsRasterLayer,
     QgsVectorLayer,
 )
-from qgis.PyQt.QtCore import QVariant
 
 
 @pytest.fixture
