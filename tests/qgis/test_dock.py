@@ -146,3 +146,29 @@ def test_missing_packages_are_named_with_the_command_that_installs_them(plugin, 
     assert "torch, econml" in text and "pip install" in text and "--target" in text and "numpy==" in text
     assert not dock.run_button.isEnabled() and dock.install_button.isVisibleTo(dock.widget().widget())
     assert dock.check_dependencies() == [] and dock.run_button.isEnabled()
+
+
+def test_a_failed_run_is_explained_in_the_dock_and_leaves_nothing(plugin, project_layers):
+    units, raster = project_layers
+    far = QgsVectorLayer("Point?crs=EPSG:4326&field=treated:integer&field=outcome:double", "far units", "memory")
+    from qgis.core import QgsFeature, QgsGeometry, QgsPointXY
+
+    features = []
+    for i in range(60):
+        feature = QgsFeature(far.fields())
+        feature.setGeometry(QgsGeometry.fromPointXY(QgsPointXY(10 + i * 0.01, 45)))  # in Europe, not Brazil
+        feature.setAttributes([i % 2, float(i)])
+        features.append(feature)
+    far.dataProvider().addFeatures(features)
+    QgsProject.instance().addMapLayer(far)
+    dock = filled_dock(plugin, units, raster)
+    dock.units.setLayer(far)
+    dock.treatment.setField("treated")
+    dock.outcome.setField("outcome")
+    groups_before = len(QgsProject.instance().layerTreeRoot().children())
+    assert dock.start_run()
+    run_dir = dock.run_dir
+    assert wait_for_run(dock) is False
+    assert "None of the 60 units lies inside the raster" in dock.message.text()
+    assert len(QgsProject.instance().layerTreeRoot().children()) == groups_before
+    assert not os.path.exists(run_dir) and dock.run_button.isEnabled()
