@@ -211,3 +211,101 @@ def design_matrix_for_scores(features, covariates, seed, n_components=20):
     components = PCA(n_components=min(n_components, scaled.shape[1], len(scaled) // 10 or 1),
                      random_state=seed).fit_transform(scaled)
     return (np.column_stack([components, covariates]) if covariates is not None else components), components
+
+
+MIN_UNITS_PER_CLUSTER = 20
+
+
+def find_clusters(units, raster_path, bands=None, window_size_px=33, nodata=None, seed=42, n_clusters=0,
+                  max_clusters=4, epochs=300, device="auto", n_folds=5, spatial_block=0, progress=None,
+                  is_cancelled=None):
+    """Latent effect clusters from imagery (core.clusters): choose K, cross-fit, summarise, build the image model.
+
+    n_clusters 0: K chosen over 1..max_clusters by cross-fitted held-out
+    likelihood. Returns (study, result, extras) where result is a Result whose
+    cate/interval/group/probabilities are out-of-fold, and extras holds
+    ``k_table`` (K, held-out log-likelihood per unit, SE), ``clusters`` (rows
+    of cluster_table, from a model fit on all units) and ``model`` (the torch
+    image -> probabilities network of that model).
+    """
+    from .clusters import (choose_n_clusters, cluster_table, cross_fitted_clusters, feature_scaling,
+                           fit_clusters, image_model)
+    from .embed import resolve_device
+    from .errors import Cancelled, GeoCateError
+    from .evaluate import cross_fitted_scores
+    from .learners import location_folds
+
+    if n_clusters > max_clusters:
+        raise GeoCateError(f"CLUSTERS ({n_clusters}) is larger than MAX_CLUSTERS ({max_clusters}).",
+                           "Lower CLUSTERS, raise MAX_CLUSTERS, or set CLUSTERS to 0 to choose K from the data.")
+    device = resolve_device(device)
+    timings, started = {}, time.monotonic()
+    study = build_study(units, raster_path, bands, window_size_px, nodata, _stage(progress, 0.0, 0.1), is_cancelled)
+    used = study.used
+    if study.n_used / max(n_clusters or max_clusters, 1) < MIN_UNITS_PER_CLUSTER:
+        raise GeoCateError(
+            f"{study.n_used} units are too few for {n_clusters or max_clusters} clusters: each cluster needs about "
+            f"{MIN_UNITS_PER_CLUSTER} units or more.",
+            f"Use at most {max(study.n_used // MIN_UNITS_PER_CLUSTER, 1)} clusters, or more units.")
+    features, scaler, embedder = image_features(study, seed, device=device, progress=_stage(progress, 0.1, 0.2),
+                                                is_cancelled=is_cancelled)
+    covariates = study.covariates[used]
+    design, n_image = design_matrix(features, covariates)
+    image_part, covariate_part = design[:, :n_image], design[:, n_image:]
+    groups, block_size = fold_groups(study, spatial_block, window_size_px)
+    folds = location_folds(groups, n_folds, seed)
+    Y, W = study.outcome[used], study.treated[used].astype(int)
+    timings["features_s"] = time.monotonic() - started
+    n_fits = [0]
+    total_fits = (max_clusters * n_folds if not n_clusters else 0) + n_folds + 1
+
+    def tick(message):
+        n_fits[0] += 1
+        if is_cancelled is not None and is_cancelled():
+            raise Cancelled()
+        if progress is not None:
+            progress(0.2 + 0.75 * n_fits[0] / total_fits, message)
+
+    options = dict(epochs=epochs, device=device)
+    t = time.monotonic()
+    k_table = None
+    if not n_clusters:
+        n_clusters, k_table = choose_n_clusters(image_part, covariate_part, W, Y, folds, max_clusters, seed, tick,
+                                                **options)
+    timings["choose_k_s"] = time.monotonic() - t
+    t = time.monotonic()
+    out = cross_fitted_clusters(image_part, covariate_part, W, Y, n_clusters, folds, seed=seed, tick=tick, **options)
+    final = fit_clusters(image_part, covariate_part, W, Y, n_clusters, seed=seed, **options)
+    tick("Final model on all units")
+    timings["clusters_s"] = time.monotonic() - t
+    table = cluster_table(final, final.probabilities(image_part, covariate_part))
+    raw_covariates = covariates if covariates.shape[1] else np.zeros((len(Y), 0))
+    sd = raw_covariates.std(axis=0)
+    model = image_model(final, scaler, embedder, *feature_scaling(features), raw_covariates.mean(axis=0),
+                        np.where(sd > 0, sd, 1.0))
+    scores = cross_fitted_scores(Y, W, folds=folds, seed=seed)[0]
+    n = len(used)
+
+    def spread(values, fill=np.nan, dtype=float):
+        result = np.full((n,) + np.shape(values)[1:], fill, dtype=dtype)
+        result[used] = values
+        return result
+
+    timings["total_s"] = time.monotonic() - started
+    metadata = {
+        "seed": seed, "window_size_px": int(window_size_px), "window_size_m": float(window_size_px * study.pixel_size),
+        "bands": list(study.bands), "nodata": nodata, "n_folds": n_folds, "epochs": epochs, "device": device,
+        "n_clusters": int(n_clusters), "max_clusters": int(max_clusters), "k_table": k_table,
+        "clusters": table, "spatial_block_m": block_size, "dropped": study.dropped, "band_scaling": scaler.to_dict(),
+        "covariates": list(study.covariate_names), "versions": package_versions(),
+        "timings": {k: round(v, 3) for k, v in timings.items()},
+    }
+    result = Result(
+        cate=spread(out["cate"]), cate_lo=spread(out["cate_lo"]), cate_hi=spread(out["cate_hi"]),
+        cate_se=spread(out["cate_se"]), group=spread(out["group"], 0, int), dr_scores=spread(scores),
+        fold=spread(folds, -1, int), ate=float(scores.mean()), ate_se=float(scores.std(ddof=1) / np.sqrt(len(scores))),
+        n_used=study.n_used, n_dropped=study.n_dropped, probabilities=spread(out["probabilities"]),
+        metadata=metadata)
+    if progress is not None:
+        progress(1.0, "Done")
+    return study, result, {"k_table": k_table, "clusters": table, "model": model}

@@ -84,6 +84,7 @@ class Result:
     n_used: int
     n_dropped: int
     autoc: object = None  # evaluate.RateResult of the out-of-fold CATE, where computed
+    probabilities: object = None  # (n, K) out-of-fold cluster probabilities (nan where not used), cluster models
     metadata: dict = field(default_factory=dict)
 
 

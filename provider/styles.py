@@ -72,8 +72,8 @@ def group_renderer(layer, field="group"):
     return QgsCategorizedSymbolRenderer(field, categories)
 
 
-def apply_result_styles(layer):
-    """Give ``layer`` both named styles, the CATE one current; returns the layer."""
+def apply_result_styles(layer, current=CATE_STYLE):
+    """Give ``layer`` both named styles, ``current`` (CATE_STYLE or GROUP_STYLE) in use; returns the layer."""
     manager = layer.styleManager()
     layer.setRenderer(group_renderer(layer))
     group_style = QgsMapLayerStyle()
@@ -81,6 +81,7 @@ def apply_result_styles(layer):
     layer.setRenderer(cate_renderer(layer))
     manager.renameStyle(manager.currentStyle(), CATE_STYLE)
     manager.addStyle(GROUP_STYLE, group_style)
+    manager.setCurrentStyle(current)
     layer.triggerRepaint()
     return layer
 
@@ -91,8 +92,9 @@ def save_styles_to_geopackage(layer):
         return False
     manager = layer.styleManager()
     current = manager.currentStyle()
-    manager.setCurrentStyle(GROUP_STYLE)
-    layer.saveStyleToDatabase(GROUP_STYLE, "Effect groups, categorized", False, "")
+    messages = []
+    for name, description in ((GROUP_STYLE, "Effect groups, categorized"), (CATE_STYLE, "CATE, diverging about zero")):
+        manager.setCurrentStyle(name)
+        messages.append(layer.saveStyleToDatabase(name, description, name == current, ""))
     manager.setCurrentStyle(current)
-    message = layer.saveStyleToDatabase(CATE_STYLE, "CATE, diverging about zero", True, "")
-    return not message
+    return not any(messages)

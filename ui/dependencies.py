@@ -13,6 +13,8 @@ REQUIRED = {
     "scipy": "scipy",
     "statsmodels": "statsmodels",
     "matplotlib": "matplotlib",
+    "onnx": "onnx==1.23.2",
+    "onnxruntime": "onnxruntime==1.32.0",
 }
 
 

@@ -1,0 +1,428 @@
+"""Latent effect clusters learned from imagery (Jerzak, Johansson & Daoud, "Image-based Treatment Effect Heterogeneity", CLeaR 2023).
+
+Each unit i has a latent cluster Z_i in 1..K. A network on the unit's image
+window (and covariates X_i) gives the cluster probabilities pi_k(image, X)
+and the expected control outcome mu0(image, X); cluster k has its own effect
+tau_k and outcome noise sigma_{k,w} by arm w. With Z marginalised exactly,
+
+    p(Y_i | image_i, X_i, W_i) = sum_k pi_k(image_i, X_i) Normal(Y_i; mu0_i + W_i tau_k, sigma_{k,W_i}^2).
+
+tau_k and log sigma_{k,w} have Gaussian variational posteriors (priors
+N(0, 3^2) and N(0, 1) on the standardised outcome scale); the network is
+trained by maximising the evidence lower bound, with dropout kept on at
+prediction time for Monte Carlo uncertainty. The image network is the MOSAIKS
+convolution of core.embed (fixed, seeded random filters from the study's own
+windows) followed by a learned two-layer head; training works on the pooled
+features, and ``to_torch_image_model`` rebuilds the whole image -> pi
+network for salience and ONNX export.
+
+K is chosen by the cross-fitted held-out predictive log-likelihood over
+K = 1..max_clusters; K = 1 is the model without heterogeneity.
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import GeoCateError, require
+
+PRIOR_TAU_SD = 3.0
+PRIOR_LOG_SIGMA_SD = 1.0
+
+
+def _torch():
+    return require("torch", "torch==2.13.0")
+
+
+def _network(d, p, k, hidden, dropout):
+    torch = _torch()
+
+    class ClusterNetwork(torch.nn.Module):
+        """features (n, d), covariates (n, p) -> (log pi (n, k), mu0 (n,)); plus the variational parameters."""
+
+        def __init__(self):
+            super().__init__()
+            self.trunk = torch.nn.Sequential(torch.nn.Linear(d, hidden), torch.nn.ReLU(), torch.nn.Dropout(dropout))
+            self.cluster_head = torch.nn.Linear(hidden + p, k)
+            self.outcome_head = torch.nn.Linear(hidden + p, 1)
+            self.tau_mean = torch.nn.Parameter(torch.zeros(k))
+            self.tau_log_sd = torch.nn.Parameter(torch.full((k,), -2.0))
+            self.log_sigma_mean = torch.nn.Parameter(torch.zeros(k, 2))
+            self.log_sigma_log_sd = torch.nn.Parameter(torch.full((k, 2), -2.0))
+
+        def forward(self, features, covariates):
+            hidden_units = torch.cat([self.trunk(features), covariates], dim=1)
+            return (torch.log_softmax(self.cluster_head(hidden_units), dim=1),
+                    self.outcome_head(hidden_units).squeeze(1))
+
+    return ClusterNetwork()
+
+
+def _kl_normal(mean, log_sd, prior_sd):
+    """KL(N(mean, sd^2) || N(0, prior_sd^2)), summed."""
+    var = (2 * log_sd).exp()
+    return (0.5 * ((var + mean ** 2) / prior_sd ** 2 - 1) - log_sd + np.log(prior_sd)).sum()
+
+
+def _mixture_log_likelihood(torch, log_pi, mu0, treated, outcome, tau, log_sigma):
+    """log sum_k pi_k N(y; mu0 + w tau_k, sigma_{k,w}^2), per unit: (n,)."""
+    arm = treated.long()
+    sigma_log = log_sigma[:, arm].T                                   # (n, k)
+    mean = mu0[:, None] + treated[:, None] * tau[None, :]
+    log_normal = (-0.5 * ((outcome[:, None] - mean) / sigma_log.exp()) ** 2 - sigma_log
+                  - 0.5 * np.log(2 * np.pi))
+    return torch.logsumexp(log_pi + log_normal, dim=1)
+
+
+@dataclass
+class ClusterFit:
+    """One trained model, with the scalings it needs (outcome and features standardised)."""
+
+    network: object
+    n_clusters: int
+    y_mean: float
+    y_sd: float
+    order: np.ndarray        # clusters sorted by effect: order[j] = network index of cluster j+1
+
+    def _inputs(self, features, covariates):
+        torch = _torch()
+        device = next(self.network.parameters()).device
+        return (torch.as_tensor(features, dtype=torch.float32, device=device),
+                torch.as_tensor(covariate_matrix(covariates, len(features)), dtype=torch.float32, device=device))
+
+    def probabilities(self, features, covariates, samples=0, seed=0):
+        """(n, K) cluster probabilities (sorted clusters); with samples > 0, (samples, n, K) MC-dropout draws."""
+        torch = _torch()
+        x, c = self._inputs(features, covariates)
+        with torch.no_grad():
+            if samples == 0:
+                self.network.eval()
+                return self.network(x, c)[0].exp().cpu().numpy()[:, self.order]
+            torch.manual_seed(seed)
+            self.network.train()
+            draws = np.stack([self.network(x, c)[0].exp().cpu().numpy()[:, self.order] for _ in range(samples)])
+            self.network.eval()
+            return draws
+
+    def effects(self):
+        """Posterior mean and sd of each cluster's effect, on the outcome's scale: (K,), (K,)."""
+        mean = self.network.tau_mean.detach().cpu().numpy()[self.order] * self.y_sd
+        sd = self.network.tau_log_sd.detach().exp().cpu().numpy()[self.order] * self.y_sd
+        return mean, sd
+
+    def sigmas(self):
+        """Posterior mean outcome noise sd by cluster and arm, on the outcome's scale: (K, 2)."""
+        log_sigma = self.network.log_sigma_mean.detach().cpu().numpy()[self.order]
+        return np.exp(log_sigma) * self.y_sd
+
+    def log_likelihood(self, features, covariates, treated, outcome):
+        """Held-out predictive log-likelihood of each unit at the posterior means: (n,)."""
+        torch = _torch()
+        self.network.eval()
+        x, c = self._inputs(features, covariates)
+        device = x.device
+        with torch.no_grad():
+            log_pi, mu0 = self.network(x, c)
+            ll = _mixture_log_likelihood(
+                torch, log_pi, mu0, torch.as_tensor(treated, dtype=torch.float32, device=device),
+                torch.as_tensor((outcome - self.y_mean) / self.y_sd, dtype=torch.float32, device=device),
+                self.network.tau_mean, self.network.log_sigma_mean)
+        return ll.cpu().numpy() - np.log(self.y_sd)
+
+
+def fit_clusters(features, covariates, treated, outcome, n_clusters, epochs=300, hidden=32, dropout=0.2,
+                 learning_rate=1e-2, seed=42, device="cpu"):
+    """Train the model of the module docstring; returns a ClusterFit.
+
+    features: (n, d) standardised image features; covariates: (n, p) standardised (p may be 0).
+    """
+    torch = _torch()
+    torch.manual_seed(seed)
+    n, d = features.shape
+    covariates = np.zeros((n, 0)) if covariates is None else np.asarray(covariates, float).reshape(n, -1)
+    y_mean, y_sd = float(np.mean(outcome)), float(np.std(outcome) or 1.0)
+    network = _network(d, covariates.shape[1], n_clusters, hidden, dropout).to(device)
+    # Start the effects spread around the difference in means, so that clusters can tell apart.
+    difference = (np.mean(outcome[treated == 1]) - np.mean(outcome[treated == 0])) / y_sd
+    with torch.no_grad():
+        network.tau_mean.copy_(torch.as_tensor(difference + np.linspace(-1, 1, n_clusters) * (n_clusters > 1),
+                                               dtype=torch.float32))
+    x = torch.as_tensor(features, dtype=torch.float32, device=device)
+    c = torch.as_tensor(covariates, dtype=torch.float32, device=device)
+    w = torch.as_tensor(treated, dtype=torch.float32, device=device)
+    y = torch.as_tensor((outcome - y_mean) / y_sd, dtype=torch.float32, device=device)
+    optimiser = torch.optim.Adam(network.parameters(), lr=learning_rate, weight_decay=1e-4)
+    network.train()
+    for _ in range(epochs):
+        optimiser.zero_grad()
+        log_pi, mu0 = network(x, c)
+        tau = network.tau_mean + network.tau_log_sd.exp() * torch.randn(n_clusters, device=device)
+        log_sigma = network.log_sigma_mean + network.log_sigma_log_sd.exp() * torch.randn(n_clusters, 2,
+                                                                                            device=device)
+        log_likelihood = _mixture_log_likelihood(torch, log_pi, mu0, w, y, tau, log_sigma).sum()
+        kl = (_kl_normal(network.tau_mean, network.tau_log_sd, PRIOR_TAU_SD)
+              + _kl_normal(network.log_sigma_mean, network.log_sigma_log_sd, PRIOR_LOG_SIGMA_SD))
+        loss = -(log_likelihood - kl) / n
+        loss.backward()
+        optimiser.step()
+    network.eval()
+    order = np.argsort(network.tau_mean.detach().cpu().numpy(), kind="stable")
+    return ClusterFit(network=network, n_clusters=n_clusters, y_mean=y_mean, y_sd=y_sd, order=order)
+
+
+def choose_n_clusters(features, covariates, treated, outcome, folds, max_clusters=4, seed=42, tick=None,
+                      **fit_options):
+    """Held-out predictive log-likelihood of K = 1..max_clusters, cross-fitted on ``folds``.
+
+    Returns (chosen K, table rows (K, mean held-out log-likelihood per unit, its SE)). The
+    chosen K is the smallest whose log-likelihood is within one SE (of the difference
+    with the best K) of the best: more clusters must earn their place.
+    """
+    rows, per_unit = [], {}
+    for k in range(1, max_clusters + 1):
+        ll = np.empty(len(outcome))
+        for fold in np.unique(folds):
+            train, test = folds != fold, folds == fold
+            fit = fit_clusters(features[train], None if covariates is None else covariates[train], treated[train],
+                               outcome[train], k, seed=seed, **fit_options)
+            ll[test] = fit.log_likelihood(features[test], None if covariates is None else covariates[test],
+                                          treated[test], outcome[test])
+            if tick is not None:
+                tick(f"Choosing K: K = {k}, fold {fold + 1}")
+        per_unit[k] = ll
+        rows.append((k, float(ll.mean()), float(ll.std(ddof=1) / np.sqrt(len(ll)))))
+    best = max(per_unit, key=lambda k: per_unit[k].mean())
+    for k in sorted(per_unit):
+        gap = per_unit[best] - per_unit[k]
+        if gap.mean() <= gap.std(ddof=1) / np.sqrt(len(gap)):
+            return k, rows
+    return best, rows
+
+
+def covariate_matrix(covariates, n):
+    return np.zeros((n, 0)) if covariates is None else np.asarray(covariates, float).reshape(n, -1)
+
+
+def cross_fitted_clusters(features, covariates, treated, outcome, n_clusters, folds, samples=50, seed=42,
+                          tick=None, **fit_options):
+    """Out-of-fold cluster probabilities and CATE with MC-dropout + posterior intervals.
+
+    For each fold, a model fit on the other folds gives, for the fold's units,
+    pi (posterior mean of S dropout draws) and draws of CATE_i = sum_k pi_ik tau_k
+    with tau_k drawn from its posterior; the interval is the 2.5-97.5 % range
+    of the draws and the SE their sd. Returns dict of (n,) / (n, K) arrays.
+    """
+    n = len(outcome)
+    if n_clusters < 1:
+        raise GeoCateError("The number of clusters must be at least 1.", "Set CLUSTERS to 0 (choose) or more.")
+    covariates = covariate_matrix(covariates, n)
+    rng = np.random.default_rng(seed)
+    probabilities = np.empty((n, n_clusters))
+    cate, low, high, se = (np.empty(n) for _ in range(4))
+    for fold in np.unique(folds):
+        train, test = folds != fold, folds == fold
+        fit = fit_clusters(features[train], covariates[train], treated[train], outcome[train], n_clusters,
+                           seed=seed, **fit_options)
+        draws = fit.probabilities(features[test], covariates[test], samples=samples, seed=seed)   # (S, m, K)
+        tau_mean, tau_sd = fit.effects()
+        tau_draws = tau_mean + tau_sd * rng.standard_normal((samples, n_clusters))                # (S, K)
+        cate_draws = np.einsum("smk,sk->sm", draws, tau_draws)
+        probabilities[test] = draws.mean(axis=0)
+        cate[test] = probabilities[test] @ tau_mean
+        low[test], high[test] = np.percentile(cate_draws, [2.5, 97.5], axis=0)
+        se[test] = cate_draws.std(axis=0, ddof=1)
+        if tick is not None:
+            tick(f"Cluster model: fold {fold + 1}")
+    return {"probabilities": probabilities, "cate": cate, "cate_lo": low, "cate_hi": high, "cate_se": se,
+            "group": probabilities.argmax(axis=1) + 1}
+
+
+def feature_scaling(features):
+    """(mean, sd) of log1p(features), the standardisation design_matrix applies to image features."""
+    logged = np.log1p(np.maximum(np.asarray(features, float), 0))
+    sd = logged.std(axis=0)
+    return logged.mean(axis=0), np.where(sd > 0, sd, 1.0)
+
+
+def cluster_table(fit, probabilities):
+    """Rows per cluster: (cluster, effect mean, 95 % low, high, share of units, sigma control, sigma treated).
+
+    The share is the mean cluster probability over the units.
+    """
+    mean, sd = fit.effects()
+    sigmas = fit.sigmas()
+    share = np.asarray(probabilities).mean(axis=0)
+    return [(k + 1, float(mean[k]), float(mean[k] - 1.959964 * sd[k]), float(mean[k] + 1.959964 * sd[k]),
+             float(share[k]), float(sigmas[k, 0]), float(sigmas[k, 1])) for k in range(fit.n_clusters)]
+
+
+def image_model(fit, scaler, embedder, feature_mean, feature_sd, covariate_mean=(), covariate_sd=()):
+    """The whole network, raw image window (n, bands, h, w) and raw covariates (n, p) -> cluster probabilities (n, K).
+
+    Band scaling (BandScaler), the MOSAIKS convolution and pooling (RandomConvFeatures,
+    bias 0), the feature standardisation and the trained head, in one torch module:
+    differentiable in the image (salience) and exportable to ONNX.
+    """
+    torch = _torch()
+    if embedder.bias != 0:
+        raise GeoCateError("The image model needs MOSAIKS features with bias 0.", "Use the default bias.")
+
+    def buffer(values):
+        return torch.as_tensor(np.asarray(values), dtype=torch.float32)
+
+    network = fit.network.cpu().eval()
+
+    class ImageToProbabilities(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("median", buffer(scaler.median_)[None, :, None, None])
+            self.register_buffer("spread", buffer(np.maximum(scaler.high_ - scaler.low_, 1e-12))[None, :, None, None])
+            self.register_buffer("weight", buffer(embedder.weight_))
+            self.register_buffer("offset", buffer(embedder.offset_)[None, :, None, None])
+            self.register_buffer("feature_mean", buffer(feature_mean)[None, :])
+            self.register_buffer("feature_sd", buffer(feature_sd)[None, :])
+            self.register_buffer("order", torch.as_tensor(fit.order, dtype=torch.long))
+            self.register_buffer("covariate_mean", buffer(np.asarray(covariate_mean, float).reshape(1, -1)))
+            self.register_buffer("covariate_sd", buffer(np.asarray(covariate_sd, float).reshape(1, -1)))
+            self.clip = float(scaler.clip)
+            self.trunk = network.trunk
+            self.cluster_head = network.cluster_head
+
+        def forward(self, image, covariates):
+            scaled = torch.clamp((image - self.median) / self.spread, -self.clip, self.clip)
+            response = torch.nn.functional.conv2d(scaled, self.weight) - self.offset
+            magnitude, signed = response.abs().mean(dim=(2, 3)), response.mean(dim=(2, 3))
+            pooled = torch.cat([(magnitude + signed) / 2, (magnitude - signed) / 2], dim=1)
+            features = (torch.log1p(torch.clamp(pooled, min=0)) - self.feature_mean) / self.feature_sd
+            covariates = (covariates - self.covariate_mean) / self.covariate_sd
+            logits = self.cluster_head(torch.cat([self.trunk(features), covariates], dim=1))
+            return torch.softmax(logits, dim=1)[:, self.order]
+
+    return ImageToProbabilities().eval()
+
+
+def export_onnx(model, path, bands, window_size_px, n_covariates, metadata):
+    """Write the image model to ``path`` (ONNX) and what reusing it needs to ``path``.json (no pickles)."""
+    import json
+
+    torch = _torch()
+    image = torch.zeros(2, bands, window_size_px, window_size_px)
+    covariates = torch.zeros(2, n_covariates)
+    tmp = path + ".tmp"
+    torch.onnx.export(model, (image, covariates), tmp, input_names=["image", "covariates"],
+                      output_names=["probabilities"], dynamic_axes={"image": {0: "n"}, "covariates": {0: "n"},
+                                                                    "probabilities": {0: "n"}},
+                      opset_version=17, dynamo=False)
+    import os
+
+    os.replace(tmp, path)
+    description = dict(metadata, bands=int(bands), window_size_px=int(window_size_px),
+                       n_covariates=int(n_covariates), inputs=["image", "covariates"], outputs=["probabilities"],
+                       image_layout="(n, bands, window, window), raw pixel values; band scaling is inside the model")
+    with open(path + ".json", "w", encoding="utf-8") as handle:
+        json.dump(description, handle, indent=2, default=str)
+    return path
+
+
+class OnnxClusterModel:
+    """A saved cluster model, run with onnxruntime (CUDA provider first where present).
+
+    Loading checks the file and its description; ``probabilities`` checks that the
+    windows have the model's band count and window size.
+    """
+
+    def __init__(self, path):
+        import json
+        import os
+
+        ort = require("onnxruntime", "onnxruntime==1.32.0")
+        description = path + ".json"
+        if not os.path.exists(path) or not os.path.exists(description):
+            raise GeoCateError(f"The cluster model '{path}' (or its description '{description}') is missing.",
+                               "Choose the .onnx file written by 'Find effect clusters in imagery', with its .json.")
+        try:
+            with open(description, encoding="utf-8") as handle:
+                self.description = json.load(handle)
+            available = ort.get_available_providers()
+            providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+            self.session = ort.InferenceSession(path, providers=providers)
+        except Exception as exc:  # noqa: BLE001 - any decoding error means a damaged file
+            raise GeoCateError(f"The cluster model '{path}' cannot be read ({exc.__class__.__name__}).",
+                               "The file is damaged or not a GeoCATE model: run 'Find effect clusters in imagery' "
+                               "again to write a new one.") from exc
+        self.provider = self.session.get_providers()[0]
+
+    def probabilities(self, windows, covariates=None):
+        windows = np.asarray(windows, dtype=np.float32)
+        want_bands, want_size = self.description["bands"], self.description["window_size_px"]
+        if windows.ndim != 4 or windows.shape[1] != want_bands or windows.shape[2:] != (want_size, want_size):
+            raise GeoCateError(
+                f"The model was trained on windows of {want_bands} band(s) and {want_size} x {want_size} pixels, "
+                f"but got {windows.shape[1]} band(s) of {windows.shape[2]} x {windows.shape[3]}.",
+                f"Use the same bands and PATCH_SIZE = {want_size} as when the model was made.")
+        covariates = np.zeros((len(windows), self.description["n_covariates"]), np.float32) if covariates is None \
+            else np.asarray(covariates, np.float32).reshape(len(windows), -1)
+        return self.session.run(None, {"image": windows, "covariates": covariates})[0]
+
+
+def salience(model, window, covariates, cluster):
+    """|d pi_cluster / d image| summed over bands: (h, w), for one raw window (bands, h, w)."""
+    torch = _torch()
+    image = torch.as_tensor(np.asarray(window, np.float32)[None], dtype=torch.float32).requires_grad_(True)
+    c = torch.as_tensor(covariate_matrix(covariates, 1), dtype=torch.float32).reshape(1, -1)
+    model(image, c)[0, cluster].backward()
+    return image.grad[0].abs().sum(dim=0).numpy()
+
+
+def occlusion_sensitivity(model, window, covariates, cluster, grid=3, fill=None):
+    """How much pi_cluster moves when each of grid x grid cells of the window is masked: (grid, grid).
+
+    A masked cell takes ``fill`` per band (default the model's band median, i.e. a neutral value).
+    """
+    torch = _torch()
+    window = np.asarray(window, np.float32)
+    bands, h, w = window.shape
+    fill = model.median.numpy().reshape(-1) if fill is None else np.asarray(fill, np.float32)
+    c = torch.as_tensor(covariate_matrix(covariates, 1), dtype=torch.float32).reshape(1, -1)
+    edges_r, edges_c = np.linspace(0, h, grid + 1).astype(int), np.linspace(0, w, grid + 1).astype(int)
+    masked = []
+    for i in range(grid):
+        for j in range(grid):
+            copy = window.copy()
+            copy[:, edges_r[i]:edges_r[i + 1], edges_c[j]:edges_c[j + 1]] = fill[:, None, None]
+            masked.append(copy)
+    with torch.no_grad():
+        base = model(torch.as_tensor(window[None]), c)[0, cluster].item()
+        moved = model(torch.as_tensor(np.stack(masked)), c.repeat(len(masked), 1))[:, cluster].numpy()
+    return (base - moved).reshape(grid, grid)
+
+
+def write_salience(path, raster_path, coords, window_size_px, gradient, occlusion):
+    """A 2-band GeoTIFF over the unit's window, aligned with the imagery: band 1 the gradient salience,
+    band 2 the occlusion sensitivity of the grid cell each pixel belongs to."""
+    from osgeo import gdal
+
+    from .patches import raster_info, window_origin
+
+    info = raster_info(raster_path)
+    col, row = window_origin(np.asarray(coords, float).reshape(1, 2), info.geotransform, window_size_px)[0]
+    gt = info.geotransform
+    origin_x = gt[0] + col * gt[1] + row * gt[2]
+    origin_y = gt[3] + col * gt[4] + row * gt[5]
+    grid = occlusion.shape[0]
+    edges = np.linspace(0, window_size_px, grid + 1).astype(int)
+    cells = np.searchsorted(edges, np.arange(window_size_px), side="right") - 1
+    occlusion_pixels = occlusion[cells[:, None], cells[None, :]]
+    tmp = path + ".tmp.tif"
+    dataset = gdal.GetDriverByName("GTiff").Create(tmp, window_size_px, window_size_px, 2, gdal.GDT_Float32)
+    dataset.SetGeoTransform((origin_x, gt[1], gt[2], origin_y, gt[4], gt[5]))
+    dataset.SetProjection(info.crs_wkt)
+    for band, (values, name) in enumerate(((gradient, "gradient salience"),
+                                           (occlusion_pixels, "occlusion sensitivity")), start=1):
+        dataset.GetRasterBand(band).WriteArray(values.astype(np.float32))
+        dataset.GetRasterBand(band).SetDescription(name)
+    dataset = None
+    import os
+
+    os.replace(tmp, path)
+    return path

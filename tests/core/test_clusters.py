@@ -1,0 +1,94 @@
+"""The image cluster model: recovery of image-defined clusters and their effects, K = 1 without heterogeneity,
+ONNX export that agrees with torch, salience, and the refusals."""
+
+import numpy as np
+import pytest
+from conftest import unit_table
+from sklearn.metrics import adjusted_rand_score
+
+from geocate.core.errors import GeoCateError
+from geocate.core.pipeline import find_clusters
+from geocate.core.simulate import simulate_trial
+
+
+@pytest.fixture(scope="module")
+def separated(demo_raster):
+    """Two image-defined clusters with effects -1 and 3 (noise sd 1), 1000 units, K chosen from 1..3."""
+    trial = simulate_trial(demo_raster, n_units=1000, seed=5, effects=(-1.0, 3.0))
+    return trial, find_clusters(unit_table(trial), demo_raster, max_clusters=3, n_folds=3, seed=1)
+
+
+def test_well_separated_clusters_are_recovered_with_their_effects(separated):
+    trial, (study, result, extras) = separated
+    assert result.metadata["n_clusters"] >= 2
+    assert adjusted_rand_score(trial.true_group, result.group) >= 0.8
+    # The populated clusters carry the true effects inside their 95 % intervals.
+    populated = [row for row in extras["clusters"] if row[4] > 0.1]
+    assert len(populated) == 2
+    for truth, (cluster, mean, low, high, share, *_) in zip((-1.0, 3.0), populated):
+        assert low <= truth <= high and abs(share - 0.5) < 0.1
+    probabilities = result.probabilities
+    assert probabilities.shape == (1000, result.metadata["n_clusters"])
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1, atol=1e-5)
+
+
+def test_unit_effects_are_out_of_fold_with_intervals(separated):
+    trial, (study, result, extras) = separated
+    assert np.all(result.cate_lo <= result.cate) and np.all(result.cate <= result.cate_hi)
+    assert np.sqrt(np.mean((result.cate - trial.true_cate) ** 2)) < 0.8    # sd of the truth is 2
+    assert np.mean((result.cate_lo <= trial.true_cate) & (trial.true_cate <= result.cate_hi)) > 0.8
+    assert set(np.unique(result.fold)) == {0, 1, 2}
+    k_table = extras["k_table"]
+    assert [row[0] for row in k_table] == [1, 2, 3] and k_table[1][1] > k_table[0][1] + 0.1
+
+
+def test_no_heterogeneity_gives_one_cluster_in_most_seeds(demo_raster):
+    chosen = []
+    for seed in range(5):
+        trial = simulate_trial(demo_raster, n_units=500, seed=40 + seed, effects=(1.0,))
+        chosen.append(find_clusters(unit_table(trial), demo_raster, max_clusters=3, n_folds=3, seed=seed)[1]
+                      .metadata["n_clusters"])
+    assert chosen.count(1) >= 4, chosen
+
+
+def test_onnx_model_agrees_with_torch_and_checks_its_inputs(separated, demo_raster, tmp_path):
+    import torch
+
+    from geocate.core.clusters import OnnxClusterModel, export_onnx
+
+    trial, (study, result, extras) = separated
+    model = extras["model"]
+    windows = study.patches[:64]
+    covariates = study.covariates[:64]
+    with torch.no_grad():
+        expected = model(torch.as_tensor(windows), torch.as_tensor(covariates, dtype=torch.float32)).numpy()
+    # The exported network reproduces the out-of-fold pipeline's final model on raw windows.
+    path = export_onnx(model, str(tmp_path / "clusters.onnx"), 3, 33, 2, {"n_clusters": result.metadata["n_clusters"]})
+    loaded = OnnxClusterModel(path)
+    assert loaded.provider in ("CUDAExecutionProvider", "CPUExecutionProvider")
+    np.testing.assert_allclose(loaded.probabilities(windows, covariates), expected, atol=1e-4)
+    with pytest.raises(GeoCateError, match="trained on windows of 3 band.*33 x 33.*got 3 band.*17 x 17"):
+        loaded.probabilities(windows[:, :, :17, :17], covariates)
+    (tmp_path / "broken.onnx").write_bytes(b"not a model")
+    (tmp_path / "broken.onnx.json").write_text("{}")
+    with pytest.raises(GeoCateError, match="cannot be read.*damaged"):
+        OnnxClusterModel(str(tmp_path / "broken.onnx"))
+
+
+def test_salience_and_occlusion_point_at_the_image(separated):
+    from geocate.core.clusters import occlusion_sensitivity, salience
+
+    trial, (study, result, extras) = separated
+    unit = int(np.argmax(result.probabilities[:, -1]))
+    gradient = salience(extras["model"], study.patches[unit], study.covariates[unit], result.group[unit] - 1)
+    assert gradient.shape == (33, 33) and gradient.max() > 0 and np.isfinite(gradient).all()
+    moves = occlusion_sensitivity(extras["model"], study.patches[unit], study.covariates[unit], result.group[unit] - 1)
+    assert moves.shape == (3, 3) and np.abs(moves).max() > 0
+
+
+def test_refusals_name_the_problem(small_trial, demo_raster):
+    with pytest.raises(GeoCateError, match=r"CLUSTERS \(5\) is larger than MAX_CLUSTERS \(4\)"):
+        find_clusters(unit_table(small_trial), demo_raster, n_clusters=5, max_clusters=4)
+    few = simulate_trial(demo_raster, n_units=60, seed=2)
+    with pytest.raises(GeoCateError, match="60 units are too few for 4 clusters.*at most 3 clusters"):
+        find_clusters(unit_table(few), demo_raster, max_clusters=4)
