@@ -23,7 +23,9 @@ class GeoCateProvider(QgsProcessingProvider):
         from .comparesources import CompareSourcesAlgorithm
         from .estimatecate import EstimateCateAlgorithm
         from .evaluate import EvaluateAlgorithm
+        from .imageclusters import ImageClustersAlgorithm
 
         self.addAlgorithm(EstimateCateAlgorithm())
         self.addAlgorithm(EvaluateAlgorithm())
         self.addAlgorithm(CompareSourcesAlgorithm())
+        self.addAlgorithm(ImageClustersAlgorithm())

@@ -309,3 +309,49 @@ def test_comparesources_shows_what_the_imagery_adds(plugin, demo_units_gpkg, dem
     assert gain["ci_low"] > 0       # the simulated effect lives in the images
     assert results["AUTOC_IMAGERY"] > results["AUTOC_COVARIATES"]
     assert "what the imagery adds" in (tmp_path / "compare.html").read_text().lower()
+
+
+def test_imageclusters_writes_units_clusters_model_and_salience(plugin, demo_units_gpkg, demo_raster, tmp_path):
+    from geocate.core.clusters import OnnxClusterModel
+
+    results = run_clusters(demo_units_gpkg, demo_raster, tmp_path, CLUSTERS=2, EPOCHS=150,
+                           OUTPUT_SALIENCE=str(tmp_path / "salience"))
+    layer = results["OUTPUT"]
+    names = [f.name() for f in layer.fields()]
+    assert names[-8:] == RESULT_FIELDS + ["p_1", "p_2"] and layer.featureCount() == 312
+    assert results["N_CLUSTERS"] == 2 and results["N_USED"] == 294
+    assert isinstance(layer.renderer(), QgsCategorizedSymbolRenderer)   # the cluster layer loads categorized
+    clusters = list(results["OUTPUT_CLUSTERS"].getFeatures())
+    assert [c["cluster"] for c in clusters] == [1, 2] and clusters[0]["effect"] < clusters[1]["effect"]
+    assert abs(sum(c["share"] for c in clusters) - 1) < 1e-3
+    model = OnnxClusterModel(results["OUTPUT_MODEL"])
+    assert model.description["window_size_px"] == 33 and model.description["n_clusters"] == 2
+    rasters = sorted((tmp_path / "salience").glob("*.tif"))
+    assert len(rasters) == 6
+    from osgeo import gdal
+
+    salience_raster = gdal.Open(str(rasters[0]))
+    assert (salience_raster.RasterCount, salience_raster.RasterXSize) == (2, 33)
+    assert salience_raster.GetProjection() and salience_raster.GetGeoTransform()[1] == 30.0
+
+
+def run_clusters(units, raster, tmp_path, **extra):
+    import processing
+
+    parameters = {"INPUT": units, "TREATMENT": "treated", "OUTCOME": "outcome", "COVARIATES": ["assets"],
+                  "RASTER": raster, "OUTPUT": "memory:", "OUTPUT_CLUSTERS": "memory:",
+                  "OUTPUT_MODEL": str(tmp_path / "clusters.onnx")}
+    parameters.update(extra)
+    return processing.run("geocate:imageclusters", parameters)
+
+
+def test_imageclusters_refuses_more_clusters_than_allowed_and_cuda_without_gpu(plugin, demo_units_gpkg, demo_raster,
+                                                                              tmp_path):
+    import torch
+
+    with pytest.raises(QgsProcessingException, match="larger than MAX_CLUSTERS"):
+        run_clusters(demo_units_gpkg, demo_raster, tmp_path, CLUSTERS=5, MAX_CLUSTERS=3)
+    if not torch.cuda.is_available():
+        with pytest.raises(QgsProcessingException, match="CUDA was asked for"):
+            run_clusters(demo_units_gpkg, demo_raster, tmp_path, DEVICE=2)
+    assert not (tmp_path / "clusters.onnx").exists()

@@ -1,0 +1,213 @@
+"""geocate:imageclusters - latent effect clusters learned from the imagery (Jerzak, Johansson & Daoud, CLeaR 2023)."""
+
+import os
+
+import numpy as np
+from qgis.core import (
+    QgsFeatureSink,
+    QgsProcessingException,
+    QgsProcessingLayerPostProcessorInterface,
+    QgsProcessingOutputNumber,
+    QgsProcessingParameterDefinition,
+    QgsProcessingParameterEnum,
+    QgsProcessingParameterFeatureSink,
+    QgsProcessingParameterFileDestination,
+    QgsProcessingParameterFolderDestination,
+    QgsProcessingParameterNumber,
+    QgsProcessing,
+    QgsProcessingUtils,
+)
+from qgis.PyQt.QtCore import QVariant
+
+from .base import GeoCateAlgorithm
+from .convert import RESULT_FIELDS, output_fields, read_units, result_features
+from .study_parameters import add_spatial_block_parameter, add_study_parameters, read_study_parameters
+from .styles import GROUP_STYLE, apply_result_styles, save_styles_to_geopackage
+
+DEVICES = ["auto", "cpu", "cuda"]
+
+
+class _ClusterStyleOnLoad(QgsProcessingLayerPostProcessorInterface):
+    instance = None  # Processing keeps only a pointer: hold the Python object
+
+    def postProcessLayer(self, layer, context, feedback):  # noqa: N802 - QGIS's name
+        if layer is not None and layer.fields().lookupField("group") >= 0:
+            apply_result_styles(layer, current=GROUP_STYLE)
+
+    @classmethod
+    def create(cls):
+        cls.instance = cls()
+        return cls.instance
+
+
+class ImageClustersAlgorithm(GeoCateAlgorithm):
+    CLUSTERS, MAX_CLUSTERS, EPOCHS, DEVICE = "CLUSTERS", "MAX_CLUSTERS", "EPOCHS", "DEVICE"
+    OUTPUT, OUTPUT_CLUSTERS, OUTPUT_MODEL, OUTPUT_SALIENCE = "OUTPUT", "OUTPUT_CLUSTERS", "OUTPUT_MODEL", "OUTPUT_SALIENCE"
+
+    def name(self):
+        return "imageclusters"
+
+    def displayName(self):  # noqa: N802 - QGIS's name
+        return "Find effect clusters in imagery"
+
+    def shortHelpString(self):  # noqa: N802 - QGIS's name
+        return (
+            "Groups units by the distribution of treatment effects their images show (Jerzak, Johansson & Daoud, "
+            "'Image-based Treatment Effect Heterogeneity', CLeaR 2023). A network on each unit's window gives the "
+            "probabilities of K latent clusters; each cluster has its own effect (with a posterior) and outcome "
+            "noise by arm; the mixture likelihood is marginalised exactly. K is chosen (CLUSTERS = 0) by the "
+            "cross-fitted held-out likelihood over 1..MAX_CLUSTERS: K = 1 means no heterogeneity.\n\n"
+            "Outputs: the units with out-of-fold cate, cate_lo, cate_hi, cate_se, group (most probable cluster, 1 = "
+            "smallest effect), p_1..p_K, patch_ok; a table of clusters (effect, 95 % interval, share, sigmas); the "
+            "model as ONNX with its description (.onnx.json); optionally salience rasters for the units most "
+            "typical of each cluster (band 1: gradient, band 2: occlusion of 3 x 3 segments)."
+        )
+
+    def initAlgorithm(self, config=None):  # noqa: N802 - QGIS's name
+        add_study_parameters(self)
+        self.addParameter(QgsProcessingParameterNumber(
+            self.CLUSTERS, "Number of clusters (0 = choose from the data)", QgsProcessingParameterNumber.Integer,
+            defaultValue=0, minValue=0, maxValue=12))
+        self.addParameter(QgsProcessingParameterNumber(
+            self.MAX_CLUSTERS, "Largest number of clusters to try", QgsProcessingParameterNumber.Integer,
+            defaultValue=4, minValue=1, maxValue=12))
+        epochs = QgsProcessingParameterNumber(self.EPOCHS, "Training epochs", QgsProcessingParameterNumber.Integer,
+                                              defaultValue=300, minValue=10, maxValue=100000)
+        epochs.setFlags(epochs.flags() | QgsProcessingParameterDefinition.FlagAdvanced)
+        self.addParameter(epochs)
+        self.addParameter(QgsProcessingParameterEnum(self.DEVICE, "Device", DEVICES, defaultValue=0))
+        add_spatial_block_parameter(self)
+        self.addParameter(QgsProcessingParameterFeatureSink(self.OUTPUT, "Units with effect clusters"))
+        self.addParameter(QgsProcessingParameterFeatureSink(self.OUTPUT_CLUSTERS, "Clusters", QgsProcessing.TypeVector))
+        self.addParameter(QgsProcessingParameterFileDestination(self.OUTPUT_MODEL, "Model (ONNX)", "ONNX (*.onnx)"))
+        self.addParameter(QgsProcessingParameterFolderDestination(
+            self.OUTPUT_SALIENCE, "Salience rasters (folder)", optional=True, createByDefault=False))
+        for name, label in (("N_CLUSTERS", "Number of clusters used"), ("ATE", "Average treatment effect (DR)"),
+                            ("ATE_SE", "Standard error of the ATE"), ("N_USED", "Units used"),
+                            ("N_DROPPED", "Units dropped")):
+            self.addOutput(QgsProcessingOutputNumber(name, label))
+
+    def processAlgorithm(self, parameters, context, feedback):  # noqa: N802 - QGIS's name
+        from ..core.clusters import export_onnx
+        from ..core.errors import GeoCateError
+        from ..core.pipeline import find_clusters
+        from ..core.study import describe_dropped
+
+        source, study_values = read_study_parameters(self, parameters, context)
+        n_clusters = self.parameterAsInt(parameters, self.CLUSTERS, context)
+        max_clusters = self.parameterAsInt(parameters, self.MAX_CLUSTERS, context)
+        epochs = self.parameterAsInt(parameters, self.EPOCHS, context)
+        device = DEVICES[self.parameterAsEnum(parameters, self.DEVICE, context)]
+        model_path = self.parameterAsFileOutput(parameters, self.OUTPUT_MODEL, context)
+        salience_dir = (self.parameterAsString(parameters, self.OUTPUT_SALIENCE, context)
+                        if parameters.get(self.OUTPUT_SALIENCE) else None)
+        features, units = read_units(source, study_values["treatment"], study_values["outcome"],
+                                     study_values["covariates"], feedback)
+        try:
+            study, result, extras = find_clusters(
+                units, study_values["raster"], study_values["bands"], study_values["window"], study_values["nodata"],
+                study_values["seed"], n_clusters, max_clusters, epochs, device,
+                spatial_block=study_values["spatial_block"],
+                progress=lambda f, m: (feedback.setProgress(5 + 90 * f), feedback.setProgressText(m)),
+                is_cancelled=feedback.isCanceled)
+        except GeoCateError as error:
+            raise QgsProcessingException(str(error)) from error
+
+        k = result.metadata["n_clusters"]
+        feedback.pushInfo(f"Units: {len(features)}, {result.n_used} used ({describe_dropped(study.dropped)}); "
+                          f"device {result.metadata['device']}.")
+        if extras["k_table"]:
+            for kk, ll, se in extras["k_table"]:
+                feedback.pushInfo(f"K = {kk}: held-out log-likelihood per unit {ll:.4f} (SE {se:.4f})")
+            feedback.pushInfo(f"Chosen K = {k} (the smallest K within one SE of the best).")
+        for row in extras["clusters"]:
+            feedback.pushInfo(f"Cluster {row[0]}: effect {row[1]:.3f} [{row[2]:.3f}, {row[3]:.3f}], "
+                              f"share {row[4]:.2f}, sigma control {row[5]:.3f}, treated {row[6]:.3f}")
+
+        # Every number is in hand: the outputs are written only now.
+        extra_fields = RESULT_FIELDS + tuple((f"p_{j + 1}", QVariant.Double) for j in range(k))
+        fields, kept = output_fields(source.fields(), extra_fields)
+        sink, dest_id = self.parameterAsSink(parameters, self.OUTPUT, context, fields, source.wkbType(),
+                                             source.sourceCrs())
+        if sink is None:
+            raise QgsProcessingException("The output could not be created. Check the OUTPUT path.")
+        columns = {"cate": result.cate, "cate_lo": result.cate_lo, "cate_hi": result.cate_hi,
+                   "cate_se": result.cate_se, "group": np.where(result.group > 0, result.group, np.nan),
+                   "patch_ok": study.patch_ok.astype(int)}
+        columns.update({f"p_{j + 1}": result.probabilities[:, j] for j in range(k)})
+        sink.addFeatures(result_features(features, kept, fields, columns), QgsFeatureSink.FastInsert)
+        del sink
+        table_id = self._write_clusters(parameters, context, extras["clusters"])
+        os.makedirs(os.path.dirname(os.path.abspath(model_path)), exist_ok=True)
+        export_onnx(extras["model"], model_path, len(study.bands), study_values["window"],
+                    len(study_values["covariates"]),
+                    {"algorithm": "geocate:imageclusters", "n_clusters": k, "bands_used": list(study.bands),
+                     "covariates": study_values["covariates"], "band_scaling": result.metadata["band_scaling"],
+                     "clusters": extras["clusters"], "seed": study_values["seed"]})
+        feedback.pushInfo(f"Model written to {model_path} (with its description {model_path}.json).")
+        if salience_dir:
+            written = self._write_salience(salience_dir, study, result, extras, study_values)
+            feedback.pushInfo(f"{written} salience raster(s) written to {salience_dir}.")
+        self._dest_id = dest_id
+        if context.willLoadLayerOnCompletion(dest_id):
+            context.layerToLoadOnCompletionDetails(dest_id).setPostProcessor(_ClusterStyleOnLoad.create())
+        self._results = {self.OUTPUT: dest_id, self.OUTPUT_CLUSTERS: table_id, self.OUTPUT_MODEL: model_path,
+                         self.OUTPUT_SALIENCE: salience_dir, "N_CLUSTERS": k, "ATE": result.ate,
+                         "ATE_SE": result.ate_se, "N_USED": result.n_used, "N_DROPPED": result.n_dropped}
+        self._metadata = dict(result.metadata, algorithm="geocate:imageclusters", n_used=result.n_used,
+                              n_dropped=result.n_dropped, ate=result.ate, ate_se=result.ate_se)
+        return self._results
+
+    def _write_clusters(self, parameters, context, rows):
+        from qgis.core import QgsFeature, QgsField, QgsFields, QgsWkbTypes
+
+        fields = QgsFields()
+        for name, kind in (("cluster", QVariant.Int), ("effect", QVariant.Double), ("ci_low", QVariant.Double),
+                           ("ci_high", QVariant.Double), ("share", QVariant.Double),
+                           ("sigma_control", QVariant.Double), ("sigma_treated", QVariant.Double)):
+            fields.append(QgsField(name, kind))
+        sink, table_id = self.parameterAsSink(parameters, self.OUTPUT_CLUSTERS, context, fields, QgsWkbTypes.NoGeometry)
+        if sink is None:
+            raise QgsProcessingException("The cluster table could not be created. Check the OUTPUT_CLUSTERS path.")
+        for row in rows:
+            feature = QgsFeature(fields)
+            feature.setAttributes([int(row[0])] + [float(v) for v in row[1:]])
+            sink.addFeature(feature, QgsFeatureSink.FastInsert)
+        del sink
+        return table_id
+
+    @staticmethod
+    def _write_salience(folder, study, result, extras, study_values, per_cluster=3):
+        """Salience rasters for the ``per_cluster`` units with the highest probability of each cluster."""
+        from ..core.clusters import occlusion_sensitivity, salience, write_salience
+
+        os.makedirs(folder, exist_ok=True)
+        written = 0
+        probabilities = np.nan_to_num(result.probabilities, nan=-1.0)
+        for cluster in range(probabilities.shape[1]):
+            for unit in np.argsort(-probabilities[:, cluster])[:per_cluster]:
+                if probabilities[unit, cluster] < 0:
+                    continue
+                gradient = salience(extras["model"], study.patches[unit], study.covariates[unit], cluster)
+                occlusion = occlusion_sensitivity(extras["model"], study.patches[unit], study.covariates[unit],
+                                                  cluster)
+                write_salience(os.path.join(folder, f"cluster{cluster + 1}_unit{unit + 1}.tif"),
+                               study_values["raster"], study.coords[unit], study_values["window"], gradient,
+                               occlusion)
+                written += 1
+        return written
+
+    def postProcessAlgorithm(self, context, feedback):  # noqa: N802 - QGIS's name
+        dest_id = getattr(self, "_dest_id", None)
+        if dest_id is None:
+            return {}
+        layer = QgsProcessingUtils.mapLayerFromString(dest_id, context)
+        if layer is not None:
+            apply_result_styles(layer, current=GROUP_STYLE)
+            save_styles_to_geopackage(layer)
+        from .estimatecate import sidecar_path, write_json_atomically
+
+        sidecar = sidecar_path(dest_id)
+        if sidecar:
+            write_json_atomically(sidecar, self._metadata)
+        return self._results
