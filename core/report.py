@@ -268,3 +268,21 @@ def plot_effect_map(raster_path, coords, cate, path, max_pixels=900):
     figure.tight_layout()
     figure.savefig(path)
     return path
+
+
+def draw_cluster_effects(axes, clusters, ate=None):
+    """Each latent cluster's effect with its 95 % interval, labelled with its share of units."""
+    numbers = [row[0] for row in clusters]
+    effect = [row[1] for row in clusters]
+    axes.errorbar(numbers, effect, yerr=[[row[1] - row[2] for row in clusters], [row[3] - row[1] for row in clusters]],
+                  fmt="o", color="#2166ac", capsize=4, label="cluster effect (95 %)")
+    for row in clusters:
+        axes.annotate(f"{100 * row[4]:.0f} %", (row[0], row[3]), textcoords="offset points", xytext=(0, 4),
+                      ha="center", fontsize=7)
+    if ate is not None:
+        axes.axhline(ate, color="grey", linestyle="--", linewidth=0.8, label="ATE")
+    axes.axhline(0, color="black", linewidth=0.6)
+    axes.set_xticks(numbers)
+    axes.set_xlabel("latent cluster (share of units above)")
+    axes.set_ylabel("treatment effect")
+    axes.legend(fontsize=7, loc="upper left")

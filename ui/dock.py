@@ -45,6 +45,7 @@ from qgis.PyQt.QtWidgets import (
 )
 
 ALGORITHM = "geocate:estimatecate"
+CLUSTER_ALGORITHM = "geocate:imageclusters"
 SCOPE = "geocate"  # project entries: where the dock remembers its choices
 
 
@@ -101,6 +102,7 @@ class GeoCateDock(QgsDockWidget):
         self.window_ground = QLabel()
         self.method = QComboBox()
         self.method.addItem("Causal forest on image features", ALGORITHM)
+        self.method.addItem("Latent effect clusters (image model)", CLUSTER_ALGORITHM)
         self.seed = QSpinBox()
         self.seed.setRange(0, 2 ** 31 - 1)
         self.seed.setValue(42)
@@ -139,7 +141,15 @@ class GeoCateDock(QgsDockWidget):
                                       "-1 = chosen from the data.")
         self.nodata = QLineEdit()
         self.nodata.setPlaceholderText("none (the raster's own nodata and fill are always used)")
-        advanced.addRow("Effect groups", self.groups)
+        self.clusters = QSpinBox()
+        self.clusters.setRange(0, 12)
+        self.clusters.setSpecialValueText("choose from the data")
+        self.max_clusters = QSpinBox()
+        self.max_clusters.setRange(1, 12)
+        self.max_clusters.setValue(4)
+        advanced.addRow("Effect groups (forest)", self.groups)
+        advanced.addRow("Clusters (image model)", self.clusters)
+        advanced.addRow("Largest K to try", self.max_clusters)
         advanced.addRow("Spatial blocks", self.spatial_block)
         advanced.addRow("Extra nodata value", self.nodata)
         layout.addWidget(self.advanced)
@@ -268,10 +278,15 @@ class GeoCateDock(QgsDockWidget):
             "INPUT": source, "TREATMENT": self.treatment.currentField(), "OUTCOME": self.outcome.currentField(),
             "COVARIATES": self.covariates.checkedItems(), "RASTER": self.raster.currentLayer().id(),
             "BANDS": bands or None, "PATCH_SIZE": self.window.value(), "SEED": self.seed.value(),
-            "GROUPS": self.groups.value(), "SPATIAL_BLOCK": self.spatial_block.value(),
-            "OUTPUT": os.path.join(self.run_dir, "result.gpkg"),
-            "OUTPUT_REPORT": os.path.join(self.run_dir, "report.html"),
+            "SPATIAL_BLOCK": self.spatial_block.value(), "OUTPUT": os.path.join(self.run_dir, "result.gpkg"),
         }
+        if self.method.currentData() == CLUSTER_ALGORITHM:
+            parameters.update(CLUSTERS=self.clusters.value(), MAX_CLUSTERS=max(self.max_clusters.value(),
+                                                                               self.clusters.value()),
+                              OUTPUT_CLUSTERS=os.path.join(self.run_dir, "clusters.gpkg"),
+                              OUTPUT_MODEL=os.path.join(self.run_dir, "clusters.onnx"))
+        else:
+            parameters.update(GROUPS=self.groups.value(), OUTPUT_REPORT=os.path.join(self.run_dir, "report.html"))
         if self.nodata.text().strip():
             parameters["NODATA"] = float(self.nodata.text())
         return parameters
@@ -301,7 +316,7 @@ class GeoCateDock(QgsDockWidget):
         self.run_dir = os.path.join(base, "geocate_runs", time.strftime("%Y%m%d-%H%M%S"))
         os.makedirs(self.run_dir, exist_ok=True)
         self.save_choices()
-        algorithm = QgsApplication.processingRegistry().createAlgorithmById(ALGORITHM)
+        algorithm = QgsApplication.processingRegistry().createAlgorithmById(self.method.currentData())
         self.context = QgsProcessingContext()
         self.context.setProject(QgsProject.instance())
         self.feedback = CapturingFeedback()
@@ -340,38 +355,52 @@ class GeoCateDock(QgsDockWidget):
         self.run_finished.emit(bool(ok and not cancelled))
 
     def load_results(self):
-        from ..provider.styles import apply_result_styles
+        from ..provider.styles import CATE_STYLE, GROUP_STYLE, apply_result_styles
 
-        layer = QgsVectorLayer(self.last_results["OUTPUT"], "Treatment effects (CATE)", "ogr")
-        apply_result_styles(layer)
+        clusters = "OUTPUT_CLUSTERS" in self.last_results
+        layer = QgsVectorLayer(self.last_results["OUTPUT"],
+                               "Effect clusters" if clusters else "Treatment effects (CATE)", "ogr")
+        apply_result_styles(layer, current=GROUP_STYLE if clusters else CATE_STYLE)
         project = QgsProject.instance()
         group = project.layerTreeRoot().insertGroup(0, self.run_name)
         project.addMapLayer(layer, False)
         group.addLayer(layer)
+        if clusters:
+            table = QgsVectorLayer(self.last_results["OUTPUT_CLUSTERS"], "Clusters (effects)", "ogr")
+            project.addMapLayer(table, False)
+            group.addLayer(table)
         group.setExpanded(True)
         self.result_layer = layer
         metadata_path = os.path.join(self.run_dir, "result.run.json")
         with open(metadata_path, encoding="utf-8") as handle:
             self.metadata = json.load(handle)
         self.show_summary(self.metadata)
-        self.report_button.setEnabled(True)
+        self.report_button.setEnabled(bool(self.last_results.get("OUTPUT_REPORT")))
         self.zoom_button.setEnabled(True)
 
     def show_summary(self, metadata):
         ate, se = metadata["ate"], metadata["ate_se"]
-        autoc = metadata["autoc"]
-        verdict = "heterogeneity detected" if autoc["ci"][0] > 0 else "no heterogeneity detected"
-        self.summary.setText(
-            f"<b>ATE</b> {ate:.3f} (95 % interval {ate - 1.96 * se:.3f} to {ate + 1.96 * se:.3f})<br>"
-            f"<b>Units</b> {metadata['n_used']} used, {metadata['n_dropped']} dropped<br>"
-            f"<b>AUTOC</b> {autoc['estimate']:.3f} (95 % interval {autoc['ci'][0]:.3f} to {autoc['ci'][1]:.3f}): "
-            f"{verdict}<br><b>Device</b> {metadata['device']}, {metadata['timings']['total_s']:.1f} s")
+        lines = [f"<b>ATE</b> {ate:.3f} (95 % interval {ate - 1.96 * se:.3f} to {ate + 1.96 * se:.3f})",
+                 f"<b>Units</b> {metadata['n_used']} used, {metadata['n_dropped']} dropped"]
+        if "autoc" in metadata:
+            autoc = metadata["autoc"]
+            verdict = "heterogeneity detected" if autoc["ci"][0] > 0 else "no heterogeneity detected"
+            lines.append(f"<b>AUTOC</b> {autoc['estimate']:.3f} (95 % interval {autoc['ci'][0]:.3f} to "
+                         f"{autoc['ci'][1]:.3f}): {verdict}")
+        if "clusters" in metadata:
+            k = metadata["n_clusters"]
+            lines.append(f"<b>Clusters</b> K = {k}" + (" (no heterogeneity found)" if k == 1 else ""))
+        lines.append(f"<b>Device</b> {metadata['device']}, {metadata['timings']['total_s']:.1f} s")
+        self.summary.setText("<br>".join(lines))
         if self.canvas is not None:
-            from ..core.report import draw_group_effects
+            from ..core.report import draw_cluster_effects, draw_group_effects
 
             figure = self.canvas.figure
             figure.clear()
-            draw_group_effects(figure.add_subplot(1, 1, 1), metadata["group_effects"], ate)
+            if "clusters" in metadata:
+                draw_cluster_effects(figure.add_subplot(1, 1, 1), metadata["clusters"], ate)
+            else:
+                draw_group_effects(figure.add_subplot(1, 1, 1), metadata["group_effects"], ate)
             figure.tight_layout()
             self.canvas.draw()
             self.canvas.show()
@@ -429,8 +458,10 @@ class GeoCateDock(QgsDockWidget):
             project.writeEntry(SCOPE, key, value)
         project.writeEntry(SCOPE, "covariates", self.covariates.checkedItems())
         project.writeEntry(SCOPE, "bands", self.bands.checkedItems())
+        project.writeEntry(SCOPE, "method", self.method.currentData())
         for key, value in (("window", self.window.value()), ("seed", self.seed.value()),
-                           ("groups", self.groups.value())):
+                           ("groups", self.groups.value()), ("clusters", self.clusters.value()),
+                           ("max_clusters", self.max_clusters.value())):
             project.writeEntry(SCOPE, key, int(value))
         project.writeEntryDouble(SCOPE, "spatial_block", self.spatial_block.value())
 
@@ -452,7 +483,11 @@ class GeoCateDock(QgsDockWidget):
         bands, found = project.readListEntry(SCOPE, "bands", [])
         if found:
             self.bands.setCheckedItems(bands)
-        for key, widget in (("window", self.window), ("seed", self.seed), ("groups", self.groups)):
+        method = self.method.findData(project.readEntry(SCOPE, "method", ALGORITHM)[0])
+        if method >= 0:
+            self.method.setCurrentIndex(method)
+        for key, widget in (("window", self.window), ("seed", self.seed), ("groups", self.groups),
+                            ("clusters", self.clusters), ("max_clusters", self.max_clusters)):
             value, found = project.readNumEntry(SCOPE, key, widget.value())
             if found:
                 widget.setValue(value)

@@ -172,3 +172,20 @@ def test_a_failed_run_is_explained_in_the_dock_and_leaves_nothing(plugin, projec
     assert "None of the 60 units lies inside the raster" in dock.message.text()
     assert len(QgsProject.instance().layerTreeRoot().children()) == groups_before
     assert not os.path.exists(run_dir) and dock.run_button.isEnabled()
+
+
+def test_dock_offers_the_cluster_model_and_shows_its_clusters(plugin, project_layers):
+    units, raster = project_layers
+    dock = filled_dock(plugin, units, raster)
+    dock.method.setCurrentIndex(dock.method.findData("geocate:imageclusters"))
+    dock.clusters.setValue(2)
+    assert dock.start_run()
+    assert wait_for_run(dock) is True, dock.message.text()
+    group = QgsProject.instance().layerTreeRoot().findGroup(dock.run_name)
+    layers = {node.layer().name(): node.layer() for node in group.findLayers()}
+    assert set(layers) == {"Effect clusters", "Clusters (effects)"}
+    assert isinstance(layers["Effect clusters"].renderer(), QgsCategorizedSymbolRenderer)
+    assert layers["Clusters (effects)"].featureCount() == 2
+    assert "K = 2" in dock.summary.text() and "ATE" in dock.summary.text()
+    assert dock.canvas.figure.axes and not dock.report_button.isEnabled()
+    assert os.path.exists(os.path.join(dock.run_dir, "clusters.onnx"))

@@ -1,0 +1,135 @@
+"""Benchmark of the image cluster model against the causal forest and the paper's baseline, in one process.
+
+Usage: python bench/bench_clusters.py [--units 3000] [--seed 11] [--json out.json]
+
+On the same simulated studies on the demo imagery (core/simulate.py):
+well-separated (two image-defined clusters, effects -1 and 3) and no
+heterogeneity (effect 1 everywhere), it runs
+
+* the cluster model of geocate:imageclusters (K chosen over 1..4, 5 folds);
+* the causal forest of geocate:estimatecate, its out-of-fold CATE grouped by
+  k-means into as many groups as the cluster model chose;
+* the baseline of Jerzak, Johansson & Daoud: a two-headed outcome network
+  (TARNet: shared layers on the image features, one head per arm), its
+  cross-fitted effects mu1 - mu0 grouped by k-means (the baseline is written
+  here, for the benchmark only);
+
+and prints the adjusted Rand index against the true clusters, the CATE RMSE,
+the K chosen and the wall time of each; and the cluster model's training speed
+(windows per second per epoch) on the device it ran on.
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DEMO_RASTER = os.path.join(os.path.dirname(HERE), "resources", "demo", "landsat8_demo_b234.tif")
+sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
+
+
+def tarnet_effects(features, treated, outcome, folds, seed, epochs=300, hidden=64):
+    """Cross-fitted TARNet effects mu1(x) - mu0(x) (Shalit, Johansson & Sontag 2017)."""
+    import torch
+
+    effects = np.empty(len(outcome))
+    y_mean, y_sd = outcome.mean(), outcome.std()
+    for fold in np.unique(folds):
+        torch.manual_seed(seed)
+        train, test = folds != fold, folds == fold
+        trunk = torch.nn.Sequential(torch.nn.Linear(features.shape[1], hidden), torch.nn.ReLU(),
+                                    torch.nn.Linear(hidden, hidden), torch.nn.ReLU())
+        heads = torch.nn.Linear(hidden, 2)
+        params = list(trunk.parameters()) + list(heads.parameters())
+        optimiser = torch.optim.Adam(params, lr=1e-2, weight_decay=1e-4)
+        x = torch.as_tensor(features[train], dtype=torch.float32)
+        w = torch.as_tensor(treated[train], dtype=torch.long)
+        y = torch.as_tensor((outcome[train] - y_mean) / y_sd, dtype=torch.float32)
+        for _ in range(epochs):
+            optimiser.zero_grad()
+            prediction = heads(trunk(x)).gather(1, w[:, None]).squeeze(1)
+            loss = ((prediction - y) ** 2).mean()
+            loss.backward()
+            optimiser.step()
+        with torch.no_grad():
+            both = heads(trunk(torch.as_tensor(features[test], dtype=torch.float32))).numpy()
+        effects[test] = (both[:, 1] - both[:, 0]) * y_sd
+    return effects
+
+
+def kmeans_groups(effects, k, seed):
+    from sklearn.cluster import KMeans
+
+    if k == 1:
+        return np.ones(len(effects), int)
+    labels = KMeans(n_clusters=k, n_init=10, random_state=seed).fit_predict(effects.reshape(-1, 1))
+    order = np.argsort([effects[labels == j].mean() for j in range(k)])
+    return np.argsort(order)[labels] + 1
+
+
+def run(design, effects, args):
+    from conftest import unit_table
+    from sklearn.metrics import adjusted_rand_score
+
+    from geocate.core.learners import design_matrix, location_folds
+    from geocate.core.pipeline import estimate_cate, find_clusters, image_features
+    from geocate.core.simulate import simulate_trial
+
+    trial = simulate_trial(DEMO_RASTER, n_units=args.units, seed=args.seed, effects=effects)
+    truth, true_group = trial.true_cate, trial.true_group
+    rows = {}
+
+    started = time.perf_counter()
+    study, result, extras = find_clusters(unit_table(trial), DEMO_RASTER, max_clusters=4, seed=args.seed,
+                                          device=args.device)
+    k = result.metadata["n_clusters"]
+    seconds = time.perf_counter() - started
+    fits = 4 * 5 + 5 + 1
+    windows_per_second = fits * result.metadata["epochs"] * 0.8 * args.units / result.metadata["timings"]["total_s"]
+    rows["cluster model"] = dict(ari=adjusted_rand_score(true_group, result.group), k=k,
+                                 rmse=float(np.sqrt(np.mean((result.cate - truth) ** 2))), seconds=seconds,
+                                 device=result.metadata["device"], windows_per_second_per_epoch=windows_per_second)
+
+    started = time.perf_counter()
+    _, forest = estimate_cate(unit_table(trial), DEMO_RASTER, seed=args.seed, device=args.device)
+    rows["causal forest + k-means"] = dict(
+        ari=adjusted_rand_score(true_group, kmeans_groups(forest.cate, k, args.seed)), k=k,
+        rmse=float(np.sqrt(np.mean((forest.cate - truth) ** 2))), seconds=time.perf_counter() - started)
+
+    started = time.perf_counter()
+    features = image_features(study, args.seed, device=args.device)[0]
+    x, _ = design_matrix(features, trial.covariates)
+    folds = location_folds(np.arange(len(truth)), 5, args.seed)
+    tarnet = tarnet_effects(x, trial.treated, trial.outcome, folds, args.seed)
+    rows["TARNet + k-means (paper's baseline)"] = dict(
+        ari=adjusted_rand_score(true_group, kmeans_groups(tarnet, k, args.seed)), k=k,
+        rmse=float(np.sqrt(np.mean((tarnet - truth) ** 2))), seconds=time.perf_counter() - started)
+
+    print(f"\n{design} (effects {effects}, {args.units} units):")
+    for name, row in rows.items():
+        extra = (f", {row['windows_per_second_per_epoch']:,.0f} windows/s per epoch on {row['device']}"
+                 if "device" in row else "")
+        print(f"  {name:38s} ARI {row['ari']:.3f}  RMSE {row['rmse']:.3f}  K {row['k']}  {row['seconds']:.1f} s{extra}")
+    return rows
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--units", type=int, default=3000)
+    parser.add_argument("--seed", type=int, default=11)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args(argv)
+    figures = {"well-separated": run("well-separated", (-1.0, 3.0), args),
+               "no heterogeneity": run("no heterogeneity", (1.0,), args)}
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as handle:
+            json.dump(figures, handle, indent=2)
+
+
+if __name__ == "__main__":
+    main()
