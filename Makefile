@@ -52,6 +52,7 @@ test: setup
 
 bench: setup
 	$(PY) bench/bench_evaluate.py
+	$(PY) bench/bench_clusters.py
 	$(PY) bench/bench_estimate.py
 
 clean:
