@@ -1,12 +1,53 @@
-"""What every GeoCATE Processing algorithm shares: its group, icon and how it is copied."""
+"""What every GeoCATE Processing algorithm shares: group, icon, copying, and finishing a per-unit result layer."""
 
-from qgis.core import QgsProcessingAlgorithm
+import json
+import os
+
+from qgis.core import QgsProcessingAlgorithm, QgsProcessingLayerPostProcessorInterface, QgsProcessingUtils
 from qgis.PyQt.QtGui import QIcon
 
 from ..plugin import ICON
+from .styles import CATE_STYLE, apply_result_styles, save_styles_to_geopackage
+
+
+class StyleOnLoad(QgsProcessingLayerPostProcessorInterface):
+    """Styles a result layer when Processing loads it into the project."""
+
+    alive = []  # Processing keeps only a pointer: hold the Python objects
+
+    def __init__(self, current):
+        super().__init__()
+        self.current = current
+
+    def postProcessLayer(self, layer, context, feedback):  # noqa: N802 - QGIS's name
+        if layer is not None and layer.fields().lookupField("group") >= 0:
+            apply_result_styles(layer, current=self.current)
+
+    @classmethod
+    def create(cls, current):
+        instance = cls(current)
+        cls.alive.append(instance)
+        return instance
+
+
+def sidecar_path(destination):
+    """Where a file output's run metadata goes: result.gpkg -> result.run.json (None for memory layers)."""
+    path = destination.split("|")[0]
+    if not path or path.startswith("memory:") or "://" in path or not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+        return None
+    return os.path.splitext(os.path.abspath(path))[0] + ".run.json"
+
+
+def write_json_atomically(path, payload):
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as handle:
+        json.dump(payload, handle, indent=2, default=str)
+    os.replace(tmp, path)
 
 
 class GeoCateAlgorithm(QgsProcessingAlgorithm):
+    result_style = CATE_STYLE  # the style a per-unit result layer opens with
+
     def group(self):
         return "Treatment effects"
 
@@ -18,3 +59,29 @@ class GeoCateAlgorithm(QgsProcessingAlgorithm):
 
     def createInstance(self):  # noqa: N802 - QGIS's name
         return type(self)()
+
+    def keep_result(self, context, dest_id, results, metadata):
+        """Remember what postProcessAlgorithm finishes: the result layer, the results, the run metadata."""
+        self._dest_id, self._results, self._metadata = dest_id, results, metadata
+        if context.willLoadLayerOnCompletion(dest_id):
+            context.layerToLoadOnCompletionDetails(dest_id).setPostProcessor(StyleOnLoad.create(self.result_style))
+        return results
+
+    def finish_result(self, context, feedback):
+        """Style the result layer (and store its styles in a GeoPackage), write the run metadata beside it."""
+        layer = QgsProcessingUtils.mapLayerFromString(self._dest_id, context)
+        if layer is not None:
+            apply_result_styles(layer, current=self.result_style)
+            save_styles_to_geopackage(layer)
+        sidecar = sidecar_path(self._dest_id)
+        if sidecar:
+            write_json_atomically(sidecar, self._metadata)
+            feedback.pushInfo(f"Run metadata written to {sidecar}.")
+        return layer
+
+    def postProcessAlgorithm(self, context, feedback):  # noqa: N802 - QGIS's name
+        if getattr(self, "_dest_id", None) is None:
+            return {}
+        self.finish_result(context, feedback)
+        # A non-empty answer replaces processAlgorithm's results, so give them all again.
+        return self._results

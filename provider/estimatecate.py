@@ -1,55 +1,21 @@
 """geocate:estimatecate - per-unit treatment effects of a trial from the imagery around each unit."""
 
-import json
 import os
 
 import numpy as np
 from qgis.core import (
     QgsFeatureSink,
     QgsProcessingException,
-    QgsProcessingLayerPostProcessorInterface,
     QgsProcessingOutputNumber,
     QgsProcessingParameterDefinition,
     QgsProcessingParameterFeatureSink,
     QgsProcessingParameterFileDestination,
     QgsProcessingParameterNumber,
-    QgsProcessingUtils,
 )
 
 from .base import GeoCateAlgorithm
 from .convert import output_fields, read_units, result_features
 from .study_parameters import add_spatial_block_parameter, add_study_parameters, read_study_parameters
-from .styles import apply_result_styles, save_styles_to_geopackage
-
-
-class _StyleOnLoad(QgsProcessingLayerPostProcessorInterface):
-    """Styles the output when Processing loads it into the project."""
-
-    instance = None  # Processing keeps only a pointer: hold the Python object
-
-    def postProcessLayer(self, layer, context, feedback):  # noqa: N802 - QGIS's name
-        if layer is not None and layer.fields().lookupField("cate") >= 0:
-            apply_result_styles(layer)
-
-    @classmethod
-    def create(cls):
-        cls.instance = cls()
-        return cls.instance
-
-
-def sidecar_path(destination):
-    """Where a file output's run metadata goes: result.gpkg -> result.run.json."""
-    path = destination.split("|")[0]
-    if not path or path.startswith("memory:") or "://" in path or not os.path.isdir(os.path.dirname(os.path.abspath(path))):
-        return None
-    return os.path.splitext(os.path.abspath(path))[0] + ".run.json"
-
-
-def write_json_atomically(path, payload):
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as handle:
-        json.dump(payload, handle, indent=2, default=str)
-    os.replace(tmp, path)
 
 
 class EstimateCateAlgorithm(GeoCateAlgorithm):
@@ -156,34 +122,23 @@ class EstimateCateAlgorithm(GeoCateAlgorithm):
             raise QgsProcessingException(f"Writing the output failed: {sink.lastError()}")
         del sink  # closes the file, so postProcessAlgorithm can open and style it
 
-        self._dest_id = dest_id
         self._report = self.parameterAsFileOutput(parameters, self.OUTPUT_REPORT, context) or None
         self._map = (path, study.coords, result.cate)
-        self._metadata = dict(result.metadata, algorithm="geocate:estimatecate", parameters={
+        metadata = dict(result.metadata, algorithm="geocate:estimatecate", parameters={
             "INPUT": source.sourceName(), "TREATMENT": treatment, "OUTCOME": outcome,
             "COVARIATES": covariates, "RASTER": path, "BANDS": bands, "PATCH_SIZE": window,
             "NODATA": nodata, "SEED": seed, "GROUPS": n_groups, "SPATIAL_BLOCK": spatial_block,
         }, n_units=len(features), n_used=result.n_used, n_dropped=result.n_dropped,
             ate=result.ate, ate_se=result.ate_se)
-        if context.willLoadLayerOnCompletion(dest_id):
-            context.layerToLoadOnCompletionDetails(dest_id).setPostProcessor(_StyleOnLoad.create())
-        self._results = {self.OUTPUT: dest_id, "ATE": result.ate, "ATE_SE": result.ate_se,
-                         "N_USED": result.n_used, "N_DROPPED": result.n_dropped, "AUTOC": autoc.estimate,
-                         "AUTOC_SE": autoc.std_err, "AUTOC_P": autoc.p_value}
-        return self._results
+        return self.keep_result(context, dest_id, {
+            self.OUTPUT: dest_id, "ATE": result.ate, "ATE_SE": result.ate_se, "N_USED": result.n_used,
+            "N_DROPPED": result.n_dropped, "AUTOC": autoc.estimate, "AUTOC_SE": autoc.std_err,
+            "AUTOC_P": autoc.p_value}, metadata)
 
     def postProcessAlgorithm(self, context, feedback):  # noqa: N802 - QGIS's name
-        dest_id = getattr(self, "_dest_id", None)
-        if dest_id is None:
+        if getattr(self, "_dest_id", None) is None:
             return {}
-        layer = QgsProcessingUtils.mapLayerFromString(dest_id, context)
-        if layer is not None:
-            apply_result_styles(layer)
-            save_styles_to_geopackage(layer)
-        sidecar = sidecar_path(dest_id)
-        if sidecar:
-            write_json_atomically(sidecar, self._metadata)
-            feedback.pushInfo(f"Run metadata written to {sidecar}.")
+        self.finish_result(context, feedback)
         if self._report:
             from ..core.report import estimate_report, plot_effect_map
 
@@ -191,5 +146,4 @@ class EstimateCateAlgorithm(GeoCateAlgorithm):
             estimate_report(self._metadata, self._report, map_png)
             self._results[self.OUTPUT_REPORT] = self._report
             feedback.pushInfo(f"Report written to {self._report}.")
-        # A non-empty answer replaces processAlgorithm's results, so give them all again.
         return self._results

@@ -6,7 +6,6 @@ import numpy as np
 from qgis.core import (
     QgsFeatureSink,
     QgsProcessingException,
-    QgsProcessingLayerPostProcessorInterface,
     QgsProcessingOutputNumber,
     QgsProcessingParameterDefinition,
     QgsProcessingParameterEnum,
@@ -15,32 +14,19 @@ from qgis.core import (
     QgsProcessingParameterFolderDestination,
     QgsProcessingParameterNumber,
     QgsProcessing,
-    QgsProcessingUtils,
 )
 from qgis.PyQt.QtCore import QVariant
 
 from .base import GeoCateAlgorithm
 from .convert import RESULT_FIELDS, output_fields, read_units, result_features
 from .study_parameters import add_spatial_block_parameter, add_study_parameters, read_study_parameters
-from .styles import GROUP_STYLE, apply_result_styles, save_styles_to_geopackage
+from .styles import GROUP_STYLE
 
 DEVICES = ["auto", "cpu", "cuda"]
 
 
-class _ClusterStyleOnLoad(QgsProcessingLayerPostProcessorInterface):
-    instance = None  # Processing keeps only a pointer: hold the Python object
-
-    def postProcessLayer(self, layer, context, feedback):  # noqa: N802 - QGIS's name
-        if layer is not None and layer.fields().lookupField("group") >= 0:
-            apply_result_styles(layer, current=GROUP_STYLE)
-
-    @classmethod
-    def create(cls):
-        cls.instance = cls()
-        return cls.instance
-
-
 class ImageClustersAlgorithm(GeoCateAlgorithm):
+    result_style = GROUP_STYLE  # the cluster layer opens categorized
     CLUSTERS, MAX_CLUSTERS, EPOCHS, DEVICE = "CLUSTERS", "MAX_CLUSTERS", "EPOCHS", "DEVICE"
     OUTPUT, OUTPUT_CLUSTERS, OUTPUT_MODEL, OUTPUT_SALIENCE = "OUTPUT", "OUTPUT_CLUSTERS", "OUTPUT_MODEL", "OUTPUT_SALIENCE"
 
@@ -148,15 +134,12 @@ class ImageClustersAlgorithm(GeoCateAlgorithm):
         if salience_dir:
             written = self._write_salience(salience_dir, study, result, extras, study_values)
             feedback.pushInfo(f"{written} salience raster(s) written to {salience_dir}.")
-        self._dest_id = dest_id
-        if context.willLoadLayerOnCompletion(dest_id):
-            context.layerToLoadOnCompletionDetails(dest_id).setPostProcessor(_ClusterStyleOnLoad.create())
-        self._results = {self.OUTPUT: dest_id, self.OUTPUT_CLUSTERS: table_id, self.OUTPUT_MODEL: model_path,
-                         self.OUTPUT_SALIENCE: salience_dir, "N_CLUSTERS": k, "ATE": result.ate,
-                         "ATE_SE": result.ate_se, "N_USED": result.n_used, "N_DROPPED": result.n_dropped}
-        self._metadata = dict(result.metadata, algorithm="geocate:imageclusters", n_used=result.n_used,
-                              n_dropped=result.n_dropped, ate=result.ate, ate_se=result.ate_se)
-        return self._results
+        return self.keep_result(context, dest_id, {
+            self.OUTPUT: dest_id, self.OUTPUT_CLUSTERS: table_id, self.OUTPUT_MODEL: model_path,
+            self.OUTPUT_SALIENCE: salience_dir, "N_CLUSTERS": k, "ATE": result.ate, "ATE_SE": result.ate_se,
+            "N_USED": result.n_used, "N_DROPPED": result.n_dropped},
+            dict(result.metadata, algorithm="geocate:imageclusters", n_used=result.n_used,
+                 n_dropped=result.n_dropped, ate=result.ate, ate_se=result.ate_se))
 
     def _write_clusters(self, parameters, context, rows):
         from qgis.core import QgsFeature, QgsField, QgsFields, QgsWkbTypes
@@ -196,18 +179,3 @@ class ImageClustersAlgorithm(GeoCateAlgorithm):
                                occlusion)
                 written += 1
         return written
-
-    def postProcessAlgorithm(self, context, feedback):  # noqa: N802 - QGIS's name
-        dest_id = getattr(self, "_dest_id", None)
-        if dest_id is None:
-            return {}
-        layer = QgsProcessingUtils.mapLayerFromString(dest_id, context)
-        if layer is not None:
-            apply_result_styles(layer, current=GROUP_STYLE)
-            save_styles_to_geopackage(layer)
-        from .estimatecate import sidecar_path, write_json_atomically
-
-        sidecar = sidecar_path(dest_id)
-        if sidecar:
-            write_json_atomically(sidecar, self._metadata)
-        return self._results
