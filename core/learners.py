@@ -8,6 +8,31 @@ import numpy as np
 from .errors import Cancelled, GeoCateError, require
 
 
+def run_cancellable(work, is_cancelled=None, poll_seconds=0.25):
+    """Run ``work()`` in a worker thread, polling ``is_cancelled`` every ``poll_seconds``.
+
+    econml's forests offer no callback, so a fold cannot be interrupted from
+    inside; instead the caller stops waiting at once on cancel (raising
+    Cancelled) and the abandoned fold finishes in the background, its result
+    discarded.
+    """
+    if is_cancelled is None:
+        return work()
+    from concurrent.futures import ThreadPoolExecutor
+
+    executor = ThreadPoolExecutor(max_workers=1)
+    future = executor.submit(work)
+    try:
+        while True:
+            try:
+                return future.result(timeout=poll_seconds)
+            except TimeoutError:
+                if is_cancelled():
+                    raise Cancelled() from None
+    finally:
+        executor.shutdown(wait=False)
+
+
 def location_folds(locations, n_folds, seed):
     """Assign each unit a fold 0..n_folds-1 so that units sharing a location share a fold.
 
@@ -180,10 +205,14 @@ class CrossFittedCausalForest:
             fold_started = time.monotonic()
             train, test = self.fold_ != k, self.fold_ == k
             forest = self._forest(p)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                forest.fit(Y[train], T[train], X=X[train], groups=locations[train])
-                inference = forest.effect_inference(X[test])
+
+            def fit_fold(forest=forest, train=train, test=test):
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    forest.fit(Y[train], T[train], X=X[train], groups=locations[train])
+                    return forest.effect_inference(X[test])
+
+            inference = run_cancellable(fit_fold, is_cancelled)
             self.cate_[test] = inference.point_estimate.ravel()
             lo, hi = inference.conf_int(alpha=0.05)
             self.cate_lo_[test], self.cate_hi_[test] = np.ravel(lo), np.ravel(hi)
