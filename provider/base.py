@@ -33,7 +33,7 @@ class StyleOnLoad(QgsProcessingLayerPostProcessorInterface):
 def sidecar_path(destination):
     """Where a file output's run metadata goes: result.gpkg -> result.run.json (None for memory layers)."""
     path = destination.split("|")[0]
-    if not path or path.startswith("memory:") or "://" in path or not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+    if not path or "://" in path or not os.path.isfile(path):   # memory layers have ids, not files
         return None
     return os.path.splitext(os.path.abspath(path))[0] + ".run.json"
 

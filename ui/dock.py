@@ -331,7 +331,7 @@ class GeoCateDock(QgsDockWidget):
         return True
 
     def cancel_run(self):
-        if self.task is not None:
+        if self.task is not None and self.feedback is not None:
             self.show_info("Cancelling ...")
             self.feedback.cancel()
             self.task.cancel()
@@ -340,7 +340,9 @@ class GeoCateDock(QgsDockWidget):
         self.run_button.setEnabled(True)
         self.cancel_button.setEnabled(False)
         cancelled = self.feedback.isCanceled()
-        self.task = None
+        errors = list(self.feedback.errors)
+        # Drop the run's Processing objects now, not at interpreter exit after QGIS has gone.
+        self.task = self.context = self.feedback = None
         if ok and not cancelled:
             self.last_results = results
             self.load_results()
@@ -350,7 +352,7 @@ class GeoCateDock(QgsDockWidget):
             if cancelled:
                 self.show_info("The run was cancelled; nothing was written.")
             else:
-                detail = self.feedback.errors[-1] if self.feedback.errors else "see the Processing log"
+                detail = errors[-1] if errors else "see the Processing log"
                 self.show_error(f"The run failed: {detail}")
         self.run_finished.emit(bool(ok and not cancelled))
 

@@ -5,6 +5,7 @@ import time
 
 import pytest
 import conftest  # noqa: F401 - makes 'geocate' importable
+from qgis.PyQt.QtCore import QEvent
 from qgis.core import (
     QgsApplication,
     QgsCategorizedSymbolRenderer,
@@ -34,6 +35,7 @@ def plugin(qgis_iface, qgis_processing):
     loaded.initGui()
     yield loaded
     loaded.unload()
+    QgsApplication.sendPostedEvents(None, QEvent.DeferredDelete)  # delete the dock while QGIS still runs
 
 
 def filled_dock(plugin, units, raster):
@@ -117,6 +119,7 @@ def test_run_completes_in_the_background_with_styled_layers_and_a_summary(plugin
     again = GeoCateDock()
     assert again.units.currentLayer() == units and again.outcome.currentField() == "outcome"
     assert sorted(again.covariates.checkedItems()) == ["assets", "distance"]
+    again.deleteLater()
 
 
 def test_cancel_stops_the_run_and_leaves_nothing(plugin, project_layers):

@@ -102,6 +102,8 @@ def test_processing_run_gives_the_documented_fields_and_sensible_values(memory_r
     truth = np.array([np.nan if v is None else v for v in values(layer, "true_cate")], dtype=float)
     assert np.corrcoef(cate[used], truth[used])[0, 1] > 0.6
     assert abs(memory_run["ATE"] - truth[used].mean()) < 3 * memory_run["ATE_SE"]
+    # A temporary (memory) output has no file, so no run metadata is written anywhere.
+    assert not [name for name in os.listdir(os.getcwd()) if name.endswith(".run.json")]
 
 
 def test_output_is_styled_diverging_about_zero_with_a_group_style(memory_run):
