@@ -364,6 +364,8 @@ def evaluate_priorities(outcome, treated, priorities, names=None, covariates=Non
 
     Y, W = np.asarray(outcome, float), np.asarray(treated, float)
     n = len(Y)
+    if n == 0:
+        raise GeoCateError("The layer holds no units.", "Choose a layer with units (or uncheck 'selected features only').")
     P = np.asarray(priorities, float).reshape(n, -1)
     names = list(names or [f"priority {j + 1}" for j in range(P.shape[1])])
     X = None if covariates is None or np.asarray(covariates).size == 0 else np.asarray(covariates, float).reshape(n, -1)

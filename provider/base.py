@@ -3,7 +3,8 @@
 import json
 import os
 
-from qgis.core import QgsProcessingAlgorithm, QgsProcessingLayerPostProcessorInterface, QgsProcessingUtils
+from qgis.core import (QgsProcessingAlgorithm, QgsProcessingLayerPostProcessorInterface, QgsProcessingUtils,
+                       QgsVectorLayer)
 from qgis.PyQt.QtGui import QIcon
 
 from ..plugin import ICON
@@ -72,7 +73,12 @@ class GeoCateAlgorithm(QgsProcessingAlgorithm):
         layer = QgsProcessingUtils.mapLayerFromString(self._dest_id, context)
         if layer is not None:
             apply_result_styles(layer, current=self.result_style)
-            save_styles_to_geopackage(layer)
+            if layer.providerType() == "ogr":
+                # Styles go into the file through a layer of their own: writing them through the
+                # context's layer left that layer reading no features in the next step of a model.
+                writer = QgsVectorLayer(layer.source(), layer.name(), "ogr")
+                save_styles_to_geopackage(apply_result_styles(writer, current=self.result_style))
+                del writer
         sidecar = sidecar_path(self._dest_id)
         if sidecar:
             write_json_atomically(sidecar, self._metadata)

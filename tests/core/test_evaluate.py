@@ -171,3 +171,10 @@ def test_correlation_range_finds_the_scale_of_a_spatial_field():
     found = correlation_range(coords, field_value)
     assert 1000 < found < 8000
     assert correlation_range(coords, rng.normal(size=1500)) < 2500
+
+
+def test_an_empty_layer_is_refused_in_plain_words():
+    with pytest.raises(GeoCateError, match="holds no units"):
+        from geocate.core.evaluate import evaluate_priorities
+
+        evaluate_priorities([], [], np.zeros((0, 1)))

@@ -357,3 +357,46 @@ def test_imageclusters_refuses_more_clusters_than_allowed_and_cuda_without_gpu(p
         with pytest.raises(QgsProcessingException, match="CUDA was asked for"):
             run_clusters(demo_units_gpkg, demo_raster, tmp_path, DEVICE=2)
     assert not (tmp_path / "clusters.onnx").exists()
+
+
+def test_algorithms_chain_in_a_graphical_model(plugin, demo_units_gpkg, demo_raster, tmp_path):
+    """A model built as the model builder does: estimate the CATE, then evaluate it."""
+    import processing
+    from qgis.core import (
+        QgsProcessingModelAlgorithm,
+        QgsProcessingModelChildAlgorithm,
+        QgsProcessingModelChildParameterSource,
+        QgsProcessingModelParameter,
+        QgsProcessingParameterRasterLayer,
+        QgsProcessingParameterVectorLayer,
+    )
+
+    model = QgsProcessingModelAlgorithm("CATE then its evaluation", "GeoCATE")
+    model.addModelParameter(QgsProcessingParameterVectorLayer("units", "units"), QgsProcessingModelParameter("units"))
+    model.addModelParameter(QgsProcessingParameterRasterLayer("imagery", "imagery"),
+                            QgsProcessingModelParameter("imagery"))
+
+    def child(algorithm_id, child_id, sources):
+        step = QgsProcessingModelChildAlgorithm(algorithm_id)
+        step.setChildId(child_id)
+        for name, source in sources.items():
+            step.addParameterSources(name, [source])
+        model.addChildAlgorithm(step)
+
+    static = QgsProcessingModelChildParameterSource.fromStaticValue
+    child("geocate:estimatecate", "estimate", {
+        "INPUT": QgsProcessingModelChildParameterSource.fromModelParameter("units"),
+        "RASTER": QgsProcessingModelChildParameterSource.fromModelParameter("imagery"),
+        "TREATMENT": static("treated"), "OUTCOME": static("outcome"), "SEED": static(42),
+        "OUTPUT": static(str(tmp_path / "effects.gpkg"))})
+    child("geocate:evaluate", "evaluate", {
+        "INPUT": QgsProcessingModelChildParameterSource.fromChildOutput("estimate", "OUTPUT"),
+        "PRIORITY": static("cate"), "TREATMENT": static("treated"), "OUTCOME": static("outcome"),
+        "BOOTSTRAP": static(50), "OUTPUT": static(str(tmp_path / "evaluation.gpkg")),
+        "OUTPUT_PLOT": static(str(tmp_path / "toc.png")), "OUTPUT_REPORT": static(str(tmp_path / "report.html"))})
+    assert model.childAlgorithm("estimate").algorithm().id() == "geocate:estimatecate"
+    processing.run(model, {"units": demo_units_gpkg, "imagery": demo_raster})
+    assert (tmp_path / "effects.gpkg").exists() and (tmp_path / "report.html").exists()
+    evaluation = QgsVectorLayer(str(tmp_path / "evaluation.gpkg"), "evaluation", "ogr")
+    autoc = [f for f in evaluation.getFeatures() if f["metric"] == "AUTOC"][0]
+    assert autoc["rule"] == "cate" and autoc["estimate"] > 0
