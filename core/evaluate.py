@@ -282,6 +282,14 @@ def correlation_range(coords, values, max_units=2000, n_bins=20, threshold=0.1, 
     return float(edges[-1])
 
 
+def block_size_from_data(coords, outcome, treated, at_least=0.0):
+    """A spatial block size chosen from the data: the correlation range of the outcome less its arm
+    mean (correlation_range), or ``at_least`` (e.g. the window's footprint) if larger. coords in metres."""
+    outcome, treated = np.asarray(outcome, float), np.asarray(treated)
+    residual = outcome - np.where(treated == 1, outcome[treated == 1].mean(), outcome[treated == 0].mean())
+    return float(max(correlation_range(coords, residual), at_least))
+
+
 def honest_fold_groups(coords, block_size=None, locations=None):
     """Group ids that cross-fitting folds must keep whole: units sharing a location, or a spatial block.
 
@@ -395,8 +403,7 @@ def evaluate_priorities(outcome, treated, priorities, names=None, covariates=Non
         loc_used = np.arange(int(used.sum()))
     block_size = None
     if spatial_block:
-        block_size = float(spatial_block if spatial_block > 0 else correlation_range(coords_used, Y[used] - np.where(
-            W[used] == 1, Y[used & (W == 1)].mean(), Y[used & (W == 0)].mean())))
+        block_size = float(spatial_block) if spatial_block > 0 else block_size_from_data(coords_used, Y[used], W[used])
     groups = honest_fold_groups(coords_used, block_size, loc_used)
     folds = location_folds(groups, n_folds, seed)
     if progress:

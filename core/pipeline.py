@@ -6,7 +6,7 @@ import time
 import numpy as np
 
 from .embed import BandScaler, RandomConvFeatures
-from .evaluate import (correlation_range, group_average_effects, honest_fold_groups, metric_coords,
+from .evaluate import (block_size_from_data, group_average_effects, honest_fold_groups, metric_coords,
                        rank_average_treatment_effect)
 from .learners import default_learner, design_matrix, effect_groups, location_ids
 from .study import Result, build_study
@@ -56,9 +56,8 @@ def fold_groups(study, spatial_block=0, window_size_px=33):
     if not spatial_block:
         return locations, None
     if spatial_block < 0:
-        y, w = study.outcome[study.used], study.treated[study.used]
-        residual = y - np.where(w == 1, y[w == 1].mean(), y[w == 0].mean())
-        spatial_block = max(correlation_range(coords, residual), window_size_px * study.pixel_size)
+        spatial_block = block_size_from_data(coords, study.outcome[study.used], study.treated[study.used],
+                                             at_least=window_size_px * study.pixel_size)
     return honest_fold_groups(coords, spatial_block, locations), float(spatial_block)
 
 

@@ -151,6 +151,16 @@ def comparison_report(comparison, html_path, png_path, inputs, metadata=None):
     return write_html(html_path, "GeoCATE: what the imagery adds", sections, metadata)
 
 
+def _finish_effect_axes(axes, ticks, xlabel, ate=None):
+    if ate is not None:
+        axes.axhline(ate, color="grey", linestyle="--", linewidth=0.8, label="ATE")
+    axes.axhline(0, color="black", linewidth=0.6)
+    axes.set_xticks(ticks)
+    axes.set_xlabel(xlabel)
+    axes.set_ylabel("treatment effect")
+    axes.legend(fontsize=7, loc="upper left")
+
+
 def draw_group_effects(axes, group_effects, ate=None):
     """Effects by group (doubly robust group averages, 95 % intervals) on matplotlib ``axes``."""
     groups = [row["group"] for row in group_effects]
@@ -161,13 +171,7 @@ def draw_group_effects(axes, group_effects, ate=None):
                   label="group average effect (95 %)")
     axes.plot(groups, [row["mean_cate"] for row in group_effects], "x", color="#b2182b",
               label="mean estimated CATE")
-    if ate is not None:
-        axes.axhline(ate, color="grey", linestyle="--", linewidth=0.8, label="ATE")
-    axes.axhline(0, color="black", linewidth=0.6)
-    axes.set_xticks(groups)
-    axes.set_xlabel("effect group (1 = smallest estimated)")
-    axes.set_ylabel("treatment effect")
-    axes.legend(fontsize=7, loc="upper left")
+    _finish_effect_axes(axes, groups, "effect group (1 = smallest estimated)", ate)
 
 
 def plot_group_effects(group_effects, path, ate=None):
@@ -279,10 +283,4 @@ def draw_cluster_effects(axes, clusters, ate=None):
     for row in clusters:
         axes.annotate(f"{100 * row[4]:.0f} %", (row[0], row[3]), textcoords="offset points", xytext=(0, 4),
                       ha="center", fontsize=7)
-    if ate is not None:
-        axes.axhline(ate, color="grey", linestyle="--", linewidth=0.8, label="ATE")
-    axes.axhline(0, color="black", linewidth=0.6)
-    axes.set_xticks(numbers)
-    axes.set_xlabel("latent cluster (share of units above)")
-    axes.set_ylabel("treatment effect")
-    axes.legend(fontsize=7, loc="upper left")
+    _finish_effect_axes(axes, numbers, "latent cluster (share of units above)", ate)

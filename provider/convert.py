@@ -134,17 +134,26 @@ TABLE_FIELDS = (("metric", QVariant.String), ("rule", QVariant.String), ("estima
                 ("p_value", QVariant.Double), ("ratio", QVariant.Double))
 
 
-def write_table(algorithm, parameters, context, rows, output="OUTPUT"):
-    """Write (metric, rule, six numbers) rows to a table sink (no geometry), then close it; returns its id."""
+def _cell(value, kind):
+    if kind == QVariant.String:
+        return str(value)
+    return _value(value, kind)
+
+
+def write_table(algorithm, parameters, context, rows, output="OUTPUT", columns=TABLE_FIELDS):
+    """Write ``rows`` to a table sink (no geometry), then close it; returns its id.
+
+    columns: (name, QVariant type) pairs; numbers that are not finite become NULL.
+    """
     fields = QgsFields()
-    for name, kind in TABLE_FIELDS:
+    for name, kind in columns:
         fields.append(QgsField(name, kind))
     sink, dest_id = algorithm.parameterAsSink(parameters, output, context, fields, QgsWkbTypes.NoGeometry)
     if sink is None:
         raise QgsProcessingException("The table could not be created. Check the OUTPUT path and that it is writable.")
     for row in rows:
         feature = QgsFeature(fields)
-        feature.setAttributes([row[0], row[1]] + [float(v) if np.isfinite(v) else None for v in row[2:]])
+        feature.setAttributes([_cell(value, kind) for value, (_, kind) in zip(row, columns)])
         sink.addFeature(feature, QgsFeatureSink.FastInsert)
     del sink
     return dest_id

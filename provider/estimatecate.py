@@ -19,9 +19,7 @@ from .study_parameters import add_spatial_block_parameter, add_study_parameters,
 
 
 class EstimateCateAlgorithm(GeoCateAlgorithm):
-    INPUT, TREATMENT, OUTCOME, COVARIATES = "INPUT", "TREATMENT", "OUTCOME", "COVARIATES"
-    RASTER, BANDS, PATCH_SIZE, NODATA, SEED = "RASTER", "BANDS", "PATCH_SIZE", "NODATA", "SEED"
-    GROUPS, SPATIAL_BLOCK, OUTPUT, OUTPUT_REPORT = "GROUPS", "SPATIAL_BLOCK", "OUTPUT", "OUTPUT_REPORT"
+    GROUPS, OUTPUT, OUTPUT_REPORT = "GROUPS", "OUTPUT", "OUTPUT_REPORT"
 
     def name(self):
         return "estimatecate"

@@ -18,11 +18,14 @@ from qgis.core import (
 from qgis.PyQt.QtCore import QVariant
 
 from .base import GeoCateAlgorithm
-from .convert import RESULT_FIELDS, output_fields, read_units, result_features
+from .convert import RESULT_FIELDS, output_fields, read_units, result_features, write_table
 from .study_parameters import add_spatial_block_parameter, add_study_parameters, read_study_parameters
 from .styles import GROUP_STYLE
 
 DEVICES = ["auto", "cpu", "cuda"]
+CLUSTER_COLUMNS = (("cluster", QVariant.Int), ("effect", QVariant.Double), ("ci_low", QVariant.Double),
+                   ("ci_high", QVariant.Double), ("share", QVariant.Double), ("sigma_control", QVariant.Double),
+                   ("sigma_treated", QVariant.Double))
 
 
 class ImageClustersAlgorithm(GeoCateAlgorithm):
@@ -123,7 +126,7 @@ class ImageClustersAlgorithm(GeoCateAlgorithm):
         columns.update({f"p_{j + 1}": result.probabilities[:, j] for j in range(k)})
         sink.addFeatures(result_features(features, kept, fields, columns), QgsFeatureSink.FastInsert)
         del sink
-        table_id = self._write_clusters(parameters, context, extras["clusters"])
+        table_id = write_table(self, parameters, context, extras["clusters"], self.OUTPUT_CLUSTERS, CLUSTER_COLUMNS)
         os.makedirs(os.path.dirname(os.path.abspath(model_path)), exist_ok=True)
         export_onnx(extras["model"], model_path, len(study.bands), study_values["window"],
                     len(study_values["covariates"]),
@@ -140,24 +143,6 @@ class ImageClustersAlgorithm(GeoCateAlgorithm):
             "N_USED": result.n_used, "N_DROPPED": result.n_dropped},
             dict(result.metadata, algorithm="geocate:imageclusters", n_used=result.n_used,
                  n_dropped=result.n_dropped, ate=result.ate, ate_se=result.ate_se))
-
-    def _write_clusters(self, parameters, context, rows):
-        from qgis.core import QgsFeature, QgsField, QgsFields, QgsWkbTypes
-
-        fields = QgsFields()
-        for name, kind in (("cluster", QVariant.Int), ("effect", QVariant.Double), ("ci_low", QVariant.Double),
-                           ("ci_high", QVariant.Double), ("share", QVariant.Double),
-                           ("sigma_control", QVariant.Double), ("sigma_treated", QVariant.Double)):
-            fields.append(QgsField(name, kind))
-        sink, table_id = self.parameterAsSink(parameters, self.OUTPUT_CLUSTERS, context, fields, QgsWkbTypes.NoGeometry)
-        if sink is None:
-            raise QgsProcessingException("The cluster table could not be created. Check the OUTPUT_CLUSTERS path.")
-        for row in rows:
-            feature = QgsFeature(fields)
-            feature.setAttributes([int(row[0])] + [float(v) for v in row[1:]])
-            sink.addFeature(feature, QgsFeatureSink.FastInsert)
-        del sink
-        return table_id
 
     @staticmethod
     def _write_salience(folder, study, result, extras, study_values, per_cluster=3):

@@ -133,8 +133,7 @@ class GeoCateDock(QgsDockWidget):
         self.spatial_block = QDoubleSpinBox()
         self.spatial_block.setRange(-1, 1e7)
         self.spatial_block.setDecimals(0)
-        self.spatial_block.setSpecialValueText("none")
-        self.spatial_block.setMinimum(-1)
+        self.spatial_block.setSpecialValueText("choose from the data")  # shown at the minimum, -1
         self.spatial_block.setValue(0)
         self.spatial_block.setSuffix(" m")
         self.spatial_block.setToolTip("Cross-fitting folds keep square blocks of this side whole; 0 = none, "
