@@ -15,49 +15,9 @@ import numpy as np
 
 from .errors import GeoCateError, require
 from .learners import location_folds, location_ids
+from .scores import cross_fitted_scores, mean_and_se, zero_noise
 
 DEFAULT_Q = np.round(np.arange(1, 11) / 10, 10)
-
-
-def aipw_scores(outcome, treated, mu0, mu1, propensity):
-    """Doubly robust (AIPW) scores:
-
-        Gamma_i = mu1(x_i) - mu0(x_i) + W_i (Y_i - mu1(x_i)) / e - (1 - W_i) (Y_i - mu0(x_i)) / (1 - e)
-
-    with e the propensity (a number, or one per unit). E[Gamma_i | X_i] = tau(X_i)
-    when either the outcome models or the propensity are right; in a trial the
-    propensity is known.
-    """
-    Y, W = np.asarray(outcome, float), np.asarray(treated, float)
-    e = np.asarray(propensity, float)
-    return mu1 - mu0 + W * (Y - mu1) / e - (1 - W) * (Y - mu0) / (1 - e)
-
-
-def cross_fitted_scores(outcome, treated, covariates=None, folds=None, n_folds=5, seed=42):
-    """AIPW scores with outcome models that did not see the unit.
-
-    For each fold, mu_w(x) = E[Y | X = x, W = w] is fit on the other folds: a
-    random forest on ``covariates`` when given, else the arm mean. The
-    propensity is the treated share (known in a trial). Returns (scores, mu0, mu1, e).
-    """
-    Y, W = np.asarray(outcome, float), np.asarray(treated, int)
-    n = len(Y)
-    folds = location_folds(np.arange(n), n_folds, seed) if folds is None else np.asarray(folds)
-    X = None if covariates is None or np.asarray(covariates).size == 0 else np.asarray(covariates, float).reshape(n, -1)
-    mu0, mu1 = np.empty(n), np.empty(n)
-    for k in np.unique(folds):
-        train, test = folds != k, folds == k
-        for arm, mu in ((0, mu0), (1, mu1)):
-            rows = train & (W == arm)
-            if X is None:
-                mu[test] = Y[rows].mean()
-            else:
-                from sklearn.ensemble import RandomForestRegressor
-
-                model = RandomForestRegressor(n_estimators=100, min_samples_leaf=5, n_jobs=1, random_state=seed)
-                mu[test] = model.fit(X[rows], Y[rows]).predict(X[test])
-    e = W.mean()
-    return aipw_scores(Y, W, mu0, mu1, e), mu0, mu1, e
 
 
 def _tie_ranks(priority):
@@ -80,6 +40,7 @@ def toc_and_rate(scores, priority, q=DEFAULT_Q, target="AUTOC"):
     """
     scores = np.asarray(scores, float)
     n = len(scores)
+    q = check_q(q)
     ranks = _tie_ranks(priority)
     order = np.argsort(-ranks, kind="stable")
     sorted_ranks = ranks[order]
@@ -105,6 +66,16 @@ def toc_and_rate(scores, priority, q=DEFAULT_Q, target="AUTOC"):
     nxt = sorted_scores[np.minimum(whole, n - 1)]
     toc_q = (head + fraction * nxt) / qn - ate
     return float(rate), toc_q
+
+
+def check_q(q):
+    """The grid of treated fractions, validated as grf does: sorted, in (0, 1], ending at 1."""
+    q = np.asarray(q, float).ravel()
+    if (len(q) == 0 or not np.all(np.isfinite(q)) or q.min() <= 0 or q.max() > 1 or np.any(np.diff(q) <= 0)
+            or abs(q[-1] - 1) > 1e-12):
+        raise GeoCateError("The q grid of treated fractions must be increasing, within (0, 1], and contain 1.",
+                           "Use for example 0.1, 0.2, ..., 1.0.")
+    return q
 
 
 @dataclass(frozen=True)
@@ -136,12 +107,14 @@ class RateResult:
 def _inference(name, target, estimate, toc, draws, toc_draws, q):
     from scipy.stats import norm
 
-    se = float(np.std(draws, ddof=1)) if len(draws) > 1 else 0.0
-    p = float(2 * norm.sf(abs(estimate) / se)) if se > 0 else float("nan")
+    estimate = zero_noise(estimate)
+    se = zero_noise(float(np.std(draws, ddof=1))) if len(draws) > 1 else 0.0
+    p = float(2 * norm.sf(abs(estimate) / se)) if se > 0 else (1.0 if estimate == 0 else float("nan"))
+    toc = zero_noise(toc)
     return RateResult(target=target, priority=name, estimate=float(estimate), std_err=se,
                       ci=(float(estimate - 1.959964 * se), float(estimate + 1.959964 * se)), p_value=p,
                       q=np.asarray(q), toc=np.asarray(toc),
-                      toc_se=np.std(toc_draws, axis=0, ddof=1) if len(draws) > 1 else np.zeros(len(q)),
+                      toc_se=zero_noise(np.std(toc_draws, axis=0, ddof=1)) if len(draws) > 1 else np.zeros(len(q)),
                       draws=np.asarray(draws))
 
 
@@ -198,12 +171,100 @@ def rank_average_treatment_effect(scores, priorities, target="AUTOC", q=DEFAULT_
 
 
 @dataclass(frozen=True)
+class HeterogeneityTest:
+    """The sequential cross-fold test of heterogeneity (grf's ``rate_cv`` vignette; Wager 2024).
+
+    For k = 2..K, a priority learnt on folds 1..k-1 alone ranks the units of
+    fold k, whose DR scores judge it (RATE with a half-sample bootstrap over
+    the fold's clusters): t_k = RATE_k / SE_k. Under no heterogeneity the t_k
+    are independent and about standard normal, so T = sum t_k / sqrt(K - 1)
+    is too. The test is one-sided: H0 "the ranking finds no heterogeneity"
+    (RATE <= 0) against "units ranked first gain more than average"
+    (p = 1 - Phi(T)). With two rules, the difference (rule 1 - rule 2) is
+    tested the same way on paired draws (H1: rule 1 ranks better).
+
+    estimate: mean of the fold RATEs; std_err: its SE, sqrt(sum SE_k^2) / (K - 1);
+    t_stat: T; p_value: one-sided; folds: the per-fold RateResults.
+    """
+
+    target: str
+    priority: str
+    estimate: float
+    std_err: float
+    t_stat: float
+    p_value: float
+    folds: tuple
+
+    @property
+    def detected(self):
+        """Heterogeneity detected at the 5 % level (one-sided)."""
+        return bool(self.p_value < 0.05)
+
+    def describe(self):
+        verdict = "heterogeneity detected" if self.detected else "no heterogeneity detected"
+        return (f"{verdict} (sequential cross-fold test of the {self.target}, one-sided: "
+                f"t = {self.t_stat:.2f}, p = {self.p_value:.3g}, {len(self.folds)} held-out folds)")
+
+
+def _t_stat(rate):
+    if rate.std_err > 0:
+        return rate.estimate / rate.std_err
+    return 0.0 if rate.estimate == 0 else float(np.sign(rate.estimate)) * float("inf")
+
+
+def sequential_rate_test(scores, folds, priority_for, target="AUTOC", clusters=None, names=None, q=DEFAULT_Q,
+                         n_draws=200, seed=42, progress=None, is_cancelled=None):
+    """The sequential cross-fold heterogeneity test (see :class:`HeterogeneityTest`).
+
+    scores: (n,) DR scores; folds: (n,) fold ids, taken in sorted order;
+    priority_for(train, test): priorities (m,) or (m, 2) for the ``test`` units
+    from a model built on the ``train`` units only (boolean masks);
+    clusters: (n,) bootstrap clusters. Returns [test of rule 1] or
+    [rule 1, rule 2, rule 1 - rule 2].
+    """
+    from scipy.stats import norm
+
+    from .errors import Cancelled
+
+    scores = np.asarray(scores, float)
+    folds = np.asarray(folds)
+    clusters = np.arange(len(scores)) if clusters is None else np.asarray(clusters)
+    order = np.unique(folds)
+    if len(order) < 2:
+        raise GeoCateError("The sequential test needs at least 2 folds.", "Use 2 or more cross-fitting folds.")
+    per_fold = []
+    for j, k in enumerate(order[1:]):
+        if is_cancelled is not None and is_cancelled():
+            raise Cancelled()
+        if progress is not None:
+            progress(j / (len(order) - 1), f"Heterogeneity test: fold {j + 2} of {len(order)}")
+        train, test = np.isin(folds, order[:j + 1]), folds == k
+        priorities = np.asarray(priority_for(train, test), float).reshape(int(test.sum()), -1)
+        per_fold.append(rank_average_treatment_effect(scores[test], priorities, target, q, n_draws, clusters[test],
+                                                      names, seed + j))
+    results = []
+    for r in range(len(per_fold[0])):
+        rates = tuple(fold[r] for fold in per_fold)
+        t_stat = float(np.sum([_t_stat(rate) for rate in rates]) / np.sqrt(len(rates)))
+        estimate = zero_noise(float(np.mean([rate.estimate for rate in rates])))
+        std_err = zero_noise(float(np.sqrt(np.sum([rate.std_err ** 2 for rate in rates])) / len(rates)))
+        results.append(HeterogeneityTest(target=target, priority=rates[0].priority, estimate=estimate,
+                                         std_err=std_err, t_stat=t_stat, p_value=float(norm.sf(t_stat)),
+                                         folds=rates))
+    if progress is not None:
+        progress(1.0, "Heterogeneity test done")
+    return results
+
+
+@dataclass(frozen=True)
 class Calibration:
-    """Best linear predictor: Gamma_i = b1 + b2 (tau_i - mean tau) + e_i, OLS with HC3 standard errors.
+    """Best linear predictor: Gamma_i = b1 + b2 (tau_i - mean tau) + e_i, OLS with cluster-robust standard errors.
 
     b1 (``mean_forest``) estimates the ATE; b2 (``differential``) is 1 when the
     CATE predictions are well calibrated and 0 when they carry no heterogeneity;
     p-values are one-sided for b2 > 0 (heterogeneity detected), two-sided for b1.
+    Like the RATE, b2's p-value is only a valid test when the CATE was built
+    without the evaluated units' outcomes.
     """
 
     mean_forest: float
@@ -214,37 +275,50 @@ class Calibration:
     differential_p: float
 
 
-def best_linear_predictor(scores, cate):
-    """The BLP calibration test (see :class:`Calibration`)."""
+def best_linear_predictor(scores, cate, clusters=None):
+    """The BLP calibration test (see :class:`Calibration`): HC3 standard errors, or CR1 over ``clusters``."""
     sm = require("statsmodels.api", "statsmodels")
     from scipy.stats import norm
 
     cate = np.asarray(cate, float)
     design = np.column_stack([np.ones(len(cate)), cate - cate.mean()])
-    fit = sm.OLS(np.asarray(scores, float), design).fit(cov_type="HC3")
-    b, se = fit.params, fit.bse
+    model = sm.OLS(np.asarray(scores, float), design)
+    if clusters is None:
+        fit = model.fit(cov_type="HC3")
+    else:
+        fit = model.fit(cov_type="cluster", cov_kwds={"groups": np.unique(np.asarray(clusters), return_inverse=True)[1]})
+    b, se = zero_noise(fit.params), zero_noise(fit.bse)
+
+    def p_value(estimate, std_err, tail):
+        if std_err == 0:
+            return 1.0 if estimate == 0 else 0.0
+        return float(tail(estimate / std_err))
+
     return Calibration(
-        mean_forest=float(b[0]), mean_forest_se=float(se[0]), mean_forest_p=float(2 * norm.sf(abs(b[0] / se[0]))),
-        differential=float(b[1]), differential_se=float(se[1]), differential_p=float(norm.sf(b[1] / se[1])),
+        mean_forest=float(b[0]), mean_forest_se=float(se[0]),
+        mean_forest_p=p_value(b[0], se[0], lambda z: 2 * norm.sf(abs(z))),
+        differential=float(b[1]), differential_se=float(se[1]), differential_p=p_value(b[1], se[1], norm.sf),
     )
 
 
-def group_average_effects(scores, cate, n_groups=5):
+def group_average_effects(scores, cate, n_groups=5, clusters=None):
     """GATEs by CATE quantile group: (group 1..G, n, mean score, SE, 95 % interval low, high) rows.
 
     Group 1 holds the smallest predicted effects. GATE_g = mean of Gamma_i in
-    group g; SE = sd / sqrt(n_g).
+    group g; its SE is robust to ``clusters`` (core.scores.mean_and_se;
+    sd / sqrt(n_g) when every unit is its own cluster).
     """
     from .learners import effect_groups
 
     scores = np.asarray(scores, float)
     groups = effect_groups(cate, n_groups)
+    clusters = np.arange(len(scores)) if clusters is None else np.asarray(clusters)
     rows = []
     for g in range(1, n_groups + 1):
-        s = scores[groups == g]
-        se = s.std(ddof=1) / np.sqrt(len(s)) if len(s) > 1 else float("nan")
-        rows.append((g, len(s), float(s.mean()), float(se), float(s.mean() - 1.959964 * se),
-                     float(s.mean() + 1.959964 * se)))
+        inside = groups == g
+        mean, se = mean_and_se(scores[inside], clusters[inside])
+        rows.append((g, int(inside.sum()), float(mean), float(se), float(mean - 1.959964 * se),
+                     float(mean + 1.959964 * se)))
     return rows
 
 
@@ -388,6 +462,10 @@ def evaluate_priorities(outcome, treated, priorities, names=None, covariates=Non
         missing = ~np.isfinite(np.asarray(coords, float)).all(axis=1)
         dropped["no geometry"] = int((missing & ~bad).sum())
         bad |= missing
+    if locations is not None:
+        missing = np.array([c is None for c in locations], bool)
+        dropped["cluster is null"] = int((missing & ~bad).sum())
+        bad |= missing
     used = ~bad
     for arm, label in ((1, "treated"), (0, "control")):
         count = int((used & (W == arm)).sum())
@@ -398,7 +476,7 @@ def evaluate_priorities(outcome, treated, priorities, names=None, covariates=Non
     if spatial_block and coords is None:
         raise GeoCateError("Spatial blocks need the units' coordinates.", "Use a layer with geometries, or no blocks.")
     coords_used = np.asarray(coords, float)[used] if coords is not None else np.zeros((int(used.sum()), 2))
-    loc_used = None if locations is None else np.asarray(locations)[used]
+    loc_used = None if locations is None else np.asarray([str(c) for c in locations])[used]
     if loc_used is None and coords is None:
         loc_used = np.arange(int(used.sum()))
     block_size = None
@@ -415,8 +493,8 @@ def evaluate_priorities(outcome, treated, priorities, names=None, covariates=Non
             progress(0.3 + 0.3 * step, f"{target} with {n_draws} half-sample bootstrap draws")
         rates[target] = rank_average_treatment_effect(scores, P[used], target, n_draws=n_draws, clusters=groups,
                                                       names=names, seed=seed)
-    calibration = [best_linear_predictor(scores, P[used, j]) for j in range(P.shape[1])]
-    gates = [group_average_effects(scores, P[used, j], n_groups) for j in range(P.shape[1])]
+    calibration = [best_linear_predictor(scores, P[used, j], groups) for j in range(P.shape[1])]
+    gates = [group_average_effects(scores, P[used, j], n_groups, groups) for j in range(P.shape[1])]
     if progress:
         progress(1.0, "Done")
     return Evaluation(names=names, rates=rates, calibration=calibration, gates=gates, scores=scores, used=used,

@@ -19,6 +19,7 @@ def run_cancellable(work, is_cancelled=None, poll_seconds=0.25):
     if is_cancelled is None:
         return work()
     from concurrent.futures import ThreadPoolExecutor
+    from concurrent.futures import TimeoutError as FutureTimeout
 
     executor = ThreadPoolExecutor(max_workers=1)
     future = executor.submit(work)
@@ -26,7 +27,7 @@ def run_cancellable(work, is_cancelled=None, poll_seconds=0.25):
         while True:
             try:
                 return future.result(timeout=poll_seconds)
-            except TimeoutError:
+            except FutureTimeout:  # not the built-in TimeoutError before Python 3.11
                 if is_cancelled():
                     raise Cancelled() from None
     finally:
@@ -78,29 +79,6 @@ def design_matrix(features, covariates=None):
     return (matrix - matrix.mean(axis=0)) / np.where(sd > 0, sd, 1.0), n_image
 
 
-def reduced_outcome_model(n_image, n_columns, n_components=20, n_units=None, seed=42):
-    """Outcome model m(x) = E[Y | x] for a design_matrix: PCA of the image columns, covariates as they are, then a random forest.
-
-    The causal forest splits on the image features themselves (its trees draw
-    grf's max_features of them at each split), but the outcome regression only
-    needs their leading principal components, fit inside each training fold.
-    """
-    compose = require("sklearn.compose", "scikit-learn")
-    PCA = require("sklearn.decomposition", "scikit-learn").PCA
-    from sklearn.ensemble import RandomForestRegressor
-    from sklearn.pipeline import make_pipeline
-
-    k = min(n_components, n_image, max((n_units or 10 * n_components) // 10, 1))
-    steps = [("image_pca", PCA(n_components=k, random_state=seed), list(range(n_image)))]
-    if n_columns > n_image:
-        steps.append(("covariates", "passthrough", list(range(n_image, n_columns))))
-    # One thread: a threaded forest sums its trees in a varying order, and those last-bit
-    # differences in the residuals flip the causal forest's splits, so a seed would not fix the result.
-    forest = RandomForestRegressor(n_estimators=100, min_samples_leaf=5, max_features=0.33, n_jobs=1,
-                                   random_state=seed)
-    return make_pipeline(compose.ColumnTransformer(steps), forest)
-
-
 def grf_max_features(p):
     """grf's default mtry: min(ceil(sqrt(p) + 20), p)."""
     return int(min(math.ceil(math.sqrt(p) + 20), p))
@@ -119,119 +97,145 @@ def effect_groups(cate, n_groups=3):
 
 
 class CrossFittedCausalForest:
-    """Out-of-fold CATE from econml's ``CausalForestDML``, and the doubly robust ATE.
+    """Out-of-fold CATE from a generalized random forest, and the doubly robust ATE, on honest folds.
 
-    Units are split into ``n_folds`` folds (units sharing a location share a
-    fold). For each fold k, a CausalForestDML (Athey, Tibshirani & Wager 2019,
-    "Generalized random forests") is fit on the other folds, with
+    Units are split into ``n_folds`` folds that keep each group (units sharing
+    a location, a user's cluster, a spatial block) whole. Nuisances are
+    cross-fitted once on those folds (:func:`core.scores.arm_outcome_models`):
+    mu_w(x) = E[Y | X = x, W = w], so m(x) = e mu1(x) + (1 - e) mu0(x), with
+    e the known propensity of the trial (the treated share). Then, for each
+    fold k, one causal forest (econml's ``grf.CausalForest``: Athey, Tibshirani
+    & Wager 2019, honest trees, grf's ``max_features`` = min(ceil(sqrt(p) + 20), p))
+    is grown on the other folds' residuals Y - m(x) and W - e (m cross-fitted
+    within those folds, so fold k's outcomes reach neither), and gives the
+    fold's units tau^(-k)(x_i) with its variance (bootstrap of little bags).
+    So every unit's estimate comes from a forest that saw neither it nor its
+    group. The per-unit interval covers the forest's sampling noise assuming
+    independent units, not its smoothing bias (forests shrink extreme effects
+    toward the mean); statements about groups of units should use the GATEs.
 
-    * outcome model m(x) = E[Y | X = x]: ``model_y``, by default a random
-      forest (the pipeline uses :func:`reduced_outcome_model`),
-    * treatment model e(x): the known propensity of a randomized trial, the
-      treated share of the training units (``DummyClassifier('prior')``),
-    * grf's ``max_features`` = min(ceil(sqrt(p) + 20), p), honest trees,
+    Why folds rather than one forest's out-of-bag predictions (as grf does):
+    econml draws each tree's subsample unit by unit, so with units that share
+    a village or a block every tree would have seen a unit's neighbours; grf
+    can subsample clusters, econml 0.16 cannot. ``bench/bench_estimate.py``
+    measures both.
 
-    and gives, for the units of fold k only, tau^(-k)(x_i), its 95 % interval
-    and standard error. So every unit's estimate comes from a forest that did
-    not see it. The doubly robust score of unit i (grf's ``get_scores`` for a
-    causal forest) is
-
-        Gamma_i = tau^(-k)(x_i) + (W_i - e) / (e (1 - e))
-                  * (Y_i - m^(-k)(x_i) - (W_i - e) tau^(-k)(x_i)),
-
-    with m^(-k) the fold's outcome models and e the treated share; the ATE is
-    mean(Gamma) with standard error sd(Gamma) / sqrt(n).
+    The DR scores are AIPW scores of those outcome models (core.scores); the
+    ATE is their mean with a standard error robust to the groups.
 
     Learned: ``cate_``, ``cate_lo_``, ``cate_hi_``, ``cate_se_``, ``fold_``,
-    ``outcome_hat_``, ``dr_scores_``, ``propensity_``, ``ate_``, ``ate_se_``,
-    ``forests_`` and ``fold_seconds_`` (one per fold).
+    ``mu0_``, ``mu1_``, ``outcome_hat_``, ``dr_scores_``, ``propensity_``,
+    ``ate_``, ``ate_se_``, ``forests_`` and ``fold_seconds_`` (one per fold).
     """
 
-    def __init__(self, n_folds=5, n_estimators=200, min_samples_leaf=5, max_features="grf",
-                 model_y=None, inner_cv=2, seed=42, n_jobs=-1):
+    def __init__(self, n_folds=5, n_estimators=100, min_samples_leaf=5, max_features="grf", seed=42, n_jobs=-1):
         self.n_folds = n_folds
         self.n_estimators = n_estimators
         self.min_samples_leaf = min_samples_leaf
         self.max_features = max_features
-        self.model_y = model_y
-        self.inner_cv = inner_cv
         self.seed = seed
         self.n_jobs = n_jobs
 
-    def _outcome_model(self, p):
-        if self.model_y is not None:
-            from sklearn.base import clone
-
-            return clone(self.model_y)
-        from sklearn.ensemble import RandomForestRegressor
-
-        # One thread, for determinism (see reduced_outcome_model).
-        return RandomForestRegressor(n_estimators=100, min_samples_leaf=5, max_features=0.33,
-                                     n_jobs=1, random_state=self.seed)
-
-    def _forest(self, p):
-        dml = require("econml.dml", "econml==0.16.0")
-        from sklearn.dummy import DummyClassifier
-
+    def _forest(self, p, inference=True, n_estimators=None):
+        grf = require("econml.grf", "econml==0.16.0")
         max_features = grf_max_features(p) if self.max_features == "grf" else self.max_features
-        return dml.CausalForestDML(
-            model_y=self._outcome_model(p), model_t=DummyClassifier(strategy="prior"),
-            discrete_treatment=True, n_estimators=self.n_estimators,
-            min_samples_leaf=self.min_samples_leaf, max_features=max_features, honest=True,
-            inference=True, cv=self.inner_cv, random_state=self.seed, n_jobs=self.n_jobs,
-        )
+        n_estimators = n_estimators or self.n_estimators
+        if inference:  # trees come in little bags of 4 (econml's subforest_size)
+            n_estimators = max(4, 4 * round(n_estimators / 4))
+        return grf.CausalForest(n_estimators=n_estimators, min_samples_leaf=self.min_samples_leaf,
+                                max_features=max_features, honest=True, inference=inference, max_samples=0.45,
+                                n_jobs=self.n_jobs, random_state=self.seed)
 
-    def fit(self, Y, T, X, locations=None, progress=None, is_cancelled=None):
-        """Y: (n,) outcomes; T: (n,) 0/1 treatment; X: (n, p) effect modifiers;
-        locations: (n,) location ids (units sharing one never split across folds)."""
+    @staticmethod
+    def _grow(forest, X, T_res, Y_res):
         import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return forest.fit(X, T_res, Y_res)
+
+    def fit(self, Y, T, X, groups=None, outcome_inputs=None, folds=None, progress=None, is_cancelled=None):
+        """Y: (n,) outcomes; T: (n,) 0/1 treatment; X: (n, p) effect modifiers; groups: (n,) ids of the
+        groups folds keep whole (default: each unit its own); outcome_inputs: (n, q) inputs of the outcome
+        models (default X); folds: (n,) fold ids, to share folds with another learner (default from groups)."""
+        from .scores import aipw_scores, arm_outcome_models, doubly_robust_ate
 
         Y = np.asarray(Y, dtype=float)
         T = np.asarray(T, dtype=int)
         X = np.asarray(X, dtype=float)
         n, p = X.shape
-        locations = np.arange(n) if locations is None else np.asarray(locations)
-        self.fold_ = location_folds(locations, self.n_folds, self.seed)
-        self.propensity_ = float(T.mean())
-        self.cate_, self.cate_lo_, self.cate_hi_, self.cate_se_, self.outcome_hat_ = (
-            np.full(n, np.nan) for _ in range(5))
-        self.forests_, self.fold_seconds_ = [], []
+        self.groups_ = np.arange(n) if groups is None else np.asarray(groups)
+        self.fold_ = location_folds(self.groups_, self.n_folds, self.seed) if folds is None else np.asarray(folds)
+        inputs = X if outcome_inputs is None else outcome_inputs
         started = time.monotonic()
-        for k in range(self.n_folds):
+        if progress is not None:
+            progress(0.0, "Outcome models (cross-fitted)")
+        self.mu0_, self.mu1_ = run_cancellable(
+            lambda: arm_outcome_models(Y, T, inputs, self.fold_, self.seed), is_cancelled)
+        e = self.propensity_ = float(T.mean())
+        self.outcome_hat_ = e * self.mu1_ + (1 - e) * self.mu0_  # the DR scores' m(x); each forest has its own
+        self.dr_scores_ = aipw_scores(Y, T, self.mu0_, self.mu1_, e)
+        ate = doubly_robust_ate(self.dr_scores_, self.groups_)
+        self.ate_, self.ate_se_ = ate.estimate, ate.std_err
+        self.cate_, self.cate_lo_, self.cate_hi_, self.cate_se_ = (np.full(n, np.nan) for _ in range(4))
+        self.forests_, self.fold_seconds_ = [], []
+        self._data = (Y, T, X, inputs)
+        folds = np.unique(self.fold_)
+        for j, k in enumerate(folds):
             if is_cancelled is not None and is_cancelled():
                 raise Cancelled()
             if progress is not None:
-                progress(k / self.n_folds, f"Causal forest: fold {k + 1} of {self.n_folds}")
+                progress(0.2 + 0.8 * j / len(folds), f"Causal forest: fold {j + 1} of {len(folds)}")
             fold_started = time.monotonic()
             train, test = self.fold_ != k, self.fold_ == k
-            forest = self._forest(p)
 
-            def fit_fold(forest=forest, train=train, test=test):
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    forest.fit(Y[train], T[train], X=X[train], groups=locations[train])
-                    return forest.effect_inference(X[test])
+            def fit_fold(train=train, test=test):
+                forest = self._fold_forest(train, inference=True)
+                point, var = forest.predict_and_var(X[test])
+                return forest, np.ravel(point), np.sqrt(np.maximum(np.ravel(var), 0))
 
-            inference = run_cancellable(fit_fold, is_cancelled)
-            self.cate_[test] = inference.point_estimate.ravel()
-            lo, hi = inference.conf_int(alpha=0.05)
-            self.cate_lo_[test], self.cate_hi_[test] = np.ravel(lo), np.ravel(hi)
-            self.cate_se_[test] = np.ravel(inference.stderr)
-            self.outcome_hat_[test] = np.mean([m.predict(X[test]) for m in forest.models_y[0]], axis=0)
+            forest, point, se = run_cancellable(fit_fold, is_cancelled)
+            self.cate_[test], self.cate_se_[test] = point, se
+            self.cate_lo_[test], self.cate_hi_[test] = point - 1.959964 * se, point + 1.959964 * se
             self.forests_.append(forest)
             self.fold_seconds_.append(time.monotonic() - fold_started)
-        e = self.propensity_
-        self.dr_scores_ = self.cate_ + (T - e) / (e * (1 - e)) * (
-            Y - self.outcome_hat_ - (T - e) * self.cate_)
-        self.ate_ = float(self.dr_scores_.mean())
-        self.ate_se_ = float(self.dr_scores_.std(ddof=1) / np.sqrt(n))
         self.fit_seconds_ = time.monotonic() - started
         if progress is not None:
             progress(1.0, "Causal forest done")
         return self
 
+    def _fold_forest(self, train, inference=True, n_estimators=None):
+        """A causal forest grown on the ``train`` units alone, its nuisances cross-fitted within ``train``.
+
+        The outcome models of the residuals Y - m(x) are fit on two folds of the
+        training units (groups kept whole), so no outcome outside ``train``
+        reaches the forest: a unit outside it is predicted by a model that never
+        saw its outcome, nor its group's.
+        """
+        from .scores import arm_outcome_models
+
+        Y, T, X, inputs = self._data
+        e = float(T[train].mean())
+        try:
+            inner = location_folds(self.groups_[train], 2, self.seed)
+            mu0, mu1 = arm_outcome_models(Y[train], T[train], inputs[train], inner, self.seed)
+            m = e * mu1 + (1 - e) * mu0
+        except GeoCateError:  # too few training units to cross-fit (the first folds of a tiny study): arm means
+            m = e * Y[train][T[train] == 1].mean() + (1 - e) * Y[train][T[train] == 0].mean() if 0 < e < 1 \
+                else np.full(int(np.sum(train)), Y[train].mean())
+        forest = self._forest(X.shape[1], inference=inference, n_estimators=n_estimators)
+        return self._grow(forest, X[train], T[train] - e, Y[train] - m)
+
+    def priority_for(self, train, test, n_estimators=None):
+        """CATE predictions for the ``test`` units from a forest built on the ``train`` units alone
+        (see _fold_forest): the priority a formal heterogeneity test may rank by
+        (core.evaluate.sequential_rate_test). Needs a fitted learner (its data)."""
+        X = self._data[2]
+        forest = self._fold_forest(np.asarray(train, bool), inference=False, n_estimators=n_estimators)
+        return np.ravel(forest.predict(X[np.asarray(test, bool)]))
+
     def ate_interval(self, alpha=0.05):
-        """Normal-approximation (1 - alpha) interval for the DR ATE."""
+        """Normal-approximation (1 - alpha) interval for the DR ATE (cluster-robust SE)."""
         from scipy.stats import norm
 
         z = norm.ppf(1 - alpha / 2)
@@ -240,19 +244,19 @@ class CrossFittedCausalForest:
     def effect(self, X):
         """CATE at new points: the mean of the fold forests' predictions (for units not in the trial)."""
         X = np.asarray(X, dtype=float)
-        return np.mean([forest.effect(X) for forest in self.forests_], axis=0)
+        return np.mean([np.ravel(forest.predict(X)) for forest in self.forests_], axis=0)
 
 
-def default_learner(features, covariates=None, n_components=20, n_folds=5, n_estimators=200, seed=42):
-    """The learner of geocate:estimatecate, unfitted, with its input: (design, CrossFittedCausalForest).
+def default_learner(features, covariates=None, n_components=20, n_folds=5, n_estimators=100, seed=42):
+    """The learner of geocate:estimatecate, unfitted, with its inputs: (design, outcome inputs, learner).
 
     The causal forest's effect modifiers are the scaled image features and
-    covariates (design_matrix); its outcome model works on their principal
-    components (reduced_outcome_model).
+    covariates (design_matrix); the outcome models work on the features'
+    leading principal components and the covariates (core.scores.outcome_inputs).
     """
-    design, n_image = design_matrix(features, covariates)
-    outcome_model = (reduced_outcome_model(n_image, design.shape[1], n_components, len(design), seed)
-                     if n_image else None)
-    learner = CrossFittedCausalForest(n_folds=n_folds, n_estimators=n_estimators, model_y=outcome_model,
-                                      seed=seed)
-    return design, learner
+    from .scores import outcome_inputs
+
+    design, _ = design_matrix(features, covariates)
+    inputs = outcome_inputs(features, covariates, seed, n_components)
+    learner = CrossFittedCausalForest(n_folds=n_folds, n_estimators=n_estimators, seed=seed)
+    return design, inputs, learner

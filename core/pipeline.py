@@ -6,9 +6,10 @@ import time
 import numpy as np
 
 from .embed import BandScaler, RandomConvFeatures
-from .evaluate import (block_size_from_data, group_average_effects, honest_fold_groups, metric_coords,
-                       rank_average_treatment_effect)
-from .learners import default_learner, design_matrix, effect_groups, location_ids
+from .evaluate import (_merge, block_size_from_data, group_average_effects, honest_fold_groups, metric_coords,
+                       rank_average_treatment_effect, sequential_rate_test)
+from .learners import default_learner, design_matrix, effect_groups, location_folds, location_ids
+from .scores import cross_fitted_scores, doubly_robust_ate, outcome_inputs
 from .study import Result, build_study
 
 
@@ -46,13 +47,18 @@ def image_features(study, seed=42, n_filters=256, device="auto", progress=None, 
 def fold_groups(study, spatial_block=0, window_size_px=33):
     """Groups the cross-fitting folds must keep whole, for the used units: (group ids, block size in metres or None).
 
-    spatial_block 0: units sharing coordinates only; > 0: square blocks of that
+    These groups are also the bootstrap's clusters and the clusters of every
+    standard error. Units sharing coordinates, or a cluster id (``study.clusters``,
+    e.g. a village field), are always one group.
+    spatial_block 0: no blocks; > 0: square blocks of that
     many metres; < 0: blocks chosen from the data, the larger of the outcome's
     correlation range (correlation_range of the outcome less its arm mean) and
     the window's footprint on the ground.
     """
     coords = metric_coords(study.coords[study.used], study.raster_crs_wkt)
     locations = location_ids(study.coords[study.used])
+    if study.clusters is not None:
+        locations = _merge(locations, study.clusters[study.used])
     if not spatial_block:
         return locations, None
     if spatial_block < 0:
@@ -62,41 +68,50 @@ def fold_groups(study, spatial_block=0, window_size_px=33):
 
 
 def estimate_cate(units, raster_path, bands=None, window_size_px=33, nodata=None, seed=42,
-                  n_groups=3, n_folds=5, n_filters=256, n_components=20, n_estimators=200,
+                  n_groups=3, n_folds=5, n_filters=256, n_components=20, n_estimators=100,
                   device="auto", spatial_block=0, n_draws=200, progress=None, is_cancelled=None):
-    """Estimate each unit's CATE from its image window (and covariates).
+    """Estimate each unit's CATE from its image window (and covariates), and test for heterogeneity.
 
     units: a :class:`UnitTable`. Returns (Study, Result). Steps: read and check
     the windows (build_study); MOSAIKS features of the windows (RandomConvFeatures
-    on BandScaler-scaled bands); the cross-fitted causal forest of default_learner;
-    effect groups 1..n_groups by out-of-fold CATE; the AUTOC of that CATE with its
-    half-sample bootstrap interval (clusters: the fold groups). Folds keep units at
-    one place, or in one spatial block (``spatial_block``, see fold_groups), together.
-    ``progress(fraction, message)``
-    is called, and ``is_cancelled()`` polled, every quarter second while windows
-    are read and embedded and at each cross-fitting fold; cancelling raises
-    :class:`Cancelled`.
+    on BandScaler-scaled bands); the cross-fitted causal forest of default_learner
+    (out-of-fold CATE, DR scores, the DR ATE with an SE robust to the fold groups);
+    effect groups 1..n_groups by out-of-fold CATE with their cluster-robust GATEs;
+    the sequential cross-fold test of heterogeneity (result.heterogeneity: each
+    fold ranked by a forest built on the earlier folds only); and, as a
+    descriptive figure only, the AUTOC of the pooled out-of-fold CATE (result.autoc).
+    Folds keep units at one place, of one cluster (``units.clusters``), or in one
+    spatial block (``spatial_block``, see fold_groups), together; the same groups
+    are the clusters of every standard error and of the bootstrap.
+    ``progress(fraction, message)`` is called, and ``is_cancelled()`` polled, every
+    quarter second while windows are read and embedded, in each cross-fitting fold
+    and in each fold of the test; cancelling raises :class:`Cancelled`.
     """
     timings = {}
     started = time.monotonic()
     study = build_study(units, raster_path, bands, window_size_px, nodata,
-                        _stage(progress, 0.0, 0.15), is_cancelled)
+                        _stage(progress, 0.0, 0.12), is_cancelled)
     timings["read_windows_s"] = time.monotonic() - started
 
     used = study.used
     t = time.monotonic()
     features, scaler, embedder = image_features(study, seed, n_filters, device,
-                                                _stage(progress, 0.15, 0.3), is_cancelled)
+                                                _stage(progress, 0.12, 0.22), is_cancelled)
     timings["image_features_s"] = time.monotonic() - t
 
     t = time.monotonic()
     groups, block_size = fold_groups(study, spatial_block, window_size_px)
-    design, learner = default_learner(features, study.covariates[used], n_components, n_folds,
-                                      n_estimators, seed)
-    learner.fit(study.outcome[used], study.treated[used].astype(int), design, locations=groups,
-                progress=_stage(progress, 0.3, 0.97), is_cancelled=is_cancelled)
+    design, inputs, learner = default_learner(features, study.covariates[used], n_components, n_folds,
+                                              n_estimators, seed)
+    learner.fit(study.outcome[used], study.treated[used].astype(int), design, groups=groups, outcome_inputs=inputs,
+                progress=_stage(progress, 0.22, 0.75), is_cancelled=is_cancelled)
     timings["causal_forest_s"] = time.monotonic() - t
 
+    t = time.monotonic()
+    test = sequential_rate_test(learner.dr_scores_, learner.fold_, learner.priority_for, "AUTOC", clusters=groups,
+                                names=["cate"], n_draws=n_draws, seed=seed, progress=_stage(progress, 0.75, 0.98),
+                                is_cancelled=is_cancelled)[0]
+    timings["heterogeneity_test_s"] = time.monotonic() - t
     t = time.monotonic()
     autoc = rank_average_treatment_effect(learner.dr_scores_, learner.cate_, "AUTOC", n_draws=n_draws,
                                           clusters=groups, names=["cate"], seed=seed)[0]
@@ -123,20 +138,24 @@ def estimate_cate(units, raster_path, bands=None, window_size_px=33, nodata=None
         "n_folds": n_folds,
         "n_filters": n_filters,
         "n_features": int(features.shape[1]),
-        "outcome_model_pca_components": int(learner.model_y.steps[0][1].transformers[0][1].n_components),
+        "outcome_model_inputs": int(inputs.shape[1]),
         "covariates": list(study.covariate_names),
         "n_estimators": n_estimators,
         "propensity": learner.propensity_,
         "band_scaling": scaler.to_dict(),
         "device": embedder.device_,
         "spatial_block_m": block_size,
+        "clustered_by": "cluster field and shared locations" if study.clusters is not None else "shared locations",
         "fold_groups": int(len(np.unique(groups))),
+        "heterogeneity_test": heterogeneity_record(test),
         "autoc": {"estimate": autoc.estimate, "std_err": autoc.std_err, "ci": list(autoc.ci),
-                  "p_value": autoc.p_value, "draws": n_draws, "q": autoc.q.tolist(), "toc": autoc.toc.tolist(),
-                  "toc_se": autoc.toc_se.tolist()},
+                  "draws": n_draws, "q": autoc.q.tolist(), "toc": autoc.toc.tolist(),
+                  "toc_se": autoc.toc_se.tolist(),
+                  "note": "descriptive only: the pooled out-of-fold CATE ranks units with models that saw the other "
+                          "ranked units; the test of heterogeneity is heterogeneity_test"},
         "group_effects": [dict(zip(("group", "n", "effect", "std_err", "ci_low", "ci_high", "mean_cate"),
                                    row + (float(learner.cate_[groups_of_units == row[0]].mean()),)))
-                          for row in group_average_effects(learner.dr_scores_, learner.cate_, n_groups)],
+                          for row in group_average_effects(learner.dr_scores_, learner.cate_, n_groups, groups)],
         "dropped": study.dropped,
         "versions": package_versions(),
         "timings": {k: round(v, 3) for k, v in timings.items()},
@@ -146,9 +165,18 @@ def estimate_cate(units, raster_path, bands=None, window_size_px=33, nodata=None
         cate_se=spread(learner.cate_se_), group=spread(groups_of_units, 0, int),
         dr_scores=spread(learner.dr_scores_), fold=spread(learner.fold_, -1, int),
         ate=learner.ate_, ate_se=learner.ate_se_, n_used=study.n_used, n_dropped=study.n_dropped,
-        autoc=autoc, metadata=metadata,
+        autoc=autoc, heterogeneity=test, metadata=metadata,
     )
     return study, result
+
+
+def heterogeneity_record(test):
+    """A HeterogeneityTest as plain JSON for the run metadata, the dock and the report."""
+    return {"method": "sequential cross-fold RATE test (one-sided)", "target": test.target,
+            "estimate": test.estimate, "std_err": test.std_err, "t_stat": test.t_stat, "p_value": test.p_value,
+            "detected": test.detected, "held_out_folds": len(test.folds),
+            "fold_estimates": [rate.estimate for rate in test.folds],
+            "fold_std_errs": [rate.std_err for rate in test.folds]}
 
 
 SOURCES = ("imagery", "covariates", "imagery + covariates")
@@ -156,20 +184,22 @@ COMPARISONS = (("imagery + covariates", "covariates"), ("imagery + covariates", 
 
 
 def compare_sources(units, raster_path, bands=None, window_size_px=33, nodata=None, seed=42, n_folds=5,
-                    n_estimators=200, n_draws=200, spatial_block=0, device="auto", progress=None,
+                    n_estimators=100, n_draws=200, spatial_block=0, device="auto", progress=None,
                     is_cancelled=None):
     """What the imagery adds: the CATE learner with imagery only, covariates only, and both, on the same folds.
 
     Every source's learner is cross-fitted on the same honest folds (fold_groups);
     all rules are judged on the same DR scores (outcome models on the image
     features' leading principal components and the covariates, cross-fitted on
-    those folds) with the same half-samples, so differences are paired.
-    Returns (study, {"cate": {source: (n_used,)}, "rates": {"AUTOC": [...], "QINI": [...]},
-    "differences": {"AUTOC": [...], "QINI": [...]}, "block_size", "n_clusters"}).
+    those folds). The formal comparison is the sequential cross-fold test
+    (core.evaluate.sequential_rate_test): in each fold k >= 2, every source's
+    learner, built on the earlier folds only, ranks fold k, with paired
+    half-samples, so differences are paired. The pooled out-of-fold RATEs are
+    reported too, as descriptive figures.
+    Returns (study, {"cate": {source: (n_used,)}, "tests": {"AUTOC": [...], "QINI": [...]},
+    "test_differences": {...}, "rates": {...} (pooled, descriptive), "differences": {...},
+    "block_size", "n_clusters", "scores", "ate"}).
     """
-    from .evaluate import cross_fitted_scores
-    from .learners import location_folds
-
     study = build_study(units, raster_path, bands, window_size_px, nodata, _stage(progress, 0.0, 0.1), is_cancelled)
     used = study.used
     features = image_features(study, seed, device=device, progress=_stage(progress, 0.1, 0.2),
@@ -177,39 +207,47 @@ def compare_sources(units, raster_path, bands=None, window_size_px=33, nodata=No
     covariates = study.covariates[used] if study.covariates.shape[1] else None
     sources = [s for s in SOURCES if covariates is not None or s == "imagery"]
     groups, block_size = fold_groups(study, spatial_block, window_size_px)
+    folds = location_folds(groups, n_folds, seed)
     Y, W = study.outcome[used], study.treated[used].astype(int)
-    cate = {}
+    cate, learners = {}, {}
     for k, source in enumerate(sources):
-        design, learner = default_learner(features if "imagery" in source else None,
-                                          covariates if "covariates" in source else None,
-                                          n_folds=n_folds, n_estimators=n_estimators, seed=seed)
-        learner.fit(Y, W, design, locations=groups, is_cancelled=is_cancelled,
-                    progress=_stage(progress, 0.2 + 0.7 * k / len(sources), 0.2 + 0.7 * (k + 1) / len(sources)))
-        cate[source] = learner.cate_
-    summary, _ = design_matrix_for_scores(features, covariates, seed)
-    scores = cross_fitted_scores(Y, W, summary, location_folds(groups, n_folds, seed), seed=seed)[0]
-    rates, differences = {}, {}
-    for target in ("AUTOC", "QINI"):
+        design, inputs, learner = default_learner(features if "imagery" in source else None,
+                                                  covariates if "covariates" in source else None,
+                                                  n_folds=n_folds, n_estimators=n_estimators, seed=seed)
+        learner.fit(Y, W, design, groups=groups, outcome_inputs=inputs, folds=folds, is_cancelled=is_cancelled,
+                    progress=_stage(progress, 0.2 + 0.4 * k / len(sources), 0.2 + 0.4 * (k + 1) / len(sources)))
+        cate[source], learners[source] = learner.cate_, learner
+    scores = cross_fitted_scores(Y, W, outcome_inputs(features, covariates, seed), folds, seed=seed)[0]
+    priorities = {}
+
+    def priority_for(sources_wanted):
+        def compute(train, test):
+            key = int(folds[test][0])
+            if key not in priorities:
+                priorities[key] = {s: learners[s].priority_for(train, test) for s in sources}
+            return np.column_stack([priorities[key][s] for s in sources_wanted])
+        return compute
+
+    tests, test_differences, rates, differences = {}, {}, {}, {}
+    pairs = [(a, b) for a, b in COMPARISONS if a in cate and b in cate]
+    for step, target in enumerate(("AUTOC", "QINI")):
+        stage = _stage(progress, 0.6 + 0.2 * step, 0.8 + 0.2 * step)
+        tests[target] = [sequential_rate_test(scores, folds, priority_for([s]), target, groups, [s], n_draws=n_draws,
+                                              seed=seed, progress=stage, is_cancelled=is_cancelled)[0]
+                         for s in sources]
+        test_differences[target] = [sequential_rate_test(scores, folds, priority_for([a, b]), target, groups, [a, b],
+                                                         n_draws=n_draws, seed=seed, is_cancelled=is_cancelled)[2]
+                                    for a, b in pairs]
         rates[target] = [rank_average_treatment_effect(scores, cate[s], target, n_draws=n_draws, clusters=groups,
                                                        names=[s], seed=seed)[0] for s in sources]
         differences[target] = [rank_average_treatment_effect(scores, np.column_stack([cate[a], cate[b]]), target,
                                                              n_draws=n_draws, clusters=groups, names=[a, b],
-                                                             seed=seed)[2]
-                               for a, b in COMPARISONS if a in cate and b in cate]
+                                                             seed=seed)[2] for a, b in pairs]
     if progress is not None:
         progress(1.0, "Done")
-    return study, {"cate": cate, "rates": rates, "differences": differences, "block_size": block_size,
-                   "n_clusters": int(len(np.unique(groups))), "scores": scores}
-
-
-def design_matrix_for_scores(features, covariates, seed, n_components=20):
-    """The outcome models' input for shared DR scores: leading principal components of the features, plus covariates."""
-    from sklearn.decomposition import PCA
-
-    scaled = design_matrix(features, None)[0]
-    components = PCA(n_components=min(n_components, scaled.shape[1], len(scaled) // 10 or 1),
-                     random_state=seed).fit_transform(scaled)
-    return (np.column_stack([components, covariates]) if covariates is not None else components), components
+    return study, {"cate": cate, "tests": tests, "test_differences": test_differences, "rates": rates,
+                   "differences": differences, "block_size": block_size, "n_clusters": int(len(np.unique(groups))),
+                   "scores": scores, "ate": doubly_robust_ate(scores, groups)}
 
 
 MIN_UNITS_PER_CLUSTER = 20
@@ -231,9 +269,6 @@ def find_clusters(units, raster_path, bands=None, window_size_px=33, nodata=None
                            fit_clusters, image_model)
     from .embed import resolve_device
     from .errors import Cancelled, GeoCateError
-    from .evaluate import cross_fitted_scores
-    from .learners import location_folds
-
     if n_clusters > max_clusters:
         raise GeoCateError(f"CLUSTERS ({n_clusters}) is larger than MAX_CLUSTERS ({max_clusters}).",
                            "Lower CLUSTERS, raise MAX_CLUSTERS, or set CLUSTERS to 0 to choose K from the data.")
@@ -282,7 +317,9 @@ def find_clusters(units, raster_path, bands=None, window_size_px=33, nodata=None
     sd = raw_covariates.std(axis=0)
     model = image_model(final, scaler, embedder, *feature_scaling(features), raw_covariates.mean(axis=0),
                         np.where(sd > 0, sd, 1.0))
-    scores = cross_fitted_scores(Y, W, folds=folds, seed=seed)[0]
+    # The same DR scores and ATE as estimatecate's (same outcome-model inputs, folds and seed): one ATE per study.
+    scores = cross_fitted_scores(Y, W, outcome_inputs(features, covariates, seed), folds, seed=seed)[0]
+    ate = doubly_robust_ate(scores, groups)
     n = len(used)
 
     def spread(values, fill=np.nan, dtype=float):
@@ -302,7 +339,7 @@ def find_clusters(units, raster_path, bands=None, window_size_px=33, nodata=None
     result = Result(
         cate=spread(out["cate"]), cate_lo=spread(out["cate_lo"]), cate_hi=spread(out["cate_hi"]),
         cate_se=spread(out["cate_se"]), group=spread(out["group"], 0, int), dr_scores=spread(scores),
-        fold=spread(folds, -1, int), ate=float(scores.mean()), ate_se=float(scores.std(ddof=1) / np.sqrt(len(scores))),
+        fold=spread(folds, -1, int), ate=ate.estimate, ate_se=ate.std_err,
         n_used=study.n_used, n_dropped=study.n_dropped, probabilities=spread(out["probabilities"]),
         metadata=metadata)
     if progress is not None:

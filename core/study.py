@@ -26,6 +26,7 @@ class UnitTable:
     covariate_names: tuple = ()
     treatment_name: str = "treatment"
     outcome_name: str = "outcome"
+    clusters: object = None  # (n,) cluster ids (e.g. a village field; None for nulls), or None: no clusters
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,7 @@ class Study:
     raster_crs_wkt: str
     pixel_size: float
     bands: tuple
+    clusters: object = None  # (n,) int cluster ids (-1 where null), or None
 
     @property
     def n_used(self):
@@ -83,7 +85,8 @@ class Result:
     ate_se: float
     n_used: int
     n_dropped: int
-    autoc: object = None  # evaluate.RateResult of the out-of-fold CATE, where computed
+    autoc: object = None  # evaluate.RateResult of the pooled out-of-fold CATE (descriptive only), where computed
+    heterogeneity: object = None  # evaluate.HeterogeneityTest: the valid (sequential cross-fold) test, where computed
     probabilities: object = None  # (n, K) out-of-fold cluster probabilities (nan where not used), cluster models
     metadata: dict = field(default_factory=dict)
 
@@ -131,6 +134,15 @@ def build_study(units, raster_path, bands=None, window_size_px=33, nodata=None,
         "a covariate is null": int((null_covariate & ~null_outcome & ~null_treated).sum()),
     }
     complete = ~(null_treated | null_outcome | null_covariate)
+    clusters = None
+    if units.clusters is not None:
+        labels = [None if c is None else str(c) for c in units.clusters]
+        null_cluster = np.array([c is None for c in labels], bool)
+        dropped["cluster is null"] = int((null_cluster & complete).sum())
+        complete &= ~null_cluster
+        known = sorted({c for c in labels if c is not None})
+        index = {c: i for i, c in enumerate(known)}
+        clusters = np.array([-1 if c is None else index[c] for c in labels], int)
     for code, label in (("outside", "outside the raster"), ("edge", "window crosses the raster edge"),
                         ("nodata", "window holds nodata or fill")):
         dropped[label] = int(((found.reason == code) & complete).sum())
@@ -147,7 +159,7 @@ def build_study(units, raster_path, bands=None, window_size_px=33, nodata=None,
         coords=found.coords, treated=treated, outcome=outcome, covariates=covariates,
         covariate_names=tuple(units.covariate_names), patches=found.patches, patch_ok=found.ok,
         patch_reason=found.reason, used=used, dropped=dropped, raster_path=str(raster_path),
-        raster_crs_wkt=info.crs_wkt, pixel_size=info.pixel_size, bands=found.bands,
+        raster_crs_wkt=info.crs_wkt, pixel_size=info.pixel_size, bands=found.bands, clusters=clusters,
     )
 
 

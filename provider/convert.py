@@ -37,6 +37,14 @@ def as_number(value):
         return math.nan
 
 
+def as_label(value):
+    """A feature attribute as a cluster label (text); NULL and empty -> None."""
+    if value is None or (isinstance(value, QVariant) and value.isNull()):
+        return None
+    text = str(value)
+    return text if text.strip() and text != "NULL" else None
+
+
 def check_numeric_field(fields, name, role):
     index = fields.lookupField(name)
     if index < 0:
@@ -59,8 +67,10 @@ def unit_point(geometry):
     return point.x(), point.y()
 
 
-def read_units(source, treatment, outcome, covariates, feedback=None):
-    """Read a feature source into (features, UnitTable); features keep the input's order."""
+def read_units(source, treatment, outcome, covariates, feedback=None, cluster=None):
+    """Read a feature source into (features, UnitTable); features keep the input's order.
+
+    cluster: an optional field of cluster ids (e.g. village), any type; NULL -> None."""
     from ..core.study import UnitTable
 
     fields = source.fields()
@@ -68,6 +78,10 @@ def read_units(source, treatment, outcome, covariates, feedback=None):
     check_numeric_field(fields, outcome, "outcome")
     for name in covariates:
         check_numeric_field(fields, name, "covariate")
+    if cluster and fields.lookupField(cluster) < 0:
+        raise QgsProcessingException(f"The cluster field '{cluster}' does not exist in the units layer. "
+                                     "Choose one of its fields, or none.")
+    labels = []
     crs = source.sourceCrs()
     crs_wkt = crs.toWkt(QgsCoordinateReferenceSystem.WKT_PREFERRED) if crs.isValid() else ""
     features, xy, treated, outcomes, covs = [], [], [], [], []
@@ -80,6 +94,8 @@ def read_units(source, treatment, outcome, covariates, feedback=None):
         treated.append(as_number(feature[treatment]))
         outcomes.append(as_number(feature[outcome]))
         covs.append([as_number(feature[name]) for name in covariates])
+        if cluster:
+            labels.append(as_label(feature[cluster]))
         if feedback is not None and i % 500 == 0:
             feedback.setProgress(100.0 * i / total * 0.05)
     n = len(features)
@@ -88,6 +104,7 @@ def read_units(source, treatment, outcome, covariates, feedback=None):
         treated=np.asarray(treated, dtype=float), outcome=np.asarray(outcomes, dtype=float),
         covariates=np.asarray(covs, dtype=float).reshape(n, len(covariates)),
         covariate_names=tuple(covariates), treatment_name=treatment, outcome_name=outcome,
+        clusters=labels if cluster else None,
     )
     return features, table
 

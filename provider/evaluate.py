@@ -17,7 +17,7 @@ from qgis.core import (
 )
 
 from .base import GeoCateAlgorithm
-from .convert import as_number, check_numeric_field, unit_point, write_table
+from .convert import as_label, as_number, check_numeric_field, unit_point, write_table
 
 
 class EvaluateAlgorithm(GeoCateAlgorithm):
@@ -127,7 +127,7 @@ class EvaluateAlgorithm(GeoCateAlgorithm):
             rows.append(([as_number(feature[r]) for r in rules], as_number(feature[treatment]),
                          as_number(feature[outcome]), [as_number(feature[c]) for c in covariates],
                          unit_point(feature.geometry()) if spatial else (np.nan, np.nan),
-                         str(feature[cluster]) if cluster else None))
+                         as_label(feature[cluster]) if cluster else None))
         n = len(rows)
         coords = None
         if spatial:

@@ -6,10 +6,8 @@ from conftest import unit_table
 
 from geocate.core.errors import GeoCateError
 from geocate.core.evaluate import (
-    aipw_scores,
     best_linear_predictor,
     correlation_range,
-    cross_fitted_scores,
     group_average_effects,
     honest_folds,
     rank_average_treatment_effect,
@@ -17,6 +15,7 @@ from geocate.core.evaluate import (
     toc_and_rate,
 )
 from geocate.core.learners import CrossFittedCausalForest
+from geocate.core.scores import aipw_scores, cross_fitted_scores
 
 SCORES = np.array([4.0, 0.0, 2.0, 6.0])
 
@@ -109,18 +108,23 @@ def test_calibration_and_group_effects_on_a_known_linear_effect():
     assert all(row[4] - 0.1 < truth < row[5] + 0.1 for row, truth in zip(rows, true_gates))
 
 
-def test_strong_image_heterogeneity_gives_a_clearly_positive_autoc_that_beats_covariates(small_trial, demo_raster):
+def test_strong_image_heterogeneity_is_detected_by_the_valid_test_and_covariates_are_not(small_trial, demo_raster):
+    """The sequential cross-fold test: the image CATE's heterogeneity is detected, pure-noise covariates'
+    is not, and the paired difference favours the imagery."""
+    from geocate.core.evaluate import sequential_rate_test
     from geocate.core.pipeline import estimate_cate
 
     study, result = estimate_cate(unit_table(small_trial), demo_raster, seed=5)
+    test = result.heterogeneity
+    assert test.detected and test.p_value < 1e-3 and test.estimate > 0.3 and len(test.folds) == 4
+    assert result.metadata["heterogeneity_test"]["p_value"] == test.p_value
     covariate_only = CrossFittedCausalForest(seed=5).fit(small_trial.outcome, small_trial.treated,
                                                          small_trial.covariates)
-    scores = cross_fitted_scores(small_trial.outcome, small_trial.treated, seed=5)[0]
-    image, covariates, difference = rank_average_treatment_effect(
-        scores, np.column_stack([result.cate, covariate_only.cate_]), names=["image", "covariates"], seed=5)
-    assert image.estimate > 0.4 and image.p_value < 1e-3
-    assert abs(covariates.estimate) < 3 * covariates.std_err
-    assert difference.ci[0] > 0
+    used = study.used
+    assert used.all()
+    scores = result.dr_scores[used]
+    covariates = sequential_rate_test(scores, covariate_only.fold_, covariate_only.priority_for, seed=5)[0]
+    assert not covariates.detected and covariates.p_value > 0.05
 
 
 def test_spatial_leakage_random_folds_overstate_autoc_and_blocked_folds_do_not():
@@ -137,7 +141,7 @@ def test_spatial_leakage_random_folds_overstate_autoc_and_blocked_folds_do_not()
     X = coords / 1000
 
     def autoc(folds_by, clusters):
-        model = CrossFittedCausalForest(n_estimators=100, seed=1).fit(Y, W, X, locations=folds_by)
+        model = CrossFittedCausalForest(n_estimators=100, seed=1).fit(Y, W, X, groups=folds_by)
         return rank_average_treatment_effect(model.dr_scores_, model.cate_, clusters=clusters, seed=2)[0]
 
     random_folds = autoc(np.arange(n), np.arange(n))

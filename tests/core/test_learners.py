@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from scipy.stats import spearmanr
 
-from geocate.core.errors import GeoCateError
+from geocate.core.errors import Cancelled, GeoCateError
 from geocate.core.learners import (
     CrossFittedCausalForest,
     effect_groups,
@@ -45,24 +45,23 @@ def test_intervals_are_ordered_and_mostly_cover_the_truth(fitted):
     assert coverage > 0.6  # forests' pointwise intervals under-cover at the jump; far below means broken SEs
 
 
-def test_doubly_robust_ate_and_its_interval(fitted):
+def test_doubly_robust_ate_its_interval_and_scores_that_carry_the_effect(fitted):
     model, X, T, Y, tau = fitted
     low, high = model.ate_interval()
     assert low < tau.mean() < high
     # An oracle difference in means has SE about sqrt(4 * var(Y | arm) / n) ~ 0.08; the DR SE must be of that order.
     assert 0.03 < model.ate_se_ < 0.12
-    # grf's score: Gamma_i = tau_i + (W_i - e)/(e(1-e)) (Y_i - m_i - (W_i - e) tau_i)
-    e = model.propensity_
-    gamma = model.cate_ + (T - e) / (e * (1 - e)) * (Y - model.outcome_hat_ - (T - e) * model.cate_)
-    np.testing.assert_allclose(model.dr_scores_, gamma)
-    assert model.ate_ == pytest.approx(gamma.mean())
+    # E[Gamma_i | X_i] = tau(X_i): the scores, averaged by true effect, recover each effect.
+    for value in (1, 3):
+        assert abs(model.dr_scores_[tau == value].mean() - value) < 0.3
+    assert model.ate_ == pytest.approx(model.dr_scores_.mean())
 
 
 def test_ate_interval_covers_a_constant_effect_over_seeds():
     hits = 0
     for seed in range(6):
         X, T, Y, tau = tabular_trial(n=600, seed=100 + seed, heterogeneous=False)
-        model = CrossFittedCausalForest(n_folds=3, n_estimators=80, seed=seed).fit(Y, T, X)
+        model = CrossFittedCausalForest(n_folds=3, n_estimators=40, seed=seed).fit(Y, T, X)
         low, high = model.ate_interval()
         hits += low < 1.0 < high
     assert hits >= 5  # 95 % intervals: P(fewer than 5 of 6) = 3 %
@@ -103,20 +102,35 @@ def test_grf_max_features():
     assert grf_max_features(400) == 40
 
 
-def test_cancel_during_a_fold_returns_before_the_fold_ends_within_a_couple_of_seconds():
-    """The worker thread holds the GIL at times, so polls can be late by a second or so: the
-    promise is 'a couple of seconds', and not waiting for the fold (several seconds here)."""
-    import time
+def test_cancel_during_a_fold_stops_waiting_at_the_next_poll():
+    """econml's forest has no callback: the fold runs in a worker thread and the caller stops
+    waiting at the first poll after cancel. No wall-clock bound (a loaded machine stretches every
+    poll): the fold must still be running when Cancelled is raised, and only a few polls may pass."""
+    import threading
 
     from geocate.core.errors import Cancelled
+    from geocate.core.learners import run_cancellable
 
-    X, T, Y, tau = tabular_trial(n=3000, seed=4)
-    started = time.monotonic()
+    release = threading.Event()
+    polls = []
+
+    def slow_fold():
+        release.wait(30)
+        return "finished"
+
+    def is_cancelled():
+        polls.append(1)
+        return len(polls) >= 3
+
     with pytest.raises(Cancelled):
-        CrossFittedCausalForest(n_estimators=400, seed=1).fit(
-            Y, T, X, is_cancelled=lambda: time.monotonic() - started > 0.5)
-    cancelled_after = time.monotonic() - started
-    one_fold = CrossFittedCausalForest(n_folds=5, n_estimators=400, seed=1)
-    one_fold._forest(X.shape[1]).fit(Y[:2400], T[:2400], X=X[:2400])
-    fold_seconds = time.monotonic() - started - cancelled_after
-    assert cancelled_after < 2.5 and cancelled_after < fold_seconds
+        run_cancellable(slow_fold, is_cancelled, poll_seconds=0.05)
+    assert not release.is_set() and len(polls) == 3
+    release.set()
+    assert run_cancellable(lambda: 7, lambda: False) == 7
+
+
+def test_a_forest_cancelled_during_a_fold_raises_cancelled():
+    X, T, Y, tau = tabular_trial(n=800, seed=4)
+    calls = []
+    with pytest.raises(Cancelled):
+        CrossFittedCausalForest(n_estimators=40, seed=1).fit(Y, T, X, is_cancelled=lambda: calls.append(1) or len(calls) > 2)

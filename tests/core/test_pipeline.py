@@ -37,7 +37,8 @@ def test_run_metadata_records_what_reproduces_the_run(estimated):
     meta = result.metadata
     assert meta["seed"] == 3 and meta["device"] == "cpu" and meta["window_size_m"] == pytest.approx(990.0)
     assert {"numpy", "econml", "torch", "sklearn", "gdal"} <= set(meta["versions"])
-    assert set(meta["timings"]) == {"read_windows_s", "image_features_s", "causal_forest_s", "autoc_s", "total_s"}
+    assert set(meta["timings"]) == {"read_windows_s", "image_features_s", "causal_forest_s", "heterogeneity_test_s",
+                                   "autoc_s", "total_s"}
 
 
 def test_autoc_of_the_out_of_fold_cate_is_reported_and_clearly_positive(estimated):

@@ -1,0 +1,161 @@
+"""One doubly robust score, one ATE and one cluster-robust standard error for every algorithm.
+
+ARCHITECTURE.md's ``core.scores``: the AIPW score of a randomized trial (known
+propensity), the cross-fitted arm-wise outcome models it uses, and the mean of
+scores with a standard error over clusters. ``estimatecate``, ``imageclusters``,
+``comparesources`` and ``evaluate`` all report the ATE as :func:`doubly_robust_ate`
+of these scores, so one study gives one ATE whichever algorithm reports it.
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import GeoCateError
+
+#: Estimates and standard errors below this (in absolute value) are numerical noise: zero (as in grf).
+NUMERICAL_ZERO = 1e-15
+
+
+def zero_noise(value):
+    """``value`` (a number or an array), with entries below NUMERICAL_ZERO in absolute value set to 0."""
+    if np.ndim(value) == 0:
+        return 0.0 if abs(float(value)) < NUMERICAL_ZERO else float(value)
+    value = np.array(value, dtype=float)
+    value[np.abs(value) < NUMERICAL_ZERO] = 0.0
+    return value
+
+
+def aipw_scores(outcome, treated, mu0, mu1, propensity):
+    """Doubly robust (AIPW) scores:
+
+        Gamma_i = mu1(x_i) - mu0(x_i) + W_i (Y_i - mu1(x_i)) / e - (1 - W_i) (Y_i - mu0(x_i)) / (1 - e)
+
+    with e the propensity (a number, or one per unit). E[Gamma_i | X_i] = tau(X_i)
+    when either the outcome models or the propensity are right; in a trial the
+    propensity is known. grf's causal-forest score
+    tau + (W - e) / (e (1 - e)) (Y - m - (W - e) tau) is this score with
+    mu1 = m + (1 - e) tau and mu0 = m - e tau.
+    """
+    Y, W = np.asarray(outcome, float), np.asarray(treated, float)
+    e = np.asarray(propensity, float)
+    return mu1 - mu0 + W * (Y - mu1) / e - (1 - W) * (Y - mu0) / (1 - e)
+
+
+def _outcome_forest(seed):
+    from sklearn.ensemble import RandomForestRegressor
+
+    # Trees are grown on both cores (each tree's randomness is fixed by the seed), but predictions
+    # are summed on one thread (arm_outcome_models): a threaded sum adds trees in a varying order,
+    # and those last-bit differences would flip later splits, so a seed would not fix the result.
+    return RandomForestRegressor(n_estimators=100, min_samples_leaf=5, max_features=0.5, n_jobs=2,
+                                 random_state=seed)
+
+
+def arm_outcome_models(outcome, treated, inputs, folds, seed=42):
+    """Cross-fitted mu_w(x) = E[Y | X = x, W = w]: for each fold, one model fit on the other folds.
+
+    inputs: (n, p) outcome-model inputs, or None (then mu_w is the arm mean of
+    the other folds). The model is a random forest on (x, W), predicted at
+    W = 0 and W = 1: one fit per fold serves both arms (twice as fast as a
+    forest per arm, which matters at a dozen cross-fitted fits per run).
+    Returns (mu0, mu1), each (n,) and out-of-fold.
+    """
+    Y, W = np.asarray(outcome, float), np.asarray(treated, int)
+    n = len(Y)
+    X = None if inputs is None or np.asarray(inputs).size == 0 else np.asarray(inputs, float).reshape(n, -1)
+    folds = np.asarray(folds)
+    mu0, mu1 = np.empty(n), np.empty(n)
+    for k in np.unique(folds):
+        train, test = folds != k, folds == k
+        for arm in (0, 1):
+            if not (train & (W == arm)).any():
+                raise GeoCateError(f"A cross-fitting fold leaves no {'treated' if arm else 'control'} units to "
+                                   "learn from.", "Use more units, or fewer or smaller spatial blocks.")
+        if X is None:
+            mu0[test], mu1[test] = Y[train & (W == 0)].mean(), Y[train & (W == 1)].mean()
+            continue
+        model = _outcome_forest(seed).fit(np.column_stack([X[train], W[train]]), Y[train]).set_params(n_jobs=1)
+        m = int(test.sum())
+        both = model.predict(np.vstack([np.column_stack([X[test], np.zeros(m)]), np.column_stack([X[test], np.ones(m)])]))
+        mu0[test], mu1[test] = both[:m], both[m:]
+    return mu0, mu1
+
+
+def cross_fitted_scores(outcome, treated, inputs=None, folds=None, n_folds=5, seed=42):
+    """AIPW scores whose outcome models did not see the unit (arm_outcome_models on ``folds``).
+
+    The propensity is the treated share (known in a trial). Returns (scores, mu0, mu1, e).
+    """
+    from .learners import location_folds
+
+    Y, W = np.asarray(outcome, float), np.asarray(treated, int)
+    folds = location_folds(np.arange(len(Y)), n_folds, seed) if folds is None else np.asarray(folds)
+    mu0, mu1 = arm_outcome_models(Y, W, inputs, folds, seed)
+    e = float(W.mean())
+    return aipw_scores(Y, W, mu0, mu1, e), mu0, mu1, e
+
+
+def mean_and_se(values, clusters=None):
+    """Mean of ``values`` and its standard error, robust to correlation within ``clusters``.
+
+    SE^2 = C / (C - 1) * sum_c (sum_{i in c} (v_i - mean))^2 / n^2, the CR1
+    sandwich of a mean (grf's ``average_treatment_effect`` with ``clusters``,
+    each unit weighted equally). With every unit its own cluster it is exactly
+    sd(values) / sqrt(n).
+    """
+    values = np.asarray(values, float)
+    n = len(values)
+    mean = float(values.mean())
+    if n < 2:
+        return mean, float("nan")
+    clusters = np.arange(n) if clusters is None else np.asarray(clusters)
+    ids = np.unique(clusters, return_inverse=True)[1].ravel()
+    n_clusters = int(ids.max()) + 1
+    if n_clusters < 2:
+        return mean, float("nan")
+    sums = np.bincount(ids, weights=values - mean)
+    se = float(np.sqrt(n_clusters / (n_clusters - 1) * np.sum(sums ** 2)) / n)
+    return zero_noise(mean), zero_noise(se)
+
+
+@dataclass(frozen=True)
+class AverageEffect:
+    """The doubly robust ATE: mean of AIPW scores, with a cluster-robust SE over ``n_clusters`` clusters."""
+
+    estimate: float
+    std_err: float
+    n_clusters: int
+
+    def interval(self, alpha=0.05):
+        from scipy.stats import norm
+
+        z = norm.ppf(1 - alpha / 2)
+        return self.estimate - z * self.std_err, self.estimate + z * self.std_err
+
+
+def doubly_robust_ate(scores, clusters=None):
+    """AverageEffect of DR ``scores``; ``clusters`` (the groups the folds keep whole) set the SE."""
+    estimate, se = mean_and_se(scores, clusters)
+    n_clusters = len(scores) if clusters is None else len(np.unique(np.asarray(clusters)))
+    return AverageEffect(estimate=estimate, std_err=se, n_clusters=int(n_clusters))
+
+
+def outcome_inputs(features, covariates, seed=42, n_components=20):
+    """The outcome models' input: leading principal components of the scaled image features, plus covariates.
+
+    PCA is unsupervised (it never sees an outcome), so fitting it once on all
+    units keeps the cross-fitting honest. features None: covariates only.
+    """
+    from sklearn.decomposition import PCA
+
+    from .learners import design_matrix
+
+    parts = []
+    if features is not None and np.asarray(features).size:
+        scaled = design_matrix(features, None)[0]
+        k = max(min(n_components, scaled.shape[1], len(scaled) // 10), 1)
+        parts.append(PCA(n_components=k, random_state=seed).fit_transform(scaled))
+    if covariates is not None and np.asarray(covariates).size:
+        parts.append(np.asarray(covariates, float).reshape(-1, np.asarray(covariates).shape[-1]))
+    return np.column_stack(parts) if parts else None
