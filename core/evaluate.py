@@ -42,6 +42,10 @@ def toc_and_rate(scores, priority, q=DEFAULT_Q, target="AUTOC"):
     n = len(scores)
     q = check_q(q)
     ranks = _tie_ranks(priority)
+    if n and ranks.max() == 0:  # one tie group: no ranking at all, so no gain anywhere (exactly, not 1e-15)
+        if target not in ("AUTOC", "QINI"):
+            raise GeoCateError(f"Unknown RATE target '{target}'.", "Use 'AUTOC' or 'QINI'.")
+        return 0.0, np.zeros(len(q))
     order = np.argsort(-ranks, kind="stable")
     sorted_ranks = ranks[order]
     sorted_scores = scores[order]

@@ -79,9 +79,15 @@ def design_matrix(features, covariates=None):
     return (matrix - matrix.mean(axis=0)) / np.where(sd > 0, sd, 1.0), n_image
 
 
-def grf_max_features(p):
-    """grf's default mtry: min(ceil(sqrt(p) + 20), p)."""
-    return int(min(math.ceil(math.sqrt(p) + 20), p))
+def forest_max_features(p):
+    """Features tried at each split: min(p, max(ceil(sqrt(p)), 20)).
+
+    grf's default is min(p, ceil(sqrt(p) + 20)): the same up to 20 features,
+    but 43 instead of 23 for 512 image features + 2 covariates. On the 3000-unit
+    image trial the smaller number grows the forest 1.6x faster at the same
+    RMSE and Spearman (bench/bench_estimate.py), so it is the default.
+    """
+    return int(min(p, max(math.ceil(math.sqrt(p)), 20)))
 
 
 def effect_groups(cate, n_groups=3):
@@ -105,7 +111,7 @@ class CrossFittedCausalForest:
     mu_w(x) = E[Y | X = x, W = w], so m(x) = e mu1(x) + (1 - e) mu0(x), with
     e the known propensity of the trial (the treated share). Then, for each
     fold k, one causal forest (econml's ``grf.CausalForest``: Athey, Tibshirani
-    & Wager 2019, honest trees, grf's ``max_features`` = min(ceil(sqrt(p) + 20), p))
+    & Wager 2019, honest trees, ``max_features`` from forest_max_features)
     is grown on the other folds' residuals Y - m(x) and W - e (m cross-fitted
     within those folds, so fold k's outcomes reach neither), and gives the
     fold's units tau^(-k)(x_i) with its variance (bootstrap of little bags).
@@ -128,7 +134,7 @@ class CrossFittedCausalForest:
     ``ate_``, ``ate_se_``, ``forests_`` and ``fold_seconds_`` (one per fold).
     """
 
-    def __init__(self, n_folds=5, n_estimators=100, min_samples_leaf=5, max_features="grf", seed=42, n_jobs=-1):
+    def __init__(self, n_folds=5, n_estimators=100, min_samples_leaf=5, max_features="auto", seed=42, n_jobs=-1):
         self.n_folds = n_folds
         self.n_estimators = n_estimators
         self.min_samples_leaf = min_samples_leaf
@@ -138,7 +144,7 @@ class CrossFittedCausalForest:
 
     def _forest(self, p, inference=True, n_estimators=None):
         grf = require("econml.grf", "econml==0.16.0")
-        max_features = grf_max_features(p) if self.max_features == "grf" else self.max_features
+        max_features = forest_max_features(p) if self.max_features == "auto" else self.max_features
         n_estimators = n_estimators or self.n_estimators
         if inference:  # trees come in little bags of 4 (econml's subforest_size)
             n_estimators = max(4, 4 * round(n_estimators / 4))

@@ -103,12 +103,18 @@ def evaluation_report(evaluation, html_path, png_path, inputs, metadata=None):
     verdict = ("The ranking finds heterogeneity: units it puts first gain more than average (AUTOC > 0 at the 5 % level)."
                if autoc.ci[0] > 0 else
                "No heterogeneity detected at the 5 % level: the 95 % interval of the AUTOC includes 0.")
+    verdict += (" This holds only if the priority was built without these units' outcomes (see 'How to read "
+                "this').")
     sections = [
         ("Inputs", table(["item", "value"], list(inputs.items()))),
         ("Summary", f"<p>{html.escape(verdict)}</p>"),
         ("TOC curve", image(png_path, "TOC curve")),
         ("Estimates", table(RATE_HEADERS, rate_rows(evaluation))),
-        ("How to read this", "<p class='note'>TOC(q) is the average effect among the fraction q of units the rule "
+        ("How to read this", "<p class='note'>The test is valid only if the priority was built without these "
+         "units' outcomes (a model fit on other data, or a rule fixed in advance). GeoCATE's own cate field does "
+         "not qualify: it is cross-fitted on the same units, so its AUTOC here is descriptive; the test for it is "
+         "the sequential cross-fold test in the report of 'Estimate treatment effects from imagery'. "
+         "TOC(q) is the average effect among the fraction q of units the rule "
          "treats first, minus the average effect; AUTOC is its area, Qini its area weighted by q (Yadlowsky et al.). "
          "Doubly robust scores use outcome models that did not see the unit; intervals come from a half-sample "
          "bootstrap over clusters (locations or spatial blocks). The BLP differential b2 is 1 for a well-calibrated "
@@ -118,35 +124,53 @@ def evaluation_report(evaluation, html_path, png_path, inputs, metadata=None):
     return write_html(html_path, "GeoCATE: evaluation of heterogeneity", sections, metadata)
 
 
+def test_row(metric, test):
+    """A table row (metric, rule, estimate, SE, 95 % low, high, one-sided p, t) of a HeterogeneityTest."""
+    return (metric, test.priority, test.estimate, test.std_err, test.estimate - 1.959964 * test.std_err,
+            test.estimate + 1.959964 * test.std_err, test.p_value, test.t_stat)
+
+
 def comparison_rows(comparison):
-    """Rows (metric, rule, estimate, SE, 95 % low, high, p-value, estimate/SE) of compare_sources' output."""
+    """Rows (metric, rule, estimate, SE, 95 % low, high, p-value, estimate/SE) of compare_sources' output.
+
+    First the valid tests (held-out folds, one-sided p), then the pooled
+    out-of-fold RATEs, descriptive only (no p-value).
+    """
     rows = []
+    for kind in ("tests", "test_differences"):
+        for target, results in comparison[kind].items():
+            rows.extend(test_row(f"{target} (held-out test)", test) for test in results)
     for kind in ("rates", "differences"):
         for target, results in comparison[kind].items():
             for rate in results:
-                rows.append((target, rate.priority, rate.estimate, rate.std_err, rate.ci[0], rate.ci[1],
-                             rate.p_value, rate.ratio))
+                rows.append((f"{target} (pooled, descriptive)", rate.priority, rate.estimate, rate.std_err,
+                             rate.ci[0], rate.ci[1], float("nan"), rate.ratio))
     return rows
 
 
 def comparison_report(comparison, html_path, png_path, inputs, metadata=None):
     """The HTML report of geocate:comparesources (TOC curves of each source embedded)."""
-    plot_toc(comparison["rates"]["AUTOC"], png_path, "TOC by source of the CATE")
+    plot_toc(comparison["rates"]["AUTOC"], png_path, "TOC by source of the pooled out-of-fold CATE (descriptive)")
     lines = []
-    for rate in comparison["differences"]["AUTOC"]:
-        verdict = "ranks better" if rate.ci[0] > 0 else ("ranks worse" if rate.ci[1] < 0 else "is not distinguishable")
-        lines.append(f"<li>{html.escape(rate.priority)}: AUTOC difference {rate.estimate:.3f} "
-                     f"(95 % [{rate.ci[0]:.3f}, {rate.ci[1]:.3f}]); the first {verdict}.</li>")
+    for test in comparison["test_differences"]["AUTOC"]:
+        verdict = ("ranks units by their gain better (one-sided p < 0.05)" if test.detected else
+                   "is not shown to rank better")
+        lines.append(f"<li>{html.escape(test.priority)}: held-out AUTOC difference {test.estimate:.3f} "
+                     f"(SE {test.std_err:.3f}, t = {test.t_stat:.2f}, one-sided p = {test.p_value:.3g}); "
+                     f"the first {verdict}.</li>")
     sections = [
         ("Inputs", table(["item", "value"], list(inputs.items()))),
         ("What the imagery adds", "<ul>" + "".join(lines) + "</ul>" if lines else
          "<p>Only imagery was given: no covariates to compare with.</p>"),
         ("TOC curves", image(png_path, "TOC curves by source")),
         ("Estimates", table(RATE_HEADERS, comparison_rows(comparison))),
-        ("How to read this", "<p class='note'>Each source's CATE is out-of-fold, all on the same honest folds; "
-         "all rules are judged on the same doubly robust scores and the same bootstrap half-samples, so the "
-         "differences are paired. A positive difference with an interval above 0 means the first source ranks "
-         "units by their gain better than the second.</p>"),
+        ("How to read this", "<p class='note'>The tests are sequential cross-fold tests (grf's rate_cv): in each "
+         "fold after the first, every source's learner, built on the earlier folds only, ranks the fold's units, "
+         "which are judged by the same doubly robust scores and the same bootstrap half-samples, so differences "
+         "are paired; the folds' t-statistics are combined. They are one-sided: a small p says the first source "
+         "ranks units by their gain better than the second. The pooled rows rank all units by their "
+         "out-of-fold CATE: descriptive only, since each unit was ranked by a model that saw the other ranked "
+         "units, and no p-value is given for them.</p>"),
     ]
     return write_html(html_path, "GeoCATE: what the imagery adds", sections, metadata)
 
@@ -195,18 +219,28 @@ def estimate_report(metadata, html_path, map_png=None):
     stem = os.path.splitext(html_path)[0]
     autoc = metadata["autoc"]
     rate = RateResult(target="AUTOC", priority="cate", estimate=autoc["estimate"], std_err=autoc["std_err"],
-                      ci=tuple(autoc["ci"]), p_value=autoc["p_value"], q=np.array(autoc["q"]),
+                      ci=tuple(autoc["ci"]), p_value=float("nan"), q=np.array(autoc["q"]),
                       toc=np.array(autoc["toc"]), toc_se=np.array(autoc["toc_se"]), draws=np.array([]))
-    toc_png = plot_toc([rate], stem + "_toc.png", "TOC of the out-of-fold CATE")
+    toc_png = plot_toc([rate], stem + "_toc.png", "TOC of the pooled out-of-fold CATE (descriptive)")
     groups_png = plot_group_effects(metadata["group_effects"], stem + "_groups.png", metadata["ate"])
     parameters = metadata.get("parameters", {})
     low, high = metadata["ate"] - 1.959964 * metadata["ate_se"], metadata["ate"] + 1.959964 * metadata["ate_se"]
-    detected = autoc["ci"][0] > 0
+    test = metadata["heterogeneity_test"]
+    verdict = ("Heterogeneity detected: the units the estimated effects rank first gain more than average, in folds "
+               "the ranking model never saw" if test["detected"] else
+               "No heterogeneity detected: in folds the ranking model never saw, the units it ranks first do not "
+               "gain clearly more than average")
     summary = (f"<p>Average treatment effect (doubly robust): <b>{metadata['ate']:.3f}</b> "
                f"(SE {metadata['ate_se']:.3f}, 95 % interval {low:.3f} to {high:.3f}), from "
-               f"{metadata['n_used']} units ({metadata['n_dropped']} dropped).</p>"
-               f"<p>Heterogeneity: AUTOC {autoc['estimate']:.3f} (95 % interval {autoc['ci'][0]:.3f} to "
-               f"{autoc['ci'][1]:.3f}): {'the estimated effects rank units by their gain better than chance' if detected else 'no evidence that the estimated effects rank units by their gain (the interval includes 0)'}.</p>")
+               f"{metadata['n_used']} units ({metadata['n_dropped']} dropped); standard errors are robust to "
+               f"{metadata['fold_groups']} clusters ({html.escape(metadata['clustered_by'])}"
+               f"{', spatial blocks' if metadata.get('spatial_block_m') else ''}).</p>"
+               f"<p>{verdict} (sequential cross-fold test, one-sided: held-out AUTOC {test['estimate']:.3f}, "
+               f"SE {test['std_err']:.3f}, t = {test['t_stat']:.2f}, p = {test['p_value']:.3g}, "
+               f"{test['held_out_folds']} held-out folds).</p>"
+               f"<p class='note'>The AUTOC of the pooled out-of-fold CATE, {autoc['estimate']:.3f}, and the TOC "
+               "curve below are descriptive: each unit there was ranked by a model that saw the other ranked "
+               "units, so they are not a test.</p>")
     group_rows = [(row["group"], row["n"], row["mean_cate"], row["effect"], row["ci_low"], row["ci_high"])
                   for row in metadata["group_effects"]]
     sections = [
@@ -220,9 +254,14 @@ def estimate_report(metadata, html_path, map_png=None):
     if map_png:
         sections.append(("Map", image(map_png, "Map of the estimated effects")))
     sections.append(("How to read this", "<p class='note'>Each unit's CATE comes from a causal forest that did "
-                     "not see it (cross-fitting). Group averages are means of doubly robust scores within each "
-                     "group of estimated effects; they, not the CATE of single units, are the numbers to quote. "
-                     "The TOC shows how much more than average the units ranked first gain.</p>"))
+                     "not see it, nor its cluster (cross-fitting). Its 95 % interval covers the forest's sampling "
+                     "noise, assuming independent units; forests shrink extreme effects toward the mean, and the "
+                     "interval does not cover that bias. Group averages are means of doubly robust scores within "
+                     "each group of estimated effects, with cluster-robust intervals; they, not the CATE of single "
+                     "units, are the numbers to quote. The heterogeneity test ranks each fold with a forest built "
+                     "on the earlier folds only and combines the folds' t-statistics (grf's sequential cross-fold "
+                     "test): it asks whether the units ranked first gain more than average. The TOC shows how much "
+                     "more than average the units ranked first gain.</p>"))
     return write_html(html_path, "GeoCATE: treatment effects from imagery", sections, metadata)
 
 

@@ -28,9 +28,11 @@ class CompareSourcesAlgorithm(GeoCateAlgorithm):
     def shortHelpString(self):  # noqa: N802 - QGIS's name
         return (
             "Runs the CATE learner of 'Estimate treatment effects from imagery' three times on the same honest "
-            "folds: with imagery only, covariates only, and both. Each out-of-fold CATE is judged by its AUTOC and "
-            "Qini on the same doubly robust scores and bootstrap half-samples, so the paired differences show "
-            "what the imagery adds. Writes a table, a TOC plot and an HTML report."
+            "folds: with imagery only, covariates only, and both. Each source is tested with the sequential "
+            "cross-fold test (each fold ranked by a learner built on the earlier folds only), on the same doubly "
+            "robust scores and bootstrap half-samples, so the paired differences show what the imagery adds "
+            "(one-sided p-values). The AUTOC and Qini of the pooled out-of-fold CATEs are given as descriptive "
+            "figures. Writes a table, a TOC plot and an HTML report."
         )
 
     def initAlgorithm(self, config=None):  # noqa: N802 - QGIS's name
@@ -45,8 +47,11 @@ class CompareSourcesAlgorithm(GeoCateAlgorithm):
                                                                 "PNG files (*.png)"))
         self.addParameter(QgsProcessingParameterFileDestination(self.OUTPUT_REPORT, "Report (HTML)",
                                                                 "HTML files (*.html)"))
-        for name, label in (("AUTOC_IMAGERY", "AUTOC, imagery only"), ("AUTOC_COVARIATES", "AUTOC, covariates only"),
-                            ("AUTOC_BOTH", "AUTOC, imagery and covariates"), ("N_USED", "Units used")):
+        for name, label in (("AUTOC_IMAGERY", "Held-out AUTOC, imagery only"),
+                            ("AUTOC_COVARIATES", "Held-out AUTOC, covariates only"),
+                            ("AUTOC_BOTH", "Held-out AUTOC, imagery and covariates"),
+                            ("P_IMAGERY_ADDS", "One-sided p: imagery and covariates rank better than covariates"),
+                            ("N_USED", "Units used")):
             self.addOutput(QgsProcessingOutputNumber(name, label))
 
     def processAlgorithm(self, parameters, context, feedback):  # noqa: N802 - QGIS's name
@@ -84,7 +89,8 @@ class CompareSourcesAlgorithm(GeoCateAlgorithm):
                   "units used": study.n_used, "bootstrap draws": n_draws,
                   "spatial block (m)": comparison["block_size"] or "-", "seed": study_values["seed"]}
         comparison_report(comparison, report_path, plot_path, inputs, {"algorithm": "geocate:comparesources", **inputs})
-        autoc = {rate.priority: rate.estimate for rate in comparison["rates"]["AUTOC"]}
-        return {self.OUTPUT: dest_id, self.OUTPUT_PLOT: plot_path, self.OUTPUT_REPORT: report_path,
+        autoc = {test.priority: test.estimate for test in comparison["tests"]["AUTOC"]}
+        adds = [t.p_value for t in comparison["test_differences"]["AUTOC"] if t.priority == "imagery + covariates - covariates"]
+        return {"P_IMAGERY_ADDS": adds[0] if adds else None, self.OUTPUT: dest_id, self.OUTPUT_PLOT: plot_path, self.OUTPUT_REPORT: report_path,
                 "AUTOC_IMAGERY": autoc.get("imagery"), "AUTOC_COVARIATES": autoc.get("covariates"),
                 "AUTOC_BOTH": autoc.get("imagery + covariates"), "N_USED": study.n_used}

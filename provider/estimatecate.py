@@ -9,6 +9,7 @@ from qgis.core import (
     QgsProcessingOutputNumber,
     QgsProcessingParameterDefinition,
     QgsProcessingParameterFeatureSink,
+    QgsProcessingParameterField,
     QgsProcessingParameterFileDestination,
     QgsProcessingParameterNumber,
 )
@@ -19,7 +20,7 @@ from .study_parameters import add_spatial_block_parameter, add_study_parameters,
 
 
 class EstimateCateAlgorithm(GeoCateAlgorithm):
-    GROUPS, OUTPUT, OUTPUT_REPORT = "GROUPS", "OUTPUT", "OUTPUT_REPORT"
+    GROUPS, CLUSTER, OUTPUT, OUTPUT_REPORT = "GROUPS", "CLUSTER", "OUTPUT", "OUTPUT_REPORT"
 
     def name(self):
         return "estimatecate"
@@ -35,7 +36,18 @@ class EstimateCateAlgorithm(GeoCateAlgorithm):
             "convolutional features (MOSAIKS) which, with the covariates, are the effect modifiers of "
             "econml's causal forest (CausalForestDML), with an outcome model on their principal "
             "components and the trial's known propensity. "
-            "Cross-fitting: each unit's CATE and 95 % interval come from a forest that did not see it.\n\n"
+            "Cross-fitting: each unit's CATE and 95 % interval come from a forest that did not see it, nor "
+            "its cluster. The interval covers the forest's sampling noise, assuming independent units; forests "
+            "shrink extreme effects toward the mean, so it does not cover that bias: for statements about "
+            "groups of units, use the group effects (GATEs) in the report.\n\n"
+            "Heterogeneity test (AUTOC, AUTOC_SE, AUTOC_T, AUTOC_P): the sequential cross-fold test grf "
+            "recommends. Each fold is ranked by a forest built on the earlier folds only and judged by its "
+            "doubly robust scores; the fold t-statistics are combined. It is one-sided: a small AUTOC_P says "
+            "the units the CATE ranks first gain more than average. AUTOC_POOLED, the AUTOC of the pooled "
+            "out-of-fold CATE, is descriptive only (its units were ranked by models that saw the others).\n\n"
+            "Cluster field (optional, e.g. village): units of one cluster stay in one fold, and the ATE, group "
+            "effects and test have standard errors robust to correlation within clusters (as do units at one "
+            "location, and spatial blocks).\n\n"
             "Output: the units with cate, cate_lo, cate_hi, cate_se, group (1 = smallest effects) "
             "and patch_ok (0 where the window is outside the raster, crosses its edge or holds "
             "nodata; those units keep their row with nulls). Also the doubly robust ATE and its "
@@ -49,6 +61,9 @@ class EstimateCateAlgorithm(GeoCateAlgorithm):
             defaultValue=3, minValue=2, maxValue=10)
         groups.setFlags(groups.flags() | QgsProcessingParameterDefinition.FlagAdvanced)
         self.addParameter(groups)
+        self.addParameter(QgsProcessingParameterField(
+            self.CLUSTER, "Cluster field (e.g. village): folds and standard errors keep clusters together",
+            parentLayerParameterName="INPUT", optional=True))
         add_spatial_block_parameter(self)
         self.addParameter(QgsProcessingParameterFeatureSink(self.OUTPUT, "Treatment effects"))
         self.addParameter(QgsProcessingParameterFileDestination(
@@ -57,9 +72,12 @@ class EstimateCateAlgorithm(GeoCateAlgorithm):
         self.addOutput(QgsProcessingOutputNumber("ATE_SE", "Standard error of the ATE"))
         self.addOutput(QgsProcessingOutputNumber("N_USED", "Units used"))
         self.addOutput(QgsProcessingOutputNumber("N_DROPPED", "Units dropped"))
-        self.addOutput(QgsProcessingOutputNumber("AUTOC", "AUTOC of the out-of-fold CATE"))
-        self.addOutput(QgsProcessingOutputNumber("AUTOC_SE", "Standard error of the AUTOC"))
-        self.addOutput(QgsProcessingOutputNumber("AUTOC_P", "p-value of the AUTOC (H0: ranking by the CATE finds no heterogeneity)"))
+        self.addOutput(QgsProcessingOutputNumber("AUTOC", "AUTOC of the CATE on held-out folds (sequential test)"))
+        self.addOutput(QgsProcessingOutputNumber("AUTOC_SE", "Standard error of the held-out AUTOC"))
+        self.addOutput(QgsProcessingOutputNumber("AUTOC_T", "Combined t-statistic of the sequential test"))
+        self.addOutput(QgsProcessingOutputNumber(
+            "AUTOC_P", "One-sided p-value of the sequential test (H0: the CATE ranking finds no heterogeneity)"))
+        self.addOutput(QgsProcessingOutputNumber("AUTOC_POOLED", "AUTOC of the pooled out-of-fold CATE (descriptive)"))
 
     def processAlgorithm(self, parameters, context, feedback):  # noqa: N802 - QGIS's name
         from ..core.errors import GeoCateError
@@ -71,8 +89,9 @@ class EstimateCateAlgorithm(GeoCateAlgorithm):
         path, bands, window, nodata, seed = study["raster"], study["bands"], study["window"], study["nodata"], study["seed"]
         n_groups = self.parameterAsInt(parameters, self.GROUPS, context)
         spatial_block = study["spatial_block"]
+        cluster = self.parameterAsString(parameters, self.CLUSTER, context) or None
 
-        features, units = read_units(source, treatment, outcome, covariates, feedback)
+        features, units = read_units(source, treatment, outcome, covariates, feedback, cluster)
 
         def progress(fraction, message):
             feedback.setProgress(5 + 95 * fraction)
@@ -95,11 +114,12 @@ class EstimateCateAlgorithm(GeoCateAlgorithm):
         low, high = result.ate - 1.96 * result.ate_se, result.ate + 1.96 * result.ate_se
         feedback.pushInfo(f"ATE (doubly robust) = {result.ate:.4f}, SE {result.ate_se:.4f}, "
                           f"95 % interval [{low:.4f}, {high:.4f}].")
-        autoc = result.autoc
-        feedback.pushInfo(f"AUTOC of the out-of-fold CATE = {autoc.estimate:.4f}, SE {autoc.std_err:.4f}, "
-                          f"95 % interval [{autoc.ci[0]:.4f}, {autoc.ci[1]:.4f}], p = {autoc.p_value:.3g} "
-                          f"({'heterogeneity detected' if autoc.ci[0] > 0 else 'no heterogeneity detected'}"
-                          f" at the 5 % level).")
+        autoc, test = result.autoc, result.heterogeneity
+        feedback.pushInfo(f"Heterogeneity: {test.describe()}; held-out AUTOC {test.estimate:.4f}, SE {test.std_err:.4f}.")
+        feedback.pushInfo(f"AUTOC of the pooled out-of-fold CATE (descriptive, not a test) = {autoc.estimate:.4f}.")
+        feedback.pushInfo(f"Standard errors are robust to {result.metadata['fold_groups']} clusters "
+                          f"({result.metadata['clustered_by']}"
+                          + (", spatial blocks" if result.metadata["spatial_block_m"] else "") + ").")
         if result.metadata["spatial_block_m"]:
             feedback.pushInfo(f"Folds and bootstrap clusters: spatial blocks of {result.metadata['spatial_block_m']:.0f} m "
                               f"({result.metadata['fold_groups']} groups).")
@@ -125,13 +145,13 @@ class EstimateCateAlgorithm(GeoCateAlgorithm):
         metadata = dict(result.metadata, algorithm="geocate:estimatecate", parameters={
             "INPUT": source.sourceName(), "TREATMENT": treatment, "OUTCOME": outcome,
             "COVARIATES": covariates, "RASTER": path, "BANDS": bands, "PATCH_SIZE": window,
-            "NODATA": nodata, "SEED": seed, "GROUPS": n_groups, "SPATIAL_BLOCK": spatial_block,
+            "NODATA": nodata, "SEED": seed, "GROUPS": n_groups, "CLUSTER": cluster, "SPATIAL_BLOCK": spatial_block,
         }, n_units=len(features), n_used=result.n_used, n_dropped=result.n_dropped,
             ate=result.ate, ate_se=result.ate_se)
         return self.keep_result(context, dest_id, {
             self.OUTPUT: dest_id, "ATE": result.ate, "ATE_SE": result.ate_se, "N_USED": result.n_used,
-            "N_DROPPED": result.n_dropped, "AUTOC": autoc.estimate, "AUTOC_SE": autoc.std_err,
-            "AUTOC_P": autoc.p_value}, metadata)
+            "N_DROPPED": result.n_dropped, "AUTOC": test.estimate, "AUTOC_SE": test.std_err, "AUTOC_T": test.t_stat,
+            "AUTOC_P": test.p_value, "AUTOC_POOLED": autoc.estimate}, metadata)
 
     def postProcessAlgorithm(self, context, feedback):  # noqa: N802 - QGIS's name
         if getattr(self, "_dest_id", None) is None:

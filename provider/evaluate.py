@@ -34,14 +34,21 @@ class EvaluateAlgorithm(GeoCateAlgorithm):
 
     def shortHelpString(self):  # noqa: N802 - QGIS's name
         return (
-            "Tests whether ranking units by a priority (e.g. the 'cate' field of any GeoCATE run, or any field "
-            "you bring) finds units that gain more than average, without ground truth.\n\n"
+            "Tests whether ranking units by a priority (a field you bring, e.g. a targeting score or the "
+            "predictions of a model fit on another study) finds units that gain more than average, without "
+            "ground truth.\n\n"
+            "The priority must have been built without the evaluated units' outcomes (grf's warning): a model fit "
+            "on these units ranks them by noise it learnt from them, and the test then rejects too often. "
+            "GeoCATE's own 'cate' field does not qualify for a formal test: it is cross-fitted on the same units "
+            "(each unit's CATE comes from a model that saw the other evaluated units). For the CATE of 'Estimate "
+            "treatment effects from imagery', use the sequential cross-fold test that algorithm reports "
+            "(AUTOC_P); here its AUTOC is a descriptive figure.\n\n"
             "Doubly robust scores with cross-fitted outcome models; the TOC curve, AUTOC and Qini exactly as "
             "grf's rank_average_treatment_effect defines them (ties share their group's mean score), with a "
             "half-sample bootstrap over clusters (locations, a CLUSTER field, or spatial blocks); the best linear "
-            "predictor calibration test and group average effects (GATEs). With PRIORITY_2, both rules are "
-            "compared with a paired bootstrap.\n\n"
-            "The priority must come from a model that did not see the evaluated units (GeoCATE's cate is out-of-fold)."
+            "predictor calibration test and group average effects (GATEs), with standard errors robust to the "
+            "same clusters. With PRIORITY_2, both rules are compared with a paired bootstrap. p-values of the "
+            "AUTOC and Qini are two-sided (H0: RATE = 0); the BLP differential's is one-sided."
         )
 
     def initAlgorithm(self, config=None):  # noqa: N802 - QGIS's name
@@ -49,7 +56,8 @@ class EvaluateAlgorithm(GeoCateAlgorithm):
             self.INPUT, "Trial units", [QgsProcessing.TypeVector]))
         numeric = QgsProcessingParameterField.Numeric
         self.addParameter(QgsProcessingParameterField(
-            self.PRIORITY, "Priority (higher = treat first), e.g. cate", parentLayerParameterName=self.INPUT,
+            self.PRIORITY, "Priority (higher = treat first), built without these units' outcomes",
+            parentLayerParameterName=self.INPUT,
             type=numeric))
         self.addParameter(QgsProcessingParameterField(
             self.TREATMENT, "Treatment field (0 = control, 1 = treated)", parentLayerParameterName=self.INPUT,

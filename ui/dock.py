@@ -383,11 +383,11 @@ class GeoCateDock(QgsDockWidget):
         ate, se = metadata["ate"], metadata["ate_se"]
         lines = [f"<b>ATE</b> {ate:.3f} (95 % interval {ate - 1.96 * se:.3f} to {ate + 1.96 * se:.3f})",
                  f"<b>Units</b> {metadata['n_used']} used, {metadata['n_dropped']} dropped"]
-        if "autoc" in metadata:
-            autoc = metadata["autoc"]
-            verdict = "heterogeneity detected" if autoc["ci"][0] > 0 else "no heterogeneity detected"
-            lines.append(f"<b>AUTOC</b> {autoc['estimate']:.3f} (95 % interval {autoc['ci'][0]:.3f} to "
-                         f"{autoc['ci'][1]:.3f}): {verdict}")
+        if "heterogeneity_test" in metadata:
+            test = metadata["heterogeneity_test"]
+            verdict = "heterogeneity detected" if test["detected"] else "no heterogeneity detected"
+            lines.append(f"<b>Heterogeneity</b> {verdict}: held-out AUTOC {test['estimate']:.3f}, "
+                         f"one-sided p = {test['p_value']:.2g} (sequential cross-fold test)")
         if "clusters" in metadata:
             k = metadata["n_clusters"]
             lines.append(f"<b>Clusters</b> K = {k}" + (" (no heterogeneity found)" if k == 1 else ""))

@@ -8,7 +8,7 @@ from geocate.core.errors import Cancelled, GeoCateError
 from geocate.core.learners import (
     CrossFittedCausalForest,
     effect_groups,
-    grf_max_features,
+    forest_max_features,
     location_folds,
     location_ids,
 )
@@ -97,9 +97,9 @@ def test_effect_groups_are_equal_sized_and_ordered():
     assert cate[groups == 1].max() <= cate[groups == 2].min() <= cate[groups == 2].max() <= cate[groups == 3].min()
 
 
-def test_grf_max_features():
-    assert grf_max_features(22) == 22
-    assert grf_max_features(400) == 40
+def test_forest_max_features():
+    assert forest_max_features(5) == 5 and forest_max_features(22) == 20
+    assert forest_max_features(514) == 23
 
 
 def test_cancel_during_a_fold_stops_waiting_at_the_next_poll():

@@ -264,8 +264,11 @@ def test_without_the_estimation_packages_qgis_process_lists_the_algorithm_and_sa
     assert not out.exists()
 
 
-def test_estimatecate_reports_the_autoc_of_its_own_cate(memory_run):
-    assert memory_run["AUTOC"] > 0 and memory_run["AUTOC_SE"] > 0 and 0 <= memory_run["AUTOC_P"] <= 1
+def test_estimatecate_reports_the_sequential_heterogeneity_test(memory_run):
+    """The demo's effects (0, 1, 2.5 by image) are detected by the valid test; the pooled AUTOC is there too."""
+    assert memory_run["AUTOC"] > 0 and memory_run["AUTOC_SE"] > 0
+    assert memory_run["AUTOC_T"] > 1.645 and memory_run["AUTOC_P"] < 0.05
+    assert memory_run["AUTOC_POOLED"] > 0
 
 
 def test_evaluate_gives_table_plot_and_report_for_a_geocate_cate(memory_run, tmp_path):
@@ -305,10 +308,13 @@ def test_comparesources_shows_what_the_imagery_adds(plugin, demo_units_gpkg, dem
         base_parameters(demo_units_gpkg, demo_raster), BOOTSTRAP=100, OUTPUT="memory:",
         OUTPUT_PLOT=str(tmp_path / "toc.png"), OUTPUT_REPORT=str(tmp_path / "compare.html")))
     rows = {(f["metric"], f["rule"]): f for f in results["OUTPUT"].getFeatures()}
-    assert set(rows) >= {("AUTOC", "imagery"), ("AUTOC", "covariates"), ("AUTOC", "imagery + covariates"),
-                         ("AUTOC", "imagery + covariates - covariates"), ("QINI", "imagery - covariates")}
-    gain = rows[("AUTOC", "imagery + covariates - covariates")]
-    assert gain["ci_low"] > 0       # the simulated effect lives in the images
+    test, pooled = "AUTOC (held-out test)", "AUTOC (pooled, descriptive)"
+    assert set(rows) >= {(test, "imagery"), (test, "covariates"), (test, "imagery + covariates"),
+                         (test, "imagery + covariates - covariates"), ("QINI (held-out test)", "imagery - covariates"),
+                         (pooled, "imagery"), (pooled, "imagery + covariates - covariates")}
+    gain = rows[(test, "imagery + covariates - covariates")]
+    assert gain["estimate"] > 0 and gain["p_value"] < 0.05      # the simulated effect lives in the images
+    assert results["P_IMAGERY_ADDS"] == pytest.approx(gain["p_value"])
     assert results["AUTOC_IMAGERY"] > results["AUTOC_COVARIATES"]
     assert "what the imagery adds" in (tmp_path / "compare.html").read_text().lower()
 
