@@ -131,8 +131,9 @@ def main(argv=None):
     print(f"ATE (doubly robust): {results['ATE']:.3f}, SE {results['ATE_SE']:.3f}, "
           f"95 % interval [{low:.3f}, {high:.3f}]; true ATE of these units {true_ate:.3f}")
     print(f"Estimated vs true CATE: Spearman {rho:.3f}, RMSE {rmse:.3f} (n = {int(estimated.sum())})")
-    print(f"AUTOC of the out-of-fold CATE: {results['AUTOC']:.3f}, SE {results['AUTOC_SE']:.3f}, "
-          f"p = {results['AUTOC_P']:.2g}")
+    print(f"Heterogeneity (sequential cross-fold test, one-sided): held-out AUTOC {results['AUTOC']:.3f}, "
+          f"SE {results['AUTOC_SE']:.3f}, t = {results['AUTOC_T']:.2f}, p = {results['AUTOC_P']:.2g}; "
+          f"pooled out-of-fold AUTOC (descriptive) {results['AUTOC_POOLED']:.3f}")
     print(f"Device: {metadata['device']}; time taken: {elapsed:.1f} s")
     print(f"Outputs in {out}: result.gpkg, demo.qgz, map.png, report.html, run.json")
 
