@@ -51,11 +51,19 @@ class BandScaler:
         self.seed = seed
 
     def fit(self, patches):
-        """patches: (n, bands, h, w) of usable windows."""
+        """patches: (n, bands, h, w) of usable windows.
+
+        With more than ``max_pixels`` pixels, whole windows are drawn first (so
+        no copy of every pixel is made: 100,000 windows of 33 x 33 x 3 are 1.3 GB),
+        then pixels from them."""
         patches = np.asarray(patches)
+        rng = np.random.default_rng(self.seed)
+        per_window = int(np.prod(patches.shape[2:])) or 1
+        if len(patches) * per_window > 4 * self.max_pixels:
+            keep = np.sort(rng.choice(len(patches), max(4 * self.max_pixels // per_window, 1), replace=False))
+            patches = patches[keep]
         pixels = np.moveaxis(patches, 1, -1).reshape(-1, patches.shape[1])
         if len(pixels) > self.max_pixels:
-            rng = np.random.default_rng(self.seed)
             pixels = pixels[rng.choice(len(pixels), self.max_pixels, replace=False)]
         self.low_, self.median_, self.high_ = np.quantile(pixels, [0.02, 0.5, 0.98], axis=0)
         return self
@@ -127,21 +135,28 @@ class RandomConvFeatures:
         self.device_ = resolve_device(self.device)
         return self
 
-    def transform(self, patches, progress=None, is_cancelled=None):
-        """(n, bands, h, w) scaled windows -> (n, 2 * n_filters) features, float32."""
+    def transform(self, patches, progress=None, is_cancelled=None, prepare=None, rows=None):
+        """(n, bands, h, w) scaled windows -> (n, 2 * n_filters) features, float32.
+
+        prepare: applied to each batch of windows first (e.g. BandScaler.transform,
+        so unscaled windows are scaled batch by batch, never all at once);
+        rows: indices of the windows to use (default all), read batch by batch."""
         torch = require("torch", "torch==2.13.0")
-        patches = np.asarray(patches, dtype=np.float32)
+        if prepare is None and rows is None:
+            patches = np.asarray(patches, dtype=np.float32)
+        rows = np.arange(len(patches)) if rows is None else np.asarray(rows)
         device = torch.device(self.device_)
         weight = torch.from_numpy(self.weight_).to(device)
         offset = torch.from_numpy(self.offset_ + self.bias).to(device)[None, :, None, None]
         offset_neg = torch.from_numpy(-self.offset_ + self.bias).to(device)[None, :, None, None]
-        out = np.empty((len(patches), 2 * self.n_filters), dtype=np.float32)
+        out = np.empty((len(rows), 2 * self.n_filters), dtype=np.float32)
         throttle = Throttle(progress, is_cancelled)
         # Small batches keep the response maps in cache on a CPU; a GPU wants large ones.
         batch_size = self.batch_size or (512 if device.type == "cuda" else 16)
         with torch.no_grad():
-            for start in range(0, len(patches), batch_size):
-                batch = torch.from_numpy(patches[start:start + batch_size]).to(device)
+            for start in range(0, len(rows), batch_size):
+                windows = np.asarray(patches[rows[start:start + batch_size]], dtype=np.float32)
+                batch = torch.from_numpy(prepare(windows) if prepare is not None else windows).to(device)
                 response = torch.nn.functional.conv2d(batch, weight)
                 if self.bias == 0:
                     # ReLU(r) = (|r| + r) / 2 and ReLU(-r) = (|r| - r) / 2: one pass, not two.
@@ -153,5 +168,5 @@ class RandomConvFeatures:
                     pos = torch.relu(response - offset).mean(dim=(2, 3))
                     neg = torch.relu(-response - offset_neg).mean(dim=(2, 3))
                 out[start:start + len(batch)] = torch.cat([pos, neg], dim=1).cpu().numpy()
-                throttle.tick(start / len(patches), f"Image features: {start} of {len(patches)} windows")
+                throttle.tick(start / len(rows), f"Image features: {start} of {len(rows)} windows")
         return out

@@ -285,6 +285,11 @@ def best_linear_predictor(scores, cate, clusters=None):
     from scipy.stats import norm
 
     cate = np.asarray(cate, float)
+    if np.ptp(cate) == 0:  # a constant priority predicts no differences: b2 is 0, never "detected"
+        mean, se = mean_and_se(scores, clusters)
+        return Calibration(mean_forest=mean, mean_forest_se=se,
+                           mean_forest_p=float(2 * norm.sf(abs(mean / se))) if se > 0 else 1.0,
+                           differential=0.0, differential_se=0.0, differential_p=1.0)
     design = np.column_stack([np.ones(len(cate)), cate - cate.mean()])
     model = sm.OLS(np.asarray(scores, float), design)
     if clusters is None:

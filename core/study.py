@@ -34,7 +34,8 @@ class Study:
     """A checked trial ready for estimation; arrays cover every input unit.
 
     coords: (n, 2) in the raster's CRS; treated, outcome: (n,); covariates: (n, p);
-    patches: (n, bands, h, w) float32 (zeros where not ok); patch_ok: (n,) bool;
+    patches: (n, bands, h, w) float32 (zeros where not ok; estimate_cate returns None here once the
+    windows are embedded, to free their memory); patch_ok: (n,) bool;
     used: (n,) bool, units that enter estimation (window usable, no nulls);
     dropped: counts of units left out, by reason.
     """

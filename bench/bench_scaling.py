@@ -1,0 +1,84 @@
+"""Scaling of geocate:estimatecate's core: wall time and peak memory at 1k, 10k and 100k units.
+
+Usage: python bench/bench_scaling.py [--sizes 1000 10000 100000] [--json out.json]
+
+For each size, a trial is simulated on the demo imagery (core/simulate.py,
+effects 0, 1, 2.5 by image) and saved; then a fresh Python process runs
+``core.pipeline.estimate_cate`` on it (windows read through GDAL, MOSAIKS
+features, the cross-fitted forest, the sequential heterogeneity test, the
+pooled AUTOC) and reports its wall time, its CPU time (user + system, to see
+both cores at work) and its peak resident memory (ru_maxrss of that process
+alone, imports of torch, econml and GDAL included).
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+DEMO_RASTER = os.path.join(ROOT, "resources", "demo", "landsat8_demo_b234.tif")
+PLUGINS = os.path.join(ROOT, ".qgis-profile", "profiles", "default", "python", "plugins")
+
+CHILD = r"""
+import json, resource, sys, time
+sys.path.insert(0, {plugins!r})
+import numpy as np
+from geocate.core.pipeline import estimate_cate
+from geocate.core.study import UnitTable
+data = np.load({path!r}, allow_pickle=False)
+units = UnitTable(xy=data["xy"], crs_wkt=str(data["crs"]), treated=data["treated"].astype(float),
+                  outcome=data["outcome"], covariates=data["covariates"], covariate_names=("assets", "distance"))
+started, cpu = time.perf_counter(), time.process_time()
+study, result = estimate_cate(units, {raster!r}, seed=11)
+wall = time.perf_counter() - started
+cate = result.cate[study.used]
+truth = data["true_cate"][study.used]
+print(json.dumps({{"wall_s": wall, "cpu_s": time.process_time() - cpu,
+                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                  "timings": result.metadata["timings"], "n_used": int(study.n_used),
+                  "rmse": float(np.sqrt(np.mean((cate - truth) ** 2))),
+                  "test_t": result.heterogeneity.t_stat}}))
+"""
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000, 100000])
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args(argv)
+    sys.path.insert(0, PLUGINS)
+    from geocate.core.simulate import simulate_trial
+
+    figures = []
+    with tempfile.TemporaryDirectory() as folder:
+        for n in args.sizes:
+            started = time.perf_counter()
+            trial = simulate_trial(DEMO_RASTER, n_units=n, seed=11)
+            path = os.path.join(folder, f"trial_{n}.npz")
+            np.savez(path, xy=trial.coords, crs=trial.crs_wkt, treated=trial.treated, outcome=trial.outcome,
+                     covariates=trial.covariates, true_cate=trial.true_cate)
+            del trial
+            simulated_s = time.perf_counter() - started
+            code = CHILD.format(plugins=PLUGINS, path=path, raster=DEMO_RASTER)
+            done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+            if done.returncode != 0:
+                print(done.stderr[-3000:], file=sys.stderr)
+                raise SystemExit(f"estimate_cate failed at {n} units")
+            row = dict(json.loads(done.stdout.strip().splitlines()[-1]), units=n, simulate_s=round(simulated_s, 1))
+            figures.append(row)
+            print(json.dumps(row), flush=True)
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as handle:
+            json.dump(figures, handle, indent=2)
+    return figures
+
+
+if __name__ == "__main__":
+    main()
