@@ -17,7 +17,7 @@ export XDG_RUNTIME_DIR := /tmp/runtime-$(shell id -u)
 export PYTHONPATH := $(PLUGINS):$(SITE)
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: setup system venv profile demo test bench clean
+.PHONY: setup system venv profile demo test test-fast lint bench clean
 
 setup: system venv profile
 
@@ -47,10 +47,16 @@ $(PROFILE)/.enabled: | $(PLUGINS)/geocate system
 demo: setup
 	@bash scripts/run_demo.sh $(DEMO)
 
-test: setup
+test: setup lint
 	$(PY) -m pytest -p no:cacheprovider tests
 
+# ruff (ruff.toml): Python 3.9 syntax and library behaviour, pyflakes, import order, bugbear.
+lint: venv
+	$(VENV)/bin/ruff check .
+
 bench: setup
+	@mkdir -p outputs
+	$(PY) bench/bench_validity.py all --json outputs/bench_validity.json
 	$(PY) bench/bench_evaluate.py
 	$(PY) bench/bench_clusters.py
 	$(PY) bench/bench_estimate.py

@@ -382,7 +382,7 @@ def honest_fold_groups(coords, block_size=None, locations=None):
     """
     groups = location_ids(coords) if locations is None else np.unique(np.asarray(locations), return_inverse=True)[1]
     if block_size:
-        groups = _merge(groups, spatial_blocks(coords, block_size))
+        groups = merge_groups(groups, spatial_blocks(coords, block_size))
     return groups
 
 
@@ -406,7 +406,7 @@ def metric_coords(coords, crs_wkt):
     return coords * srs.GetLinearUnits()
 
 
-def _merge(locations, blocks):
+def merge_groups(locations, blocks):
     """Group ids such that units sharing a location or a block share a group (connected components)."""
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components

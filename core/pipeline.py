@@ -7,8 +7,15 @@ import time
 import numpy as np
 
 from .embed import BandScaler, RandomConvFeatures
-from .evaluate import (_merge, block_size_from_data, group_average_effects, honest_fold_groups, metric_coords,
-                       rank_average_treatment_effect, sequential_rate_test)
+from .evaluate import (
+    block_size_from_data,
+    group_average_effects,
+    honest_fold_groups,
+    merge_groups,
+    metric_coords,
+    rank_average_treatment_effect,
+    sequential_rate_test,
+)
 from .learners import default_learner, design_matrix, effect_groups, location_folds, location_ids
 from .scores import cross_fitted_scores, doubly_robust_ate, outcome_inputs
 from .study import Result, build_study
@@ -72,7 +79,7 @@ def fold_groups(study, spatial_block=0, window_size_px=33):
     coords = metric_coords(study.coords[study.used], study.raster_crs_wkt)
     locations = location_ids(study.coords[study.used])
     if study.clusters is not None:
-        locations = _merge(locations, study.clusters[study.used])
+        locations = merge_groups(locations, study.clusters[study.used])
     if not spatial_block:
         return locations, None
     if spatial_block < 0:
@@ -280,8 +287,14 @@ def find_clusters(units, raster_path, bands=None, window_size_px=33, nodata=None
     of cluster_table, from a model fit on all units) and ``model`` (the torch
     image -> probabilities network of that model).
     """
-    from .clusters import (choose_n_clusters, cluster_table, cross_fitted_clusters, feature_scaling,
-                           fit_clusters, image_model)
+    from .clusters import (
+        choose_n_clusters,
+        cluster_table,
+        cross_fitted_clusters,
+        feature_scaling,
+        fit_clusters,
+        image_model,
+    )
     from .embed import resolve_device
     from .errors import Cancelled, GeoCateError
     if n_clusters > max_clusters:

@@ -213,8 +213,9 @@ def plot_group_effects(group_effects, path, ate=None):
 
 def estimate_report(metadata, html_path, map_png=None):
     """The HTML report of geocate:estimatecate: inputs, settings, ATE, effects by group, TOC, map, metadata."""
-    from .evaluate import RateResult
     import numpy as np
+
+    from .evaluate import RateResult
 
     stem = os.path.splitext(html_path)[0]
     autoc = metadata["autoc"]

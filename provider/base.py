@@ -3,8 +3,12 @@
 import json
 import os
 
-from qgis.core import (QgsProcessingAlgorithm, QgsProcessingLayerPostProcessorInterface, QgsProcessingUtils,
-                       QgsVectorLayer)
+from qgis.core import (
+    QgsProcessingAlgorithm,
+    QgsProcessingLayerPostProcessorInterface,
+    QgsProcessingUtils,
+    QgsVectorLayer,
+)
 from qgis.PyQt.QtGui import QIcon
 
 from ..plugin import ICON

@@ -16,6 +16,7 @@ from .base import GeoCateAlgorithm
 from .convert import read_units, write_table
 from .study_parameters import add_spatial_block_parameter, add_study_parameters, read_study_parameters
 
+
 class CompareSourcesAlgorithm(GeoCateAlgorithm):
     BOOTSTRAP, OUTPUT, OUTPUT_PLOT, OUTPUT_REPORT = "BOOTSTRAP", "OUTPUT", "OUTPUT_PLOT", "OUTPUT_REPORT"
 

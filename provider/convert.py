@@ -4,9 +4,9 @@ import math
 
 import numpy as np
 from qgis.core import (
-    QgsFeatureSink,
     QgsCoordinateReferenceSystem,
     QgsFeature,
+    QgsFeatureSink,
     QgsField,
     QgsFields,
     QgsProcessingException,

@@ -5,6 +5,7 @@ import os
 import numpy as np
 from qgis.core import (
     QgsFeatureSink,
+    QgsProcessing,
     QgsProcessingException,
     QgsProcessingOutputNumber,
     QgsProcessingParameterDefinition,
@@ -13,7 +14,6 @@ from qgis.core import (
     QgsProcessingParameterFileDestination,
     QgsProcessingParameterFolderDestination,
     QgsProcessingParameterNumber,
-    QgsProcessing,
 )
 from qgis.PyQt.QtCore import QVariant
 

@@ -13,7 +13,6 @@ import argparse
 import os
 
 import numpy as np
-
 from osgeo import ogr, osr
 
 # The Makefile puts the QGIS profile's plugin folder (which links the repository as 'geocate') on PYTHONPATH.

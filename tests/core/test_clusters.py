@@ -25,7 +25,7 @@ def test_well_separated_clusters_are_recovered_with_their_effects(separated):
     # The populated clusters carry the true effects inside their 95 % intervals.
     populated = [row for row in extras["clusters"] if row[4] > 0.1]
     assert len(populated) == 2
-    for truth, (cluster, mean, low, high, share, *_) in zip((-1.0, 3.0), populated):
+    for truth, (_, _, low, high, share, *_) in zip((-1.0, 3.0), populated):
         assert low <= truth <= high and abs(share - 0.5) < 0.1
     probabilities = result.probabilities
     assert probabilities.shape == (1000, result.metadata["n_clusters"])

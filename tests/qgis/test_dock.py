@@ -3,9 +3,8 @@
 import os
 import time
 
-import pytest
 import conftest  # noqa: F401 - makes 'geocate' importable
-from qgis.PyQt.QtCore import QEvent
+import pytest
 from qgis.core import (
     QgsApplication,
     QgsCategorizedSymbolRenderer,
@@ -14,6 +13,7 @@ from qgis.core import (
     QgsRasterLayer,
     QgsVectorLayer,
 )
+from qgis.PyQt.QtCore import QEvent
 
 
 @pytest.fixture

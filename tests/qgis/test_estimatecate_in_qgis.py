@@ -75,8 +75,8 @@ def test_plugin_loads_registers_the_provider_and_adds_a_toolbar_action(plugin):
 
 
 def test_plugin_module_imports_nothing_heavy():
-    code = ("import sys; sys.path.insert(0, %r); import geocate, geocate.plugin; "
-            "print(sorted(m for m in ('torch', 'econml', 'sklearn') if m in sys.modules))" % str(PLUGINS))
+    code = (f"import sys; sys.path.insert(0, {str(PLUGINS)!r}); import geocate, geocate.plugin; "
+            "print(sorted(m for m in ('torch', 'econml', 'sklearn') if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.stdout.strip() == "[]", done.stderr
 
