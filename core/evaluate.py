@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .errors import GeoCateError, require
-from .learners import location_folds, location_ids
+from .learners import location_folds, location_ids, run_cancellable
 from .scores import cross_fitted_scores, mean_and_se, zero_noise
 
 DEFAULT_Q = np.round(np.arange(1, 11) / 10, 10)
@@ -243,7 +243,9 @@ def sequential_rate_test(scores, folds, priority_for, target="AUTOC", clusters=N
         if progress is not None:
             progress(j / (len(order) - 1), f"Heterogeneity test: fold {j + 2} of {len(order)}")
         train, test = np.isin(folds, order[:j + 1]), folds == k
-        priorities = np.asarray(priority_for(train, test), float).reshape(int(test.sum()), -1)
+        # A forest has no callback: it runs in a worker thread, and a cancel stops the wait (see run_cancellable).
+        priorities = run_cancellable(lambda train=train, test=test: priority_for(train, test), is_cancelled)
+        priorities = np.asarray(priorities, float).reshape(int(test.sum()), -1)
         per_fold.append(rank_average_treatment_effect(scores[test], priorities, target, q, n_draws, clusters[test],
                                                       names, seed + j))
     results = []
