@@ -179,8 +179,9 @@ def run_coverage():
     tau = trial.true_cate
     tercile = np.searchsorted(np.quantile(tau, [1 / 3, 2 / 3]), tau, side="right")
     results = {}
-    for trees in (100, 200, 400):
+    for trees, leaf in ((100, 3), (100, 1), (100, 5), (200, 3), (400, 3)):
         design, inputs, learner = default_learner(features, trial.covariates, n_estimators=trees, seed=11)
+        learner.min_samples_leaf = leaf
         started = time.perf_counter()
         learner.fit(trial.outcome, trial.treated, design, outcome_inputs=inputs)
         seconds = time.perf_counter() - started
@@ -190,14 +191,15 @@ def run_coverage():
                 cate = learner.cate_.mean() + slope * (learner.cate_ - learner.cate_.mean())
             low, high = cate - 1.959964 * learner.cate_se_, cate + 1.959964 * learner.cate_se_
             covered = (low <= tau) & (tau <= high)
-            results[f"{trees} trees, {label}"] = {
+            results[f"{trees} trees, leaf {leaf}, {label}"] = {
                 "coverage": round(float(covered.mean()), 3),
                 "coverage_by_tercile": [round(float(covered[tercile == t].mean()), 3) for t in range(3)],
                 "bias_by_tercile": [round(float((cate - tau)[tercile == t].mean()), 3) for t in range(3)],
                 "rmse": round(float(np.sqrt(np.mean((cate - tau) ** 2))), 4),
                 "spearman": round(float(spearmanr(cate, tau).correlation), 4),
                 "mean_interval_width": round(float(np.mean(high - low)), 3), "forest_seconds": round(seconds, 1)}
-            print(f"{trees} trees, {label}", json.dumps(results[f"{trees} trees, {label}"]), flush=True)
+            key = f"{trees} trees, leaf {leaf}, {label}"
+            print(key, json.dumps(results[key]), flush=True)
     return results
 
 

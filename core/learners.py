@@ -142,7 +142,7 @@ class CrossFittedCausalForest:
     ``ate_``, ``ate_se_``, ``forests_`` and ``fold_seconds_`` (one per fold).
     """
 
-    def __init__(self, n_folds=5, n_estimators=100, min_samples_leaf=5, max_features="auto", seed=42, n_jobs=-1):
+    def __init__(self, n_folds=5, n_estimators=100, min_samples_leaf=3, max_features="auto", seed=42, n_jobs=-1):
         self.n_folds = n_folds
         self.n_estimators = n_estimators
         self.min_samples_leaf = min_samples_leaf
@@ -157,7 +157,7 @@ class CrossFittedCausalForest:
         if inference:  # trees come in little bags of 4 (econml's subforest_size)
             n_estimators = max(4, 4 * round(n_estimators / 4))
         return grf.CausalForest(n_estimators=n_estimators, min_samples_leaf=self.min_samples_leaf,
-                                max_features=max_features, honest=True, inference=inference, max_samples=0.45,
+                                max_features=max_features, honest=True, inference=inference, max_samples=0.5,
                                 n_jobs=self.n_jobs, random_state=self.seed)
 
     @staticmethod
