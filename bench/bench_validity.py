@@ -185,6 +185,13 @@ def run_coverage():
         started = time.perf_counter()
         learner.fit(trial.outcome, trial.treated, design, outcome_inputs=inputs)
         seconds = time.perf_counter() - started
+        # Monte Carlo stability: the same folds and data, another forest seed.
+        twin = default_learner(features, trial.covariates, n_estimators=trees, seed=12)[2]
+        twin.min_samples_leaf = leaf
+        twin.fit(trial.outcome, trial.treated, design, outcome_inputs=inputs, folds=learner.fold_)
+        stability = {"se_median_relative_change": round(float(np.median(np.abs(twin.cate_se_ - learner.cate_se_)
+                                                                         / learner.cate_se_)), 3),
+                     "cate_sd_of_difference": round(float(np.std(twin.cate_ - learner.cate_)), 4)}
         for label, cate in (("raw", learner.cate_), ("blp_stretched", None)):
             if cate is None:   # the BLP slope b2 (> 1 when predictions are compressed) stretches them about their mean
                 slope = best_linear_predictor(learner.dr_scores_, learner.cate_).differential
@@ -197,7 +204,8 @@ def run_coverage():
                 "bias_by_tercile": [round(float((cate - tau)[tercile == t].mean()), 3) for t in range(3)],
                 "rmse": round(float(np.sqrt(np.mean((cate - tau) ** 2))), 4),
                 "spearman": round(float(spearmanr(cate, tau).correlation), 4),
-                "mean_interval_width": round(float(np.mean(high - low)), 3), "forest_seconds": round(seconds, 1)}
+                "mean_interval_width": round(float(np.mean(high - low)), 3), "forest_seconds": round(seconds, 1),
+                **stability}
             key = f"{trees} trees, leaf {leaf}, {label}"
             print(key, json.dumps(results[key]), flush=True)
     return results

@@ -9,10 +9,7 @@ import time
 
 def plot_toc(rates, path, title="Targeting operator characteristic"):
     """TOC curves of RateResults (estimate and 95 % band against the treated fraction q) to a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # the Figure API alone: QGIS's own pyplot backend is left alone
 
     figure = Figure(figsize=(6.4, 4.2), dpi=110)
     axes = figure.add_subplot(1, 1, 1)
@@ -199,10 +196,7 @@ def draw_group_effects(axes, group_effects, ate=None):
 
 
 def plot_group_effects(group_effects, path, ate=None):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # the Figure API alone: QGIS's own pyplot backend is left alone
 
     figure = Figure(figsize=(5.6, 3.6), dpi=110)
     draw_group_effects(figure.add_subplot(1, 1, 1), group_effects, ate)
@@ -273,9 +267,6 @@ def plot_effect_map(raster_path, coords, cate, path, max_pixels=900):
     is read, decimated by GDAL to at most ``max_pixels`` per side; 3-band
     imagery is shown as natural colour (bands 3, 2, 1), others as grey.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
     import numpy as np
     from matplotlib.colors import TwoSlopeNorm
     from matplotlib.figure import Figure

@@ -182,3 +182,16 @@ def test_an_empty_layer_is_refused_in_plain_words():
         from geocate.core.evaluate import evaluate_priorities
 
         evaluate_priorities([], [], np.zeros((0, 1)))
+
+
+def test_plots_leave_the_process_pyplot_backend_alone(tmp_path):
+    """Inside QGIS, matplotlib.use('Agg') would switch the whole process's backend and close others' figures."""
+    import matplotlib
+
+    from geocate.core.report import plot_toc
+
+    before = matplotlib.get_backend()
+    rates = rank_average_treatment_effect(np.random.default_rng(0).normal(size=200), np.arange(200.0), n_draws=20)
+    plot_toc(rates, str(tmp_path / "toc.png"))
+    assert (tmp_path / "toc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert matplotlib.get_backend() == before
