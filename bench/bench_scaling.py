@@ -7,8 +7,9 @@ effects 0, 1, 2.5 by image) and saved; then a fresh Python process runs
 ``core.pipeline.estimate_cate`` on it (windows read through GDAL, MOSAIKS
 features, the cross-fitted forest, the sequential heterogeneity test, the
 pooled AUTOC) and reports its wall time, its CPU time (user + system, to see
-both cores at work) and its peak resident memory (ru_maxrss of that process
-alone, imports of torch, econml and GDAL included).
+both cores at work) and its peak resident memory (VmHWM of that process
+alone, imports of torch, econml and GDAL included; not ru_maxrss, which on
+Linux keeps the parent's peak across fork and exec).
 """
 
 import argparse
@@ -27,8 +28,18 @@ DEMO_RASTER = os.path.join(ROOT, "resources", "demo", "landsat8_demo_b234.tif")
 PLUGINS = os.path.join(ROOT, ".qgis-profile", "profiles", "default", "python", "plugins")
 
 CHILD = r"""
-import json, resource, sys, time
+import json, sys, time
 sys.path.insert(0, {plugins!r})
+
+
+def peak_rss_mb():
+    # VmHWM of this process's own memory map: ru_maxrss would also count the parent's memory at fork.
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM"):
+                return int(line.split()[1]) / 1024
+
+
 import numpy as np
 from geocate.core.pipeline import estimate_cate
 from geocate.core.study import UnitTable
@@ -41,7 +52,7 @@ wall = time.perf_counter() - started
 cate = result.cate[study.used]
 truth = data["true_cate"][study.used]
 print(json.dumps({{"wall_s": wall, "cpu_s": time.process_time() - cpu,
-                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                  "peak_rss_mb": peak_rss_mb(),
                   "timings": result.metadata["timings"], "n_used": int(study.n_used),
                   "rmse": float(np.sqrt(np.mean((cate - truth) ** 2))),
                   "test_t": result.heterogeneity.t_stat}}))

@@ -243,10 +243,21 @@ class CrossFittedCausalForest:
     def priority_for(self, train, test, n_estimators=None):
         """CATE predictions for the ``test`` units from a forest built on the ``train`` units alone
         (see _fold_forest): the priority a formal heterogeneity test may rank by
-        (core.evaluate.sequential_rate_test). Needs a fitted learner (its data)."""
+        (core.evaluate.sequential_rate_test). Needs a fitted learner (its data).
+
+        When ``train`` is every fold but one, the fold forest fit() grew on exactly
+        those units is reused (the last step of the sequential test). Otherwise a
+        forest of ``n_estimators`` trees (default: half the fold forests', at least
+        50) is grown: it only ranks, and needs no variance.
+        """
         X = self._data[2]
-        forest = self._fold_forest(np.asarray(train, bool), inference=False, n_estimators=n_estimators)
-        return np.ravel(forest.predict(X[np.asarray(test, bool)]))
+        train, test = np.asarray(train, bool), np.asarray(test, bool)
+        for forest, k in zip(self.forests_, np.unique(self.fold_)):
+            if np.array_equal(train, self.fold_ != k):
+                return np.ravel(forest.predict(X[test]))
+        n_estimators = n_estimators or max(self.n_estimators // 2, 50)
+        forest = self._fold_forest(train, inference=False, n_estimators=n_estimators)
+        return np.ravel(forest.predict(X[test]))
 
     def ate_interval(self, alpha=0.05):
         """Normal-approximation (1 - alpha) interval for the DR ATE (cluster-robust SE)."""

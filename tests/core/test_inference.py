@@ -66,6 +66,14 @@ def test_the_priority_of_a_held_out_fold_never_sees_that_folds_outcomes():
     changed[~train] += 40 * W[~train]       # every outcome outside the training folds
     other = CrossFittedCausalForest(n_estimators=30, seed=1).fit(changed, W, X)
     np.testing.assert_allclose(other.priority_for(train, test), first)
+    # The last step reuses the fold forest grown on folds 0-3: fold 4's outcomes reach it neither.
+    last_train, last = model.fold_ != 4, model.fold_ == 4
+    reused = model.priority_for(last_train, last)
+    np.testing.assert_allclose(reused, model.cate_[last])
+    changed = Y.copy()
+    changed[last] += 40 * W[last]
+    again = CrossFittedCausalForest(n_estimators=30, seed=1).fit(changed, W, X)
+    np.testing.assert_allclose(again.priority_for(last_train, last), reused)
 
 
 def test_a_constant_priority_is_never_detected_and_noise_is_zero():
