@@ -388,6 +388,8 @@ class GeoCateDock(QgsDockWidget):
             verdict = "heterogeneity detected" if test["detected"] else "no heterogeneity detected"
             lines.append(f"<b>Heterogeneity</b> {verdict}: held-out AUTOC {test['estimate']:.3f}, "
                          f"one-sided p = {test['p_value']:.2g} (sequential cross-fold test)")
+            lines.append("<small>Per-unit intervals cover the forest's noise, not its smoothing bias: "
+                         "quote the group effects below.</small>")
         if "clusters" in metadata:
             k = metadata["n_clusters"]
             lines.append(f"<b>Clusters</b> K = {k}" + (" (no heterogeneity found)" if k == 1 else ""))
