@@ -19,7 +19,8 @@ def main(argv=None):
     parser.add_argument("--units", type=int, default=10000)
     parser.add_argument("--draws", type=int, default=200)
     args = parser.parse_args(argv)
-    from geocate.core.evaluate import cross_fitted_scores, rank_average_treatment_effect
+    from geocate.core.evaluate import rank_average_treatment_effect
+    from geocate.core.scores import cross_fitted_scores
 
     rng = np.random.default_rng(0)
     n = args.units

@@ -406,3 +406,22 @@ def test_algorithms_chain_in_a_graphical_model(plugin, demo_units_gpkg, demo_ras
     evaluation = QgsVectorLayer(str(tmp_path / "evaluation.gpkg"), "evaluation", "ogr")
     autoc = [f for f in evaluation.getFeatures() if f["metric"] == "AUTOC"][0]
     assert autoc["rule"] == "cate" and autoc["estimate"] > 0
+
+
+def test_a_cluster_field_keeps_villages_together_in_folds_and_standard_errors(plugin, demo_units_gpkg, demo_raster,
+                                                                              tmp_path):
+    """CLUSTER (any field type, e.g. a village name): units of a cluster share a fold, the run metadata
+    counts the clusters as fold groups, and the standard errors are computed over them."""
+    import processing
+
+    with_village = processing.run("native:fieldcalculator", {
+        "INPUT": demo_units_gpkg, "FIELD_NAME": "village", "FIELD_TYPE": 2, "FIELD_LENGTH": 10,
+        "FORMULA": "'v' || to_string(floor($id / 10))",
+        "OUTPUT": str(tmp_path / "villages.gpkg")})["OUTPUT"]
+    clustered = run(base_parameters(with_village, demo_raster, CLUSTER="village", OUTPUT=str(tmp_path / "c.gpkg")))
+    plain = run(base_parameters(with_village, demo_raster, OUTPUT=str(tmp_path / "p.gpkg")))
+    metadata = json.loads((tmp_path / "c.run.json").read_text())
+    assert metadata["parameters"]["CLUSTER"] == "village"
+    assert metadata["clustered_by"] == "cluster field and shared locations"
+    assert metadata["fold_groups"] <= 32 < json.loads((tmp_path / "p.run.json").read_text())["fold_groups"]
+    assert clustered["ATE_SE"] != plain["ATE_SE"] and 0 <= clustered["AUTOC_P"] <= 1
