@@ -453,7 +453,7 @@ def evaluate_priorities(outcome, treated, priorities, names=None, covariates=Non
     and counted. The DR scores' outcome models are cross-fitted on honest folds
     (locations and blocks kept whole), and the bootstrap draws the same groups.
     """
-    from .study import MIN_UNITS_PER_ARM, check_treatment, describe_dropped
+    from .study import MIN_UNITS_PER_ARM, check_estimable, check_treatment, describe_dropped
 
     Y, W = np.asarray(outcome, float), np.asarray(treated, float)
     n = len(Y)
@@ -484,6 +484,7 @@ def evaluate_priorities(outcome, treated, priorities, names=None, covariates=Non
             raise GeoCateError(
                 f"Only {count} {label} unit(s) remain after dropping units with nulls ({describe_dropped(dropped)}); "
                 f"at least {MIN_UNITS_PER_ARM} per arm are needed.", "Add units or fix the nulls.")
+    check_estimable(W[used], Y[used], np.zeros((int(used.sum()), 0)))
     if spatial_block and coords is None:
         raise GeoCateError("Spatial blocks need the units' coordinates.", "Use a layer with geometries, or no blocks.")
     coords_used = np.asarray(coords, float)[used] if coords is not None else np.zeros((int(used.sum()), 2))

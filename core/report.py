@@ -68,6 +68,11 @@ def write_html(path, title, sections, metadata=None):
     return path
 
 
+def ratio(estimate, std_err):
+    """estimate / SE, nan where the SE is 0 or missing (a constant priority or outcome), never a ZeroDivisionError."""
+    return estimate / std_err if std_err and std_err == std_err else float("nan")
+
+
 def rate_rows(evaluation):
     """Rows (metric, priority, estimate, SE, 95 % low, high, p-value, estimate/SE) of an Evaluation."""
     rows = []
@@ -79,14 +84,14 @@ def rate_rows(evaluation):
         rows.append(("BLP mean (b1)", name, calibration.mean_forest, calibration.mean_forest_se,
                      calibration.mean_forest - 1.959964 * calibration.mean_forest_se,
                      calibration.mean_forest + 1.959964 * calibration.mean_forest_se, calibration.mean_forest_p,
-                     calibration.mean_forest / calibration.mean_forest_se))
+                     ratio(calibration.mean_forest, calibration.mean_forest_se)))
         rows.append(("BLP differential (b2)", name, calibration.differential, calibration.differential_se,
                      calibration.differential - 1.959964 * calibration.differential_se,
                      calibration.differential + 1.959964 * calibration.differential_se, calibration.differential_p,
-                     calibration.differential / calibration.differential_se))
+                     ratio(calibration.differential, calibration.differential_se)))
     for name, gates in zip(evaluation.names, evaluation.gates):
         for group, n, estimate, se, low, high in gates:
-            rows.append((f"GATE group {group} (n={n})", name, estimate, se, low, high, float("nan"), estimate / se))
+            rows.append((f"GATE group {group} (n={n})", name, estimate, se, low, high, float("nan"), ratio(estimate, se)))
     return rows
 
 

@@ -106,6 +106,21 @@ def check_treatment(treated, name="treatment"):
         )
 
 
+def check_estimable(treated, outcome, covariates, covariate_names=(), treatment_name="treatment",
+                    outcome_name="outcome"):
+    """Refuse, in plain words, studies no estimate can come from: an outcome that does not vary, or a
+    covariate that is the treatment itself (it would absorb the effect: the ATE came out 0.49 for 1.15)."""
+    if len(outcome) > 1 and np.ptp(outcome) == 0:
+        raise GeoCateError(
+            f"The outcome '{outcome_name}' has the same value ({outcome[0]:g}) for every unit used: there is no "
+            "effect to estimate.", "Check that the right field was chosen as the outcome.")
+    for j, name in enumerate(covariate_names):
+        if len(treated) and np.array_equal(covariates[:, j], treated):
+            raise GeoCateError(
+                f"The covariate '{name}' is identical to the treatment '{treatment_name}'.",
+                "Remove it from the covariates: a covariate must be measured before treatment, not be the treatment.")
+
+
 def build_study(units, raster_path, bands=None, window_size_px=33, nodata=None,
                 progress=None, is_cancelled=None):
     """Check ``units`` (a UnitTable), read their windows and return a Study.
@@ -148,6 +163,8 @@ def build_study(units, raster_path, bands=None, window_size_px=33, nodata=None,
                         ("nodata", "window holds nodata or fill")):
         dropped[label] = int(((found.reason == code) & complete).sum())
     used = complete & found.ok
+    check_estimable(treated[used], outcome[used], covariates[used], units.covariate_names, units.treatment_name,
+                    units.outcome_name)
     for arm, label in ((1, "treated"), (0, "control")):
         count = int((used & (treated == arm)).sum())
         if count < MIN_UNITS_PER_ARM:

@@ -170,3 +170,30 @@ def test_estimatecate_and_imageclusters_report_one_ate(small_trial, demo_raster)
     assert clusters.ate == pytest.approx(forest.ate, rel=1e-12)
     assert clusters.ate_se == pytest.approx(forest.ate_se, rel=1e-12)
     assert abs(forest.ate - small_trial.true_cate.mean()) < 3 * forest.ate_se
+
+
+def test_studies_nothing_can_be_estimated_from_are_refused_in_plain_words(small_trial, demo_raster):
+    from geocate.core.evaluate import evaluate_priorities
+    from geocate.core.pipeline import estimate_cate
+
+    constant = np.full(len(small_trial.outcome), 3.0)
+    with pytest.raises(GeoCateError, match="outcome 'outcome' has the same value"):
+        estimate_cate(unit_table(small_trial, outcome=constant), demo_raster)
+    with pytest.raises(GeoCateError, match="has the same value"):
+        evaluate_priorities(constant, small_trial.treated, small_trial.true_cate)
+    covariates = np.column_stack([small_trial.covariates[:, 0], small_trial.treated])
+    with pytest.raises(GeoCateError, match="covariate 'distance' is identical to the treatment"):
+        estimate_cate(unit_table(small_trial, covariates=covariates), demo_raster)
+
+
+def test_a_constant_priority_gives_a_report_table_not_a_zero_division(small_trial):
+    from geocate.core.evaluate import evaluate_priorities
+    from geocate.core.report import rate_rows
+
+    n = len(small_trial.outcome)
+    evaluation = evaluate_priorities(small_trial.outcome, small_trial.treated, np.ones(n), n_draws=20)
+    rows = rate_rows(evaluation)
+    autoc = [row for row in rows if row[0] == "AUTOC"][0]
+    assert autoc[2] == 0.0 and autoc[6] == 1.0
+    assert evaluation.calibration[0].differential_p == 1.0
+    assert all(np.isnan(row[7]) or np.isfinite(row[7]) for row in rows)
