@@ -9,6 +9,7 @@ from qgis.core import (
     QgsProcessingParameterField,
     QgsProcessingParameterNumber,
     QgsProcessingParameterRasterLayer,
+    QgsWkbTypes,
 )
 
 INPUT, TREATMENT, OUTCOME, COVARIATES = "INPUT", "TREATMENT", "OUTCOME", "COVARIATES"
@@ -36,7 +37,8 @@ def add_study_parameters(algorithm):
     algorithm.addParameter(QgsProcessingParameterNumber(
         NODATA, "Extra nodata value (besides the raster's own)", QgsProcessingParameterNumber.Double, optional=True))
     algorithm.addParameter(QgsProcessingParameterNumber(
-        SEED, "Random seed", QgsProcessingParameterNumber.Integer, defaultValue=42, minValue=0))
+        SEED, "Random seed", QgsProcessingParameterNumber.Integer, defaultValue=42, minValue=0,
+        maxValue=2**31 - 1))  # QGIS's integers are 32-bit: a larger seed would silently become 0
 
 
 def add_spatial_block_parameter(algorithm, advanced=True):
@@ -53,6 +55,13 @@ def read_study_parameters(algorithm, parameters, context):
     source = algorithm.parameterAsSource(parameters, INPUT, context)
     if source is None:
         raise QgsProcessingException("The units layer could not be read. Choose a point or polygon layer in INPUT.")
+    geometry = QgsWkbTypes.geometryType(source.wkbType())
+    if geometry not in (QgsWkbTypes.PointGeometry, QgsWkbTypes.PolygonGeometry):
+        kind = {QgsWkbTypes.LineGeometry: "lines", QgsWkbTypes.NullGeometry: "no geometries"}.get(geometry, "no points")
+        raise QgsProcessingException(
+            f"The units layer '{source.sourceName()}' holds {kind}: each unit needs a point or a polygon, around "
+            "which its image window is read. Use a point or polygon layer (e.g. Vector > Geometry Tools > "
+            "Centroids for lines, or Create points layer from table for a table with coordinates).")
     values = {
         "treatment": algorithm.parameterAsString(parameters, TREATMENT, context),
         "outcome": algorithm.parameterAsString(parameters, OUTCOME, context),

@@ -425,3 +425,20 @@ def test_a_cluster_field_keeps_villages_together_in_folds_and_standard_errors(pl
     assert metadata["clustered_by"] == "cluster field and shared locations"
     assert metadata["fold_groups"] <= 32 < json.loads((tmp_path / "p.run.json").read_text())["fold_groups"]
     assert clustered["ATE_SE"] != plain["ATE_SE"] and 0 <= clustered["AUTOC_P"] <= 1
+
+
+def test_lines_and_tables_are_refused_as_units_and_a_seed_beyond_32_bits_too(plugin, demo_raster, tmp_path):
+    lines = QgsVectorLayer("LineString?crs=EPSG:32621", "roads", "memory")
+    lines.dataProvider().addAttributes([QgsField("treated", QVariant.Int), QgsField("outcome", QVariant.Double)])
+    lines.updateFields()
+    table = QgsVectorLayer("None", "survey", "memory")
+    table.dataProvider().addAttributes([QgsField("treated", QVariant.Int), QgsField("outcome", QVariant.Double)])
+    table.updateFields()
+    for layer, kind in ((lines, "holds lines"), (table, "holds no geometries")):
+        with pytest.raises(QgsProcessingException, match=f"{kind}: each unit needs a point or a polygon"):
+            run({"INPUT": layer, "TREATMENT": "treated", "OUTCOME": "outcome", "RASTER": demo_raster,
+                 "OUTPUT": str(tmp_path / "never.gpkg")})
+    with pytest.raises(QgsProcessingException, match="SEED"):
+        run({"INPUT": units_layer([0, 1]), "TREATMENT": "treated", "OUTCOME": "outcome", "RASTER": demo_raster,
+             "SEED": 2**31, "OUTPUT": str(tmp_path / "never.gpkg")})
+    assert not (tmp_path / "never.gpkg").exists()
