@@ -50,8 +50,28 @@ def write_json_atomically(path, payload):
     os.replace(tmp, path)
 
 
+README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
+TAGS = ["causal", "causal inference", "CATE", "RCT", "randomized trial", "treatment effect", "heterogeneity",
+        "impact evaluation", "satellite imagery", "remote sensing", "econml", "grf"]
+
+
 class GeoCateAlgorithm(QgsProcessingAlgorithm):
     result_style = CATE_STYLE  # the style a per-unit result layer opens with
+    short_description = ""     # one sentence, shown in the Toolbox's tooltip
+    extra_tags = ()
+
+    def tags(self):
+        """Search words of the Processing Toolbox: searching 'causal' or 'RCT' finds GeoCATE."""
+        return TAGS + list(self.extra_tags)
+
+    def shortDescription(self):  # noqa: N802 - QGIS's name
+        return self.short_description
+
+    def helpUrl(self):  # noqa: N802 - QGIS's name
+        """The README, where every algorithm and parameter is described."""
+        from qgis.PyQt.QtCore import QUrl
+
+        return QUrl.fromLocalFile(README).toString()
 
     def group(self):
         return "Treatment effects"

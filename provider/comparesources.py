@@ -20,6 +20,10 @@ from .study_parameters import add_spatial_block_parameter, add_study_parameters,
 class CompareSourcesAlgorithm(GeoCateAlgorithm):
     BOOTSTRAP, OUTPUT, OUTPUT_PLOT, OUTPUT_REPORT = "BOOTSTRAP", "OUTPUT", "OUTPUT_PLOT", "OUTPUT_REPORT"
 
+    short_description = ("What the imagery adds over survey covariates: the CATE learner with imagery, covariates and "
+                         "both, tested on the same held-out folds.")
+    extra_tags = ("RATE", "AUTOC", "covariates")
+
     def name(self):
         return "comparesources"
 

@@ -22,6 +22,10 @@ from .study_parameters import add_spatial_block_parameter, add_study_parameters,
 class EstimateCateAlgorithm(GeoCateAlgorithm):
     GROUPS, CLUSTER, OUTPUT, OUTPUT_REPORT = "GROUPS", "CLUSTER", "OUTPUT", "OUTPUT_REPORT"
 
+    short_description = ("Each trial unit's treatment effect (CATE) from the imagery around it, with intervals, effect "
+                         "groups, the doubly robust ATE and a valid test of heterogeneity.")
+    extra_tags = ("causal forest", "MOSAIKS")
+
     def name(self):
         return "estimatecate"
 

@@ -26,6 +26,10 @@ class EvaluateAlgorithm(GeoCateAlgorithm):
     BOOTSTRAP, SEED = "BOOTSTRAP", "SEED"
     OUTPUT, OUTPUT_PLOT, OUTPUT_REPORT = "OUTPUT", "OUTPUT_PLOT", "OUTPUT_REPORT"
 
+    short_description = ("Is the heterogeneity a priority claims real? RATE (AUTOC, Qini), TOC curve, calibration and "
+                         "group effects of a priority built without these units' outcomes.")
+    extra_tags = ("RATE", "AUTOC", "Qini", "TOC", "calibration")
+
     def name(self):
         return "evaluate"
 

@@ -33,6 +33,10 @@ class ImageClustersAlgorithm(GeoCateAlgorithm):
     CLUSTERS, MAX_CLUSTERS, EPOCHS, DEVICE = "CLUSTERS", "MAX_CLUSTERS", "EPOCHS", "DEVICE"
     OUTPUT, OUTPUT_CLUSTERS, OUTPUT_MODEL, OUTPUT_SALIENCE = "OUTPUT", "OUTPUT_CLUSTERS", "OUTPUT_MODEL", "OUTPUT_SALIENCE"
 
+    short_description = ("Latent clusters of units whose imagery predicts how much they gain, with each cluster's "
+                         "effect, salience maps and a reusable ONNX model.")
+    extra_tags = ("clusters", "ONNX", "salience")
+
     def name(self):
         return "imageclusters"
 
