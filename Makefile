@@ -50,6 +50,10 @@ demo: setup
 test: setup lint
 	$(PY) -m pytest -p no:cacheprovider tests
 
+# For development: the core tests without the slow studies (under a minute); `make test` stays the whole suite.
+test-fast: venv profile
+	$(PY) -m pytest -p no:cacheprovider tests/core -m "not slow"
+
 # ruff (ruff.toml): Python 3.9 syntax and library behaviour, pyflakes, import order, bugbear.
 lint: venv
 	$(VENV)/bin/ruff check .

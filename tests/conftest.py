@@ -101,3 +101,14 @@ def unit_table(trial, treated=None, outcome=None, covariates=None):
         covariates=trial.covariates if covariates is None else covariates,
         covariate_names=trial.covariate_names,
     )
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tiers: every test under tests/qgis is marked 'qgis'; the screenshot test also 'desktop' and 'slow'."""
+    for item in items:
+        path = str(item.fspath)
+        if f"{os.sep}tests{os.sep}qgis{os.sep}" in path:
+            item.add_marker(pytest.mark.qgis)
+        if path.endswith("test_screenshot.py"):
+            item.add_marker(pytest.mark.desktop)
+            item.add_marker(pytest.mark.slow)

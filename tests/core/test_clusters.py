@@ -42,6 +42,7 @@ def test_unit_effects_are_out_of_fold_with_intervals(separated):
     assert [row[0] for row in k_table] == [1, 2, 3] and k_table[1][1] > k_table[0][1] + 0.1
 
 
+@pytest.mark.slow
 def test_no_heterogeneity_gives_one_cluster_in_most_seeds(demo_raster):
     chosen = []
     for seed in range(5):

@@ -58,6 +58,7 @@ def null_trial(n, rng):
     return Y, W
 
 
+@pytest.mark.slow
 def test_random_priorities_give_intervals_that_cover_zero_95_percent_of_the_time():
     """Monte Carlo: 300 trials of 400 units, 200 draws each; the coverage of the 95 % AUTOC
     interval must lie in [0.91, 0.99], 3 binomial standard deviations (0.0126 each) around 0.95.

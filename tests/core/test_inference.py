@@ -29,6 +29,7 @@ def null_trial(n, seed):
     return X, W, Y
 
 
+@pytest.mark.slow
 def test_the_sequential_test_holds_its_level_on_a_trial_without_heterogeneity():
     """30 null trials of 500 units: the combined t-statistic is about standard normal (mean within
     3 SE = 0.55 of 0, sd in [0.6, 1.25]) and at most 4 of 30 runs reject at 5 % (P = 2 % for a test
