@@ -91,9 +91,9 @@ class EvaluateAlgorithm(GeoCateAlgorithm):
         self.addParameter(QgsProcessingParameterFeatureSink(
             self.OUTPUT, "Evaluation table", QgsProcessing.TypeVector))
         self.addParameter(QgsProcessingParameterFileDestination(
-            self.OUTPUT_PLOT, "TOC curve (PNG)", "PNG files (*.png)"))
+            self.OUTPUT_PLOT, "TOC curve (PNG)", "PNG files (*.png)", optional=True, createByDefault=False))
         self.addParameter(QgsProcessingParameterFileDestination(
-            self.OUTPUT_REPORT, "Report (HTML)", "HTML files (*.html)"))
+            self.OUTPUT_REPORT, "Report (HTML)", "HTML files (*.html)", optional=True, createByDefault=True))
         for name, label in (("AUTOC", "AUTOC of the priority"), ("AUTOC_SE", "Standard error of the AUTOC"),
                             ("AUTOC_P", "p-value of the AUTOC"), ("QINI", "Qini of the priority"),
                             ("QINI_SE", "Standard error of the Qini"), ("N_USED", "Units used")):
@@ -102,7 +102,7 @@ class EvaluateAlgorithm(GeoCateAlgorithm):
     def processAlgorithm(self, parameters, context, feedback):  # noqa: N802 - QGIS's name
         from ..core.errors import GeoCateError
         from ..core.evaluate import evaluate_priorities, metric_coords
-        from ..core.report import evaluation_report, rate_rows
+        from ..core.report import evaluation_report, plot_toc, rate_rows
         from ..core.study import describe_dropped
 
         source = self.parameterAsSource(parameters, self.INPUT, context)
@@ -174,9 +174,20 @@ class EvaluateAlgorithm(GeoCateAlgorithm):
                   "seed": seed}
         # All numbers are in hand: only now are the outputs created.
         dest_id = write_table(self, parameters, context, rate_rows(evaluation))
-        os.makedirs(os.path.dirname(os.path.abspath(report_path)), exist_ok=True)
-        evaluation_report(evaluation, report_path, plot_path, inputs, {"algorithm": "geocate:evaluate", **inputs})
-        feedback.pushInfo(f"Report: {report_path}; TOC plot: {plot_path}.")
-        return {self.OUTPUT: dest_id, self.OUTPUT_PLOT: plot_path, self.OUTPUT_REPORT: report_path,
+        for path in (report_path, plot_path):
+            if path:
+                os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        if report_path:
+            # The report embeds the TOC plot; without a plot destination it is drawn beside the report and removed.
+            drawn = plot_path or os.path.splitext(report_path)[0] + "_toc.png"
+            evaluation_report(evaluation, report_path, drawn, inputs, {"algorithm": "geocate:evaluate", **inputs})
+            if not plot_path:
+                os.remove(drawn)
+            feedback.pushInfo(f"Report: {report_path}.")
+        elif plot_path:
+            plot_toc([r for r in evaluation.rates["AUTOC"] if " - " not in r.priority], plot_path)
+        if plot_path:
+            feedback.pushInfo(f"TOC plot: {plot_path}.")
+        return {self.OUTPUT: dest_id, self.OUTPUT_PLOT: plot_path or None, self.OUTPUT_REPORT: report_path or None,
                 "AUTOC": autoc.estimate, "AUTOC_SE": autoc.std_err, "AUTOC_P": autoc.p_value,
                 "QINI": qini.estimate, "QINI_SE": qini.std_err, "N_USED": int(evaluation.used.sum())}

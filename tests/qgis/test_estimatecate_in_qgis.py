@@ -453,3 +453,19 @@ def test_the_toolbox_finds_every_algorithm_by_causal_words_with_help_and_a_descr
         assert {"causal", "rct", "cate", "treatment effect", "heterogeneity", "randomized trial"} <= set(tags)
         assert len(algorithm.shortDescription()) > 40
         assert algorithm.helpUrl().startswith("file://") and os.path.exists(algorithm.helpUrl()[len("file://"):])
+
+
+def test_evaluate_runs_without_plot_or_report_destinations(memory_run, tmp_path):
+    """qgis_process refused to run evaluate without OUTPUT_PLOT and OUTPUT_REPORT: both are optional now."""
+    import processing
+
+    results = processing.run("geocate:evaluate", {
+        "INPUT": memory_run["OUTPUT"], "PRIORITY": "assets", "TREATMENT": "treated", "OUTCOME": "outcome",
+        "BOOTSTRAP": 50, "OUTPUT": "memory:", "OUTPUT_PLOT": None, "OUTPUT_REPORT": None})
+    assert results["N_USED"] == 306 and results["OUTPUT_REPORT"] is None and results["OUTPUT_PLOT"] is None
+    report_only = processing.run("geocate:evaluate", {
+        "INPUT": memory_run["OUTPUT"], "PRIORITY": "assets", "TREATMENT": "treated", "OUTCOME": "outcome",
+        "BOOTSTRAP": 50, "OUTPUT": "memory:", "OUTPUT_REPORT": str(tmp_path / "r.html")})
+    assert "data:image/png;base64" in (tmp_path / "r.html").read_text()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.html"]
+    assert report_only["OUTPUT_PLOT"] is None
