@@ -71,8 +71,10 @@ class ImageClustersAlgorithm(GeoCateAlgorithm):
         self.addParameter(QgsProcessingParameterEnum(self.DEVICE, "Device", DEVICES, defaultValue=0))
         add_spatial_block_parameter(self)
         self.addParameter(QgsProcessingParameterFeatureSink(self.OUTPUT, "Units with effect clusters"))
-        self.addParameter(QgsProcessingParameterFeatureSink(self.OUTPUT_CLUSTERS, "Clusters", QgsProcessing.TypeVector))
-        self.addParameter(QgsProcessingParameterFileDestination(self.OUTPUT_MODEL, "Model (ONNX)", "ONNX (*.onnx)"))
+        self.addParameter(QgsProcessingParameterFeatureSink(self.OUTPUT_CLUSTERS, "Clusters", QgsProcessing.TypeVector,
+                                                            optional=True, createByDefault=True))
+        self.addParameter(QgsProcessingParameterFileDestination(self.OUTPUT_MODEL, "Model (ONNX)", "ONNX (*.onnx)",
+                                                                optional=True, createByDefault=True))
         self.addParameter(QgsProcessingParameterFolderDestination(
             self.OUTPUT_SALIENCE, "Salience rasters (folder)", optional=True, createByDefault=False))
         for name, label in (("N_CLUSTERS", "Number of clusters used"), ("ATE", "Average treatment effect (DR)"),
@@ -130,19 +132,23 @@ class ImageClustersAlgorithm(GeoCateAlgorithm):
         columns.update({f"p_{j + 1}": result.probabilities[:, j] for j in range(k)})
         sink.addFeatures(result_features(features, kept, fields, columns), QgsFeatureSink.FastInsert)
         del sink
-        table_id = write_table(self, parameters, context, extras["clusters"], self.OUTPUT_CLUSTERS, CLUSTER_COLUMNS)
-        os.makedirs(os.path.dirname(os.path.abspath(model_path)), exist_ok=True)
-        export_onnx(extras["model"], model_path, len(study.bands), study_values["window"],
-                    len(study_values["covariates"]),
-                    {"algorithm": "geocate:imageclusters", "n_clusters": k, "bands_used": list(study.bands),
-                     "covariates": study_values["covariates"], "band_scaling": result.metadata["band_scaling"],
-                     "clusters": extras["clusters"], "seed": study_values["seed"]})
-        feedback.pushInfo(f"Model written to {model_path} (with its description {model_path}.json).")
+        table_id = None
+        if parameters.get(self.OUTPUT_CLUSTERS):  # optional: qgis_process runs without it
+            table_id = write_table(self, parameters, context, extras["clusters"], self.OUTPUT_CLUSTERS,
+                                   CLUSTER_COLUMNS)
+        if model_path:
+            os.makedirs(os.path.dirname(os.path.abspath(model_path)), exist_ok=True)
+            export_onnx(extras["model"], model_path, len(study.bands), study_values["window"],
+                        len(study_values["covariates"]),
+                        {"algorithm": "geocate:imageclusters", "n_clusters": k, "bands_used": list(study.bands),
+                         "covariates": study_values["covariates"], "band_scaling": result.metadata["band_scaling"],
+                         "clusters": extras["clusters"], "seed": study_values["seed"]})
+            feedback.pushInfo(f"Model written to {model_path} (with its description {model_path}.json).")
         if salience_dir:
             written = self._write_salience(salience_dir, study, result, extras, study_values)
             feedback.pushInfo(f"{written} salience raster(s) written to {salience_dir}.")
         return self.keep_result(context, dest_id, {
-            self.OUTPUT: dest_id, self.OUTPUT_CLUSTERS: table_id, self.OUTPUT_MODEL: model_path,
+            self.OUTPUT: dest_id, self.OUTPUT_CLUSTERS: table_id, self.OUTPUT_MODEL: model_path or None,
             self.OUTPUT_SALIENCE: salience_dir, "N_CLUSTERS": k, "ATE": result.ate, "ATE_SE": result.ate_se,
             "N_USED": result.n_used, "N_DROPPED": result.n_dropped},
             dict(result.metadata, algorithm="geocate:imageclusters", n_used=result.n_used,

@@ -469,3 +469,11 @@ def test_evaluate_runs_without_plot_or_report_destinations(memory_run, tmp_path)
     assert "data:image/png;base64" in (tmp_path / "r.html").read_text()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.html"]
     assert report_only["OUTPUT_PLOT"] is None
+
+
+def test_imageclusters_runs_without_the_cluster_table_and_model(plugin, demo_units_gpkg, demo_raster, tmp_path):
+    """The cluster table and the ONNX model are optional destinations (qgis_process ran only with both)."""
+    results = run_clusters(demo_units_gpkg, demo_raster, tmp_path, CLUSTERS=2, EPOCHS=20, OUTPUT_CLUSTERS=None,
+                           OUTPUT_MODEL=None)
+    assert results["N_CLUSTERS"] == 2 and results["OUTPUT_CLUSTERS"] is None and results["OUTPUT_MODEL"] is None
+    assert results["OUTPUT"].featureCount() == 312 and not any(tmp_path.iterdir())
