@@ -41,6 +41,22 @@ class RasterInfo:
         srs.ImportFromWkt(self.crs_wkt)
         return bool(srs.IsGeographic())
 
+    @property
+    def pixel_size_m(self):
+        """Mean ground size of one pixel in metres: degrees converted at the raster's central latitude
+        (equirectangular, ample for windows of kilometres), projected units by their linear unit."""
+        from osgeo import osr
+
+        srs = osr.SpatialReference()
+        srs.ImportFromWkt(self.crs_wkt)
+        gt = self.geotransform
+        if srs.IsGeographic():
+            latitude = np.radians(gt[3] + gt[5] * self.height / 2 + gt[4] * self.width / 2)
+            dx = np.hypot(gt[1], gt[4]) * 111320.0 * np.cos(latitude)
+            dy = np.hypot(gt[2], gt[5]) * 110540.0
+            return float(np.sqrt(dx * dy))
+        return float(self.pixel_size * srs.GetLinearUnits())
+
 
 @dataclass(frozen=True)
 class PatchSet:

@@ -84,7 +84,7 @@ def fold_groups(study, spatial_block=0, window_size_px=33):
         return locations, None
     if spatial_block < 0:
         spatial_block = block_size_from_data(coords, study.outcome[study.used], study.treated[study.used],
-                                             at_least=window_size_px * study.pixel_size)
+                                             at_least=window_size_px * study.pixel_size_m)
     return honest_fold_groups(coords, spatial_block, locations), float(spatial_block)
 
 
@@ -153,7 +153,7 @@ def estimate_cate(units, raster_path, bands=None, window_size_px=33, nodata=None
     metadata = {
         "seed": seed,
         "window_size_px": int(window_size_px),
-        "window_size_m": float(window_size_px * study.pixel_size),
+        "window_size_m": float(window_size_px * study.pixel_size_m),
         "bands": list(study.bands),
         "nodata": nodata,
         "n_groups": n_groups,
@@ -357,7 +357,7 @@ def find_clusters(units, raster_path, bands=None, window_size_px=33, nodata=None
 
     timings["total_s"] = time.monotonic() - started
     metadata = {
-        "seed": seed, "window_size_px": int(window_size_px), "window_size_m": float(window_size_px * study.pixel_size),
+        "seed": seed, "window_size_px": int(window_size_px), "window_size_m": float(window_size_px * study.pixel_size_m),
         "bands": list(study.bands), "nodata": nodata, "n_folds": n_folds, "epochs": epochs, "device": device,
         "n_clusters": int(n_clusters), "max_clusters": int(max_clusters), "k_table": k_table,
         "clusters": table, "spatial_block_m": block_size, "dropped": study.dropped, "band_scaling": scaler.to_dict(),

@@ -52,9 +52,10 @@ class Study:
     dropped: dict
     raster_path: str
     raster_crs_wkt: str
-    pixel_size: float
+    pixel_size: float  # in the raster's CRS units (degrees for a geographic raster)
     bands: tuple
     clusters: object = None  # (n,) int cluster ids (-1 where null), or None
+    pixel_size_m: float = None  # ground size of a pixel in metres (RasterInfo.pixel_size_m)
 
     @property
     def n_used(self):
@@ -178,6 +179,7 @@ def build_study(units, raster_path, bands=None, window_size_px=33, nodata=None,
         covariate_names=tuple(units.covariate_names), patches=found.patches, patch_ok=found.ok,
         patch_reason=found.reason, used=used, dropped=dropped, raster_path=str(raster_path),
         raster_crs_wkt=info.crs_wkt, pixel_size=info.pixel_size, bands=found.bands, clusters=clusters,
+        pixel_size_m=info.pixel_size_m,
     )
 
 

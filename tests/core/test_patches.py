@@ -115,3 +115,16 @@ def test_window_larger_than_the_raster_is_refused(ramp_raster):
 def test_units_layer_without_crs_is_refused(ramp_raster):
     with pytest.raises(GeoCateError, match="units layer has no coordinate reference system"):
         extract_patches(ramp_raster, [pixel_centre(40, 30)], "", window_size_px=3)
+
+
+def test_the_pixel_size_in_metres_of_a_geographic_raster(tmp_path):
+    """Degrees are not metres: 0.00025 degrees at 25 degrees south are about 25 m by 28 m on the ground."""
+    from geocate.core.patches import raster_info
+
+    path = write_raster(tmp_path / "wgs84.tif", np.ones((1, 40, 40)), epsg=4326, origin=(-54.0, -25.0),
+                        pixel=0.00025)
+    info = raster_info(path)
+    expected = np.sqrt(0.00025 * 111320 * np.cos(np.radians(-25.005)) * 0.00025 * 110540)
+    assert info.pixel_size == pytest.approx(0.00025) and info.pixel_size_m == pytest.approx(expected, rel=1e-6)
+    utm = raster_info(write_raster(tmp_path / "utm.tif", np.ones((1, 10, 10))))
+    assert utm.pixel_size_m == pytest.approx(30.0)
