@@ -221,7 +221,8 @@ def extract_patches(
             col, row, window_size_px, window_size_px, band_list=list(bands)
         ).reshape(len(bands), window_size_px, window_size_px)
         bad = ~np.isfinite(window).all(axis=0) if window.dtype.kind == "f" else np.zeros(window.shape[1:], bool)
-        bad |= (window == 0).all(axis=0)
+        if len(bands) > 1:  # fill: zero in every band; with one band a zero is as likely a real value
+            bad |= (window == 0).all(axis=0)
         if nodata is not None:
             bad |= (window == nodata).any(axis=0)
         for band in masked:

@@ -128,3 +128,14 @@ def test_the_pixel_size_in_metres_of_a_geographic_raster(tmp_path):
     assert info.pixel_size == pytest.approx(0.00025) and info.pixel_size_m == pytest.approx(expected, rel=1e-6)
     utm = raster_info(write_raster(tmp_path / "utm.tif", np.ones((1, 10, 10))))
     assert utm.pixel_size_m == pytest.approx(30.0)
+
+
+def test_a_single_band_raster_keeps_its_real_zeros(tmp_path):
+    """With one band, zero is not fill (elevation at sea level, a count of nothing): only declared nodata,
+    or the NODATA value given, make a window unusable."""
+    array = np.ones((1, 40, 40))
+    array[0, 10:30, 10:30] = 0
+    path = write_raster(tmp_path / "one_band.tif", array)
+    centre = [pixel_centre(20, 20)]
+    assert extract_patches(path, centre, crs_wkt(32621), window_size_px=5).ok.all()
+    assert not extract_patches(path, centre, crs_wkt(32621), window_size_px=5, nodata=0).ok.any()
