@@ -43,10 +43,25 @@ def sidecar_path(destination):
     return os.path.splitext(os.path.abspath(path))[0] + ".run.json"
 
 
+def json_safe(value):
+    """``value`` with every float that is not finite (nan, inf) as None: strict JSON has no NaN."""
+    import math
+
+    if isinstance(value, dict):
+        return {key: json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(item) for item in value]
+    if hasattr(value, "tolist") and not isinstance(value, str):  # numpy scalars and arrays
+        return json_safe(value.tolist())
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
 def write_json_atomically(path, payload):
     tmp = path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as handle:
-        json.dump(payload, handle, indent=2, default=str)
+        json.dump(json_safe(payload), handle, indent=2, default=str, allow_nan=False)
     os.replace(tmp, path)
 
 

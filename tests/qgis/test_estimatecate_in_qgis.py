@@ -477,3 +477,14 @@ def test_imageclusters_runs_without_the_cluster_table_and_model(plugin, demo_uni
                            OUTPUT_MODEL=None)
     assert results["N_CLUSTERS"] == 2 and results["OUTPUT_CLUSTERS"] is None and results["OUTPUT_MODEL"] is None
     assert results["OUTPUT"].featureCount() == 312 and not any(tmp_path.iterdir())
+
+
+def test_run_metadata_is_strict_json_without_nan(plugin, tmp_path):
+    from geocate.provider.base import write_json_atomically
+
+    path = str(tmp_path / "r.run.json")
+    write_json_atomically(path, {"a": float("nan"), "b": [1.0, float("inf")], "c": np.float64("nan"),
+                                 "d": np.array([1.5, np.nan]), "e": "text"})
+    text = open(path).read()
+    assert "NaN" not in text and "Infinity" not in text
+    assert json.loads(text) == {"a": None, "b": [1.0, None], "c": None, "d": [1.5, None], "e": "text"}
