@@ -139,7 +139,7 @@ def half_samples(clusters, n_draws, seed):
 
 
 def rank_average_treatment_effect(scores, priorities, target="AUTOC", q=DEFAULT_Q, n_draws=200,
-                                  clusters=None, names=None, seed=42):
+                                  clusters=None, names=None, seed=42, is_cancelled=None):
     """RATE of one or two prioritisation rules (grf's ``rank_average_treatment_effect``).
 
     scores: (n,) DR scores Gamma_i; priorities: (n,) or (n, 2), higher = treat
@@ -161,6 +161,10 @@ def rank_average_treatment_effect(scores, priorities, target="AUTOC", q=DEFAULT_
     draws = [[] for _ in point]
     toc_draws = [[] for _ in point]
     for idx in half_samples(clusters, n_draws, seed):
+        if is_cancelled is not None and is_cancelled():  # a draw takes milliseconds: polled at each
+            from .errors import Cancelled
+
+            raise Cancelled()
         for j in range(len(point)):
             rate, toc = toc_and_rate(scores[idx], priorities[idx, j], q, target)
             draws[j].append(rate)
@@ -444,7 +448,7 @@ class Evaluation:
 
 def evaluate_priorities(outcome, treated, priorities, names=None, covariates=None, coords=None,
                         locations=None, spatial_block=0, n_groups=5, n_draws=200, n_folds=5, seed=42,
-                        treatment_name="treatment", progress=None):
+                        treatment_name="treatment", progress=None, is_cancelled=None):
     """Evaluate priority rules on a trial: DR scores, AUTOC and Qini, BLP calibration, GATEs.
 
     priorities: (n,) or (n, 2); covariates: (n, p) for the outcome models (none:
@@ -452,6 +456,7 @@ def evaluate_priorities(outcome, treated, priorities, names=None, covariates=Non
     (n,) cluster ids (a village field). Units with a null anywhere are dropped
     and counted. The DR scores' outcome models are cross-fitted on honest folds
     (locations and blocks kept whole), and the bootstrap draws the same groups.
+    ``is_cancelled()`` is polled at every bootstrap draw (raises Cancelled).
     """
     from .study import MIN_UNITS_PER_ARM, check_estimable, check_treatment, describe_dropped
 
@@ -504,7 +509,7 @@ def evaluate_priorities(outcome, treated, priorities, names=None, covariates=Non
         if progress:
             progress(0.3 + 0.3 * step, f"{target} with {n_draws} half-sample bootstrap draws")
         rates[target] = rank_average_treatment_effect(scores, P[used], target, n_draws=n_draws, clusters=groups,
-                                                      names=names, seed=seed)
+                                                      names=names, seed=seed, is_cancelled=is_cancelled)
     calibration = [best_linear_predictor(scores, P[used, j], groups) for j in range(P.shape[1])]
     gates = [group_average_effects(scores, P[used, j], n_groups, groups) for j in range(P.shape[1])]
     if progress:

@@ -154,7 +154,8 @@ class EvaluateAlgorithm(GeoCateAlgorithm):
                 covariates=np.array([r[3] for r in rows], float).reshape(n, len(covariates)) if covariates else None,
                 coords=coords, locations=[r[5] for r in rows] if cluster else None, spatial_block=spatial_block,
                 n_groups=n_groups, n_draws=n_draws, seed=seed, treatment_name=treatment,
-                progress=lambda f, m: (feedback.setProgress(100 * f), feedback.setProgressText(m)))
+                progress=lambda f, m: (feedback.setProgress(100 * f), feedback.setProgressText(m)),
+                is_cancelled=feedback.isCanceled)
         except GeoCateError as error:
             raise QgsProcessingException(str(error)) from error
 

@@ -198,3 +198,17 @@ def test_a_constant_priority_gives_a_report_table_not_a_zero_division(small_tria
     assert autoc[2] == 0.0 and autoc[6] == 1.0
     assert evaluation.calibration[0].differential_p == 1.0
     assert all(np.isnan(row[7]) or np.isfinite(row[7]) for row in rows)
+
+
+def test_evaluate_is_cancelled_within_its_bootstrap():
+    from geocate.core.errors import Cancelled
+    from geocate.core.evaluate import evaluate_priorities
+
+    rng = np.random.default_rng(3)
+    n = 2000
+    W = rng.integers(0, 2, n)
+    polls = []
+    with pytest.raises(Cancelled):
+        evaluate_priorities(W + rng.normal(size=n), W, rng.normal(size=n), n_draws=200,
+                            is_cancelled=lambda: polls.append(1) or len(polls) > 5)
+    assert len(polls) == 6     # stopped at the sixth poll, a few draws into the first bootstrap
