@@ -131,10 +131,11 @@ class ClusterFit:
 
 
 def fit_clusters(features, covariates, treated, outcome, n_clusters, epochs=300, hidden=32, dropout=0.2,
-                 learning_rate=1e-2, seed=42, device="cpu"):
+                 learning_rate=1e-2, seed=42, device="cpu", is_cancelled=None):
     """Train the model of the module docstring; returns a ClusterFit.
 
     features: (n, d) standardised image features; covariates: (n, p) standardised (p may be 0).
+    is_cancelled() is polled every 10 epochs (milliseconds each on a CPU); cancelling raises Cancelled.
     """
     torch = _torch()
     torch.manual_seed(seed)
@@ -153,7 +154,11 @@ def fit_clusters(features, covariates, treated, outcome, n_clusters, epochs=300,
     y = torch.as_tensor((outcome - y_mean) / y_sd, dtype=torch.float32, device=device)
     optimiser = torch.optim.Adam(network.parameters(), lr=learning_rate, weight_decay=1e-4)
     network.train()
-    for _ in range(epochs):
+    for epoch in range(epochs):
+        if is_cancelled is not None and epoch % 10 == 0 and is_cancelled():
+            from .errors import Cancelled
+
+            raise Cancelled()
         optimiser.zero_grad()
         log_pi, mu0 = network(x, c)
         tau = network.tau_mean + network.tau_log_sd.exp() * torch.randn(n_clusters, device=device)

@@ -328,7 +328,7 @@ def find_clusters(units, raster_path, bands=None, window_size_px=33, nodata=None
         if progress is not None:
             progress(0.2 + 0.75 * n_fits[0] / total_fits, message)
 
-    options = dict(epochs=epochs, device=device)
+    options = dict(epochs=epochs, device=device, is_cancelled=is_cancelled)
     t = time.monotonic()
     k_table = None
     if not n_clusters:

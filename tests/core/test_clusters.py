@@ -93,3 +93,16 @@ def test_refusals_name_the_problem(small_trial, demo_raster):
     few = simulate_trial(demo_raster, n_units=60, seed=2)
     with pytest.raises(GeoCateError, match="60 units are too few for 4 clusters.*at most 3 clusters"):
         find_clusters(unit_table(few), demo_raster, max_clusters=4)
+
+
+def test_training_is_cancelled_between_epochs():
+    from geocate.core.clusters import fit_clusters
+    from geocate.core.errors import Cancelled
+
+    rng = np.random.default_rng(0)
+    n = 200
+    polls = []
+    with pytest.raises(Cancelled):
+        fit_clusters(rng.normal(size=(n, 8)), None, rng.integers(0, 2, n), rng.normal(size=n), 2, epochs=300,
+                     is_cancelled=lambda: polls.append(1) or len(polls) >= 3)
+    assert len(polls) == 3      # polled at epochs 0, 10 and 20: stopped long before the 300th
