@@ -70,8 +70,36 @@ TAGS = ["causal", "causal inference", "CATE", "RCT", "randomized trial", "treatm
         "impact evaluation", "satellite imagery", "remote sensing", "econml", "grf"]
 
 
+PIP_NAMES = {"sklearn": "scikit-learn", "osgeo": "GDAL", "econml": "econml==0.16.0"}
+
+
+def explain_missing_packages(process):
+    """Wrap a processAlgorithm: a package missing on any import path (scikit-learn, scipy, matplotlib, ...)
+    becomes the same 'install X' message as torch's, not a raw ImportError traceback."""
+    import functools
+
+    @functools.wraps(process)
+    def wrapped(self, parameters, context, feedback):
+        from qgis.core import QgsProcessingException
+
+        from ..core.errors import MissingDependency
+
+        try:
+            return process(self, parameters, context, feedback)
+        except ImportError as error:
+            package = (error.name or "").split(".")[0] or str(error)
+            raise QgsProcessingException(str(MissingDependency(package, PIP_NAMES.get(package)))) from error
+
+    return wrapped
+
+
 class GeoCateAlgorithm(QgsProcessingAlgorithm):
     result_style = CATE_STYLE  # the style a per-unit result layer opens with
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "processAlgorithm" in cls.__dict__:
+            cls.processAlgorithm = explain_missing_packages(cls.__dict__["processAlgorithm"])
     short_description = ""     # one sentence, shown in the Toolbox's tooltip
     extra_tags = ()
 

@@ -488,3 +488,18 @@ def test_run_metadata_is_strict_json_without_nan(plugin, tmp_path):
     text = open(path).read()
     assert "NaN" not in text and "Infinity" not in text
     assert json.loads(text) == {"a": None, "b": [1.0, None], "c": None, "d": [1.5, None], "e": "text"}
+
+
+def test_a_package_missing_on_any_path_gives_the_install_message(plugin, monkeypatch):
+    """scikit-learn, scipy or matplotlib missing inside a run: the 'install X' message, not an ImportError."""
+    from geocate.provider.base import GeoCateAlgorithm
+
+    class Probe(GeoCateAlgorithm):
+        def name(self):
+            return "probe"
+
+        def processAlgorithm(self, parameters, context, feedback):  # noqa: N802 - QGIS's name
+            raise ModuleNotFoundError("No module named 'sklearn'", name="sklearn")
+
+    with pytest.raises(QgsProcessingException, match=r"'sklearn' is not installed.*install \"scikit-learn\""):
+        Probe().processAlgorithm({}, None, None)
