@@ -485,7 +485,8 @@ def test_run_metadata_is_strict_json_without_nan(plugin, tmp_path):
     path = str(tmp_path / "r.run.json")
     write_json_atomically(path, {"a": float("nan"), "b": [1.0, float("inf")], "c": np.float64("nan"),
                                  "d": np.array([1.5, np.nan]), "e": "text"})
-    text = open(path).read()
+    with open(path, encoding="utf-8") as handle:
+        text = handle.read()
     assert "NaN" not in text and "Infinity" not in text
     assert json.loads(text) == {"a": None, "b": [1.0, None], "c": None, "d": [1.5, None], "e": "text"}
 
