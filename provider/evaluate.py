@@ -69,13 +69,13 @@ class EvaluateAlgorithm(GeoCateAlgorithm):
         self.addParameter(QgsProcessingParameterField(
             self.OUTCOME, "Outcome field", parentLayerParameterName=self.INPUT, type=numeric))
         self.addParameter(QgsProcessingParameterField(
-            self.PRIORITY_2, "Second priority to compare with (optional)", parentLayerParameterName=self.INPUT,
+            self.PRIORITY_2, "Second priority to compare with", parentLayerParameterName=self.INPUT,
             type=numeric, optional=True))
         self.addParameter(QgsProcessingParameterField(
-            self.COVARIATES, "Covariates for the outcome models (optional)", parentLayerParameterName=self.INPUT,
+            self.COVARIATES, "Covariates for the outcome models", parentLayerParameterName=self.INPUT,
             type=numeric, allowMultiple=True, optional=True))
         self.addParameter(QgsProcessingParameterField(
-            self.CLUSTER, "Cluster field, e.g. village (optional)", parentLayerParameterName=self.INPUT,
+            self.CLUSTER, "Cluster field, e.g. village", parentLayerParameterName=self.INPUT,
             optional=True))
         self.addParameter(QgsProcessingParameterNumber(
             self.SPATIAL_BLOCK, "Spatial blocks, metres (0 = none, -1 = choose from the data)",

@@ -68,7 +68,9 @@ class ImageClustersAlgorithm(GeoCateAlgorithm):
                                               defaultValue=300, minValue=10, maxValue=100000)
         epochs.setFlags(epochs.flags() | QgsProcessingParameterDefinition.FlagAdvanced)
         self.addParameter(epochs)
-        self.addParameter(QgsProcessingParameterEnum(self.DEVICE, "Device", DEVICES, defaultValue=0))
+        device = QgsProcessingParameterEnum(self.DEVICE, "Device", DEVICES, defaultValue=0)
+        device.setFlags(device.flags() | QgsProcessingParameterDefinition.FlagAdvanced)
+        self.addParameter(device)
         add_spatial_block_parameter(self)
         self.addParameter(QgsProcessingParameterFeatureSink(self.OUTPUT, "Units with effect clusters"))
         self.addParameter(QgsProcessingParameterFeatureSink(self.OUTPUT_CLUSTERS, "Clusters", QgsProcessing.TypeVector,

@@ -34,11 +34,14 @@ def add_study_parameters(algorithm):
     algorithm.addParameter(QgsProcessingParameterNumber(
         PATCH_SIZE, "Window size (pixels per side)", QgsProcessingParameterNumber.Integer,
         defaultValue=33, minValue=3, maxValue=1025))
-    algorithm.addParameter(QgsProcessingParameterNumber(
-        NODATA, "Extra nodata value (besides the raster's own)", QgsProcessingParameterNumber.Double, optional=True))
-    algorithm.addParameter(QgsProcessingParameterNumber(
+    nodata = QgsProcessingParameterNumber(
+        NODATA, "Extra nodata value (besides the raster's own)", QgsProcessingParameterNumber.Double, optional=True)
+    seed = QgsProcessingParameterNumber(
         SEED, "Random seed", QgsProcessingParameterNumber.Integer, defaultValue=42, minValue=0,
-        maxValue=2**31 - 1))  # QGIS's integers are 32-bit: a larger seed would silently become 0
+        maxValue=2**31 - 1)  # QGIS's integers are 32-bit: a larger seed would silently become 0
+    for parameter in (nodata, seed):  # rarely changed: under Advanced, as spatial blocks and the device are
+        parameter.setFlags(parameter.flags() | QgsProcessingParameterDefinition.FlagAdvanced)
+        algorithm.addParameter(parameter)
 
 
 def add_spatial_block_parameter(algorithm, advanced=True):

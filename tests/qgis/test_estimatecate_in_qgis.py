@@ -504,3 +504,15 @@ def test_a_package_missing_on_any_path_gives_the_install_message(plugin, monkeyp
 
     with pytest.raises(QgsProcessingException, match=r"'sklearn' is not installed.*install \"scikit-learn\""):
         Probe().processAlgorithm({}, None, None)
+
+
+def test_rarely_changed_parameters_sit_under_advanced_and_labels_say_optional_once(plugin):
+    from qgis.core import QgsProcessingParameterDefinition
+
+    registry = QgsApplication.processingRegistry()
+    for name in ("estimatecate", "imageclusters", "comparesources", "evaluate"):
+        algorithm = registry.algorithmById(f"geocate:{name}")
+        for parameter in algorithm.parameterDefinitions():
+            assert "(optional)" not in parameter.description()
+            if parameter.name() in ("SEED", "NODATA", "DEVICE") and name != "evaluate":
+                assert parameter.flags() & QgsProcessingParameterDefinition.FlagAdvanced, (name, parameter.name())
