@@ -70,6 +70,45 @@ TAGS = ["causal", "causal inference", "CATE", "RCT", "randomized trial", "treatm
         "impact evaluation", "satellite imagery", "remote sensing", "econml", "grf"]
 
 
+def check_destinations(algorithm, parameters, context):
+    """Before any work: every file destination's folder exists and is writable, and no output overwrites the
+    input it is computed from (found only after the whole computation before)."""
+    from qgis.core import QgsProcessingException, QgsProcessingParameterFolderDestination
+
+    inputs = set()
+    if algorithm.parameterDefinition("INPUT") is not None and parameters.get("INPUT") is not None:
+        layer = algorithm.parameterAsVectorLayer(parameters, "INPUT", context)
+        if layer is not None:
+            inputs.add(os.path.abspath(layer.source().split("|")[0]))
+    for definition in algorithm.destinationParameterDefinitions():
+        name = definition.name()
+        if parameters.get(name) in (None, ""):
+            continue
+        if isinstance(definition, QgsProcessingParameterFolderDestination):
+            path = algorithm.parameterAsString(parameters, name, context)
+            folder = os.path.dirname(os.path.abspath(path)) if path else ""
+        elif definition.type() in ("sink", "vectorDestination", "rasterDestination"):
+            path = algorithm.parameterAsOutputLayer(parameters, name, context) or ""
+            folder = os.path.dirname(os.path.abspath(path.split("|")[0])) if path and "memory:" not in path else ""
+        else:
+            path = algorithm.parameterAsFileOutput(parameters, name, context)
+            folder = os.path.dirname(os.path.abspath(path)) if path else ""
+        if not folder:
+            continue
+        if not os.path.isdir(folder):
+            raise QgsProcessingException(
+                f"The folder of {definition.description()} ({name}) does not exist: {folder}. "
+                "Create it, or choose another destination. Nothing was computed.")
+        if not os.access(folder, os.W_OK):
+            raise QgsProcessingException(
+                f"The folder of {definition.description()} ({name}) is not writable: {folder}. "
+                "Choose a folder you can write to. Nothing was computed.")
+        if os.path.abspath(path.split("|")[0]) in inputs:
+            raise QgsProcessingException(
+                f"{definition.description()} ({name}) is the input layer itself: writing it would destroy the "
+                "units being read. Choose another file. Nothing was computed.")
+
+
 PIP_NAMES = {"sklearn": "scikit-learn", "osgeo": "GDAL", "econml": "econml==0.16.0"}
 
 
@@ -84,6 +123,7 @@ def explain_missing_packages(process):
 
         from ..core.errors import MissingDependency
 
+        check_destinations(self, parameters, context)
         try:
             return process(self, parameters, context, feedback)
         except ImportError as error:

@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import shutil
 import site
 import subprocess
 import sys
@@ -516,3 +517,21 @@ def test_rarely_changed_parameters_sit_under_advanced_and_labels_say_optional_on
             assert "(optional)" not in parameter.description()
             if parameter.name() in ("SEED", "NODATA", "DEVICE") and name != "evaluate":
                 assert parameter.flags() & QgsProcessingParameterDefinition.FlagAdvanced, (name, parameter.name())
+
+
+def test_destinations_are_checked_before_any_work(plugin, demo_units_gpkg, demo_raster, tmp_path):
+    """A destination folder that does not exist, or an output that is the input, is refused at once."""
+    import processing
+
+    missing = tmp_path / "no such folder"
+    with pytest.raises(QgsProcessingException, match="does not exist.*Nothing was computed"):
+        run(base_parameters(demo_units_gpkg, demo_raster, OUTPUT_REPORT=str(missing / "report.html")))
+    with pytest.raises(QgsProcessingException, match="does not exist"):
+        processing.run("geocate:evaluate", {
+            "INPUT": demo_units_gpkg, "PRIORITY": "assets", "TREATMENT": "treated", "OUTCOME": "outcome",
+            "OUTPUT": "memory:", "OUTPUT_PLOT": str(missing / "toc.png"), "OUTPUT_REPORT": None})
+    copy = tmp_path / "units.gpkg"
+    shutil.copy(demo_units_gpkg, copy)
+    with pytest.raises(QgsProcessingException, match="is the input layer itself"):
+        run(base_parameters(str(copy), demo_raster, OUTPUT=str(copy)))
+    assert not missing.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["units.gpkg"]
