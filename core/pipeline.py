@@ -7,6 +7,7 @@ import time
 import numpy as np
 
 from .embed import BandScaler, RandomConvFeatures
+from .errors import GeoCateError
 from .evaluate import (
     block_size_from_data,
     group_average_effects,
@@ -85,7 +86,14 @@ def fold_groups(study, spatial_block=0, window_size_px=33):
     if spatial_block < 0:
         spatial_block = block_size_from_data(coords, study.outcome[study.used], study.treated[study.used],
                                              at_least=window_size_px * study.pixel_size_m)
-    return honest_fold_groups(coords, spatial_block, locations), float(spatial_block)
+    groups = honest_fold_groups(coords, spatial_block, locations)
+    if len(np.unique(groups)) < 5:
+        extent = float(max(np.ptp(coords[:, 0]), np.ptp(coords[:, 1])))
+        raise GeoCateError(
+            f"Spatial blocks of {spatial_block:,.0f} m leave only {len(np.unique(groups))} group(s) of units "
+            f"(the units span about {extent:,.0f} m): cross-fitting needs at least 5.",
+            f"Use smaller blocks (SPATIAL_BLOCK well under {extent / 3:,.0f} m), or 0 for none.")
+    return groups, float(spatial_block)
 
 
 def estimate_cate(units, raster_path, bands=None, window_size_px=33, nodata=None, seed=42,

@@ -107,6 +107,21 @@ def check_treatment(treated, name="treatment"):
         )
 
 
+def check_columns(treated, covariates, covariate_names=(), treatment_name="treatment"):
+    """Before reading any window: an arm with no unit at all, or a covariate null for every unit, is named."""
+    present = treated[~np.isnan(treated)]
+    for arm, label, other in ((0, "control", 1), (1, "treated", 0)):
+        if len(present) and not (present == arm).any():
+            raise GeoCateError(
+                f"The treatment field '{treatment_name}' has no {label} units: every unit with a value is {other}.",
+                "A treatment effect needs both arms: choose the field that says who was treated (1) and who was "
+                "not (0).")
+    for j, name in enumerate(covariate_names):
+        if j < covariates.shape[1] and len(covariates) and np.isnan(covariates[:, j]).all():
+            raise GeoCateError(f"The covariate '{name}' is null for every unit.",
+                               "Remove it from the covariates, or fill it.")
+
+
 def check_estimable(treated, outcome, covariates, covariate_names=(), treatment_name="treatment",
                     outcome_name="outcome"):
     """Refuse, in plain words, studies no estimate can come from: an outcome that does not vary, or a
@@ -134,9 +149,14 @@ def build_study(units, raster_path, bands=None, window_size_px=33, nodata=None,
     outcome = np.asarray(units.outcome, dtype=float)
     covariates = np.asarray(units.covariates, dtype=float).reshape(len(treated), -1)
     check_treatment(treated, units.treatment_name)
+    check_columns(treated, covariates, units.covariate_names, units.treatment_name)
     info = raster_info(raster_path)
     found = extract_patches(raster_path, units.xy, units.crs_wkt, bands, window_size_px,
                             nodata, progress, is_cancelled)
+    no_geometry = ~np.isfinite(np.asarray(units.xy, dtype=float).reshape(len(treated), 2)).all(axis=1)
+    if len(treated) and no_geometry.all():
+        raise GeoCateError("None of the units has a geometry (or all are empty).",
+                           "Give the units points or polygons, e.g. with 'Create points layer from table'.")
     if len(treated) and (found.reason == "outside").all():
         raise GeoCateError(
             f"None of the {len(treated)} units lies inside the raster '{info.path}'.",
@@ -160,9 +180,10 @@ def build_study(units, raster_path, bands=None, window_size_px=33, nodata=None,
         known = sorted({c for c in labels if c is not None})
         index = {c: i for i, c in enumerate(known)}
         clusters = np.array([-1 if c is None else index[c] for c in labels], int)
+    dropped["no geometry"] = int((no_geometry & complete).sum())
     for code, label in (("outside", "outside the raster"), ("edge", "window crosses the raster edge"),
                         ("nodata", "window holds nodata or fill")):
-        dropped[label] = int(((found.reason == code) & complete).sum())
+        dropped[label] = int(((found.reason == code) & complete & ~no_geometry).sum())
     used = complete & found.ok
     check_estimable(treated[used], outcome[used], covariates[used], units.covariate_names, units.treatment_name,
                     units.outcome_name)

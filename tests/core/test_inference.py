@@ -212,3 +212,23 @@ def test_evaluate_is_cancelled_within_its_bootstrap():
         evaluate_priorities(W + rng.normal(size=n), W, rng.normal(size=n), n_draws=200,
                             is_cancelled=lambda: polls.append(1) or len(polls) > 5)
     assert len(polls) == 6     # stopped at the sixth poll, a few draws into the first bootstrap
+
+
+def test_messages_name_the_real_problem(small_trial, demo_raster):
+    """No control units, an all-null covariate, units without geometry, and blocks too large for the study."""
+    from geocate.core.pipeline import estimate_cate
+
+    n = len(small_trial.outcome)
+    with pytest.raises(GeoCateError, match="has no control units: every unit with a value is 1"):
+        estimate_cate(unit_table(small_trial, treated=np.ones(n)), demo_raster)
+    covariates = small_trial.covariates.copy()
+    covariates[:, 1] = np.nan
+    with pytest.raises(GeoCateError, match="covariate 'distance' is null for every unit"):
+        estimate_cate(unit_table(small_trial, covariates=covariates), demo_raster)
+    units = unit_table(small_trial)
+    xy = units.xy.copy()
+    xy[:5] = np.nan
+    study, _ = estimate_cate(dataclasses.replace(units, xy=xy), demo_raster, n_draws=20)
+    assert study.dropped["no geometry"] == 5 and study.dropped["outside the raster"] == 0
+    with pytest.raises(GeoCateError, match=r"Spatial blocks of 100,000 m leave only [1-4] group.*Use smaller blocks"):
+        estimate_cate(units, demo_raster, spatial_block=100000)
