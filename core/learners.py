@@ -185,7 +185,7 @@ class CrossFittedCausalForest:
         if progress is not None:
             progress(0.0, "Outcome models (cross-fitted)")
         self.mu0_, self.mu1_ = run_cancellable(
-            lambda: arm_outcome_models(Y, T, inputs, self.fold_, self.seed), is_cancelled)
+            lambda: arm_outcome_models(Y, T, inputs, self.fold_), is_cancelled)
         e = self.propensity_ = float(T.mean())
         self.outcome_hat_ = e * self.mu1_ + (1 - e) * self.mu0_  # the DR scores' m(x); each forest has its own
         self.dr_scores_ = aipw_scores(Y, T, self.mu0_, self.mu1_, e)
@@ -232,7 +232,7 @@ class CrossFittedCausalForest:
         e = float(T[train].mean())
         try:
             inner = location_folds(self.groups_[train], 2, self.seed)
-            mu0, mu1 = arm_outcome_models(Y[train], T[train], inputs[train], inner, self.seed)
+            mu0, mu1 = arm_outcome_models(Y[train], T[train], inputs[train], inner)
             m = e * mu1 + (1 - e) * mu0
         except GeoCateError:  # too few training units to cross-fit (the first folds of a tiny study): arm means
             m = e * Y[train][T[train] == 1].mean() + (1 - e) * Y[train][T[train] == 0].mean() if 0 < e < 1 \

@@ -2,9 +2,10 @@
 
 ARCHITECTURE.md's ``core.scores``: the AIPW score of a randomized trial (known
 propensity), the cross-fitted arm-wise outcome models it uses, and the mean of
-scores with a standard error over clusters. ``estimatecate``, ``imageclusters``,
-``comparesources`` and ``evaluate`` all report the ATE as :func:`doubly_robust_ate`
-of these scores, so one study gives one ATE whichever algorithm reports it.
+scores with a standard error over clusters. ``estimatecate``, ``imageclusters``
+and ``comparesources`` report the ATE as :func:`doubly_robust_ate` of these
+scores, so one study gives one ATE whichever algorithm reports it; ``evaluate``
+judges priorities with the same scores.
 """
 
 from dataclasses import dataclass
@@ -48,8 +49,8 @@ def outcome_model():
 
     Why not a random forest: MOSAIKS features are made for linear models, the
     splines catch non-linear covariates, and on the simulated trials its
-    residuals are as small as a 100-tree forest's (``bench/bench_estimate.py``)
-    at a tenth of the time, which matters at a dozen cross-fitted fits per run
+    residuals were as small as a 100-tree forest's (measured once when it was
+    chosen, see docs/benchmarks.md) at a tenth of the time, which matters at a dozen cross-fitted fits per run
     and 100,000 units. It is deterministic (closed form).
     """
     from sklearn.linear_model import RidgeCV
@@ -60,7 +61,7 @@ def outcome_model():
                          RidgeCV(alphas=np.logspace(-2, 4, 13)))
 
 
-def arm_outcome_models(outcome, treated, inputs, folds, seed=42):
+def arm_outcome_models(outcome, treated, inputs, folds):
     """Cross-fitted mu_w(x) = E[Y | X = x, W = w]: for each fold and arm, :func:`outcome_model` fit on
     the other folds' units of that arm.
 
@@ -92,7 +93,7 @@ def cross_fitted_scores(outcome, treated, inputs=None, folds=None, n_folds=5, se
 
     Y, W = np.asarray(outcome, float), np.asarray(treated, int)
     folds = location_folds(np.arange(len(Y)), n_folds, seed) if folds is None else np.asarray(folds)
-    mu0, mu1 = arm_outcome_models(Y, W, inputs, folds, seed)
+    mu0, mu1 = arm_outcome_models(Y, W, inputs, folds)
     e = float(W.mean())
     return aipw_scores(Y, W, mu0, mu1, e), mu0, mu1, e
 
