@@ -43,13 +43,17 @@ def rate_with_se(hits, reps):
     return {"rate": round(p, 4), "mc_se": round(float(np.sqrt(p * (1 - p) / reps)), 4), "reps": reps}
 
 
-def both_tests(Y, W, X, seed, n_estimators=100, n_draws=200):
-    """(sequential test, previous pooled test) on one trial: (one-sided p, two-sided p, t)."""
-    from geocate.core.evaluate import rank_average_treatment_effect, sequential_rate_test
+def both_tests(Y, W, X, seed, inputs=None, n_estimators=100, n_draws=200):
+    """(sequential test, previous pooled test) on one trial, as estimatecate runs them.
+
+    inputs: the outcome models' inputs (estimatecate's: the image features'
+    leading principal components and the covariates); default X.
+    """
+    from geocate.core.evaluate import rank_average_treatment_effect
     from geocate.core.learners import CrossFittedCausalForest
 
-    model = CrossFittedCausalForest(n_estimators=n_estimators, seed=seed).fit(Y, W, X)
-    test = sequential_rate_test(model.dr_scores_, model.fold_, model.priority_for, n_draws=n_draws, seed=seed)[0]
+    model = CrossFittedCausalForest(n_estimators=n_estimators, seed=seed).fit(Y, W, X, outcome_inputs=inputs)
+    test = model.heterogeneity_test(n_draws=n_draws)
     pooled = rank_average_treatment_effect(model.dr_scores_, model.cate_, n_draws=n_draws, seed=seed)[0]
     return test, pooled
 
@@ -65,6 +69,7 @@ def image_design(n_units=500, seed=3):
     """Features and true scores of a fixed set of units on the demo imagery (outcomes redrawn per rep)."""
     from geocate.core.embed import BandScaler, RandomConvFeatures
     from geocate.core.learners import design_matrix
+    from geocate.core.scores import outcome_inputs
     from geocate.core.simulate import _window_statistics, _z, simulate_trial
 
     trial = simulate_trial(DEMO_RASTER, n_units=n_units, seed=seed)
@@ -76,7 +81,7 @@ def image_design(n_units=500, seed=3):
     brightness, texture = _window_statistics(patches)
     score = _z(brightness) + 0.5 * _z(texture)
     design = design_matrix(features, trial.covariates)[0]
-    return design, score, texture, trial.covariates
+    return design, outcome_inputs(features, trial.covariates, seed, design=design), score, texture, trial.covariates
 
 
 def image_outcomes(score, texture, covariates, effects, rng):
@@ -107,12 +112,12 @@ def run_null(reps):
            "sequential_t_mean": round(float(np.mean(t_stats)), 3), "sequential_t_sd": round(float(np.std(t_stats)), 3),
            "seconds": round(time.perf_counter() - started, 1)}
     print(json.dumps(out), flush=True)
-    design, score, texture, covariates = image_design()
+    design, inputs, score, texture, covariates = image_design()
     seq = old = 0
     half = max(reps // 2, 1)
     for rep in range(half):
         W, Y = image_outcomes(score, texture, covariates, [1.0], np.random.default_rng(500 + rep))
-        test, pooled = both_tests(Y, W, design, seed=rep)
+        test, pooled = both_tests(Y, W, design, seed=rep, inputs=inputs)
         seq += test.p_value < 0.05
         old += pooled.p_value < 0.05
     image = {"design": "Landsat demo imagery, 500 units, no heterogeneity, outcome redrawn",
@@ -122,14 +127,14 @@ def run_null(reps):
 
 
 def run_power(reps):
-    design, score, texture, covariates = image_design()
+    design, inputs, score, texture, covariates = image_design()
     half = max(reps // 2, 1)
     results = {}
     for name, effects in (("demo effects 0, 1, 2.5", (0.0, 1.0, 2.5)), ("weaker effects 0.6, 1, 1.4", (0.6, 1.0, 1.4))):
         seq = old = 0
         for rep in range(half):
             W, Y = image_outcomes(score, texture, covariates, effects, np.random.default_rng(900 + rep))
-            test, pooled = both_tests(Y, W, design, seed=rep)
+            test, pooled = both_tests(Y, W, design, seed=rep, inputs=inputs)
             seq += test.p_value < 0.05
             old += pooled.p_value < 0.05 and pooled.estimate > 0
         results[name] = {"sequential_one_sided": rate_with_se(seq, half),

@@ -320,13 +320,30 @@ def export_onnx(model, path, bands, window_size_px, n_covariates, metadata):
                       opset_version=17, dynamo=False)
     import os
 
-    os.replace(tmp, path)
     description = dict(metadata, bands=int(bands), window_size_px=int(window_size_px),
                        n_covariates=int(n_covariates), inputs=["image", "covariates"], outputs=["probabilities"],
-                       image_layout="(n, bands, window, window), raw pixel values; band scaling is inside the model")
-    with open(path + ".json", "w", encoding="utf-8") as handle:
+                       image_layout="(n, bands, window, window), raw pixel values; band scaling is inside the model",
+                       sha256=file_digest(tmp))
+    with open(tmp + ".json", "w", encoding="utf-8") as handle:
         json.dump(description, handle, indent=2, default=str)
+    os.replace(tmp + ".json", path + ".json")
+    os.replace(tmp, path)
     return path
+
+
+def file_digest(path):
+    """SHA-256 of a file, in hex: the model's description stores it, loading checks it."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+#: What a model's description must hold to be applied.
+DESCRIPTION_KEYS = ("bands", "window_size_px", "n_covariates", "sha256")
 
 
 class OnnxClusterModel:
@@ -345,9 +362,18 @@ class OnnxClusterModel:
         if not os.path.exists(path) or not os.path.exists(description):
             raise GeoCateError(f"The cluster model '{path}' (or its description '{description}') is missing.",
                                "Choose the .onnx file written by 'Find effect clusters in imagery', with its .json.")
+        damaged = GeoCateError(f"The cluster model '{path}' is damaged or not a GeoCATE model (its description "
+                               "is incomplete, or the file does not match the digest stored in it).",
+                               "Run 'Find effect clusters in imagery' again to write a new one.")
         try:
             with open(description, encoding="utf-8") as handle:
                 self.description = json.load(handle)
+        except (OSError, ValueError) as exc:
+            raise damaged from exc
+        if not isinstance(self.description, dict) or any(key not in self.description for key in DESCRIPTION_KEYS) \
+                or self.description["sha256"] != file_digest(path):
+            raise damaged
+        try:
             available = ort.get_available_providers()
             providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
             self.session = ort.InferenceSession(path, providers=providers)
@@ -360,7 +386,11 @@ class OnnxClusterModel:
     def probabilities(self, windows, covariates=None):
         windows = np.asarray(windows, dtype=np.float32)
         want_bands, want_size = self.description["bands"], self.description["window_size_px"]
-        if windows.ndim != 4 or windows.shape[1] != want_bands or windows.shape[2:] != (want_size, want_size):
+        if windows.ndim != 4:
+            raise GeoCateError(f"The model takes a stack of windows (units, bands, rows, columns), but got an array "
+                               f"of shape {windows.shape}.",
+                               f"Give windows of {want_bands} band(s) and {want_size} x {want_size} pixels.")
+        if windows.shape[1] != want_bands or windows.shape[2:] != (want_size, want_size):
             raise GeoCateError(
                 f"The model was trained on windows of {want_bands} band(s) and {want_size} x {want_size} pixels, "
                 f"but got {windows.shape[1]} band(s) of {windows.shape[2]} x {windows.shape[3]}.",

@@ -259,6 +259,23 @@ class CrossFittedCausalForest:
         forest = self._fold_forest(train, inference=False, n_estimators=n_estimators)
         return np.ravel(forest.predict(X[test]))
 
+    def heterogeneity_test(self, target="AUTOC", n_draws=200, names=("cate",), progress=None, is_cancelled=None):
+        """The sequential cross-fold test of this learner's CATE (core.evaluate.sequential_rate_test).
+
+        Fold k is ranked by a forest grown on folds 1..k-1 (priority_for) and
+        scored with DR scores whose outcome models saw neither those folds nor
+        the unit's group (core.scores.held_out_scores); the bootstrap and the
+        standard errors are clustered by the groups the folds keep whole.
+        """
+        from .evaluate import sequential_rate_test
+        from .scores import held_out_scores
+
+        Y, T, _, inputs = self._data
+        scores = held_out_scores(Y, T, inputs, self.fold_, self.groups_, self.seed)
+        return sequential_rate_test(scores, self.fold_, self.priority_for, target, clusters=self.groups_,
+                                    names=list(names), n_draws=n_draws, seed=self.seed, progress=progress,
+                                    is_cancelled=is_cancelled)[0]
+
     def ate_interval(self, alpha=0.05):
         """Normal-approximation (1 - alpha) interval for the DR ATE (cluster-robust SE)."""
         from scipy.stats import norm

@@ -210,13 +210,15 @@ def plot_group_effects(group_effects, path, ate=None):
     return path
 
 
-def estimate_report(metadata, html_path, map_png=None):
-    """The HTML report of geocate:estimatecate: inputs, settings, ATE, effects by group, TOC, map, metadata."""
+def estimate_report(metadata, html_path, map_png=None, figures=None):
+    """The HTML report of geocate:estimatecate: inputs, settings, ATE, effects by group, TOC, map, metadata.
+
+    figures: the folder where its PNG figures are drawn before they are embedded (default beside the report)."""
     import numpy as np
 
     from .evaluate import RateResult
 
-    stem = os.path.splitext(html_path)[0]
+    stem = os.path.join(figures, "report") if figures else os.path.splitext(html_path)[0]
     autoc = metadata["autoc"]
     rate = RateResult(target="AUTOC", priority="cate", estimate=autoc["estimate"], std_err=autoc["std_err"],
                       ci=tuple(autoc["ci"]), p_value=float("nan"), q=np.array(autoc["q"]),

@@ -6,7 +6,6 @@ import os
 from qgis.core import (
     QgsProcessingAlgorithm,
     QgsProcessingLayerPostProcessorInterface,
-    QgsProcessingUtils,
     QgsVectorLayer,
 )
 from qgis.PyQt.QtGui import QIcon
@@ -37,8 +36,10 @@ class StyleOnLoad(QgsProcessingLayerPostProcessorInterface):
 
 def sidecar_path(destination):
     """Where a file output's run metadata goes: result.gpkg -> result.run.json (None for memory layers)."""
+    from .outputs import is_plain_file
+
     path = destination.split("|")[0]
-    if not path or "://" in path or not os.path.isfile(path):   # memory layers have ids, not files
+    if not is_plain_file(path):   # memory layers have ids, not files
         return None
     return os.path.splitext(os.path.abspath(path))[0] + ".run.json"
 
@@ -65,15 +66,37 @@ def write_json_atomically(path, payload):
     os.replace(tmp, path)
 
 
+def run_metadata(algorithm, parameters, started, **figures):
+    """The run metadata every algorithm writes: algorithm, parameters, package versions, timings, figures."""
+    import time
+
+    from ..core.pipeline import package_versions
+
+    return dict(figures, algorithm=algorithm, parameters=parameters, versions=package_versions(),
+                timings={"total_s": round(time.monotonic() - started, 3)})
+
+
 README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
 TAGS = ["causal", "causal inference", "CATE", "RCT", "randomized trial", "treatment effect", "heterogeneity",
         "impact evaluation", "satellite imagery", "remote sensing", "econml", "grf"]
 
 
-def check_destinations(algorithm, parameters, context):
-    """Before any work: every file destination's folder exists and is writable, and no output overwrites the
-    input it is computed from (found only after the whole computation before)."""
+def requested_destination(value):
+    """What the user asked for a destination parameter: a path, 'TEMPORARY_OUTPUT', or None."""
+    from qgis.core import QgsProcessingOutputLayerDefinition
+
+    if isinstance(value, QgsProcessingOutputLayerDefinition):
+        value = value.sink.staticValue()
+    return None if value in (None, "") else str(value)
+
+
+def check_destinations(algorithm, parameters, context, files=None):
+    """Before any work: every file destination's folder exists and is writable, no output overwrites the
+    input it is computed from (found only after the whole computation before), and no other live run is
+    writing it (``files``: the run's RunFiles, which takes each destination's lock)."""
     from qgis.core import QgsProcessingException, QgsProcessingParameterFolderDestination
+
+    from .outputs import DestinationBusy
 
     inputs = set()
     if algorithm.parameterDefinition("INPUT") is not None and parameters.get("INPUT") is not None:
@@ -107,14 +130,24 @@ def check_destinations(algorithm, parameters, context):
             raise QgsProcessingException(
                 f"{definition.description()} ({name}) is the input layer itself: writing it would destroy the "
                 "units being read. Choose another file. Nothing was computed.")
+        if files is not None and requested_destination(parameters.get(name)) != "TEMPORARY_OUTPUT" \
+                and not isinstance(definition, QgsProcessingParameterFolderDestination) and "|" not in path \
+                and not path.startswith("ogr:"):
+            try:
+                files.lock(path)
+            except DestinationBusy as error:
+                files.release()
+                raise QgsProcessingException(str(error)) from None
 
 
 PIP_NAMES = {"sklearn": "scikit-learn", "osgeo": "GDAL", "econml": "econml==0.16.0"}
 
 
-def explain_missing_packages(process):
-    """Wrap a processAlgorithm: a package missing on any import path (scikit-learn, scipy, matplotlib, ...)
-    becomes the same 'install X' message as torch's, not a raw ImportError traceback."""
+def guarded(process):
+    """Wrap a processAlgorithm: destinations are checked and locked before any work (RunFiles); a package
+    missing on any import path (scikit-learn, scipy, matplotlib, ...) becomes the same 'install X' message as
+    torch's, not a raw ImportError traceback; a failure removes every partial output, and when all succeeded
+    the outputs are moved into place."""
     import functools
 
     @functools.wraps(process)
@@ -122,13 +155,30 @@ def explain_missing_packages(process):
         from qgis.core import QgsProcessingException
 
         from ..core.errors import MissingDependency
+        from .outputs import RunFiles
 
-        check_destinations(self, parameters, context)
+        self._files, self._dest_id = RunFiles(), None
+        check_destinations(self, parameters, context, self._files)
         try:
-            return process(self, parameters, context, feedback)
+            results = process(self, parameters, context, feedback)
+            # Everything is written: move it into place here, where a failure still fails the run (QGIS
+            # reports a failing postProcessAlgorithm but exits 0).
+            results = self.commit_outputs(context, results)
+            if self._dest_id is not None:
+                self._results = results
+            return results
         except ImportError as error:
+            self._files.abort()
             package = (error.name or "").split(".")[0] or str(error)
             raise QgsProcessingException(str(MissingDependency(package, PIP_NAMES.get(package)))) from error
+        except OSError as error:  # a file that could not be written: say so, and keep the earlier files
+            self._files.abort()
+            raise QgsProcessingException(
+                f"Writing the outputs failed ({error.__class__.__name__}: {error}). Nothing was written: files from "
+                "an earlier run are unchanged.") from error
+        except BaseException:
+            self._files.abort()
+            raise
 
     return wrapped
 
@@ -139,7 +189,7 @@ class GeoCateAlgorithm(QgsProcessingAlgorithm):
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
         if "processAlgorithm" in cls.__dict__:
-            cls.processAlgorithm = explain_missing_packages(cls.__dict__["processAlgorithm"])
+            cls.processAlgorithm = guarded(cls.__dict__["processAlgorithm"])
     short_description = ""     # one sentence, shown in the Toolbox's tooltip
     extra_tags = ()
 
@@ -168,33 +218,121 @@ class GeoCateAlgorithm(QgsProcessingAlgorithm):
     def createInstance(self):  # noqa: N802 - QGIS's name
         return type(self)()
 
-    def keep_result(self, context, dest_id, results, metadata):
-        """Remember what postProcessAlgorithm finishes: the result layer, the results, the run metadata."""
+    # -- outputs: written under partial names (provider.outputs), moved into place when all succeeded ----------
+    def create_sink(self, parameters, name, context, fields, geometry_type, crs):
+        """parameterAsSink, writing a file destination under its partial name. Returns (sink, dest_id)."""
+        from qgis.core import QgsProcessingException, QgsProcessingOutputLayerDefinition, QgsProperty
+
+        from .outputs import is_plain_file
+
+        final = self.parameterAsOutputLayer(parameters, name, context)
+        if is_plain_file(final):
+            tmp = self._files.partial(final)
+            value = parameters.get(name)
+            definition = QgsProcessingOutputLayerDefinition(value) \
+                if isinstance(value, QgsProcessingOutputLayerDefinition) else QgsProcessingOutputLayerDefinition(final)
+            stem, ext = os.path.splitext(os.path.basename(final))
+            # A GeoPackage's layer is named after the file: name it after the destination, not the partial file.
+            target = f"ogr:dbname='{tmp}' table=\"{stem}\" (geom)" if ext.lower() == ".gpkg" else tmp
+            definition.sink = QgsProperty.fromValue(target)
+            parameters = dict(parameters, **{name: definition})
+        sink, dest_id = self.parameterAsSink(parameters, name, context, fields, geometry_type, crs)
+        if sink is None:
+            raise QgsProcessingException(f"The output {name} could not be created. Check its path and that it is "
+                                         "writable. Nothing was written.")
+        return sink, dest_id
+
+    def verify_written(self, dest_id, n_features):
+        """After the sink is closed: the file holds every feature (a full disk leaves a GeoPackage without its
+        layer while the writer reported success)."""
+        from qgis.core import QgsProcessingException
+
+        path = self._written_file(dest_id)
+        if path is None:
+            return
+        layer = QgsVectorLayer(path, "check", "ogr")
+        count = layer.featureCount() if layer.isValid() else -1
+        del layer
+        if count != n_features:
+            raise QgsProcessingException(
+                f"The output was not written completely ({max(count, 0)} of {n_features} rows): is the disk full "
+                "or the folder removable? Free some space or choose another folder. Nothing was written.")
+
+    def _written_file(self, dest_id):
+        """The OGR source of a sink this run writes under a partial name, or None (memory layers, databases)."""
+        path = self._ogr_path(dest_id[len("ogr:"):]) if dest_id.startswith("ogr:") else dest_id
+        file = os.path.abspath(path.split("|")[0])
+        return path if any(file == tmp for tmp, _ in self._files.pending) else None
+
+    def output_file(self, parameters, name, context):
+        """Where to write file destination ``name`` for now (its partial name), or None when not asked for."""
+        final = self.parameterAsFileOutput(parameters, name, context) if parameters.get(name) else ""
+        return self._files.partial(final) if final else None
+
+    def final_path(self, path):
+        """The destination a partial path will be moved to."""
+        return self._files.final_of(path) if path else path
+
+    def write_run_metadata(self, dest_id, metadata, feedback):
+        """The run metadata beside a file result: result.gpkg -> result.run.json (strict JSON)."""
+        written = self._written_file(dest_id)
+        sidecar = sidecar_path(self.final_path(written.split("|")[0])) if written else None
+        if sidecar:
+            write_json_atomically(self._files.partial(sidecar), metadata)
+            feedback.pushInfo(f"Run metadata: {sidecar}.")
+
+    def commit_outputs(self, context, results):
+        """Move every partial output into place; results and the layers QGIS loads name the destinations."""
+        pending = list(self._files.pending)
+        self._files.commit()
+
+        def final(value):
+            if isinstance(value, str):
+                for tmp, path in pending:
+                    stem = os.path.splitext(os.path.basename(path))[0]
+                    value = value.replace(f"{tmp}|layername={stem}", path).replace(tmp, path)
+            return value
+
+        layers = context.layersToLoadOnCompletion()
+        if any(final(key) != key for key in layers):
+            context.setLayersToLoadOnCompletion({final(key): details for key, details in layers.items()})
+        return {key: final(value) for key, value in (results or {}).items()}
+
+    def keep_result(self, context, dest_id, results, metadata, feedback):
+        """Finish a per-unit result layer while still in processAlgorithm (a failure there fails the run): its
+        styles into its GeoPackage, the run metadata beside it; a layer QGIS loads is styled when loaded."""
         self._dest_id, self._results, self._metadata = dest_id, results, metadata
+        self._memory_result = self._written_file(dest_id) is None
         if context.willLoadLayerOnCompletion(dest_id):
             context.layerToLoadOnCompletionDetails(dest_id).setPostProcessor(StyleOnLoad.create(self.result_style))
+        written = self._written_file(dest_id)
+        if written:
+            # Styles go into the file through a layer of their own (the context's layer left a model's next step
+            # reading no features), closed before the file is moved into place.
+            writer = QgsVectorLayer(written, "result", "ogr")
+            if writer.isValid():
+                save_styles_to_geopackage(apply_result_styles(writer, current=self.result_style))
+            del writer
+        self.write_run_metadata(dest_id, metadata, feedback)
         return results
 
-    def finish_result(self, context, feedback):
-        """Style the result layer (and store its styles in a GeoPackage), write the run metadata beside it."""
-        layer = QgsProcessingUtils.mapLayerFromString(self._dest_id, context)
-        if layer is not None:
-            apply_result_styles(layer, current=self.result_style)
-            if layer.providerType() == "ogr":
-                # Styles go into the file through a layer of their own: writing them through the
-                # context's layer left that layer reading no features in the next step of a model.
-                writer = QgsVectorLayer(layer.source(), layer.name(), "ogr")
-                save_styles_to_geopackage(apply_result_styles(writer, current=self.result_style))
-                del writer
-        sidecar = sidecar_path(self._dest_id)
-        if sidecar:
-            write_json_atomically(sidecar, self._metadata)
-            feedback.pushInfo(f"Run metadata written to {sidecar}.")
-        return layer
-
     def postProcessAlgorithm(self, context, feedback):  # noqa: N802 - QGIS's name
+        """A memory result layer is styled here, in the main thread (file results were styled and moved)."""
+        from qgis.core import QgsProcessingUtils
+
         if getattr(self, "_dest_id", None) is None:
             return {}
-        self.finish_result(context, feedback)
+        if self._memory_result:
+            layer = QgsProcessingUtils.mapLayerFromString(self._dest_id, context)
+            if layer is not None:
+                apply_result_styles(layer, current=self.result_style)
         # A non-empty answer replaces processAlgorithm's results, so give them all again.
         return self._results
+
+    @staticmethod
+    def _ogr_path(uri):
+        """dbname='x.gpkg' table="t" (geom) -> x.gpkg|layername=t"""
+        import re
+
+        match = re.match(r"dbname='([^']*)'\s+table=\"([^\"]*)\"", uri)
+        return f"{match.group(1)}|layername={match.group(2)}" if match else uri

@@ -1,6 +1,7 @@
 """geocate:comparesources - what the imagery adds: RATE of CATEs from imagery, covariates and both, on the same folds."""
 
 import os
+import time
 
 from qgis.core import (
     QgsProcessing,
@@ -12,7 +13,7 @@ from qgis.core import (
     QgsProcessingParameterNumber,
 )
 
-from .base import GeoCateAlgorithm
+from .base import GeoCateAlgorithm, run_metadata
 from .convert import read_units, write_table
 from .study_parameters import add_spatial_block_parameter, add_study_parameters, read_study_parameters
 
@@ -65,10 +66,9 @@ class CompareSourcesAlgorithm(GeoCateAlgorithm):
         from ..core.report import comparison_report, comparison_rows
         from ..core.study import describe_dropped
 
+        started = time.monotonic()
         source, study_values = read_study_parameters(self, parameters, context)
         n_draws = self.parameterAsInt(parameters, self.BOOTSTRAP, context)
-        plot_path = self.parameterAsFileOutput(parameters, self.OUTPUT_PLOT, context)
-        report_path = self.parameterAsFileOutput(parameters, self.OUTPUT_REPORT, context)
         features, units = read_units(source, study_values["treatment"], study_values["outcome"],
                                      study_values["covariates"], feedback)
         try:
@@ -86,16 +86,42 @@ class CompareSourcesAlgorithm(GeoCateAlgorithm):
         rows = comparison_rows(comparison)
         for row in rows:
             feedback.pushInfo(f"{row[0]} {row[1]}: {row[2]:.4f} (SE {row[3]:.4f}, 95 % [{row[4]:.4f}, {row[5]:.4f}])")
-        dest_id = write_table(self, parameters, context, rows)
-        os.makedirs(os.path.dirname(os.path.abspath(report_path)), exist_ok=True)
         inputs = {"layer": source.sourceName(), "treatment": study_values["treatment"],
                   "outcome": study_values["outcome"], "covariates": ", ".join(study_values["covariates"]) or "-",
                   "raster": study_values["raster"], "window (pixels)": study_values["window"],
                   "units used": study.n_used, "bootstrap draws": n_draws,
                   "spatial block (m)": comparison["block_size"] or "-", "seed": study_values["seed"]}
-        comparison_report(comparison, report_path, plot_path, inputs, {"algorithm": "geocate:comparesources", **inputs})
         autoc = {test.priority: test.estimate for test in comparison["tests"]["AUTOC"]}
         adds = [t.p_value for t in comparison["test_differences"]["AUTOC"] if t.priority == "imagery + covariates - covariates"]
+        metadata = run_metadata("geocate:comparesources", {
+            "INPUT": source.sourceName(), "TREATMENT": study_values["treatment"], "OUTCOME": study_values["outcome"],
+            "COVARIATES": study_values["covariates"], "RASTER": study_values["raster"], "BANDS": study_values["bands"],
+            "PATCH_SIZE": study_values["window"], "NODATA": study_values["nodata"], "SEED": study_values["seed"],
+            "SPATIAL_BLOCK": study_values["spatial_block"], "BOOTSTRAP": n_draws}, started,
+            n_units=len(features), n_used=study.n_used, dropped=study.dropped, fold_groups=comparison["n_clusters"],
+            spatial_block_m=comparison["block_size"], ate=comparison["ate"].estimate,
+            ate_se=comparison["ate"].std_err,
+            tests=[{"target": t.target, "rule": t.priority, "estimate": t.estimate, "std_err": t.std_err,
+                    "t_stat": t.t_stat, "p_value": t.p_value}
+                   for target in ("AUTOC", "QINI")
+                   for t in comparison["tests"][target] + comparison["test_differences"][target]])
+        # Every number is in hand: the outputs are written only now, under partial names until all succeeded.
+        dest_id = write_table(self, parameters, context, rows)
+        plot_path = self.output_file(parameters, self.OUTPUT_PLOT, context)
+        report_path = self.output_file(parameters, self.OUTPUT_REPORT, context)
+        if report_path or plot_path:
+            import tempfile
+
+            with tempfile.TemporaryDirectory(prefix="geocate-") as folder:
+                png = plot_path or os.path.join(folder, "toc.png")
+                if report_path:
+                    comparison_report(comparison, report_path, png, inputs, metadata)
+                else:
+                    from ..core.report import plot_toc
+
+                    plot_toc(comparison["rates"]["AUTOC"], png,
+                             "TOC by source of the pooled out-of-fold CATE (descriptive)")
+        self.write_run_metadata(dest_id, metadata, feedback)
         return {"P_IMAGERY_ADDS": adds[0] if adds else None, self.OUTPUT: dest_id, self.OUTPUT_PLOT: plot_path, self.OUTPUT_REPORT: report_path,
                 "AUTOC_IMAGERY": autoc.get("imagery"), "AUTOC_COVARIATES": autoc.get("covariates"),
                 "AUTOC_BOTH": autoc.get("imagery + covariates"), "N_USED": study.n_used}

@@ -158,19 +158,21 @@ def _cell(value, kind):
 
 
 def write_table(algorithm, parameters, context, rows, output="OUTPUT", columns=TABLE_FIELDS):
-    """Write ``rows`` to a table sink (no geometry), then close it; returns its id.
+    """Write ``rows`` to a table sink (no geometry, under its partial name: GeoCateAlgorithm.create_sink),
+    then close and check it; returns its id.
 
     columns: (name, QVariant type) pairs; numbers that are not finite become NULL.
     """
     fields = QgsFields()
     for name, kind in columns:
         fields.append(QgsField(name, kind))
-    sink, dest_id = algorithm.parameterAsSink(parameters, output, context, fields, QgsWkbTypes.NoGeometry)
-    if sink is None:
-        raise QgsProcessingException("The table could not be created. Check the OUTPUT path and that it is writable.")
+    sink, dest_id = algorithm.create_sink(parameters, output, context, fields, QgsWkbTypes.NoGeometry,
+                                          QgsCoordinateReferenceSystem())
     for row in rows:
         feature = QgsFeature(fields)
         feature.setAttributes([_cell(value, kind) for value, (_, kind) in zip(row, columns)])
-        sink.addFeature(feature, QgsFeatureSink.FastInsert)
+        if not sink.addFeature(feature, QgsFeatureSink.FastInsert):
+            raise QgsProcessingException(f"Writing the table {output} failed: {sink.lastError()}. Nothing was written.")
     del sink
+    algorithm.verify_written(dest_id, len(rows))
     return dest_id

@@ -131,10 +131,8 @@ class EstimateCateAlgorithm(GeoCateAlgorithm):
 
         # Only now, with every number in hand, is the output created: a failed run writes nothing.
         fields, kept = output_fields(source.fields())
-        sink, dest_id = self.parameterAsSink(parameters, self.OUTPUT, context, fields,
-                                             source.wkbType(), source.sourceCrs())
-        if sink is None:
-            raise QgsProcessingException("The output could not be created. Check the OUTPUT path and that it is writable.")
+        sink, dest_id = self.create_sink(parameters, self.OUTPUT, context, fields, source.wkbType(),
+                                         source.sourceCrs())
         columns = {
             "cate": result.cate, "cate_lo": result.cate_lo, "cate_hi": result.cate_hi,
             "cate_se": result.cate_se, "group": np.where(result.group > 0, result.group, np.nan),
@@ -142,30 +140,28 @@ class EstimateCateAlgorithm(GeoCateAlgorithm):
         }
         if not sink.addFeatures(result_features(features, kept, fields, columns), QgsFeatureSink.FastInsert):
             raise QgsProcessingException(f"Writing the output failed: {sink.lastError()}")
-        del sink  # closes the file, so postProcessAlgorithm can open and style it
+        del sink  # closes the file, so it can be checked and styled
+        self.verify_written(dest_id, len(features))
 
-        self._report = self.parameterAsFileOutput(parameters, self.OUTPUT_REPORT, context) or None
-        self._map = (path, study.coords, result.cate)
         metadata = dict(result.metadata, algorithm="geocate:estimatecate", parameters={
             "INPUT": source.sourceName(), "TREATMENT": treatment, "OUTCOME": outcome,
             "COVARIATES": covariates, "RASTER": path, "BANDS": bands, "PATCH_SIZE": window,
             "NODATA": nodata, "SEED": seed, "GROUPS": n_groups, "CLUSTER": cluster, "SPATIAL_BLOCK": spatial_block,
         }, n_units=len(features), n_used=result.n_used, n_dropped=result.n_dropped,
             ate=result.ate, ate_se=result.ate_se)
-        return self.keep_result(context, dest_id, {
+        results = self.keep_result(context, dest_id, {
             self.OUTPUT: dest_id, "ATE": result.ate, "ATE_SE": result.ate_se, "N_USED": result.n_used,
             "N_DROPPED": result.n_dropped, "AUTOC": test.estimate, "AUTOC_SE": test.std_err, "AUTOC_T": test.t_stat,
-            "AUTOC_P": test.p_value, "AUTOC_POOLED": autoc.estimate}, metadata)
+            "AUTOC_P": test.p_value, "AUTOC_POOLED": autoc.estimate}, metadata, feedback)
+        report = self.output_file(parameters, self.OUTPUT_REPORT, context)
+        if report:
+            import tempfile
 
-    def postProcessAlgorithm(self, context, feedback):  # noqa: N802 - QGIS's name
-        if getattr(self, "_dest_id", None) is None:
-            return {}
-        self.finish_result(context, feedback)
-        if self._report:
             from ..core.report import estimate_report, plot_effect_map
 
-            map_png = plot_effect_map(*self._map, os.path.splitext(self._report)[0] + "_map.png")
-            estimate_report(self._metadata, self._report, map_png)
-            self._results[self.OUTPUT_REPORT] = self._report
-            feedback.pushInfo(f"Report written to {self._report}.")
-        return self._results
+            with tempfile.TemporaryDirectory(prefix="geocate-") as folder:  # the report embeds its figures
+                map_png = plot_effect_map(path, study.coords, result.cate, os.path.join(folder, "map.png"))
+                estimate_report(metadata, report, map_png, figures=folder)
+            results[self.OUTPUT_REPORT] = report
+            feedback.pushInfo(f"Report: {self.final_path(report)}.")
+        return results

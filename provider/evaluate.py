@@ -1,6 +1,7 @@
 """geocate:evaluate - is the heterogeneity a priority (e.g. a CATE) claims real? RATE, TOC, calibration."""
 
 import os
+import time
 
 import numpy as np
 from qgis.core import (
@@ -16,7 +17,7 @@ from qgis.core import (
     QgsWkbTypes,
 )
 
-from .base import GeoCateAlgorithm
+from .base import GeoCateAlgorithm, run_metadata
 from .convert import as_label, as_number, check_numeric_field, unit_point, write_table
 
 
@@ -105,6 +106,7 @@ class EvaluateAlgorithm(GeoCateAlgorithm):
         from ..core.report import evaluation_report, plot_toc, rate_rows
         from ..core.study import describe_dropped
 
+        started = time.monotonic()
         source = self.parameterAsSource(parameters, self.INPUT, context)
         if source is None:
             raise QgsProcessingException("The units layer could not be read. Choose a layer in INPUT.")
@@ -118,8 +120,6 @@ class EvaluateAlgorithm(GeoCateAlgorithm):
         n_groups = self.parameterAsInt(parameters, self.GROUPS, context)
         n_draws = self.parameterAsInt(parameters, self.BOOTSTRAP, context)
         seed = self.parameterAsInt(parameters, self.SEED, context)
-        plot_path = self.parameterAsFileOutput(parameters, self.OUTPUT_PLOT, context)
-        report_path = self.parameterAsFileOutput(parameters, self.OUTPUT_REPORT, context)
 
         fields = source.fields()
         rules = [priority] + ([priority_2] if priority_2 else [])
@@ -173,22 +173,30 @@ class EvaluateAlgorithm(GeoCateAlgorithm):
                   "units dropped": describe_dropped(evaluation.dropped), "bootstrap draws": n_draws,
                   "bootstrap clusters": evaluation.n_clusters, "spatial block (m)": evaluation.block_size or "-",
                   "seed": seed}
-        # All numbers are in hand: only now are the outputs created.
+        metadata = run_metadata("geocate:evaluate", {
+            "INPUT": source.sourceName(), "PRIORITY": priority, "PRIORITY_2": priority_2 or None,
+            "TREATMENT": treatment, "OUTCOME": outcome, "COVARIATES": covariates, "CLUSTER": cluster or None,
+            "SPATIAL_BLOCK": spatial_block, "GROUPS": n_groups, "BOOTSTRAP": n_draws, "SEED": seed},
+            started, n_units=n, n_used=int(evaluation.used.sum()), dropped=evaluation.dropped,
+            bootstrap_clusters=evaluation.n_clusters, spatial_block_m=evaluation.block_size,
+            rates=[{"target": r.target, "priority": r.priority, "estimate": r.estimate, "std_err": r.std_err,
+                    "ci": list(r.ci), "p_value": r.p_value} for r in evaluation.rates["AUTOC"] + evaluation.rates["QINI"]])
+        # All numbers are in hand: only now are the outputs created (under partial names until all succeeded).
         dest_id = write_table(self, parameters, context, rate_rows(evaluation))
-        for path in (report_path, plot_path):
-            if path:
-                os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        plot_path = self.output_file(parameters, self.OUTPUT_PLOT, context)
+        report_path = self.output_file(parameters, self.OUTPUT_REPORT, context)
         if report_path:
-            # The report embeds the TOC plot; without a plot destination it is drawn beside the report and removed.
-            drawn = plot_path or os.path.splitext(report_path)[0] + "_toc.png"
-            evaluation_report(evaluation, report_path, drawn, inputs, {"algorithm": "geocate:evaluate", **inputs})
-            if not plot_path:
-                os.remove(drawn)
-            feedback.pushInfo(f"Report: {report_path}.")
+            import tempfile
+
+            with tempfile.TemporaryDirectory(prefix="geocate-") as folder:  # the report embeds the TOC plot
+                evaluation_report(evaluation, report_path, plot_path or os.path.join(folder, "toc.png"), inputs,
+                                  metadata)
+            feedback.pushInfo(f"Report: {self.final_path(report_path)}.")
         elif plot_path:
             plot_toc([r for r in evaluation.rates["AUTOC"] if " - " not in r.priority], plot_path)
         if plot_path:
-            feedback.pushInfo(f"TOC plot: {plot_path}.")
+            feedback.pushInfo(f"TOC plot: {self.final_path(plot_path)}.")
+        self.write_run_metadata(dest_id, metadata, feedback)
         return {self.OUTPUT: dest_id, self.OUTPUT_PLOT: plot_path or None, self.OUTPUT_REPORT: report_path or None,
                 "AUTOC": autoc.estimate, "AUTOC_SE": autoc.std_err, "AUTOC_P": autoc.p_value,
                 "QINI": qini.estimate, "QINI_SE": qini.std_err, "N_USED": int(evaluation.used.sum())}

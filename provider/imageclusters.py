@@ -95,7 +95,6 @@ class ImageClustersAlgorithm(GeoCateAlgorithm):
         max_clusters = self.parameterAsInt(parameters, self.MAX_CLUSTERS, context)
         epochs = self.parameterAsInt(parameters, self.EPOCHS, context)
         device = DEVICES[self.parameterAsEnum(parameters, self.DEVICE, context)]
-        model_path = self.parameterAsFileOutput(parameters, self.OUTPUT_MODEL, context)
         salience_dir = (self.parameterAsString(parameters, self.OUTPUT_SALIENCE, context)
                         if parameters.get(self.OUTPUT_SALIENCE) else None)
         features, units = read_units(source, study_values["treatment"], study_values["outcome"],
@@ -124,28 +123,28 @@ class ImageClustersAlgorithm(GeoCateAlgorithm):
         # Every number is in hand: the outputs are written only now.
         extra_fields = RESULT_FIELDS + tuple((f"p_{j + 1}", QVariant.Double) for j in range(k))
         fields, kept = output_fields(source.fields(), extra_fields)
-        sink, dest_id = self.parameterAsSink(parameters, self.OUTPUT, context, fields, source.wkbType(),
-                                             source.sourceCrs())
-        if sink is None:
-            raise QgsProcessingException("The output could not be created. Check the OUTPUT path.")
+        sink, dest_id = self.create_sink(parameters, self.OUTPUT, context, fields, source.wkbType(),
+                                         source.sourceCrs())
         columns = {"cate": result.cate, "cate_lo": result.cate_lo, "cate_hi": result.cate_hi,
                    "cate_se": result.cate_se, "group": np.where(result.group > 0, result.group, np.nan),
                    "patch_ok": study.patch_ok.astype(int)}
         columns.update({f"p_{j + 1}": result.probabilities[:, j] for j in range(k)})
-        sink.addFeatures(result_features(features, kept, fields, columns), QgsFeatureSink.FastInsert)
+        if not sink.addFeatures(result_features(features, kept, fields, columns), QgsFeatureSink.FastInsert):
+            raise QgsProcessingException(f"Writing the output failed: {sink.lastError()}. Nothing was written.")
         del sink
+        self.verify_written(dest_id, len(features))
         table_id = None
         if parameters.get(self.OUTPUT_CLUSTERS):  # optional: qgis_process runs without it
             table_id = write_table(self, parameters, context, extras["clusters"], self.OUTPUT_CLUSTERS,
                                    CLUSTER_COLUMNS)
+        model_path = self.output_file(parameters, self.OUTPUT_MODEL, context)  # its .json travels with it
         if model_path:
-            os.makedirs(os.path.dirname(os.path.abspath(model_path)), exist_ok=True)
             export_onnx(extras["model"], model_path, len(study.bands), study_values["window"],
                         len(study_values["covariates"]),
                         {"algorithm": "geocate:imageclusters", "n_clusters": k, "bands_used": list(study.bands),
                          "covariates": study_values["covariates"], "band_scaling": result.metadata["band_scaling"],
                          "clusters": extras["clusters"], "seed": study_values["seed"]})
-            feedback.pushInfo(f"Model written to {model_path} (with its description {model_path}.json).")
+            feedback.pushInfo(f"Model: {self.final_path(model_path)} (with its description, .onnx.json).")
         if salience_dir:
             written = self._write_salience(salience_dir, study, result, extras, study_values)
             feedback.pushInfo(f"{written} salience raster(s) written to {salience_dir}.")
@@ -153,8 +152,15 @@ class ImageClustersAlgorithm(GeoCateAlgorithm):
             self.OUTPUT: dest_id, self.OUTPUT_CLUSTERS: table_id, self.OUTPUT_MODEL: model_path or None,
             self.OUTPUT_SALIENCE: salience_dir, "N_CLUSTERS": k, "ATE": result.ate, "ATE_SE": result.ate_se,
             "N_USED": result.n_used, "N_DROPPED": result.n_dropped},
-            dict(result.metadata, algorithm="geocate:imageclusters", n_used=result.n_used,
-                 n_dropped=result.n_dropped, ate=result.ate, ate_se=result.ate_se))
+            dict(result.metadata, algorithm="geocate:imageclusters", parameters={
+                "INPUT": source.sourceName(), "TREATMENT": study_values["treatment"],
+                "OUTCOME": study_values["outcome"], "COVARIATES": study_values["covariates"],
+                "RASTER": study_values["raster"], "BANDS": study_values["bands"], "PATCH_SIZE": study_values["window"],
+                "NODATA": study_values["nodata"], "SEED": study_values["seed"],
+                "SPATIAL_BLOCK": study_values["spatial_block"], "CLUSTERS": n_clusters,
+                "MAX_CLUSTERS": max_clusters, "EPOCHS": epochs, "DEVICE": device},
+                 n_units=len(features), n_used=result.n_used, n_dropped=result.n_dropped, ate=result.ate,
+                 ate_se=result.ate_se), feedback)
 
     @staticmethod
     def _write_salience(folder, study, result, extras, study_values, per_cluster=3):

@@ -70,10 +70,21 @@ def test_onnx_model_agrees_with_torch_and_checks_its_inputs(separated, demo_rast
     np.testing.assert_allclose(loaded.probabilities(windows, covariates), expected, atol=1e-4)
     with pytest.raises(GeoCateError, match="trained on windows of 3 band.*33 x 33.*got 3 band.*17 x 17"):
         loaded.probabilities(windows[:, :, :17, :17], covariates)
+    with pytest.raises(GeoCateError, match="stack of windows.*shape \\(3, 33, 33\\)"):
+        loaded.probabilities(windows[0], covariates[:1])
+    # Damaged files are refused when loaded: garbage, an empty description, one flipped byte.
     (tmp_path / "broken.onnx").write_bytes(b"not a model")
     (tmp_path / "broken.onnx.json").write_text("{}")
-    with pytest.raises(GeoCateError, match="cannot be read.*damaged"):
+    with pytest.raises(GeoCateError, match="damaged"):
         OnnxClusterModel(str(tmp_path / "broken.onnx"))
+    (tmp_path / "broken.onnx.json").write_text("")
+    with pytest.raises(GeoCateError, match="damaged"):
+        OnnxClusterModel(str(tmp_path / "broken.onnx"))
+    data = bytearray((tmp_path / "clusters.onnx").read_bytes())
+    data[len(data) // 2] ^= 0x01
+    (tmp_path / "clusters.onnx").write_bytes(bytes(data))
+    with pytest.raises(GeoCateError, match="damaged.*digest"):
+        OnnxClusterModel(path)
 
 
 def test_salience_and_occlusion_point_at_the_image(separated):
