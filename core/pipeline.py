@@ -66,6 +66,29 @@ def image_features(study, seed=42, n_filters=256, device="auto", progress=None, 
             scaler, embedder)
 
 
+def overlap_warning(study, window_size_px, block_size):
+    """A warning when random folds would split units whose image windows overlap, else None.
+
+    With no spatial blocks, a unit and a neighbour whose windows overlap can
+    land in different folds, so the forest partly learns a unit's own
+    surroundings from its neighbour's outcome, and the held-out figures look
+    better than they are (bench/bench_estimate.py measures it on the demo).
+    """
+    from scipy.spatial import cKDTree
+
+    if block_size or study.n_used < 2:
+        return None
+    coords = metric_coords(study.coords[study.used], study.raster_crs_wkt)
+    footprint = window_size_px * study.pixel_size_m
+    distance = cKDTree(coords).query(coords, k=2)[0][:, 1]
+    share = float(np.mean((distance > 0) & (distance < footprint)))
+    if share < 0.05:
+        return None
+    return (f"{share:.0%} of the units have an image window overlapping a neighbour's (windows of {footprint:,.0f} m), "
+            "and the folds do not keep neighbours apart: held-out figures may overstate heterogeneity. Set spatial "
+            "blocks to -1 (choose from the data) for an honest split.")
+
+
 def fold_groups(study, spatial_block=0, window_size_px=33):
     """Groups the cross-fitting folds must keep whole, for the used units: (group ids, block size in metres or None).
 
@@ -176,6 +199,7 @@ def estimate_cate(units, raster_path, bands=None, window_size_px=33, nodata=None
         "spatial_block_m": block_size,
         "clustered_by": "cluster field and shared locations" if study.clusters is not None else "shared locations",
         "fold_groups": int(len(np.unique(groups))),
+        "warnings": [w for w in (overlap_warning(study, window_size_px, block_size),) if w],
         "heterogeneity_test": heterogeneity_record(test),
         "autoc": {"estimate": autoc.estimate, "std_err": autoc.std_err, "ci": list(autoc.ci),
                   "draws": n_draws, "q": autoc.q.tolist(), "toc": autoc.toc.tolist(),
@@ -279,6 +303,7 @@ def compare_sources(units, raster_path, bands=None, window_size_px=33, nodata=No
         progress(1.0, "Done")
     return study, {"cate": cate, "tests": tests, "test_differences": test_differences, "rates": rates,
                    "differences": differences, "block_size": block_size, "n_clusters": int(len(np.unique(groups))),
+                   "warnings": [w for w in (overlap_warning(study, window_size_px, block_size),) if w],
                    "scores": scores, "ate": doubly_robust_ate(scores, groups)}
 
 
@@ -370,6 +395,7 @@ def find_clusters(units, raster_path, bands=None, window_size_px=33, nodata=None
         "seed": seed, "window_size_px": int(window_size_px), "window_size_m": float(window_size_px * study.pixel_size_m),
         "bands": list(study.bands), "nodata": nodata, "n_folds": n_folds, "epochs": epochs, "device": device,
         "n_clusters": int(n_clusters), "max_clusters": int(max_clusters), "k_table": k_table,
+        "warnings": [w for w in (overlap_warning(study, window_size_px, block_size),) if w],
         "clusters": table, "spatial_block_m": block_size, "dropped": study.dropped, "band_scaling": scaler.to_dict(),
         "covariates": list(study.covariate_names), "versions": package_versions(),
         "timings": {k: round(v, 3) for k, v in timings.items()},

@@ -79,6 +79,8 @@ class CompareSourcesAlgorithm(GeoCateAlgorithm):
                 is_cancelled=feedback.isCanceled)
         except GeoCateError as error:
             raise QgsProcessingException(str(error)) from error
+        for warning in comparison.get("warnings", []):
+            feedback.pushWarning(warning)
         if not study_values["covariates"]:
             feedback.pushWarning("No covariates were given: only the imagery can be judged, nothing compared.")
         feedback.pushInfo(f"Units: {len(features)}, {study.n_used} used ({describe_dropped(study.dropped)}); "

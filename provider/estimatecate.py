@@ -109,6 +109,8 @@ class EstimateCateAlgorithm(GeoCateAlgorithm):
         except GeoCateError as error:
             raise QgsProcessingException(str(error)) from error
 
+        for warning in result.metadata.get("warnings", []):
+            feedback.pushWarning(warning)
         not_ok = int((~study.patch_ok).sum())
         feedback.pushInfo(f"Units: {len(features)} in the layer, {result.n_used} used, {result.n_dropped} dropped"
                           f" ({describe_dropped(study.dropped)}).")

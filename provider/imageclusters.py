@@ -109,6 +109,8 @@ class ImageClustersAlgorithm(GeoCateAlgorithm):
         except GeoCateError as error:
             raise QgsProcessingException(str(error)) from error
 
+        for warning in result.metadata.get("warnings", []):
+            feedback.pushWarning(warning)
         k = result.metadata["n_clusters"]
         feedback.pushInfo(f"Units: {len(features)}, {result.n_used} used ({describe_dropped(study.dropped)}); "
                           f"device {result.metadata['device']}.")

@@ -38,37 +38,61 @@ def _ramp(name, fallback):
     return ramp if ramp is not None else QgsGradientColorRamp(*fallback)
 
 
-def cate_renderer(layer, field="cate", n_classes=7):
-    """Graduated renderer for ``field``, classes symmetric about 0, red (harm) to blue (gain)."""
-    values = np.array([as_number(f[field]) for f in layer.getFeatures()], dtype=float)
+def _values(layer, field):
+    return np.array([as_number(f[field]) for f in layer.getFeatures()], dtype=float)
+
+
+def _diverging_colour(ramp, value, bound):
+    """The ramp's colour of ``value`` on a scale symmetric about 0: red for harm, white at 0, blue for gain."""
+    return ramp.color(float(np.clip(0.5 + 0.5 * value / bound, 0.0, 1.0)))
+
+
+def cate_breaks(values, n_half=3):
+    """Class edges for CATE values: zero is an edge, steps of bound / n_half (bound: the 98th percentile of
+    |value|), and classes only as far as the data reach (no negative classes when every effect is positive)."""
     values = values[np.isfinite(values)]
-    bound = float(np.quantile(np.abs(values), 0.98)) if len(values) else 1.0
-    bound = bound if bound > 0 else 1.0
-    edges = np.linspace(-bound, bound, n_classes + 1)
-    low = min(float(values.min()) if len(values) else -bound, -bound)
-    high = max(float(values.max()) if len(values) else bound, bound)
-    edges[0], edges[-1] = low, high
+    if not len(values):
+        return np.array([-1.0, 0.0, 1.0]), 1.0
+    bound = float(np.quantile(np.abs(values), 0.98)) or float(np.max(np.abs(values))) or 1.0
+    step = bound / n_half
+    low = max(np.floor(values.min() / step), -n_half)
+    high = max(min(np.ceil(values.max() / step), n_half), low + 1)
+    edges = np.arange(low, high + 1) * step
+    edges[0], edges[-1] = min(edges[0], float(values.min())), max(edges[-1], float(values.max()))
+    return edges, bound
+
+
+def cate_renderer(layer, field="cate"):
+    """Graduated renderer for ``field``: classes from the data about 0, red (harm) to blue (gain)."""
+    edges, bound = cate_breaks(_values(layer, field))
     ramp = _ramp("RdBu", (QColor(178, 24, 43), QColor(33, 102, 172)))
     ranges = []
-    for k in range(n_classes):
+    for low, high in zip(edges[:-1], edges[1:]):
         symbol = _symbol(layer)
-        symbol.setColor(ramp.color(k / (n_classes - 1)))
-        label = f"{edges[k]:.2f} to {edges[k + 1]:.2f}"
-        ranges.append(QgsRendererRange(float(edges[k]), float(edges[k + 1]), symbol, label))
+        symbol.setColor(_diverging_colour(ramp, (low + high) / 2, bound))
+        ranges.append(QgsRendererRange(float(low), float(high), symbol, f"{low:+.2f} to {high:+.2f}"))
     renderer = QgsGraduatedSymbolRenderer(field, ranges)
     renderer.setSourceColorRamp(ramp.clone())
     return renderer
 
 
 def group_renderer(layer, field="group"):
-    """Categorized renderer with one class per group present (1 = smallest effects)."""
-    groups = sorted({int(v) for v in (as_number(f[field]) for f in layer.getFeatures()) if np.isfinite(v)})
-    ramp = _ramp("Spectral", (QColor(215, 25, 28), QColor(43, 131, 186)))
+    """Categorized renderer, one class per group (or cluster) present, labelled with its mean estimated effect
+    and its share of units ("group 1: +0.16, 33 %"), coloured by that effect on the CATE style's scale."""
+    groups, cate = _values(layer, field), _values(layer, "cate")
+    present = sorted({int(v) for v in groups if np.isfinite(v)})
+    kind = "cluster" if layer.fields().lookupField("p_1") >= 0 else "group"
+    bound = cate_breaks(cate)[1]
+    ramp = _ramp("RdBu", (QColor(178, 24, 43), QColor(33, 102, 172)))
+    total = max(int(np.isfinite(groups).sum()), 1)
     categories = []
-    for k, group in enumerate(groups):
+    for group in present:
+        members = groups == group
+        effect = float(np.nanmean(cate[members])) if np.isfinite(cate[members]).any() else 0.0
         symbol = _symbol(layer)
-        symbol.setColor(ramp.color(k / max(len(groups) - 1, 1)))
-        categories.append(QgsRendererCategory(group, symbol, f"group {group}"))
+        symbol.setColor(_diverging_colour(ramp, effect, bound))
+        categories.append(QgsRendererCategory(group, symbol,
+                                              f"{kind} {group}: {effect:+.2f}, {members.sum() / total:.0%}"))
     return QgsCategorizedSymbolRenderer(field, categories)
 
 

@@ -146,3 +146,19 @@ def test_the_smallest_accepted_study_runs(small_trial, demo_raster):
                       covariates=small_trial.covariates[keep])
     study, result = estimate_cate(units, demo_raster, n_estimators=40)
     assert result.n_used == 40 and np.isfinite(result.cate).all() and np.isfinite(result.ate_se)
+
+
+def test_overlapping_windows_without_blocks_are_warned_about(small_trial, demo_raster, estimated):
+    import dataclasses
+
+    from geocate.core.pipeline import overlap_warning
+
+    study, result = estimated
+    # 600 units in about 30 x 30 km with windows of 990 m: many windows overlap a neighbour's.
+    assert len(result.metadata["warnings"]) == 1
+    assert "overlapping a neighbour's (windows of 990 m)" in result.metadata["warnings"][0]
+    assert "-1" in result.metadata["warnings"][0]
+    assert overlap_warning(study, 33, block_size=5000.0) is None          # blocks keep neighbours together
+    assert overlap_warning(study, 3, block_size=None) is None             # 90 m windows hardly overlap
+    far_apart = dataclasses.replace(study, coords=study.coords * 100.0)  # the same layout, 100 times larger
+    assert overlap_warning(far_apart, 33, None) is None

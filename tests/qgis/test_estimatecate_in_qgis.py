@@ -112,14 +112,32 @@ def test_output_is_styled_diverging_about_zero_with_a_group_style(memory_run):
     renderer = layer.renderer()
     assert isinstance(renderer, QgsGraduatedSymbolRenderer) and renderer.classAttribute() == "cate"
     ranges = renderer.ranges()
-    middle = ranges[len(ranges) // 2]
-    assert len(ranges) % 2 == 1 and middle.lowerValue() == pytest.approx(-middle.upperValue())
-    assert ranges[1].upperValue() == pytest.approx(-ranges[-2].lowerValue())
+    cate = np.array([v for v in values(layer, "cate") if v is not None])
+    # Zero is a class edge, classes have equal steps, and every class reaches the data (no empty red classes).
+    edges = [r.lowerValue() for r in ranges] + [ranges[-1].upperValue()]
+    assert any(abs(edge) < 1e-12 for edge in edges) or edges[0] >= 0 or edges[-1] <= 0
+    assert np.diff(edges[1:-1]) == pytest.approx(np.full(len(edges) - 3, edges[2] - edges[1]))
+    assert edges[0] <= cate.min() and edges[-1] >= cate.max()
+    assert edges[1] > cate.min() and edges[-2] < cate.max()   # the outer classes hold units
+    red_classes = [r for r in ranges if r.upperValue() <= 0]
+    assert all(cate.min() < r.upperValue() for r in red_classes)
     manager = layer.styleManager()
     assert "Effect groups" in manager.styles()
     manager.setCurrentStyle("Effect groups")
     assert isinstance(layer.renderer(), QgsCategorizedSymbolRenderer)
-    assert [str(c.value()) for c in layer.renderer().categories()] == ["1", "2", "3"]
+    categories = layer.renderer().categories()
+    assert [str(c.value()) for c in categories] == ["1", "2", "3"]
+    group = np.array([v for v in values(layer, "group")], dtype=float)
+    all_cate = np.array([np.nan if v is None else v for v in values(layer, "cate")])
+    for category in categories:   # "group 1: +0.16, 33 %": the group's mean estimated effect and share
+        members = group == int(category.value())
+        assert category.label() == (f"group {category.value()}: {np.nanmean(all_cate[members]):+.2f}, "
+                                    f"{members.sum() / np.isfinite(group).sum():.0%}")
+    # Colours follow the effect's sign: a group with a positive mean effect is never drawn red.
+    for category in categories:
+        colour = category.symbol().color()
+        mean = np.nanmean(all_cate[group == int(category.value())])
+        assert (colour.blue() >= colour.red()) == (mean >= 0)
 
 
 def test_geopackage_output_loads_styled_and_has_its_run_metadata(plugin, demo_units_gpkg, demo_raster, tmp_path):
