@@ -204,6 +204,26 @@ def choose_n_clusters(features, covariates, treated, outcome, folds, max_cluster
     return best, rows
 
 
+#: A cluster holding less than this share of the units (mean probability) is empty: it is dropped.
+MIN_CLUSTER_SHARE = 0.01
+
+
+def without_empty_clusters(fit_k, n_clusters, probabilities_of, min_share=MIN_CLUSTER_SHARE):
+    """The final model with no empty cluster: (fit, K).
+
+    fit_k(K) fits a K-cluster model; probabilities_of(fit) gives its (n, K)
+    cluster probabilities. A model whose cluster holds under ``min_share`` of
+    the units (it describes no one, yet would be reported with an effect and
+    an interval) is refit with that many fewer clusters.
+    """
+    while True:
+        fit = fit_k(n_clusters)
+        empty = int((np.asarray(probabilities_of(fit)).mean(axis=0) < min_share).sum())
+        if not empty or n_clusters == 1:
+            return fit, n_clusters
+        n_clusters = max(n_clusters - empty, 1)
+
+
 def covariate_matrix(covariates, n):
     return np.zeros((n, 0)) if covariates is None else np.asarray(covariates, float).reshape(n, -1)
 

@@ -329,6 +329,7 @@ def find_clusters(units, raster_path, bands=None, window_size_px=33, nodata=None
         feature_scaling,
         fit_clusters,
         image_model,
+        without_empty_clusters,
     )
     from .embed import resolve_device
     from .errors import Cancelled, GeoCateError
@@ -371,9 +372,12 @@ def find_clusters(units, raster_path, bands=None, window_size_px=33, nodata=None
                                                 **options)
     timings["choose_k_s"] = time.monotonic() - t
     t = time.monotonic()
-    out = cross_fitted_clusters(image_part, covariate_part, W, Y, n_clusters, folds, seed=seed, tick=tick, **options)
-    final = fit_clusters(image_part, covariate_part, W, Y, n_clusters, seed=seed, **options)
+    asked = n_clusters
+    final, n_clusters = without_empty_clusters(
+        lambda k: fit_clusters(image_part, covariate_part, W, Y, k, seed=seed, **options), n_clusters,
+        lambda fit: fit.probabilities(image_part, covariate_part))
     tick("Final model on all units")
+    out = cross_fitted_clusters(image_part, covariate_part, W, Y, n_clusters, folds, seed=seed, tick=tick, **options)
     timings["clusters_s"] = time.monotonic() - t
     table = cluster_table(final, final.probabilities(image_part, covariate_part))
     raw_covariates = covariates if covariates.shape[1] else np.zeros((len(Y), 0))
@@ -395,7 +399,9 @@ def find_clusters(units, raster_path, bands=None, window_size_px=33, nodata=None
         "seed": seed, "window_size_px": int(window_size_px), "window_size_m": float(window_size_px * study.pixel_size_m),
         "bands": list(study.bands), "nodata": nodata, "n_folds": n_folds, "epochs": epochs, "device": device,
         "n_clusters": int(n_clusters), "max_clusters": int(max_clusters), "k_table": k_table,
-        "warnings": [w for w in (overlap_warning(study, window_size_px, block_size),) if w],
+        "warnings": [w for w in (overlap_warning(study, window_size_px, block_size),
+                                 f"{asked - n_clusters} of {asked} clusters held (almost) no units and were dropped: "
+                                 f"{n_clusters} remain." if asked > n_clusters else None) if w],
         "clusters": table, "spatial_block_m": block_size, "dropped": study.dropped, "band_scaling": scaler.to_dict(),
         "covariates": list(study.covariate_names), "versions": package_versions(),
         "timings": {k: round(v, 3) for k, v in timings.items()},

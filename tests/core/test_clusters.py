@@ -117,3 +117,27 @@ def test_training_is_cancelled_between_epochs():
         fit_clusters(rng.normal(size=(n, 8)), None, rng.integers(0, 2, n), rng.normal(size=n), 2, epochs=300,
                      is_cancelled=lambda: polls.append(1) or len(polls) >= 3)
     assert len(polls) == 3      # polled at epochs 0, 10 and 20: stopped long before the 300th
+
+
+def test_empty_clusters_are_dropped_from_the_model_and_the_table(demo_raster):
+    from geocate.core.clusters import without_empty_clusters
+
+    fitted = []
+
+    def fit_k(k):   # a stand-in model: with K > 2, all but two clusters hold nobody
+        fitted.append(k)
+        return k
+
+    def probabilities_of(k):
+        p = np.zeros((100, k))
+        p[:60, 0], p[60:, 1 % k] = 1.0, 1.0
+        return p
+
+    fit, k = without_empty_clusters(fit_k, 4, probabilities_of)
+    assert (fit, k) == (2, 2) and fitted == [4, 2]
+    assert without_empty_clusters(fit_k, 1, probabilities_of) == (1, 1)
+    # A real run asked for more clusters than the data hold reports none that is empty.
+    trial = simulate_trial(demo_raster, n_units=400, seed=8, effects=(-1.0, 3.0))
+    study, result, extras = find_clusters(unit_table(trial), demo_raster, n_clusters=4, max_clusters=4, n_folds=3, seed=8)
+    assert all(row[4] >= 0.01 for row in extras["clusters"])
+    assert len(extras["clusters"]) == result.metadata["n_clusters"] <= 4
