@@ -67,6 +67,7 @@ class GeoCatePlugin:
                 self.iface.removePluginMenu(MENU, action)
         self.action = self.dialog_action = None
         if self.dock is not None:
+            self.dock.disconnect_project()
             self.iface.removeDockWidget(self.dock)
             self.dock.deleteLater()
             self.dock = None

@@ -95,7 +95,7 @@ def _fit_arms(Y, W, X, train, test, mu0, mu1, min_units=2):
             mu[test] = outcome_model().fit(X[rows], Y[rows]).predict(X[test])
 
 
-def held_out_scores(outcome, treated, inputs, folds, groups=None, seed=42):
+def held_out_scores(outcome, treated, inputs, folds, groups=None, seed=42, n_inner=2):
     """DR scores for the sequential test: fold k's from outcome models that never saw the folds before k.
 
     In the sequential test (core.evaluate.sequential_rate_test) a priority
@@ -123,11 +123,12 @@ def held_out_scores(outcome, treated, inputs, folds, groups=None, seed=42):
     for j in range(1, len(order)):
         in_fold = folds == order[j]
         later = np.isin(folds, order[j + 1:])
-        half = np.zeros(n, dtype=int)
-        if len(np.unique(groups[in_fold])) >= 2:
-            half[in_fold] = location_folds(groups[in_fold], 2, seed + j)
-            for h in (0, 1):
-                _fit_arms(Y, W, X, later | (in_fold & (half != h)), in_fold & (half == h), mu0, mu1, min_units=1)
+        part = np.zeros(n, dtype=int)
+        inner = min(n_inner, len(np.unique(groups[in_fold])))
+        if inner >= 2:
+            part[in_fold] = location_folds(groups[in_fold], inner, seed + j)
+            for h in range(inner):
+                _fit_arms(Y, W, X, later | (in_fold & (part != h)), in_fold & (part == h), mu0, mu1, min_units=1)
         elif later.any():  # one group fills the fold: its scores come from the later folds alone
             _fit_arms(Y, W, X, later, in_fold, mu0, mu1, min_units=1)
         else:

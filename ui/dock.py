@@ -45,16 +45,27 @@ from qgis.PyQt.QtWidgets import (
 )
 
 ALGORITHM = "geocate:estimatecate"
+README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
+RESULT_NAMES = {"geocate:estimatecate": "Treatment effects (CATE)", "geocate:imageclusters": "Effect clusters"}
+TREATMENT_NAMES = ("treated", "treatment", "treat", "assigned", "arm")
+OUTCOME_NAMES = ("outcome", "y", "response")
 CLUSTER_ALGORITHM = "geocate:imageclusters"
 SCOPE = "geocate"  # project entries: where the dock remembers its choices
 
 
 class CapturingFeedback(QgsProcessingFeedback):
-    """Feedback that keeps the error messages, so the dock can show them in plain words."""
+    """Feedback that keeps the error messages, so the dock can show them in plain words, and signals each
+    stage's text (QGIS 3.22's feedback has no such signal)."""
+
+    stage_changed = pyqtSignal(str)
 
     def __init__(self):
         super().__init__()
         self.errors = []
+
+    def setProgressText(self, text):  # noqa: N802 - QGIS's name
+        super().setProgressText(text)
+        self.stage_changed.emit(text)
 
     def reportError(self, error, fatalError=False):  # noqa: N802, N803 - QGIS's names
         self.errors.append(error)
@@ -73,28 +84,54 @@ class GeoCateDock(QgsDockWidget):
         self.task = None
         self.run_dir = None
         self.last_results = None
-        self.result_layer = None
+        self.result_layer_id = None
+        self.tracked_units = None
         self._build()
         self.restore_choices()
         self.check_dependencies()
+        # Follow the project: a new or opened project brings its own choices; removed layers are let go.
+        project = QgsProject.instance()
+        project.cleared.connect(self.on_project_cleared)
+        project.readProject.connect(self.on_project_read)
+        project.layersWillBeRemoved.connect(self.on_layers_removed)
+
+    def disconnect_project(self):
+        """Called when the plugin unloads: the project must not call a deleted dock."""
+        project = QgsProject.instance()
+        for signal, slot in ((project.cleared, self.on_project_cleared), (project.readProject, self.on_project_read),
+                             (project.layersWillBeRemoved, self.on_layers_removed)):
+            try:
+                signal.disconnect(slot)
+            except TypeError:
+                pass
+        self.track_selection(None)
+
+    @property
+    def result_layer(self):
+        """The last run's result layer while it is in the project, else None."""
+        return QgsProject.instance().mapLayer(self.result_layer_id) if self.result_layer_id else None
 
     # ---------------------------------------------------------------- widgets
     def _build(self):
         body = QWidget()
         layout = QVBoxLayout(body)
         form = QFormLayout()
+        form.setRowWrapPolicy(QFormLayout.WrapLongRows)
         self.units = QgsMapLayerComboBox()
         self.units.setFilters(QgsMapLayerProxyModel.PointLayer | QgsMapLayerProxyModel.PolygonLayer)
         self.selected_only = QCheckBox("Selected features only")
         self.treatment = QgsFieldComboBox()     # all fields: a wrong choice is explained, not hidden
+        self.treatment.setAllowEmptyFieldName(True)   # nothing chosen until the user (or a field's name) says
         self.treatment_status = QLabel()
         self.treatment_status.setWordWrap(True)
         self.outcome = QgsFieldComboBox()
         self.outcome.setFilters(QgsFieldProxyModel.Numeric)
+        self.outcome.setAllowEmptyFieldName(True)
         self.covariates = QgsCheckableComboBox()
         self.raster = QgsMapLayerComboBox()
         self.raster.setFilters(QgsMapLayerProxyModel.RasterLayer)
         self.bands = QgsCheckableComboBox()
+        self.bands.setDefaultText("all")
         self.window = QSpinBox()
         self.window.setRange(3, 1025)
         self.window.setValue(33)
@@ -113,7 +150,7 @@ class GeoCateDock(QgsDockWidget):
         form.addRow("Outcome", self.outcome)
         form.addRow("Covariates", self.covariates)
         form.addRow("Imagery", self.raster)
-        form.addRow("Bands (none = all)", self.bands)
+        form.addRow("Bands", self.bands)
         form.addRow("Window", self.window)
         form.addRow("", self.window_ground)
         form.addRow("Method", self.method)
@@ -127,22 +164,25 @@ class GeoCateDock(QgsDockWidget):
         self.advanced = QgsCollapsibleGroupBox("Advanced")
         self.advanced.setCollapsed(True)
         advanced = QFormLayout(self.advanced)
+        advanced.setRowWrapPolicy(QFormLayout.WrapLongRows)   # labels above their field when the dock is narrow
         self.groups = QSpinBox()
         self.groups.setRange(2, 10)
         self.groups.setValue(3)
         self.spatial_block = QDoubleSpinBox()
-        self.spatial_block.setRange(-1, 1e7)
+        self.spatial_block.setRange(-1, 1e6)
         self.spatial_block.setDecimals(0)
-        self.spatial_block.setSpecialValueText("choose from the data")  # shown at the minimum, -1
+        self.spatial_block.setSpecialValueText("auto")  # shown at the minimum, -1: chosen from the data
         self.spatial_block.setValue(0)
         self.spatial_block.setSuffix(" m")
-        self.spatial_block.setToolTip("Cross-fitting folds keep square blocks of this side whole; 0 = none, "
-                                      "-1 = chosen from the data.")
+        self.spatial_block.setToolTip("Cross-fitting folds keep square blocks of this side whole, so neighbours "
+                                      "whose windows overlap are never split; 0 = none, auto (-1) = chosen from "
+                                      "the data.")
         self.nodata = QLineEdit()
-        self.nodata.setPlaceholderText("none (the raster's own nodata and fill are always used)")
+        self.nodata.setPlaceholderText("none")
+        self.nodata.setToolTip("A pixel value to treat as missing, besides the raster's own nodata.")
         self.clusters = QSpinBox()
         self.clusters.setRange(0, 12)
-        self.clusters.setSpecialValueText("choose from the data")
+        self.clusters.setSpecialValueText("auto")
         self.max_clusters = QSpinBox()
         self.max_clusters.setRange(1, 12)
         self.max_clusters.setValue(4)
@@ -152,6 +192,23 @@ class GeoCateDock(QgsDockWidget):
         advanced.addRow("Spatial blocks", self.spatial_block)
         advanced.addRow("Extra nodata value", self.nodata)
         layout.addWidget(self.advanced)
+        for widget, tip in (
+                (self.units, "The trial's units: points or polygons (their centroid), one per unit."),
+                (self.selected_only, "Use only the selected units of the layer."),
+                (self.treatment, "A field of 0 (control) and 1 (treated)."),
+                (self.outcome, "The outcome: a number per unit, measured after treatment."),
+                (self.covariates, "Survey covariates measured before treatment (not the treatment or outcome)."),
+                (self.raster, "The imagery around the units (e.g. Landsat or Sentinel-2 bands)."),
+                (self.bands, "The bands to use; none ticked = all bands."),
+                (self.window, "The side of the square window read around each unit, in pixels."),
+                (self.method, "Causal forest: each unit's effect with an interval and effect groups. Clusters: "
+                              "latent groups of units with their own effect, learnt from the images."),
+                (self.seed, "The random seed: the same seed gives the same numbers."),
+                (self.groups, "How many effect groups (by estimated effect) the report and style show."),
+                (self.clusters, "How many clusters the image model finds; auto = chosen by held-out fit."),
+                (self.max_clusters, "The largest number of clusters tried when it is chosen from the data.")):
+            if not widget.toolTip():
+                widget.setToolTip(tip)
 
         buttons = QHBoxLayout()
         self.run_button = QPushButton("Run")
@@ -163,6 +220,9 @@ class GeoCateDock(QgsDockWidget):
         self.progress = QProgressBar()
         self.progress.setRange(0, 100)
         layout.addWidget(self.progress)
+        self.stage = QLabel()
+        self.stage.setWordWrap(True)
+        layout.addWidget(self.stage)
         self.message = QLabel()
         self.message.setWordWrap(True)
         self.message.setTextInteractionFlags(Qt.TextSelectableByMouse)
@@ -187,16 +247,25 @@ class GeoCateDock(QgsDockWidget):
             button.setEnabled(False)
             result_buttons.addWidget(button)
         layout.addLayout(result_buttons)
+        self.outputs = QLabel()
+        self.outputs.setWordWrap(True)
+        self.outputs.setTextInteractionFlags(Qt.TextSelectableByMouse)
+        layout.addWidget(self.outputs)
+        help_link = QLabel(f'<a href="{QUrl.fromLocalFile(README).toString()}">Help: what each choice means</a>')
+        help_link.setOpenExternalLinks(True)
+        layout.addWidget(help_link)
         layout.addStretch(1)
         scroll = QScrollArea()
         scroll.setWidgetResizable(True)
-        scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarAlwaysOff)
-        self.setMinimumWidth(340)
+        scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarAsNeeded)   # a narrow dock scrolls, it does not cut
+        self.setMinimumWidth(300)
         scroll.setWidget(body)
         self.setWidget(scroll)
 
         self.units.layerChanged.connect(self.on_units_changed)
-        self.treatment.fieldChanged.connect(self.check_treatment)
+        self.treatment.fieldChanged.connect(self.on_field_chosen)
+        self.outcome.fieldChanged.connect(self.on_field_chosen)
+        self.selected_only.toggled.connect(lambda _: self.clear_error())
         self.raster.layerChanged.connect(self.on_raster_changed)
         self.window.valueChanged.connect(self.update_ground_size)
         self.run_button.clicked.connect(self.start_run)
@@ -220,10 +289,52 @@ class GeoCateDock(QgsDockWidget):
     def on_units_changed(self, layer):
         self.treatment.setLayer(layer)
         self.outcome.setLayer(layer)
-        self.covariates.clear()
-        if layer is not None:
-            self.covariates.addItems([f.name() for f in layer.fields() if f.isNumeric()])
+        # Start from fields named like a treatment and an outcome, else from nothing (no error before a choice).
+        names = {f.name().lower(): f.name() for f in layer.fields()} if layer is not None else {}
+        self.treatment.setField(next((names[n] for n in TREATMENT_NAMES if n in names), ""))
+        self.outcome.setField(next((names[n] for n in OUTCOME_NAMES if n in names), ""))
+        self.track_selection(layer)
+        self.refresh_covariates()
         self.check_treatment()
+        self.clear_error()
+
+    def track_selection(self, layer):
+        """'Selected features only' is offered only while the units layer has a selection."""
+        if self.tracked_units is not None:
+            try:
+                self.tracked_units.selectionChanged.disconnect(self.update_selection_box)
+            except (TypeError, RuntimeError):
+                pass
+        self.tracked_units = layer
+        if layer is not None:
+            layer.selectionChanged.connect(self.update_selection_box)
+        self.update_selection_box()
+
+    def update_selection_box(self, *_):
+        layer = self.units.currentLayer()
+        count = layer.selectedFeatureCount() if layer is not None else 0
+        self.selected_only.setEnabled(count > 0)
+        if not count:
+            self.selected_only.setChecked(False)
+        self.selected_only.setText(f"Selected only ({count} selected)" if count else "Selected only (none)")
+
+    def on_field_chosen(self, *_):
+        self.refresh_covariates()
+        self.check_treatment()
+        self.clear_error()
+
+    def refresh_covariates(self):
+        """Numeric fields other than the layer's key, the treatment and the outcome; ticks are kept."""
+        layer = self.units.currentLayer()
+        checked = set(self.covariates.checkedItems())
+        self.covariates.clear()
+        if layer is None:
+            return
+        keys = {layer.fields().at(i).name() for i in layer.primaryKeyAttributes()} | {"fid"}
+        excluded = keys | {self.treatment.currentField(), self.outcome.currentField()}
+        names = [f.name() for f in layer.fields() if f.isNumeric() and f.name() not in excluded]
+        self.covariates.addItems(names)
+        self.covariates.setCheckedItems([n for n in names if n in checked])
 
     def on_raster_changed(self, layer):
         self.bands.clear()
@@ -244,12 +355,13 @@ class GeoCateDock(QgsDockWidget):
         self.window_ground.setText(f"= {about}{metres:,.0f} m on the ground")
 
     def check_treatment(self, *_):
-        """Say at once whether the treatment field is usable: numeric, and only 0/1."""
+        """Say at once whether the chosen treatment field is usable (numeric, only 0/1); nothing before a choice."""
         layer, name = self.units.currentLayer(), self.treatment.currentField()
         problem = treatment_problem(layer, name)
-        self.treatment_status.setText(problem or "")
-        self.treatment_status.setStyleSheet("color: #b2182b" if problem else "")
-        self.treatment_status.setVisible(bool(problem))
+        shown = problem if name else None
+        self.treatment_status.setText(shown or "")
+        self.treatment_status.setStyleSheet("color: #b2182b" if shown else "")
+        self.treatment_status.setVisible(bool(shown))
         return problem
 
     def check_dependencies(self, find_spec=None):
@@ -292,8 +404,10 @@ class GeoCateDock(QgsDockWidget):
 
     def validate(self):
         """A plain-words problem with the current choices, or None."""
-        if self.units.currentLayer() is None:
+        units = self.units.currentLayer()
+        if units is None:
             return "Choose the layer of trial units (points or polygons)."
+
         if self.raster.currentLayer() is None:
             return "Choose the imagery (a raster layer)."
         if not self.outcome.currentField():
@@ -303,14 +417,23 @@ class GeoCateDock(QgsDockWidget):
                 float(self.nodata.text())
             except ValueError:
                 return f"The extra nodata value '{self.nodata.text()}' is not a number."
-        return self.check_treatment()
+        problem = self.check_treatment()
+        if problem:
+            return problem
+        if units.featureCount() == 0:
+            return f"The layer '{units.name()}' has no features: choose the layer of trial units."
+        if self.selected_only.isChecked() and units.selectedFeatureCount() == 0:
+            return (f"No features are selected in '{units.name()}'. Select the units to use, or untick "
+                    "'Selected features only'.")
+        return None
 
     def start_run(self):
         problem = self.validate()
         if problem:
             self.show_error(problem)
             return False
-        self.run_name = f"GeoCATE {self.outcome.currentField()} {time.strftime('%H:%M:%S')}"
+        self.reset_results()
+        self.run_name = f"GeoCATE {time.strftime('%H:%M')} - {self.outcome.currentField()}"
         base = QgsProject.instance().homePath() or QgsProcessingUtils.tempFolder()
         self.run_dir = os.path.join(base, "geocate_runs", time.strftime("%Y%m%d-%H%M%S"))
         os.makedirs(self.run_dir, exist_ok=True)
@@ -320,7 +443,10 @@ class GeoCateDock(QgsDockWidget):
         self.context.setProject(QgsProject.instance())
         self.feedback = CapturingFeedback()
         self.feedback.progressChanged.connect(lambda value: self.progress.setValue(int(value)))
-        self.task = QgsProcessingAlgRunnerTask(algorithm, self.parameters(), self.context, self.feedback)
+        self.feedback.stage_changed.connect(self.stage.setText)   # "Causal forest: fold 2 of 5"
+        parameters = self.parameters()
+        self.add_to_history(algorithm, parameters)
+        self.task = QgsProcessingAlgRunnerTask(algorithm, parameters, self.context, self.feedback)
         self.task.executed.connect(self.on_executed)
         self.run_button.setEnabled(False)
         self.cancel_button.setEnabled(True)
@@ -342,11 +468,14 @@ class GeoCateDock(QgsDockWidget):
         errors = list(self.feedback.errors)
         # Drop the run's Processing objects now, not at interpreter exit after QGIS has gone.
         self.task = self.context = self.feedback = None
+        self.stage.setText("")
         if ok and not cancelled:
             self.last_results = results
             self.load_results()
+            self.progress.setValue(100)
             self.show_info(f"{self.run_name}: done.")
         else:
+            self.progress.setValue(0)
             shutil.rmtree(self.run_dir, ignore_errors=True)  # nothing half-written stays behind
             if cancelled:
                 self.show_info("The run was cancelled; nothing was written.")
@@ -359,8 +488,8 @@ class GeoCateDock(QgsDockWidget):
         from ..provider.styles import CATE_STYLE, GROUP_STYLE, apply_result_styles
 
         clusters = "OUTPUT_CLUSTERS" in self.last_results
-        layer = QgsVectorLayer(self.last_results["OUTPUT"],
-                               "Effect clusters" if clusters else "Treatment effects (CATE)", "ogr")
+        name = RESULT_NAMES[CLUSTER_ALGORITHM if clusters else ALGORITHM]
+        layer = QgsVectorLayer(self.last_results["OUTPUT"], name, "ogr")
         apply_result_styles(layer, current=GROUP_STYLE if clusters else CATE_STYLE)
         project = QgsProject.instance()
         group = project.layerTreeRoot().insertGroup(0, self.run_name)
@@ -371,18 +500,70 @@ class GeoCateDock(QgsDockWidget):
             project.addMapLayer(table, False)
             group.addLayer(table)
         group.setExpanded(True)
-        self.result_layer = layer
+        self.result_layer_id = layer.id()
         metadata_path = os.path.join(self.run_dir, "result.run.json")
         with open(metadata_path, encoding="utf-8") as handle:
             self.metadata = json.load(handle)
         self.show_summary(self.metadata)
         self.report_button.setEnabled(bool(self.last_results.get("OUTPUT_REPORT")))
         self.zoom_button.setEnabled(True)
+        self.outputs.setText(f"<small>Files: {self.run_dir}</small>")
+
+    def reset_results(self):
+        """Forget the last run's summary, plot, buttons and progress (a new run, a new project)."""
+        self.last_results = None
+        self.result_layer_id = None
+        self.summary.setText("")
+        self.outputs.setText("")
+        self.stage.setText("")
+        if self.canvas is not None:
+            self.canvas.figure.clear()
+            self.canvas.hide()
+        self.report_button.setEnabled(False)
+        self.zoom_button.setEnabled(False)
+        self.progress.setValue(0)
+
+    def add_to_history(self, algorithm, parameters):
+        """The run, as a Python command, in Processing > History (as the Processing dialog records it)."""
+        try:
+            command = algorithm.asPythonCommand(parameters, self.context)
+            from qgis.gui import QgsGui
+
+            if hasattr(QgsGui, "historyProviderRegistry"):   # QGIS 3.24 and later
+                QgsGui.historyProviderRegistry().addEntry("processing", {
+                    "python_command": command, "algorithm_id": algorithm.id(), "parameters": parameters})
+            else:
+                from processing.core.ProcessingLog import ProcessingLog
+
+                ProcessingLog.addToLog(command)
+        except Exception:  # noqa: BLE001 - the history is a courtesy: never stop a run for it
+            pass
+
+    # ---------------------------------------------------------------- following the project
+    def on_project_cleared(self):
+        self.reset_results()
+        self.show_info("")
+
+    def on_project_read(self, *_):
+        self.reset_results()
+        self.restore_choices()
+
+    def on_layers_removed(self, layer_ids):
+        if self.result_layer_id in layer_ids:
+            self.result_layer_id = None
+            self.zoom_button.setEnabled(False)
+        if self.tracked_units is not None and self.tracked_units.id() in layer_ids:
+            self.track_selection(None)
 
     def show_summary(self, metadata):
         ate, se = metadata["ate"], metadata["ate_se"]
+        from ..core.study import describe_dropped
+
+        dropped = metadata.get("dropped") or {}
         lines = [f"<b>ATE</b> {ate:.3f} (95 % interval {ate - 1.96 * se:.3f} to {ate + 1.96 * se:.3f})",
-                 f"<b>Units</b> {metadata['n_used']} used, {metadata['n_dropped']} dropped"]
+                 f"<b>Units</b> {metadata['n_used']} used, {metadata['n_dropped']} dropped"
+                 + (f" ({describe_dropped(dropped)})" if metadata["n_dropped"] else "")]
+        lines += [f"<span style='color:#b35806'>{warning}</span>" for warning in metadata.get("warnings", [])]
         if "heterogeneity_test" in metadata:
             test = metadata["heterogeneity_test"]
             verdict = "heterogeneity detected" if test["detected"] else "no heterogeneity detected"
@@ -413,7 +594,11 @@ class GeoCateDock(QgsDockWidget):
             QDesktopServices.openUrl(QUrl.fromLocalFile(self.last_results["OUTPUT_REPORT"]))
 
     def zoom_to_units(self):
-        if self.result_layer is None or self.iface is None:
+        if self.result_layer is None:
+            self.zoom_button.setEnabled(False)
+            self.show_info("The result layer is no longer in the project.")
+            return
+        if self.iface is None:
             return
         canvas = self.iface.mapCanvas()
         transform = QgsCoordinateTransform(self.result_layer.crs(), canvas.mapSettings().destinationCrs(),
@@ -444,6 +629,12 @@ class GeoCateDock(QgsDockWidget):
             self.show_info("Packages installed. You can run GeoCATE now.")
 
     # ---------------------------------------------------------------- messages and memory
+    def clear_error(self):
+        """A red message goes once the user changes a choice (it may be fixed now; Run checks again)."""
+        if self.message.styleSheet():
+            self.message.setText("")
+            self.message.setStyleSheet("")
+
     def show_error(self, text):
         self.message.setStyleSheet("color: #b2182b")
         self.message.setText(text)

@@ -1,6 +1,7 @@
 """The dock with its real widgets: filling it in, running to completion, cancelling, bad choices, missing packages."""
 
 import os
+import re
 import time
 
 import conftest  # noqa: F401 - makes 'geocate' importable
@@ -71,7 +72,11 @@ def test_toolbar_button_opens_the_dock_with_numeric_choices(plugin, project_laye
     numeric = {f.name() for f in units.fields() if f.isNumeric()}
     outcome_choices = {dock.outcome.itemText(i) for i in range(dock.outcome.count())} - {""}
     assert outcome_choices <= numeric
-    assert {dock.covariates.itemText(i) for i in range(dock.covariates.count())} == numeric
+    # Fields named like a treatment and an outcome are picked; the covariates offer neither, nor the key.
+    assert dock.treatment.currentField() == "treated" and dock.outcome.currentField() == "outcome"
+    assert {dock.covariates.itemText(i) for i in range(dock.covariates.count())} == numeric - {"fid", "treated",
+                                                                                             "outcome"}
+    assert dock.treatment_status.text() == "" and dock.message.text() == ""
     assert dock.bands.count() == 3
     assert dock.window_ground.text() == "= 990 m on the ground"
     dock.window.setValue(11)
@@ -98,6 +103,8 @@ def test_run_completes_in_the_background_with_styled_layers_and_a_summary(plugin
     units, raster = project_layers
     dock = filled_dock(plugin, units, raster)
     assert dock.start_run()
+    stages = []
+    dock.feedback.stage_changed.connect(stages.append)
     assert dock.cancel_button.isEnabled() and not dock.run_button.isEnabled()
     assert wait_for_run(dock) is True
     root = QgsProject.instance().layerTreeRoot()
@@ -119,7 +126,99 @@ def test_run_completes_in_the_background_with_styled_layers_and_a_summary(plugin
     again = GeoCateDock()
     assert again.units.currentLayer() == units and again.outcome.currentField() == "outcome"
     assert sorted(again.covariates.checkedItems()) == ["assets", "distance"]
+    again.disconnect_project()
     again.deleteLater()
+    # The group is named by time and outcome, the layer as everywhere; the stages were shown; files are named;
+    # the run is in Processing's history.
+    assert re.fullmatch(r"GeoCATE \d\d:\d\d - outcome", dock.run_name)
+    assert layer.name() == "Treatment effects (CATE)" and group.isExpanded()
+    assert any("Causal forest: fold" in text for text in stages) and dock.stage.text() == ""
+    assert dock.progress.value() == 100 and dock.run_dir in dock.outputs.text()
+    assert "18 dropped (6 outcome is null; 12 window" in summary   # why units were dropped
+    from processing.core.ProcessingLog import ProcessingLog
+
+    assert "geocate:estimatecate" in ProcessingLog.getLogEntries()[-1].text
+    # The result layer removed: Zoom says so instead of touching a deleted layer.
+    QgsProject.instance().removeMapLayer(layer.id())
+    dock.zoom_to_units()
+    assert "no longer in the project" in dock.message.text() and not dock.zoom_button.isEnabled()
+    # A new project: the last run's summary, plot and buttons go.
+    QgsProject.instance().clear()
+    assert dock.summary.text() == "" and not dock.canvas.isVisibleTo(dock) and not dock.report_button.isEnabled()
+    assert dock.progress.value() == 0 and dock.message.text() == ""
+
+
+def test_the_dock_follows_a_project_that_is_opened(plugin, project_layers, tmp_path):
+    units, raster = project_layers
+    dock = filled_dock(plugin, units, raster)
+    dock.seed.setValue(7)
+    dock.save_choices()
+    path = str(tmp_path / "trial.qgz")
+    assert QgsProject.instance().write(path)
+    QgsProject.instance().clear()
+    assert dock.units.currentLayer() is None
+    assert QgsProject.instance().read(path)
+    assert dock.units.currentLayer() is not None and dock.units.currentLayer().name() == "units"
+    assert dock.treatment.currentField() == "treated" and dock.seed.value() == 7
+    assert sorted(dock.covariates.checkedItems()) == ["assets", "distance"]
+
+
+def test_choices_start_empty_selection_and_messages_follow_the_user(plugin, project_layers):
+    units, raster = project_layers
+    dock = plugin.toggle_dock(True)
+    plain = QgsVectorLayer("Point?crs=EPSG:32621&field=fid:integer&field=a:integer&field=b:double&field=c:double",
+                           "plain", "memory")
+    QgsProject.instance().addMapLayer(plain)
+    dock.units.setLayer(plain)
+    # No field is named like a treatment or an outcome: nothing is chosen, and no error shows before a choice.
+    assert dock.treatment.currentField() == "" and dock.outcome.currentField() == ""
+    assert dock.treatment_status.text() == "" and not dock.treatment_status.isVisibleTo(dock)
+    assert {dock.covariates.itemText(i) for i in range(dock.covariates.count())} == {"a", "b", "c"}
+    dock.treatment.setField("a")
+    dock.outcome.setField("b")
+    assert {dock.covariates.itemText(i) for i in range(dock.covariates.count())} == {"c"}
+    dock.raster.setLayer(raster)
+    assert dock.start_run() is False and "has no features" in dock.message.text()
+    # Selected features only is offered only with a selection, and an empty selection is explained.
+    dock.units.setLayer(units)
+    assert not dock.selected_only.isEnabled() and "(none)" in dock.selected_only.text()
+    units.selectByIds([f.id() for f in units.getFeatures()][:5])
+    assert dock.selected_only.isEnabled() and "5 selected" in dock.selected_only.text()
+    dock.selected_only.setChecked(True)
+    units.removeSelection()
+    assert not dock.selected_only.isChecked()
+    dock.selected_only.setEnabled(True)
+    dock.selected_only.setChecked(True)
+    assert dock.start_run() is False and "No features are selected in 'units'" in dock.message.text()
+    # A red message goes when the user changes a choice.
+    dock.selected_only.setChecked(False)
+    assert dock.message.text() == ""
+    dock.treatment.setField("true_group")
+    assert dock.start_run() is False and dock.message.text()
+    dock.treatment.setField("treated")
+    assert dock.message.text() == "" and dock.treatment_status.text() == ""
+
+
+def test_every_choice_has_a_tooltip_and_a_narrow_dock_scrolls_instead_of_cutting(plugin, project_layers):
+    from qgis.PyQt.QtCore import Qt
+
+    units, raster = project_layers
+    dock = filled_dock(plugin, units, raster)
+    for widget in (dock.units, dock.selected_only, dock.treatment, dock.outcome, dock.covariates, dock.raster,
+                   dock.bands, dock.window, dock.method, dock.seed, dock.groups, dock.clusters, dock.max_clusters,
+                   dock.spatial_block, dock.nodata):
+        assert widget.toolTip(), widget
+    scroll = dock.widget()
+    assert scroll.horizontalScrollBarPolicy() == Qt.ScrollBarAsNeeded
+    dock.advanced.setCollapsed(False)
+    dock.setFloating(True)
+    dock.show()
+    dock.resize(300, 700)
+    for _ in range(5):
+        QgsApplication.processEvents()
+    needed, shown = scroll.widget().minimumSizeHint().width(), scroll.viewport().width()
+    assert needed <= shown or scroll.horizontalScrollBar().maximum() >= needed - shown
+    assert dock.spatial_block.specialValueText() == "auto" and dock.nodata.placeholderText() == "none"
 
 
 def test_cancel_stops_the_run_and_leaves_nothing(plugin, project_layers):
