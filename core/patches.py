@@ -250,3 +250,32 @@ def _check_bands(bands, info):
             f"Choose bands between 1 and {info.band_count}, or leave BANDS empty for all.",
         )
     return bands
+
+
+def rgb_bands(raster_path, bands=None):
+    """1-based (red, green, blue) band numbers for showing the imagery in natural colour, or None (grey).
+
+    Taken from the raster's colour interpretation, else from band descriptions
+    that name the colour ("B4 red"), else the first three of ``bands`` (the
+    user's choice, in the order given; default all bands) read as red, green,
+    blue. Among ``bands`` only when given.
+    """
+    from osgeo import gdal
+
+    dataset = gdal.Open(raster_path)
+    candidates = list(bands) if bands else list(range(1, dataset.RasterCount + 1))
+    if len(candidates) < 3:
+        return None
+    by_interpretation = {dataset.GetRasterBand(b).GetColorInterpretation(): b for b in candidates}
+    wanted = (gdal.GCI_RedBand, gdal.GCI_GreenBand, gdal.GCI_BlueBand)
+    if all(c in by_interpretation for c in wanted):
+        return tuple(by_interpretation[c] for c in wanted)
+    by_name = {}
+    for b in candidates:
+        words = (dataset.GetRasterBand(b).GetDescription() or "").lower().replace("_", " ").split()
+        for colour in ("red", "green", "blue"):
+            if colour in words:
+                by_name.setdefault(colour, b)
+    if len(by_name) == 3:
+        return by_name["red"], by_name["green"], by_name["blue"]
+    return tuple(candidates[:3])

@@ -29,7 +29,12 @@ def plot_toc(rates, path, title="Targeting operator characteristic"):
 
 
 def table(headers, rows, digits=4):
+    """An HTML table; numbers to ``digits`` places, missing and not-finite values as a dash (never "nan")."""
+    import math
+
     def cell(value):
+        if value is None or (isinstance(value, float) and not math.isfinite(value)):
+            return "\u2013"
         if isinstance(value, float):
             return f"{value:.{digits}g}" if abs(value) < 1e-3 and value != 0 else f"{value:.{digits}f}"
         return html.escape(str(value))
@@ -58,14 +63,45 @@ def write_html(path, title, sections, metadata=None):
              f"<p class='note'>Written by GeoCATE on {time.strftime('%Y-%m-%d %H:%M')}.</p>"]
     for heading, body in sections:
         parts.append(f"<h2>{html.escape(heading)}</h2>{body}")
-    if metadata is not None:
-        parts.append("<h2>Run metadata</h2><pre>" + html.escape(json.dumps(metadata, indent=2, default=str)) + "</pre>")
+    if metadata is not None:   # for reproducing the run, folded away
+        parts.append("<h2>Run metadata</h2><details><summary>Everything this run used and measured (JSON)</summary>"
+                     "<pre>" + html.escape(json.dumps(metadata, indent=2, default=str)) + "</pre></details>")
     parts.append("</body></html>")
     tmp = path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as handle:
         handle.write("".join(parts))
     os.replace(tmp, path)
     return path
+
+
+#: Parameter ids as the labels users see in the dialogs.
+SETTING_LABELS = {
+    "INPUT": "Units layer", "TREATMENT": "Treatment", "OUTCOME": "Outcome", "COVARIATES": "Covariates",
+    "RASTER": "Imagery", "BANDS": "Bands", "PATCH_SIZE": "Window size (pixels)", "NODATA": "Extra nodata value",
+    "SEED": "Seed", "GROUPS": "Effect groups", "CLUSTER": "Cluster field", "SPATIAL_BLOCK": "Spatial blocks",
+    "CLUSTERS": "Clusters", "MAX_CLUSTERS": "Largest K tried", "EPOCHS": "Training epochs", "DEVICE": "Device",
+    "PRIORITY": "Priority", "PRIORITY_2": "Second priority", "BOOTSTRAP": "Bootstrap draws"}
+
+
+def readable_setting(name, value):
+    """A parameter's value as a reader wants it: "all" bands, "none" for no blocks or cluster field, lists joined."""
+    if name == "BANDS":
+        return ", ".join(str(b) for b in value) if value else "all"
+    if name == "SPATIAL_BLOCK":
+        return "none" if not value else "chosen from the data" if value < 0 else f"{value:,.0f} m"
+    if name == "CLUSTERS" and value == 0:
+        return "chosen from the data"
+    if isinstance(value, (list, tuple)):
+        return ", ".join(str(v) for v in value) if value else "none"
+    if value is None or value == "":
+        return "none"
+    return value
+
+
+def settings_table(parameters):
+    """The run's parameters with the labels users see and readable values."""
+    return table(["setting", "value"], [(SETTING_LABELS.get(name, name), readable_setting(name, value))
+                                        for name, value in parameters.items()])
 
 
 def ratio(estimate, std_err):
@@ -108,10 +144,6 @@ def evaluation_report(evaluation, html_path, png_path, inputs, metadata=None):
     verdict += (" This holds only if the priority was built without these units' outcomes (see 'How to read "
                 "this').")
     sections = [
-        ("Inputs", table(["item", "value"], list(inputs.items()))),
-        ("Summary", f"<p>{html.escape(verdict)}</p>"),
-        ("TOC curve", image(png_path, "TOC curve")),
-        ("Estimates", table(RATE_HEADERS, rate_rows(evaluation))),
         ("How to read this", "<p class='note'>The test is valid only if the priority was built without these "
          "units' outcomes (a model fit on other data, or a rule fixed in advance). GeoCATE's own cate field does "
          "not qualify: it is cross-fitted on the same units, so its AUTOC here is descriptive; the test for it is "
@@ -121,7 +153,11 @@ def evaluation_report(evaluation, html_path, png_path, inputs, metadata=None):
          "Doubly robust scores use outcome models that did not see the unit; intervals come from a half-sample "
          "bootstrap over clusters (locations or spatial blocks). The BLP differential b2 is 1 for a well-calibrated "
          "CATE and 0 for one without signal (Chernozhukov et al.). GATEs are average effects by quantile group of "
-         "the priority (group 1 lowest).</p>"),
+         "the priority (group 1 lowest). In the plot's legend, \u00b1 is 1.96 standard errors (a 95 % interval); a dash in a table is a value that does not apply.</p>"),
+        ("Inputs", table(["item", "value"], list(inputs.items()))),
+        ("Summary", f"<p>{html.escape(verdict)}</p>"),
+        ("TOC curve", image(png_path, "TOC curve")),
+        ("Estimates", table(RATE_HEADERS, rate_rows(evaluation))),
     ]
     return write_html(html_path, "GeoCATE: evaluation of heterogeneity", sections, metadata)
 
@@ -161,11 +197,6 @@ def comparison_report(comparison, html_path, png_path, inputs, metadata=None):
                      f"(SE {test.std_err:.3f}, t = {test.t_stat:.2f}, one-sided p = {test.p_value:.3g}); "
                      f"the first {verdict}.</li>")
     sections = [
-        ("Inputs", table(["item", "value"], list(inputs.items()))),
-        ("What the imagery adds", "<ul>" + "".join(lines) + "</ul>" if lines else
-         "<p>Only imagery was given: no covariates to compare with.</p>"),
-        ("TOC curves", image(png_path, "TOC curves by source")),
-        ("Estimates", table(RATE_HEADERS, comparison_rows(comparison))),
         ("How to read this", "<p class='note'>The tests are sequential cross-fold tests (grf's rate_cv): in each "
          "fold after the first, every source's learner, built on the earlier folds only, ranks the fold's units, "
          "which are judged by the same doubly robust scores and the same bootstrap half-samples, so differences "
@@ -173,6 +204,11 @@ def comparison_report(comparison, html_path, png_path, inputs, metadata=None):
          "ranks units by their gain better than the second. The pooled rows rank all units by their "
          "out-of-fold CATE: descriptive only, since each unit was ranked by a model that saw the other ranked "
          "units, and no p-value is given for them.</p>"),
+        ("Inputs", table(["item", "value"], list(inputs.items()))),
+        ("What the imagery adds", "<ul>" + "".join(lines) + "</ul>" if lines else
+         "<p>Only imagery was given: no covariates to compare with.</p>"),
+        ("TOC curves", image(png_path, "TOC curves by source")),
+        ("Estimates", table(RATE_HEADERS, comparison_rows(comparison))),
     ]
     return write_html(html_path, "GeoCATE: what the imagery adds", sections, metadata)
 
@@ -208,6 +244,18 @@ def plot_group_effects(group_effects, path, ate=None):
     figure.tight_layout()
     figure.savefig(path)
     return path
+
+
+HOW_TO_READ_ESTIMATE = (
+    "<p class='note'>Each unit's CATE comes from a causal forest that did "
+    "not see it, nor its cluster (cross-fitting). Its 95 % interval covers the forest's sampling "
+    "noise, assuming independent units; forests shrink extreme effects toward the mean, and the "
+    "interval does not cover that bias. Group averages are means of doubly robust scores within "
+    "each group of estimated effects, with cluster-robust intervals; they, not the CATE of single "
+    "units, are the numbers to quote. The heterogeneity test ranks each fold with a forest built "
+    "on the earlier folds only and combines the folds' t-statistics (grf's sequential cross-fold "
+    "test): it asks whether the units ranked first gain more than average. The TOC shows how much "
+    "more than average the units ranked first gain.</p>")
 
 
 def estimate_report(metadata, html_path, map_png=None, figures=None):
@@ -246,34 +294,28 @@ def estimate_report(metadata, html_path, map_png=None, figures=None):
     group_rows = [(row["group"], row["n"], row["mean_cate"], row["effect"], row["ci_low"], row["ci_high"])
                   for row in metadata["group_effects"]]
     sections = [
+        ("How to read this", HOW_TO_READ_ESTIMATE),
         ("Summary", summary),
-        ("Inputs and settings", table(["parameter", "value"], [(k, v if v is not None else "-")
-                                                              for k, v in parameters.items()])),
+        ("Inputs and settings", settings_table(parameters)),
         ("Effects by group", table(["group", "units", "mean estimated CATE", "group average effect (DR)",
                                     "95 % low", "95 % high"], group_rows) + image(groups_png, "Effects by group")),
         ("Targeting operator characteristic", image(toc_png, "TOC curve")),
     ]
     if map_png:
         sections.append(("Map", image(map_png, "Map of the estimated effects")))
-    sections.append(("How to read this", "<p class='note'>Each unit's CATE comes from a causal forest that did "
-                     "not see it, nor its cluster (cross-fitting). Its 95 % interval covers the forest's sampling "
-                     "noise, assuming independent units; forests shrink extreme effects toward the mean, and the "
-                     "interval does not cover that bias. Group averages are means of doubly robust scores within "
-                     "each group of estimated effects, with cluster-robust intervals; they, not the CATE of single "
-                     "units, are the numbers to quote. The heterogeneity test ranks each fold with a forest built "
-                     "on the earlier folds only and combines the folds' t-statistics (grf's sequential cross-fold "
-                     "test): it asks whether the units ranked first gain more than average. The TOC shows how much "
-                     "more than average the units ranked first gain.</p>"))
     return write_html(html_path, "GeoCATE: treatment effects from imagery", sections, metadata)
 
 
-def plot_effect_map(raster_path, coords, cate, path, max_pixels=900):
+def plot_effect_map(raster_path, coords, cate, path, max_pixels=900, bands=None):
     """Units coloured by CATE (diverging, centred on 0) over the imagery around them, to a PNG.
 
     coords are in the raster's CRS. Only the units' bounding box (plus a margin)
-    is read, decimated by GDAL to at most ``max_pixels`` per side; 3-band
-    imagery is shown as natural colour (bands 3, 2, 1), others as grey.
+    is read, decimated by GDAL to at most ``max_pixels`` per side; imagery is
+    shown in natural colour with the bands core.patches.rgb_bands finds (the
+    raster's colour interpretation, else the user's ``bands``), else as grey.
     """
+    from .patches import rgb_bands
+
     import numpy as np
     from matplotlib.colors import TwoSlopeNorm
     from matplotlib.figure import Figure
@@ -291,7 +333,7 @@ def plot_effect_map(raster_path, coords, cate, path, max_pixels=900):
     r0, r1 = int(max(rows.min() - margin, 0)), int(min(rows.max() + margin, dataset.RasterYSize))
     scale = max((c1 - c0) / max_pixels, (r1 - r0) / max_pixels, 1)
     width, height = max(int((c1 - c0) / scale), 1), max(int((r1 - r0) / scale), 1)
-    bands = [3, 2, 1] if dataset.RasterCount >= 3 else [1]
+    bands = list(rgb_bands(raster_path, bands) or [bands[0] if bands else 1])
     image_data = np.stack([dataset.GetRasterBand(b).ReadAsArray(c0, r0, c1 - c0, r1 - r0, width, height)
                            .astype(float) for b in bands], axis=-1)
     for band in range(image_data.shape[-1]):  # a 2-98 % stretch per band, fill (0) left out
@@ -322,3 +364,81 @@ def draw_cluster_effects(axes, clusters, ate=None):
         axes.annotate(f"{100 * row[4]:.0f} %", (row[0], row[3]), textcoords="offset points", xytext=(0, 4),
                       ha="center", fontsize=7)
     _finish_effect_axes(axes, numbers, "latent cluster (share of units above)", ate)
+
+
+def _display_rgb(window):
+    """(bands, h, w) -> (h, w, 3) in [0, 1] for display: the first three bands (one band: grey), each stretched
+    between its 2nd and 98th percentile."""
+    import numpy as np
+
+    window = np.asarray(window, float)
+    bands = window[:3] if len(window) >= 3 else np.repeat(window[:1], 3, axis=0)
+    low = np.nanpercentile(bands, 2, axis=(1, 2))[:, None, None]
+    high = np.nanpercentile(bands, 98, axis=(1, 2))[:, None, None]
+    return np.clip((bands - low) / np.where(high > low, high - low, 1.0), 0, 1).transpose(1, 2, 0)
+
+
+def plot_salience(typical, path, rgb_order=(0, 1, 2)):
+    """For each cluster, its most typical unit's window and where the image model looks (gradient salience).
+
+    typical: [(cluster number, window (bands, h, w), salience (h, w))]; rgb_order: which bands show as red,
+    green and blue (from the raster's colour interpretation)."""
+    import numpy as np
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(2.2 * len(typical), 4.4), dpi=100)
+    for column, (cluster, window, gradient) in enumerate(typical):
+        window = np.asarray(window)
+        order = [b for b in rgb_order if b < len(window)] or [0]
+        image = figure.add_subplot(2, len(typical), column + 1)
+        image.imshow(_display_rgb(window[order]))
+        image.set_title(f"cluster {cluster}", fontsize=9)
+        heat = figure.add_subplot(2, len(typical), len(typical) + column + 1)
+        heat.imshow(gradient, cmap="magma")
+        heat.set_title("salience", fontsize=8)
+        for axes in (image, heat):
+            axes.set_xticks([])
+            axes.set_yticks([])
+    figure.tight_layout()
+    figure.savefig(path)
+    return path
+
+
+def cluster_report(metadata, html_path, figures, typical=None, rgb_order=(0, 1, 2)):
+    """The HTML report of geocate:imageclusters: how to read it, the clusters with their effects and shares, the
+    choice of K, the most typical unit of each cluster with its salience, settings, run metadata."""
+    from matplotlib.figure import Figure
+
+    clusters = metadata["clusters"]
+    figure = Figure(figsize=(5.6, 3.6), dpi=110)
+    draw_cluster_effects(figure.add_subplot(1, 1, 1), clusters, metadata.get("ate"))
+    figure.tight_layout()
+    effects_png = os.path.join(figures, "clusters.png")
+    figure.savefig(effects_png)
+    k = metadata["n_clusters"]
+    low = metadata["ate"] - 1.959964 * metadata["ate_se"]
+    high = metadata["ate"] + 1.959964 * metadata["ate_se"]
+    summary = (f"<p><b>{k} cluster{'s' if k > 1 else ''}</b>" + (" (no heterogeneity found: one cluster fits the "
+               "held-out units best)" if k == 1 else "") + f". Average treatment effect (doubly robust): "
+               f"<b>{metadata['ate']:.3f}</b> (95 % interval {low:.3f} to {high:.3f}), from {metadata['n_used']} "
+               f"units ({metadata['n_dropped']} dropped).</p>")
+    rows = [(f"cluster {row[0]}", f"{100 * row[4]:.0f} %", row[1], row[2], row[3], row[5], row[6]) for row in clusters]
+    sections = [
+        ("How to read this", "<p class='note'>Each unit belongs to the latent clusters with the probabilities its "
+         "image gives (p_1..p_K in the layer); each cluster has its own treatment effect. The interval of a "
+         "cluster's effect is its posterior 95 % interval; 'share' is the mean probability over the units. K was "
+         "chosen by the held-out likelihood of the cross-fitted model (the smallest K within one standard error "
+         "of the best), so K = 1 means the images show no heterogeneity. The salience maps show which pixels "
+         "move a unit's cluster probability most (brighter = more). ± and intervals are 95 %.</p>"),
+        ("Summary", summary),
+        ("Clusters", table(["cluster", "share of units", "effect", "95 % low", "95 % high", "outcome sd, control",
+                            "outcome sd, treated"], rows, digits=3) + image(effects_png, "Cluster effects")),
+    ]
+    if metadata.get("k_table"):
+        sections.append(("Choice of K", table(["K", "held-out log-likelihood per unit", "SE"],
+                                              [tuple(row) for row in metadata["k_table"]])))
+    if typical:
+        sections.append(("The most typical unit of each cluster", image(
+            plot_salience(typical, os.path.join(figures, "salience.png"), rgb_order), "Typical windows and salience")))
+    sections.append(("Settings", settings_table(metadata.get("parameters", {}))))
+    return write_html(html_path, "GeoCATE: effect clusters from imagery", sections, metadata)

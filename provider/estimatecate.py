@@ -162,7 +162,8 @@ class EstimateCateAlgorithm(GeoCateAlgorithm):
             from ..core.report import estimate_report, plot_effect_map
 
             with tempfile.TemporaryDirectory(prefix="geocate-") as folder:  # the report embeds its figures
-                map_png = plot_effect_map(path, study.coords, result.cate, os.path.join(folder, "map.png"))
+                map_png = plot_effect_map(path, study.coords, result.cate, os.path.join(folder, "map.png"),
+                                          bands=bands)
                 estimate_report(metadata, report, map_png, figures=folder)
             results[self.OUTPUT_REPORT] = report
             feedback.pushInfo(f"Report: {self.final_path(report)}.")

@@ -32,6 +32,7 @@ class ImageClustersAlgorithm(GeoCateAlgorithm):
     result_style = GROUP_STYLE  # the cluster layer opens categorized
     CLUSTERS, MAX_CLUSTERS, EPOCHS, DEVICE = "CLUSTERS", "MAX_CLUSTERS", "EPOCHS", "DEVICE"
     OUTPUT, OUTPUT_CLUSTERS, OUTPUT_MODEL, OUTPUT_SALIENCE = "OUTPUT", "OUTPUT_CLUSTERS", "OUTPUT_MODEL", "OUTPUT_SALIENCE"
+    OUTPUT_REPORT = "OUTPUT_REPORT"
 
     short_description = ("Latent clusters of units whose imagery predicts how much they gain, with each cluster's "
                          "effect, salience maps and a reusable ONNX model.")
@@ -53,7 +54,9 @@ class ImageClustersAlgorithm(GeoCateAlgorithm):
             "Outputs: the units with out-of-fold cate, cate_lo, cate_hi, cate_se, group (most probable cluster, 1 = "
             "smallest effect), p_1..p_K, patch_ok; a table of clusters (effect, 95 % interval, share, sigmas); the "
             "model as ONNX with its description (.onnx.json); optionally salience rasters for the units most "
-            "typical of each cluster (band 1: gradient, band 2: occlusion of 3 x 3 segments)."
+            "typical of each cluster (band 1: gradient, band 2: occlusion of 3 x 3 segments), and an HTML report "
+            "(the clusters with their effects and shares, the choice of K, each cluster's most typical window "
+            "with its salience)."
         )
 
     def initAlgorithm(self, config=None):  # noqa: N802 - QGIS's name
@@ -79,6 +82,8 @@ class ImageClustersAlgorithm(GeoCateAlgorithm):
                                                                 optional=True, createByDefault=True))
         self.addParameter(QgsProcessingParameterFolderDestination(
             self.OUTPUT_SALIENCE, "Salience rasters (folder)", optional=True, createByDefault=False))
+        self.addParameter(QgsProcessingParameterFileDestination(
+            self.OUTPUT_REPORT, "Report (HTML)", "HTML files (*.html)", optional=True, createByDefault=False))
         for name, label in (("N_CLUSTERS", "Number of clusters used"), ("ATE", "Average treatment effect (DR)"),
                             ("ATE_SE", "Standard error of the ATE"), ("N_USED", "Units used"),
                             ("N_DROPPED", "Units dropped")):
@@ -150,7 +155,7 @@ class ImageClustersAlgorithm(GeoCateAlgorithm):
         if salience_dir:
             written = self._write_salience(salience_dir, study, result, extras, study_values)
             feedback.pushInfo(f"{written} salience raster(s) written to {salience_dir}.")
-        return self.keep_result(context, dest_id, {
+        results = self.keep_result(context, dest_id, {
             self.OUTPUT: dest_id, self.OUTPUT_CLUSTERS: table_id, self.OUTPUT_MODEL: model_path or None,
             self.OUTPUT_SALIENCE: salience_dir, "N_CLUSTERS": k, "ATE": result.ate, "ATE_SE": result.ate_se,
             "N_USED": result.n_used, "N_DROPPED": result.n_dropped},
@@ -163,6 +168,32 @@ class ImageClustersAlgorithm(GeoCateAlgorithm):
                 "MAX_CLUSTERS": max_clusters, "EPOCHS": epochs, "DEVICE": device},
                  n_units=len(features), n_used=result.n_used, n_dropped=result.n_dropped, ate=result.ate,
                  ate_se=result.ate_se), feedback)
+        report = self.output_file(parameters, self.OUTPUT_REPORT, context)
+        if report:
+            self._write_report(report, study, result, extras, study_values)
+            results[self.OUTPUT_REPORT] = report
+            feedback.pushInfo(f"Report: {self.final_path(report)}.")
+        return results
+
+    def _write_report(self, report, study, result, extras, study_values):
+        """The cluster report, with each cluster's most typical unit and where the model looks in its window."""
+        import tempfile
+
+        from ..core.clusters import salience
+        from ..core.patches import rgb_bands
+        from ..core.report import cluster_report
+
+        probabilities = np.nan_to_num(result.probabilities, nan=-1.0)
+        typical = []
+        for cluster in range(probabilities.shape[1]):
+            unit = int(np.argmax(probabilities[:, cluster]))
+            if probabilities[unit, cluster] >= 0:
+                typical.append((cluster + 1, study.patches[unit],
+                                salience(extras["model"], study.patches[unit], study.covariates[unit], cluster)))
+        rgb = rgb_bands(study_values["raster"], list(study.bands))
+        order = [list(study.bands).index(b) for b in rgb] if rgb else [0]
+        with tempfile.TemporaryDirectory(prefix="geocate-") as folder:
+            cluster_report(self._metadata, report, folder, typical, order)
 
     @staticmethod
     def _write_salience(folder, study, result, extras, study_values, per_cluster=3):

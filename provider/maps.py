@@ -3,13 +3,17 @@
 from qgis.core import QgsContrastEnhancement, QgsRasterMinMaxOrigin
 
 
-def true_color(layer):
-    """Show a 3-band (B, G, R) raster as natural colour with a 2-98 % stretch; other rasters keep QGIS's default."""
+def true_color(layer, bands=None):
+    """Show a raster in natural colour (bands from its colour interpretation, see core.patches.rgb_bands) with a
+    2-98 % stretch; rasters with fewer than three bands keep QGIS's default."""
+    from ..core.patches import rgb_bands
+
     renderer = layer.renderer()
-    if layer.bandCount() >= 3 and hasattr(renderer, "setRedBand"):
-        renderer.setRedBand(3)
-        renderer.setGreenBand(2)
-        renderer.setBlueBand(1)
+    rgb = rgb_bands(layer.source(), bands) if layer.bandCount() >= 3 else None
+    if rgb and hasattr(renderer, "setRedBand"):
+        renderer.setRedBand(rgb[0])
+        renderer.setGreenBand(rgb[1])
+        renderer.setBlueBand(rgb[2])
     layer.setContrastEnhancement(QgsContrastEnhancement.StretchToMinimumMaximum,
                                  QgsRasterMinMaxOrigin.CumulativeCut)
     return layer

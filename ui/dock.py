@@ -397,7 +397,8 @@ class GeoCateDock(QgsDockWidget):
                               OUTPUT_CLUSTERS=os.path.join(self.run_dir, "clusters.gpkg"),
                               OUTPUT_MODEL=os.path.join(self.run_dir, "clusters.onnx"))
         else:
-            parameters.update(GROUPS=self.groups.value(), OUTPUT_REPORT=os.path.join(self.run_dir, "report.html"))
+            parameters.update(GROUPS=self.groups.value())
+        parameters["OUTPUT_REPORT"] = os.path.join(self.run_dir, "report.html")
         if self.nodata.text().strip():
             parameters["NODATA"] = float(self.nodata.text())
         return parameters

@@ -139,3 +139,28 @@ def test_a_single_band_raster_keeps_its_real_zeros(tmp_path):
     centre = [pixel_centre(20, 20)]
     assert extract_patches(path, centre, crs_wkt(32621), window_size_px=5).ok.all()
     assert not extract_patches(path, centre, crs_wkt(32621), window_size_px=5, nodata=0).ok.any()
+
+
+def test_natural_colour_bands_come_from_the_raster_not_from_an_assumed_order(tmp_path, demo_raster):
+    from osgeo import gdal
+
+    from geocate.core.patches import rgb_bands
+
+    assert rgb_bands(demo_raster) == (3, 2, 1)            # the demo declares blue, green, red
+    path = str(tmp_path / "rgbn.tif")
+    dataset = gdal.GetDriverByName("GTiff").Create(path, 4, 4, 4, gdal.GDT_Byte)
+    for band, interpretation in zip((1, 2, 3, 4), (gdal.GCI_RedBand, gdal.GCI_GreenBand, gdal.GCI_BlueBand,
+                                                   gdal.GCI_Undefined)):
+        dataset.GetRasterBand(band).SetColorInterpretation(interpretation)
+    dataset = None
+    assert rgb_bands(path) == (1, 2, 3)                     # red, green, blue, near-infrared
+    named = str(tmp_path / "named.tif")
+    dataset = gdal.GetDriverByName("GTiff").Create(named, 4, 4, 4, gdal.GDT_UInt16)
+    for band, name in zip((1, 2, 3, 4), ("B8 nir", "B4 red", "B3 green", "B2 blue")):
+        dataset.GetRasterBand(band).SetDescription(name)
+    dataset = None
+    assert rgb_bands(named) == (2, 3, 4)                    # from the band names
+    plain = str(tmp_path / "plain.tif")
+    gdal.GetDriverByName("GTiff").Create(plain, 4, 4, 5, gdal.GDT_Byte)
+    assert rgb_bands(plain, bands=[5, 4, 1]) == (5, 4, 1)   # nothing declared: the user's band choice, in order
+    assert rgb_bands(plain, bands=[2, 3]) is None           # two bands: grey

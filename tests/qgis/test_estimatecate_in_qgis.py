@@ -157,6 +157,19 @@ def test_geopackage_output_loads_styled_and_has_its_run_metadata(plugin, demo_un
                  "Run metadata"):
         assert part in report
     assert report.count("data:image/png;base64") == 3
+    # Read like a report: how to read it first, settings with their labels and readable values, no "nan",
+    # the raw JSON folded away, and no figure files left beside it.
+    body = report.split("<h2>Run metadata</h2>")[0]
+    assert body.index("How to read this") < body.index("Summary") < body.index("Inputs and settings")
+    for label, value in (("Spatial blocks", "none"), ("Bands", "all"), ("Window size (pixels)", "33"),
+                         ("Covariates", "none")):
+        assert f"<td>{label}</td><td>{value}</td>" in body
+    import re
+
+    text = re.sub(r'src="data:image/png;base64,[^"]*"', "", body)   # the figures' bytes are not words
+    assert not re.search(r"\bnan\b", text, re.IGNORECASE) and "PATCH_SIZE" not in text
+    assert "<details><summary>" in report
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["effects.gpkg", "effects.html", "effects.run.json"]
 
 
 def units_layer(treatment_values, treatment_type=QVariant.Int, n=60):
