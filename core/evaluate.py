@@ -224,9 +224,10 @@ def sequential_rate_test(scores, folds, priority_for, target="AUTOC", clusters=N
                          n_draws=200, seed=42, progress=None, is_cancelled=None):
     """The sequential cross-fold heterogeneity test (see :class:`HeterogeneityTest`).
 
-    scores: (n,) DR scores, fold k's from outcome models that saw none of the
-    folds before k (core.scores.held_out_scores; cross-fitted scores whose
-    models saw the priority's training folds make the test over-reject);
+    scores: (n,) DR scores whose outcome models did not see the unit's fold
+    (core.scores.cross_fitted_scores: regularised models on a few inputs; an
+    outcome model that overfits many raw inputs carries the earlier folds'
+    noise into fold k's scores and makes the test over-reject);
     folds: (n,) fold ids, taken in sorted order;
     priority_for(train, test): priorities (m,) or (m, 2) for the ``test`` units
     from a model built on the ``train`` units only (boolean masks);

@@ -18,7 +18,7 @@ from .evaluate import (
     sequential_rate_test,
 )
 from .learners import default_learner, design_matrix, effect_groups, location_folds, location_ids
-from .scores import cross_fitted_scores, doubly_robust_ate, held_out_scores, outcome_inputs
+from .scores import cross_fitted_scores, doubly_robust_ate, outcome_inputs
 from .study import Result, build_study
 
 
@@ -246,9 +246,8 @@ def compare_sources(units, raster_path, bands=None, window_size_px=33, nodata=No
     features' leading principal components and the covariates, cross-fitted on
     those folds). The formal comparison is the sequential cross-fold test
     (core.evaluate.sequential_rate_test): in each fold k >= 2, every source's
-    learner, built on the earlier folds only, ranks fold k, scored with
-    held-out DR scores (core.scores.held_out_scores: outcome models that never
-    saw the earlier folds), with paired half-samples, so differences are paired. The pooled out-of-fold RATEs are
+    learner, built on the earlier folds only, ranks fold k, with paired
+    half-samples, so differences are paired. The pooled out-of-fold RATEs are
     reported too, as descriptive figures.
     Returns (study, {"cate": {source: (n_used,)}, "tests": {"AUTOC": [...], "QINI": [...]},
     "test_differences": {...}, "rates": {...} (pooled, descriptive), "differences": {...},
@@ -271,9 +270,7 @@ def compare_sources(units, raster_path, bands=None, window_size_px=33, nodata=No
         learner.fit(Y, W, design, groups=groups, outcome_inputs=inputs, folds=folds, is_cancelled=is_cancelled,
                     progress=_stage(progress, 0.2 + 0.4 * k / len(sources), 0.2 + 0.4 * (k + 1) / len(sources)))
         cate[source], learners[source] = learner.cate_, learner
-    inputs = outcome_inputs(features, covariates, seed)
-    scores = cross_fitted_scores(Y, W, inputs, folds, seed=seed)[0]
-    test_scores = held_out_scores(Y, W, inputs, folds, groups, seed)  # fold k's never saw folds 1..k-1
+    scores = cross_fitted_scores(Y, W, outcome_inputs(features, covariates, seed), folds, seed=seed)[0]
     priorities = {}
 
     def priority_for(sources_wanted):
@@ -288,10 +285,10 @@ def compare_sources(units, raster_path, bands=None, window_size_px=33, nodata=No
     pairs = [(a, b) for a, b in COMPARISONS if a in cate and b in cate]
     for step, target in enumerate(("AUTOC", "QINI")):
         stage = _stage(progress, 0.6 + 0.2 * step, 0.8 + 0.2 * step)
-        tests[target] = [sequential_rate_test(test_scores, folds, priority_for([s]), target, groups, [s], n_draws=n_draws,
+        tests[target] = [sequential_rate_test(scores, folds, priority_for([s]), target, groups, [s], n_draws=n_draws,
                                               seed=seed, progress=stage, is_cancelled=is_cancelled)[0]
                          for s in sources]
-        test_differences[target] = [sequential_rate_test(test_scores, folds, priority_for([a, b]), target, groups, [a, b],
+        test_differences[target] = [sequential_rate_test(scores, folds, priority_for([a, b]), target, groups, [a, b],
                                                          n_draws=n_draws, seed=seed, is_cancelled=is_cancelled)[2]
                                     for a, b in pairs]
         rates[target] = [rank_average_treatment_effect(scores, cate[s], target, n_draws=n_draws, clusters=groups,

@@ -314,12 +314,12 @@ def plot_effect_map(raster_path, coords, cate, path, max_pixels=900, bands=None)
     shown in natural colour with the bands core.patches.rgb_bands finds (the
     raster's colour interpretation, else the user's ``bands``), else as grey.
     """
-    from .patches import rgb_bands
-
     import numpy as np
     from matplotlib.colors import TwoSlopeNorm
     from matplotlib.figure import Figure
     from osgeo import gdal
+
+    from .patches import rgb_bands
 
     coords, cate = np.asarray(coords, float), np.asarray(cate, float)
     shown = np.isfinite(cate) & np.isfinite(coords).all(axis=1)

@@ -95,49 +95,6 @@ def _fit_arms(Y, W, X, train, test, mu0, mu1, min_units=2):
             mu[test] = outcome_model().fit(X[rows], Y[rows]).predict(X[test])
 
 
-def held_out_scores(outcome, treated, inputs, folds, groups=None, seed=42, n_inner=2):
-    """DR scores for the sequential test: fold k's from outcome models that never saw the folds before k.
-
-    In the sequential test (core.evaluate.sequential_rate_test) a priority
-    built on folds 1..k-1 ranks fold k. If fold k's scores came from outcome
-    models fit on those folds too (as the cross-fitted scores' do), both the
-    priority and the scores' mu1(x) - mu0(x) would carry the same noise of the
-    earlier folds' outcomes as a function of x, and under no heterogeneity the
-    ranking would "find" it: on 500 units of imagery the test rejected 9.5 %
-    of true nulls at 5 % that way (docs/benchmarks.md). So, as grf's
-    ``rate_cv`` vignette fits its evaluation forest on the held-out fold only,
-    unit i of fold k gets the AIPW score of arm models fit on the later folds
-    k+1..K and the other half of fold k (halves keep ``groups`` whole): data
-    the priority never saw, and not unit i's group. The first fold is never
-    evaluated: NaN. The propensity is the known treated share.
-    """
-    from .learners import location_folds
-
-    Y, W = np.asarray(outcome, float), np.asarray(treated, int)
-    n = len(Y)
-    X = None if inputs is None or np.asarray(inputs).size == 0 else np.asarray(inputs, float).reshape(n, -1)
-    folds = np.asarray(folds)
-    groups = np.arange(n) if groups is None else np.asarray(groups)
-    order = np.unique(folds)
-    mu0, mu1 = np.full(n, np.nan), np.full(n, np.nan)
-    for j in range(1, len(order)):
-        in_fold = folds == order[j]
-        later = np.isin(folds, order[j + 1:])
-        part = np.zeros(n, dtype=int)
-        inner = min(n_inner, len(np.unique(groups[in_fold])))
-        if inner >= 2:
-            part[in_fold] = location_folds(groups[in_fold], inner, seed + j)
-            for h in range(inner):
-                _fit_arms(Y, W, X, later | (in_fold & (part != h)), in_fold & (part == h), mu0, mu1, min_units=1)
-        elif later.any():  # one group fills the fold: its scores come from the later folds alone
-            _fit_arms(Y, W, X, later, in_fold, mu0, mu1, min_units=1)
-        else:
-            raise GeoCateError("The last cross-fitting fold holds a single group (one location, cluster or "
-                               "spatial block): the heterogeneity test has no held-out data to score it with.",
-                               "Use more clusters, or smaller or no spatial blocks.")
-    return aipw_scores(Y, W, mu0, mu1, float(W.mean()))
-
-
 def cross_fitted_scores(outcome, treated, inputs=None, folds=None, n_folds=5, seed=42):
     """AIPW scores whose outcome models did not see the unit (arm_outcome_models on ``folds``).
 
