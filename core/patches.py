@@ -217,16 +217,24 @@ def extract_patches(
     throttle = Throttle(progress, is_cancelled)
     for done, i in enumerate(todo):
         col, row = int(origin[i, 0]), int(origin[i, 1])
-        window = dataset.ReadAsArray(
-            col, row, window_size_px, window_size_px, band_list=list(bands)
-        ).reshape(len(bands), window_size_px, window_size_px)
+        try:
+            window = dataset.ReadAsArray(
+                col, row, window_size_px, window_size_px, band_list=list(bands)
+            ).reshape(len(bands), window_size_px, window_size_px)
+            masks = [band.GetMaskBand().ReadAsArray(col, row, window_size_px, window_size_px) for band in masked]
+        except (RuntimeError, AttributeError) as error:  # GDAL raises, or returns None, on a damaged block
+            raise GeoCateError(
+                f"The raster '{raster_path}' cannot be read around pixel ({col}, {row}) (GDAL: {error}): the file is "
+                "damaged or incomplete (a truncated download or copy?).",
+                "Download or copy it again; 'gdalinfo -checksum' on the file shows whether GDAL can read it all.",
+            ) from None
         bad = ~np.isfinite(window).all(axis=0) if window.dtype.kind == "f" else np.zeros(window.shape[1:], bool)
         if len(bands) > 1:  # fill: zero in every band; with one band a zero is as likely a real value
             bad |= (window == 0).all(axis=0)
         if nodata is not None:
             bad |= (window == nodata).any(axis=0)
-        for band in masked:
-            bad |= band.GetMaskBand().ReadAsArray(col, row, window_size_px, window_size_px) == 0
+        for mask in masks:
+            bad |= mask == 0
         if bad.any():
             reason[i] = NODATA
         else:

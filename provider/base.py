@@ -140,6 +140,33 @@ def check_destinations(algorithm, parameters, context, files=None):
                 raise QgsProcessingException(str(error)) from None
 
 
+class quiet_libraries:  # noqa: N801 - used as a context manager
+    """GDAL's error printing and numpy/torch/sklearn warnings off while an algorithm runs: they printed before the
+    real message (which GeoCATE gives itself, naming the problem and the fix)."""
+
+    def __enter__(self):
+        import warnings
+
+        self._warnings = warnings.catch_warnings()
+        self._warnings.__enter__()
+        for category in (RuntimeWarning, UserWarning, FutureWarning, DeprecationWarning):
+            warnings.simplefilter("ignore", category)
+        try:
+            from osgeo import gdal
+
+            gdal.PushErrorHandler("CPLQuietErrorHandler")
+            self._gdal = gdal
+        except ImportError:
+            self._gdal = None
+        return self
+
+    def __exit__(self, *exc):
+        if self._gdal is not None:
+            self._gdal.PopErrorHandler()
+        self._warnings.__exit__(*exc)
+        return False
+
+
 PIP_NAMES = {"sklearn": "scikit-learn", "osgeo": "GDAL", "econml": "econml==0.16.0"}
 
 
@@ -160,7 +187,8 @@ def guarded(process):
         self._files, self._dest_id = RunFiles(), None
         check_destinations(self, parameters, context, self._files)
         try:
-            results = process(self, parameters, context, feedback)
+            with quiet_libraries():
+                results = process(self, parameters, context, feedback)
             # Everything is written: move it into place here, where a failure still fails the run (QGIS
             # reports a failing postProcessAlgorithm but exits 0).
             results = self.commit_outputs(context, results)

@@ -262,6 +262,26 @@ def test_qgis_process_reports_bad_input_without_writing(demo_units_gpkg, demo_ra
     assert not out.exists()
 
 
+def test_a_truncated_raster_is_named_without_library_noise(demo_units_gpkg, demo_raster, tmp_path):
+    from osgeo import gdal
+
+    whole = str(tmp_path / "whole.tif")
+    gdal.Translate(whole, demo_raster, format="COG")        # header first, so a cut file still opens
+    truncated = tmp_path / "truncated.tif"
+    truncated.write_bytes(open(whole, "rb").read()[:2_500_000])
+    out = tmp_path / "out.gpkg"
+    done = subprocess.run(
+        ["qgis_process.bin", "run", "geocate:estimatecate", "--", f"INPUT={demo_units_gpkg}", "TREATMENT=treated",
+         "OUTCOME=outcome", f"RASTER={truncated}", f"OUTPUT={out}"],
+        env=qgis_process_env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode != 0
+    text = done.stdout + done.stderr
+    assert "cannot be read around pixel" in text and "truncated download or copy" in text
+    for noise in ("Traceback", "ERROR 1:", "RuntimeWarning", "UserWarning", "FutureWarning"):
+        assert noise not in text, noise
+    assert not out.exists() and not [p for p in os.listdir(tmp_path) if "geocate" in p]
+
+
 def test_polygon_units_use_their_centroid(plugin, memory_run, demo_units_gpkg, demo_raster):
     import processing
 
