@@ -5,7 +5,7 @@ import os
 import shutil
 import sys
 
-# import name -> what pip installs (the CPU build of torch; a CUDA build can replace it by hand).
+# import name -> what pip installs (torch: from the CPU index unless a GPU is present, see install_commands).
 REQUIRED = {
     "torch": "torch==2.13.0",
     "econml": "econml==0.16.0",
@@ -50,8 +50,28 @@ def python_executable():
     return "python3"
 
 
-def install_command(missing, target=None):
-    """The pip command that installs ``missing`` into the managed folder.
+#: Where the CPU-only builds of torch are (the plain PyPI wheel for Linux and Windows is the CUDA build, several GB).
+TORCH_CPU_INDEX = "https://download.pytorch.org/whl/cpu"
+
+
+def has_nvidia_gpu():
+    """An NVIDIA GPU with its driver is present (then the CUDA build of torch is worth its size)."""
+    import subprocess
+
+    if os.path.exists("/proc/driver/nvidia/version"):
+        return True
+    smi = shutil.which("nvidia-smi")
+    if not smi:
+        return False
+    try:
+        return subprocess.run([smi, "-L"], capture_output=True, timeout=10).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
+def install_commands(missing, target=None, gpu=None):
+    """The pip commands that install ``missing`` into the managed folder: torch first, on its own, from the CPU
+    index unless an NVIDIA GPU is present (macOS wheels are CPU builds already), then the rest.
 
     numpy is pinned to the version QGIS already uses (and below 2, which the
     GDAL bindings of most QGIS builds need), so nothing installed there can
@@ -60,14 +80,26 @@ def install_command(missing, target=None):
     import numpy
 
     target = target or packages_dir()
+    gpu = has_nvidia_gpu() if gpu is None else gpu
     pins = [f"numpy=={numpy.__version__}" if numpy.__version__.startswith("1.") else "numpy<2"]
-    return ([python_executable(), "-m", "pip", "install", "--upgrade", "--target", target]
-            + pins + [REQUIRED[name] for name in missing])
+    pip = [python_executable(), "-m", "pip", "install", "--upgrade", "--target", target]
+    commands = []
+    if "torch" in missing:
+        index = [] if gpu or sys.platform == "darwin" else ["--extra-index-url", TORCH_CPU_INDEX]
+        commands.append(pip + index + pins + [REQUIRED["torch"]])
+    rest = [REQUIRED[name] for name in missing if name != "torch"]
+    if rest:
+        commands.append(pip + pins + rest)
+    return commands
 
 
-def missing_message(missing):
+def missing_message(missing, gpu=None):
     """Plain words for the dock: what is missing and what the Install button will run."""
-    command = " ".join(install_command(missing))
+    commands = "\n".join(" ".join(command) for command in install_commands(missing, gpu=gpu))
+    gpu = has_nvidia_gpu() if gpu is None else gpu
+    build = ("the CUDA build of torch, for this machine's NVIDIA GPU" if gpu else
+             "the CPU build of torch (no NVIDIA GPU found), a few hundred MB instead of several GB")
     return (f"GeoCATE needs Python packages that are not installed: {', '.join(missing)}. "
             f"Press 'Install' to install them into {packages_dir()} (a folder GeoCATE manages; QGIS's own "
-            f"packages are not touched), or run yourself:\n{command}")
+            f"packages are not touched)" + (f", with {build}" if "torch" in missing else "")
+            + f". Or run yourself:\n{commands}")

@@ -4,20 +4,23 @@ import subprocess
 
 from qgis.core import QgsTask
 
-from .dependencies import install_command
+from .dependencies import install_commands
 
 
 class InstallTask(QgsTask):
     def __init__(self, missing):
         super().__init__("GeoCATE: installing Python packages", QgsTask.CanCancel)
-        self.command = install_command(missing)
+        self.commands = install_commands(missing)
         self.error = ""
 
     def run(self):
+        return all(self.run_one(command) for command in self.commands)
+
+    def run_one(self, command):
         try:
-            process = subprocess.Popen(self.command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         except OSError as exc:
-            self.error = f"could not start {self.command[0]} ({exc})"
+            self.error = f"could not start {command[0]} ({exc})"
             return False
         output = []
         for line in process.stdout:

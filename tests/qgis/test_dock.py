@@ -250,6 +250,23 @@ def test_missing_packages_are_named_with_the_command_that_installs_them(plugin, 
     assert dock.check_dependencies() == [] and dock.run_button.isEnabled()
 
 
+def test_the_installer_takes_the_cpu_build_of_torch_unless_a_gpu_is_present(plugin, tmp_path):
+    from geocate.ui.dependencies import TORCH_CPU_INDEX, install_commands, missing_message
+
+    without_gpu = install_commands(["torch", "econml"], target=str(tmp_path), gpu=False)
+    with_gpu = install_commands(["torch", "econml"], target=str(tmp_path), gpu=True)
+    assert len(without_gpu) == 2 and without_gpu[0][-1] == "torch==2.13.0" and without_gpu[1][-1] == "econml==0.16.0"
+    import sys
+
+    if sys.platform != "darwin":
+        assert TORCH_CPU_INDEX in without_gpu[0]
+    assert TORCH_CPU_INDEX not in with_gpu[0] and TORCH_CPU_INDEX not in without_gpu[1]
+    assert all("--target" in command and any(p.startswith("numpy") for p in command) for command in without_gpu)
+    assert install_commands(["econml"], target=str(tmp_path), gpu=False) == [without_gpu[1]]
+    assert "CPU build of torch (no NVIDIA GPU found)" in missing_message(["torch"], gpu=False)
+    assert "CUDA build" in missing_message(["torch"], gpu=True)
+
+
 def test_a_failed_run_is_explained_in_the_dock_and_leaves_nothing(plugin, project_layers):
     units, raster = project_layers
     far = QgsVectorLayer("Point?crs=EPSG:4326&field=treated:integer&field=outcome:double", "far units", "memory")
