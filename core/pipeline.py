@@ -86,7 +86,7 @@ def overlap_warning(study, window_size_px, block_size):
         return None
     return (f"{share:.0%} of the units have an image window overlapping a neighbour's (windows of {footprint:,.0f} m), "
             "and the folds do not keep neighbours apart: held-out figures may overstate heterogeneity. Set spatial "
-            "blocks to -1 (choose from the data) for an honest split.")
+            "blocks to auto (-1: chosen from the data) for an honest split.")
 
 
 def fold_groups(study, spatial_block=0, window_size_px=33):

@@ -75,7 +75,7 @@ class ImageClustersAlgorithm(GeoCateAlgorithm):
         device.setFlags(device.flags() | QgsProcessingParameterDefinition.FlagAdvanced)
         self.addParameter(device)
         add_spatial_block_parameter(self)
-        self.addParameter(QgsProcessingParameterFeatureSink(self.OUTPUT, "Units with effect clusters"))
+        self.addParameter(QgsProcessingParameterFeatureSink(self.OUTPUT, "Effect clusters"))
         self.addParameter(QgsProcessingParameterFeatureSink(self.OUTPUT_CLUSTERS, "Clusters", QgsProcessing.TypeVector,
                                                             optional=True, createByDefault=True))
         self.addParameter(QgsProcessingParameterFileDestination(self.OUTPUT_MODEL, "Model (ONNX)", "ONNX (*.onnx)",

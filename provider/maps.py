@@ -17,3 +17,15 @@ def true_color(layer, bands=None):
     layer.setContrastEnhancement(QgsContrastEnhancement.StretchToMinimumMaximum,
                                  QgsRasterMinMaxOrigin.CumulativeCut)
     return layer
+
+
+def set_view_extent(project, layer, margin=1.1):
+    """Make ``project`` open on ``layer`` (with a margin), not on a blank map: its default view extent, which QGIS
+    uses when a project saved without a map canvas (by a script, qgis_process) is opened."""
+    from qgis.core import QgsCoordinateTransform, QgsReferencedRectangle
+
+    transform = QgsCoordinateTransform(layer.crs(), project.crs(), project)
+    extent = transform.transformBoundingBox(layer.extent())
+    extent.scale(margin)
+    project.viewSettings().setDefaultViewExtent(QgsReferencedRectangle(extent, project.crs()))
+    return extent

@@ -30,7 +30,7 @@ from qgis.core import (
 from qgis.PyQt.QtGui import QFont
 
 from geocate.provider.convert import as_number
-from geocate.provider.maps import true_color
+from geocate.provider.maps import set_view_extent, true_color
 from geocate.provider.styles import apply_result_styles
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -99,6 +99,7 @@ def main(argv=None):
     project.addMapLayer(raster)
     project.addMapLayer(result)
     project.setCrs(raster.crs())
+    set_view_extent(project, result)   # opens on the units, not on a blank map
     project_path = os.path.join(out, "demo.qgz")
     if not project.write(project_path):
         raise SystemExit(f"Could not write {project_path}")

@@ -501,6 +501,7 @@ class GeoCateDock(QgsDockWidget):
             project.addMapLayer(table, False)
             group.addLayer(table)
         group.setExpanded(True)
+        self.expand_in_layers_panel(group)
         self.result_layer_id = layer.id()
         metadata_path = os.path.join(self.run_dir, "result.run.json")
         with open(metadata_path, encoding="utf-8") as handle:
@@ -509,6 +510,14 @@ class GeoCateDock(QgsDockWidget):
         self.report_button.setEnabled(bool(self.last_results.get("OUTPUT_REPORT")))
         self.zoom_button.setEnabled(True)
         self.outputs.setText(f"<small>Files: {self.run_dir}</small>")
+
+    def expand_in_layers_panel(self, group):
+        """Show the run's group open in the Layers panel (its view collapses a group inserted from code)."""
+        if self.iface is None or not hasattr(self.iface, "layerTreeView") or self.iface.layerTreeView() is None:
+            return
+        view = self.iface.layerTreeView()
+        index = view.node2index(group) if hasattr(view, "node2index") else view.layerTreeModel().node2index(group)
+        view.expand(index)
 
     def reset_results(self):
         """Forget the last run's summary, plot, buttons and progress (a new run, a new project)."""

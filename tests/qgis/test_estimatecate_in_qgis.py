@@ -282,6 +282,28 @@ def test_a_truncated_raster_is_named_without_library_noise(demo_units_gpkg, demo
     assert not out.exists() and not [p for p in os.listdir(tmp_path) if "geocate" in p]
 
 
+def test_a_saved_project_opens_on_the_units_not_on_a_blank_map(memory_run, demo_raster, tmp_path):
+    from qgis.core import QgsProject, QgsRasterLayer
+
+    from geocate.provider.maps import set_view_extent, true_color
+
+    project = QgsProject()
+    raster = true_color(QgsRasterLayer(demo_raster, "imagery"))
+    project.addMapLayer(raster)
+    project.setCrs(raster.crs())
+    layer = memory_run["OUTPUT"]
+    set_view_extent(project, layer)
+    path = str(tmp_path / "demo.qgz")
+    assert project.write(path)
+    reopened = QgsProject()
+    assert reopened.read(path)
+    extent = reopened.viewSettings().defaultViewExtent()
+    assert not extent.isEmpty() and extent.crs() == raster.crs()
+    assert raster.extent().intersects(extent) and extent.width() < raster.extent().width() * 1.5
+    # The renderer of a raster that declares its colours shows red, green and blue as such.
+    assert (raster.renderer().redBand(), raster.renderer().greenBand(), raster.renderer().blueBand()) == (3, 2, 1)
+
+
 def test_polygon_units_use_their_centroid(plugin, memory_run, demo_units_gpkg, demo_raster):
     import processing
 

@@ -1,4 +1,5 @@
-"""QGIS desktop itself, under Xvfb: the dock after a run, captured to outputs/screenshots/dock.png."""
+"""QGIS desktop itself, under Xvfb: the dock before, during and after a run, and after another project is started,
+captured to outputs/screenshots/."""
 
 import json
 import os
@@ -17,7 +18,8 @@ SCRIPT = ROOT / "tests" / "qgis" / "desktop" / "screenshot_dock.py"
 def test_screenshot_of_qgis_with_the_dock_after_a_run(demo_units_gpkg, demo_raster):
     out = ROOT / "outputs" / "screenshots"
     out.mkdir(parents=True, exist_ok=True)
-    for name in ("dock.png", "summary.json"):
+    shots = ("dock_before.png", "dock_during.png", "dock.png", "dock_other_project.png")
+    for name in shots + ("summary.json",):
         (out / name).unlink(missing_ok=True)
     env = dict(os.environ, QGIS_CUSTOM_CONFIG_PATH=str(ROOT / ".qgis-profile"),
                PYTHONPATH=os.pathsep.join([str(PLUGINS)] + site.getsitepackages()),
@@ -31,5 +33,12 @@ def test_screenshot_of_qgis_with_the_dock_after_a_run(demo_units_gpkg, demo_rast
     assert "error" not in summary, summary.get("error")
     assert summary["ok"] is True, summary.get("message")
     assert "ATE" in summary["summary"] and "AUTOC" in summary["summary"]
-    png = (out / "dock.png").read_bytes()
-    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 50_000, done.stderr[-2000:]
+    for name in shots:
+        png = (out / name).read_bytes()
+        assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 50_000, (name, done.stderr[-2000:])
+    # The run's group is named by time and outcome, open in the Layers panel, its layer named as everywhere.
+    assert summary["group_expanded"] is True and summary["layers"] == ["Treatment effects (CATE)"]
+    assert summary["group"].startswith("GeoCATE ") and summary["group"].endswith(" - outcome")
+    # After another project is started the dock holds nothing of the last run.
+    assert summary["other_summary"] == "" and summary["other_message"] == ""
+    assert summary["other_zoom_enabled"] is False
