@@ -97,7 +97,10 @@ def group_renderer(layer, field="group"):
 
 
 def apply_result_styles(layer, current=CATE_STYLE):
-    """Give ``layer`` both named styles, ``current`` (CATE_STYLE or GROUP_STYLE) in use; returns the layer."""
+    """Give ``layer`` both named styles, ``current`` (CATE_STYLE or GROUP_STYLE) in use; returns the layer.
+    A table without geometry (a .csv output) has nothing to draw and is left as it is."""
+    if not layer.isSpatial():
+        return layer
     manager = layer.styleManager()
     layer.setRenderer(group_renderer(layer))
     group_style = QgsMapLayerStyle()

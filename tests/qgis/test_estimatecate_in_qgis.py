@@ -304,6 +304,30 @@ def test_a_saved_project_opens_on_the_units_not_on_a_blank_map(memory_run, demo_
     assert (raster.renderer().redBand(), raster.renderer().greenBand(), raster.renderer().blueBand()) == (3, 2, 1)
 
 
+def test_a_csv_output_and_units_without_geometry_are_written_as_such(plugin, demo_units_gpkg, demo_raster, tmp_path):
+    units = QgsVectorLayer(demo_units_gpkg, "units", "ogr")
+    layer = QgsVectorLayer(f"Point?crs={units.crs().authid()}", "units", "memory")
+    layer.dataProvider().addAttributes(units.fields().toList())
+    layer.updateFields()
+    features = []
+    for i, feature in enumerate(units.getFeatures()):
+        copy = QgsFeature(layer.fields())
+        copy.setAttributes(feature.attributes())
+        copy.setGeometry(QgsGeometry() if i < 3 else feature.geometry())   # three units lost their location
+        features.append(copy)
+    layer.dataProvider().addFeatures(features)
+    out = tmp_path / "effects.gpkg"
+    results = run(base_parameters(layer, demo_raster, OUTPUT=str(out)))
+    assert results["N_DROPPED"] >= 3
+    written = list(QgsVectorLayer(str(out), "out", "ogr").getFeatures())
+    assert [f.geometry().isNull() for f in written[:4]] == [True, True, True, False]   # NULL, not POINT EMPTY
+    table = tmp_path / "effects.csv"
+    run(base_parameters(demo_units_gpkg, demo_raster, OUTPUT=str(table)))
+    header = table.read_text().splitlines()[0].split(",")
+    assert header[-6:] == RESULT_FIELDS and (tmp_path / "effects.run.json").exists()
+    assert len(table.read_text().splitlines()) == 313
+
+
 def test_polygon_units_use_their_centroid(plugin, memory_run, demo_units_gpkg, demo_raster):
     import processing
 
