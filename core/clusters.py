@@ -414,7 +414,7 @@ class OnnxClusterModel:
             raise GeoCateError(
                 f"The model was trained on windows of {want_bands} band(s) and {want_size} x {want_size} pixels, "
                 f"but got {windows.shape[1]} band(s) of {windows.shape[2]} x {windows.shape[3]}.",
-                f"Use the same bands and PATCH_SIZE = {want_size} as when the model was made.")
+                f"Use the same bands and a window size of {want_size} pixels, as when the model was made.")
         covariates = np.zeros((len(windows), self.description["n_covariates"]), np.float32) if covariates is None \
             else np.asarray(covariates, np.float32).reshape(len(windows), -1)
         return self.session.run(None, {"image": windows, "covariates": covariates})[0]

@@ -106,7 +106,7 @@ class RandomConvFeatures:
         if n == 0 or h < s or w < s:
             raise GeoCateError(
                 f"Windows of {h} x {w} pixels are too small for {s} x {s} filters.",
-                f"Use PATCH_SIZE of at least {s}.",
+                f"Use a window size of at least {s} pixels.",
             )
         rng = np.random.default_rng(self.seed)
         n_samples = max(10 * self.n_filters, 5000)

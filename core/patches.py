@@ -177,13 +177,13 @@ def extract_patches(
     if window_size_px < 1:
         raise GeoCateError(
             f"The window size must be at least 1 pixel (got {window_size_px}).",
-            "Set PATCH_SIZE to a positive number of pixels, e.g. 33.",
+            "Set the window size to a positive number of pixels, e.g. 33.",
         )
     if window_size_px > min(info.width, info.height):
         raise GeoCateError(
             f"The window of {window_size_px} pixels is larger than the raster "
             f"({info.width} x {info.height} pixels).",
-            f"Choose PATCH_SIZE of at most {min(info.width, info.height)} pixels, or a larger raster.",
+            f"Choose a window size of at most {min(info.width, info.height)} pixels, or a larger raster.",
         )
     coords = to_raster_crs(xy, xy_crs_wkt, info.crs_wkt)
     n = len(coords)

@@ -115,7 +115,7 @@ def fold_groups(study, spatial_block=0, window_size_px=33):
         raise GeoCateError(
             f"Spatial blocks of {spatial_block:,.0f} m leave only {len(np.unique(groups))} group(s) of units "
             f"(the units span about {extent:,.0f} m): cross-fitting needs at least 5.",
-            f"Use smaller blocks (SPATIAL_BLOCK well under {extent / 3:,.0f} m), or 0 for none.")
+            f"Use smaller spatial blocks (well under {extent / 3:,.0f} m), or 0 for none.")
     return groups, float(spatial_block)
 
 

@@ -193,7 +193,7 @@ def build_study(units, raster_path, bands=None, window_size_px=33, nodata=None,
             raise GeoCateError(
                 f"Only {count} {label} unit(s) remain after dropping units with nulls or unusable "
                 f"image windows ({describe_dropped(dropped)}); at least {MIN_UNITS_PER_ARM} per arm are needed.",
-                "Add units, fix the nulls, or use imagery that covers more of them (a smaller PATCH_SIZE helps near edges).",
+                "Add units, fix the nulls, or use imagery that covers more of them (a smaller window size helps near edges).",
             )
     return Study(
         coords=found.coords, treated=treated, outcome=outcome, covariates=covariates,

@@ -36,7 +36,7 @@ class EstimateCateAlgorithm(GeoCateAlgorithm):
         return (
             "Estimates each trial unit's conditional average treatment effect (CATE) from the "
             "imagery around it (and optional covariates).\n\n"
-            "Each unit's window of PATCH_SIZE x PATCH_SIZE pixels is turned into random "
+            "Each unit's square window ('Window size' pixels per side) is turned into random "
             "convolutional features (MOSAIKS) which, with the covariates, are the effect modifiers of "
             "econml's causal forest (CausalForestDML), with an outcome model on their principal "
             "components and the trial's known propensity. "

@@ -130,7 +130,7 @@ class EvaluateAlgorithm(GeoCateAlgorithm):
             raise QgsProcessingException(f"The cluster field '{cluster}' does not exist. Choose one of the layer's fields.")
         spatial = source.wkbType() != QgsWkbTypes.NoGeometry
         if spatial_block and not spatial:
-            raise QgsProcessingException("Spatial blocks need geometries, and this layer has none. Set SPATIAL_BLOCK to 0.")
+            raise QgsProcessingException("Spatial blocks need geometries, and this layer has none. Set 'Spatial blocks' to 0.")
 
         rows = []
         for feature in source.getFeatures():
