@@ -62,7 +62,7 @@ class EvaluateAlgorithm(GeoCateAlgorithm):
         numeric = QgsProcessingParameterField.Numeric
         self.addParameter(QgsProcessingParameterField(
             self.PRIORITY, "Priority (higher = treat first), built without these units' outcomes",
-            parentLayerParameterName=self.INPUT,
+            defaultValue="cate", parentLayerParameterName=self.INPUT,   # a GeoCATE result's field, when there is one
             type=numeric))
         self.addParameter(QgsProcessingParameterField(
             self.TREATMENT, "Treatment field (0 = control, 1 = treated)", parentLayerParameterName=self.INPUT,
@@ -123,6 +123,11 @@ class EvaluateAlgorithm(GeoCateAlgorithm):
 
         fields = source.fields()
         rules = [priority] + ([priority_2] if priority_2 else [])
+        if "cate" in rules and fields.lookupField("cate_se") >= 0:   # GeoCATE's own cross-fitted CATE
+            feedback.pushWarning(
+                "The priority 'cate' is GeoCATE's own estimate, cross-fitted on these same units: its AUTOC here "
+                "describes the ranking but is not a valid test. The test of heterogeneity for it is the "
+                "sequential cross-fold test that 'Estimate treatment effects from imagery' reports (AUTOC_P).")
         for name, role in [(treatment, "treatment"), (outcome, "outcome")] + [(r, "priority") for r in rules] + [
                 (c, "covariate") for c in covariates]:
             check_numeric_field(fields, name, role)

@@ -387,6 +387,26 @@ def test_evaluate_gives_table_plot_and_report_for_a_geocate_cate(memory_run, tmp
     assert "AUTOC" in report and "data:image/png;base64" in report and "spatial block (m)" in report
 
 
+def test_evaluate_priority_defaults_to_a_cate_field_and_warns_it_is_not_a_test(memory_run):
+    import processing
+    from qgis.core import QgsProcessingFeedback
+
+    algorithm = QgsApplication.processingRegistry().algorithmById("geocate:evaluate")
+    assert algorithm.parameterDefinition("PRIORITY").defaultValue() == "cate"
+    warnings = []
+
+    class Feedback(QgsProcessingFeedback):
+        def pushWarning(self, text):  # noqa: N802 - QGIS's name
+            warnings.append(text)
+
+    results = processing.run("geocate:evaluate", {   # the dialog's default on a GeoCATE result
+        "INPUT": memory_run["OUTPUT"], "PRIORITY": "cate", "TREATMENT": "treated", "OUTCOME": "outcome",
+        "BOOTSTRAP": 50,
+        "OUTPUT": "memory:"}, feedback=Feedback())
+    assert results["N_USED"] == 294
+    assert any("not a valid test" in text and "AUTOC_P" in text for text in warnings)
+
+
 def test_evaluate_refuses_a_text_priority_and_writes_nothing(plugin, tmp_path):
     import processing
 
