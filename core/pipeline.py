@@ -6,6 +6,7 @@ import time
 
 import numpy as np
 
+from .corrections import corrected_outcomes, prediction_powered_ate
 from .embed import BandScaler, RandomConvFeatures
 from .errors import GeoCateError
 from .evaluate import (
@@ -121,7 +122,8 @@ def fold_groups(study, spatial_block=0, window_size_px=33):
 
 def estimate_cate(units, raster_path, bands=None, window_size_px=33, nodata=None, seed=42,
                   n_groups=3, n_folds=5, n_filters=256, n_components=20, n_estimators=100,
-                  device="auto", spatial_block=0, n_draws=200, progress=None, is_cancelled=None):
+                  device="auto", spatial_block=0, n_draws=200, progress=None, is_cancelled=None,
+                  outcome_correction=None, correction="linear", outcome_truth=None):
     """Estimate each unit's CATE from its image window (and covariates), and test for heterogeneity.
 
     units: a :class:`UnitTable`. Returns (Study, Result). Steps: read and check
@@ -138,9 +140,21 @@ def estimate_cate(units, raster_path, bands=None, window_size_px=33, nodata=None
     ``progress(fraction, message)`` is called, and ``is_cancelled()`` polled, every
     quarter second while windows are read and embedded, in each cross-fitting fold
     and in each fold of the test; cancelling raises :class:`Cancelled`.
+
+    An outcome that is a map's prediction: ``outcome_correction`` (a
+    core.corrections.OutcomeCorrection for that outcome) corrects it with
+    ``correction`` ("none", "linear" or "tweedie") before anything is
+    estimated, and the metadata gives the DR ATE under every correction side
+    by side; ``outcome_truth`` ((n,), NaN where unknown), the true outcome of
+    a random subset of units, adds the prediction-powered ATE.
     """
     timings = {}
     started = time.monotonic()
+    versions = None
+    if outcome_correction is not None:
+        outcome_correction.check_compatible(units.outcome_name)
+        versions = corrected_outcomes(outcome_correction, units.outcome)
+        units = dataclasses.replace(units, outcome=versions[correction][0])
     study = build_study(units, raster_path, bands, window_size_px, nodata,
                         _stage(progress, 0.0, 0.12), is_cancelled)
     timings["read_windows_s"] = time.monotonic() - started
@@ -164,6 +178,8 @@ def estimate_cate(units, raster_path, bands=None, window_size_px=33, nodata=None
     test = learner.heterogeneity_test("AUTOC", n_draws, progress=_stage(progress, 0.75, 0.98),
                                       is_cancelled=is_cancelled)
     timings["heterogeneity_test_s"] = time.monotonic() - t
+    predicted_outcome = predicted_outcome_record(study, learner, inputs, groups, versions, correction,
+                                                 outcome_correction, outcome_truth)
     t = time.monotonic()
     autoc = rank_average_treatment_effect(learner.dr_scores_, learner.cate_, "AUTOC", n_draws=n_draws,
                                           clusters=groups, names=["cate"], seed=seed)[0]
@@ -201,6 +217,7 @@ def estimate_cate(units, raster_path, bands=None, window_size_px=33, nodata=None
         "fold_groups": int(len(np.unique(groups))),
         "warnings": [w for w in (overlap_warning(study, window_size_px, block_size),) if w],
         "heterogeneity_test": heterogeneity_record(test),
+        "predicted_outcome": predicted_outcome,
         "autoc": {"estimate": autoc.estimate, "std_err": autoc.std_err, "ci": list(autoc.ci),
                   "draws": n_draws, "q": autoc.q.tolist(), "toc": autoc.toc.tolist(),
                   "toc_se": autoc.toc_se.tolist(),
@@ -221,6 +238,31 @@ def estimate_cate(units, raster_path, bands=None, window_size_px=33, nodata=None
         autoc=autoc, heterogeneity=test, metadata=metadata,
     )
     return study, result
+
+
+def predicted_outcome_record(study, learner, inputs, groups, versions, correction, outcome_correction,
+                             outcome_truth):
+    """What an outcome taken from a map's predictions adds to the run metadata (None when it is not one): the
+    correction used, units outside its range, the DR ATE under each correction on the same folds, and the
+    prediction-powered ATE where some units have the true outcome."""
+    if versions is None and outcome_truth is None:
+        return None
+    used, W = study.used, study.treated[study.used].astype(int)
+    record = {}
+    if versions is not None:
+        ates = {}
+        for method, (values, _) in versions.items():
+            ate = doubly_robust_ate(cross_fitted_scores(values[used], W, inputs, learner.fold_)[0], groups)
+            ates[method] = {"estimate": ate.estimate, "std_err": ate.std_err}
+        record.update(correction=correction, outcome=outcome_correction.outcome, map=outcome_correction.map,
+                      outside_range=int(versions["none"][1][used].sum()),
+                      validation_range=[outcome_correction.low, outcome_correction.high], ate_by_correction=ates)
+    if outcome_truth is not None:
+        truth = np.asarray(outcome_truth, float)[used]
+        ppi = prediction_powered_ate(study.outcome[used], truth, W, groups)
+        record["prediction_powered_ate"] = {"estimate": ppi.estimate, "std_err": ppi.std_err,
+                                            "n_labelled": int(np.isfinite(truth).sum())}
+    return record
 
 
 def heterogeneity_record(test):

@@ -111,3 +111,60 @@ def simulate_trial(raster_path, n_units=1000, window_size_px=33, effects=(0.0, 1
         true_cate=true_cate, true_group=true_group, true_mu0=true_mu0,
         window_size_px=window_size_px,
     )
+
+
+@dataclass(frozen=True)
+class PredictedOutcomeWorld:
+    """A world where the outcome is taken from a map predicted from imagery ("One Map, Many Trials").
+
+    A unit's latent state s = 0.8 s0 + 0.6 z (z: a survey covariate) is its
+    true outcome, y = s. Its image is seen through ``n_features`` noisy
+    features x_j = s + nu_j (nu_j ~ N(0, feature_noise^2)), so the map (a
+    ridge regression of y on x, fit on ``n_train`` units) predicts
+    E[y | image]: shrunk toward the mean. ``validation`` holds the map makers'
+    validation units (truth and prediction). A trial moves s by tau on its
+    treated units: the truth gains tau, the map sees only part of it.
+    """
+
+    model: object
+    feature_noise: float
+    prediction_noise: float
+    n_features: int
+    validation_truth: np.ndarray
+    validation_prediction: np.ndarray
+    seed: int
+
+    def draw(self, rng, n, tau=0.0, treated=None):
+        """(truth, prediction, covariate) of n new units, treated ones moved by tau."""
+        s0, z = rng.standard_normal(n), rng.standard_normal(n)
+        s = 0.8 * s0 + 0.6 * z + (tau * np.asarray(treated, float) if treated is not None else 0.0)
+        x = s[:, None] + self.feature_noise * rng.standard_normal((n, self.n_features))
+        prediction = self.model.predict(x) + self.prediction_noise * rng.standard_normal(n)
+        return s, prediction, z
+
+    def trial(self, n_units, tau, seed):
+        """A randomized trial on the map: (treated, truth, prediction, covariate)."""
+        rng = np.random.default_rng(seed)
+        treated = (rng.permutation(n_units) < n_units // 2).astype(int)
+        truth, prediction, z = self.draw(rng, n_units, tau, treated)
+        return treated, truth, prediction, z
+
+
+def simulate_predicted_outcome_world(seed=0, n_features=20, feature_noise=4.0, prediction_noise=0.1,
+                                     n_train=2000, n_validation=1000):
+    """The map and its validation units (see PredictedOutcomeWorld)."""
+    from sklearn.linear_model import RidgeCV
+
+    rng = np.random.default_rng(seed)
+    world = PredictedOutcomeWorld(model=None, feature_noise=feature_noise, prediction_noise=prediction_noise,
+                                  n_features=n_features, validation_truth=np.empty(0),
+                                  validation_prediction=np.empty(0), seed=seed)
+    s0, z = rng.standard_normal(n_train), rng.standard_normal(n_train)
+    s = 0.8 * s0 + 0.6 * z
+    x = s[:, None] + feature_noise * rng.standard_normal((n_train, n_features))
+    model = RidgeCV(alphas=np.logspace(-2, 4, 13)).fit(x, s)
+    import dataclasses
+
+    world = dataclasses.replace(world, model=model)
+    truth, prediction, _ = world.draw(rng, n_validation)
+    return dataclasses.replace(world, validation_truth=truth, validation_prediction=prediction)
