@@ -161,6 +161,15 @@ def corrected_outcomes(correction, prediction):
     return {method: correction.apply(prediction, method) for method in METHODS}
 
 
+def ate_by_correction(correction, prediction, treated, inputs=None, folds=None, clusters=None, seed=42):
+    """{method: AverageEffect}: the doubly robust ATE of the outcome under each correction, side by side, with the
+    same outcome-model inputs, folds and clusters (core.scores)."""
+    from .scores import cross_fitted_scores, doubly_robust_ate
+
+    return {method: doubly_robust_ate(cross_fitted_scores(values, treated, inputs, folds, seed=seed)[0], clusters)
+            for method, (values, _) in corrected_outcomes(correction, prediction).items()}
+
+
 def prediction_powered_ate(prediction, truth, treated, clusters=None, propensity=None):
     """The prediction-powered (rectified) ATE of a trial whose outcome is a model's prediction everywhere and
     the truth on a random subset of units (Angelopoulos et al. 2023, Science).

@@ -6,7 +6,7 @@ import time
 
 import numpy as np
 
-from .corrections import corrected_outcomes, prediction_powered_ate
+from .corrections import ate_by_correction, corrected_outcomes, prediction_powered_ate
 from .embed import BandScaler, RandomConvFeatures
 from .errors import GeoCateError
 from .evaluate import (
@@ -250,10 +250,8 @@ def predicted_outcome_record(study, learner, inputs, groups, versions, correctio
     used, W = study.used, study.treated[study.used].astype(int)
     record = {}
     if versions is not None:
-        ates = {}
-        for method, (values, _) in versions.items():
-            ate = doubly_robust_ate(cross_fitted_scores(values[used], W, inputs, learner.fold_)[0], groups)
-            ates[method] = {"estimate": ate.estimate, "std_err": ate.std_err}
+        ates = {method: {"estimate": ate.estimate, "std_err": ate.std_err} for method, ate in ate_by_correction(
+            outcome_correction, versions["none"][0][used], W, inputs, learner.fold_, groups).items()}
         record.update(correction=correction, outcome=outcome_correction.outcome, map=outcome_correction.map,
                       outside_range=int(versions["none"][1][used].sum()),
                       validation_range=[outcome_correction.low, outcome_correction.high], ate_by_correction=ates)

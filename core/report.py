@@ -159,6 +159,8 @@ def evaluation_report(evaluation, html_path, png_path, inputs, metadata=None):
         ("TOC curve", image(png_path, "TOC curve")),
         ("Estimates", table(RATE_HEADERS, rate_rows(evaluation))),
     ]
+    if metadata and metadata.get("predicted_outcome"):
+        sections.insert(3, ("Outcome from a map", predicted_outcome_section(metadata["predicted_outcome"])))
     return write_html(html_path, "GeoCATE: evaluation of heterogeneity", sections, metadata)
 
 
@@ -246,6 +248,31 @@ def plot_group_effects(group_effects, path, ate=None):
     return path
 
 
+def predicted_outcome_section(record):
+    """The report's account of an outcome taken from a map: the ATE under each correction, the PPI ATE."""
+    parts = []
+    if "ate_by_correction" in record:
+        used = record["correction"]
+        rows = [(method + (" (used)" if method == used else ""), ate["estimate"], ate["std_err"],
+                 ate["estimate"] - 1.959964 * ate["std_err"], ate["estimate"] + 1.959964 * ate["std_err"])
+                for method, ate in record["ate_by_correction"].items()]
+        parts.append(f"<p>The outcome is the map's prediction of <b>{html.escape(record['outcome'])}</b>"
+                     f" ({html.escape(str(record['map'].get('name') or 'map'))}), corrected with the "
+                     f"<b>{html.escape(used)}</b> correction before estimation: maps predicted from imagery are "
+                     "shrunk toward the mean, which makes effects measured on them too small. The doubly robust "
+                     "ATE under each correction, on the same folds:</p>"
+                     + table(["correction", "ATE", "SE", "95 % low", "95 % high"], rows, digits=3))
+        if record["outside_range"]:
+            parts.append(f"<p class='note'>{record['outside_range']} unit(s) have map values outside the range the "
+                         "correction was fit on: their correction extrapolates.</p>")
+    if "prediction_powered_ate" in record:
+        ppi = record["prediction_powered_ate"]
+        parts.append(f"<p>Prediction-powered ATE, using the true outcome measured on {ppi['n_labelled']} units "
+                     f"(a random subset): <b>{ppi['estimate']:.3f}</b> (SE {ppi['std_err']:.3f}). It corrects the "
+                     "map's bias with those units, whatever the map, with a valid interval.</p>")
+    return "".join(parts)
+
+
 HOW_TO_READ_ESTIMATE = (
     "<p class='note'>Each unit's CATE comes from a causal forest that did "
     "not see it, nor its cluster (cross-fitting). Its 95 % interval covers the forest's sampling "
@@ -301,6 +328,9 @@ def estimate_report(metadata, html_path, map_png=None, figures=None):
                                     "95 % low", "95 % high"], group_rows) + image(groups_png, "Effects by group")),
         ("Targeting operator characteristic", image(toc_png, "TOC curve")),
     ]
+    predicted = metadata.get("predicted_outcome")
+    if predicted:
+        sections.insert(2, ("Outcome from a map", predicted_outcome_section(predicted)))
     if map_png:
         sections.append(("Map", image(map_png, "Map of the estimated effects")))
     return write_html(html_path, "GeoCATE: treatment effects from imagery", sections, metadata)
@@ -442,3 +472,51 @@ def cluster_report(metadata, html_path, figures, typical=None, rgb_order=(0, 1, 
             plot_salience(typical, os.path.join(figures, "salience.png"), rgb_order), "Typical windows and salience")))
     sections.append(("Settings", settings_table(metadata.get("parameters", {}))))
     return write_html(html_path, "GeoCATE: effect clusters from imagery", sections, metadata)
+
+
+def correction_report(correction, html_path, truth, prediction):
+    """The HTML report of geocate:calibratemap: the shrinkage found, and how each correction tracks the truth."""
+    import tempfile
+
+    import numpy as np
+    from matplotlib.figure import Figure
+
+    keep = np.isfinite(truth) & np.isfinite(prediction)
+    truth, prediction = truth[keep], prediction[keep]
+    figure = Figure(figsize=(5.6, 3.8), dpi=110)
+    axes = figure.add_subplot(1, 1, 1)
+    axes.scatter(truth, prediction, s=6, alpha=0.4, color="#777777", label="map's prediction")
+    order = np.argsort(prediction)
+    for method, colour in (("linear", "#2166ac"), ("tweedie", "#b2182b")):
+        axes.plot(truth[order], correction.apply(prediction[order], method)[0], ".", ms=2, color=colour,
+                  label=f"{method} correction")
+    low, high = float(truth.min()), float(truth.max())
+    axes.plot([low, high], [low, high], "k--", lw=1, label="truth")
+    axes.set_xlabel("true outcome")
+    axes.set_ylabel("map value")
+    axes.legend(fontsize=7)
+    figure.tight_layout()
+    v = correction.validation
+    rows = [(method, v[method]["slope_on_truth"], v[method]["rmse"], v[method]["sd_ratio"], v[method]["correlation"])
+            for method in ("none", "linear", "tweedie")]
+    with tempfile.TemporaryDirectory(prefix="geocate-") as folder:
+        png = os.path.join(folder, "calibration.png")
+        figure.savefig(png)
+        plot = image(png, "Predictions and corrected values against the truth")
+    sections = [
+        ("How to read this", "<p class='note'>A map predicted from imagery is shrunk toward the mean: the slope of "
+         "its prediction on the truth is below 1, and a treatment effect measured on the map is that much too "
+         "small. The corrections stretch the map back: the linear one divides by the slope; Tweedie's uses the "
+         "prediction error's variance and the shape of the predictions' distribution. A corrected value tracks "
+         "the truth when its slope on the truth is near 1. The corrections fix averages and effects, not single "
+         "units: a corrected unit is noisier than the map (higher RMSE), as it should be.</p>"),
+        ("Summary", f"<p>{correction.n_validation} validation units; the map predicts "
+         f"<b>{html.escape(correction.outcome)}</b>. Slope of the prediction on the truth "
+         f"<b>{correction.slope:.3f}</b> (effects on the map are about {100 * correction.slope:.0f} % of the true "
+         f"ones); standard deviation of prediction - truth {np.sqrt(correction.sigma2):.3f}; the correction holds "
+         f"for map values from {correction.low:.3f} to {correction.high:.3f}.</p>"),
+        ("How each version tracks the truth", table(["version", "slope on the truth", "RMSE", "sd ratio",
+                                                    "correlation"], rows, digits=3) + plot),
+    ]
+    return write_html(html_path, "GeoCATE: calibration of a predicted-outcome map", sections,
+                      {"algorithm": "geocate:calibratemap", "map": correction.map, "validation": v})

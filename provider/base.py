@@ -309,6 +309,12 @@ class GeoCateAlgorithm(QgsProcessingAlgorithm):
             write_json_atomically(self._files.partial(sidecar), metadata)
             feedback.pushInfo(f"Run metadata: {sidecar}.")
 
+    def write_run_metadata_beside(self, partial_path, metadata, feedback):
+        """The run metadata beside a file output (a .json, a report): x.json -> x.run.json."""
+        sidecar = os.path.splitext(self.final_path(partial_path))[0] + ".run.json"
+        write_json_atomically(self._files.partial(sidecar), metadata)
+        feedback.pushInfo(f"Run metadata: {sidecar}.")
+
     def commit_outputs(self, context, results):
         """Move every partial output into place; results and the layers QGIS loads name the destinations."""
         pending = list(self._files.pending)

@@ -16,11 +16,18 @@ from qgis.core import (
 
 from .base import GeoCateAlgorithm
 from .convert import output_fields, read_units, result_features
+from .predicted import (
+    add_outcome_correction_parameters,
+    ppi_outputs,
+    read_outcome_correction,
+    report_predicted_outcome,
+)
 from .study_parameters import add_spatial_block_parameter, add_study_parameters, read_study_parameters
 
 
 class EstimateCateAlgorithm(GeoCateAlgorithm):
     GROUPS, CLUSTER, OUTPUT, OUTPUT_REPORT = "GROUPS", "CLUSTER", "OUTPUT", "OUTPUT_REPORT"
+    OUTCOME_CORRECTION, CORRECTION, OUTCOME_TRUTH = "OUTCOME_CORRECTION", "CORRECTION", "OUTCOME_TRUTH"
 
     short_description = ("Each trial unit's treatment effect (CATE) from the imagery around it, with intervals, effect "
                          "groups, the doubly robust ATE and a valid test of heterogeneity.")
@@ -69,6 +76,7 @@ class EstimateCateAlgorithm(GeoCateAlgorithm):
             self.CLUSTER, "Cluster field (e.g. village): folds and standard errors keep clusters together",
             parentLayerParameterName="INPUT", optional=True))
         add_spatial_block_parameter(self)
+        add_outcome_correction_parameters(self, truth=True)
         self.addParameter(QgsProcessingParameterFeatureSink(self.OUTPUT, "Treatment effects (CATE)"))
         self.addParameter(QgsProcessingParameterFileDestination(
             self.OUTPUT_REPORT, "Report (HTML)", "HTML files (*.html)", optional=True, createByDefault=False))
@@ -82,6 +90,8 @@ class EstimateCateAlgorithm(GeoCateAlgorithm):
         self.addOutput(QgsProcessingOutputNumber(
             "AUTOC_P", "One-sided p-value of the sequential test (H0: the CATE ranking finds no heterogeneity)"))
         self.addOutput(QgsProcessingOutputNumber("AUTOC_POOLED", "AUTOC of the pooled out-of-fold CATE (descriptive)"))
+        self.addOutput(QgsProcessingOutputNumber("ATE_PPI", "Prediction-powered ATE (with OUTCOME_TRUTH)"))
+        self.addOutput(QgsProcessingOutputNumber("ATE_PPI_SE", "Standard error of the prediction-powered ATE"))
 
     def processAlgorithm(self, parameters, context, feedback):  # noqa: N802 - QGIS's name
         from ..core.errors import GeoCateError
@@ -96,6 +106,7 @@ class EstimateCateAlgorithm(GeoCateAlgorithm):
         cluster = self.parameterAsString(parameters, self.CLUSTER, context) or None
 
         features, units = read_units(source, treatment, outcome, covariates, feedback, cluster)
+        correction, method, truth = read_outcome_correction(self, parameters, context, source, features)
 
         def progress(fraction, message):
             feedback.setProgress(5 + 95 * fraction)
@@ -105,7 +116,8 @@ class EstimateCateAlgorithm(GeoCateAlgorithm):
         try:
             study, result = estimate_cate(units, path, bands, window, nodata, seed, n_groups,
                                           spatial_block=spatial_block, progress=progress,
-                                          is_cancelled=feedback.isCanceled)
+                                          is_cancelled=feedback.isCanceled, outcome_correction=correction,
+                                          correction=method, outcome_truth=truth)
         except GeoCateError as error:
             raise QgsProcessingException(str(error)) from error
 
@@ -129,6 +141,7 @@ class EstimateCateAlgorithm(GeoCateAlgorithm):
         if result.metadata["spatial_block_m"]:
             feedback.pushInfo(f"Folds and bootstrap clusters: spatial blocks of {result.metadata['spatial_block_m']:.0f} m "
                               f"({result.metadata['fold_groups']} groups).")
+        report_predicted_outcome(result.metadata["predicted_outcome"], feedback)
         feedback.pushInfo(f"Device: {result.metadata['device']}; timings: {result.metadata['timings']}.")
 
         # Only now, with every number in hand, is the output created: a failed run writes nothing.
@@ -149,12 +162,16 @@ class EstimateCateAlgorithm(GeoCateAlgorithm):
             "INPUT": source.sourceName(), "TREATMENT": treatment, "OUTCOME": outcome,
             "COVARIATES": covariates, "RASTER": path, "BANDS": bands, "PATCH_SIZE": window,
             "NODATA": nodata, "SEED": seed, "GROUPS": n_groups, "CLUSTER": cluster, "SPATIAL_BLOCK": spatial_block,
+            "OUTCOME_CORRECTION": self.parameterAsFile(parameters, self.OUTCOME_CORRECTION, context) or None,
+            "CORRECTION": method if correction is not None else None,
+            "OUTCOME_TRUTH": self.parameterAsString(parameters, self.OUTCOME_TRUTH, context) or None,
         }, n_units=len(features), n_used=result.n_used, n_dropped=result.n_dropped,
             ate=result.ate, ate_se=result.ate_se)
         results = self.keep_result(context, dest_id, {
             self.OUTPUT: dest_id, "ATE": result.ate, "ATE_SE": result.ate_se, "N_USED": result.n_used,
             "N_DROPPED": result.n_dropped, "AUTOC": test.estimate, "AUTOC_SE": test.std_err, "AUTOC_T": test.t_stat,
-            "AUTOC_P": test.p_value, "AUTOC_POOLED": autoc.estimate}, metadata, feedback)
+            "AUTOC_P": test.p_value, "AUTOC_POOLED": autoc.estimate,
+            **ppi_outputs(result.metadata["predicted_outcome"])}, metadata, feedback)
         report = self.output_file(parameters, self.OUTPUT_REPORT, context)
         if report:
             import tempfile

@@ -19,6 +19,7 @@ from qgis.core import (
 
 from .base import GeoCateAlgorithm, run_metadata
 from .convert import as_label, as_number, check_numeric_field, unit_point, write_table
+from .predicted import add_outcome_correction_parameters, read_outcome_correction, report_predicted_outcome
 
 
 class EvaluateAlgorithm(GeoCateAlgorithm):
@@ -95,6 +96,7 @@ class EvaluateAlgorithm(GeoCateAlgorithm):
             self.OUTPUT_PLOT, "TOC curve (PNG)", "PNG files (*.png)", optional=True, createByDefault=False))
         self.addParameter(QgsProcessingParameterFileDestination(
             self.OUTPUT_REPORT, "Report (HTML)", "HTML files (*.html)", optional=True, createByDefault=True))
+        add_outcome_correction_parameters(self)
         for name, label in (("AUTOC", "AUTOC of the priority"), ("AUTOC_SE", "Standard error of the AUTOC"),
                             ("AUTOC_P", "p-value of the AUTOC"), ("QINI", "Qini of the priority"),
                             ("QINI_SE", "Standard error of the Qini"), ("N_USED", "Units used")):
@@ -146,6 +148,14 @@ class EvaluateAlgorithm(GeoCateAlgorithm):
                          unit_point(feature.geometry()) if spatial else (np.nan, np.nan),
                          as_label(feature[cluster]) if cluster else None))
         n = len(rows)
+        correction, method, _ = read_outcome_correction(self, parameters, context, source, [])
+        outcomes = np.array([r[2] for r in rows], float)
+        if correction is not None:
+            try:
+                correction.check_compatible(outcome)
+            except GeoCateError as error:
+                raise QgsProcessingException(str(error)) from error
+            outcomes = correction.apply(outcomes, method)[0]
         coords = None
         if spatial:
             crs = source.sourceCrs()
@@ -154,7 +164,7 @@ class EvaluateAlgorithm(GeoCateAlgorithm):
             coords = metric_coords(np.array([r[4] for r in rows], float).reshape(n, 2), crs.toWkt())
         try:
             evaluation = evaluate_priorities(
-                outcome=np.array([r[2] for r in rows], float), treated=np.array([r[1] for r in rows], float),
+                outcome=outcomes, treated=np.array([r[1] for r in rows], float),
                 priorities=np.array([r[0] for r in rows], float).reshape(n, len(rules)), names=rules,
                 covariates=np.array([r[3] for r in rows], float).reshape(n, len(covariates)) if covariates else None,
                 coords=coords, locations=[r[5] for r in rows] if cluster else None, spatial_block=spatial_block,
@@ -165,6 +175,22 @@ class EvaluateAlgorithm(GeoCateAlgorithm):
             raise QgsProcessingException(str(error)) from error
 
         autoc, qini = evaluation.rates["AUTOC"][0], evaluation.rates["QINI"][0]
+        predicted = None
+        if correction is not None:
+            from ..core.corrections import ate_by_correction
+
+            used = evaluation.used
+            covariate_values = np.array([r[3] for r in rows], float).reshape(n, len(covariates))[used] \
+                if covariates else None
+            ates = ate_by_correction(correction, np.array([r[2] for r in rows], float)[used],
+                                     np.array([r[1] for r in rows], int)[used], covariate_values, seed=seed)
+            predicted = {"correction": method, "outcome": correction.outcome, "map": correction.map,
+                         "outside_range": int(correction.apply(np.array([r[2] for r in rows], float)[used],
+                                                               "none")[1].sum()),
+                         "validation_range": [correction.low, correction.high],
+                         "ate_by_correction": {m: {"estimate": a.estimate, "std_err": a.std_err}
+                                               for m, a in ates.items()}}
+            report_predicted_outcome(predicted, feedback)
         feedback.pushInfo(f"Units: {n} in the layer, {int(evaluation.used.sum())} used "
                           f"({describe_dropped(evaluation.dropped)}); {evaluation.n_clusters} bootstrap clusters"
                           + (f", spatial blocks of {evaluation.block_size:.0f} m" if evaluation.block_size else "") + ".")
@@ -184,7 +210,7 @@ class EvaluateAlgorithm(GeoCateAlgorithm):
             "SPATIAL_BLOCK": spatial_block, "GROUPS": n_groups, "BOOTSTRAP": n_draws, "SEED": seed},
             started, n_units=n, n_used=int(evaluation.used.sum()), dropped=evaluation.dropped,
             bootstrap_clusters=evaluation.n_clusters, spatial_block_m=evaluation.block_size,
-            rates=[{"target": r.target, "priority": r.priority, "estimate": r.estimate, "std_err": r.std_err,
+            predicted_outcome=predicted, rates=[{"target": r.target, "priority": r.priority, "estimate": r.estimate, "std_err": r.std_err,
                     "ci": list(r.ci), "p_value": r.p_value} for r in evaluation.rates["AUTOC"] + evaluation.rates["QINI"]])
         # All numbers are in hand: only now are the outputs created (under partial names until all succeeded).
         dest_id = write_table(self, parameters, context, rate_rows(evaluation))

@@ -20,6 +20,7 @@ class GeoCateProvider(QgsProcessingProvider):
         return QIcon(ICON)
 
     def loadAlgorithms(self):  # noqa: N802 - QGIS's name
+        from .calibratemap import CalibrateMapAlgorithm
         from .comparesources import CompareSourcesAlgorithm
         from .estimatecate import EstimateCateAlgorithm
         from .evaluate import EvaluateAlgorithm
@@ -29,3 +30,4 @@ class GeoCateProvider(QgsProcessingProvider):
         self.addAlgorithm(EvaluateAlgorithm())
         self.addAlgorithm(CompareSourcesAlgorithm())
         self.addAlgorithm(ImageClustersAlgorithm())
+        self.addAlgorithm(CalibrateMapAlgorithm())

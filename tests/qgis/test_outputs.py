@@ -21,7 +21,7 @@ def leftovers(folder):
 
 
 @pytest.fixture
-def first_result(plugin, demo_units_gpkg, demo_raster, tmp_path):  # noqa: F811 - the plugin fixture
+def first_result(plugin, demo_units_gpkg, demo_raster, tmp_path):
     out = tmp_path / "effects.gpkg"
     run(base_parameters(demo_units_gpkg, demo_raster, OUTPUT=str(out), COVARIATES=[],
                         OUTPUT_REPORT=str(tmp_path / "effects.html")))
