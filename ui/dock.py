@@ -25,7 +25,14 @@ from qgis.core import (
     QgsProject,
     QgsVectorLayer,
 )
-from qgis.gui import QgsCheckableComboBox, QgsCollapsibleGroupBox, QgsDockWidget, QgsFieldComboBox, QgsMapLayerComboBox
+from qgis.gui import (
+    QgsCheckableComboBox,
+    QgsCollapsibleGroupBox,
+    QgsDockWidget,
+    QgsFieldComboBox,
+    QgsFileWidget,
+    QgsMapLayerComboBox,
+)
 from qgis.PyQt.QtCore import Qt, QUrl, pyqtSignal
 from qgis.PyQt.QtGui import QDesktopServices
 from qgis.PyQt.QtWidgets import (
@@ -115,7 +122,7 @@ class GeoCateDock(QgsDockWidget):
     def _build(self):
         body = QWidget()
         layout = QVBoxLayout(body)
-        form = QFormLayout()
+        form = self.form = QFormLayout()
         form.setRowWrapPolicy(QFormLayout.WrapLongRows)
         self.units = QgsMapLayerComboBox()
         self.units.setFilters(QgsMapLayerProxyModel.PointLayer | QgsMapLayerProxyModel.PolygonLayer)
@@ -148,6 +155,16 @@ class GeoCateDock(QgsDockWidget):
         form.addRow("Treatment (0/1)", self.treatment)
         form.addRow("", self.treatment_status)
         form.addRow("Outcome", self.outcome)
+        self.predicted = QCheckBox("My outcome is a model's prediction (a map)")
+        self.correction_file = QgsFileWidget()
+        self.correction_file.setFilter("GeoCATE correction (*.json)")
+        self.correction_method = QComboBox()
+        for label, index in (("linear correction", 1), ("Tweedie correction", 2), ("no correction", 0)):
+            self.correction_method.addItem(label, index)
+        form.addRow("", self.predicted)
+        form.addRow("Correction file", self.correction_file)
+        form.addRow("Correction", self.correction_method)
+        self.predicted_rows = (self.correction_file, self.correction_method)
         form.addRow("Covariates", self.covariates)
         form.addRow("Imagery", self.raster)
         form.addRow("Bands", self.bands)
@@ -197,6 +214,13 @@ class GeoCateDock(QgsDockWidget):
                 (self.selected_only, "Use only the selected units of the layer."),
                 (self.treatment, "A field of 0 (control) and 1 (treated)."),
                 (self.outcome, "The outcome: a number per unit, measured after treatment."),
+                (self.predicted, "Tick when the outcome was taken from a map predicted from imagery (a wealth or "
+                                 "yield map): such maps are shrunk toward the mean, and effects measured on them are "
+                                 "too small until corrected."),
+                (self.correction_file, "The map's correction file, written by 'Calibrate a predicted-outcome map' "
+                                       "from the map makers' validation data."),
+                (self.correction_method, "How the map's values are corrected before estimation; the report shows "
+                                         "the ATE under every correction."),
                 (self.covariates, "Survey covariates measured before treatment (not the treatment or outcome)."),
                 (self.raster, "The imagery around the units (e.g. Landsat or Sentinel-2 bands)."),
                 (self.bands, "The bands to use; none ticked = all bands."),
@@ -266,6 +290,8 @@ class GeoCateDock(QgsDockWidget):
         self.treatment.fieldChanged.connect(self.on_field_chosen)
         self.outcome.fieldChanged.connect(self.on_field_chosen)
         self.selected_only.toggled.connect(lambda _: self.clear_error())
+        self.predicted.toggled.connect(self.show_correction_choices)
+        self.show_correction_choices(False)
         self.raster.layerChanged.connect(self.on_raster_changed)
         self.window.valueChanged.connect(self.update_ground_size)
         self.run_button.clicked.connect(self.start_run)
@@ -296,6 +322,14 @@ class GeoCateDock(QgsDockWidget):
         self.track_selection(layer)
         self.refresh_covariates()
         self.check_treatment()
+        self.clear_error()
+
+    def show_correction_choices(self, shown):
+        for widget in self.predicted_rows:
+            widget.setVisible(bool(shown))
+            label = self.form.labelForField(widget)
+            if label is not None:
+                label.setVisible(bool(shown))
         self.clear_error()
 
     def track_selection(self, layer):
@@ -401,6 +435,9 @@ class GeoCateDock(QgsDockWidget):
         parameters["OUTPUT_REPORT"] = os.path.join(self.run_dir, "report.html")
         if self.nodata.text().strip():
             parameters["NODATA"] = float(self.nodata.text())
+        if self.predicted.isChecked() and self.method.currentData() == ALGORITHM:
+            parameters.update(OUTCOME_CORRECTION=self.correction_file.filePath(),
+                              CORRECTION=self.correction_method.currentData())
         return parameters
 
     def validate(self):
@@ -421,6 +458,13 @@ class GeoCateDock(QgsDockWidget):
         problem = self.check_treatment()
         if problem:
             return problem
+        if self.predicted.isChecked():
+            path = self.correction_file.filePath()
+            if not path or not os.path.isfile(path):
+                return ("Choose the map's correction file (made with 'Calibrate a predicted-outcome map'), or untick "
+                        "'My outcome is a model's prediction'.")
+            if self.method.currentData() != ALGORITHM:
+                return "The outcome correction works with the causal forest method; choose it under Method."
         if units.featureCount() == 0:
             return f"The layer '{units.name()}' has no features: choose the layer of trial units."
         if self.selected_only.isChecked() and units.selectedFeatureCount() == 0:
@@ -574,6 +618,11 @@ class GeoCateDock(QgsDockWidget):
                  f"<b>Units</b> {metadata['n_used']} used, {metadata['n_dropped']} dropped"
                  + (f" ({describe_dropped(dropped)})" if metadata["n_dropped"] else "")]
         lines += [f"<span style='color:#b35806'>{warning}</span>" for warning in metadata.get("warnings", [])]
+        predicted = metadata.get("predicted_outcome") or {}
+        if "ate_by_correction" in predicted:
+            lines.append("<b>Outcome from a map</b> ATE by correction: " + ", ".join(
+                f"{method} {ate['estimate']:.3f}" + (" (used)" if method == predicted["correction"] else "")
+                for method, ate in predicted["ate_by_correction"].items()))
         if "heterogeneity_test" in metadata:
             test = metadata["heterogeneity_test"]
             verdict = "heterogeneity detected" if test["detected"] else "no heterogeneity detected"
@@ -663,6 +712,9 @@ class GeoCateDock(QgsDockWidget):
         project.writeEntry(SCOPE, "covariates", self.covariates.checkedItems())
         project.writeEntry(SCOPE, "bands", self.bands.checkedItems())
         project.writeEntry(SCOPE, "method", self.method.currentData())
+        project.writeEntry(SCOPE, "correction_file", self.correction_file.filePath() if self.predicted.isChecked()
+                           else "")
+        project.writeEntry(SCOPE, "correction_method", int(self.correction_method.currentData()))
         for key, value in (("window", self.window.value()), ("seed", self.seed.value()),
                            ("groups", self.groups.value()), ("clusters", self.clusters.value()),
                            ("max_clusters", self.max_clusters.value())):
@@ -699,6 +751,12 @@ class GeoCateDock(QgsDockWidget):
         if found:
             self.spatial_block.setValue(value)
         self.nodata.setText(project.readEntry(SCOPE, "nodata", "")[0])
+        correction = project.readEntry(SCOPE, "correction_file", "")[0]
+        self.correction_file.setFilePath(correction)
+        self.predicted.setChecked(bool(correction))
+        index = self.correction_method.findData(project.readNumEntry(SCOPE, "correction_method", 1)[0])
+        if index >= 0:
+            self.correction_method.setCurrentIndex(index)
 
 
 def treatment_problem(layer, name):

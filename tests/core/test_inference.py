@@ -230,5 +230,5 @@ def test_messages_name_the_real_problem(small_trial, demo_raster):
     xy[:5] = np.nan
     study, _ = estimate_cate(dataclasses.replace(units, xy=xy), demo_raster, n_draws=20)
     assert study.dropped["no geometry"] == 5 and study.dropped["outside the raster"] == 0
-    with pytest.raises(GeoCateError, match=r"Spatial blocks of 100,000 m leave only [1-4] group.*Use smaller blocks"):
+    with pytest.raises(GeoCateError, match=r"Spatial blocks of 100,000 m leave only [1-4] group.*Use smaller spatial blocks"):
         estimate_cate(units, demo_raster, spatial_block=100000)

@@ -48,6 +48,7 @@ def filled_dock(plugin, units, raster):
     dock.raster.setLayer(raster)
     dock.window.setValue(33)
     dock.seed.setValue(42)
+    dock.predicted.setChecked(False)
     return dock
 
 
@@ -206,7 +207,7 @@ def test_every_choice_has_a_tooltip_and_a_narrow_dock_scrolls_instead_of_cutting
     dock = filled_dock(plugin, units, raster)
     for widget in (dock.units, dock.selected_only, dock.treatment, dock.outcome, dock.covariates, dock.raster,
                    dock.bands, dock.window, dock.method, dock.seed, dock.groups, dock.clusters, dock.max_clusters,
-                   dock.spatial_block, dock.nodata):
+                   dock.spatial_block, dock.nodata, dock.predicted, dock.correction_file, dock.correction_method):
         assert widget.toolTip(), widget
     scroll = dock.widget()
     assert scroll.horizontalScrollBarPolicy() == Qt.ScrollBarAsNeeded
@@ -248,6 +249,29 @@ def test_missing_packages_are_named_with_the_command_that_installs_them(plugin, 
     assert "torch, econml" in text and "pip install" in text and "--target" in text and "numpy==" in text
     assert not dock.run_button.isEnabled() and dock.install_button.isVisibleTo(dock.widget().widget())
     assert dock.check_dependencies() == [] and dock.run_button.isEnabled()
+
+
+def test_a_predicted_outcome_is_corrected_with_the_maps_file(plugin, project_layers, tmp_path):
+    import numpy as np
+
+    from geocate.core.corrections import fit_correction
+
+    units, raster = project_layers
+    dock = filled_dock(plugin, units, raster)
+    assert not dock.correction_file.isVisibleTo(dock)           # shown only for a predicted outcome
+    dock.predicted.setChecked(True)
+    assert dock.correction_file.isVisibleTo(dock) and dock.correction_method.isVisibleTo(dock)
+    assert dock.start_run() is False and "correction file" in dock.message.text()
+    rng = np.random.default_rng(0)
+    truth = rng.standard_normal(200)
+    path = fit_correction(truth, 0.5 * truth + 0.1 * rng.standard_normal(200), "outcome").save(
+        str(tmp_path / "outcome.json"))
+    dock.correction_file.setFilePath(path)
+    assert dock.start_run()
+    assert dock.parameters()["OUTCOME_CORRECTION"] == path and dock.parameters()["CORRECTION"] == 1
+    assert wait_for_run(dock) is True, dock.message.text()
+    assert "Outcome from a map" in dock.summary.text() and "linear" in dock.summary.text()
+    assert dock.metadata["predicted_outcome"]["correction"] == "linear"
 
 
 def test_the_installer_takes_the_cpu_build_of_torch_unless_a_gpu_is_present(plugin, tmp_path):
