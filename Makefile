@@ -64,6 +64,7 @@ bench: setup
 	$(PY) bench/bench_evaluate.py
 	$(PY) bench/bench_clusters.py
 	$(PY) bench/bench_estimate.py
+	$(PY) bench/bench_corrections.py --json outputs/bench_corrections.json
 
 clean:
 	rm -rf outputs .qgis-profile
