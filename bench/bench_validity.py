@@ -96,8 +96,8 @@ def image_outcomes(score, texture, covariates, effects, rng):
     return W, Y
 
 
-def run_null(reps):
-    rng = np.random.default_rng(2026)
+def run_null(reps, seed=2026, image=True):
+    rng = np.random.default_rng(seed)
     seq = old = 0
     t_stats = []
     started = time.perf_counter()
@@ -112,6 +112,8 @@ def run_null(reps):
            "sequential_t_mean": round(float(np.mean(t_stats)), 3), "sequential_t_sd": round(float(np.std(t_stats)), 3),
            "seconds": round(time.perf_counter() - started, 1)}
     print(json.dumps(out), flush=True)
+    if not image:
+        return {"grf_null": out}
     design, inputs, score, texture, covariates = image_design()
     seq = old = 0
     half = max(reps // 2, 1)
@@ -220,11 +222,13 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("study", nargs="?", default="all", choices=["null", "power", "clusters", "coverage", "all"])
     parser.add_argument("--reps", type=int, default=200)
+    parser.add_argument("--seed", type=int, default=2026, help="null: the seed of grf's design's draws")
+    parser.add_argument("--grf-only", action="store_true", help="null: grf's design only, not the imagery")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     figures = {}
     if args.study in ("null", "all"):
-        figures["null"] = run_null(args.reps)
+        figures["null"] = run_null(args.reps, args.seed, image=not args.grf_only)
     if args.study in ("power", "all"):
         figures["power"] = run_power(args.reps)
     if args.study in ("clusters", "all"):
