@@ -452,3 +452,74 @@ def find_clusters(units, raster_path, bands=None, window_size_px=33, nodata=None
     if progress is not None:
         progress(1.0, "Done")
     return study, result, {"k_table": k_table, "clusters": table, "model": model}
+
+
+def estimate_ate(units, raster_path, design, bands=None, window_size_px=33, nodata=None, seed=42, n_folds=5,
+                 n_filters=256, spatial_block=0, device="auto", progress=None, is_cancelled=None):
+    """Average effects with a confounding adjustment from the imagery (geocate:estimateate).
+
+    design: a core.design.StudyDesign. The image windows are embedded as in
+    estimate_cate; the propensity model (observational designs) and the
+    outcome models see the features' leading principal components and the
+    covariates, cross-fitted on folds that keep groups whole. With a binary
+    treatment, units outside the design's trimming bounds are left out of the
+    estimates (and counted). Returns (study, {"effects": [AdjustedEffect],
+    "propensity": (n_used,) P(treated) or (n_used, A), "kept": (n_used,) bool,
+    "overlap", "balance", "warnings", "metadata"}).
+    """
+    from .design import RANDOMIZED, overlap_summary
+    from .observational import adjusted_effects, balance_table, suspicious_covariates
+
+    started = time.monotonic()
+    study = build_study(units, raster_path, bands, window_size_px, nodata, _stage(progress, 0.0, 0.3),
+                        is_cancelled, arms=True)
+    used = study.used
+    features = image_features(study, seed, n_filters, device, _stage(progress, 0.3, 0.5), is_cancelled)[0]
+    study = dataclasses.replace(study, patches=None)
+    covariates = study.covariates[used] if study.covariates.shape[1] else None
+    inputs = outcome_inputs(features, covariates, seed)
+    groups, block_size = fold_groups(study, spatial_block, window_size_px)
+    folds = location_folds(groups, n_folds, seed)
+    arms = study.treated[used]
+    if progress is not None:
+        progress(0.6, "Propensity model (cross-fitted)")
+    propensities, fit = design.propensities(arms, inputs, folds)
+    binary = propensities.shape[1] == 2
+    kept, bounds = design.keep(propensities[:, 1]) if binary else (np.ones(len(arms), bool), None)
+    if binary and kept.sum() < len(kept):
+        for arm in (0, 1):
+            if (arms[kept] == arm).sum() < 20:
+                raise GeoCateError(f"Trimming to propensities in [{bounds[0]:.2f}, {bounds[1]:.2f}] leaves fewer than "
+                                   f"20 units in arm {arm}.", "Trim less, or use a design with more overlap.")
+    if progress is not None:
+        progress(0.75, "Outcome models and estimates")
+    effects = adjusted_effects(study.outcome[used][kept], arms[kept], propensities[kept], inputs[kept], folds[kept],
+                               groups[kept])
+    warnings = [w for w in (overlap_warning(study, window_size_px, block_size),) if w]
+    overlap, balance = None, None
+    n_pcs = min(5, inputs.shape[1] - (covariates.shape[1] if covariates is not None else 0))
+    names = [f"image component {j + 1}" for j in range(n_pcs)] + list(study.covariate_names)
+    balance_inputs = np.column_stack([inputs[:, :n_pcs]] + ([covariates] if covariates is not None else []))
+    if binary:
+        overlap = overlap_summary(propensities[:, 1], arms)
+        if design.kind != RANDOMIZED and overlap["share_outside"] > 0.1:
+            warnings.append(f"Poor overlap: {overlap['share_outside']:.0%} of the units have a propensity outside "
+                            "[0.05, 0.95], where some units have almost no comparable units in the other arm; "
+                            "estimates there rest on few units and large weights. Trim (Crump's rule) and report "
+                            "the trimmed population.")
+        balance = balance_table(balance_inputs[kept], names, arms[kept], propensities[kept, 1])
+        if design.kind == RANDOMIZED and covariates is not None:
+            warnings += suspicious_covariates(covariates, study.covariate_names, arms)
+    n = len(used)
+    metadata = {"design": design.kind, "trim": design.trim if not isinstance(design.trim, tuple) else list(design.trim),
+                "trim_bounds": bounds, "n_trimmed": int((~kept).sum()), "propensity_model": fit,
+                "overlap": overlap, "warnings": warnings, "seed": seed, "n_folds": n_folds,
+                "window_size_px": int(window_size_px), "fold_groups": int(len(np.unique(groups))),
+                "spatial_block_m": block_size, "dropped": study.dropped, "n_used": int(used.sum()),
+                "n_dropped": int(n - used.sum()), "arms": [float(a) for a in np.unique(arms)],
+                "effects": [dataclasses.asdict(e) for e in effects], "versions": package_versions(),
+                "timings": {"total_s": round(time.monotonic() - started, 3)}}
+    if progress is not None:
+        progress(1.0, "Done")
+    return study, {"effects": effects, "propensity": propensities, "kept": kept, "overlap": overlap,
+                   "balance": balance, "warnings": warnings, "metadata": metadata}

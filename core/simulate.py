@@ -168,3 +168,16 @@ def simulate_predicted_outcome_world(seed=0, n_features=20, feature_noise=4.0, p
     world = dataclasses.replace(world, model=model)
     truth, prediction, _ = world.draw(rng, n_validation)
     return dataclasses.replace(world, validation_truth=truth, validation_prediction=prediction)
+
+
+def confound(trial, seed=0, strength=1.2, effect=1.0, baseline=1.5):
+    """A confounded study on the units of a simulated trial: treatment more likely where the image shows
+    settlement (bright, textured windows: logit P(W = 1) = strength z(texture)), and the outcome also driven by
+    the image: Y = baseline mu0 + effect W + noise, mu0 the trial's image-and-covariate baseline.
+    Returns (treated, outcome, propensity); the true ATE is ``effect``."""
+    rng = np.random.default_rng(seed)
+    image_part = trial.true_mu0 - 0.5 * trial.covariates[:, 0]   # z(texture): what the window shows
+    propensity = 1 / (1 + np.exp(-strength * image_part))
+    treated = (rng.random(len(propensity)) < propensity).astype(int)
+    outcome = baseline * trial.true_mu0 + effect * treated + rng.standard_normal(len(propensity))
+    return treated, outcome, propensity

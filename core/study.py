@@ -93,10 +93,19 @@ class Result:
     metadata: dict = field(default_factory=dict)
 
 
-def check_treatment(treated, name="treatment"):
-    """Raise GeoCateError unless every non-null value is 0 or 1."""
+def check_treatment(treated, name="treatment", arms=False):
+    """Raise GeoCateError unless every non-null value is 0 or 1 (``arms``: a whole number 0, 1, 2, ... of an arm,
+    0 the reference, e.g. no programme)."""
     values = np.asarray(treated, dtype=float)
     present = values[~np.isnan(values)]
+    if arms:
+        wrong = np.unique(present[(present < 0) | (present != np.round(present))])
+        if len(wrong):
+            raise GeoCateError(
+                f"The treatment field '{name}' must hold arm numbers 0, 1, 2, ... (0 = the reference, e.g. no "
+                f"programme), but it also holds {', '.join(f'{v:g}' for v in wrong[:5])}.",
+                "Recode it to whole numbers (e.g. with the Field Calculator) or choose the right field.")
+        return
     wrong = np.unique(present[(present != 0) & (present != 1)])
     if len(wrong):
         shown = ", ".join(f"{v:g}" for v in wrong[:5]) + (" ..." if len(wrong) > 5 else "")
@@ -138,7 +147,7 @@ def check_estimable(treated, outcome, covariates, covariate_names=(), treatment_
 
 
 def build_study(units, raster_path, bands=None, window_size_px=33, nodata=None,
-                progress=None, is_cancelled=None):
+                progress=None, is_cancelled=None, arms=False):
     """Check ``units`` (a UnitTable), read their windows and return a Study.
 
     Raises GeoCateError for: a treatment other than 0/1, a raster without CRS,
@@ -148,8 +157,9 @@ def build_study(units, raster_path, bands=None, window_size_px=33, nodata=None,
     treated = np.asarray(units.treated, dtype=float)
     outcome = np.asarray(units.outcome, dtype=float)
     covariates = np.asarray(units.covariates, dtype=float).reshape(len(treated), -1)
-    check_treatment(treated, units.treatment_name)
-    check_columns(treated, covariates, units.covariate_names, units.treatment_name)
+    check_treatment(treated, units.treatment_name, arms)
+    check_columns(treated if not arms else np.minimum(treated, 1), covariates, units.covariate_names,
+                  units.treatment_name)
     info = raster_info(raster_path)
     found = extract_patches(raster_path, units.xy, units.crs_wkt, bands, window_size_px,
                             nodata, progress, is_cancelled)
@@ -187,7 +197,9 @@ def build_study(units, raster_path, bands=None, window_size_px=33, nodata=None,
     used = complete & found.ok
     check_estimable(treated[used], outcome[used], covariates[used], units.covariate_names, units.treatment_name,
                     units.outcome_name)
-    for arm, label in ((1, "treated"), (0, "control")):
+    arm_labels = ((1, "treated"), (0, "control")) if not arms else \
+        tuple((a, f"arm {a:g}") for a in np.unique(treated[used]))
+    for arm, label in arm_labels:
         count = int((used & (treated == arm)).sum())
         if count < MIN_UNITS_PER_ARM:
             raise GeoCateError(

@@ -1,0 +1,133 @@
+"""The study design: how treatment was assigned, as one object every estimator receives.
+
+ARCHITECTURE.md's "study design object". A **randomized** design knows its
+propensity (the treated share of each arm); an **observational** one
+estimates it, cross-fitted, from the image representation and the covariates
+(a well-regularised multinomial logistic regression from scikit-learn), and
+may trim units whose propensity leaves no overlap (fixed bounds, or Crump,
+Hotz, Imbens & Mitnik's 2009 rule). The estimators of core.observational
+take the propensities this object gives and never test a flag themselves.
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import GeoCateError
+
+RANDOMIZED, OBSERVATIONAL = "randomized", "observational"
+#: Propensities are clipped to [CLIP, 1 - CLIP] before any weight is formed.
+CLIP = 0.01
+
+
+@dataclass(frozen=True)
+class StudyDesign:
+    """kind: "randomized" or "observational"; trim: None, "crump", or (low, high) propensity bounds (binary
+    treatment); n_folds, seed: the propensity model's cross-fitting."""
+
+    kind: str = RANDOMIZED
+    trim: object = None
+    n_folds: int = 5
+    seed: int = 42
+
+    def __post_init__(self):
+        if self.kind not in (RANDOMIZED, OBSERVATIONAL):
+            raise GeoCateError(f"Unknown study design '{self.kind}'.", "Choose 'randomized' or 'observational'.")
+        if isinstance(self.trim, (tuple, list)):
+            low, high = self.trim
+            if not 0 <= low < high <= 1:
+                raise GeoCateError(f"Trimming bounds ({low}, {high}) are not 0 <= low < high <= 1.",
+                                   "Give bounds such as 0.05 and 0.95.")
+
+    def propensities(self, arms, inputs=None, folds=None):
+        """(n, A) probabilities of each arm (columns in the order of ``np.unique(arms)``) and a fit report.
+
+        Randomized: each arm's share, the same for every unit. Observational:
+        out-of-fold predictions of a multinomial logistic regression (L2
+        penalty chosen by cross-validated log-loss) on the standardised
+        ``inputs``, so no unit's propensity comes from a model that saw it.
+        """
+        arms = np.asarray(arms)
+        levels, index = np.unique(arms, return_inverse=True)
+        n, k = len(arms), len(levels)
+        if self.kind == RANDOMIZED or inputs is None or np.asarray(inputs).size == 0:
+            shares = np.bincount(index, minlength=k) / n
+            return np.tile(shares, (n, 1)), {"model": "arm shares (known in a randomized design)"}
+        from sklearn.linear_model import LogisticRegressionCV
+        from sklearn.pipeline import make_pipeline
+        from sklearn.preprocessing import StandardScaler
+
+        from .learners import location_folds
+
+        X = np.asarray(inputs, float).reshape(n, -1)
+        folds = location_folds(np.arange(n), self.n_folds, self.seed) if folds is None else np.asarray(folds)
+        probabilities = np.empty((n, k))
+        for fold in np.unique(folds):
+            train, test = folds != fold, folds == fold
+            if len(np.unique(index[train])) < k:
+                raise GeoCateError("A cross-fitting fold holds no unit of some treatment arm.",
+                                   "Use more units, or fewer arms.")
+            model = make_pipeline(StandardScaler(), LogisticRegressionCV(Cs=10, cv=3, scoring="neg_log_loss",
+                                                                         max_iter=2000))
+            model.fit(X[train], index[train])
+            probabilities[test] = model.predict_proba(X[test])
+        return probabilities, {"model": "multinomial logistic regression (L2, penalty by cross-validated "
+                                        "log-loss), cross-fitted", **calibration(index, probabilities)}
+
+    def keep(self, propensity):
+        """Units kept after trimming (binary treatment: ``propensity`` is P(treated)), and the rule's bounds."""
+        e = np.asarray(propensity, float)
+        if self.trim is None:
+            return np.ones(len(e), bool), None
+        low, high = crump_bounds(e) if self.trim == "crump" else self.trim
+        return (e >= low) & (e <= high), (float(low), float(high))
+
+
+def crump_bounds(propensity):
+    """Crump et al. (2009): keep alpha <= e <= 1 - alpha, with alpha the smallest value for which
+    1 / (alpha (1 - alpha)) <= 2 E[1 / (e (1 - e)) | alpha <= e <= 1 - alpha]; alpha = 0 when no trimming helps."""
+    e = np.clip(np.asarray(propensity, float), 1e-6, 1 - 1e-6)
+    g = 1.0 / (e * (1 - e))
+    if g.max() <= 2 * g.mean():
+        return 0.0, 1.0
+    # Candidates alpha = each unit's min(e, 1 - e), ascending; the units kept at alpha are those from it on.
+    order = np.argsort(np.minimum(e, 1 - e))
+    alphas, kept_g = np.minimum(e, 1 - e)[order], g[order]
+    suffix_mean = np.cumsum(kept_g[::-1])[::-1] / np.arange(len(e), 0, -1)
+    ok = 1.0 / (alphas * (1 - alphas)) <= 2 * suffix_mean
+    if not ok.any():
+        return 0.1, 0.9
+    alpha = float(alphas[np.argmax(ok)])
+    return alpha, 1 - alpha
+
+
+def calibration(index, probabilities):
+    """How well the propensity model predicts the arm: Brier score, log-loss, and (binary) the calibration
+    slope of the observed arm on the logit of the predicted propensity (1 = calibrated)."""
+    n, k = probabilities.shape
+    onehot = np.eye(k)[index]
+    p = np.clip(probabilities, 1e-12, 1)
+    report = {"brier": float(np.mean(np.sum((probabilities - onehot) ** 2, axis=1))),
+              "log_loss": float(-np.mean(np.log(p[np.arange(n), index])))}
+    if k == 2:
+        import statsmodels.api as sm
+
+        logit = np.log(np.clip(probabilities[:, 1], 1e-6, 1 - 1e-6) / np.clip(probabilities[:, 0], 1e-6, 1))
+        try:
+            fit = sm.Logit(index, sm.add_constant(logit)).fit(disp=0)
+            report["calibration_slope"] = float(fit.params[1])
+        except Exception:  # noqa: BLE001 - perfect separation: no slope to report
+            report["calibration_slope"] = float("nan")
+    return report
+
+
+def overlap_summary(propensity, treated, bounds=(0.05, 0.95)):
+    """The share of units whose propensity lies outside ``bounds``, by arm and overall, and the quantiles of the
+    propensity in each arm (binary treatment)."""
+    e, W = np.asarray(propensity, float), np.asarray(treated, int)
+    outside = (e < bounds[0]) | (e > bounds[1])
+    return {"bounds": list(bounds), "share_outside": float(outside.mean()),
+            "share_outside_treated": float(outside[W == 1].mean()),
+            "share_outside_control": float(outside[W == 0].mean()),
+            "quantiles_treated": np.quantile(e[W == 1], [0, 0.05, 0.5, 0.95, 1]).tolist(),
+            "quantiles_control": np.quantile(e[W == 0], [0, 0.05, 0.5, 0.95, 1]).tolist()}

@@ -1,0 +1,155 @@
+"""Average effects with a confounding adjustment: IPW (Horvitz-Thompson), Hajek and AIPW, the ATT, several
+arms; balance of covariates before and after weighting; covariates that look affected by treatment.
+
+Every estimator takes the propensities of a core.design.StudyDesign and the
+cross-fitted outcome models of core.scores, and its standard error is the
+cluster-robust SE of the mean of its influence function (core.scores.mean_and_se),
+clustered by the groups the folds keep whole. With several arms, each unit
+gets one score per arm; a contrast is a difference of two arms' scores.
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .design import CLIP
+from .errors import GeoCateError
+from .scores import mean_and_se, outcome_model
+
+
+@dataclass(frozen=True)
+class AdjustedEffect:
+    """One estimate: ``estimator`` (IPW, Hajek, AIPW, naive), ``estimand`` (ATE, ATT), ``contrast`` ("1 vs 0")."""
+
+    estimator: str
+    estimand: str
+    contrast: str
+    estimate: float
+    std_err: float
+    n: int
+
+    def interval(self, alpha=0.05):
+        from scipy.stats import norm
+
+        z = norm.ppf(1 - alpha / 2)
+        return self.estimate - z * self.std_err, self.estimate + z * self.std_err
+
+
+def arm_models(outcome, arm_index, n_arms, inputs, folds):
+    """(n, A) cross-fitted E[Y | X, arm a] for every unit and arm (core.scores.outcome_model on each arm's units
+    of the other folds; the arm mean when ``inputs`` is None or an arm has under 10 units there)."""
+    Y = np.asarray(outcome, float)
+    n = len(Y)
+    X = None if inputs is None or np.asarray(inputs).size == 0 else np.asarray(inputs, float).reshape(n, -1)
+    mu = np.empty((n, n_arms))
+    for fold in np.unique(folds):
+        train, test = folds != fold, folds == fold
+        for a in range(n_arms):
+            rows = train & (arm_index == a)
+            if rows.sum() < 2:
+                raise GeoCateError("A cross-fitting fold leaves too few units of a treatment arm to learn from.",
+                                   "Use more units, or fewer arms or spatial blocks.")
+            mu[test, a] = Y[rows].mean() if X is None or rows.sum() < 10 else \
+                outcome_model().fit(X[rows], Y[rows]).predict(X[test])
+    return mu
+
+
+def adjusted_effects(outcome, arms, propensities, inputs=None, folds=None, clusters=None):
+    """IPW, Hajek and AIPW estimates of the ATE and the ATT of every arm against the first (the reference,
+    e.g. 0 = no programme), and of every pair of the other arms, plus the naive difference in means.
+
+    propensities: (n, A) from StudyDesign.propensities (columns in the order of np.unique(arms)), clipped to
+    [CLIP, 1 - CLIP]. Returns a list of AdjustedEffect.
+    """
+    from .learners import location_folds
+
+    Y = np.asarray(outcome, float)
+    levels, index = np.unique(np.asarray(arms), return_inverse=True)
+    n, k = len(Y), len(levels)
+    e = np.clip(np.asarray(propensities, float).reshape(n, k), CLIP, 1 - CLIP)
+    folds = location_folds(np.arange(n), 5, 42) if folds is None else np.asarray(folds)
+    mu = arm_models(Y, index, k, inputs, folds)
+    D = np.eye(k)[index]
+    ipw = D * Y[:, None] / e
+    aipw = mu + D * (Y[:, None] - mu) / e
+    weights = D / e
+    hajek_mean = (weights * Y[:, None]).sum(axis=0) / weights.sum(axis=0)
+    hajek = weights * (Y[:, None] - hajek_mean) / weights.mean(axis=0)   # influence of each arm's Hajek mean
+    share = D.mean(axis=0)
+    results = []
+    pairs = [(a, 0) for a in range(1, k)] + [(a, b) for b in range(1, k) for a in range(b + 1, k)]
+    for a, b in pairs:
+        name = f"{levels[a]:g} vs {levels[b]:g}" if np.issubdtype(levels.dtype, np.number) else f"{levels[a]} vs {levels[b]}"
+        in_pair = (index == a) | (index == b)
+        naive = Y[index == a].mean() - Y[index == b].mean()
+        naive_se = np.sqrt(Y[index == a].var(ddof=1) / (index == a).sum() + Y[index == b].var(ddof=1) / (index == b).sum())
+        results.append(AdjustedEffect("naive difference in means", "ATE", name, float(naive), float(naive_se),
+                                      int(in_pair.sum())))
+        for estimator, scores, centre in (("IPW (Horvitz-Thompson)", ipw, 0.0), ("Hajek", hajek, None),
+                                          ("AIPW", aipw, 0.0)):
+            if centre is None:   # Hajek: the estimate is the difference of normalised means; its SE from the influence
+                estimate = float(hajek_mean[a] - hajek_mean[b])
+                std_err = mean_and_se(scores[:, a] - scores[:, b], clusters)[1]
+            else:
+                estimate, std_err = mean_and_se(scores[:, a] - scores[:, b], clusters)
+            results.append(AdjustedEffect(estimator, "ATE", name, float(estimate), float(std_err), n))
+        # ATT of arm a against b: b's units reweighted by e_a / e_b to look like a's (doubly robust).
+        residual = Y - mu[:, b]
+        psi = (D[:, a] * residual - D[:, b] * e[:, a] / e[:, b] * residual) / share[a]
+        att = float(psi.mean())
+        influence = psi - D[:, a] * att / share[a]
+        results.append(AdjustedEffect("AIPW", "ATT", name, att, float(mean_and_se(influence, clusters)[1]), n))
+    return results
+
+
+def standardized_differences(covariates, treated, weights=None):
+    """(p,) standardized mean differences (treated - control) / sqrt((var_t + var_c) / 2), weighted by
+    ``weights`` (e.g. inverse propensity) when given; the pooled SD is always the unweighted one."""
+    X = np.asarray(covariates, float).reshape(len(treated), -1)
+    W = np.asarray(treated, int)
+    w = np.ones(len(W)) if weights is None else np.asarray(weights, float)
+    mean_t = np.average(X[W == 1], axis=0, weights=w[W == 1])
+    mean_c = np.average(X[W == 0], axis=0, weights=w[W == 0])
+    pooled = np.sqrt((X[W == 1].var(axis=0, ddof=1) + X[W == 0].var(axis=0, ddof=1)) / 2)
+    return np.where(pooled > 0, (mean_t - mean_c) / np.where(pooled > 0, pooled, 1), 0.0)
+
+
+def balance_table(covariates, names, treated, propensity, threshold=0.1):
+    """Rows (name, SMD before, SMD after inverse-propensity weighting, flagged before, flagged after), binary
+    treatment; |SMD| above ``threshold`` (0.1, the usual rule) is flagged."""
+    W = np.asarray(treated, int)
+    e = np.clip(np.asarray(propensity, float), CLIP, 1 - CLIP)
+    weights = W / e + (1 - W) / (1 - e)
+    before = standardized_differences(covariates, W)
+    after = standardized_differences(covariates, W, weights)
+    return [(name, float(b), float(a), bool(abs(b) > threshold), bool(abs(a) > threshold))
+            for name, b, a in zip(names, before, after)]
+
+
+def suspicious_covariates(covariates, names, treated):
+    """Warnings for covariates that look affected by treatment, in a randomized design: constant within one arm
+    but not the other (e.g. a product of the treatment with another variable: zero in every control unit), or
+    more imbalanced than randomization allows (|SMD| above 0.25 and above 4 standard errors)."""
+    X = np.asarray(covariates, float).reshape(len(treated), -1)
+    W = np.asarray(treated, int)
+    n1, n0 = int((W == 1).sum()), int((W == 0).sum())
+    warnings = []
+    smd = standardized_differences(X, W) if n1 > 1 and n0 > 1 else np.zeros(X.shape[1])
+    bound = max(0.25, 4 * np.sqrt(1 / max(n1, 1) + 1 / max(n0, 1)))
+    for j, name in enumerate(names):
+        treated_values, control_values = X[W == 1, j], X[W == 0, j]
+        for label, here, other in (("control", control_values, treated_values),
+                                   ("treated", treated_values, control_values)):
+            if len(here) and np.ptp(here) == 0 and len(other) and np.ptp(other) > 0:
+                warnings.append(
+                    f"The covariate '{name}' is {here[0] + 0.0:g} in every {label} unit but varies among the others: it "
+                    "looks affected by treatment (e.g. a product of the treatment with another variable). A covariate "
+                    "must be measured before treatment; drop it, or it will absorb part of the effect.")
+                break
+        else:
+            if abs(smd[j]) > bound:
+                warnings.append(
+                    f"The covariate '{name}' differs between the arms far more than randomization allows (standardized "
+                    f"difference {smd[j]:+.2f}): if it was measured after treatment, drop it; if not, check the "
+                    "randomization.")
+    return warnings

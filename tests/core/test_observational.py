@@ -1,0 +1,114 @@
+"""Observational designs: the propensity from the imagery, IPW / Hajek / AIPW / ATT, overlap and trimming,
+balance, and covariates that look affected by treatment, on simulated data with known effects."""
+
+import numpy as np
+import pytest
+
+from geocate.core.design import StudyDesign, crump_bounds, overlap_summary
+from geocate.core.errors import GeoCateError
+from geocate.core.observational import adjusted_effects, balance_table, suspicious_covariates
+
+
+def causalimages_confounding(seed, n=1000):
+    """causalimages' confounding simulation: a latent confounder sets the image's red channel (here: a noisy
+    measurement of it), logit P(W) = C + X1 + X2, Y = 2 W + C + X1 + X2 + noise."""
+    rng = np.random.default_rng(seed)
+    C, X = rng.standard_normal(n), rng.standard_normal((n, 2))
+    W = (rng.random(n) < 1 / (1 + np.exp(-(C + X[:, 0] + X[:, 1])))).astype(int)
+    Y = 2 * W + C + X[:, 0] + X[:, 1] + rng.standard_normal(n)
+    red = C + 0.3 * rng.standard_normal(n)
+    return W, Y, np.column_stack([red, X])
+
+
+def by_name(effects, estimator, estimand="ATE"):
+    return next(e for e in effects if e.estimator.startswith(estimator) and e.estimand == estimand)
+
+
+def test_aipw_removes_the_confounding_the_image_shows_and_covers():
+    errors, covered, naive, hajek = [], [], [], []
+    for rep in range(12):
+        W, Y, inputs = causalimages_confounding(rep)
+        propensity, fit = StudyDesign("observational", seed=rep).propensities(W, inputs)
+        effects = adjusted_effects(Y, W, propensity, inputs)
+        aipw = by_name(effects, "AIPW")
+        low, high = aipw.interval()
+        errors.append(aipw.estimate - 2)
+        covered.append(low <= 2 <= high)
+        naive.append(by_name(effects, "naive").estimate - 2)
+        hajek.append(by_name(effects, "Hajek").estimate - 2)
+    assert np.mean(naive) > 1.5                          # about 1.9, as in causalimages
+    assert abs(np.mean(errors)) < 0.15 and np.mean(covered) >= 0.75
+    assert abs(np.mean(hajek)) < 0.4
+    assert 0.7 < fit["calibration_slope"] < 1.4          # the cross-fitted propensity is calibrated
+
+
+def test_the_att_is_the_treated_units_effect_and_arms_are_compared():
+    rng = np.random.default_rng(1)
+    n = 3000
+    x = rng.standard_normal(n)
+    W = (rng.random(n) < 1 / (1 + np.exp(-x))).astype(int)
+    tau = 1 + x                                          # treated units have larger x: ATT > ATE = 1
+    Y = x + W * tau + rng.standard_normal(n)
+    propensity, _ = StudyDesign("observational").propensities(W, x[:, None])
+    effects = adjusted_effects(Y, W, propensity, x[:, None])
+    assert by_name(effects, "AIPW", "ATE").estimate == pytest.approx(1.0, abs=0.15)
+    assert by_name(effects, "AIPW", "ATT").estimate == pytest.approx(tau[W == 1].mean(), abs=0.15)
+    # Three arms: 0 = no project, 1 = donor A (effect 1), 2 = donor B (effect 3).
+    arms = rng.integers(0, 3, n)
+    Y3 = x + np.array([0.0, 1.0, 3.0])[arms] + rng.standard_normal(n)
+    p3, _ = StudyDesign("randomized").propensities(arms)
+    effects = adjusted_effects(Y3, arms, p3, x[:, None])
+    aipw = {e.contrast: e for e in effects if e.estimator == "AIPW" and e.estimand == "ATE"}
+    assert set(aipw) == {"1 vs 0", "2 vs 0", "2 vs 1"}
+    assert aipw["1 vs 0"].estimate == pytest.approx(1, abs=0.15) and aipw["2 vs 1"].estimate == pytest.approx(2, abs=0.15)
+
+
+def test_no_overlap_is_flagged_and_trimming_recovers_the_trimmed_populations_effect():
+    cover_all, cover_trimmed, flagged = [], [], []
+    for rep in range(10):
+        rng = np.random.default_rng(100 + rep)
+        n = 2000
+        x = rng.uniform(-3, 3, n)
+        e = 1 / (1 + np.exp(-3 * x))                      # near 0 and 1 at the ends: no overlap there
+        W = (rng.random(n) < e).astype(int)
+        tau = 1 + 0.5 * x
+        Y = x + W * tau + rng.standard_normal(n)
+        design = StudyDesign("observational", trim="crump", seed=rep)
+        propensity, _ = design.propensities(W, x[:, None])
+        flagged.append(overlap_summary(propensity[:, 1], W)["share_outside"])
+        keep, bounds = design.keep(propensity[:, 1])
+        assert 0.01 < bounds[0] < 0.2 and bounds[1] == pytest.approx(1 - bounds[0])
+        full = by_name(adjusted_effects(Y, W, propensity, x[:, None]), "AIPW")
+        trimmed = by_name(adjusted_effects(Y[keep], W[keep], propensity[keep], x[keep, None]), "AIPW")
+        cover_all.append(full.interval()[0] <= tau.mean() <= full.interval()[1])
+        cover_trimmed.append(trimmed.interval()[0] <= tau[keep].mean() <= trimmed.interval()[1])
+    assert np.mean(flagged) > 0.3                         # a third of the units have propensity beyond [0.05, 0.95]
+    assert np.mean(cover_trimmed) >= 0.8
+    assert crump_bounds(np.full(100, 0.5)) == (0.0, 1.0)  # nothing to trim when overlap is good
+
+
+def test_balance_improves_after_weighting_and_treatment_affected_covariates_are_named():
+    W, Y, inputs = causalimages_confounding(3)
+    propensity, _ = StudyDesign("observational").propensities(W, inputs)
+    rows = balance_table(inputs, ["red", "x1", "x2"], W, propensity[:, 1])
+    assert all(flag_before and abs(after) < 0.1 for _, _, after, flag_before, _ in rows)
+    # A randomized study: silent when clean, names a covariate that is zero in every control unit.
+    rng = np.random.default_rng(0)
+    W = (rng.permutation(400) < 200).astype(int)
+    Z = rng.standard_normal((400, 3))
+    assert suspicious_covariates(Z, ["a", "b", "c"], W) == []
+    Z[:, 2] = W * Z[:, 1]
+    Z[:, 0] += 0.8 * W                                    # measured after treatment
+    warnings = suspicious_covariates(Z, ["a", "b", "c_times_treated"], W)
+    assert len(warnings) == 2 and "'c_times_treated' is 0 in every control unit" in warnings[1]
+    assert "'a' differs between the arms far more than randomization allows" in warnings[0]
+
+
+def test_a_randomized_design_knows_its_propensity_and_bad_designs_are_refused():
+    W = np.array([0, 1] * 50)
+    propensity, fit = StudyDesign("randomized").propensities(W, np.ones((100, 2)))
+    assert np.all(propensity == 0.5) and "known" in fit["model"]
+    with pytest.raises(GeoCateError, match="Unknown study design"):
+        StudyDesign("quasi")
+    with pytest.raises(GeoCateError, match="Trimming bounds"):
+        StudyDesign("observational", trim=(0.9, 0.1))
