@@ -19,6 +19,7 @@ from .evaluate import (
     sequential_rate_test,
 )
 from .learners import default_learner, design_matrix, effect_groups, location_folds, location_ids
+from .observational import suspicious_covariates
 from .scores import cross_fitted_scores, doubly_robust_ate, outcome_inputs
 from .study import Result, build_study
 
@@ -215,7 +216,8 @@ def estimate_cate(units, raster_path, bands=None, window_size_px=33, nodata=None
         "spatial_block_m": block_size,
         "clustered_by": "cluster field and shared locations" if study.clusters is not None else "shared locations",
         "fold_groups": int(len(np.unique(groups))),
-        "warnings": [w for w in (overlap_warning(study, window_size_px, block_size),) if w],
+        "warnings": [w for w in (overlap_warning(study, window_size_px, block_size),) if w]
+        + suspicious_covariates(study.covariates[used], study.covariate_names, study.treated[used]),
         "heterogeneity_test": heterogeneity_record(test),
         "predicted_outcome": predicted_outcome,
         "autoc": {"estimate": autoc.estimate, "std_err": autoc.std_err, "ci": list(autoc.ci),
@@ -468,7 +470,7 @@ def estimate_ate(units, raster_path, design, bands=None, window_size_px=33, noda
     "overlap", "balance", "warnings", "metadata"}).
     """
     from .design import RANDOMIZED, overlap_summary
-    from .observational import adjusted_effects, balance_table, suspicious_covariates
+    from .observational import adjusted_effects, balance_table
 
     started = time.monotonic()
     study = build_study(units, raster_path, bands, window_size_px, nodata, _stage(progress, 0.0, 0.3),

@@ -162,3 +162,39 @@ def test_overlapping_windows_without_blocks_are_warned_about(small_trial, demo_r
     assert overlap_warning(study, 3, block_size=None) is None             # 90 m windows hardly overlap
     far_apart = dataclasses.replace(study, coords=study.coords * 100.0)  # the same layout, 100 times larger
     assert overlap_warning(far_apart, 33, None) is None
+
+
+def test_a_confounded_study_on_the_imagery_is_adjusted_by_the_image_propensity(small_trial, demo_raster):
+    import dataclasses
+
+    from geocate.core.design import StudyDesign
+    from geocate.core.pipeline import estimate_ate
+    from geocate.core.simulate import confound
+
+    treated, outcome, propensity = confound(small_trial, seed=2)
+    assert propensity.min() < 0.15 and propensity.max() > 0.85     # settlement makes treatment likely
+    units = dataclasses.replace(unit_table(small_trial), treated=treated.astype(float), outcome=outcome)
+    study, out = estimate_ate(units, demo_raster, StudyDesign("observational", seed=2), n_filters=128)
+    effects = {(e.estimator, e.estimand): e for e in out["effects"]}
+    naive, aipw = effects[("naive difference in means", "ATE")], effects[("AIPW", "ATE")]
+    assert naive.estimate - 1.0 > 0.5                               # confounded by what the image shows
+    # The image propensity and outcome models remove most of it (bench_observational.py: 200 draws at full size;
+    # the remaining bias there is reported, not yet under the 10 % goal).
+    assert abs(aipw.estimate - 1.0) < 0.35 * (naive.estimate - 1.0)
+    assert {("IPW (Horvitz-Thompson)", "ATE"), ("Hajek", "ATE"), ("AIPW", "ATT")} <= set(effects)
+    assert out["metadata"]["propensity_model"]["model"].startswith("multinomial logistic")
+    assert [row[0] for row in out["balance"]][:2] == ["image component 1", "image component 2"]
+    # Randomized, the same units give the known propensity and no balance warning.
+    _, randomized = estimate_ate(unit_table(small_trial), demo_raster, StudyDesign("randomized"), n_filters=128)
+    assert np.allclose(randomized["propensity"], 0.5)
+    assert not [w for w in randomized["warnings"] if "covariate" in w]
+
+
+def test_estimatecate_warns_about_a_covariate_affected_by_treatment(small_trial, demo_raster):
+    import dataclasses
+
+    trial = small_trial
+    covariates = np.column_stack([trial.covariates[:, 0], trial.treated * trial.covariates[:, 1]])
+    units = dataclasses.replace(unit_table(trial), covariates=covariates, covariate_names=("assets", "assets_x_t"))
+    result = estimate_cate(units, demo_raster, n_folds=3, n_estimators=40, n_draws=50)[1]
+    assert any("'assets_x_t' is 0 in every control unit" in w for w in result.metadata["warnings"])
