@@ -523,5 +523,5 @@ def estimate_ate(units, raster_path, design, bands=None, window_size_px=33, noda
                 "timings": {"total_s": round(time.monotonic() - started, 3)}}
     if progress is not None:
         progress(1.0, "Done")
-    return study, {"effects": effects, "propensity": propensities, "kept": kept, "overlap": overlap,
+    return study, {"effects": effects, "propensity": propensities, "arms": arms, "kept": kept, "overlap": overlap,
                    "balance": balance, "warnings": warnings, "metadata": metadata}

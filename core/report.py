@@ -80,7 +80,9 @@ SETTING_LABELS = {
     "RASTER": "Imagery", "BANDS": "Bands", "PATCH_SIZE": "Window size (pixels)", "NODATA": "Extra nodata value",
     "SEED": "Seed", "GROUPS": "Effect groups", "CLUSTER": "Cluster field", "SPATIAL_BLOCK": "Spatial blocks",
     "CLUSTERS": "Clusters", "MAX_CLUSTERS": "Largest K tried", "EPOCHS": "Training epochs", "DEVICE": "Device",
-    "PRIORITY": "Priority", "PRIORITY_2": "Second priority", "BOOTSTRAP": "Bootstrap draws"}
+    "PRIORITY": "Priority", "PRIORITY_2": "Second priority", "BOOTSTRAP": "Bootstrap draws", "DESIGN": "Study design",
+    "TRIM": "Trimming", "OUTCOME_CORRECTION": "Outcome correction file", "CORRECTION": "Correction",
+    "OUTCOME_TRUTH": "True outcome field"}
 
 
 def readable_setting(name, value):
@@ -520,3 +522,65 @@ def correction_report(correction, html_path, truth, prediction):
     ]
     return write_html(html_path, "GeoCATE: calibration of a predicted-outcome map", sections,
                       {"algorithm": "geocate:calibratemap", "map": correction.map, "validation": v})
+
+
+def observational_report(metadata, out, html_path):
+    """The HTML report of geocate:estimateate: how to read it, the estimates, overlap (propensities by arm), balance
+    before and after weighting, warnings, settings."""
+    import tempfile
+
+    import numpy as np
+    from matplotlib.figure import Figure
+
+    sections = [("How to read this", "<p class='note'>Without randomization, treated and untreated units differ in "
+                 "what decided treatment. The propensity (each unit's probability of treatment given its image and "
+                 "covariates) reweights the units so that the arms compare like with like. IPW weights outcomes by "
+                 "1/propensity; Hajek normalises those weights; AIPW adds outcome models and is right if either "
+                 "model is; the ATT is the effect on the units that were treated. All rest on the assumption that "
+                 "the imagery and covariates capture everything that decided treatment and also drives the outcome. "
+                 "Overlap: where propensities are near 0 or 1 some units have no comparable units in the other arm, "
+                 "weights explode, and trimming them changes the population the estimate describes. Balance: a "
+                 "standardized difference above 0.1 after weighting means the weighting did not make the arms "
+                 "alike on that variable. Intervals are 95 %; standard errors are robust to clusters.</p>")]
+    if out["warnings"]:
+        sections.append(("Warnings", "<ul>" + "".join(f"<li><b>{html.escape(w)}</b></li>" for w in out["warnings"])
+                         + "</ul>"))
+    rows = []
+    for effect in out["effects"]:
+        low, high = effect.interval()
+        rows.append((effect.estimator, effect.estimand, effect.contrast, effect.estimate, effect.std_err, low, high,
+                     effect.n))
+    trimmed = (f"<p>{metadata['n_trimmed']} unit(s) were trimmed (propensity outside "
+               f"[{metadata['trim_bounds'][0]:.3f}, {metadata['trim_bounds'][1]:.3f}]): the estimates describe the "
+               "units kept.</p>") if metadata["n_trimmed"] else ""
+    sections.append(("Estimates", f"<p>Design: <b>{html.escape(metadata['design'])}</b>; {metadata['n_used']} units "
+                     f"used. Propensity: {html.escape(metadata['propensity_model']['model'])}.</p>" + trimmed
+                     + table(["estimator", "estimand", "contrast", "estimate", "SE", "95 % low", "95 % high", "units"],
+                             rows, digits=3)))
+    with tempfile.TemporaryDirectory(prefix="geocate-") as folder:
+        if out["overlap"]:
+            figure = Figure(figsize=(5.6, 3.2), dpi=110)
+            axes = figure.add_subplot(1, 1, 1)
+            e, arms = np.asarray(out["propensity"])[:, 1], np.asarray(out["arms"])
+            bins = np.linspace(0, 1, 41)
+            for arm, colour, label in ((0, "#b2182b", "control"), (1, "#2166ac", "treated")):
+                axes.hist(e[arms == arm], bins=bins, alpha=0.5, color=colour, label=label)
+            for bound in (0.05, 0.95):
+                axes.axvline(bound, color="k", lw=0.8, ls="--")
+            axes.set_xlabel("propensity (probability of treatment)")
+            axes.set_ylabel("units")
+            axes.legend(fontsize=8)
+            figure.tight_layout()
+            png = os.path.join(folder, "overlap.png")
+            figure.savefig(png)
+            overlap = out["overlap"]
+            sections.append(("Overlap", f"<p>{overlap['share_outside']:.1%} of the units have a propensity outside "
+                             "[0.05, 0.95] (treated: " f"{overlap['share_outside_treated']:.1%}, control: "
+                             f"{overlap['share_outside_control']:.1%}).</p>" + image(png, "Propensities by arm")))
+        if out["balance"]:
+            sections.append(("Balance", table(["variable", "standardized difference before", "after weighting",
+                                               "above 0.1 before", "above 0.1 after"],
+                                              [(r[0], r[1], r[2], "yes" if r[3] else "", "yes" if r[4] else "")
+                                               for r in out["balance"]], digits=3)))
+        sections.append(("Settings", settings_table(metadata.get("parameters", {}))))
+        return write_html(html_path, "GeoCATE: average effect with confounding adjustment", sections, metadata)

@@ -22,6 +22,7 @@ class GeoCateProvider(QgsProcessingProvider):
     def loadAlgorithms(self):  # noqa: N802 - QGIS's name
         from .calibratemap import CalibrateMapAlgorithm
         from .comparesources import CompareSourcesAlgorithm
+        from .estimateate import EstimateAteAlgorithm
         from .estimatecate import EstimateCateAlgorithm
         from .evaluate import EvaluateAlgorithm
         from .imageclusters import ImageClustersAlgorithm
@@ -31,3 +32,4 @@ class GeoCateProvider(QgsProcessingProvider):
         self.addAlgorithm(CompareSourcesAlgorithm())
         self.addAlgorithm(ImageClustersAlgorithm())
         self.addAlgorithm(CalibrateMapAlgorithm())
+        self.addAlgorithm(EstimateAteAlgorithm())

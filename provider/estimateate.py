@@ -1,0 +1,149 @@
+"""geocate:estimateate - average effects with a confounding adjustment from the imagery (observational studies)."""
+
+import time
+
+from qgis.core import (
+    QgsProcessingException,
+    QgsProcessingOutputNumber,
+    QgsProcessingParameterDefinition,
+    QgsProcessingParameterEnum,
+    QgsProcessingParameterFeatureSink,
+    QgsProcessingParameterField,
+    QgsProcessingParameterFileDestination,
+    QgsProcessingParameterNumber,
+)
+from qgis.PyQt.QtCore import QVariant
+
+from .base import GeoCateAlgorithm
+from .convert import read_units, write_table
+from .study_parameters import add_spatial_block_parameter, add_study_parameters, read_study_parameters
+
+DESIGNS = ("observational", "randomized")
+TRIMS = ("none", "Crump et al. (2009)", "bounds below")
+EFFECT_COLUMNS = (("estimator", QVariant.String), ("estimand", QVariant.String), ("contrast", QVariant.String),
+                  ("estimate", QVariant.Double), ("std_err", QVariant.Double), ("ci_low", QVariant.Double),
+                  ("ci_high", QVariant.Double), ("n", QVariant.Int))
+
+
+class EstimateAteAlgorithm(GeoCateAlgorithm):
+    DESIGN, TRIM, TRIM_LOW, TRIM_HIGH, CLUSTER = "DESIGN", "TRIM", "TRIM_LOW", "TRIM_HIGH", "CLUSTER"
+    OUTPUT, OUTPUT_REPORT = "OUTPUT", "OUTPUT_REPORT"
+
+    short_description = ("The average effect of a programme that was not randomized, adjusted for what the imagery "
+                         "shows about where it went: IPW, Hajek and AIPW, with overlap and balance diagnostics.")
+    extra_tags = ("observational", "propensity score", "IPW", "AIPW", "confounding", "ATT", "balance")
+
+    def name(self):
+        return "estimateate"
+
+    def displayName(self):  # noqa: N802 - QGIS's name
+        return "Average effect with confounding adjustment from imagery"
+
+    def shortHelpString(self):  # noqa: N802 - QGIS's name
+        return (
+            "For programmes that were not randomized: the imagery around each unit stands in for the confounders "
+            "that decided where the programme went. A propensity model (a regularised logistic regression on the "
+            "image features' leading components and the covariates, cross-fitted: no unit's propensity comes "
+            "from a model that saw it) and outcome models give three estimates of the average effect: IPW "
+            "(Horvitz-Thompson), Hajek (normalised IPW) and AIPW (doubly robust: right if either model is), and "
+            "the ATT (the effect on the treated units) by AIPW; each with a standard error robust to clusters. "
+            "The treatment may have several arms (0 = the reference, e.g. no project; 1, 2 = two donors): each "
+            "arm is compared with the reference and with the others.\n\n"
+            "Overlap: the propensities by arm, the share of units outside [0.05, 0.95] (a warning when above "
+            "10 %), and trimming by Crump et al.'s rule or your bounds (the estimate then describes the units "
+            "kept). Balance: standardized differences of each covariate and image component before and after "
+            "weighting (0.1 marked). Randomized design: the known propensity, and covariates that look affected "
+            "by treatment are named.\n\n"
+            "The estimate is only as good as the assumption that the imagery and covariates capture everything "
+            "that decided treatment and also drives the outcome."
+        )
+
+    def initAlgorithm(self, config=None):  # noqa: N802 - QGIS's name
+        add_study_parameters(self)
+        self.parameterDefinition("TREATMENT").setDescription("Treatment field (0 = reference; 1, 2, ... = arms)")
+        self.addParameter(QgsProcessingParameterEnum(self.DESIGN, "Study design", list(DESIGNS), defaultValue=0))
+        self.addParameter(QgsProcessingParameterEnum(self.TRIM, "Trim units without overlap", list(TRIMS),
+                                                     defaultValue=0))
+        for name, label, value in ((self.TRIM_LOW, "Lower propensity bound", 0.05),
+                                   (self.TRIM_HIGH, "Upper propensity bound", 0.95)):
+            bound = QgsProcessingParameterNumber(name, label, QgsProcessingParameterNumber.Double, defaultValue=value,
+                                                 minValue=0, maxValue=1)
+            bound.setFlags(bound.flags() | QgsProcessingParameterDefinition.FlagAdvanced)
+            self.addParameter(bound)
+        self.addParameter(QgsProcessingParameterField(
+            self.CLUSTER, "Cluster field (e.g. village): folds and standard errors keep clusters together",
+            parentLayerParameterName="INPUT", optional=True))
+        add_spatial_block_parameter(self)
+        self.addParameter(QgsProcessingParameterFeatureSink(self.OUTPUT, "Average effects"))
+        self.addParameter(QgsProcessingParameterFileDestination(
+            self.OUTPUT_REPORT, "Report (HTML)", "HTML files (*.html)", optional=True, createByDefault=False))
+        for name, label in (("ATE", "AIPW estimate of the ATE (first arm against the reference)"),
+                            ("ATE_SE", "Its standard error"), ("ATT", "AIPW estimate of the ATT"),
+                            ("SHARE_OUTSIDE", "Share of units with propensity outside [0.05, 0.95]"),
+                            ("N_TRIMMED", "Units trimmed"), ("N_USED", "Units used")):
+            self.addOutput(QgsProcessingOutputNumber(name, label))
+
+    def processAlgorithm(self, parameters, context, feedback):  # noqa: N802 - QGIS's name
+        from ..core.design import StudyDesign
+        from ..core.errors import GeoCateError
+        from ..core.pipeline import estimate_ate
+
+        started = time.monotonic()
+        source, study = read_study_parameters(self, parameters, context)
+        cluster = self.parameterAsString(parameters, self.CLUSTER, context) or None
+        kind = DESIGNS[self.parameterAsEnum(parameters, self.DESIGN, context)]
+        trim_choice = self.parameterAsEnum(parameters, self.TRIM, context)
+        trim = (None, "crump", (self.parameterAsDouble(parameters, self.TRIM_LOW, context),
+                                self.parameterAsDouble(parameters, self.TRIM_HIGH, context)))[trim_choice]
+        features, units = read_units(source, study["treatment"], study["outcome"], study["covariates"], feedback,
+                                     cluster)
+        try:
+            design = StudyDesign(kind, trim=trim, seed=study["seed"])
+            study_data, out = estimate_ate(
+                units, study["raster"], design, study["bands"], study["window"], study["nodata"], study["seed"],
+                spatial_block=study["spatial_block"],
+                progress=lambda f, m: (feedback.setProgress(100 * f), feedback.setProgressText(m)),
+                is_cancelled=feedback.isCanceled)
+        except GeoCateError as error:
+            raise QgsProcessingException(str(error)) from error
+        metadata = out["metadata"]
+        feedback.pushInfo(f"Design: {kind}; propensity: {metadata['propensity_model']['model']}.")
+        if out["overlap"]:
+            feedback.pushInfo(f"Overlap: {out['overlap']['share_outside']:.1%} of the units have a propensity outside "
+                              "[0.05, 0.95].")
+        if metadata["n_trimmed"]:
+            low, high = metadata["trim_bounds"]
+            feedback.pushWarning(f"{metadata['n_trimmed']} unit(s) trimmed (propensity outside [{low:.3f}, "
+                                 f"{high:.3f}]): the estimates describe the units kept, not the whole study.")
+        for warning in out["warnings"]:
+            feedback.pushWarning(warning)
+        rows = []
+        for effect in out["effects"]:
+            low, high = effect.interval()
+            rows.append((effect.estimator, effect.estimand, effect.contrast, effect.estimate, effect.std_err, low,
+                         high, effect.n))
+            feedback.pushInfo(f"{effect.estimator} {effect.estimand} {effect.contrast}: {effect.estimate:.4f} "
+                              f"(SE {effect.std_err:.4f}, 95 % [{low:.4f}, {high:.4f}])")
+        if out["balance"]:
+            worst = max(out["balance"], key=lambda row: abs(row[2]))
+            feedback.pushInfo(f"Balance after weighting: largest |standardized difference| {abs(worst[2]):.3f} "
+                              f"({worst[0]}).")
+        dest_id = write_table(self, parameters, context, rows, columns=EFFECT_COLUMNS)
+        metadata = dict(metadata, algorithm="geocate:estimateate", balance=out["balance"], parameters={
+            "INPUT": source.sourceName(), "TREATMENT": study["treatment"], "OUTCOME": study["outcome"],
+            "COVARIATES": study["covariates"], "RASTER": study["raster"], "BANDS": study["bands"],
+            "PATCH_SIZE": study["window"], "NODATA": study["nodata"], "SEED": study["seed"], "DESIGN": kind,
+            "TRIM": TRIMS[trim_choice], "CLUSTER": cluster, "SPATIAL_BLOCK": study["spatial_block"]},
+            timings={"total_s": round(time.monotonic() - started, 3)})
+        report = self.output_file(parameters, self.OUTPUT_REPORT, context)
+        if report:
+            from ..core.report import observational_report
+
+            observational_report(metadata, out, report)
+            feedback.pushInfo(f"Report: {self.final_path(report)}.")
+        self.write_run_metadata(dest_id, metadata, feedback)
+        first = {(e.estimator, e.estimand): e for e in out["effects"] if e.contrast == out["effects"][0].contrast}
+        return {self.OUTPUT: dest_id, self.OUTPUT_REPORT: report, "ATE": first[("AIPW", "ATE")].estimate,
+                "ATE_SE": first[("AIPW", "ATE")].std_err, "ATT": first[("AIPW", "ATT")].estimate,
+                "SHARE_OUTSIDE": out["overlap"]["share_outside"] if out["overlap"] else None,
+                "N_TRIMMED": metadata["n_trimmed"], "N_USED": metadata["n_used"]}

@@ -1,0 +1,65 @@
+"""geocate:estimateate through Processing: a confounded study on the demo imagery, its table, report and warnings."""
+
+import json
+
+import numpy as np
+import pytest
+from qgis.core import QgsFeature, QgsField, QgsProcessingException, QgsVectorLayer
+from qgis.PyQt.QtCore import QVariant
+from test_estimatecate_in_qgis import plugin  # noqa: F401 - fixture
+
+from geocate.provider.convert import as_number
+
+
+def confounded_layer(demo_units_gpkg, seed=0):
+    """The demo units with a treatment that settlement makes likely (brighter windows) and an outcome that
+    also grows with it; the true effect is 1."""
+    units = QgsVectorLayer(demo_units_gpkg, "units", "ogr")
+    layer = QgsVectorLayer(f"Point?crs={units.crs().authid()}", "units", "memory")
+    layer.dataProvider().addAttributes(units.fields().toList() + [QgsField("programme", QVariant.Int),
+                                                                  QgsField("income", QVariant.Double)])
+    layer.updateFields()
+    rng = np.random.default_rng(seed)
+    features = []
+    for feature in units.getFeatures():
+        copy = QgsFeature(layer.fields())
+        base = as_number(feature["true_cate"])                     # image-defined: 0, 1 or 2.5
+        base = 1.0 if np.isnan(base) else base
+        programme = int(rng.random() < 1 / (1 + np.exp(-1.5 * (base - 1.2))))
+        income = 1.5 * base + 1.0 * programme + rng.standard_normal()
+        copy.setAttributes(feature.attributes() + [programme, float(income)])
+        copy.setGeometry(feature.geometry())
+        features.append(copy)
+    layer.dataProvider().addFeatures(features)
+    return layer
+
+
+def test_estimateate_adjusts_for_what_the_image_shows_and_reports_overlap_and_balance(plugin, demo_units_gpkg,
+                                                                                      demo_raster, tmp_path):
+    import processing
+
+    layer = confounded_layer(demo_units_gpkg)
+    results = processing.run("geocate:estimateate", {
+        "INPUT": layer, "TREATMENT": "programme", "OUTCOME": "income", "COVARIATES": ["assets"],
+        "RASTER": demo_raster, "DESIGN": 0, "TRIM": 1, "OUTPUT": str(tmp_path / "ate.gpkg"),
+        "OUTPUT_REPORT": str(tmp_path / "ate.html")})
+    table = QgsVectorLayer(str(tmp_path / "ate.gpkg"), "ate", "ogr")
+    rows = {(f["estimator"], f["estimand"]): f["estimate"] for f in table.getFeatures()}
+    naive, aipw = rows[("naive difference in means", "ATE")], rows[("AIPW", "ATE")]
+    assert naive - 1.0 > 0.8                                   # confounded by the image
+    assert abs(aipw - 1.0) < 0.5 * (naive - 1.0)               # the image propensity removes most of it
+    assert results["ATE"] == pytest.approx(aipw) and 0 <= results["SHARE_OUTSIDE"] <= 1
+    metadata = json.loads((tmp_path / "ate.run.json").read_text())
+    assert metadata["design"] == "observational" and metadata["trim"] == "crump"
+    assert metadata["balance"][0][0] == "image component 1"
+    report = (tmp_path / "ate.html").read_text()
+    for part in ("How to read this", "Overlap", "Balance", "Hajek", "ATT"):
+        assert part in report
+
+
+def test_estimateate_refuses_a_treatment_that_is_not_an_arm_number(plugin, demo_units_gpkg, demo_raster):
+    import processing
+
+    with pytest.raises(QgsProcessingException, match="arm numbers 0, 1, 2"):
+        processing.run("geocate:estimateate", {"INPUT": demo_units_gpkg, "TREATMENT": "assets", "OUTCOME": "outcome",
+                                               "RASTER": demo_raster, "OUTPUT": "memory:"})
