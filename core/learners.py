@@ -168,10 +168,13 @@ class CrossFittedCausalForest:
             warnings.simplefilter("ignore")
             return forest.fit(X, T_res, Y_res)
 
-    def fit(self, Y, T, X, groups=None, outcome_inputs=None, folds=None, progress=None, is_cancelled=None):
+    def fit(self, Y, T, X, groups=None, outcome_inputs=None, folds=None, progress=None, is_cancelled=None,
+            propensity=None):
         """Y: (n,) outcomes; T: (n,) 0/1 treatment; X: (n, p) effect modifiers; groups: (n,) ids of the
         groups folds keep whole (default: each unit its own); outcome_inputs: (n, q) inputs of the outcome
-        models (default X); folds: (n,) fold ids, to share folds with another learner (default from groups)."""
+        models (default X); folds: (n,) fold ids, to share folds with another learner (default from groups);
+        propensity: (n,) P(treated | x), cross-fitted (an observational core.design.StudyDesign), used by the
+        DR scores and the forests' treatment residuals (default: the treated share, known in a trial)."""
         from .scores import aipw_scores, arm_outcome_models, doubly_robust_ate
 
         Y = np.asarray(Y, dtype=float)
@@ -186,7 +189,12 @@ class CrossFittedCausalForest:
             progress(0.0, "Outcome models (cross-fitted)")
         self.mu0_, self.mu1_ = run_cancellable(
             lambda: arm_outcome_models(Y, T, inputs, self.fold_), is_cancelled)
-        e = self.propensity_ = float(T.mean())
+        if propensity is None:
+            e = self.propensity_ = float(T.mean())
+        else:
+            from .design import CLIP
+
+            e = self.propensity_ = np.clip(np.asarray(propensity, float), CLIP, 1 - CLIP)
         self.outcome_hat_ = e * self.mu1_ + (1 - e) * self.mu0_  # the DR scores' m(x); each forest has its own
         self.dr_scores_ = aipw_scores(Y, T, self.mu0_, self.mu1_, e)
         ate = doubly_robust_ate(self.dr_scores_, self.groups_)
@@ -229,13 +237,15 @@ class CrossFittedCausalForest:
         from .scores import arm_outcome_models
 
         Y, T, X, inputs = self._data
-        e = float(T[train].mean())
+        # A trial's propensity is its training units' treated share; an observational one, each unit's own.
+        e = float(T[train].mean()) if np.ndim(self.propensity_) == 0 else self.propensity_[train]
         try:
             inner = location_folds(self.groups_[train], 2, self.seed)
             mu0, mu1 = arm_outcome_models(Y[train], T[train], inputs[train], inner)
             m = e * mu1 + (1 - e) * mu0
         except GeoCateError:  # too few training units to cross-fit (the first folds of a tiny study): arm means
-            m = e * Y[train][T[train] == 1].mean() + (1 - e) * Y[train][T[train] == 0].mean() if 0 < e < 1 \
+            share = float(T[train].mean())
+            m = e * Y[train][T[train] == 1].mean() + (1 - e) * Y[train][T[train] == 0].mean() if 0 < share < 1 \
                 else np.full(int(np.sum(train)), Y[train].mean())
         forest = self._forest(X.shape[1], inference=inference, n_estimators=n_estimators)
         return self._grow(forest, X[train], T[train] - e, Y[train] - m)

@@ -124,7 +124,7 @@ def fold_groups(study, spatial_block=0, window_size_px=33):
 def estimate_cate(units, raster_path, bands=None, window_size_px=33, nodata=None, seed=42,
                   n_groups=3, n_folds=5, n_filters=256, n_components=20, n_estimators=100,
                   device="auto", spatial_block=0, n_draws=200, progress=None, is_cancelled=None,
-                  outcome_correction=None, correction="linear", outcome_truth=None):
+                  outcome_correction=None, correction="linear", outcome_truth=None, study_design=None):
     """Estimate each unit's CATE from its image window (and covariates), and test for heterogeneity.
 
     units: a :class:`UnitTable`. Returns (Study, Result). Steps: read and check
@@ -148,6 +148,11 @@ def estimate_cate(units, raster_path, bands=None, window_size_px=33, nodata=None
     estimated, and the metadata gives the DR ATE under every correction side
     by side; ``outcome_truth`` ((n,), NaN where unknown), the true outcome of
     a random subset of units, adds the prediction-powered ATE.
+
+    study_design: a core.design.StudyDesign (default randomized: the known
+    propensity). Observational: the propensity is cross-fitted from the image
+    features' components and the covariates, on the same folds, and the
+    forests and DR scores (so the ATE, the test, the RATE and the BLP) use it.
     """
     timings = {}
     started = time.monotonic()
@@ -171,8 +176,17 @@ def estimate_cate(units, raster_path, bands=None, window_size_px=33, nodata=None
     groups, block_size = fold_groups(study, spatial_block, window_size_px)
     design, inputs, learner = default_learner(features, study.covariates[used], n_components, n_folds,
                                               n_estimators, seed)
-    learner.fit(study.outcome[used], study.treated[used].astype(int), design, groups=groups, outcome_inputs=inputs,
-                progress=_stage(progress, 0.22, 0.75), is_cancelled=is_cancelled)
+    propensity, propensity_fit = None, None
+    if study_design is not None and study_design.kind != "randomized":
+        folds = location_folds(groups, n_folds, seed)
+        probabilities, propensity_fit = study_design.propensities(study.treated[used].astype(int), inputs, folds)
+        propensity = probabilities[:, 1]
+        learner.fit(study.outcome[used], study.treated[used].astype(int), design, groups=groups,
+                    outcome_inputs=inputs, folds=folds, progress=_stage(progress, 0.22, 0.75),
+                    is_cancelled=is_cancelled, propensity=propensity)
+    else:
+        learner.fit(study.outcome[used], study.treated[used].astype(int), design, groups=groups,
+                    outcome_inputs=inputs, progress=_stage(progress, 0.22, 0.75), is_cancelled=is_cancelled)
     timings["causal_forest_s"] = time.monotonic() - t
 
     t = time.monotonic()
@@ -210,7 +224,9 @@ def estimate_cate(units, raster_path, bands=None, window_size_px=33, nodata=None
         "outcome_model_inputs": int(inputs.shape[1]),
         "covariates": list(study.covariate_names),
         "n_estimators": n_estimators,
-        "propensity": learner.propensity_,
+        "propensity": learner.propensity_ if propensity is None else "cross-fitted per unit",
+        "study_design": "randomized" if propensity is None else study_design.kind,
+        "propensity_model": propensity_fit,
         "band_scaling": scaler.to_dict(),
         "device": embedder.device_,
         "spatial_block_m": block_size,

@@ -198,3 +198,27 @@ def test_estimatecate_warns_about_a_covariate_affected_by_treatment(small_trial,
     units = dataclasses.replace(unit_table(trial), covariates=covariates, covariate_names=("assets", "assets_x_t"))
     result = estimate_cate(units, demo_raster, n_folds=3, n_estimators=40, n_draws=50)[1]
     assert any("'assets_x_t' is 0 in every control unit" in w for w in result.metadata["warnings"])
+
+
+def test_estimatecate_in_an_observational_design_uses_the_image_propensity(small_trial, demo_raster, estimated):
+    import dataclasses
+
+    from geocate.core.design import StudyDesign
+    from geocate.core.simulate import confound
+
+    # Randomized (the default) gives the same numbers as an explicit randomized design.
+    same = estimate_cate(unit_table(small_trial), demo_raster, seed=3, study_design=StudyDesign("randomized"))[1]
+    np.testing.assert_allclose(same.cate, estimated[1].cate, atol=1e-9)   # to the determinism test's tolerance
+    assert same.ate == pytest.approx(estimated[1].ate, abs=1e-9) and same.metadata["study_design"] == "randomized"
+    treated, outcome, _ = confound(small_trial, seed=4)
+    units = dataclasses.replace(unit_table(small_trial), treated=treated.astype(float), outcome=outcome)
+    naive = estimate_cate(units, demo_raster, n_folds=3, n_estimators=40, n_draws=50)[1]
+    adjusted = estimate_cate(units, demo_raster, n_folds=3, n_estimators=40, n_draws=50,
+                             study_design=StudyDesign("observational", seed=4))[1]
+    assert adjusted.metadata["study_design"] == "observational"
+    assert adjusted.metadata["propensity_model"]["calibration_slope"] > 0.5
+    # The raw difference in means is confounded (true ATE 1); treating the study as a trial leaves part of it
+    # (only the outcome models adjust); the image propensity takes the estimate closer still.
+    raw = outcome[treated == 1].mean() - outcome[treated == 0].mean()
+    assert raw - 1.0 > 1.0
+    assert abs(adjusted.ate - 1.0) < abs(naive.ate - 1.0) and abs(adjusted.ate - 1.0) < 0.35 * (raw - 1.0)
