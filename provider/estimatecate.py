@@ -8,6 +8,7 @@ from qgis.core import (
     QgsProcessingException,
     QgsProcessingOutputNumber,
     QgsProcessingParameterDefinition,
+    QgsProcessingParameterEnum,
     QgsProcessingParameterFeatureSink,
     QgsProcessingParameterField,
     QgsProcessingParameterFileDestination,
@@ -28,6 +29,8 @@ from .study_parameters import add_spatial_block_parameter, add_study_parameters,
 class EstimateCateAlgorithm(GeoCateAlgorithm):
     GROUPS, CLUSTER, OUTPUT, OUTPUT_REPORT = "GROUPS", "CLUSTER", "OUTPUT", "OUTPUT_REPORT"
     OUTCOME_CORRECTION, CORRECTION, OUTCOME_TRUTH = "OUTCOME_CORRECTION", "CORRECTION", "OUTCOME_TRUTH"
+    DESIGN = "DESIGN"
+    DESIGNS = ("randomized", "observational")
 
     short_description = ("Each trial unit's treatment effect (CATE) from the imagery around it, with intervals, effect "
                          "groups, the doubly robust ATE and a valid test of heterogeneity.")
@@ -76,6 +79,9 @@ class EstimateCateAlgorithm(GeoCateAlgorithm):
             self.CLUSTER, "Cluster field (e.g. village): folds and standard errors keep clusters together",
             parentLayerParameterName="INPUT", optional=True))
         add_spatial_block_parameter(self)
+        self.addParameter(QgsProcessingParameterEnum(
+            self.DESIGN, "Study design (observational: the propensity is estimated from the imagery and covariates)",
+            list(self.DESIGNS), defaultValue=0))
         add_outcome_correction_parameters(self, truth=True)
         self.addParameter(QgsProcessingParameterFeatureSink(self.OUTPUT, "Treatment effects (CATE)"))
         self.addParameter(QgsProcessingParameterFileDestination(
@@ -107,6 +113,9 @@ class EstimateCateAlgorithm(GeoCateAlgorithm):
 
         features, units = read_units(source, treatment, outcome, covariates, feedback, cluster)
         correction, method, truth = read_outcome_correction(self, parameters, context, source, features)
+        from ..core.design import StudyDesign
+
+        design_kind = self.DESIGNS[self.parameterAsEnum(parameters, self.DESIGN, context)]
 
         def progress(fraction, message):
             feedback.setProgress(5 + 95 * fraction)
@@ -117,7 +126,8 @@ class EstimateCateAlgorithm(GeoCateAlgorithm):
             study, result = estimate_cate(units, path, bands, window, nodata, seed, n_groups,
                                           spatial_block=spatial_block, progress=progress,
                                           is_cancelled=feedback.isCanceled, outcome_correction=correction,
-                                          correction=method, outcome_truth=truth)
+                                          correction=method, outcome_truth=truth,
+                                          study_design=StudyDesign(design_kind, seed=seed))
         except GeoCateError as error:
             raise QgsProcessingException(str(error)) from error
 
@@ -142,6 +152,10 @@ class EstimateCateAlgorithm(GeoCateAlgorithm):
             feedback.pushInfo(f"Folds and bootstrap clusters: spatial blocks of {result.metadata['spatial_block_m']:.0f} m "
                               f"({result.metadata['fold_groups']} groups).")
         report_predicted_outcome(result.metadata["predicted_outcome"], feedback)
+        if result.metadata.get("propensity_model"):
+            fit = result.metadata["propensity_model"]
+            feedback.pushInfo(f"Observational design: propensity from {fit['model']}; calibration slope "
+                              f"{fit.get('calibration_slope', float('nan')):.2f} (1 = calibrated).")
         feedback.pushInfo(f"Device: {result.metadata['device']}; timings: {result.metadata['timings']}.")
 
         # Only now, with every number in hand, is the output created: a failed run writes nothing.
@@ -165,6 +179,7 @@ class EstimateCateAlgorithm(GeoCateAlgorithm):
             "OUTCOME_CORRECTION": self.parameterAsFile(parameters, self.OUTCOME_CORRECTION, context) or None,
             "CORRECTION": method if correction is not None else None,
             "OUTCOME_TRUTH": self.parameterAsString(parameters, self.OUTCOME_TRUTH, context) or None,
+            "DESIGN": design_kind,
         }, n_units=len(features), n_used=result.n_used, n_dropped=result.n_dropped,
             ate=result.ate, ate_se=result.ate_se)
         results = self.keep_result(context, dest_id, {

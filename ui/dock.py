@@ -147,6 +147,9 @@ class GeoCateDock(QgsDockWidget):
         self.method = QComboBox()
         self.method.addItem("Causal forest on image features", ALGORITHM)
         self.method.addItem("Latent effect clusters (image model)", CLUSTER_ALGORITHM)
+        self.design = QComboBox()
+        self.design.addItem("randomized trial", 0)
+        self.design.addItem("observational (not randomized)", 1)
         self.seed = QSpinBox()
         self.seed.setRange(0, 2 ** 31 - 1)
         self.seed.setValue(42)
@@ -171,6 +174,7 @@ class GeoCateDock(QgsDockWidget):
         form.addRow("Window", self.window)
         form.addRow("", self.window_ground)
         form.addRow("Method", self.method)
+        form.addRow("Design", self.design)
         form.addRow("Seed", self.seed)
         layout.addLayout(form)
         for combo in (self.units, self.treatment, self.outcome, self.covariates, self.raster, self.bands, self.method):
@@ -228,6 +232,10 @@ class GeoCateDock(QgsDockWidget):
                 (self.method, "Causal forest: each unit's effect with an interval and effect groups. Clusters: "
                               "latent groups of units with their own effect, learnt from the images."),
                 (self.seed, "The random seed: the same seed gives the same numbers."),
+                (self.design, "Randomized: the trial's known propensity. Observational: the programme was not "
+                              "randomized; the probability of treatment is estimated from the imagery and "
+                              "covariates (for the average effect with IPW, Hajek and AIPW, and overlap and balance "
+                              "checks, use 'Average effect with confounding adjustment from imagery')."),
                 (self.groups, "How many effect groups (by estimated effect) the report and style show."),
                 (self.clusters, "How many clusters the image model finds; auto = chosen by held-out fit."),
                 (self.max_clusters, "The largest number of clusters tried when it is chosen from the data.")):
@@ -435,6 +443,8 @@ class GeoCateDock(QgsDockWidget):
         parameters["OUTPUT_REPORT"] = os.path.join(self.run_dir, "report.html")
         if self.nodata.text().strip():
             parameters["NODATA"] = float(self.nodata.text())
+        if self.method.currentData() == ALGORITHM:
+            parameters["DESIGN"] = self.design.currentData()
         if self.predicted.isChecked() and self.method.currentData() == ALGORITHM:
             parameters.update(OUTCOME_CORRECTION=self.correction_file.filePath(),
                               CORRECTION=self.correction_method.currentData())
@@ -458,6 +468,8 @@ class GeoCateDock(QgsDockWidget):
         problem = self.check_treatment()
         if problem:
             return problem
+        if self.design.currentData() == 1 and self.method.currentData() != ALGORITHM:
+            return "The cluster model assumes a randomized trial; for an observational study choose the causal forest."
         if self.predicted.isChecked():
             path = self.correction_file.filePath()
             if not path or not os.path.isfile(path):
@@ -715,6 +727,7 @@ class GeoCateDock(QgsDockWidget):
         project.writeEntry(SCOPE, "correction_file", self.correction_file.filePath() if self.predicted.isChecked()
                            else "")
         project.writeEntry(SCOPE, "correction_method", int(self.correction_method.currentData()))
+        project.writeEntry(SCOPE, "design", int(self.design.currentData()))
         for key, value in (("window", self.window.value()), ("seed", self.seed.value()),
                            ("groups", self.groups.value()), ("clusters", self.clusters.value()),
                            ("max_clusters", self.max_clusters.value())):
@@ -754,6 +767,9 @@ class GeoCateDock(QgsDockWidget):
         correction = project.readEntry(SCOPE, "correction_file", "")[0]
         self.correction_file.setFilePath(correction)
         self.predicted.setChecked(bool(correction))
+        design = self.design.findData(project.readNumEntry(SCOPE, "design", 0)[0])
+        if design >= 0:
+            self.design.setCurrentIndex(design)
         index = self.correction_method.findData(project.readNumEntry(SCOPE, "correction_method", 1)[0])
         if index >= 0:
             self.correction_method.setCurrentIndex(index)

@@ -49,6 +49,7 @@ def filled_dock(plugin, units, raster):
     dock.window.setValue(33)
     dock.seed.setValue(42)
     dock.predicted.setChecked(False)
+    dock.design.setCurrentIndex(0)
     return dock
 
 
@@ -207,7 +208,8 @@ def test_every_choice_has_a_tooltip_and_a_narrow_dock_scrolls_instead_of_cutting
     dock = filled_dock(plugin, units, raster)
     for widget in (dock.units, dock.selected_only, dock.treatment, dock.outcome, dock.covariates, dock.raster,
                    dock.bands, dock.window, dock.method, dock.seed, dock.groups, dock.clusters, dock.max_clusters,
-                   dock.spatial_block, dock.nodata, dock.predicted, dock.correction_file, dock.correction_method):
+                   dock.spatial_block, dock.nodata, dock.predicted, dock.correction_file, dock.correction_method,
+                   dock.design):
         assert widget.toolTip(), widget
     scroll = dock.widget()
     assert scroll.horizontalScrollBarPolicy() == Qt.ScrollBarAsNeeded
@@ -272,6 +274,16 @@ def test_a_predicted_outcome_is_corrected_with_the_maps_file(plugin, project_lay
     assert wait_for_run(dock) is True, dock.message.text()
     assert "Outcome from a map" in dock.summary.text() and "linear" in dock.summary.text()
     assert dock.metadata["predicted_outcome"]["correction"] == "linear"
+
+
+def test_the_study_design_reaches_the_algorithm_and_the_cluster_model_stays_randomized(plugin, project_layers):
+    units, raster = project_layers
+    dock = filled_dock(plugin, units, raster)
+    dock.design.setCurrentIndex(dock.design.findData(1))
+    dock.run_dir = "/tmp"
+    assert dock.parameters()["DESIGN"] == 1
+    dock.method.setCurrentIndex(dock.method.findData("geocate:imageclusters"))
+    assert dock.start_run() is False and "assumes a randomized trial" in dock.message.text()
 
 
 def test_the_installer_takes_the_cpu_build_of_torch_unless_a_gpu_is_present(plugin, tmp_path):

@@ -328,6 +328,13 @@ def test_a_csv_output_and_units_without_geometry_are_written_as_such(plugin, dem
     assert len(table.read_text().splitlines()) == 313
 
 
+def test_estimatecate_in_an_observational_design_says_so(plugin, demo_units_gpkg, demo_raster, tmp_path):
+    results = run(base_parameters(demo_units_gpkg, demo_raster, DESIGN=1, OUTPUT=str(tmp_path / "obs.gpkg")))
+    metadata = json.loads((tmp_path / "obs.run.json").read_text())
+    assert metadata["study_design"] == "observational" and metadata["parameters"]["DESIGN"] == "observational"
+    assert metadata["propensity_model"]["model"].startswith("multinomial logistic") and math.isfinite(results["ATE"])
+
+
 def test_polygon_units_use_their_centroid(plugin, memory_run, demo_units_gpkg, demo_raster):
     import processing
 
