@@ -452,8 +452,11 @@ class Evaluation:
 
 def evaluate_priorities(outcome, treated, priorities, names=None, covariates=None, coords=None,
                         locations=None, spatial_block=0, n_groups=5, n_draws=200, n_folds=5, seed=42,
-                        treatment_name="treatment", progress=None, is_cancelled=None):
+                        treatment_name="treatment", progress=None, is_cancelled=None, design=None):
     """Evaluate priority rules on a trial: DR scores, AUTOC and Qini, BLP calibration, GATEs.
+
+    design: a core.design.StudyDesign; observational: the DR scores use each
+    unit's propensity, cross-fitted from the covariates (default: randomized).
 
     priorities: (n,) or (n, 2); covariates: (n, p) for the outcome models (none:
     arm means); coords: (n, 2) in metres, needed for spatial blocks; locations:
@@ -507,7 +510,8 @@ def evaluate_priorities(outcome, treated, priorities, names=None, covariates=Non
     folds = location_folds(groups, n_folds, seed)
     if progress:
         progress(0.1, "Doubly robust scores")
-    scores = cross_fitted_scores(Y[used], W[used].astype(int), None if X is None else X[used], folds, seed=seed)[0]
+    scores = cross_fitted_scores(Y[used], W[used].astype(int), None if X is None else X[used], folds, seed=seed,
+                                 design=design)[0]
     rates = {}
     for step, target in enumerate(("AUTOC", "QINI")):
         if progress:

@@ -20,7 +20,7 @@ from .evaluate import (
 )
 from .learners import default_learner, design_matrix, effect_groups, location_folds, location_ids
 from .observational import suspicious_covariates
-from .scores import cross_fitted_scores, doubly_robust_ate, outcome_inputs
+from .scores import aipw_scores, cross_fitted_scores, doubly_robust_ate, outcome_inputs
 from .study import Result, build_study
 
 
@@ -296,7 +296,7 @@ COMPARISONS = (("imagery + covariates", "covariates"), ("imagery + covariates", 
 
 def compare_sources(units, raster_path, bands=None, window_size_px=33, nodata=None, seed=42, n_folds=5,
                     n_estimators=100, n_draws=200, spatial_block=0, device="auto", progress=None,
-                    is_cancelled=None):
+                    is_cancelled=None, study_design=None):
     """What the imagery adds: the CATE learner with imagery only, covariates only, and both, on the same folds.
 
     Every source's learner is cross-fitted on the same honest folds (fold_groups);
@@ -320,15 +320,23 @@ def compare_sources(units, raster_path, bands=None, window_size_px=33, nodata=No
     groups, block_size = fold_groups(study, spatial_block, window_size_px)
     folds = location_folds(groups, n_folds, seed)
     Y, W = study.outcome[used], study.treated[used].astype(int)
+    inputs_all = outcome_inputs(features, covariates, seed)
+    propensity = None
+    if study_design is not None and study_design.kind != "randomized":   # one propensity for every source
+        from .design import CLIP
+
+        propensity = np.clip(study_design.propensities(W, inputs_all, folds)[0][:, 1], CLIP, 1 - CLIP)
     cate, learners = {}, {}
     for k, source in enumerate(sources):
         design, inputs, learner = default_learner(features if "imagery" in source else None,
                                                   covariates if "covariates" in source else None,
                                                   n_folds=n_folds, n_estimators=n_estimators, seed=seed)
         learner.fit(Y, W, design, groups=groups, outcome_inputs=inputs, folds=folds, is_cancelled=is_cancelled,
-                    progress=_stage(progress, 0.2 + 0.4 * k / len(sources), 0.2 + 0.4 * (k + 1) / len(sources)))
+                    progress=_stage(progress, 0.2 + 0.4 * k / len(sources), 0.2 + 0.4 * (k + 1) / len(sources)),
+                    propensity=propensity)
         cate[source], learners[source] = learner.cate_, learner
-    scores = cross_fitted_scores(Y, W, outcome_inputs(features, covariates, seed), folds, seed=seed)[0]
+    scores = cross_fitted_scores(Y, W, inputs_all, folds, seed=seed)[0] if propensity is None else \
+        aipw_scores(Y, W, *cross_fitted_scores(Y, W, inputs_all, folds, seed=seed)[1:3], propensity)
     priorities = {}
 
     def priority_for(sources_wanted):

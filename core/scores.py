@@ -111,17 +111,24 @@ def _fit_arms(Y, W, X, train, test, mu0, mu1, min_units=2):
             mu[test] = outcome_model().fit(X[rows], Y[rows]).predict(X[test])
 
 
-def cross_fitted_scores(outcome, treated, inputs=None, folds=None, n_folds=5, seed=42):
+def cross_fitted_scores(outcome, treated, inputs=None, folds=None, n_folds=5, seed=42, design=None):
     """AIPW scores whose outcome models did not see the unit (arm_outcome_models on ``folds``).
 
-    The propensity is the treated share (known in a trial). Returns (scores, mu0, mu1, e).
+    The propensity is the treated share (known in a trial), or with an
+    observational core.design.StudyDesign each unit's cross-fitted propensity
+    from ``inputs`` on the same folds. Returns (scores, mu0, mu1, e).
     """
     from .learners import location_folds
 
     Y, W = np.asarray(outcome, float), np.asarray(treated, int)
     folds = location_folds(np.arange(len(Y)), n_folds, seed) if folds is None else np.asarray(folds)
     mu0, mu1 = arm_outcome_models(Y, W, inputs, folds)
-    e = float(W.mean())
+    if design is not None and design.kind != "randomized":
+        from .design import CLIP
+
+        e = np.clip(design.propensities(W, inputs, folds)[0][:, 1], CLIP, 1 - CLIP)
+    else:
+        e = float(W.mean())
     return aipw_scores(Y, W, mu0, mu1, e), mu0, mu1, e
 
 

@@ -8,6 +8,7 @@ from qgis.core import (
     QgsProcessingException,
     QgsProcessingOutputNumber,
     QgsProcessingParameterDefinition,
+    QgsProcessingParameterEnum,
     QgsProcessingParameterFeatureSink,
     QgsProcessingParameterFileDestination,
     QgsProcessingParameterNumber,
@@ -44,6 +45,9 @@ class CompareSourcesAlgorithm(GeoCateAlgorithm):
     def initAlgorithm(self, config=None):  # noqa: N802 - QGIS's name
         add_study_parameters(self)
         add_spatial_block_parameter(self, advanced=False)
+        self.addParameter(QgsProcessingParameterEnum(
+            "DESIGN", "Study design (observational: the propensity is estimated from the imagery and covariates)",
+            ["randomized", "observational"], defaultValue=0))
         draws = QgsProcessingParameterNumber(self.BOOTSTRAP, "Bootstrap draws", QgsProcessingParameterNumber.Integer,
                                              defaultValue=200, minValue=20, maxValue=10000)
         draws.setFlags(draws.flags() | QgsProcessingParameterDefinition.FlagAdvanced)
@@ -67,8 +71,11 @@ class CompareSourcesAlgorithm(GeoCateAlgorithm):
         from ..core.study import describe_dropped
 
         started = time.monotonic()
+        from ..core.design import StudyDesign
+
         source, study_values = read_study_parameters(self, parameters, context)
         n_draws = self.parameterAsInt(parameters, self.BOOTSTRAP, context)
+        design_kind = ("randomized", "observational")[self.parameterAsEnum(parameters, "DESIGN", context)]
         features, units = read_units(source, study_values["treatment"], study_values["outcome"],
                                      study_values["covariates"], feedback)
         try:
@@ -76,7 +83,7 @@ class CompareSourcesAlgorithm(GeoCateAlgorithm):
                 units, study_values["raster"], study_values["bands"], study_values["window"], study_values["nodata"],
                 study_values["seed"], n_draws=n_draws, spatial_block=study_values["spatial_block"],
                 progress=lambda f, m: (feedback.setProgress(100 * f), feedback.setProgressText(m)),
-                is_cancelled=feedback.isCanceled)
+                is_cancelled=feedback.isCanceled, study_design=StudyDesign(design_kind, seed=study_values["seed"]))
         except GeoCateError as error:
             raise QgsProcessingException(str(error)) from error
         for warning in comparison.get("warnings", []):
@@ -99,7 +106,7 @@ class CompareSourcesAlgorithm(GeoCateAlgorithm):
             "INPUT": source.sourceName(), "TREATMENT": study_values["treatment"], "OUTCOME": study_values["outcome"],
             "COVARIATES": study_values["covariates"], "RASTER": study_values["raster"], "BANDS": study_values["bands"],
             "PATCH_SIZE": study_values["window"], "NODATA": study_values["nodata"], "SEED": study_values["seed"],
-            "SPATIAL_BLOCK": study_values["spatial_block"], "BOOTSTRAP": n_draws}, started,
+            "SPATIAL_BLOCK": study_values["spatial_block"], "BOOTSTRAP": n_draws, "DESIGN": design_kind}, started,
             n_units=len(features), n_used=study.n_used, dropped=study.dropped, fold_groups=comparison["n_clusters"],
             spatial_block_m=comparison["block_size"], ate=comparison["ate"].estimate,
             ate_se=comparison["ate"].std_err,

@@ -9,6 +9,7 @@ from qgis.core import (
     QgsProcessingException,
     QgsProcessingOutputNumber,
     QgsProcessingParameterDefinition,
+    QgsProcessingParameterEnum,
     QgsProcessingParameterFeatureSink,
     QgsProcessingParameterFeatureSource,
     QgsProcessingParameterField,
@@ -96,6 +97,9 @@ class EvaluateAlgorithm(GeoCateAlgorithm):
             self.OUTPUT_PLOT, "TOC curve (PNG)", "PNG files (*.png)", optional=True, createByDefault=False))
         self.addParameter(QgsProcessingParameterFileDestination(
             self.OUTPUT_REPORT, "Report (HTML)", "HTML files (*.html)", optional=True, createByDefault=True))
+        self.addParameter(QgsProcessingParameterEnum(
+            "DESIGN", "Study design (observational: the DR scores use a propensity estimated from the covariates)",
+            ["randomized", "observational"], defaultValue=0))
         add_outcome_correction_parameters(self)
         for name, label in (("AUTOC", "AUTOC of the priority"), ("AUTOC_SE", "Standard error of the AUTOC"),
                             ("AUTOC_P", "p-value of the AUTOC"), ("QINI", "Qini of the priority"),
@@ -148,6 +152,12 @@ class EvaluateAlgorithm(GeoCateAlgorithm):
                          unit_point(feature.geometry()) if spatial else (np.nan, np.nan),
                          as_label(feature[cluster]) if cluster else None))
         n = len(rows)
+        from ..core.design import StudyDesign
+
+        design_kind = ("randomized", "observational")[self.parameterAsEnum(parameters, "DESIGN", context)]
+        if design_kind == "observational" and not covariates:
+            raise QgsProcessingException("An observational design estimates the propensity from the covariates, and "
+                                         "none were given. Choose the covariates that decided treatment.")
         correction, method, _ = read_outcome_correction(self, parameters, context, source, [])
         outcomes = np.array([r[2] for r in rows], float)
         if correction is not None:
@@ -170,7 +180,7 @@ class EvaluateAlgorithm(GeoCateAlgorithm):
                 coords=coords, locations=[r[5] for r in rows] if cluster else None, spatial_block=spatial_block,
                 n_groups=n_groups, n_draws=n_draws, seed=seed, treatment_name=treatment,
                 progress=lambda f, m: (feedback.setProgress(100 * f), feedback.setProgressText(m)),
-                is_cancelled=feedback.isCanceled)
+                is_cancelled=feedback.isCanceled, design=StudyDesign(design_kind, seed=seed))
         except GeoCateError as error:
             raise QgsProcessingException(str(error)) from error
 
@@ -207,7 +217,8 @@ class EvaluateAlgorithm(GeoCateAlgorithm):
         metadata = run_metadata("geocate:evaluate", {
             "INPUT": source.sourceName(), "PRIORITY": priority, "PRIORITY_2": priority_2 or None,
             "TREATMENT": treatment, "OUTCOME": outcome, "COVARIATES": covariates, "CLUSTER": cluster or None,
-            "SPATIAL_BLOCK": spatial_block, "GROUPS": n_groups, "BOOTSTRAP": n_draws, "SEED": seed},
+            "SPATIAL_BLOCK": spatial_block, "GROUPS": n_groups, "BOOTSTRAP": n_draws, "SEED": seed,
+            "DESIGN": design_kind},
             started, n_units=n, n_used=int(evaluation.used.sum()), dropped=evaluation.dropped,
             bootstrap_clusters=evaluation.n_clusters, spatial_block_m=evaluation.block_size,
             predicted_outcome=predicted, rates=[{"target": r.target, "priority": r.priority, "estimate": r.estimate, "std_err": r.std_err,

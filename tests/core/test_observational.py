@@ -112,3 +112,18 @@ def test_a_randomized_design_knows_its_propensity_and_bad_designs_are_refused():
         StudyDesign("quasi")
     with pytest.raises(GeoCateError, match="Trimming bounds"):
         StudyDesign("observational", trim=(0.9, 0.1))
+
+
+def test_evaluate_scores_in_an_observational_design_use_the_propensity():
+    from geocate.core.evaluate import evaluate_priorities
+
+    W, Y, inputs = causalimages_confounding(5)
+    priority = inputs[:, 1]
+    randomized = evaluate_priorities(Y, W, priority, covariates=inputs, n_draws=50)
+    observational = evaluate_priorities(Y, W, priority, covariates=inputs, n_draws=50,
+                                        design=StudyDesign("observational", seed=5))
+    # The BLP intercept is the ATE (true 2). Here the outcome models already adjust for the confounder's proxy, so
+    # both are close; the observational scores carry each unit's propensity, so they differ, and stay on the truth.
+    assert abs(observational.calibration[0].mean_forest - 2) < 0.25
+    assert observational.calibration[0].mean_forest != randomized.calibration[0].mean_forest
+    assert observational.calibration[0].mean_forest_se > randomized.calibration[0].mean_forest_se   # the weights
