@@ -14,7 +14,7 @@ import numpy as np
 
 from .design import CLIP
 from .errors import GeoCateError
-from .scores import mean_and_se, outcome_model
+from .scores import mean_and_se, normal_interval, outcome_model
 
 
 @dataclass(frozen=True)
@@ -29,10 +29,7 @@ class AdjustedEffect:
     n: int
 
     def interval(self, alpha=0.05):
-        from scipy.stats import norm
-
-        z = norm.ppf(1 - alpha / 2)
-        return self.estimate - z * self.std_err, self.estimate + z * self.std_err
+        return normal_interval(self.estimate, self.std_err, alpha)
 
 
 def arm_models(outcome, arm_index, n_arms, inputs, folds):

@@ -164,10 +164,15 @@ class AverageEffect:
     n_clusters: int
 
     def interval(self, alpha=0.05):
-        from scipy.stats import norm
+        return normal_interval(self.estimate, self.std_err, alpha)
 
-        z = norm.ppf(1 - alpha / 2)
-        return self.estimate - z * self.std_err, self.estimate + z * self.std_err
+
+def normal_interval(estimate, std_err, alpha=0.05):
+    """The normal-approximation (1 - alpha) interval of an estimate with standard error ``std_err``."""
+    from scipy.stats import norm
+
+    z = norm.ppf(1 - alpha / 2)
+    return estimate - z * std_err, estimate + z * std_err
 
 
 def doubly_robust_ate(scores, clusters=None):
