@@ -313,8 +313,8 @@ def compare_sources(units, raster_path, bands=None, window_size_px=33, nodata=No
     """
     study = build_study(units, raster_path, bands, window_size_px, nodata, _stage(progress, 0.0, 0.1), is_cancelled)
     used = study.used
-    features = image_features(study, seed, device=device, progress=_stage(progress, 0.1, 0.2),
-                              is_cancelled=is_cancelled)[0]
+    features, _, embedder = image_features(study, seed, device=device, progress=_stage(progress, 0.1, 0.2),
+                                           is_cancelled=is_cancelled)
     covariates = study.covariates[used] if study.covariates.shape[1] else None
     sources = [s for s in SOURCES if covariates is not None or s == "imagery"]
     groups, block_size = fold_groups(study, spatial_block, window_size_px)
@@ -367,6 +367,7 @@ def compare_sources(units, raster_path, bands=None, window_size_px=33, nodata=No
     return study, {"cate": cate, "tests": tests, "test_differences": test_differences, "rates": rates,
                    "differences": differences, "block_size": block_size, "n_clusters": int(len(np.unique(groups))),
                    "warnings": [w for w in (overlap_warning(study, window_size_px, block_size),) if w],
+                   "device": embedder.device_,
                    "scores": scores, "ate": doubly_robust_ate(scores, groups)}
 
 
@@ -481,7 +482,8 @@ def find_clusters(units, raster_path, bands=None, window_size_px=33, nodata=None
 
 
 def estimate_ate(units, raster_path, design, bands=None, window_size_px=33, nodata=None, seed=42, n_folds=5,
-                 n_filters=256, spatial_block=0, device="auto", progress=None, is_cancelled=None):
+                 n_filters=256, spatial_block=0, device="auto", progress=None, is_cancelled=None,
+                 outcome_correction=None, correction="linear"):
     """Average effects with a confounding adjustment from the imagery (geocate:estimateate).
 
     design: a core.design.StudyDesign. The image windows are embedded as in
@@ -491,12 +493,19 @@ def estimate_ate(units, raster_path, design, bands=None, window_size_px=33, noda
     treatment, units outside the design's trimming bounds are left out of the
     estimates (and counted). Returns (study, {"effects": [AdjustedEffect],
     "propensity": (n_used,) P(treated) or (n_used, A), "kept": (n_used,) bool,
-    "overlap", "balance", "warnings", "metadata"}).
+    "overlap", "balance", "warnings", "metadata"}). An outcome that is a map's
+    prediction is corrected first (``outcome_correction``, as in
+    estimate_cate), and the metadata gives the AIPW ATE under every correction.
     """
     from .design import RANDOMIZED, overlap_summary
     from .observational import adjusted_effects, balance_table
 
     started = time.monotonic()
+    versions = None
+    if outcome_correction is not None:
+        outcome_correction.check_compatible(units.outcome_name)
+        versions = corrected_outcomes(outcome_correction, units.outcome)
+        units = dataclasses.replace(units, outcome=versions[correction][0])
     study = build_study(units, raster_path, bands, window_size_px, nodata, _stage(progress, 0.0, 0.3),
                         is_cancelled, arms=True)
     used = study.used
@@ -522,6 +531,17 @@ def estimate_ate(units, raster_path, design, bands=None, window_size_px=33, noda
     effects = adjusted_effects(study.outcome[used][kept], arms[kept], propensities[kept], inputs[kept], folds[kept],
                                groups[kept])
     warnings = [w for w in (overlap_warning(study, window_size_px, block_size),) if w]
+    predicted = None
+    if versions is not None:
+        ates = {}
+        for method, (values, _) in versions.items():
+            first = next(e for e in adjusted_effects(values[used][kept], arms[kept], propensities[kept], inputs[kept],
+                                                     folds[kept], groups[kept]) if e.estimator == "AIPW")
+            ates[method] = {"estimate": first.estimate, "std_err": first.std_err}
+        predicted = {"correction": correction, "outcome": outcome_correction.outcome, "map": outcome_correction.map,
+                     "outside_range": int(versions["none"][1][used].sum()),
+                     "validation_range": [outcome_correction.low, outcome_correction.high],
+                     "ate_by_correction": ates}
     overlap, balance = None, None
     n_pcs = min(5, inputs.shape[1] - (covariates.shape[1] if covariates is not None else 0))
     names = [f"image component {j + 1}" for j in range(n_pcs)] + list(study.covariate_names)
@@ -540,6 +560,7 @@ def estimate_ate(units, raster_path, design, bands=None, window_size_px=33, noda
     metadata = {"design": design.kind, "trim": design.trim if not isinstance(design.trim, tuple) else list(design.trim),
                 "trim_bounds": bounds, "n_trimmed": int((~kept).sum()), "propensity_model": fit,
                 "overlap": overlap, "warnings": warnings, "seed": seed, "n_folds": n_folds,
+                "predicted_outcome": predicted,
                 "window_size_px": int(window_size_px), "fold_groups": int(len(np.unique(groups))),
                 "spatial_block_m": block_size, "dropped": study.dropped, "n_used": int(used.sum()),
                 "n_dropped": int(n - used.sum()), "arms": [float(a) for a in np.unique(arms)],

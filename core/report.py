@@ -553,6 +553,8 @@ def observational_report(metadata, out, html_path):
     trimmed = (f"<p>{metadata['n_trimmed']} unit(s) were trimmed (propensity outside "
                f"[{metadata['trim_bounds'][0]:.3f}, {metadata['trim_bounds'][1]:.3f}]): the estimates describe the "
                "units kept.</p>") if metadata["n_trimmed"] else ""
+    if metadata.get("predicted_outcome"):
+        sections.append(("Outcome from a map", predicted_outcome_section(metadata["predicted_outcome"])))
     sections.append(("Estimates", f"<p>Design: <b>{html.escape(metadata['design'])}</b>; {metadata['n_used']} units "
                      f"used. Propensity: {html.escape(metadata['propensity_model']['model'])}.</p>" + trimmed
                      + table(["estimator", "estimand", "contrast", "estimate", "SE", "95 % low", "95 % high", "units"],

@@ -16,6 +16,7 @@ from qgis.PyQt.QtCore import QVariant
 
 from .base import GeoCateAlgorithm
 from .convert import read_units, write_table
+from .predicted import add_outcome_correction_parameters, read_outcome_correction, report_predicted_outcome
 from .study_parameters import add_spatial_block_parameter, add_study_parameters, read_study_parameters
 
 DESIGNS = ("observational", "randomized")
@@ -74,6 +75,7 @@ class EstimateAteAlgorithm(GeoCateAlgorithm):
             self.CLUSTER, "Cluster field (e.g. village): folds and standard errors keep clusters together",
             parentLayerParameterName="INPUT", optional=True))
         add_spatial_block_parameter(self)
+        add_outcome_correction_parameters(self)
         self.addParameter(QgsProcessingParameterFeatureSink(self.OUTPUT, "Average effects"))
         self.addParameter(QgsProcessingParameterFileDestination(
             self.OUTPUT_REPORT, "Report (HTML)", "HTML files (*.html)", optional=True, createByDefault=False))
@@ -97,13 +99,14 @@ class EstimateAteAlgorithm(GeoCateAlgorithm):
                                 self.parameterAsDouble(parameters, self.TRIM_HIGH, context)))[trim_choice]
         features, units = read_units(source, study["treatment"], study["outcome"], study["covariates"], feedback,
                                      cluster)
+        correction, method, _ = read_outcome_correction(self, parameters, context, source, features)
         try:
             design = StudyDesign(kind, trim=trim, seed=study["seed"])
             study_data, out = estimate_ate(
                 units, study["raster"], design, study["bands"], study["window"], study["nodata"], study["seed"],
                 spatial_block=study["spatial_block"],
                 progress=lambda f, m: (feedback.setProgress(100 * f), feedback.setProgressText(m)),
-                is_cancelled=feedback.isCanceled)
+                is_cancelled=feedback.isCanceled, outcome_correction=correction, correction=method)
         except GeoCateError as error:
             raise QgsProcessingException(str(error)) from error
         metadata = out["metadata"]
@@ -117,6 +120,7 @@ class EstimateAteAlgorithm(GeoCateAlgorithm):
                                  f"{high:.3f}]): the estimates describe the units kept, not the whole study.")
         for warning in out["warnings"]:
             feedback.pushWarning(warning)
+        report_predicted_outcome(metadata["predicted_outcome"], feedback)
         rows = []
         for effect in out["effects"]:
             low, high = effect.interval()

@@ -63,3 +63,21 @@ def test_estimateate_refuses_a_treatment_that_is_not_an_arm_number(plugin, demo_
     with pytest.raises(QgsProcessingException, match="arm numbers 0, 1, 2"):
         processing.run("geocate:estimateate", {"INPUT": demo_units_gpkg, "TREATMENT": "assets", "OUTCOME": "outcome",
                                                "RASTER": demo_raster, "OUTPUT": "memory:"})
+
+
+def test_estimateate_corrects_a_predicted_outcome(plugin, demo_units_gpkg, demo_raster, tmp_path):
+    import processing
+
+    from geocate.core.corrections import fit_correction
+
+    rng = np.random.default_rng(0)
+    truth = rng.standard_normal(300)
+    path = fit_correction(truth, 0.5 * truth + 0.1 * rng.standard_normal(300), "income").save(
+        str(tmp_path / "income.json"))
+    processing.run("geocate:estimateate", {
+        "INPUT": confounded_layer(demo_units_gpkg), "TREATMENT": "programme", "OUTCOME": "income",
+        "RASTER": demo_raster, "OUTCOME_CORRECTION": path, "OUTPUT": str(tmp_path / "ate.gpkg")})
+    record = json.loads((tmp_path / "ate.run.json").read_text())["predicted_outcome"]
+    ates = record["ate_by_correction"]
+    assert record["correction"] == "linear" and set(ates) == {"none", "linear", "tweedie"}
+    assert ates["linear"]["estimate"] == pytest.approx(ates["none"]["estimate"] / 0.5, rel=0.1)
