@@ -20,6 +20,7 @@ from .evaluate import (
 )
 from .learners import default_learner, design_matrix, effect_groups, location_folds, location_ids
 from .observational import suspicious_covariates
+from .patches import extract_patches
 from .scores import aipw_scores, cross_fitted_scores, doubly_robust_ate, outcome_inputs
 from .study import Result, build_study
 
@@ -570,3 +571,40 @@ def estimate_ate(units, raster_path, design, bands=None, window_size_px=33, noda
         progress(1.0, "Done")
     return study, {"effects": effects, "propensity": propensities, "arms": arms, "kept": kept, "overlap": overlap,
                    "balance": balance, "warnings": warnings, "metadata": metadata}
+
+
+def panel_image_features(raster_paths, xy, crs_wkt, row_time, window_size_px=33, seed=42, n_components=5,
+                         n_filters=128, progress=None, is_cancelled=None):
+    """Image features of each (unit, period) row from the raster of its period: (n, n_components), NaN where the
+    window is unusable. raster_paths are matched to the distinct times in ascending order. One feature pipeline
+    (band scaling and random convolution features, fitted on the first period's windows, then PCA over all rows)
+    serves every period, so a unit's features change only when its image does."""
+    from sklearn.decomposition import PCA
+
+    row_time = np.asarray(row_time, float)
+    periods = np.unique(row_time[np.isfinite(row_time)])
+    if len(periods) != len(raster_paths):
+        raise GeoCateError(f"{len(raster_paths)} raster(s) were given for {len(periods)} distinct time values.",
+                           "Give one raster per time value, in the order of the times (earliest first).")
+    features = None
+    scaler = embedder = None
+    for k, (period, path) in enumerate(zip(periods, raster_paths)):
+        rows = np.flatnonzero(row_time == period)
+        found = extract_patches(path, np.asarray(xy, float)[rows], crs_wkt, None, window_size_px, None,
+                                _stage(progress, k / len(periods), (k + 0.5) / len(periods)), is_cancelled)
+        if not found.ok.any():
+            raise GeoCateError(f"No unit of period {period:g} has a usable window in '{path}'.",
+                               "Check that each period's raster covers the units.")
+        if scaler is None:
+            scaler = BandScaler(seed=seed).fit(found.patches[found.ok])
+            embedder = RandomConvFeatures(n_filters=n_filters, seed=seed).fit(
+                scaler.transform(found.patches[found.ok]))
+        values = embedder.transform(scaler.transform(found.patches[found.ok]))
+        if features is None:
+            features = np.full((len(row_time), values.shape[1]), np.nan)
+        features[rows[found.ok]] = values
+    usable = np.isfinite(features).all(axis=1)
+    scaled = design_matrix(features[usable], None)[0]
+    out = np.full((len(row_time), min(n_components, scaled.shape[1])), np.nan)
+    out[usable] = PCA(n_components=out.shape[1], random_state=seed).fit_transform(scaled)
+    return out

@@ -181,3 +181,40 @@ def confound(trial, seed=0, strength=1.2, effect=1.0, baseline=1.5):
     treated = (rng.random(len(propensity)) < propensity).astype(int)
     outcome = baseline * trial.true_mu0 + effect * treated + rng.standard_normal(len(propensity))
     return treated, outcome, propensity
+
+
+def simulate_panel(n_units=500, n_periods=10, n_covariates=30, theta=0.5, design="linear", seed=0):
+    """The partially linear panel designs of Clarke & Polselli (2025), written from their description:
+
+        Y_it = theta D_it + l(X_it) + alpha_i + U_it,   D_it = m(X_it) + c_i + V_it,
+        alpha_i = 0.25 (mean_t D_it - mean D) + 0.25 mean_t (X_it1 + X_it3) + a_i,
+
+    X_itp ~ N(0, 5), a_i ~ N(0, 0.95), c_i, U, V ~ N(0, 1); only X1 and X3
+    matter. design "linear": l = m = 0.25 X1 + X3; "smooth": l = expit(X1) +
+    0.25 cos(X3), m = cos(X1) + 0.25 expit(X3); "discontinuous": l = 0.5 X1 X3 +
+    0.25 X3 1{X3 > 0}, m = 0.25 X1 1{X1 > 0} + 0.5 X1 X3. Returns (unit, time,
+    D, Y, X) in long format, sorted by unit then time.
+    """
+    rng = np.random.default_rng(seed)
+    n = n_units * n_periods
+    unit, time = np.repeat(np.arange(n_units), n_periods), np.tile(np.arange(1, n_periods + 1), n_units)
+    a_i = np.repeat(rng.normal(0, np.sqrt(0.95), n_units), n_periods)
+    c_i = np.repeat(rng.standard_normal(n_units), n_periods)
+    X = rng.normal(0, np.sqrt(5), (n, n_covariates))
+    x1, x3 = X[:, 0], X[:, 2]
+    expit = 1 / (1 + np.exp(-x1)), 1 / (1 + np.exp(-x3))
+    if design == "linear":
+        l0 = m0 = 0.25 * x1 + x3
+    elif design == "smooth":
+        l0, m0 = expit[0] + 0.25 * np.cos(x3), np.cos(x1) + 0.25 * expit[1]
+    elif design == "discontinuous":
+        l0 = 0.5 * x1 * x3 + 0.25 * x3 * (x3 > 0)
+        m0 = 0.25 * x1 * (x1 > 0) + 0.5 * x1 * x3
+    else:
+        raise GeoCateError(f"Unknown panel design '{design}'.", "Use linear, smooth or discontinuous.")
+    D = m0 + c_i + rng.standard_normal(n)
+    unit_mean_d = np.repeat(D.reshape(n_units, n_periods).mean(axis=1), n_periods)
+    unit_mean_x = np.repeat((x1 + x3).reshape(n_units, n_periods).mean(axis=1), n_periods)
+    alpha = 0.25 * (unit_mean_d - D.mean()) + 0.25 * unit_mean_x + a_i
+    Y = theta * D + l0 + alpha + rng.standard_normal(n)
+    return unit, time, D, Y, X

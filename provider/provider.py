@@ -26,6 +26,7 @@ class GeoCateProvider(QgsProcessingProvider):
         from .estimatecate import EstimateCateAlgorithm
         from .evaluate import EvaluateAlgorithm
         from .imageclusters import ImageClustersAlgorithm
+        from .paneleffects import PanelEffectsAlgorithm
 
         self.addAlgorithm(EstimateCateAlgorithm())
         self.addAlgorithm(EvaluateAlgorithm())
@@ -33,3 +34,4 @@ class GeoCateProvider(QgsProcessingProvider):
         self.addAlgorithm(ImageClustersAlgorithm())
         self.addAlgorithm(CalibrateMapAlgorithm())
         self.addAlgorithm(EstimateAteAlgorithm())
+        self.addAlgorithm(PanelEffectsAlgorithm())

@@ -1,0 +1,186 @@
+"""Panels: double machine learning for units observed over time, with unit fixed effects.
+
+The partially linear panel model of Clarke & Polselli (Econometrics Journal
+2026; also Fuhr & Papies on DML with panel data):
+
+    Y_it = theta D_it + g(X_it) + alpha_i + U_it,    D_it = m(X_it) + gamma_i + V_it,
+
+with alpha_i and gamma_i unobserved and correlated with X. Three ways to
+remove them, each followed by DML partialling-out (theta from the residuals
+of Y and D on the nuisance inputs, cross-fitted with folds that keep each
+unit's periods together, a standard error clustered by unit):
+
+* ``mundlak`` (correlated random effects): the nuisance models also see the
+  unit means of X and of D;
+* ``within`` (the within-group approximation): Y, D and X demeaned by unit;
+  exact for linear g and m only;
+* ``first_difference``: Delta Y and Delta D learnt from X_it and X_i,t-1.
+
+``pooled`` ignores alpha_i (a plain cross-sectional DML): the pitfall, kept
+for comparison. Written here on GeoCATE's cross-fitting rather than taken
+from DoubleML 0.11 (``DoubleMLPLPR``), which requires numpy 2, which QGIS's
+GDAL bindings on Debian 12 cannot load; it could replace this once they can.
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import GeoCateError
+from .scores import normal_interval
+
+APPROACHES = ("mundlak", "within", "first_difference")
+LEARNERS = ("spline ridge", "boosting")
+
+
+@dataclass(frozen=True)
+class PanelEstimate:
+    approach: str
+    theta: float
+    std_err: float
+    n_units: int
+    n_obs: int
+    by_period: list   # [(period, theta_t, std_err_t, n_t)]
+    units_observed_once: int = 0   # dropped by within and first_difference
+
+    def interval(self, alpha=0.05):
+        return normal_interval(self.theta, self.std_err, alpha)
+
+
+@dataclass(frozen=True)
+class Panel:
+    """A checked long-format panel, sorted by unit then time."""
+
+    unit: np.ndarray      # (n,) int codes
+    time: np.ndarray      # (n,) float
+    treatment: np.ndarray
+    outcome: np.ndarray
+    covariates: np.ndarray   # (n, p)
+    covariate_names: tuple
+    dropped: dict
+
+
+def make_panel(unit, time, treatment, outcome, covariates=None, covariate_names=(), unit_name="unit",
+               time_name="time", treatment_name="treatment"):
+    """Check and sort a long-format panel. Refused with the fix: a duplicated (unit, time), a time that is not a
+    number, a treatment that never varies. Rows with a null are dropped and counted."""
+    unit = np.asarray(unit, dtype=object)
+    n = len(unit)
+    try:
+        time = np.asarray(time, dtype=float)
+    except (TypeError, ValueError):
+        raise GeoCateError(f"The time field '{time_name}' is not a number or a date.",
+                           "Choose a numeric year or a date field (e.g. to_int(\"year\") in the Field Calculator)."
+                           ) from None
+    D, Y = np.asarray(treatment, float), np.asarray(outcome, float)
+    X = np.zeros((n, 0)) if covariates is None else np.asarray(covariates, float).reshape(n, -1)
+    null_unit = np.array([u is None for u in unit], bool)
+    complete = ~(null_unit | np.isnan(time) | np.isnan(D) | np.isnan(Y) | np.isnan(X).any(axis=1))
+    dropped = {"a value is null": int((~complete).sum())}
+    unit, time, D, Y, X = unit[complete], time[complete], D[complete], Y[complete], X[complete]
+    codes = np.unique(np.array([str(u) for u in unit]), return_inverse=True)[1].ravel()
+    order = np.lexsort((time, codes))
+    codes, time, D, Y, X = codes[order], time[order], D[order], Y[order], X[order]
+    same = (np.diff(codes) == 0) & (np.diff(time) == 0)
+    if same.any():
+        first = int(np.flatnonzero(same)[0])
+        label = np.unique(np.array([str(u) for u in unit]))[codes[first]]
+        raise GeoCateError(f"Unit '{label}' has two rows for {time_name} = {time[first]:g} (and {int(same.sum())} "
+                           "such duplicate(s) in all).",
+                           f"Keep one row per {unit_name} and {time_name} (aggregate or remove the duplicates).")
+    if len(D) and np.ptp(D) == 0:
+        raise GeoCateError(f"The treatment '{treatment_name}' has the same value in every row: no effect can be "
+                           "estimated.", "Check the treatment field.")
+    return Panel(unit=codes, time=time, treatment=D, outcome=Y, covariates=X,
+                 covariate_names=tuple(covariate_names), dropped=dropped)
+
+
+def _learner(kind, seed):
+    if kind == "boosting":
+        from sklearn.ensemble import HistGradientBoostingRegressor
+
+        return HistGradientBoostingRegressor(max_iter=300, learning_rate=0.05, max_leaf_nodes=15,
+                                             min_samples_leaf=40, l2_regularization=1.0, random_state=seed)
+    from .scores import outcome_model
+
+    return outcome_model()
+
+
+def _unit_means(values, unit):
+    sums = np.zeros((unit.max() + 1,) + values.shape[1:])
+    np.add.at(sums, unit, values)
+    counts = np.bincount(unit, minlength=unit.max() + 1).reshape((-1,) + (1,) * (values.ndim - 1))
+    return (sums / counts)[unit]
+
+
+def _partial_out(y, d, inputs, unit, folds, learner, seed):
+    """theta and its unit-clustered SE from cross-fitted residuals (DML partialling-out), and the residuals."""
+    ry, rd = np.empty(len(y)), np.empty(len(y))
+    for fold in np.unique(folds):
+        train, test = folds != fold, folds == fold
+        ry[test] = y[test] - _learner(learner, seed).fit(inputs[train], y[train]).predict(inputs[test])
+        rd[test] = d[test] - _learner(learner, seed).fit(inputs[train], d[train]).predict(inputs[test])
+    theta, se = _theta(ry, rd, unit)
+    return theta, se, ry, rd
+
+
+def _theta(ry, rd, unit):
+    denominator = float(np.sum(rd * rd))
+    if denominator <= 0:
+        raise GeoCateError("The treatment has no variation left once the fixed effects and covariates are removed.",
+                           "theta is not identified: the treatment must vary within units over time.")
+    theta = float(np.sum(rd * ry) / denominator)
+    psi = (ry - theta * rd) * rd
+    clusters = np.unique(unit, return_inverse=True)[1].ravel()
+    sums = np.bincount(clusters, weights=psi)
+    c = len(sums)
+    se = float(np.sqrt(c / max(c - 1, 1) * np.sum(sums ** 2)) / denominator)
+    return theta, se
+
+
+def panel_effect(panel, approach="mundlak", learner="spline ridge", n_folds=5, seed=42):
+    """theta by ``approach`` (mundlak, within, first_difference, or pooled), a PanelEstimate."""
+    from .learners import location_folds
+
+    if approach not in APPROACHES + ("pooled",):
+        raise GeoCateError(f"Unknown approach '{approach}'.", f"Choose one of {', '.join(APPROACHES)}.")
+    unit, time, D, Y, X = panel.unit, panel.time, panel.treatment, panel.outcome, panel.covariates
+    counts = np.bincount(unit)
+    once = int((counts == 1).sum()) if approach in ("within", "first_difference") else 0
+    if approach in ("within", "first_difference"):
+        keep = counts[unit] >= 2
+        unit, time, D, Y, X = unit[keep], time[keep], D[keep], Y[keep], X[keep]
+        within_d = D - _unit_means(D, unit)
+        if not np.any(np.abs(within_d) > 1e-12):
+            raise GeoCateError("The treatment never varies within any unit over time: the within-group and "
+                               "first-difference approaches cannot identify its effect.",
+                               "Use the Mundlak approach, or a treatment that changes over time.")
+    if approach == "mundlak":
+        inputs = np.column_stack([X, _unit_means(X, unit), _unit_means(D, unit)])
+        y, d = Y, D
+    elif approach == "within":
+        inputs = X - _unit_means(X, unit) if X.shape[1] else np.zeros((len(Y), 1))
+        y, d = Y - _unit_means(Y, unit), D - _unit_means(D, unit)
+    elif approach == "first_difference":
+        nxt = np.flatnonzero(unit[1:] == unit[:-1]) + 1       # rows with a previous period of the same unit
+        inputs = np.column_stack([X[nxt], X[nxt - 1]])
+        y, d = Y[nxt] - Y[nxt - 1], D[nxt] - D[nxt - 1]
+        unit, time = unit[nxt], time[nxt]
+    else:
+        inputs, y, d = X, Y, D
+    if inputs.shape[1] == 0:
+        inputs = np.zeros((len(y), 1))
+    units = np.unique(unit)
+    if len(units) < n_folds:
+        raise GeoCateError(f"Only {len(units)} units: too few for {n_folds}-fold cross-fitting by unit.",
+                           "Use more units.")
+    folds = location_folds(unit, n_folds, seed)
+    theta, se, ry, rd = _partial_out(y, d, inputs, unit, folds, learner, seed)
+    by_period = []
+    for t in np.unique(time):
+        rows = time == t
+        if rows.sum() >= 10 and np.sum(rd[rows] ** 2) > 0:
+            theta_t, se_t = _theta(ry[rows], rd[rows], unit[rows])
+            by_period.append((float(t), theta_t, se_t, int(rows.sum())))
+    return PanelEstimate(approach=approach, theta=theta, std_err=se, n_units=int(len(units)), n_obs=int(len(y)),
+                         by_period=by_period, units_observed_once=once)

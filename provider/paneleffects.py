@@ -1,0 +1,196 @@
+"""geocate:paneleffects - the effect of a treatment on units observed over years, with unit fixed effects."""
+
+import time
+
+import numpy as np
+from qgis.core import (
+    QgsProcessing,
+    QgsProcessingException,
+    QgsProcessingOutputNumber,
+    QgsProcessingParameterDefinition,
+    QgsProcessingParameterEnum,
+    QgsProcessingParameterFeatureSink,
+    QgsProcessingParameterFeatureSource,
+    QgsProcessingParameterField,
+    QgsProcessingParameterMultipleLayers,
+    QgsProcessingParameterNumber,
+    QgsWkbTypes,
+)
+from qgis.PyQt.QtCore import QDate, QDateTime, QVariant
+
+from .base import GeoCateAlgorithm, run_metadata
+from .convert import as_label, as_number, check_numeric_field, unit_point, write_table
+
+APPROACH_CHOICES = ("mundlak", "within", "first_difference", "all three")
+PANEL_COLUMNS = (("approach", QVariant.String), ("period", QVariant.String), ("theta", QVariant.Double),
+                 ("std_err", QVariant.Double), ("ci_low", QVariant.Double), ("ci_high", QVariant.Double),
+                 ("n_units", QVariant.Int), ("n_obs", QVariant.Int))
+
+
+def as_time(value):
+    """A time attribute as a number: numbers as they are, dates as a decimal year (2021-07-02 -> 2021.5)."""
+    if isinstance(value, QDateTime):
+        value = value.date()
+    if isinstance(value, QDate):
+        if not value.isValid():
+            return np.nan
+        return value.year() + (value.dayOfYear() - 1) / value.daysInYear()
+    return as_number(value)
+
+
+class PanelEffectsAlgorithm(GeoCateAlgorithm):
+    INPUT, UNIT_ID, TIME, TREATMENT, OUTCOME = "INPUT", "UNIT_ID", "TIME", "TREATMENT", "OUTCOME"
+    COVARIATES, RASTERS_BY_TIME, PATCH_SIZE = "COVARIATES", "RASTERS_BY_TIME", "PATCH_SIZE"
+    APPROACH, LEARNER, SEED, OUTPUT = "APPROACH", "LEARNER", "SEED", "OUTPUT"
+
+    short_description = ("The effect of a treatment on units observed over years (a panel), removing each unit's "
+                         "unobserved, time-invariant differences with double machine learning.")
+    extra_tags = ("panel", "fixed effects", "double machine learning", "DML", "Mundlak", "first differences")
+
+    def name(self):
+        return "paneleffects"
+
+    def displayName(self):  # noqa: N802 - QGIS's name
+        return "Panel effects with fixed effects (double machine learning)"
+
+    def shortHelpString(self):  # noqa: N802 - QGIS's name
+        return (
+            "Units (villages, districts) observed every year, treated from some year on, with an outcome each year "
+            "(long format: one row per unit and year). The model is Y_it = theta D_it + g(X_it) + alpha_i + U_it "
+            "with unit effects alpha_i that may be correlated with the covariates (Clarke & Polselli 2026). "
+            "Approaches: Mundlak (correlated random effects: the nuisance models also see each unit's means of the "
+            "covariates and treatment; default), within (everything demeaned by unit; exact only for linear "
+            "nuisances), first differences (changes learnt from this and last year's covariates). The nuisance "
+            "models are cross-fitted with folds that keep each unit's years together, and the standard error is "
+            "clustered by unit. A table gives theta per approach and per year.\n\n"
+            "With one raster per year, each unit's image features of that year (one feature pipeline for all years) "
+            "join the covariates. Refused: duplicated unit-year rows, a time that is not a number or a date, a "
+            "treatment that never varies within a unit (for within and first differences). Units observed once are "
+            "dropped by within and first differences, with a count."
+        )
+
+    def initAlgorithm(self, config=None):  # noqa: N802 - QGIS's name
+        numeric = QgsProcessingParameterField.Numeric
+        self.addParameter(QgsProcessingParameterFeatureSource(
+            self.INPUT, "Panel (one row per unit and year)", [QgsProcessing.TypeVector]))
+        self.addParameter(QgsProcessingParameterField(self.UNIT_ID, "Unit id field", parentLayerParameterName=self.INPUT))
+        self.addParameter(QgsProcessingParameterField(self.TIME, "Time field (year or date)",
+                                                      parentLayerParameterName=self.INPUT))
+        self.addParameter(QgsProcessingParameterField(self.TREATMENT, "Treatment field (binary or continuous)",
+                                                      parentLayerParameterName=self.INPUT, type=numeric))
+        self.addParameter(QgsProcessingParameterField(self.OUTCOME, "Outcome field", parentLayerParameterName=self.INPUT,
+                                                      type=numeric))
+        self.addParameter(QgsProcessingParameterField(self.COVARIATES, "Covariate fields", parentLayerParameterName=self.INPUT,
+                                                      type=numeric, allowMultiple=True, optional=True))
+        self.addParameter(QgsProcessingParameterMultipleLayers(
+            self.RASTERS_BY_TIME, "Imagery, one raster per year (earliest first)", QgsProcessing.TypeRaster,
+            optional=True))
+        self.addParameter(QgsProcessingParameterNumber(self.PATCH_SIZE, "Window size (pixels per side)",
+                                                       QgsProcessingParameterNumber.Integer, defaultValue=33,
+                                                       minValue=3, maxValue=1025))
+        self.addParameter(QgsProcessingParameterEnum(self.APPROACH, "Approach", list(APPROACH_CHOICES), defaultValue=0))
+        learner = QgsProcessingParameterEnum(self.LEARNER, "Nuisance learner", ["spline ridge", "boosting"],
+                                             defaultValue=0)
+        seed = QgsProcessingParameterNumber(self.SEED, "Random seed", QgsProcessingParameterNumber.Integer,
+                                            defaultValue=42, minValue=0, maxValue=2**31 - 1)
+        for parameter in (learner, seed):
+            parameter.setFlags(parameter.flags() | QgsProcessingParameterDefinition.FlagAdvanced)
+            self.addParameter(parameter)
+        self.addParameter(QgsProcessingParameterFeatureSink(self.OUTPUT, "Panel effects", QgsProcessing.TypeVector))
+        for name, label in (("THETA", "Effect of the treatment (first approach)"), ("THETA_SE", "Its standard error"),
+                            ("N_UNITS", "Units used"), ("N_OBS", "Rows used")):
+            self.addOutput(QgsProcessingOutputNumber(name, label))
+
+    def processAlgorithm(self, parameters, context, feedback):  # noqa: N802 - QGIS's name
+        from ..core.errors import GeoCateError
+        from ..core.panel import make_panel, panel_effect
+
+        started = time.monotonic()
+        source = self.parameterAsSource(parameters, self.INPUT, context)
+        if source is None:
+            raise QgsProcessingException("The panel could not be read. Choose a layer or table in INPUT.")
+        unit_field = self.parameterAsString(parameters, self.UNIT_ID, context)
+        time_field = self.parameterAsString(parameters, self.TIME, context)
+        treatment = self.parameterAsString(parameters, self.TREATMENT, context)
+        outcome = self.parameterAsString(parameters, self.OUTCOME, context)
+        covariates = self.parameterAsFields(parameters, self.COVARIATES, context)
+        rasters = self.parameterAsLayerList(parameters, self.RASTERS_BY_TIME, context)
+        window = self.parameterAsInt(parameters, self.PATCH_SIZE, context)
+        choice = APPROACH_CHOICES[self.parameterAsEnum(parameters, self.APPROACH, context)]
+        learner = ("spline ridge", "boosting")[self.parameterAsEnum(parameters, self.LEARNER, context)]
+        seed = self.parameterAsInt(parameters, self.SEED, context)
+        fields = source.fields()
+        for name, role in [(treatment, "treatment"), (outcome, "outcome")] + [(c, "covariate") for c in covariates]:
+            check_numeric_field(fields, name, role)
+        time_index = fields.lookupField(time_field)
+        if time_index < 0:
+            raise QgsProcessingException(f"The time field '{time_field}' does not exist.")
+        kind = fields.at(time_index).type()
+        if not (fields.at(time_index).isNumeric() or kind in (QVariant.Date, QVariant.DateTime)):
+            raise QgsProcessingException(
+                f"The time field '{time_field}' is of type {fields.at(time_index).typeName()}, not a number or a date. "
+                f"Choose a year or date field, or convert it (Field Calculator: to_int(\"{time_field}\")).")
+        rows = []
+        for feature in source.getFeatures():
+            if feedback.isCanceled():
+                raise QgsProcessingException("The run was cancelled. Nothing was written.")
+            rows.append((as_label(feature[unit_field]), as_time(feature[time_field]), as_number(feature[treatment]),
+                         as_number(feature[outcome]), [as_number(feature[c]) for c in covariates],
+                         unit_point(feature.geometry())))
+        if not rows:
+            raise QgsProcessingException("The panel has no rows.")
+        n = len(rows)
+        X = np.array([r[4] for r in rows], float).reshape(n, len(covariates))
+        names = list(covariates)
+        try:
+            if rasters:
+                if source.wkbType() == QgsWkbTypes.NoGeometry or not source.sourceCrs().isValid():
+                    raise GeoCateError("Imagery per year needs the units' locations: the panel has no geometry "
+                                       "(or no CRS).", "Give the panel points (or polygons) with a CRS.")
+                from qgis.core import QgsCoordinateReferenceSystem
+
+                from ..core.pipeline import panel_image_features
+
+                image = panel_image_features(
+                    [r.source() for r in rasters], np.array([r[5] for r in rows], float),
+                    source.sourceCrs().toWkt(QgsCoordinateReferenceSystem.WKT_PREFERRED),
+                    np.array([r[1] for r in rows], float), window, seed,
+                    progress=lambda f, m: feedback.setProgress(40 * f), is_cancelled=feedback.isCanceled)
+                X = np.column_stack([X, image])
+                names += [f"image_{j + 1}" for j in range(image.shape[1])]
+            panel = make_panel([r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows],
+                               [r[3] for r in rows], X, names, unit_field, time_field, treatment)
+            approaches = ("mundlak", "within", "first_difference") if choice == "all three" else (choice,)
+            estimates = []
+            for k, approach in enumerate(approaches):
+                feedback.setProgressText(f"{approach}: cross-fitted nuisance models")
+                feedback.setProgress(40 + 60 * k / len(approaches))
+                estimates.append(panel_effect(panel, approach, learner, seed=seed))
+        except GeoCateError as error:
+            raise QgsProcessingException(str(error)) from error
+        table = []
+        for estimate in estimates:
+            low, high = estimate.interval()
+            table.append((estimate.approach, "all", estimate.theta, estimate.std_err, low, high, estimate.n_units,
+                          estimate.n_obs))
+            feedback.pushInfo(f"{estimate.approach}: theta {estimate.theta:.4f} (SE {estimate.std_err:.4f}, 95 % "
+                              f"[{low:.4f}, {high:.4f}]), {estimate.n_units} units, {estimate.n_obs} rows.")
+            if estimate.units_observed_once:
+                feedback.pushWarning(f"{estimate.approach}: {estimate.units_observed_once} unit(s) observed once "
+                                     "were dropped (they carry no change over time).")
+            for period, theta_t, se_t, n_t in estimate.by_period:
+                table.append((estimate.approach, f"{period:g}", theta_t, se_t, theta_t - 1.959964 * se_t,
+                              theta_t + 1.959964 * se_t, float("nan"), n_t))
+        if panel.dropped["a value is null"]:
+            feedback.pushInfo(f"{panel.dropped['a value is null']} row(s) with a null were dropped.")
+        dest_id = write_table(self, parameters, context, table, columns=PANEL_COLUMNS)
+        self.write_run_metadata(dest_id, run_metadata("geocate:paneleffects", {
+            "INPUT": source.sourceName(), "UNIT_ID": unit_field, "TIME": time_field, "TREATMENT": treatment,
+            "OUTCOME": outcome, "COVARIATES": covariates, "RASTERS_BY_TIME": [r.source() for r in rasters],
+            "PATCH_SIZE": window, "APPROACH": choice, "LEARNER": learner, "SEED": seed}, started,
+            estimates=[{"approach": e.approach, "theta": e.theta, "std_err": e.std_err, "n_units": e.n_units,
+                        "n_obs": e.n_obs, "units_observed_once": e.units_observed_once, "by_period": e.by_period}
+                       for e in estimates], covariates_used=names, dropped=panel.dropped), feedback)
+        first = estimates[0]
+        return {self.OUTPUT: dest_id, "THETA": first.theta, "THETA_SE": first.std_err, "N_UNITS": first.n_units,
+                "N_OBS": first.n_obs}

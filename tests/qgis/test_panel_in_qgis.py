@@ -1,0 +1,59 @@
+"""geocate:paneleffects end to end through qgis_process: a panel of units over three years, one image per year."""
+
+import json
+import subprocess
+
+import numpy as np
+from qgis.core import QgsFeature, QgsField, QgsVectorFileWriter, QgsVectorLayer
+from qgis.PyQt.QtCore import QVariant
+from test_estimatecate_in_qgis import qgis_process_env
+
+
+def test_a_panel_with_one_image_per_year_runs_through_qgis_process(demo_units_gpkg, demo_raster, tmp_path):
+    from osgeo import gdal
+
+    rasters = []
+    for year, gain in ((2019, 1.0), (2020, 1.04), (2021, 1.08)):   # the scene a little brighter each year
+        path = str(tmp_path / f"scene_{year}.tif")
+        gdal.Translate(path, demo_raster, scaleParams=[[0, 65535, 0, 65535 * gain]], outputType=gdal.GDT_Float32)
+        rasters.append(path)
+    units = QgsVectorLayer(demo_units_gpkg, "units", "ogr")
+    layer = QgsVectorLayer(f"Point?crs={units.crs().authid()}", "panel", "memory")
+    layer.dataProvider().addAttributes([QgsField("village", QVariant.String), QgsField("year", QVariant.Int),
+                                        QgsField("programme", QVariant.Double), QgsField("income", QVariant.Double),
+                                        QgsField("assets", QVariant.Double)])
+    layer.updateFields()
+    rng = np.random.default_rng(0)
+    features = []
+    for i, unit in enumerate(list(units.getFeatures())[:240]):
+        effect_i = rng.standard_normal()
+        for year in (2019, 2020, 2021):
+            treated = float(i % 2 == 0 and year >= 2020)
+            feature = QgsFeature(layer.fields())
+            feature.setGeometry(unit.geometry())
+            feature.setAttributes([f"v{i}", year, treated, 0.5 * treated + effect_i + 0.5 * rng.standard_normal(),
+                                   float(unit["assets"])])
+            features.append(feature)
+    layer.dataProvider().addFeatures(features)
+    panel = str(tmp_path / "panel.gpkg")
+    QgsVectorFileWriter.writeAsVectorFormat(layer, panel, "utf-8", layer.crs(), "GPKG")
+    out = tmp_path / "effects.gpkg"
+    command = ["qgis_process.bin", "--json", "run", "geocate:paneleffects", "--", f"INPUT={panel}",
+               "UNIT_ID=village", "TIME=year", "TREATMENT=programme", "OUTCOME=income", "COVARIATES=assets",
+               "APPROACH=3", f"OUTPUT={out}"] + [f"RASTERS_BY_TIME={path}" for path in rasters]
+    done = subprocess.run(command, env=qgis_process_env(), capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    results = json.loads(done.stdout)["results"]
+    assert abs(results["THETA"] - 0.5) < 0.25 and results["N_UNITS"] > 150
+    table = QgsVectorLayer(str(out), "effects", "ogr")
+    rows = [(f["approach"], f["period"]) for f in table.getFeatures()]
+    assert {("mundlak", "all"), ("within", "all"), ("first_difference", "all"), ("within", "2020")} <= set(rows)
+    metadata = json.loads((tmp_path / "effects.run.json").read_text())
+    assert metadata["covariates_used"][:2] == ["assets", "image_1"]
+    del table
+    # Bad input through the same door: a time field of text.
+    bad = subprocess.run(["qgis_process.bin", "run", "geocate:paneleffects", "--", f"INPUT={panel}",
+                          "UNIT_ID=village", "TIME=village", "TREATMENT=programme", "OUTCOME=income",
+                          f"OUTPUT={tmp_path / 'bad.gpkg'}"], env=qgis_process_env(), capture_output=True, text=True,
+                         timeout=300)
+    assert bad.returncode != 0 and "not a number or a date" in bad.stdout + bad.stderr
