@@ -66,6 +66,7 @@ bench: setup
 	$(PY) bench/bench_estimate.py
 	$(PY) bench/bench_corrections.py --json outputs/bench_corrections.json
 	$(PY) bench/bench_observational.py --json outputs/bench_observational.json
+	$(PY) bench/bench_panel.py --json outputs/bench_panel.json
 
 clean:
 	rm -rf outputs .qgis-profile
