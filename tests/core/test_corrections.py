@@ -92,6 +92,7 @@ def test_a_correction_from_another_map_or_a_broken_file_is_refused_saying_which(
         correction.apply([1.0], "cubic")
 
 
+@pytest.mark.slow
 def test_prediction_powered_ate_is_unbiased_with_biased_predictions_and_covers(world):
     hits, errors, naive = 0, [], []
     for rep in range(200):

@@ -24,6 +24,7 @@ def by_name(effects, estimator, estimand="ATE"):
     return next(e for e in effects if e.estimator.startswith(estimator) and e.estimand == estimand)
 
 
+@pytest.mark.slow
 def test_aipw_removes_the_confounding_the_image_shows_and_covers():
     errors, covered, naive, hajek = [], [], [], []
     for rep in range(12):
@@ -63,6 +64,7 @@ def test_the_att_is_the_treated_units_effect_and_arms_are_compared():
     assert aipw["1 vs 0"].estimate == pytest.approx(1, abs=0.15) and aipw["2 vs 1"].estimate == pytest.approx(2, abs=0.15)
 
 
+@pytest.mark.slow
 def test_no_overlap_is_flagged_and_trimming_recovers_the_trimmed_populations_effect():
     cover_all, cover_trimmed, flagged = [], [], []
     for rep in range(10):

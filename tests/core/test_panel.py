@@ -19,6 +19,7 @@ def linear_estimates():
     return out
 
 
+@pytest.mark.slow
 def test_fixed_effects_approaches_recover_theta_where_pooled_dml_is_biased(linear_estimates):
     for approach in ("mundlak", "within", "first_difference"):
         thetas = [e.theta for e in linear_estimates[approach]]

@@ -164,6 +164,7 @@ def test_overlapping_windows_without_blocks_are_warned_about(small_trial, demo_r
     assert overlap_warning(far_apart, 33, None) is None
 
 
+@pytest.mark.slow
 def test_a_confounded_study_on_the_imagery_is_adjusted_by_the_image_propensity(small_trial, demo_raster):
     import dataclasses
 
@@ -200,6 +201,7 @@ def test_estimatecate_warns_about_a_covariate_affected_by_treatment(small_trial,
     assert any("'assets_x_t' is 0 in every control unit" in w for w in result.metadata["warnings"])
 
 
+@pytest.mark.slow
 def test_estimatecate_in_an_observational_design_uses_the_image_propensity(small_trial, demo_raster, estimated):
     import dataclasses
 
