@@ -99,8 +99,11 @@ def _learner(kind, seed):
     if kind == "boosting":
         from sklearn.ensemble import HistGradientBoostingRegressor
 
-        return HistGradientBoostingRegressor(max_iter=300, learning_rate=0.05, max_leaf_nodes=15,
-                                             min_samples_leaf=40, l2_regularization=1.0, random_state=seed)
+        # Deep enough for interactions and jumps (Clarke-Polselli's discontinuous design), stopped early on a
+        # held-out tenth: with 31 leaves and no early stop first differences stayed 0.07 off theta.
+        return HistGradientBoostingRegressor(max_iter=2000, learning_rate=0.1, max_leaf_nodes=63,
+                                             min_samples_leaf=20, early_stopping=True, n_iter_no_change=30,
+                                             random_state=seed)
     from .scores import outcome_model
 
     return outcome_model()
