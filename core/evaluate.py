@@ -436,7 +436,8 @@ class Evaluation:
     rates: {"AUTOC": [RateResult...], "QINI": [...]} (rule 1, rule 2, difference);
     calibration: [Calibration per rule]; gates: [rows of group_average_effects per rule];
     scores: (n_used,) DR scores; used: (n,) bool; dropped: counts by reason;
-    block_size: metres or None; n_clusters: bootstrap clusters.
+    block_size: metres or None; n_clusters: bootstrap clusters; groups: (n_used,) the cluster of each used unit
+    (the groups folds keep whole).
     """
 
     names: list
@@ -448,6 +449,7 @@ class Evaluation:
     dropped: dict
     block_size: object
     n_clusters: int
+    groups: np.ndarray = None
 
 
 def evaluate_priorities(outcome, treated, priorities, names=None, covariates=None, coords=None,
@@ -523,4 +525,4 @@ def evaluate_priorities(outcome, treated, priorities, names=None, covariates=Non
     if progress:
         progress(1.0, "Done")
     return Evaluation(names=names, rates=rates, calibration=calibration, gates=gates, scores=scores, used=used,
-                      dropped=dropped, block_size=block_size, n_clusters=int(len(np.unique(groups))))
+                      dropped=dropped, block_size=block_size, n_clusters=int(len(np.unique(groups))), groups=groups)

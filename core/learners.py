@@ -286,10 +286,9 @@ class CrossFittedCausalForest:
 
     def ate_interval(self, alpha=0.05):
         """Normal-approximation (1 - alpha) interval for the DR ATE (cluster-robust SE)."""
-        from scipy.stats import norm
+        from .scores import normal_interval
 
-        z = norm.ppf(1 - alpha / 2)
-        return self.ate_ - z * self.ate_se_, self.ate_ + z * self.ate_se_
+        return normal_interval(self.ate_, self.ate_se_, alpha)
 
     def effect(self, X):
         """CATE at new points: the mean of the fold forests' predictions (for units not in the trial)."""

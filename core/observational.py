@@ -13,8 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .design import CLIP
-from .errors import GeoCateError
-from .scores import mean_and_se, normal_interval, outcome_model
+from .scores import arm_models, mean_and_se, normal_interval
 
 
 @dataclass(frozen=True)
@@ -30,25 +29,6 @@ class AdjustedEffect:
 
     def interval(self, alpha=0.05):
         return normal_interval(self.estimate, self.std_err, alpha)
-
-
-def arm_models(outcome, arm_index, n_arms, inputs, folds):
-    """(n, A) cross-fitted E[Y | X, arm a] for every unit and arm (core.scores.outcome_model on each arm's units
-    of the other folds; the arm mean when ``inputs`` is None or an arm has under 10 units there)."""
-    Y = np.asarray(outcome, float)
-    n = len(Y)
-    X = None if inputs is None or np.asarray(inputs).size == 0 else np.asarray(inputs, float).reshape(n, -1)
-    mu = np.empty((n, n_arms))
-    for fold in np.unique(folds):
-        train, test = folds != fold, folds == fold
-        for a in range(n_arms):
-            rows = train & (arm_index == a)
-            if rows.sum() < 2:
-                raise GeoCateError("A cross-fitting fold leaves too few units of a treatment arm to learn from.",
-                                   "Use more units, or fewer arms or spatial blocks.")
-            mu[test, a] = Y[rows].mean() if X is None or rows.sum() < 10 else \
-                outcome_model().fit(X[rows], Y[rows]).predict(X[test])
-    return mu
 
 
 def adjusted_effects(outcome, arms, propensities, inputs=None, folds=None, clusters=None):
@@ -78,10 +58,10 @@ def adjusted_effects(outcome, arms, propensities, inputs=None, folds=None, clust
     for a, b in pairs:
         name = f"{levels[a]:g} vs {levels[b]:g}" if np.issubdtype(levels.dtype, np.number) else f"{levels[a]} vs {levels[b]}"
         in_pair = (index == a) | (index == b)
-        naive = Y[index == a].mean() - Y[index == b].mean()
-        naive_se = np.sqrt(Y[index == a].var(ddof=1) / (index == a).sum() + Y[index == b].var(ddof=1) / (index == b).sum())
-        results.append(AdjustedEffect("naive difference in means", "ATE", name, float(naive), float(naive_se),
-                                      int(in_pair.sum())))
+        mean_a, mean_b = Y[index == a].mean(), Y[index == b].mean()
+        naive_influence = D[:, a] * (Y - mean_a) / share[a] - D[:, b] * (Y - mean_b) / share[b]
+        results.append(AdjustedEffect("naive difference in means", "ATE", name, float(mean_a - mean_b),
+                                      float(mean_and_se(naive_influence, clusters)[1]), int(in_pair.sum())))
         for estimator, scores, centre in (("IPW (Horvitz-Thompson)", ipw, 0.0), ("Hajek", hajek, None),
                                           ("AIPW", aipw, 0.0)):
             if centre is None:   # Hajek: the estimate is the difference of normalised means; its SE from the influence

@@ -8,6 +8,7 @@ scores, so one study gives one ATE whichever algorithm reports it; ``evaluate``
 judges priorities with the same scores.
 """
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -60,6 +61,7 @@ def outcome_model():
                          _ridge_cv()(alphas=np.logspace(-2, 4, 13)))
 
 
+@functools.cache
 def _ridge_cv():
     """RidgeCV that falls back from LAPACK's SVD, which can fail to converge on ill-conditioned spline bases
     (seen with 16-pixel image features), to the eigen decomposition of the same leave-one-out problem."""
@@ -84,31 +86,34 @@ def arm_outcome_models(outcome, treated, inputs, folds):
     inputs: (n, p) outcome-model inputs, or None (then mu_w is the arm mean of
     the other folds). Returns (mu0, mu1), each (n,) and out-of-fold.
     """
-    Y, W = np.asarray(outcome, float), np.asarray(treated, int)
-    n = len(Y)
-    X = None if inputs is None or np.asarray(inputs).size == 0 else np.asarray(inputs, float).reshape(n, -1)
-    folds = np.asarray(folds)
-    mu0, mu1 = np.empty(n), np.empty(n)
-    for k in np.unique(folds):
-        _fit_arms(Y, W, X, folds != k, folds == k, mu0, mu1)
-    return mu0, mu1
+    mu = arm_models(outcome, np.asarray(treated, int), 2, inputs, folds, ("control", "treated"))
+    return mu[:, 0], mu[:, 1]
 
 
 #: Fewer training units of an arm than this: its outcome model is the arm mean (a spline fit needs some data).
 MIN_UNITS_FOR_MODEL = 10
 
 
-def _fit_arms(Y, W, X, train, test, mu0, mu1, min_units=2):
-    """mu0[test], mu1[test] from each arm's outcome model fit on the ``train`` units of that arm."""
-    for arm, mu in ((0, mu0), (1, mu1)):
-        rows = train & (W == arm)
-        if rows.sum() < min_units:
-            raise GeoCateError(f"A cross-fitting fold leaves too few {'treated' if arm else 'control'} units "
-                               "to learn from.", "Use more units, or fewer or smaller spatial blocks.")
-        if X is None or rows.sum() < MIN_UNITS_FOR_MODEL:
-            mu[test] = Y[rows].mean()
-        else:
-            mu[test] = outcome_model().fit(X[rows], Y[rows]).predict(X[test])
+def arm_models(outcome, arm_index, n_arms, inputs, folds, labels=None):
+    """(n, A) cross-fitted E[Y | X, arm a] for every unit and arm a = 0..A-1 (``arm_index``): :func:`outcome_model`
+    on each arm's units of the other folds; the arm mean when ``inputs`` is None or the arm has fewer than
+    MIN_UNITS_FOR_MODEL units there. labels: how messages name the arms."""
+    Y = np.asarray(outcome, float)
+    n = len(Y)
+    X = None if inputs is None or np.asarray(inputs).size == 0 else np.asarray(inputs, float).reshape(n, -1)
+    folds = np.asarray(folds)
+    mu = np.empty((n, n_arms))
+    for fold in np.unique(folds):
+        train, test = folds != fold, folds == fold
+        for a in range(n_arms):
+            rows = train & (arm_index == a)
+            if rows.sum() < 2:
+                name = labels[a] if labels else f"arm {a}"
+                raise GeoCateError(f"A cross-fitting fold leaves too few {name} units to learn from.",
+                                   "Use more units, or fewer or smaller spatial blocks.")
+            mu[test, a] = Y[rows].mean() if X is None or rows.sum() < MIN_UNITS_FOR_MODEL else \
+                outcome_model().fit(X[rows], Y[rows]).predict(X[test])
+    return mu
 
 
 def cross_fitted_scores(outcome, treated, inputs=None, folds=None, n_folds=5, seed=42, design=None):
