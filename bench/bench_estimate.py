@@ -112,7 +112,7 @@ def main(argv=None):
     found = extract_patches(DEMO_RASTER, trial.coords, trial.crs_wkt, window_size_px=33)
     scaled = BandScaler(seed=args.seed).fit(found.patches).transform(found.patches)
     embedder = RandomConvFeatures(seed=args.seed, device=args.device).fit(scaled)
-    features = embedder.transform(scaled)
+    features = np.log1p(embedder.transform(scaled))  # core.represent scale
     feature_s = time.perf_counter() - started
     print(f"Image features: {args.units} windows -> {features.shape[1]} features in {feature_s:.2f} s "
           f"on {embedder.device_}", flush=True)

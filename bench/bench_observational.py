@@ -65,7 +65,7 @@ def run_causalimages(reps):
         windows = 100 + 10 * rng.standard_normal((n, 3, 16, 16))
         windows[:, 0] += 20 * C[:, None, None]                     # the confounder sets the red channel
         scaled = BandScaler(seed=rep).fit(windows).transform(windows)
-        features = RandomConvFeatures(seed=rep, n_filters=64).fit(scaled).transform(scaled)
+        features = np.log1p(RandomConvFeatures(seed=rep, n_filters=64).fit(scaled).transform(scaled))  # core.represent scale
         inputs = outcome_inputs(features, X, seed=rep)
         propensity, _ = StudyDesign("observational", seed=rep).propensities(W, inputs)
         record(adjusted_effects(Y, W, propensity, inputs), 2.0, errors, covered)
@@ -85,7 +85,7 @@ def run_scene(reps):
     trial = simulate_trial(DEMO_RASTER, n_units=600, seed=7)
     patches = extract_patches(DEMO_RASTER, trial.coords, trial.crs_wkt, window_size_px=33).patches
     scaled = BandScaler(seed=7).fit(patches).transform(patches)
-    features = RandomConvFeatures(seed=7).fit(scaled).transform(scaled)
+    features = np.log1p(RandomConvFeatures(seed=7).fit(scaled).transform(scaled))  # core.represent scale
     inputs = outcome_inputs(features, trial.covariates, seed=7)
     errors, covered, spans = {}, {}, []
     for rep in range(reps):

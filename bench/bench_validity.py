@@ -77,7 +77,7 @@ def image_design(n_units=500, seed=3):
 
     patches = extract_patches(DEMO_RASTER, trial.coords, trial.crs_wkt, window_size_px=33).patches
     scaled = BandScaler(seed=seed).fit(patches).transform(patches)
-    features = RandomConvFeatures(seed=seed).fit(scaled).transform(scaled)
+    features = np.log1p(RandomConvFeatures(seed=seed).fit(scaled).transform(scaled))  # core.represent scale
     brightness, texture = _window_statistics(patches)
     score = _z(brightness) + 0.5 * _z(texture)
     design = design_matrix(features, trial.covariates)[0]
@@ -182,7 +182,7 @@ def run_coverage():
     trial = simulate_trial(DEMO_RASTER, n_units=3000, seed=11)
     patches = extract_patches(DEMO_RASTER, trial.coords, trial.crs_wkt, window_size_px=33).patches
     scaled = BandScaler(seed=11).fit(patches).transform(patches)
-    features = RandomConvFeatures(seed=11).fit(scaled).transform(scaled)
+    features = np.log1p(RandomConvFeatures(seed=11).fit(scaled).transform(scaled))  # core.represent scale
     tau = trial.true_cate
     tercile = np.searchsorted(np.quantile(tau, [1 / 3, 2 / 3]), tau, side="right")
     results = {}

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .encoders import file_digest
 from .errors import GeoCateError, require
 
 PRIOR_TAU_SD = 3.0
@@ -263,10 +264,11 @@ def cross_fitted_clusters(features, covariates, treated, outcome, n_clusters, fo
 
 
 def feature_scaling(features):
-    """(mean, sd) of log1p(features), the standardisation design_matrix applies to image features."""
-    logged = np.log1p(np.maximum(np.asarray(features, float), 0))
-    sd = logged.std(axis=0)
-    return logged.mean(axis=0), np.where(sd > 0, sd, 1.0)
+    """(mean, sd) of the feature pipeline's output (log1p of MOSAIKS responses), the standardisation design_matrix
+    applies to image features."""
+    features = np.asarray(features, float)
+    sd = features.std(axis=0)
+    return features.mean(axis=0), np.where(sd > 0, sd, 1.0)
 
 
 def cluster_table(fit, probabilities):
@@ -349,17 +351,6 @@ def export_onnx(model, path, bands, window_size_px, n_covariates, metadata):
     os.replace(tmp + ".json", path + ".json")
     os.replace(tmp, path)
     return path
-
-
-def file_digest(path):
-    """SHA-256 of a file, in hex: the model's description stores it, loading checks it."""
-    import hashlib
-
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 #: What a model's description must hold to be applied.

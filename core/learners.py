@@ -62,7 +62,8 @@ def location_ids(coords, precision=1e-6):
 def design_matrix(features, covariates=None):
     """Image features (n, d) and covariates (n, p) -> the forest's effect modifiers (n, d + p).
 
-    log1p of the (non-negative) pooled features, then every column standardised;
+    The image features are the feature pipeline's output (core.represent: log1p of
+    MOSAIKS responses, or an encoder's embeddings); every column is standardised;
     covariates are appended after the d image columns. Returns (matrix, d).
     """
     has_image = features is not None and np.asarray(features).size
@@ -75,10 +76,7 @@ def design_matrix(features, covariates=None):
     # Filled and scaled in place: at 100,000 units each copy of this matrix is 400 MB.
     matrix = np.empty((n, n_image + n_covariates))
     if has_image:
-        image = matrix[:, :n_image]
-        image[:] = features
-        np.maximum(image, 0, out=image)
-        np.log1p(image, out=image)
+        matrix[:, :n_image] = features
     if has_covariates:
         matrix[:, n_image:] = np.asarray(covariates, dtype=float).reshape(n, -1)
     mean, sd = matrix.mean(axis=0), matrix.std(axis=0)

@@ -164,12 +164,15 @@ def extract_patches(
     nodata=None,
     progress=None,
     is_cancelled=None,
+    output_size_px=None,
 ):
     """Read the ``window_size_px`` square window around each unit.
 
     xy: (n, 2) unit coordinates in ``xy_crs_wkt`` (transformed to the raster's CRS here);
     bands: 1-based band numbers (default all); nodata: an extra value treated
-    as missing in every band. Returns a :class:`PatchSet`.
+    as missing in every band; output_size_px: each window is averaged down (or
+    interpolated up) to this many pixels per side after its pixels were checked
+    at full resolution (default: kept as read). Returns a :class:`PatchSet`.
     """
     info = raster_info(raster_path)
     bands = _check_bands(bands, info)
@@ -188,7 +191,9 @@ def extract_patches(
     coords = to_raster_crs(xy, xy_crs_wkt, info.crs_wkt)
     n = len(coords)
     origin = window_origin(coords, info.geotransform, window_size_px)
-    patches = np.zeros((n, len(bands), window_size_px, window_size_px), dtype=np.float32)
+    out_size = int(output_size_px or window_size_px)
+    resize = None if out_size == window_size_px else resize_matrix(window_size_px, out_size)
+    patches = np.zeros((n, len(bands), out_size, out_size), dtype=np.float32)
     reason = np.full(n, OUTSIDE, dtype=object)
 
     centre = origin + window_size_px // 2
@@ -239,12 +244,34 @@ def extract_patches(
             reason[i] = NODATA
         else:
             reason[i] = ""
-            patches[i] = window
+            patches[i] = window if resize is None else resize @ window.astype(np.float64) @ resize.T
         throttle.tick(done / max(len(todo), 1), f"Reading image windows: {done} of {len(todo)}")
     if progress is not None:
         progress(1.0, f"Read {len(todo)} image windows")
     ok = reason == ""
     return PatchSet(patches=patches, ok=ok, reason=reason.astype(str), coords=coords, bands=tuple(bands))
+
+
+def resize_matrix(size_in, size_out):
+    """(size_out, size_in) weights that resize one axis of a window: area averaging when shrinking (each output
+    pixel is the mean of the input pixels it covers, in proportion to the overlap), linear interpolation between
+    pixel centres when enlarging. ``M @ window @ M.T`` resizes a (size_in, size_in) window."""
+    size_in, size_out = int(size_in), int(size_out)
+    weights = np.zeros((size_out, size_in))
+    if size_out <= size_in:
+        ratio = size_in / size_out
+        for i in range(size_out):
+            low, high = i * ratio, (i + 1) * ratio
+            for j in range(int(np.floor(low)), min(int(np.ceil(high)), size_in)):
+                weights[i, j] = (min(high, j + 1) - max(low, j)) / ratio
+    else:
+        centres = np.clip((np.arange(size_out) + 0.5) * size_in / size_out - 0.5, 0, size_in - 1)
+        below = np.floor(centres).astype(int)
+        above = np.minimum(below + 1, size_in - 1)
+        fraction = centres - below
+        weights[np.arange(size_out), below] += 1 - fraction
+        weights[np.arange(size_out), above] += fraction
+    return weights
 
 
 def _check_bands(bands, info):

@@ -7,7 +7,6 @@ import time
 import numpy as np
 
 from .corrections import ate_by_correction, corrected_outcomes, prediction_powered_ate
-from .embed import BandScaler, RandomConvFeatures
 from .errors import GeoCateError
 from .evaluate import (
     block_size_from_data,
@@ -21,6 +20,7 @@ from .evaluate import (
 from .learners import default_learner, design_matrix, effect_groups, location_folds, location_ids
 from .observational import suspicious_covariates
 from .patches import extract_patches
+from .represent import ImageryOptions, RandomConvolutions, study_features
 from .scores import aipw_scores, cross_fitted_scores, doubly_robust_ate, outcome_inputs
 from .study import Result, build_study
 
@@ -48,25 +48,29 @@ def package_versions():
     return versions
 
 
-FIT_WINDOWS = 5000
+def image_features(study, seed=42, n_filters=256, device="auto", progress=None, is_cancelled=None, imagery=None):
+    """The used units' image features through one FeaturePipeline (core.represent): (features (n_used, d), pipeline).
+
+    Default (``imagery`` None): one window at one date through band scaling and
+    MOSAIKS random convolutions, fit on at most FIT_WINDOWS used windows (drawn
+    with ``seed``), every window then scaled and embedded batch by batch (no
+    second copy of all windows), output log1p of the pooled responses. ``imagery``
+    (core.represent.ImageryOptions) adds scales, dates, an ONNX encoder and the cache."""
+    imagery = imagery or ImageryOptions()
+    pipeline = imagery.pipeline(n_filters, seed, device)
+    features, pipeline, _, _ = study_features(study, study.source, pipeline, imagery.cache, progress, is_cancelled)
+    return features, pipeline
 
 
-def image_features(study, seed=42, n_filters=256, device="auto", progress=None, is_cancelled=None):
-    """MOSAIKS features of the used units' windows: (features (n_used, 2 n_filters), scaler, embedder).
-
-    The band scaler and the filters are fit on at most FIT_WINDOWS of the used
-    windows (drawn with ``seed``); every window is then scaled and embedded
-    batch by batch, so no second copy of all windows is ever made."""
-    rows = np.flatnonzero(study.used)
-    sample = rows
-    if len(rows) > FIT_WINDOWS:
-        sample = np.sort(np.random.default_rng(seed).choice(rows, FIT_WINDOWS, replace=False))
-    windows = study.patches[sample]
-    scaler = BandScaler(seed=seed).fit(windows)
-    embedder = RandomConvFeatures(n_filters=n_filters, seed=seed, device=device).fit(scaler.transform(windows))
-    del windows
-    return (embedder.transform(study.patches, progress, is_cancelled, prepare=scaler.transform, rows=rows),
-            scaler, embedder)
+def single_window_model(pipeline):
+    """(scaler, embedder) when the pipeline is one window at one date through random convolutions, the case the
+    cluster model's image network (core.clusters.image_model) reproduces; else None."""
+    if len(pipeline.views_) != 1 or len(pipeline.views_[0]["dates"]) != 1:
+        return None
+    representation = pipeline.representations_[0]
+    if not isinstance(representation, RandomConvolutions):
+        return None
+    return representation.scaler_, representation.embedder_
 
 
 def overlap_warning(study, window_size_px, block_size):
@@ -125,7 +129,8 @@ def fold_groups(study, spatial_block=0, window_size_px=33):
 def estimate_cate(units, raster_path, bands=None, window_size_px=33, nodata=None, seed=42,
                   n_groups=3, n_folds=5, n_filters=256, n_components=20, n_estimators=100,
                   device="auto", spatial_block=0, n_draws=200, progress=None, is_cancelled=None,
-                  outcome_correction=None, correction="linear", outcome_truth=None, study_design=None):
+                  outcome_correction=None, correction="linear", outcome_truth=None, study_design=None,
+                  imagery=None):
     """Estimate each unit's CATE from its image window (and covariates), and test for heterogeneity.
 
     units: a :class:`UnitTable`. Returns (Study, Result). Steps: read and check
@@ -154,7 +159,13 @@ def estimate_cate(units, raster_path, bands=None, window_size_px=33, nodata=None
     propensity). Observational: the propensity is cross-fitted from the image
     features' components and the covariates, on the same folds, and the
     forests and DR scores (so the ATE, the test, the RATE and the BLP) use it.
+
+    imagery: a core.represent.ImageryOptions (wider scales, later dates and their
+    pooling, an ONNX encoder, the feature cache); default one window, one date,
+    random convolutions.
     """
+    imagery = imagery or ImageryOptions()
+    feature_pipeline = imagery.pipeline(n_filters, seed, device)
     timings = {}
     started = time.monotonic()
     versions = None
@@ -163,14 +174,14 @@ def estimate_cate(units, raster_path, bands=None, window_size_px=33, nodata=None
         versions = corrected_outcomes(outcome_correction, units.outcome)
         units = dataclasses.replace(units, outcome=versions[correction][0])
     study = build_study(units, raster_path, bands, window_size_px, nodata,
-                        _stage(progress, 0.0, 0.12), is_cancelled)
+                        _stage(progress, 0.0, 0.12), is_cancelled, **imagery.study_kwargs())
     timings["read_windows_s"] = time.monotonic() - started
 
     used = study.used
     t = time.monotonic()
-    features, scaler, embedder = image_features(study, seed, n_filters, device,
-                                                _stage(progress, 0.12, 0.22), is_cancelled)
-    study = dataclasses.replace(study, patches=None)  # the windows are no longer needed: free them (1.3 GB at 100k)
+    features, feature_pipeline, _, cached = study_features(study, study.source, feature_pipeline, imagery.cache,
+                                                           _stage(progress, 0.12, 0.22), is_cancelled)
+    study = dataclasses.replace(study, patches=None, views=None)  # the windows are no longer needed: free them
     timings["image_features_s"] = time.monotonic() - t
 
     t = time.monotonic()
@@ -222,14 +233,16 @@ def estimate_cate(units, raster_path, bands=None, window_size_px=33, nodata=None
         "n_folds": n_folds,
         "n_filters": n_filters,
         "n_features": int(features.shape[1]),
+        "feature_pipeline": feature_pipeline.describe(),
+        "features_from_cache": bool(cached),
         "outcome_model_inputs": int(inputs.shape[1]),
         "covariates": list(study.covariate_names),
         "n_estimators": n_estimators,
         "propensity": learner.propensity_ if propensity is None else "cross-fitted per unit",
         "study_design": "randomized" if propensity is None else study_design.kind,
         "propensity_model": propensity_fit,
-        "band_scaling": scaler.to_dict(),
-        "device": embedder.device_,
+        "band_scaling": feature_pipeline.describe()["representation"][0].get("band_scaling"),
+        "device": feature_pipeline.device_,
         "spatial_block_m": block_size,
         "clustered_by": "cluster field and shared locations" if study.clusters is not None else "shared locations",
         "fold_groups": int(len(np.unique(groups))),
@@ -293,11 +306,35 @@ def heterogeneity_record(test):
 
 SOURCES = ("imagery", "covariates", "imagery + covariates")
 COMPARISONS = (("imagery + covariates", "covariates"), ("imagery + covariates", "imagery"), ("imagery", "covariates"))
+#: What comparesources compares: the sources, or the run's representation against a simpler one on the same views.
+COMPARE_MODES = ("sources", "scales", "dates", "encoder")
+REPRESENTATION_LABELS = {"scales": ("multi-scale", "window only"), "dates": ("sequence", "last date"),
+                         "encoder": ("encoder", "random convolutions")}
+
+
+def simpler_representation(compare, study, views, imagery, seed, device, progress=None, is_cancelled=None):
+    """The features of the simpler representation ``compare`` sets the run's against, on the same units and views:
+    'scales': the base window only; 'dates': the last date only; 'encoder': random convolutions."""
+    if compare == "scales" and len(views) < 2:
+        raise GeoCateError("Comparing scales needs wider scales.", "Give SCALES, e.g. 33,161.")
+    if compare == "dates" and views[0].windows.shape[1] < 2:
+        raise GeoCateError("Comparing dates needs imagery of more than one date.", "Give RASTERS_TIME.")
+    if compare == "encoder" and not imagery.encoder:
+        raise GeoCateError("Comparing encoders needs an ONNX encoder.", "Give ENCODER.")
+    if compare == "scales":
+        views, pipeline = views[:1], imagery.pipeline(seed=seed, device=device)
+    elif compare == "dates":
+        views = [dataclasses.replace(v, windows=v.windows[:, -1:], dates=v.dates[-1:]) for v in views]
+        pipeline = dataclasses.replace(imagery, time_pooling="concatenate", rasters_time=()).pipeline(
+            seed=seed, device=device)
+    else:
+        pipeline = dataclasses.replace(imagery, encoder=None).pipeline(seed=seed, device=device)
+    return pipeline.fit_transform(views, study.used, progress, is_cancelled)
 
 
 def compare_sources(units, raster_path, bands=None, window_size_px=33, nodata=None, seed=42, n_folds=5,
                     n_estimators=100, n_draws=200, spatial_block=0, device="auto", progress=None,
-                    is_cancelled=None, study_design=None):
+                    is_cancelled=None, study_design=None, imagery=None, compare="sources"):
     """What the imagery adds: the CATE learner with imagery only, covariates only, and both, on the same folds.
 
     Every source's learner is cross-fitted on the same honest folds (fold_groups);
@@ -311,13 +348,36 @@ def compare_sources(units, raster_path, bands=None, window_size_px=33, nodata=No
     Returns (study, {"cate": {source: (n_used,)}, "tests": {"AUTOC": [...], "QINI": [...]},
     "test_differences": {...}, "rates": {...} (pooled, descriptive), "differences": {...},
     "block_size", "n_clusters", "scores", "ate"}).
+
+    compare (COMPARE_MODES): 'sources' as above; 'scales', 'dates' or 'encoder'
+    set the run's representation (``imagery``) against a simpler one on the same
+    units, views and folds (simpler_representation), each with the covariates,
+    with the same paired test: does the wider context, the sequence or the
+    encoder find more heterogeneity?
     """
-    study = build_study(units, raster_path, bands, window_size_px, nodata, _stage(progress, 0.0, 0.1), is_cancelled)
+    if compare not in COMPARE_MODES:
+        raise GeoCateError(f"Unknown comparison '{compare}'.", f"Choose one of {', '.join(COMPARE_MODES)}.")
+    imagery = imagery or ImageryOptions()
+    feature_pipeline = imagery.pipeline(seed=seed, device=device)
+    study = build_study(units, raster_path, bands, window_size_px, nodata, _stage(progress, 0.0, 0.1), is_cancelled,
+                        **imagery.study_kwargs())
     used = study.used
-    features, _, embedder = image_features(study, seed, device=device, progress=_stage(progress, 0.1, 0.2),
-                                           is_cancelled=is_cancelled)
+    features, feature_pipeline = study_features(study, study.source, feature_pipeline, imagery.cache,
+                                                _stage(progress, 0.1, 0.2), is_cancelled)[:2]
     covariates = study.covariates[used] if study.covariates.shape[1] else None
-    sources = [s for s in SOURCES if covariates is not None or s == "imagery"]
+    if compare == "sources":
+        rules = {s: (features if "imagery" in s else None, covariates if "covariates" in s else None)
+                 for s in SOURCES if covariates is not None or s == "imagery"}
+        comparisons = COMPARISONS
+    else:
+        views = study.views if study.views is not None else study.source.read(None, is_cancelled)[0]
+        simpler = simpler_representation(compare, study, views, imagery, seed, device, None, is_cancelled)
+        richer_label, simpler_label = REPRESENTATION_LABELS[compare]
+        rules = {richer_label: (features, covariates), simpler_label: (simpler, covariates)}
+        comparisons = ((richer_label, simpler_label),)
+        del views
+    study = dataclasses.replace(study, patches=None, views=None)
+    sources = list(rules)
     groups, block_size = fold_groups(study, spatial_block, window_size_px)
     folds = location_folds(groups, n_folds, seed)
     Y, W = study.outcome[used], study.treated[used].astype(int)
@@ -329,9 +389,8 @@ def compare_sources(units, raster_path, bands=None, window_size_px=33, nodata=No
         propensity = np.clip(study_design.propensities(W, inputs_all, folds)[0][:, 1], CLIP, 1 - CLIP)
     cate, learners = {}, {}
     for k, source in enumerate(sources):
-        design, inputs, learner = default_learner(features if "imagery" in source else None,
-                                                  covariates if "covariates" in source else None,
-                                                  n_folds=n_folds, n_estimators=n_estimators, seed=seed)
+        design, inputs, learner = default_learner(*rules[source], n_folds=n_folds, n_estimators=n_estimators,
+                                                  seed=seed)
         learner.fit(Y, W, design, groups=groups, outcome_inputs=inputs, folds=folds, is_cancelled=is_cancelled,
                     progress=_stage(progress, 0.2 + 0.4 * k / len(sources), 0.2 + 0.4 * (k + 1) / len(sources)),
                     propensity=propensity)
@@ -349,7 +408,7 @@ def compare_sources(units, raster_path, bands=None, window_size_px=33, nodata=No
         return compute
 
     tests, test_differences, rates, differences = {}, {}, {}, {}
-    pairs = [(a, b) for a, b in COMPARISONS if a in cate and b in cate]
+    pairs = [(a, b) for a, b in comparisons if a in cate and b in cate]
     for step, target in enumerate(("AUTOC", "QINI")):
         stage = _stage(progress, 0.6 + 0.2 * step, 0.8 + 0.2 * step)
         tests[target] = [sequential_rate_test(scores, folds, priority_for([s]), target, groups, [s], n_draws=n_draws,
@@ -368,7 +427,7 @@ def compare_sources(units, raster_path, bands=None, window_size_px=33, nodata=No
     return study, {"cate": cate, "tests": tests, "test_differences": test_differences, "rates": rates,
                    "differences": differences, "block_size": block_size, "n_clusters": int(len(np.unique(groups))),
                    "warnings": [w for w in (overlap_warning(study, window_size_px, block_size),) if w],
-                   "device": embedder.device_,
+                   "device": feature_pipeline.device_, "feature_pipeline": feature_pipeline.describe(),
                    "scores": scores, "ate": doubly_robust_ate(scores, groups)}
 
 
@@ -377,7 +436,7 @@ MIN_UNITS_PER_CLUSTER = 20
 
 def find_clusters(units, raster_path, bands=None, window_size_px=33, nodata=None, seed=42, n_clusters=0,
                   max_clusters=4, epochs=300, device="auto", n_folds=5, spatial_block=0, progress=None,
-                  is_cancelled=None):
+                  is_cancelled=None, imagery=None):
     """Latent effect clusters from imagery (core.clusters): choose K, cross-fit, summarise, build the image model.
 
     n_clusters 0: K chosen over 1..max_clusters by cross-fitted held-out
@@ -402,16 +461,19 @@ def find_clusters(units, raster_path, bands=None, window_size_px=33, nodata=None
         raise GeoCateError(f"CLUSTERS ({n_clusters}) is larger than MAX_CLUSTERS ({max_clusters}).",
                            "Lower CLUSTERS, raise MAX_CLUSTERS, or set CLUSTERS to 0 to choose K from the data.")
     device = resolve_device(device)
+    imagery = imagery or ImageryOptions()
+    feature_pipeline = imagery.pipeline(seed=seed, device=device)
     timings, started = {}, time.monotonic()
-    study = build_study(units, raster_path, bands, window_size_px, nodata, _stage(progress, 0.0, 0.1), is_cancelled)
+    study = build_study(units, raster_path, bands, window_size_px, nodata, _stage(progress, 0.0, 0.1), is_cancelled,
+                        **imagery.study_kwargs())
     used = study.used
     if study.n_used / max(n_clusters or max_clusters, 1) < MIN_UNITS_PER_CLUSTER:
         raise GeoCateError(
             f"{study.n_used} units are too few for {n_clusters or max_clusters} clusters: each cluster needs about "
             f"{MIN_UNITS_PER_CLUSTER} units or more.",
             f"Use at most {max(study.n_used // MIN_UNITS_PER_CLUSTER, 1)} clusters, or more units.")
-    features, scaler, embedder = image_features(study, seed, device=device, progress=_stage(progress, 0.1, 0.2),
-                                                is_cancelled=is_cancelled)
+    features, feature_pipeline = study_features(study, study.source, feature_pipeline, imagery.cache,
+                                                _stage(progress, 0.1, 0.2), is_cancelled)[:2]
     covariates = study.covariates[used]
     design, n_image = design_matrix(features, covariates)
     image_part, covariate_part = design[:, :n_image], design[:, n_image:]
@@ -447,8 +509,13 @@ def find_clusters(units, raster_path, bands=None, window_size_px=33, nodata=None
     table = cluster_table(final, final.probabilities(image_part, covariate_part))
     raw_covariates = covariates if covariates.shape[1] else np.zeros((len(Y), 0))
     sd = raw_covariates.std(axis=0)
-    model = image_model(final, scaler, embedder, *feature_scaling(features), raw_covariates.mean(axis=0),
-                        np.where(sd > 0, sd, 1.0))
+    single = single_window_model(feature_pipeline)
+    model = None
+    if single is not None:  # the exportable, differentiable image network covers one window at one date
+        model = image_model(final, *single, *feature_scaling(features), raw_covariates.mean(axis=0),
+                            np.where(sd > 0, sd, 1.0))
+        if study.patches is None:  # usability came from the cache: the typical windows are read for the report
+            study = dataclasses.replace(study, patches=study.source.read()[0][0].windows[:, 0])
     # The same DR scores and ATE as estimatecate's (same outcome-model inputs, folds and seed): one ATE per study.
     scores = cross_fitted_scores(Y, W, outcome_inputs(features, covariates, seed), folds, seed=seed)[0]
     ate = doubly_robust_ate(scores, groups)
@@ -467,7 +534,8 @@ def find_clusters(units, raster_path, bands=None, window_size_px=33, nodata=None
         "warnings": [w for w in (overlap_warning(study, window_size_px, block_size),
                                  f"{asked - n_clusters} of {asked} clusters held (almost) no units and were dropped: "
                                  f"{n_clusters} remain." if asked > n_clusters else None) if w],
-        "clusters": table, "spatial_block_m": block_size, "dropped": study.dropped, "band_scaling": scaler.to_dict(),
+        "clusters": table, "spatial_block_m": block_size, "dropped": study.dropped, "band_scaling": feature_pipeline.describe()["representation"][0].get("band_scaling"),
+        "feature_pipeline": feature_pipeline.describe(),
         "covariates": list(study.covariate_names), "versions": package_versions(),
         "timings": {k: round(v, 3) for k, v in timings.items()},
     }
@@ -511,7 +579,7 @@ def estimate_ate(units, raster_path, design, bands=None, window_size_px=33, noda
                         is_cancelled, arms=True)
     used = study.used
     features = image_features(study, seed, n_filters, device, _stage(progress, 0.3, 0.5), is_cancelled)[0]
-    study = dataclasses.replace(study, patches=None)
+    study = dataclasses.replace(study, patches=None, views=None)
     covariates = study.covariates[used] if study.covariates.shape[1] else None
     inputs = outcome_inputs(features, covariates, seed)
     groups, block_size = fold_groups(study, spatial_block, window_size_px)
@@ -587,7 +655,7 @@ def panel_image_features(raster_paths, xy, crs_wkt, row_time, window_size_px=33,
         raise GeoCateError(f"{len(raster_paths)} raster(s) were given for {len(periods)} distinct time values.",
                            "Give one raster per time value, in the order of the times (earliest first).")
     features = None
-    scaler = embedder = None
+    representation = None
     for k, (period, path) in enumerate(zip(periods, raster_paths)):
         rows = np.flatnonzero(row_time == period)
         found = extract_patches(path, np.asarray(xy, float)[rows], crs_wkt, None, window_size_px, None,
@@ -595,11 +663,9 @@ def panel_image_features(raster_paths, xy, crs_wkt, row_time, window_size_px=33,
         if not found.ok.any():
             raise GeoCateError(f"No unit of period {period:g} has a usable window in '{path}'.",
                                "Check that each period's raster covers the units.")
-        if scaler is None:
-            scaler = BandScaler(seed=seed).fit(found.patches[found.ok])
-            embedder = RandomConvFeatures(n_filters=n_filters, seed=seed).fit(
-                scaler.transform(found.patches[found.ok]))
-        values = embedder.transform(scaler.transform(found.patches[found.ok]))
+        if representation is None:
+            representation = RandomConvolutions(n_filters=n_filters, seed=seed).fit(found.patches[found.ok])
+        values = representation.transform(found.patches, np.flatnonzero(found.ok))
         if features is None:
             features = np.full((len(row_time), values.shape[1]), np.nan)
         features[rows[found.ok]] = values

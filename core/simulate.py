@@ -218,3 +218,87 @@ def simulate_panel(n_units=500, n_periods=10, n_covariates=30, theta=0.5, design
     alpha = 0.25 * (unit_mean_d - D.mean()) + 0.25 * unit_mean_x + a_i
     Y = theta * D + l0 + alpha + rng.standard_normal(n)
     return unit, time, D, Y, X
+
+
+def simulate_context_trial(raster_path, n_units=1000, window_size_px=33, context_px=161, noise_sd=1.0, seed=42,
+                           effect_sd=1.0):
+    """A trial whose effect depends on the unit's own window and on its wider surroundings (the multi-scale design).
+
+        true_cate_i = 1 + effect_sd (z(texture of the own window) + z(brightness of the context window)) / sqrt(2)
+        Y_i = 0.5 X_i1 + z(brightness of the own window) + W_i true_cate_i + noise_sd e_i
+
+    texture and brightness as in simulate_trial; the context window is ``context_px`` wide around the unit. Units
+    are placed where the context window is whole. Returns a SimulatedTrial (window_size_px: the own window;
+    true_group 1/2: effect below/above the median)."""
+    placed = simulate_trial(raster_path, n_units, context_px, seed=seed)
+    info = raster_info(raster_path)
+    own = extract_patches(raster_path, placed.coords, info.crs_wkt, None, window_size_px).patches
+    context = extract_patches(raster_path, placed.coords, info.crs_wkt, None, context_px).patches
+    own_brightness, own_texture = _window_statistics(own)
+    context_brightness = _window_statistics(context)[0]
+    rng = np.random.default_rng(seed + 1)
+    true_cate = 1 + effect_sd * (_z(own_texture) + _z(context_brightness)) / np.sqrt(2)
+    covariates = rng.standard_normal((n_units, 2))
+    treated = (rng.permutation(n_units) < n_units // 2).astype(int)
+    true_mu0 = 0.5 * covariates[:, 0] + _z(own_brightness)
+    outcome = true_mu0 + treated * true_cate + noise_sd * rng.standard_normal(n_units)
+    return SimulatedTrial(coords=placed.coords, crs_wkt=info.crs_wkt, treated=treated, outcome=outcome,
+                          covariates=covariates, covariate_names=("assets", "distance"), true_cate=true_cate,
+                          true_group=1 + (true_cate > np.median(true_cate)), true_mu0=true_mu0,
+                          window_size_px=window_size_px)
+
+
+def simulate_change_trial(raster_path, later_path, n_units=1000, window_size_px=33, block_px=48, changed_share=0.4,
+                          shift_px=(301, 157), effect=2.0, noise_sd=1.0, seed=42):
+    """A trial whose effect depends on change between two dates (the image-sequence design).
+
+    The later date (written to ``later_path``, a GeoTIFF on the same grid) is
+    the scene with a random ``changed_share`` of square blocks of ``block_px``
+    pixels replaced by the content of the scene ``shift_px`` away (new
+    settlement, cleared land: ordinary scene content, so the later image alone
+    cannot tell changed from unchanged places). One unit per block, at its
+    centre: true_cate = ``effect`` where its block changed, else 0;
+    Y = 0.5 X_1 + z(brightness at the later date) + W true_cate + noise_sd e.
+    Returns a SimulatedTrial."""
+    from osgeo import gdal
+
+    rng = np.random.default_rng(seed)
+    source = gdal.Open(str(raster_path))
+    image = source.ReadAsArray()
+    bands, height, width = image.shape
+    later = image.copy()
+    dr, dc = shift_px
+    shifted = np.roll(np.roll(image, -dr, axis=1), -dc, axis=2)
+    n_rows, n_cols = height // block_px, width // block_px
+    blocks = [(r, c) for r in range(n_rows) for c in range(n_cols)]
+    changed = rng.random(len(blocks)) < changed_share
+    for (r, c), flag in zip(blocks, changed):
+        if flag:
+            rows, cols = slice(r * block_px, (r + 1) * block_px), slice(c * block_px, (c + 1) * block_px)
+            later[:, rows, cols] = shifted[:, rows, cols]
+    driver = gdal.GetDriverByName("GTiff")
+    out = driver.CreateCopy(str(later_path), source)
+    for b in range(bands):
+        out.GetRasterBand(b + 1).WriteArray(later[b])
+    out = None
+    info = raster_info(raster_path)
+    gt = info.geotransform
+    centre = np.array([(r * block_px + block_px // 2, c * block_px + block_px // 2) for r, c in blocks])
+    x = gt[0] + (centre[:, 1] + 0.5) * gt[1]
+    y = gt[3] + (centre[:, 0] + 0.5) * gt[5]
+    found_early = extract_patches(raster_path, np.column_stack([x, y]), info.crs_wkt, None, window_size_px)
+    found_late = extract_patches(str(later_path), np.column_stack([x, y]), info.crs_wkt, None, window_size_px)
+    usable = np.flatnonzero(found_early.ok & found_late.ok)
+    if len(usable) < n_units:
+        raise GeoCateError(f"Only {len(usable)} blocks of {block_px} px have usable windows for {n_units} units.",
+                           "Use fewer units or smaller blocks.")
+    chosen = np.sort(rng.choice(usable, n_units, replace=False))
+    true_cate = effect * changed[chosen].astype(float)
+    covariates = rng.standard_normal((n_units, 2))
+    treated = (rng.permutation(n_units) < n_units // 2).astype(int)
+    true_mu0 = 0.5 * covariates[:, 0] + _z(_window_statistics(found_late.patches[chosen])[0])
+    outcome = true_mu0 + treated * true_cate + noise_sd * rng.standard_normal(n_units)
+    return SimulatedTrial(coords=found_early.coords[chosen], crs_wkt=info.crs_wkt, treated=treated, outcome=outcome,
+                          covariates=covariates, covariate_names=("assets", "distance"), true_cate=true_cate,
+                          true_group=1 + changed[chosen].astype(int), true_mu0=true_mu0,
+                          window_size_px=window_size_px)

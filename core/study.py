@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .errors import GeoCateError
-from .patches import extract_patches, raster_info
+from .patches import EDGE, NODATA, OUTSIDE, raster_info
 
 MIN_UNITS_PER_ARM = 20
 
@@ -34,8 +34,9 @@ class Study:
     """A checked trial ready for estimation; arrays cover every input unit.
 
     coords: (n, 2) in the raster's CRS; treated, outcome: (n,); covariates: (n, p);
-    patches: (n, bands, h, w) float32 (zeros where not ok; estimate_cate returns None here once the
-    windows are embedded, to free their memory); patch_ok: (n,) bool;
+    patches: (n, bands, h, w) float32, the base window at the first date (zeros where not ok; None once the
+    windows are embedded, to free their memory, or when their usability came from the feature cache);
+    patch_ok: (n,) bool, the window usable at every scale and date; patch_reason: why not;
     used: (n,) bool, units that enter estimation (window usable, no nulls);
     dropped: counts of units left out, by reason.
     """
@@ -56,6 +57,8 @@ class Study:
     bands: tuple
     clusters: object = None  # (n,) int cluster ids (-1 where null), or None
     pixel_size_m: float = None  # ground size of a pixel in metres (RasterInfo.pixel_size_m)
+    views: object = None  # [core.represent.View]: every scale and date; None once embedded, or when read from cache
+    source: object = None  # the core.represent.WindowSource the views come from
 
     @property
     def n_used(self):
@@ -147,13 +150,21 @@ def check_estimable(treated, outcome, covariates, covariate_names=(), treatment_
 
 
 def build_study(units, raster_path, bands=None, window_size_px=33, nodata=None,
-                progress=None, is_cancelled=None, arms=False):
+                progress=None, is_cancelled=None, arms=False, scales=None, rasters_time=(), cache=None):
     """Check ``units`` (a UnitTable), read their windows and return a Study.
+
+    scales: wider windows (core.represent.parse_scales); rasters_time: rasters
+    of later dates. A unit is used only if its window is usable at every scale
+    and date. cache: a core.represent.FeatureCache: where the windows' usability
+    was cached for the same rasters, units and windows, no window is read here
+    (core.represent.study_features reads them only if the features are not cached).
 
     Raises GeoCateError for: a treatment other than 0/1, a raster without CRS,
     a window larger than the raster, no unit inside the raster, fewer than
     MIN_UNITS_PER_ARM units in an arm after dropping.
     """
+    from .represent import WindowSource
+
     treated = np.asarray(units.treated, dtype=float)
     outcome = np.asarray(units.outcome, dtype=float)
     covariates = np.asarray(units.covariates, dtype=float).reshape(len(treated), -1)
@@ -161,13 +172,21 @@ def build_study(units, raster_path, bands=None, window_size_px=33, nodata=None,
     check_columns(treated if not arms else np.minimum(treated, 1), covariates, units.covariate_names,
                   units.treatment_name)
     info = raster_info(raster_path)
-    found = extract_patches(raster_path, units.xy, units.crs_wkt, bands, window_size_px,
-                            nodata, progress, is_cancelled)
+    source = WindowSource([raster_path] + [str(p) for p in (rasters_time or ())], units.xy, units.crs_wkt, bands,
+                          window_size_px, scales, nodata)
+    status = cache.load(cache.key(source.identity()), "windows") if cache is not None else None
+    if status is not None:
+        views, (coords, window_ok, window_reason) = None, status
+    else:
+        views, coords, window_ok, window_reason = source.read(progress, is_cancelled)
+        if cache is not None:
+            cache.store(cache.key(source.identity()), "windows", (coords, window_ok, window_reason))
+    codes = np.array([r.split("@")[0] for r in window_reason], dtype=object)
     no_geometry = ~np.isfinite(np.asarray(units.xy, dtype=float).reshape(len(treated), 2)).all(axis=1)
     if len(treated) and no_geometry.all():
         raise GeoCateError("None of the units has a geometry (or all are empty).",
                            "Give the units points or polygons, e.g. with 'Create points layer from table'.")
-    if len(treated) and (found.reason == "outside").all():
+    if len(treated) and (codes == OUTSIDE).all():
         raise GeoCateError(
             f"None of the {len(treated)} units lies inside the raster '{info.path}'.",
             "Check that the units and the imagery cover the same area and that both layers have the right CRS.",
@@ -191,10 +210,13 @@ def build_study(units, raster_path, bands=None, window_size_px=33, nodata=None,
         index = {c: i for i, c in enumerate(known)}
         clusters = np.array([-1 if c is None else index[c] for c in labels], int)
     dropped["no geometry"] = int((no_geometry & complete).sum())
-    for code, label in (("outside", "outside the raster"), ("edge", "window crosses the raster edge"),
-                        ("nodata", "window holds nodata or fill")):
-        dropped[label] = int(((found.reason == code) & complete & ~no_geometry).sum())
-    used = complete & found.ok
+    for code, label in ((OUTSIDE, "outside the raster"), (EDGE, "window crosses the raster edge"),
+                        (NODATA, "window holds nodata or fill")):
+        dropped[label] = int(((codes == code) & complete & ~no_geometry).sum())
+        for where in sorted({r.split("@")[1] for r in window_reason if r.startswith(code + "@")}):
+            dropped[f"{label} ({where})"] = int(((window_reason == f"{code}@{where}") & complete & ~no_geometry).sum())
+            dropped[label] -= dropped[f"{label} ({where})"]
+    used = complete & window_ok
     check_estimable(treated[used], outcome[used], covariates[used], units.covariate_names, units.treatment_name,
                     units.outcome_name)
     arm_labels = ((1, "treated"), (0, "control")) if not arms else \
@@ -208,11 +230,12 @@ def build_study(units, raster_path, bands=None, window_size_px=33, nodata=None,
                 "Add units, fix the nulls, or use imagery that covers more of them (a smaller window size helps near edges).",
             )
     return Study(
-        coords=found.coords, treated=treated, outcome=outcome, covariates=covariates,
-        covariate_names=tuple(units.covariate_names), patches=found.patches, patch_ok=found.ok,
-        patch_reason=found.reason, used=used, dropped=dropped, raster_path=str(raster_path),
-        raster_crs_wkt=info.crs_wkt, pixel_size=info.pixel_size, bands=found.bands, clusters=clusters,
-        pixel_size_m=info.pixel_size_m,
+        coords=coords, treated=treated, outcome=outcome, covariates=covariates,
+        covariate_names=tuple(units.covariate_names), patches=None if views is None else views[0].windows[:, 0],
+        patch_ok=window_ok, patch_reason=window_reason, used=used, dropped=dropped, raster_path=str(raster_path),
+        raster_crs_wkt=info.crs_wkt, pixel_size=info.pixel_size,
+        bands=tuple(bands) if bands else tuple(range(1, info.band_count + 1)), clusters=clusters,
+        pixel_size_m=info.pixel_size_m, views=views, source=source,
     )
 
 

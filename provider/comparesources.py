@@ -16,7 +16,13 @@ from qgis.core import (
 
 from .base import GeoCateAlgorithm, run_metadata
 from .convert import read_units, write_table
-from .study_parameters import add_spatial_block_parameter, add_study_parameters, read_study_parameters
+from .study_parameters import (
+    add_imagery_parameters,
+    add_spatial_block_parameter,
+    add_study_parameters,
+    read_imagery_parameters,
+    read_study_parameters,
+)
 
 
 class CompareSourcesAlgorithm(GeoCateAlgorithm):
@@ -39,12 +45,22 @@ class CompareSourcesAlgorithm(GeoCateAlgorithm):
             "cross-fold test (each fold ranked by a learner built on the earlier folds only), on the same doubly "
             "robust scores and bootstrap half-samples, so the paired differences show what the imagery adds "
             "(one-sided p-values). The AUTOC and Qini of the pooled out-of-fold CATEs are given as descriptive "
-            "figures. Writes a table, a TOC plot and an HTML report."
+            "figures. Writes a table, a TOC plot and an HTML report.\n\n"
+            "Compare: 'sources' (above), or the representation: 'scales' (the window with the wider SCALES "
+            "against the window alone), 'dates' (the sequence RASTER + RASTERS_TIME against the last date alone), "
+            "'encoder' (the ONNX ENCODER against random convolutions); each with the covariates, on the same "
+            "units, folds and scores. P_RICHER_BETTER is the one-sided p-value that the richer representation "
+            "ranks better."
         )
 
     def initAlgorithm(self, config=None):  # noqa: N802 - QGIS's name
         add_study_parameters(self)
+        add_imagery_parameters(self)
         add_spatial_block_parameter(self, advanced=False)
+        self.addParameter(QgsProcessingParameterEnum(
+            "COMPARE", "Compare", ["sources: imagery, covariates, both", "scales: with SCALES vs the window alone",
+                                   "dates: the sequence vs the last date", "encoder: ENCODER vs random convolutions"],
+            defaultValue=0))
         self.addParameter(QgsProcessingParameterEnum(
             "DESIGN", "Study design (observational: the propensity is estimated from the imagery and covariates)",
             ["randomized", "observational"], defaultValue=0))
@@ -61,6 +77,7 @@ class CompareSourcesAlgorithm(GeoCateAlgorithm):
                             ("AUTOC_COVARIATES", "Held-out AUTOC, covariates only"),
                             ("AUTOC_BOTH", "Held-out AUTOC, imagery and covariates"),
                             ("P_IMAGERY_ADDS", "One-sided p: imagery and covariates rank better than covariates"),
+                            ("P_RICHER_BETTER", "One-sided p: the richer representation ranks better (COMPARE)"),
                             ("N_USED", "Units used")):
             self.addOutput(QgsProcessingOutputNumber(name, label))
 
@@ -76,6 +93,10 @@ class CompareSourcesAlgorithm(GeoCateAlgorithm):
         source, study_values = read_study_parameters(self, parameters, context)
         n_draws = self.parameterAsInt(parameters, self.BOOTSTRAP, context)
         design_kind = ("randomized", "observational")[self.parameterAsEnum(parameters, "DESIGN", context)]
+        from ..core.pipeline import COMPARE_MODES
+
+        compare = COMPARE_MODES[self.parameterAsEnum(parameters, "COMPARE", context)]
+        imagery, imagery_values = read_imagery_parameters(self, parameters, context)
         features, units = read_units(source, study_values["treatment"], study_values["outcome"],
                                      study_values["covariates"], feedback)
         try:
@@ -83,7 +104,8 @@ class CompareSourcesAlgorithm(GeoCateAlgorithm):
                 units, study_values["raster"], study_values["bands"], study_values["window"], study_values["nodata"],
                 study_values["seed"], n_draws=n_draws, spatial_block=study_values["spatial_block"],
                 progress=lambda f, m: (feedback.setProgress(100 * f), feedback.setProgressText(m)),
-                is_cancelled=feedback.isCanceled, study_design=StudyDesign(design_kind, seed=study_values["seed"]))
+                is_cancelled=feedback.isCanceled, study_design=StudyDesign(design_kind, seed=study_values["seed"]),
+                imagery=imagery, compare=compare)
         except GeoCateError as error:
             raise QgsProcessingException(str(error)) from error
         for warning in comparison.get("warnings", []):
@@ -106,7 +128,8 @@ class CompareSourcesAlgorithm(GeoCateAlgorithm):
             "INPUT": source.sourceName(), "TREATMENT": study_values["treatment"], "OUTCOME": study_values["outcome"],
             "COVARIATES": study_values["covariates"], "RASTER": study_values["raster"], "BANDS": study_values["bands"],
             "PATCH_SIZE": study_values["window"], "NODATA": study_values["nodata"], "SEED": study_values["seed"],
-            "SPATIAL_BLOCK": study_values["spatial_block"], "BOOTSTRAP": n_draws, "DESIGN": design_kind}, started,
+            "SPATIAL_BLOCK": study_values["spatial_block"], "BOOTSTRAP": n_draws, "DESIGN": design_kind,
+            "COMPARE": compare, **imagery_values}, started, feature_pipeline=comparison["feature_pipeline"],
             n_units=len(features), n_used=study.n_used, dropped=study.dropped, fold_groups=comparison["n_clusters"],
             spatial_block_m=comparison["block_size"], ate=comparison["ate"].estimate,
             ate_se=comparison["ate"].std_err,
@@ -131,6 +154,7 @@ class CompareSourcesAlgorithm(GeoCateAlgorithm):
                     plot_toc(comparison["rates"]["AUTOC"], png,
                              "TOC by source of the pooled out-of-fold CATE (descriptive)")
         self.write_run_metadata(dest_id, metadata, feedback)
-        return {"P_IMAGERY_ADDS": adds[0] if adds else None, self.OUTPUT: dest_id, self.OUTPUT_PLOT: plot_path, self.OUTPUT_REPORT: report_path,
+        richer = [t.p_value for t in comparison["test_differences"]["AUTOC"] if compare != "sources"]
+        return {"P_IMAGERY_ADDS": adds[0] if adds else None, "P_RICHER_BETTER": richer[0] if richer else None, self.OUTPUT: dest_id, self.OUTPUT_PLOT: plot_path, self.OUTPUT_REPORT: report_path,
                 "AUTOC_IMAGERY": autoc.get("imagery"), "AUTOC_COVARIATES": autoc.get("covariates"),
                 "AUTOC_BOTH": autoc.get("imagery + covariates"), "N_USED": study.n_used}

@@ -23,7 +23,13 @@ from .predicted import (
     read_outcome_correction,
     report_predicted_outcome,
 )
-from .study_parameters import add_spatial_block_parameter, add_study_parameters, read_study_parameters
+from .study_parameters import (
+    add_imagery_parameters,
+    add_spatial_block_parameter,
+    add_study_parameters,
+    read_imagery_parameters,
+    read_study_parameters,
+)
 
 
 class EstimateCateAlgorithm(GeoCateAlgorithm):
@@ -70,6 +76,7 @@ class EstimateCateAlgorithm(GeoCateAlgorithm):
 
     def initAlgorithm(self, config=None):  # noqa: N802 - QGIS's name
         add_study_parameters(self)
+        add_imagery_parameters(self)
         groups = QgsProcessingParameterNumber(
             self.GROUPS, "Number of effect groups", QgsProcessingParameterNumber.Integer,
             defaultValue=3, minValue=2, maxValue=10)
@@ -110,6 +117,7 @@ class EstimateCateAlgorithm(GeoCateAlgorithm):
         n_groups = self.parameterAsInt(parameters, self.GROUPS, context)
         spatial_block = study["spatial_block"]
         cluster = self.parameterAsString(parameters, self.CLUSTER, context) or None
+        imagery, imagery_values = read_imagery_parameters(self, parameters, context)
 
         features, units = read_units(source, treatment, outcome, covariates, feedback, cluster)
         correction, method, truth = read_outcome_correction(self, parameters, context, source, features)
@@ -127,7 +135,7 @@ class EstimateCateAlgorithm(GeoCateAlgorithm):
                                           spatial_block=spatial_block, progress=progress,
                                           is_cancelled=feedback.isCanceled, outcome_correction=correction,
                                           correction=method, outcome_truth=truth,
-                                          study_design=StudyDesign(design_kind, seed=seed))
+                                          study_design=StudyDesign(design_kind, seed=seed), imagery=imagery)
         except GeoCateError as error:
             raise QgsProcessingException(str(error)) from error
 
@@ -179,7 +187,7 @@ class EstimateCateAlgorithm(GeoCateAlgorithm):
             "OUTCOME_CORRECTION": self.parameterAsFile(parameters, self.OUTCOME_CORRECTION, context) or None,
             "CORRECTION": method if correction is not None else None,
             "OUTCOME_TRUTH": self.parameterAsString(parameters, self.OUTCOME_TRUTH, context) or None,
-            "DESIGN": design_kind,
+            "DESIGN": design_kind, **imagery_values,
         }, n_units=len(features), n_used=result.n_used, n_dropped=result.n_dropped,
             ate=result.ate, ate_se=result.ate_se)
         results = self.keep_result(context, dest_id, {

@@ -19,7 +19,13 @@ from qgis.PyQt.QtCore import QVariant
 
 from .base import GeoCateAlgorithm
 from .convert import RESULT_FIELDS, output_fields, read_units, result_features, write_table
-from .study_parameters import add_spatial_block_parameter, add_study_parameters, read_study_parameters
+from .study_parameters import (
+    add_imagery_parameters,
+    add_spatial_block_parameter,
+    add_study_parameters,
+    read_imagery_parameters,
+    read_study_parameters,
+)
 from .styles import GROUP_STYLE
 
 DEVICES = ["auto", "cpu", "cuda"]
@@ -61,6 +67,7 @@ class ImageClustersAlgorithm(GeoCateAlgorithm):
 
     def initAlgorithm(self, config=None):  # noqa: N802 - QGIS's name
         add_study_parameters(self)
+        add_imagery_parameters(self)
         self.addParameter(QgsProcessingParameterNumber(
             self.CLUSTERS, "Number of clusters (0 = choose from the data)", QgsProcessingParameterNumber.Integer,
             defaultValue=0, minValue=0, maxValue=12))
@@ -102,6 +109,7 @@ class ImageClustersAlgorithm(GeoCateAlgorithm):
         device = DEVICES[self.parameterAsEnum(parameters, self.DEVICE, context)]
         salience_dir = (self.parameterAsString(parameters, self.OUTPUT_SALIENCE, context)
                         if parameters.get(self.OUTPUT_SALIENCE) else None)
+        imagery, imagery_values = read_imagery_parameters(self, parameters, context)
         features, units = read_units(source, study_values["treatment"], study_values["outcome"],
                                      study_values["covariates"], feedback)
         try:
@@ -110,7 +118,7 @@ class ImageClustersAlgorithm(GeoCateAlgorithm):
                 study_values["seed"], n_clusters, max_clusters, epochs, device,
                 spatial_block=study_values["spatial_block"],
                 progress=lambda f, m: (feedback.setProgress(5 + 90 * f), feedback.setProgressText(m)),
-                is_cancelled=feedback.isCanceled)
+                is_cancelled=feedback.isCanceled, imagery=imagery)
         except GeoCateError as error:
             raise QgsProcessingException(str(error)) from error
 
@@ -145,6 +153,11 @@ class ImageClustersAlgorithm(GeoCateAlgorithm):
             table_id = write_table(self, parameters, context, extras["clusters"], self.OUTPUT_CLUSTERS,
                                    CLUSTER_COLUMNS)
         model_path = self.output_file(parameters, self.OUTPUT_MODEL, context)  # its .json travels with it
+        if extras["model"] is None and (model_path or salience_dir):
+            feedback.pushWarning("The cluster model file and the salience rasters cover one window at one date seen "
+                                 "through random convolutions; this run used wider scales, later dates or an ONNX "
+                                 "encoder, so neither is written.")
+            model_path = salience_dir = None
         if model_path:
             export_onnx(extras["model"], model_path, len(study.bands), study_values["window"],
                         len(study_values["covariates"]),
@@ -165,7 +178,7 @@ class ImageClustersAlgorithm(GeoCateAlgorithm):
                 "RASTER": study_values["raster"], "BANDS": study_values["bands"], "PATCH_SIZE": study_values["window"],
                 "NODATA": study_values["nodata"], "SEED": study_values["seed"],
                 "SPATIAL_BLOCK": study_values["spatial_block"], "CLUSTERS": n_clusters,
-                "MAX_CLUSTERS": max_clusters, "EPOCHS": epochs, "DEVICE": device},
+                "MAX_CLUSTERS": max_clusters, "EPOCHS": epochs, "DEVICE": device, **imagery_values},
                  n_units=len(features), n_used=result.n_used, n_dropped=result.n_dropped, ate=result.ate,
                  ate_se=result.ate_se), feedback)
         report = self.output_file(parameters, self.OUTPUT_REPORT, context)
@@ -187,7 +200,7 @@ class ImageClustersAlgorithm(GeoCateAlgorithm):
         typical = []
         for cluster in range(probabilities.shape[1]):
             unit = int(np.argmax(probabilities[:, cluster]))
-            if probabilities[unit, cluster] >= 0:
+            if probabilities[unit, cluster] >= 0 and extras["model"] is not None:
                 typical.append((cluster + 1, study.patches[unit],
                                 salience(extras["model"], study.patches[unit], study.covariates[unit], cluster)))
         rgb = rgb_bands(study_values["raster"], list(study.bands))

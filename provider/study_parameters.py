@@ -1,19 +1,27 @@
 """The parameters every algorithm that reads a trial and its imagery shares (names fixed by ARCHITECTURE.md)."""
 
 from qgis.core import (
+    QgsApplication,
     QgsProcessing,
     QgsProcessingException,
     QgsProcessingParameterBand,
+    QgsProcessingParameterBoolean,
     QgsProcessingParameterDefinition,
+    QgsProcessingParameterEnum,
     QgsProcessingParameterFeatureSource,
     QgsProcessingParameterField,
+    QgsProcessingParameterFile,
+    QgsProcessingParameterMultipleLayers,
     QgsProcessingParameterNumber,
     QgsProcessingParameterRasterLayer,
+    QgsProcessingParameterString,
     QgsWkbTypes,
 )
 
 INPUT, TREATMENT, OUTCOME, COVARIATES = "INPUT", "TREATMENT", "OUTCOME", "COVARIATES"
 RASTER, BANDS, PATCH_SIZE, NODATA, SEED, SPATIAL_BLOCK = "RASTER", "BANDS", "PATCH_SIZE", "NODATA", "SEED", "SPATIAL_BLOCK"
+SCALES, RASTERS_TIME, TIME_POOLING, ENCODER, FEATURE_CACHE = (
+    "SCALES", "RASTERS_TIME", "TIME_POOLING", "ENCODER", "FEATURE_CACHE")
 
 
 def add_study_parameters(algorithm):
@@ -92,3 +100,48 @@ def raster_path(layer):
             f"The raster '{layer.name()}' comes from the '{layer.providerType()}' provider; GeoCATE reads "
             "image windows from files GDAL can open. Save it as a GeoTIFF first (Export > Save As).")
     return layer.source().split("|")[0]
+
+
+def add_imagery_parameters(algorithm):
+    """SCALES, RASTERS_TIME, TIME_POOLING, ENCODER, FEATURE_CACHE: how the units' imagery is seen (core.represent)."""
+    from ..core.represent import POOLINGS
+
+    algorithm.addParameter(QgsProcessingParameterString(
+        SCALES, "Wider context: window sizes in pixels, e.g. 33,161 (each averaged down to the window; "
+        "default: the window only)", optional=True))
+    algorithm.addParameter(QgsProcessingParameterMultipleLayers(
+        RASTERS_TIME, "Imagery of later dates, in time order (any grid or CRS; optional)", QgsProcessing.TypeRaster,
+        optional=True))
+    pooling = QgsProcessingParameterEnum(TIME_POOLING, "Pooling over dates", list(POOLINGS), defaultValue=0)
+    encoder = QgsProcessingParameterFile(
+        ENCODER, "Image encoder (ONNX file; default: random convolutions)", extension="onnx", optional=True)
+    cache = QgsProcessingParameterBoolean(
+        FEATURE_CACHE, "Reuse image features of an identical earlier run (cache in the QGIS profile)",
+        defaultValue=True)
+    for parameter in (pooling, encoder, cache):
+        if parameter is not encoder:
+            parameter.setFlags(parameter.flags() | QgsProcessingParameterDefinition.FlagAdvanced)
+        algorithm.addParameter(parameter)
+
+
+def feature_cache_folder():
+    """Where image features are cached: the QGIS profile's cache folder."""
+    import os
+
+    return os.path.join(QgsApplication.qgisSettingsDirPath(), "cache", "geocate-features")
+
+
+def read_imagery_parameters(algorithm, parameters, context):
+    """(core.represent.ImageryOptions, plain values for the run metadata) from the imagery parameters."""
+    from ..core.represent import POOLINGS, FeatureCache, ImageryOptions
+
+    scales = algorithm.parameterAsString(parameters, SCALES, context).strip() or None
+    layers = algorithm.parameterAsLayerList(parameters, RASTERS_TIME, context) or []
+    later = [raster_path(layer) for layer in layers]
+    pooling = POOLINGS[algorithm.parameterAsEnum(parameters, TIME_POOLING, context)]
+    encoder = algorithm.parameterAsFile(parameters, ENCODER, context) or None
+    use_cache = algorithm.parameterAsBoolean(parameters, FEATURE_CACHE, context)
+    options = ImageryOptions(scales=scales, rasters_time=tuple(later), time_pooling=pooling, encoder=encoder,
+                             cache=FeatureCache(feature_cache_folder()) if use_cache else None)
+    return options, {SCALES: scales, RASTERS_TIME: later, TIME_POOLING: pooling, ENCODER: encoder,
+                     FEATURE_CACHE: use_cache}
