@@ -15,9 +15,11 @@ A **representation** has ``fit`` / ``transform`` / ``describe``: random
 convolution features (MOSAIKS, the default, core.embed) or an ONNX encoder
 (core.encoders). The **FeaturePipeline** fits one representation per view on
 the used units' windows (every date pooled), embeds every date, pools over time
-(``concatenate``; ``difference``: mean over time and mean first difference;
-``variance``: mean and variance over time, as causalimages'
-``temporalAggregation``) and concatenates the views. Its output is on the
+(``concatenate``: random convolutions see the dates' bands stacked as the
+channels of one window, so a filter can respond to change; an encoder's
+embeddings of each date are concatenated; ``difference``: mean over time and
+mean first difference; ``variance``: mean and variance over time, as
+causalimages' ``temporalAggregation``) and concatenates the views. Its output is on the
 modelling scale (log1p of MOSAIKS features; an encoder's embeddings as they
 come), ready for the forest's standardisation (learners.design_matrix). It is
 fit once per run, stored with the result, and reused unchanged by the forest,
@@ -177,6 +179,9 @@ class RandomConvolutions:
     """MOSAIKS random convolution features (core.embed) behind robust band scaling; output log1p(features)."""
 
     kind = "random convolutions"
+    #: Dates are concatenated as channels of one window: filters drawn from such stacks see every date at once,
+    #: and whitening amplifies the rare directions in which dates differ, so responses can be to change.
+    stacks_dates = True
 
     def __init__(self, n_filters=256, seed=42, device="auto"):
         self.n_filters = n_filters
@@ -250,13 +255,23 @@ class FeaturePipeline:
                                "Add the rasters of the other dates (RASTERS_TIME), or choose 'concatenate'.")
         self.representations_, self.views_ = [], []
         for view in views:
-            windows = view.windows[sample]
-            representation = self.make_representation().fit(windows.reshape((-1,) + windows.shape[2:]))
+            representation = self.make_representation()
+            windows = self._windows(view, representation)[sample]
+            representation.fit(windows.reshape((-1,) + windows.shape[2:]))
             del windows
             self.representations_.append(representation)
             self.views_.append({"name": view.name, "footprint_m": view.footprint_m, "size_px": view.size_px,
                                 "pixel_size_m": view.pixel_size_m, "dates": list(view.dates)})
         return self.transform(views, rows, progress, is_cancelled)
+
+    def _windows(self, view, representation):
+        """(n, t, bands, h, w) windows as the representation takes them: concatenated dates as one window of t x
+        bands channels (n, 1, t bands, h, w) where it stacks dates, else as they are."""
+        windows = view.windows
+        if self.time_pooling == "concatenate" and windows.shape[1] > 1 and getattr(representation, "stacks_dates",
+                                                                                     False):
+            return windows.reshape((len(windows), 1, -1) + windows.shape[3:])
+        return windows
 
     def transform(self, views, rows=None, progress=None, is_cancelled=None):
         parts = []
@@ -264,9 +279,10 @@ class FeaturePipeline:
         step = 0
         for view, representation in zip(views, self.representations_):
             per_date = []
-            for d in range(view.windows.shape[1]):
+            windows = self._windows(view, representation)
+            for d in range(windows.shape[1]):
                 stage = None if progress is None else (lambda f, m="", s=step: progress((s + f) / n_steps, m))
-                per_date.append(representation.transform(view.windows[:, d], rows, stage, is_cancelled))
+                per_date.append(representation.transform(windows[:, d], rows, stage, is_cancelled))
                 step += 1
             parts.append(pool_over_time(per_date, self.time_pooling))
         self.n_features_ = int(sum(p.shape[1] for p in parts))

@@ -224,20 +224,27 @@ def simulate_context_trial(raster_path, n_units=1000, window_size_px=33, context
                            effect_sd=1.0):
     """A trial whose effect depends on the unit's own window and on its wider surroundings (the multi-scale design).
 
-        true_cate_i = 1 + effect_sd (z(texture of the own window) + z(brightness of the context window)) / sqrt(2)
+        true_cate_i = 1 + effect_sd (z(texture of the own window) + z(surroundings_i)) / sqrt(2)
         Y_i = 0.5 X_i1 + z(brightness of the own window) + W_i true_cate_i + noise_sd e_i
 
-    texture and brightness as in simulate_trial; the context window is ``context_px`` wide around the unit. Units
-    are placed where the context window is whole. Returns a SimulatedTrial (window_size_px: the own window;
+    texture and brightness as in simulate_trial; surroundings_i is the mean
+    brightness of the ring between the own window and the ``context_px`` window
+    around it, less its linear prediction from the own window's brightness: what
+    the surroundings say that the unit's own window does not (e.g. a settlement
+    or water share within a few kilometres). Units are placed where the context
+    window is whole. Returns a SimulatedTrial (window_size_px: the own window;
     true_group 1/2: effect below/above the median)."""
     placed = simulate_trial(raster_path, n_units, context_px, seed=seed)
     info = raster_info(raster_path)
     own = extract_patches(raster_path, placed.coords, info.crs_wkt, None, window_size_px).patches
     context = extract_patches(raster_path, placed.coords, info.crs_wkt, None, context_px).patches
     own_brightness, own_texture = _window_statistics(own)
-    context_brightness = _window_statistics(context)[0]
+    n_own, n_context = window_size_px ** 2, context_px ** 2
+    ring = (_window_statistics(context)[0] * n_context - own_brightness * n_own) / (n_context - n_own)
+    slope, intercept = np.polyfit(own_brightness, ring, 1)
+    surroundings = ring - (slope * own_brightness + intercept)
     rng = np.random.default_rng(seed + 1)
-    true_cate = 1 + effect_sd * (_z(own_texture) + _z(context_brightness)) / np.sqrt(2)
+    true_cate = 1 + effect_sd * (_z(own_texture) + _z(surroundings)) / np.sqrt(2)
     covariates = rng.standard_normal((n_units, 2))
     treated = (rng.permutation(n_units) < n_units // 2).astype(int)
     true_mu0 = 0.5 * covariates[:, 0] + _z(own_brightness)
