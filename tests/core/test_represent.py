@@ -17,7 +17,6 @@ from geocate.core.represent import (
     WindowSource,
     parse_scales,
     pool_over_time,
-    study_features,
 )
 
 
@@ -111,7 +110,8 @@ def test_pooling_over_time():
 def test_cache_skips_the_imagery_and_a_changed_file_is_read_again(small_trial, demo_raster, tmp_path, monkeypatch):
     import shutil
 
-    from geocate.core import represent, study as study_module
+    from geocate.core import represent
+    from geocate.core import study as study_module
     from geocate.core.pipeline import image_features
 
     raster = str(tmp_path / "scene.tif")
