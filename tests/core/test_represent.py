@@ -272,3 +272,43 @@ def test_an_image_sequence_finds_effects_of_change(demo_raster, tmp_path):
     both = estimate_cate(units, demo_raster, seed=3, n_draws=50,
                          imagery=ImageryOptions(rasters_time=(later,), time_pooling="variance"))[1]
     assert r2(alone) < 0.2 and r2(both) > 0.6 and both.heterogeneity.p_value < 0.01
+
+
+def test_memory_follows_the_units_not_the_raster(demo_raster, tmp_path):
+    """Windows are read one by one: on a VRT mosaic of the demo scene repeated 20 x 20 times (2.5 GB if read whole),
+    featurising 100 units allocates about what their windows take, never the raster."""
+    import tracemalloc
+
+    from osgeo import gdal
+
+    from geocate.core.pipeline import image_features
+    from geocate.core.simulate import simulate_trial
+    from geocate.core.study import build_study
+
+    scene = gdal.Open(demo_raster)
+    gt, width, height = scene.GetGeoTransform(), scene.RasterXSize, scene.RasterYSize
+    tiles = []
+    for r in range(20):
+        for c in range(20):
+            tile = str(tmp_path / f"t{r}_{c}.vrt")
+            gdal.Translate(tile, demo_raster, format="VRT")
+            ds = gdal.Open(tile, gdal.GA_Update)
+            ds.SetGeoTransform((gt[0] + c * width * gt[1], gt[1], 0, gt[3] + r * height * gt[5], 0, gt[5]))
+            ds = None
+            tiles.append(tile)
+    mosaic = str(tmp_path / "mosaic.vrt")
+    gdal.BuildVRT(mosaic, tiles)
+    whole = gdal.Open(mosaic)
+    whole_bytes = whole.RasterXSize * whole.RasterYSize * whole.RasterCount * 2
+    whole = None
+    trial = simulate_trial(demo_raster, 100, seed=4)
+    units = unit_table(trial)
+    far = units.__class__(**dict(units.__dict__, xy=units.xy + [19 * width * gt[1], 19 * height * gt[5]]))
+    tracemalloc.start()
+    study = build_study(far, mosaic)
+    features = image_features(study, seed=4, device="cpu")[0]
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert study.n_used == 100 and features.shape == (100, 512)
+    print(f"peak {peak / 1e6:.1f} MB of {whole_bytes / 1e9:.1f} GB")
+    assert whole_bytes > 2e9 and peak < 100e6
