@@ -441,7 +441,9 @@ def find_clusters(units, raster_path, bands=None, window_size_px=33, nodata=None
 
     n_clusters 0: K chosen over 1..max_clusters by cross-fitted held-out
     likelihood. Returns (study, result, extras) where result is a Result whose
-    cate/interval/group/probabilities are out-of-fold, and extras holds
+    cate/interval/group/probabilities are out-of-fold, and extras holds ``fit``
+    (the ClusterFit on all units), ``features`` and ``pipeline`` (the fitted
+    feature pipeline), ``covariate_means``,
     ``k_table`` (K, held-out log-likelihood per unit, SE), ``clusters`` (rows
     of cluster_table, from a model fit on all units) and ``model`` (the torch
     image -> probabilities network of that model).
@@ -547,7 +549,8 @@ def find_clusters(units, raster_path, bands=None, window_size_px=33, nodata=None
         metadata=metadata)
     if progress is not None:
         progress(1.0, "Done")
-    return study, result, {"k_table": k_table, "clusters": table, "model": model}
+    return study, result, {"k_table": k_table, "clusters": table, "model": model, "fit": final, "features": features,
+                           "pipeline": feature_pipeline, "covariate_means": raw_covariates.mean(axis=0).tolist()}
 
 
 def estimate_ate(units, raster_path, design, bands=None, window_size_px=33, nodata=None, seed=42, n_folds=5,

@@ -163,7 +163,8 @@ class ImageClustersAlgorithm(GeoCateAlgorithm):
                         len(study_values["covariates"]),
                         {"algorithm": "geocate:imageclusters", "n_clusters": k, "bands_used": list(study.bands),
                          "covariates": study_values["covariates"], "band_scaling": result.metadata["band_scaling"],
-                         "clusters": extras["clusters"], "seed": study_values["seed"]})
+                         "clusters": extras["clusters"], "seed": study_values["seed"],
+                         "covariate_means": extras["covariate_means"]})
             feedback.pushInfo(f"Model: {self.final_path(model_path)} (with its description, .onnx.json).")
         if salience_dir:
             written = self._write_salience(salience_dir, study, result, extras, study_values)

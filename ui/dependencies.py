@@ -50,6 +50,9 @@ def python_executable():
     return "python3"
 
 
+#: onnxruntime with the CUDA execution provider, installed instead of onnxruntime where an NVIDIA GPU is present.
+ONNXRUNTIME_GPU = REQUIRED["onnxruntime"].replace("onnxruntime", "onnxruntime-gpu")
+
 #: Where the CPU-only builds of torch are (the plain PyPI wheel for Linux and Windows is the CUDA build, several GB).
 TORCH_CPU_INDEX = "https://download.pytorch.org/whl/cpu"
 
@@ -88,6 +91,8 @@ def install_commands(missing, target=None, gpu=None):
         index = [] if gpu or sys.platform == "darwin" else ["--extra-index-url", TORCH_CPU_INDEX]
         commands.append(pip + index + pins + [REQUIRED["torch"]])
     rest = [REQUIRED[name] for name in missing if name != "torch"]
+    if gpu and "onnxruntime" in missing:  # the same release with the CUDA provider, for encoders and cluster models
+        rest = [ONNXRUNTIME_GPU if r == REQUIRED["onnxruntime"] else r for r in rest]
     if rest:
         commands.append(pip + pins + rest)
     return commands

@@ -144,6 +144,12 @@ class GeoCateDock(QgsDockWidget):
         self.window.setValue(33)
         self.window.setSuffix(" px")
         self.window_ground = QLabel()
+        self.context = QDoubleSpinBox()
+        self.context.setRange(0, 1e6)
+        self.context.setDecimals(0)
+        self.context.setSingleStep(500)
+        self.context.setSpecialValueText("none")
+        self.context.setSuffix(" m")
         self.method = QComboBox()
         self.method.addItem("Causal forest on image features", ALGORITHM)
         self.method.addItem("Latent effect clusters (image model)", CLUSTER_ALGORITHM)
@@ -173,6 +179,7 @@ class GeoCateDock(QgsDockWidget):
         form.addRow("Bands", self.bands)
         form.addRow("Window", self.window)
         form.addRow("", self.window_ground)
+        form.addRow("Add wider context", self.context)
         form.addRow("Method", self.method)
         form.addRow("Design", self.design)
         form.addRow("Seed", self.seed)
@@ -229,6 +236,9 @@ class GeoCateDock(QgsDockWidget):
                 (self.raster, "The imagery around the units (e.g. Landsat or Sentinel-2 bands)."),
                 (self.bands, "The bands to use; none ticked = all bands."),
                 (self.window, "The side of the square window read around each unit, in pixels."),
+                (self.context, "Add each unit's surroundings: a square of this side on the ground around it, "
+                               "averaged down to the window's pixels, so the effect can depend on what lies within "
+                               "a few kilometres (multi-scale). none = the window only."),
                 (self.method, "Causal forest: each unit's effect with an interval and effect groups. Clusters: "
                               "latent groups of units with their own effect, learnt from the images."),
                 (self.seed, "The random seed: the same seed gives the same numbers."),
@@ -302,6 +312,7 @@ class GeoCateDock(QgsDockWidget):
         self.show_correction_choices(False)
         self.raster.layerChanged.connect(self.on_raster_changed)
         self.window.valueChanged.connect(self.update_ground_size)
+        self.context.valueChanged.connect(self.update_ground_size)
         self.run_button.clicked.connect(self.start_run)
         self.cancel_button.clicked.connect(self.cancel_run)
         self.report_button.clicked.connect(self.open_report)
@@ -394,7 +405,20 @@ class GeoCateDock(QgsDockWidget):
         metres = self.window.value() * layer.rasterUnitsPerPixelX() * QgsUnitTypes.fromUnitToUnitFactor(
             layer.crs().mapUnits(), QgsUnitTypes.DistanceMeters)
         about = "about " if layer.crs().isGeographic() else ""
-        self.window_ground.setText(f"= {about}{metres:,.0f} m on the ground")
+        context = self.context_pixels()
+        self.window_ground.setText(f"= {about}{metres:,.0f} m on the ground"
+                                   + (f"; context {context} px" if context else ""))
+
+    def context_pixels(self):
+        """The wider context's side in pixels of the imagery (at least the window + 1), or 0 for none."""
+        layer = self.raster.currentLayer()
+        if layer is None or not self.context.value():
+            return 0
+        from qgis.core import QgsUnitTypes
+
+        pixel = layer.rasterUnitsPerPixelX() * QgsUnitTypes.fromUnitToUnitFactor(layer.crs().mapUnits(),
+                                                                                   QgsUnitTypes.DistanceMeters)
+        return max(int(round(self.context.value() / pixel)), self.window.value() + 1) if pixel > 0 else 0
 
     def check_treatment(self, *_):
         """Say at once whether the chosen treatment field is usable (numeric, only 0/1); nothing before a choice."""
@@ -441,6 +465,8 @@ class GeoCateDock(QgsDockWidget):
         else:
             parameters.update(GROUPS=self.groups.value())
         parameters["OUTPUT_REPORT"] = os.path.join(self.run_dir, "report.html")
+        if self.context_pixels():
+            parameters["SCALES"] = f"{self.window.value()},{self.context_pixels()}"
         if self.nodata.text().strip():
             parameters["NODATA"] = float(self.nodata.text())
         if self.method.currentData() == ALGORITHM:
@@ -468,6 +494,10 @@ class GeoCateDock(QgsDockWidget):
         problem = self.check_treatment()
         if problem:
             return problem
+        raster = self.raster.currentLayer()
+        if self.context_pixels() > min(raster.width(), raster.height()):
+            return (f"The wider context ({self.context.value():,.0f} m = {self.context_pixels()} px) is larger than "
+                    "the imagery: choose a smaller one, or none.")
         if self.design.currentData() == 1 and self.method.currentData() != ALGORITHM:
             return "The cluster model assumes a randomized trial; for an observational study choose the causal forest."
         if self.predicted.isChecked():
@@ -733,6 +763,7 @@ class GeoCateDock(QgsDockWidget):
                            ("max_clusters", self.max_clusters.value())):
             project.writeEntry(SCOPE, key, int(value))
         project.writeEntryDouble(SCOPE, "spatial_block", self.spatial_block.value())
+        project.writeEntryDouble(SCOPE, "context", self.context.value())
 
     def restore_choices(self):
         project = QgsProject.instance()
@@ -763,6 +794,7 @@ class GeoCateDock(QgsDockWidget):
         value, found = project.readDoubleEntry(SCOPE, "spatial_block", 0.0)
         if found:
             self.spatial_block.setValue(value)
+        self.context.setValue(project.readDoubleEntry(SCOPE, "context", 0.0)[0])
         self.nodata.setText(project.readEntry(SCOPE, "nodata", "")[0])
         correction = project.readEntry(SCOPE, "correction_file", "")[0]
         self.correction_file.setFilePath(correction)

@@ -286,6 +286,18 @@ def test_the_study_design_reaches_the_algorithm_and_the_cluster_model_stays_rand
     assert dock.start_run() is False and "assumes a randomized trial" in dock.message.text()
 
 
+def test_wider_context_in_metres_becomes_scales_in_pixels(plugin, project_layers):
+    units, raster = project_layers
+    dock = filled_dock(plugin, units, raster)
+    dock.run_dir = "/tmp"
+    assert "SCALES" not in dock.parameters() and dock.context.text() == "none"
+    dock.context.setValue(4830)  # 161 pixels of 30 m
+    assert dock.parameters()["SCALES"] == "33,161" and "context 161 px" in dock.window_ground.text()
+    dock.context.setValue(1e6)
+    assert dock.validate().startswith("The wider context (1,000,000 m")
+    dock.context.setValue(0)
+
+
 def test_the_installer_takes_the_cpu_build_of_torch_unless_a_gpu_is_present(plugin, tmp_path):
     from geocate.ui.dependencies import TORCH_CPU_INDEX, install_commands, missing_message
 
@@ -300,6 +312,9 @@ def test_the_installer_takes_the_cpu_build_of_torch_unless_a_gpu_is_present(plug
     assert all("--target" in command and any(p.startswith("numpy") for p in command) for command in without_gpu)
     assert install_commands(["econml"], target=str(tmp_path), gpu=False) == [without_gpu[1]]
     assert "CPU build of torch (no NVIDIA GPU found)" in missing_message(["torch"], gpu=False)
+    # onnxruntime: the CUDA provider's build where a GPU is present (encoders and cluster models run there).
+    assert install_commands(["onnxruntime"], target=str(tmp_path), gpu=True)[0][-1] == "onnxruntime-gpu==1.32.0"
+    assert install_commands(["onnxruntime"], target=str(tmp_path), gpu=False)[0][-1] == "onnxruntime==1.32.0"
     assert "CUDA build" in missing_message(["torch"], gpu=True)
 
 

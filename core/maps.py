@@ -1,0 +1,435 @@
+"""Maps of effects and clusters over whole rasters: a grid of map cells, the pure per-tile function, streaming.
+
+A **map cell** is a ``stride`` x ``stride`` block of the first raster's
+pixels; its window (``window`` pixels, and every scale and date of the fitted
+feature pipeline) is centred on the cell's centre, exactly as a unit's window
+is centred on the unit's pixel, so a cell centred on a trial unit sees that
+unit's window. The map is computed tile by tile (``TILE_CELLS`` x
+``TILE_CELLS`` cells): each tile's windows are read through
+core.represent.WindowSource (one GDAL read per window and view), embedded by
+the study's fitted FeaturePipeline and predicted by the fitted model, so
+memory is bounded by one tile whatever the raster's size: about
+TILE_CELLS^2 x (views x dates x bands x window^2 x 4 bytes + features x 8
+bytes), 150 MB for 33-px windows of 3 bands and 512 features, plus the
+output GeoTIFF's block cache. :func:`predict_tile` is pure (a MapSpec and a
+tile in, arrays out), so it runs in-process or on a Dask cluster unchanged
+(:func:`run_map`).
+
+Support: each cell's image features (standardised as the trial's) are
+projected on the trial's leading principal components; its distance to the
+nearest trial unit is divided by the 95th percentile of the trial units'
+distances to their nearest other unit. ``support`` <= 1 means the cell's
+imagery looks like some trial unit's as much as trial units look like each
+other; above 1 the map extrapolates (SUPPORT_THRESHOLD).
+"""
+
+import dataclasses
+import os
+
+import numpy as np
+
+from .errors import Cancelled, GeoCateError
+from .patches import raster_info
+
+TILE_CELLS = 32
+SUPPORT_THRESHOLD = 1.0
+SUPPORT_COMPONENTS = 10
+NODATA = -9999.0
+
+
+@dataclasses.dataclass(frozen=True)
+class MapGrid:
+    """Map cells over the first raster: cell (i, j) covers pixels [col0 + j stride, col0 + (j + 1) stride) x
+    [row0 + i stride, ...); the output raster has one pixel per cell."""
+
+    raster_path: str
+    crs_wkt: str
+    geotransform: tuple
+    window: int
+    stride: int
+    col0: int
+    row0: int
+    n_cols: int
+    n_rows: int
+
+    @property
+    def map_geotransform(self):
+        gt = self.geotransform
+        return (gt[0] + self.col0 * gt[1], self.stride * gt[1], 0.0, gt[3] + self.row0 * gt[5], 0.0,
+                self.stride * gt[5])
+
+    def centres(self, rows, cols):
+        """Coordinates (n, 2), in the raster's CRS, of the centre pixel of cells (rows, cols): the pixel a unit's
+        window would be centred on."""
+        gt = self.geotransform
+        col = self.col0 + np.asarray(cols) * self.stride + self.stride // 2
+        row = self.row0 + np.asarray(rows) * self.stride + self.stride // 2
+        return np.column_stack([gt[0] + (col + 0.5) * gt[1], gt[3] + (row + 0.5) * gt[5]])
+
+    def tiles(self, size=TILE_CELLS):
+        """(row_start, row_stop, col_start, col_stop) of each tile of at most size x size cells, row by row."""
+        return [(r, min(r + size, self.n_rows), c, min(c + size, self.n_cols))
+                for r in range(0, self.n_rows, size) for c in range(0, self.n_cols, size)]
+
+
+def map_grid(raster_path, window, stride=None, extent=None):
+    """The grid of map cells over ``raster_path`` within ``extent`` ((xmin, ymin, xmax, ymax) in the raster's CRS;
+    default the whole raster). Raises GeoCateError for a stride below 1, a rotated raster, an extent that misses
+    the raster, or one too small for a single cell."""
+    info = raster_info(raster_path)
+    stride = int(window if stride is None else stride)
+    if stride < 1:
+        raise GeoCateError(f"The stride must be at least 1 pixel (got {stride}).",
+                           f"Set STRIDE to a positive number of pixels, e.g. the window size ({window}).")
+    gt = info.geotransform
+    if gt[2] or gt[4]:
+        raise GeoCateError(f"The raster '{raster_path}' is rotated; maps need a north-up raster.",
+                           "Warp it to a north-up grid first (Raster > Projections > Warp).")
+    col_lo, col_hi, row_lo, row_hi = 0, info.width, 0, info.height
+    if extent is not None:
+        xmin, ymin, xmax, ymax = extent
+        cols = sorted(((xmin - gt[0]) / gt[1], (xmax - gt[0]) / gt[1]))
+        rows = sorted(((ymax - gt[3]) / gt[5], (ymin - gt[3]) / gt[5]))
+        col_lo, col_hi = max(int(np.floor(cols[0])), 0), min(int(np.ceil(cols[1])), info.width)
+        row_lo, row_hi = max(int(np.floor(rows[0])), 0), min(int(np.ceil(rows[1])), info.height)
+        if col_lo >= col_hi or row_lo >= row_hi:
+            raise GeoCateError("The extent does not overlap the raster.",
+                               "Choose an extent over the imagery (e.g. the raster's own, the default).")
+    n_cols, n_rows = (col_hi - col_lo) // stride, (row_hi - row_lo) // stride
+    if n_cols < 1 or n_rows < 1:
+        raise GeoCateError(f"The extent holds {col_hi - col_lo} x {row_hi - row_lo} pixels: less than one map cell "
+                           f"of {stride} pixels.", "Choose a larger extent or a smaller STRIDE.")
+    return MapGrid(str(raster_path), info.crs_wkt, tuple(gt), int(window), stride, col_lo, row_lo, n_cols, n_rows)
+
+
+def mask_cells(grid, polygons_wkt):
+    """(n_rows, n_cols) bool: map cells whose centre lies inside any of the polygons (WKT in the raster's CRS),
+    rasterised with GDAL onto the map grid."""
+    from osgeo import gdal, ogr, osr
+
+    srs = osr.SpatialReference()
+    srs.ImportFromWkt(grid.crs_wkt)
+    source = ogr.GetDriverByName("Memory").CreateDataSource("mask")
+    layer = source.CreateLayer("mask", srs, ogr.wkbUnknown)
+    for wkt in polygons_wkt:
+        feature = ogr.Feature(layer.GetLayerDefn())
+        feature.SetGeometry(ogr.CreateGeometryFromWkt(wkt))
+        layer.CreateFeature(feature)
+    target = gdal.GetDriverByName("MEM").Create("", grid.n_cols, grid.n_rows, 1, gdal.GDT_Byte)
+    target.SetGeoTransform(grid.map_geotransform)
+    target.SetProjection(grid.crs_wkt)
+    gdal.RasterizeLayer(target, [1], layer, burn_values=[1])
+    cells = target.ReadAsArray().astype(bool)
+    if not cells.any():
+        raise GeoCateError("The mask covers no map cell of the extent.",
+                           "Check that the mask polygons lie over the imagery, or map without a mask.")
+    return cells
+
+
+class SupportScore:
+    """How far a cell's imagery lies from the trial units' (see the module docstring). Fit on the trial's
+    standardised image features; ``score(x)`` <= 1 inside the support."""
+
+    def fit(self, features):
+        from scipy.spatial import cKDTree
+        from sklearn.decomposition import PCA
+
+        features = np.asarray(features, float)
+        k = int(min(SUPPORT_COMPONENTS, features.shape[1], max(len(features) - 1, 1)))
+        self.pca_ = PCA(n_components=k, random_state=0).fit(features)
+        projected = self.pca_.transform(features)
+        self.tree_ = cKDTree(projected)
+        nearest_other = self.tree_.query(projected, k=2)[0][:, 1]
+        self.reference_ = float(np.quantile(nearest_other, 0.95)) or 1.0
+        return self
+
+    def score(self, features):
+        return self.tree_.query(self.pca_.transform(np.asarray(features, float)), k=1)[0] / self.reference_
+
+
+@dataclasses.dataclass
+class MapSpec:
+    """Everything a tile needs, picklable for Dask workers: the grid, how windows are read (rasters of every date,
+    bands, scales, nodata), the fitted feature pipeline, the standardisation of its features, the fitted model
+    (``method`` "forest": a list of econml causal forests, averaged; "clusters": a core.clusters.ClusterFit with its
+    cluster effects; "onnx": a saved cluster model: {"path", "n_clusters", "effects", "covariate_means"}), the
+    support score and an optional mask ((n_rows, n_cols) bool over the grid: cells to map, mask_cells)."""
+
+    grid: MapGrid
+    raster_paths: tuple
+    bands: object
+    scales: tuple
+    nodata: object
+    pipeline: object
+    feature_mean: object
+    feature_sd: object
+    method: str
+    model: object
+    support: object = None
+    mask: object = None
+    covariates: object = None  # (p,) covariates the cluster model sees at every cell (standardised: zeros)
+
+    def band_names(self):
+        if self.method == "forest":
+            return ["cate", "cate_se", "support"]
+        k = self.n_clusters()
+        return [f"p_{j + 1}" for j in range(k)] + ["cluster", "cate"] + (["support"] if self.support else [])
+
+    def n_clusters(self):
+        if self.method == "onnx":
+            return int(self.model["n_clusters"])
+        return int(self.model.n_clusters)
+
+
+def _onnx_model(path):
+    from .clusters import OnnxClusterModel
+
+    return OnnxClusterModel(path)
+
+
+def predict_tile(spec, tile):
+    """The pure per-tile function: (row_start, row_stop, col_start, col_stop) -> (bands, rows, cols) float32 with
+    NODATA where a cell's window is unusable or outside the mask. Runs in-process or on a Dask worker."""
+    from .represent import WindowSource
+
+    r0, r1, c0, c1 = tile
+    rows, cols = np.meshgrid(np.arange(r0, r1), np.arange(c0, c1), indexing="ij")
+    rows, cols = rows.ravel(), cols.ravel()
+    n_bands = len(spec.band_names())
+    out = np.full((n_bands, len(rows)), NODATA, dtype=np.float32)
+    centres = spec.grid.centres(rows, cols)
+    inside = np.ones(len(rows), bool) if spec.mask is None else np.asarray(spec.mask, bool)[rows, cols]
+    if inside.any():
+        if spec.method == "onnx":
+            probabilities, ok = _onnx_tile(spec, centres, inside)
+            features = None
+        else:
+            source = WindowSource(spec.raster_paths, centres[inside], spec.grid.crs_wkt, spec.bands, spec.grid.window,
+                                  spec.scales, spec.nodata)
+            views, _, ok_inside, _ = source.read()
+            ok = np.zeros(len(rows), bool)
+            ok[inside] = ok_inside
+            features = None
+            if ok_inside.any():
+                raw = spec.pipeline.transform(views, np.flatnonzero(ok_inside))
+                features = (raw - spec.feature_mean) / spec.feature_sd
+        if ok.any():
+            if spec.method == "forest":
+                points = np.array([np.ravel(f.predict(features)) for f in spec.model])
+                variances = np.array([np.ravel(f.predict_var(features)) for f in spec.model])
+                out[0, ok] = points.mean(axis=0)
+                out[1, ok] = np.sqrt(np.maximum(variances.mean(axis=0), 0))
+            else:
+                if spec.method == "clusters":
+                    covariates = np.zeros((len(features), 0)) if spec.covariates is None else \
+                        np.tile(spec.covariates, (len(features), 1))
+                    probabilities = spec.model.probabilities(features, covariates)
+                k = probabilities.shape[1]
+                effects = spec.model.effects()[0] if spec.method == "clusters" else np.asarray(spec.model["effects"])
+                out[:k, ok] = probabilities.T
+                out[k, ok] = probabilities.argmax(axis=1) + 1
+                out[k + 1, ok] = probabilities @ effects
+            if spec.support is not None and features is not None:
+                out[-1, ok] = spec.support.score(features)
+    return out.reshape(n_bands, r1 - r0, c1 - c0)
+
+
+def _onnx_tile(spec, centres, inside):
+    """Cluster probabilities of a saved ONNX cluster model at the cells: raw windows in, as the model was made."""
+    from .patches import extract_patches
+
+    model = _onnx_model(spec.model["path"])
+    found = extract_patches(spec.raster_paths[0], centres[inside], spec.grid.crs_wkt, spec.bands, spec.grid.window,
+                            spec.nodata)
+    ok = np.zeros(len(centres), bool)
+    ok[inside] = found.ok
+    probabilities = np.empty((0, spec.n_clusters()))
+    if found.ok.any():
+        covariates = np.tile(np.asarray(spec.model["covariate_means"], np.float32), (int(found.ok.sum()), 1))
+        probabilities = model.probabilities(found.patches[found.ok], covariates)
+    return probabilities, ok
+
+
+def run_map(spec, path, scheduler=None, progress=None, is_cancelled=None, tile_cells=TILE_CELLS):
+    """Compute every tile of ``spec`` and write the map to ``path`` (a Cloud-Optimized GeoTIFF with overviews,
+    band descriptions from spec.band_names(), nodata NODATA). Tiles stream into a temporary tiled GeoTIFF beside
+    ``path`` as they finish (in-process, or on the Dask cluster at ``scheduler``: the same predict_tile), then
+    the COG is written and moved into place; a cancelled or failed run leaves neither. Returns a summary dict."""
+    from osgeo import gdal
+
+    gdal.UseExceptions()
+    grid = spec.grid
+    names = spec.band_names()
+    tiles = grid.tiles(tile_cells)
+    scratch = f"{path}.tiles-{os.getpid()}.tif"
+    cog = f"{path}.cog-{os.getpid()}.tif"
+    dataset = gdal.GetDriverByName("GTiff").Create(scratch, grid.n_cols, grid.n_rows, len(names), gdal.GDT_Float32,
+                                                   options=["TILED=YES", "COMPRESS=DEFLATE", "BIGTIFF=IF_SAFER"])
+    dataset.SetGeoTransform(grid.map_geotransform)
+    dataset.SetProjection(grid.crs_wkt)
+    for b, name in enumerate(names):
+        band = dataset.GetRasterBand(b + 1)
+        band.SetDescription(name)
+        band.SetNoDataValue(NODATA)
+    counts = {"cells": 0, "usable": 0, "outside_support": 0}
+
+    def write(tile, block):
+        r0, r1, c0, c1 = tile
+        for b in range(block.shape[0]):
+            dataset.GetRasterBand(b + 1).WriteArray(block[b], c0, r0)
+        usable = block[0] != NODATA
+        counts["cells"] += block[0].size
+        counts["usable"] += int(usable.sum())
+        if "support" in names:
+            counts["outside_support"] += int((block[names.index("support")][usable] > SUPPORT_THRESHOLD).sum())
+
+    try:
+        if scheduler:
+            _run_on_dask(spec, tiles, write, scheduler, progress, is_cancelled)
+        else:
+            for done, tile in enumerate(tiles):
+                if is_cancelled is not None and is_cancelled():
+                    raise Cancelled()
+                write(tile, predict_tile(spec, tile))
+                if progress is not None:
+                    progress((done + 1) / len(tiles), f"Map: tile {done + 1} of {len(tiles)}")
+        dataset.FlushCache()
+        dataset = None
+        gdal.Translate(cog, scratch, format="COG", creationOptions=["COMPRESS=DEFLATE", "OVERVIEWS=AUTO",
+                                                                     "RESAMPLING=NEAREST", "BIGTIFF=IF_SAFER"])
+        os.replace(cog, path)
+    finally:
+        dataset = None
+        for leftover in (scratch, cog):
+            if os.path.exists(leftover):
+                os.remove(leftover)
+    counts["share_outside_support"] = counts["outside_support"] / max(counts["usable"], 1)
+    counts.update(bands=names, n_rows=grid.n_rows, n_cols=grid.n_cols, stride=grid.stride, tiles=len(tiles))
+    return counts
+
+
+def _run_on_dask(spec, tiles, write, scheduler, progress=None, is_cancelled=None):
+    """predict_tile on a Dask cluster (``scheduler``: an address, or a distributed.Client), results written here
+    as they arrive; cancelling cancels the futures."""
+    from .errors import require
+
+    distributed = require("distributed", "dask[distributed]==2026.8.0")
+    client = scheduler if isinstance(scheduler, distributed.Client) else distributed.Client(scheduler, timeout=30)
+    try:
+        shared = client.scatter(spec, broadcast=True)
+        futures = {client.submit(predict_tile, shared, tile, pure=False): tile for tile in tiles}
+        for done, future in enumerate(distributed.as_completed(futures)):
+            if is_cancelled is not None and is_cancelled():
+                client.cancel(list(futures))
+                raise Cancelled()
+            write(futures[future], future.result())
+            if progress is not None:
+                progress((done + 1) / len(tiles), f"Map: tile {done + 1} of {len(tiles)} (Dask)")
+    finally:
+        if client is not scheduler:
+            client.close()
+
+
+METHODS = ("forest", "clusters")
+
+
+def map_effects(units, raster_path, path, bands=None, window_size_px=33, nodata=None, seed=42, imagery=None,
+                method="forest", stride=None, extent=None, mask=None, scheduler=None, n_folds=5, n_estimators=100,
+                n_clusters=0, max_clusters=4, epochs=300, device="auto", spatial_block=0, progress=None,
+                is_cancelled=None):
+    """Fit on the trial units and map predicted effects (or clusters) over the raster: the job of geocate:mapeffects.
+
+    method "forest": the cross-fitted causal forest of estimate_cate with the
+    image features as the only effect modifiers (no covariates exist where no
+    trial ran; covariates still enter the outcome models); a cell's CATE is the
+    mean of the fold forests' predictions, its SE the root of their mean
+    variance, the same model (CrossFittedCausalForest.effect) that gives a
+    trial unit at that place the same value. method "clusters": the cluster
+    model of find_clusters, fit on all units, at average covariates; the map
+    holds p_1..p_K, the most likely cluster and sum_k p_k tau_k. Every cell gets
+    a support score (SupportScore). Returns (study, summary, unit_cate) where
+    unit_cate is the units' out-of-fold CATE (forest) or probabilities (clusters).
+    """
+    from .clusters import feature_scaling
+    from .learners import default_learner, location_folds
+    from .pipeline import _stage, find_clusters, fold_groups
+    from .represent import ImageryOptions, study_features
+    from .scores import outcome_inputs
+    from .study import build_study
+
+    if method not in METHODS:
+        raise GeoCateError(f"Unknown method '{method}'.", f"Choose one of {', '.join(METHODS)}.")
+    imagery = imagery or ImageryOptions()
+    grid = map_grid(raster_path, window_size_px, stride, extent)
+    cells = mask_cells(grid, mask) if mask else None
+    if method == "forest":
+        feature_pipeline = imagery.pipeline(seed=seed, device=device)
+        study = build_study(units, raster_path, bands, window_size_px, nodata, _stage(progress, 0.0, 0.05),
+                            is_cancelled, **imagery.study_kwargs())
+        used = study.used
+        features, feature_pipeline = study_features(study, study.source, feature_pipeline, imagery.cache,
+                                                    _stage(progress, 0.05, 0.1), is_cancelled)[:2]
+        covariates = study.covariates[used] if study.covariates.shape[1] else None
+        groups, _ = fold_groups(study, spatial_block, window_size_px)
+        design, _, learner = default_learner(features, None, n_folds=n_folds, n_estimators=n_estimators, seed=seed)
+        learner.fit(study.outcome[used], study.treated[used].astype(int), design, groups=groups,
+                    outcome_inputs=outcome_inputs(features, covariates, seed),
+                    folds=location_folds(groups, n_folds, seed), progress=_stage(progress, 0.1, 0.3),
+                    is_cancelled=is_cancelled)
+        model, fitted, unit_values = learner.forests_, None, learner.cate_
+    else:
+        study, result, extras = find_clusters(units, raster_path, bands, window_size_px, nodata, seed, n_clusters,
+                                              max_clusters, epochs, device, n_folds, spatial_block,
+                                              _stage(progress, 0.0, 0.3), is_cancelled, imagery=imagery)
+        features, feature_pipeline, fitted = extras["features"], extras["pipeline"], extras["fit"]
+        model, unit_values = fitted, result.probabilities[study.used]
+    mean, sd = feature_scaling(features)
+    standardised = (features - mean) / sd
+    source = study.source
+    spec = MapSpec(grid=grid, raster_paths=source.raster_paths, bands=source.bands, scales=source.scales,
+                   nodata=nodata, pipeline=feature_pipeline, feature_mean=mean, feature_sd=sd,
+                   method=method, model=model, support=SupportScore().fit(standardised), mask=cells,
+                   covariates=None if fitted is None or not study.covariates.shape[1] else
+                   np.zeros(study.covariates.shape[1]))
+    summary = run_map(spec, path, scheduler, _stage(progress, 0.3, 1.0), is_cancelled)
+    summary.update(method=method, window_size_px=int(window_size_px), feature_pipeline=feature_pipeline.describe(),
+                   support_threshold=SUPPORT_THRESHOLD, support_reference=spec.support.reference_,
+                   n_units=int(study.n_used), device=feature_pipeline.device_,
+                   unit_support=spec.support.score(standardised).tolist())
+    return study, summary, unit_values, spec
+
+
+def apply_cluster_model(model_path, raster_path, path, extent=None, mask=None, stride=None, scheduler=None,
+                        progress=None, is_cancelled=None):
+    """Map a saved cluster model (geocate:imageclusters' .onnx and its .json) over any raster: the job of
+    geocate:applyclusters. The model's bands and window are read from its description and checked against the
+    raster; cells get p_1..p_K, the most likely cluster and sum_k p_k tau_k, at the trial's mean covariates.
+    Returns the run_map summary."""
+    from .clusters import OnnxClusterModel
+
+    model = OnnxClusterModel(model_path)   # checks the file, its description and digest
+    description = model.description
+    info = raster_info(raster_path)
+    bands = description.get("bands_used") or list(range(1, int(description["bands"]) + 1))
+    if max(bands) > info.band_count or len(bands) != int(description["bands"]):
+        raise GeoCateError(
+            f"The model reads band(s) {list(bands)}, but the raster '{raster_path}' has {info.band_count}.",
+            "Apply it to imagery with the same bands as the imagery it was made from.")
+    window = int(description["window_size_px"])
+    if window > min(info.width, info.height):
+        raise GeoCateError(f"The model's window ({window} px) is larger than the raster ({info.width} x "
+                           f"{info.height} pixels).", "Apply it to a larger raster.")
+    if "covariate_means" not in description and int(description["n_covariates"]):
+        raise GeoCateError("The model's description lacks the covariates' means it needs for a map.",
+                           "Run 'Find effect clusters in imagery' again to write a new model.")
+    grid = map_grid(raster_path, window, stride, extent)
+    spec = MapSpec(grid=grid, raster_paths=(str(raster_path),), bands=tuple(bands), scales=(window,), nodata=None,
+                   pipeline=None, feature_mean=None, feature_sd=None, method="onnx",
+                   model={"path": str(model_path), "n_clusters": len(description["clusters"]),
+                          "effects": [row[1] for row in description["clusters"]],
+                          "covariate_means": description.get("covariate_means", [])},
+                   mask=mask_cells(grid, mask) if mask else None)
+    summary = run_map(spec, path, scheduler, progress, is_cancelled)
+    summary.update(method="saved cluster model", model=str(model_path), provider=model.provider,
+                   window_size_px=window)
+    return summary
