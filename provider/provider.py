@@ -26,6 +26,7 @@ class GeoCateProvider(QgsProcessingProvider):
         from .estimatecate import EstimateCateAlgorithm
         from .evaluate import EvaluateAlgorithm
         from .imageclusters import ImageClustersAlgorithm
+        from .mapeffects import ApplyClustersAlgorithm, MapEffectsAlgorithm
         from .paneleffects import PanelEffectsAlgorithm
 
         self.addAlgorithm(EstimateCateAlgorithm())
@@ -35,3 +36,5 @@ class GeoCateProvider(QgsProcessingProvider):
         self.addAlgorithm(CalibrateMapAlgorithm())
         self.addAlgorithm(EstimateAteAlgorithm())
         self.addAlgorithm(PanelEffectsAlgorithm())
+        self.addAlgorithm(MapEffectsAlgorithm())
+        self.addAlgorithm(ApplyClustersAlgorithm())

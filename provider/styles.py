@@ -125,3 +125,64 @@ def save_styles_to_geopackage(layer):
         messages.append(layer.saveStyleToDatabase(name, description, name == current, ""))
     manager.setCurrentStyle(current)
     return not any(messages)
+
+
+def effect_map_style(layer, band_names):
+    """A map of effects (geocate:mapeffects, geocate:applyclusters) styled from its data: the cate band diverging
+    about zero (the same colours as the unit layers), or the cluster band paletted, one colour per cluster by the
+    sign of its effect. Cells without a usable window are transparent (nodata)."""
+    from qgis.core import (
+        QgsColorRampShader,
+        QgsPalettedRasterRenderer,
+        QgsRasterShader,
+        QgsSingleBandPseudoColorRenderer,
+    )
+
+    provider = layer.dataProvider()
+    if "cluster" in band_names:
+        band = band_names.index("cluster") + 1
+        k = band_names.index("cluster")
+        palette = QgsStyle.defaultStyle().colorRamp("Set1") or _ramp("Spectral", (QColor(228, 26, 28),
+                                                                                 QColor(55, 126, 184)))
+        classes = [QgsPalettedRasterRenderer.Class(j + 1, palette.color(j / max(k - 1, 1)), f"cluster {j + 1}")
+                   for j in range(k)]
+        layer.setRenderer(QgsPalettedRasterRenderer(provider, band, classes))
+    else:
+        band = band_names.index("cate") + 1
+        block = provider.block(band, provider.extent(), min(provider.xSize(), 512), min(provider.ySize(), 512))
+        values = np.array([block.value(r, c) for r in range(block.height()) for c in range(block.width())
+                           if not block.isNoData(r, c)], float)
+        bound = float(np.quantile(np.abs(values), 0.98)) if len(values) else 1.0
+        bound = bound or 1.0
+        ramp = _ramp("RdBu", (QColor(202, 0, 32), QColor(5, 113, 176)))
+        shader_function = QgsColorRampShader(-bound, bound)
+        shader_function.setColorRampType(QgsColorRampShader.Interpolated)
+        steps = np.linspace(-bound, bound, 7)
+        shader_function.setColorRampItemList([
+            QgsColorRampShader.ColorRampItem(float(v), _diverging_colour(ramp, v, bound), f"{v:+.2f}") for v in steps])
+        shader = QgsRasterShader()
+        shader.setRasterShaderFunction(shader_function)
+        renderer = QgsSingleBandPseudoColorRenderer(provider, band, shader)
+        renderer.setClassificationMin(-bound)
+        renderer.setClassificationMax(bound)
+        layer.setRenderer(renderer)
+    layer.triggerRepaint()
+    return layer
+
+
+def support_veil_style(layer, band_names, threshold):
+    """The same map's support band as a grey veil over cells beyond ``threshold`` (outside the trial's support),
+    transparent inside it: laid over the effects, extrapolated areas read as greyed out."""
+    from qgis.core import QgsColorRampShader, QgsRasterShader, QgsSingleBandPseudoColorRenderer
+
+    band = band_names.index("support") + 1
+    shader_function = QgsColorRampShader(0, threshold * 10)
+    shader_function.setColorRampType(QgsColorRampShader.Discrete)
+    shader_function.setColorRampItemList([
+        QgsColorRampShader.ColorRampItem(float(threshold), QColor(0, 0, 0, 0), "inside the trial's support"),
+        QgsColorRampShader.ColorRampItem(float("inf"), QColor(90, 90, 90, 170), "outside: extrapolated")])
+    shader = QgsRasterShader()
+    shader.setRasterShaderFunction(shader_function)
+    layer.setRenderer(QgsSingleBandPseudoColorRenderer(layer.dataProvider(), band, shader))
+    layer.triggerRepaint()
+    return layer

@@ -572,7 +572,8 @@ def test_lines_and_tables_are_refused_as_units_and_a_seed_beyond_32_bits_too(plu
 def test_the_toolbox_finds_every_algorithm_by_causal_words_with_help_and_a_description(plugin):
     registry = QgsApplication.processingRegistry()
     ours = [a for a in registry.algorithms() if a.provider() is not None and a.provider().id() == "geocate"]
-    assert {a.name() for a in ours} >= {"estimatecate", "imageclusters", "evaluate", "comparesources"}
+    assert {a.name() for a in ours} >= {"estimatecate", "imageclusters", "evaluate", "comparesources", "mapeffects",
+                                        "applyclusters"}
     for algorithm in ours:
         tags = [t.lower() for t in algorithm.tags()]
         assert {"causal", "rct", "cate", "treatment effect", "heterogeneity", "randomized trial"} <= set(tags)
