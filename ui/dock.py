@@ -23,6 +23,7 @@ from qgis.core import (
     QgsProcessingFeedback,
     QgsProcessingUtils,
     QgsProject,
+    QgsRasterLayer,
     QgsVectorLayer,
 )
 from qgis.gui import (
@@ -69,6 +70,15 @@ class CapturingFeedback(QgsProcessingFeedback):
     def __init__(self):
         super().__init__()
         self.errors = []
+        self.infos = []
+
+    def pushInfo(self, info):  # noqa: N802 - QGIS's name
+        self.infos.append(info)
+        super().pushInfo(info)
+
+    def pushWarning(self, warning):  # noqa: N802 - QGIS's name (3.22 has it)
+        self.infos.append(warning)
+        super().pushWarning(warning)
 
     def setProgressText(self, text):  # noqa: N802 - QGIS's name
         super().setProgressText(text)
@@ -144,12 +154,12 @@ class GeoCateDock(QgsDockWidget):
         self.window.setValue(33)
         self.window.setSuffix(" px")
         self.window_ground = QLabel()
-        self.context = QDoubleSpinBox()
-        self.context.setRange(0, 1e6)
-        self.context.setDecimals(0)
-        self.context.setSingleStep(500)
-        self.context.setSpecialValueText("none")
-        self.context.setSuffix(" m")
+        self.wider_context = QDoubleSpinBox()
+        self.wider_context.setRange(0, 1e6)
+        self.wider_context.setDecimals(0)
+        self.wider_context.setSingleStep(500)
+        self.wider_context.setSpecialValueText("none")
+        self.wider_context.setSuffix(" m")
         self.method = QComboBox()
         self.method.addItem("Causal forest on image features", ALGORITHM)
         self.method.addItem("Latent effect clusters (image model)", CLUSTER_ALGORITHM)
@@ -179,7 +189,7 @@ class GeoCateDock(QgsDockWidget):
         form.addRow("Bands", self.bands)
         form.addRow("Window", self.window)
         form.addRow("", self.window_ground)
-        form.addRow("Add wider context", self.context)
+        form.addRow("Add wider context", self.wider_context)
         form.addRow("Method", self.method)
         form.addRow("Design", self.design)
         form.addRow("Seed", self.seed)
@@ -236,7 +246,7 @@ class GeoCateDock(QgsDockWidget):
                 (self.raster, "The imagery around the units (e.g. Landsat or Sentinel-2 bands)."),
                 (self.bands, "The bands to use; none ticked = all bands."),
                 (self.window, "The side of the square window read around each unit, in pixels."),
-                (self.context, "Add each unit's surroundings: a square of this side on the ground around it, "
+                (self.wider_context, "Add each unit's surroundings: a square of this side on the ground around it, "
                                "averaged down to the window's pixels, so the effect can depend on what lies within "
                                "a few kilometres (multi-scale). none = the window only."),
                 (self.method, "Causal forest: each unit's effect with an interval and effect groups. Clusters: "
@@ -289,6 +299,13 @@ class GeoCateDock(QgsDockWidget):
             button.setEnabled(False)
             result_buttons.addWidget(button)
         layout.addLayout(result_buttons)
+        self.map_button = QPushButton("Map effects over the imagery (map view's extent)")
+        self.map_button.setEnabled(False)
+        self.map_button.setToolTip("After a run: the same model, fitted on the trial units, predicts the effect (or "
+                                   "the clusters) for every window of the imagery within the map view's extent "
+                                   "('Map treatment effects over the imagery'); areas whose imagery no trial unit "
+                                   "resembles are greyed out.")
+        layout.addWidget(self.map_button)
         self.outputs = QLabel()
         self.outputs.setWordWrap(True)
         self.outputs.setTextInteractionFlags(Qt.TextSelectableByMouse)
@@ -312,11 +329,12 @@ class GeoCateDock(QgsDockWidget):
         self.show_correction_choices(False)
         self.raster.layerChanged.connect(self.on_raster_changed)
         self.window.valueChanged.connect(self.update_ground_size)
-        self.context.valueChanged.connect(self.update_ground_size)
+        self.wider_context.valueChanged.connect(self.update_ground_size)
         self.run_button.clicked.connect(self.start_run)
         self.cancel_button.clicked.connect(self.cancel_run)
         self.report_button.clicked.connect(self.open_report)
         self.zoom_button.clicked.connect(self.zoom_to_units)
+        self.map_button.clicked.connect(self.start_map)
         self.install_button.clicked.connect(self.install_packages)
         self.on_units_changed(self.units.currentLayer())
         self.on_raster_changed(self.raster.currentLayer())
@@ -412,13 +430,13 @@ class GeoCateDock(QgsDockWidget):
     def context_pixels(self):
         """The wider context's side in pixels of the imagery (at least the window + 1), or 0 for none."""
         layer = self.raster.currentLayer()
-        if layer is None or not self.context.value():
+        if layer is None or not self.wider_context.value():
             return 0
         from qgis.core import QgsUnitTypes
 
         pixel = layer.rasterUnitsPerPixelX() * QgsUnitTypes.fromUnitToUnitFactor(layer.crs().mapUnits(),
                                                                                    QgsUnitTypes.DistanceMeters)
-        return max(int(round(self.context.value() / pixel)), self.window.value() + 1) if pixel > 0 else 0
+        return max(int(round(self.wider_context.value() / pixel)), self.window.value() + 1) if pixel > 0 else 0
 
     def check_treatment(self, *_):
         """Say at once whether the chosen treatment field is usable (numeric, only 0/1); nothing before a choice."""
@@ -496,7 +514,7 @@ class GeoCateDock(QgsDockWidget):
             return problem
         raster = self.raster.currentLayer()
         if self.context_pixels() > min(raster.width(), raster.height()):
-            return (f"The wider context ({self.context.value():,.0f} m = {self.context_pixels()} px) is larger than "
+            return (f"The wider context ({self.wider_context.value():,.0f} m = {self.context_pixels()} px) is larger than "
                     "the imagery: choose a smaller one, or none.")
         if self.design.currentData() == 1 and self.method.currentData() != ALGORITHM:
             return "The cluster model assumes a randomized trial; for an observational study choose the causal forest."
@@ -532,6 +550,7 @@ class GeoCateDock(QgsDockWidget):
         self.feedback.progressChanged.connect(lambda value: self.progress.setValue(int(value)))
         self.feedback.stage_changed.connect(self.stage.setText)   # "Causal forest: fold 2 of 5"
         parameters = self.parameters()
+        self.last_parameters = dict(parameters)
         self.add_to_history(algorithm, parameters)
         self.task = QgsProcessingAlgRunnerTask(algorithm, parameters, self.context, self.feedback)
         self.task.executed.connect(self.on_executed)
@@ -595,7 +614,81 @@ class GeoCateDock(QgsDockWidget):
         self.show_summary(self.metadata)
         self.report_button.setEnabled(bool(self.last_results.get("OUTPUT_REPORT")))
         self.zoom_button.setEnabled(True)
+        self.map_button.setEnabled(True)
+        self.run_group = group
         self.outputs.setText(f"<small>Files: {self.run_dir}</small>")
+
+    # ---------------------------------------------------------------- maps after a run
+    MAP_KEEP = ("INPUT", "TREATMENT", "OUTCOME", "COVARIATES", "RASTER", "BANDS", "PATCH_SIZE", "SEED", "NODATA",
+                "SPATIAL_BLOCK", "SCALES", "CLUSTERS", "MAX_CLUSTERS")
+
+    def map_parameters(self):
+        """geocate:mapeffects' parameters for the last run's study and model, over the map view's extent."""
+        parameters = {key: value for key, value in self.last_parameters.items() if key in self.MAP_KEEP}
+        parameters["METHOD"] = 1 if "OUTPUT_CLUSTERS" in self.last_parameters else 0
+        canvas = self.iface.mapCanvas() if self.iface is not None and hasattr(self.iface, "mapCanvas") else None
+        if canvas is not None and not canvas.extent().isEmpty():
+            extent, crs = canvas.extent(), canvas.mapSettings().destinationCrs().authid()
+            parameters["EXTENT"] = (f"{extent.xMinimum()},{extent.xMaximum()},{extent.yMinimum()},"
+                                    f"{extent.yMaximum()} [{crs}]")
+        parameters["OUTPUT"] = os.path.join(self.run_dir, "effects_map.tif")
+        return parameters
+
+    def start_map(self):
+        algorithm = QgsApplication.processingRegistry().createAlgorithmById("geocate:mapeffects")
+        self.context = QgsProcessingContext()
+        self.context.setProject(QgsProject.instance())
+        self.feedback = CapturingFeedback()
+        self.feedback.progressChanged.connect(lambda value: self.progress.setValue(int(value)))
+        self.feedback.stage_changed.connect(self.stage.setText)
+        parameters = self.map_parameters()
+        self.add_to_history(algorithm, parameters)
+        self.task = QgsProcessingAlgRunnerTask(algorithm, parameters, self.context, self.feedback)
+        self.task.executed.connect(self.on_map_executed)
+        for button in (self.run_button, self.map_button):
+            button.setEnabled(False)
+        self.cancel_button.setEnabled(True)
+        self.show_info("Mapping effects over the imagery in the map view ... QGIS stays usable.")
+        QgsApplication.taskManager().addTask(self.task)
+        return True
+
+    def on_map_executed(self, ok, results):
+        from ..core.maps import SUPPORT_THRESHOLD
+        from ..provider.styles import effect_map_style, support_veil_style
+
+        for button in (self.run_button, self.map_button):
+            button.setEnabled(True)
+        self.cancel_button.setEnabled(False)
+        cancelled = self.feedback.isCanceled()
+        errors = list(self.feedback.errors)
+        infos = [line for line in self.feedback.infos if "outside the trial's support" in line]
+        self.task = self.context = self.feedback = None
+        self.stage.setText("")
+        if not ok or cancelled:
+            self.progress.setValue(0)
+            self.show_error("The map was cancelled; nothing was written." if cancelled else
+                            f"The map failed: {errors[-1] if errors else 'see the Processing log'}")
+            self.run_finished.emit(False)
+            return
+        from osgeo import gdal
+
+        path = results["OUTPUT"]
+        dataset = gdal.Open(path)
+        names = [dataset.GetRasterBand(b + 1).GetDescription() for b in range(dataset.RasterCount)]
+        dataset = None
+        project = QgsProject.instance()
+        group = getattr(self, "run_group", None) or project.layerTreeRoot()
+        layers = [effect_map_style(QgsRasterLayer(path, "Effects map"), names)]
+        if "support" in names:
+            layers.insert(0, support_veil_style(QgsRasterLayer(path, "Effects map: outside the trial's support"),
+                                                names, SUPPORT_THRESHOLD))
+        for layer in reversed(layers):
+            project.addMapLayer(layer, False)
+            group.insertLayer(0, layer)
+        self.map_layer_ids = [layer.id() for layer in layers]
+        self.progress.setValue(100)
+        self.show_info("Effects map: done. " + (infos[-1] if infos else ""))
+        self.run_finished.emit(True)
 
     def expand_in_layers_panel(self, group):
         """Show the run's group open in the Layers panel (its view collapses a group inserted from code)."""
@@ -617,6 +710,7 @@ class GeoCateDock(QgsDockWidget):
             self.canvas.hide()
         self.report_button.setEnabled(False)
         self.zoom_button.setEnabled(False)
+        self.map_button.setEnabled(False)
         self.progress.setValue(0)
 
     def add_to_history(self, algorithm, parameters):
@@ -763,7 +857,7 @@ class GeoCateDock(QgsDockWidget):
                            ("max_clusters", self.max_clusters.value())):
             project.writeEntry(SCOPE, key, int(value))
         project.writeEntryDouble(SCOPE, "spatial_block", self.spatial_block.value())
-        project.writeEntryDouble(SCOPE, "context", self.context.value())
+        project.writeEntryDouble(SCOPE, "context", self.wider_context.value())
 
     def restore_choices(self):
         project = QgsProject.instance()
@@ -794,7 +888,7 @@ class GeoCateDock(QgsDockWidget):
         value, found = project.readDoubleEntry(SCOPE, "spatial_block", 0.0)
         if found:
             self.spatial_block.setValue(value)
-        self.context.setValue(project.readDoubleEntry(SCOPE, "context", 0.0)[0])
+        self.wider_context.setValue(project.readDoubleEntry(SCOPE, "context", 0.0)[0])
         self.nodata.setText(project.readEntry(SCOPE, "nodata", "")[0])
         correction = project.readEntry(SCOPE, "correction_file", "")[0]
         self.correction_file.setFilePath(correction)

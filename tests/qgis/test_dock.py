@@ -286,16 +286,44 @@ def test_the_study_design_reaches_the_algorithm_and_the_cluster_model_stays_rand
     assert dock.start_run() is False and "assumes a randomized trial" in dock.message.text()
 
 
+def test_after_a_run_the_dock_maps_effects_over_the_map_views_extent(plugin, project_layers):
+    from qgis.core import QgsRectangle, QgsSingleBandPseudoColorRenderer
+
+    units, raster = project_layers
+    dock = filled_dock(plugin, units, raster)
+    assert not dock.map_button.isEnabled()
+    assert dock.start_run() and wait_for_run(dock) is True and dock.map_button.isEnabled()
+    extent = raster.extent()
+    dock.iface.mapCanvas().setDestinationCrs(raster.crs())
+    dock.iface.mapCanvas().setExtent(QgsRectangle(extent.xMinimum(), extent.yMinimum(),
+                                                  extent.xMinimum() + 9900, extent.yMinimum() + 9900))
+    parameters = dock.map_parameters()
+    assert parameters["METHOD"] == 0 and parameters["EXTENT"].endswith("[EPSG:32621]")
+    assert parameters["OUTPUT"].startswith(dock.run_dir) and "GROUPS" not in parameters
+    assert dock.start_map() and wait_for_run(dock) is True
+    group = QgsProject.instance().layerTreeRoot().findGroup(dock.run_name)
+    names = [node.layer().name() for node in group.findLayers()]
+    assert names[:2] == ["Effects map: outside the trial's support", "Effects map"]
+    effects = group.findLayers()[1].layer()
+    assert isinstance(effects.renderer(), QgsSingleBandPseudoColorRenderer)
+    # The map covers the map view's extent (the canvas widens it to its own shape), in cells of 990 m.
+    view = dock.iface.mapCanvas().extent()
+    assert effects.rasterUnitsPerPixelX() == 990 and effects.width() * effects.height() >= 9
+    assert view.buffered(30).contains(effects.extent())
+    assert "outside the trial's support" in dock.message.text()
+    QgsProject.instance().clear()
+
+
 def test_wider_context_in_metres_becomes_scales_in_pixels(plugin, project_layers):
     units, raster = project_layers
     dock = filled_dock(plugin, units, raster)
     dock.run_dir = "/tmp"
-    assert "SCALES" not in dock.parameters() and dock.context.text() == "none"
-    dock.context.setValue(4830)  # 161 pixels of 30 m
+    assert "SCALES" not in dock.parameters() and dock.wider_context.text() == "none"
+    dock.wider_context.setValue(4830)  # 161 pixels of 30 m
     assert dock.parameters()["SCALES"] == "33,161" and "context 161 px" in dock.window_ground.text()
-    dock.context.setValue(1e6)
+    dock.wider_context.setValue(1e6)
     assert dock.validate().startswith("The wider context (1,000,000 m")
-    dock.context.setValue(0)
+    dock.wider_context.setValue(0)
 
 
 def test_the_installer_takes_the_cpu_build_of_torch_unless_a_gpu_is_present(plugin, tmp_path):
