@@ -67,6 +67,8 @@ bench: setup
 	$(PY) bench/bench_corrections.py --json outputs/bench_corrections.json
 	$(PY) bench/bench_observational.py --json outputs/bench_observational.json
 	$(PY) bench/bench_panel.py --json outputs/bench_panel.json
+	$(PY) bench/bench_representations.py all --reps 3 --json outputs/bench_representations.json
+	$(PY) bench/bench_maps.py --json outputs/bench_maps.json
 
 clean:
 	rm -rf outputs .qgis-profile

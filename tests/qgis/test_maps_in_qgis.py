@@ -115,6 +115,7 @@ def test_applyclusters_maps_a_saved_model_and_refuses_other_bands(plugin, demo_u
     from geocate.provider.styles import effect_map_style
 
     assert isinstance(effect_map_style(layer, names).renderer(), QgsPalettedRasterRenderer)
+    del layer   # a layer object alive at interpreter exit, after QGIS has gone, crashes the process
     two_bands = str(tmp_path / "two.tif")
     gdal.Translate(two_bands, demo_raster, bandList=[1, 2])
     with pytest.raises(QgsProcessingException, match="reads band"):
