@@ -21,7 +21,17 @@ import importlib.util
 import os
 import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
+
+def import_geocate():
+    """This plugin folder as the package 'geocate', whatever the folder is called (a checkout, a profile)."""
+    if "geocate" in sys.modules:
+        return
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location("geocate", os.path.join(root, "__init__.py"),
+                                                  submodule_search_locations=[root])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["geocate"] = module
+    spec.loader.exec_module(module)
 
 
 def numbers(text):
@@ -74,6 +84,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if len(args.mean) != args.bands or len(args.std) != args.bands:
         raise SystemExit(f"Give {args.bands} values to --mean and --std (one per band).")
+    import_geocate()
     from geocate.core.encoders import OnnxEncoder, export_encoder
 
     module = build(args)

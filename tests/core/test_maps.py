@@ -166,3 +166,55 @@ def test_a_saved_cluster_model_maps_the_units_own_probabilities(demo_raster, tmp
         two_bands = str(tmp_path / "two.tif")
         gdal.Translate(two_bands, demo_raster, bandList=[1, 2])
         apply_cluster_model(model_path, two_bands, str(tmp_path / "x.tif"))
+
+
+def test_memory_of_a_map_follows_the_tile_not_the_raster(demo_raster, tmp_path):
+    """A map over the whole of a VRT mosaic of the demo scene repeated 20 x 20 times (2.5 GB if read whole):
+    allocations stay those of a tile and the fitted model."""
+    import tracemalloc
+
+    from geocate.core.maps import run_map
+
+    scene = gdal.Open(demo_raster)
+    gt, width, height = scene.GetGeoTransform(), scene.RasterXSize, scene.RasterYSize
+    tiles = []
+    for r in range(20):
+        for c in range(20):
+            tile = str(tmp_path / f"t{r}_{c}.vrt")
+            gdal.Translate(tile, demo_raster, format="VRT")
+            ds = gdal.Open(tile, gdal.GA_Update)
+            ds.SetGeoTransform((gt[0] + c * width * gt[1], gt[1], 0, gt[3] + r * height * gt[5], 0, gt[5]))
+            ds = None
+            tiles.append(tile)
+    mosaic = str(tmp_path / "mosaic.vrt")
+    gdal.BuildVRT(mosaic, tiles)
+    trial = simulate_trial(demo_raster, 200, seed=6)
+    study, summary, cate, spec = map_effects(unit_table(trial), demo_raster, str(tmp_path / "small.tif"), seed=6,
+                                             n_estimators=20)
+    big = type(spec)(**dict(spec.__dict__, grid=map_grid(mosaic, 33, stride=660), raster_paths=(mosaic,)))
+    tracemalloc.start()
+    summary = run_map(big, str(tmp_path / "big.tif"))
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert summary["cells"] == 31 * 31 and summary["usable"] == 961
+    assert peak < 150e6     # a tile and its features; the mosaic would be 2.5 GB
+
+
+def test_a_saved_model_whose_window_does_not_fit_the_raster_is_refused(demo_raster, tmp_path):
+    import torch
+
+    from geocate.core.clusters import export_onnx
+
+    class TwoClusters(torch.nn.Module):
+        def forward(self, image, covariates):
+            brightness = image.mean(dim=(1, 2, 3))[:, None]
+            return torch.softmax(torch.cat([brightness, -brightness], dim=1), dim=1)
+
+    model = str(tmp_path / "model.onnx")
+    export_onnx(TwoClusters(), model, 3, 33, 0, {"bands_used": [1, 2, 3], "clusters": [[1, 0.0], [2, 1.0]],
+                                                 "covariate_means": []})
+    small = str(tmp_path / "small.tif")
+    gdal.Translate(small, demo_raster, srcWin=[0, 0, 20, 20])
+    with pytest.raises(GeoCateError, match="larger than the raster"):
+        apply_cluster_model(model, small, str(tmp_path / "never.tif"))
+    assert not (tmp_path / "never.tif").exists()

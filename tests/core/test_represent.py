@@ -312,3 +312,32 @@ def test_memory_follows_the_units_not_the_raster(demo_raster, tmp_path):
     assert study.n_used == 100 and features.shape == (100, 512)
     print(f"peak {peak / 1e6:.1f} MB of {whole_bytes / 1e9:.1f} GB")
     assert whole_bytes > 2e9 and peak < 100e6
+
+
+def test_export_encoder_script_writes_a_checked_encoder(tmp_path):
+    """scripts/export_encoder.py from the command line, with the user's own module, and --check."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    from geocate.core.encoders import OnnxEncoder
+
+    module = tmp_path / "my_encoder.py"
+    module.write_text("import torch\n\ndef build():\n    torch.manual_seed(0)\n    return torch.nn.Sequential("
+                      "torch.nn.Conv2d(4, 6, 3), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())\n")
+    out = tmp_path / "mine.onnx"
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "export_encoder.py"), "module", str(out),
+                           "--module", f"{module}:build", "--bands", "4", "--input-size", "16",
+                           "--mean", "0.1,0.1,0.1,0.1", "--std", "0.2,0.2,0.2,0.2", "--pixel-scale", "10000",
+                           "--band-order", "b,g,r,nir", "--licence", "MIT", "--check"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    difference = float(done.stdout.strip().splitlines()[-1].split(":")[-1])
+    assert difference < 1e-4
+    described = OnnxEncoder(str(out), device="cpu").describe()
+    assert described["bands"] == 4 and described["input_size"] == 16 and described["band_order"][3] == "nir"
+    bad = subprocess.run([sys.executable, str(ROOT / "scripts" / "export_encoder.py"), "module", str(out),
+                          "--module", f"{module}:build", "--bands", "4", "--mean", "0.1", "--std", "0.2"],
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0 and "one per band" in bad.stderr
