@@ -92,26 +92,6 @@ def memory_child(raster, stride):
                       "seconds": seconds}))
 
 
-def mosaic(folder):
-    from osgeo import gdal
-
-    info = gdal.Open(SCENE)
-    gt = info.GetGeoTransform()
-    tiles = []
-    for r in range(20):
-        for c in range(20):
-            tile = os.path.join(folder, f"t{r}_{c}.vrt")
-            gdal.Translate(tile, SCENE, format="VRT")
-            ds = gdal.Open(tile, gdal.GA_Update)
-            ds.SetGeoTransform((gt[0] + c * info.RasterXSize * gt[1], gt[1], 0,
-                                gt[3] + r * info.RasterYSize * gt[5], 0, gt[5]))
-            ds = None
-            tiles.append(tile)
-    path = os.path.join(folder, "mosaic.vrt")
-    gdal.BuildVRT(path, tiles)
-    return path
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--units", type=int, default=1000)
@@ -180,7 +160,9 @@ def main():
         difference = float(np.abs(gdal.Open(os.path.join(folder, "dask.tif")).ReadAsArray() - values).max())
         out["dask"] = {"workers": 2, "seconds": dask_seconds, "max_abs_difference": difference}
         print(f"dask: LocalCluster of 2 workers {dask_seconds:.1f} s; largest difference from in-process {difference}")
-        big = mosaic(folder)
+        from geocate.core.simulate import repeat_mosaic
+
+        big = repeat_mosaic(SCENE, folder)
         memory = {}
         for name, raster in (("scene", SCENE), ("mosaic 20 x 20", big)):
             line = subprocess.run([sys.executable, __file__, "--memory-child", raster, "330"], capture_output=True,

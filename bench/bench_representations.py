@@ -223,20 +223,9 @@ def bench_memory(args):
 
     results = {}
     with tempfile.TemporaryDirectory() as folder:
-        info = gdal.Open(SCENE)
-        gt = info.GetGeoTransform()
-        width, height = info.RasterXSize, info.RasterYSize
-        tiles = []
-        for r in range(20):
-            for c in range(20):
-                tile = os.path.join(folder, f"t{r}_{c}.vrt")
-                gdal.Translate(tile, SCENE, format="VRT", outputBounds=None)
-                ds = gdal.Open(tile, gdal.GA_Update)
-                ds.SetGeoTransform((gt[0] + c * width * gt[1], gt[1], 0, gt[3] + r * height * gt[5], 0, gt[5]))
-                ds = None
-                tiles.append(tile)
-        mosaic = os.path.join(folder, "mosaic.vrt")
-        gdal.BuildVRT(mosaic, tiles)
+        from geocate.core.simulate import repeat_mosaic
+
+        mosaic = repeat_mosaic(SCENE, folder)
         mosaic_ds = gdal.Open(mosaic)
         size = (mosaic_ds.RasterXSize, mosaic_ds.RasterYSize, mosaic_ds.RasterCount)
         whole_gb = size[0] * size[1] * size[2] * 2 / 1e9

@@ -309,3 +309,27 @@ def simulate_change_trial(raster_path, later_path, n_units=1000, window_size_px=
                           covariates=covariates, covariate_names=("assets", "distance"), true_cate=true_cate,
                           true_group=1 + changed[chosen].astype(int), true_mu0=true_mu0,
                           window_size_px=window_size_px)
+
+
+def repeat_mosaic(raster_path, folder, times=20):
+    """A VRT mosaic of ``raster_path`` repeated times x times (east and south of the original), written in
+    ``folder``: a raster far larger than memory for tests and benchmarks (the demo scene 20 x 20: 2.5 GB if read
+    whole) that costs a few kilobytes of disk. Returns its path."""
+    import os
+
+    from osgeo import gdal
+
+    scene = gdal.Open(str(raster_path))
+    gt, width, height = scene.GetGeoTransform(), scene.RasterXSize, scene.RasterYSize
+    tiles = []
+    for r in range(times):
+        for c in range(times):
+            tile = os.path.join(str(folder), f"repeat_{r}_{c}.vrt")
+            gdal.Translate(tile, str(raster_path), format="VRT")
+            dataset = gdal.Open(tile, gdal.GA_Update)
+            dataset.SetGeoTransform((gt[0] + c * width * gt[1], gt[1], 0, gt[3] + r * height * gt[5], 0, gt[5]))
+            dataset = None
+            tiles.append(tile)
+    path = os.path.join(str(folder), "mosaic.vrt")
+    gdal.BuildVRT(path, tiles)
+    return path

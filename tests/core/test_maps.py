@@ -174,20 +174,9 @@ def test_memory_of_a_map_follows_the_tile_not_the_raster(demo_raster, tmp_path):
     import tracemalloc
 
     from geocate.core.maps import run_map
+    from geocate.core.simulate import repeat_mosaic
 
-    scene = gdal.Open(demo_raster)
-    gt, width, height = scene.GetGeoTransform(), scene.RasterXSize, scene.RasterYSize
-    tiles = []
-    for r in range(20):
-        for c in range(20):
-            tile = str(tmp_path / f"t{r}_{c}.vrt")
-            gdal.Translate(tile, demo_raster, format="VRT")
-            ds = gdal.Open(tile, gdal.GA_Update)
-            ds.SetGeoTransform((gt[0] + c * width * gt[1], gt[1], 0, gt[3] + r * height * gt[5], 0, gt[5]))
-            ds = None
-            tiles.append(tile)
-    mosaic = str(tmp_path / "mosaic.vrt")
-    gdal.BuildVRT(mosaic, tiles)
+    mosaic = repeat_mosaic(demo_raster, tmp_path)
     trial = simulate_trial(demo_raster, 200, seed=6)
     study, summary, cate, spec = map_effects(unit_table(trial), demo_raster, str(tmp_path / "small.tif"), seed=6,
                                              n_estimators=20)

@@ -282,22 +282,12 @@ def test_memory_follows_the_units_not_the_raster(demo_raster, tmp_path):
     from osgeo import gdal
 
     from geocate.core.pipeline import image_features
-    from geocate.core.simulate import simulate_trial
+    from geocate.core.simulate import repeat_mosaic, simulate_trial
     from geocate.core.study import build_study
 
     scene = gdal.Open(demo_raster)
     gt, width, height = scene.GetGeoTransform(), scene.RasterXSize, scene.RasterYSize
-    tiles = []
-    for r in range(20):
-        for c in range(20):
-            tile = str(tmp_path / f"t{r}_{c}.vrt")
-            gdal.Translate(tile, demo_raster, format="VRT")
-            ds = gdal.Open(tile, gdal.GA_Update)
-            ds.SetGeoTransform((gt[0] + c * width * gt[1], gt[1], 0, gt[3] + r * height * gt[5], 0, gt[5]))
-            ds = None
-            tiles.append(tile)
-    mosaic = str(tmp_path / "mosaic.vrt")
-    gdal.BuildVRT(mosaic, tiles)
+    mosaic = repeat_mosaic(demo_raster, tmp_path)
     whole = gdal.Open(mosaic)
     whole_bytes = whole.RasterXSize * whole.RasterYSize * whole.RasterCount * 2
     whole = None
