@@ -82,7 +82,10 @@ SETTING_LABELS = {
     "CLUSTERS": "Clusters", "MAX_CLUSTERS": "Largest K tried", "EPOCHS": "Training epochs", "DEVICE": "Device",
     "PRIORITY": "Priority", "PRIORITY_2": "Second priority", "BOOTSTRAP": "Bootstrap draws", "DESIGN": "Study design",
     "TRIM": "Trimming", "OUTCOME_CORRECTION": "Outcome correction file", "CORRECTION": "Correction",
-    "OUTCOME_TRUTH": "True outcome field"}
+    "OUTCOME_TRUTH": "True outcome field", "SCALES": "Wider context (window sizes, pixels)",
+    "RASTERS_TIME": "Imagery of later dates", "TIME_POOLING": "Pooling over dates", "ENCODER": "Image encoder",
+    "FEATURE_CACHE": "Feature cache", "COMPARE": "Compare", "METHOD": "Model", "EXTENT": "Extent",
+    "STRIDE": "Stride (pixels)", "MASK": "Mask", "DASK_SCHEDULER": "Dask scheduler", "MODEL": "Saved model"}
 
 
 def readable_setting(name, value):
@@ -586,3 +589,70 @@ def observational_report(metadata, out, html_path):
                                                for r in out["balance"]], digits=3)))
         sections.append(("Settings", settings_table(metadata.get("parameters", {}))))
         return write_html(html_path, "GeoCATE: average effect with confounding adjustment", sections, metadata)
+
+
+def plot_map(map_path, band_names, path, threshold=1.0, max_cells=600):
+    """The mapped effect (diverging about zero) or the most likely cluster, with cells outside the trial's support
+    hatched; from the GeoTIFF itself, at most ``max_cells`` cells a side (overviews do the rest)."""
+    import numpy as np
+    from matplotlib.colors import ListedColormap
+    from matplotlib.figure import Figure
+    from osgeo import gdal
+
+    dataset = gdal.Open(map_path)
+    scale = max(dataset.RasterXSize, dataset.RasterYSize) / max_cells
+    width, height = (max(int(dataset.RasterXSize / max(scale, 1)), 1), max(int(dataset.RasterYSize / max(scale, 1)), 1))
+
+    def band(name):
+        values = dataset.GetRasterBand(band_names.index(name) + 1).ReadAsArray(buf_xsize=width, buf_ysize=height)
+        return np.ma.masked_equal(values.astype(float), -9999.0)
+
+    figure = Figure(figsize=(6.2, 5.0), dpi=110)
+    axes = figure.add_subplot(1, 1, 1)
+    if "cluster" in band_names:
+        clusters = band("cluster")
+        k = band_names.index("cluster")
+        shown = axes.imshow(clusters, cmap=ListedColormap([f"C{j}" for j in range(k)]), vmin=0.5, vmax=k + 0.5,
+                            interpolation="nearest")
+        bar = figure.colorbar(shown, ax=axes, ticks=range(1, k + 1))
+        bar.set_label("most likely cluster")
+    else:
+        cate = band("cate")
+        bound = float(np.quantile(np.abs(cate.compressed()), 0.98)) if cate.count() else 1.0
+        shown = axes.imshow(cate, cmap="RdBu", vmin=-(bound or 1.0), vmax=bound or 1.0, interpolation="nearest")
+        figure.colorbar(shown, ax=axes).set_label("predicted effect (CATE)")
+    if "support" in band_names:
+        outside = (band("support") > threshold).filled(False).astype(float)
+        if outside.any():
+            axes.contourf(outside, levels=[0.5, 1.5], colors="none", hatches=["////"])
+            axes.contour(outside, levels=[0.5], colors="0.3", linewidths=0.6)
+    axes.set_xticks([])
+    axes.set_yticks([])
+    axes.set_title("hatched: outside the trial's support (extrapolated)" if "support" in band_names else "")
+    figure.tight_layout()
+    figure.savefig(path)
+    return path
+
+
+def map_report(metadata, html_path, map_path, figures):
+    """The HTML report of geocate:mapeffects and geocate:applyclusters: how to read the map, its summary, the map
+    with the extrapolated cells hatched, settings, run metadata."""
+    bands = metadata["bands"]
+    png = plot_map(map_path, bands, os.path.join(figures, "map.png"), metadata.get("support_threshold", 1.0))
+    share = metadata.get("share_outside_support")
+    summary = (f"<p>{metadata['n_cols']} x {metadata['n_rows']} map cells of {metadata['stride']} pixels, "
+               f"<b>{metadata['usable']}</b> with a usable window"
+               + (f"; model fit on <b>{metadata['n_units']}</b> trial units" if metadata.get("n_units") else "")
+               + (f". <b>{share:.0%}</b> of the mapped area lies outside the trial's support." if share is not None
+                  and "support" in bands else ".") + "</p>")
+    reading = ("<p class='note'>Each map cell is a square of the imagery; its value is what the model fitted on the "
+               "trial units predicts for a unit there, from the window around the cell's centre (the same window "
+               "a trial unit sees). <b>cate</b> is the predicted treatment effect (red: harm, blue: gain) and "
+               "<b>cate_se</b> its standard error from the forests' sampling noise; for the cluster model, "
+               "<b>p_k</b> are the cluster probabilities, <b>cluster</b> the most likely one and <b>cate</b> the "
+               "expected effect. <b>support</b> compares the cell's imagery with the trial units': above "
+               f"{metadata.get('support_threshold', 1.0):g} (hatched) the cell looks less like any trial unit than "
+               "trial units look like each other, and its effect is an extrapolation, not an estimate.</p>")
+    sections = [("How to read this", reading), ("Summary", summary), ("Map", image(png, "Map")),
+                ("Settings", settings_table(metadata.get("parameters", {})))]
+    return write_html(html_path, "GeoCATE: effects mapped over the imagery", sections, metadata)

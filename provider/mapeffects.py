@@ -14,6 +14,7 @@ from qgis.core import (
     QgsProcessingParameterExtent,
     QgsProcessingParameterFeatureSource,
     QgsProcessingParameterFile,
+    QgsProcessingParameterFileDestination,
     QgsProcessingParameterNumber,
     QgsProcessingParameterRasterDestination,
     QgsProcessingParameterRasterLayer,
@@ -35,6 +36,27 @@ from .study_parameters import (
 )
 
 EXTENT, MASK, STRIDE, METHOD, DASK_SCHEDULER, OUTPUT = "EXTENT", "MASK", "STRIDE", "METHOD", "DASK_SCHEDULER", "OUTPUT"
+OUTPUT_REPORT = "OUTPUT_REPORT"
+
+
+def add_report_parameter(algorithm):
+    algorithm.addParameter(QgsProcessingParameterFileDestination(
+        OUTPUT_REPORT, "Report (HTML)", "HTML files (*.html)", optional=True, createByDefault=False))
+
+
+def write_map_report(algorithm, parameters, context, metadata, map_path, results, feedback):
+    """The optional HTML report, written under its partial name like every output."""
+    import tempfile
+
+    report = algorithm.output_file(parameters, OUTPUT_REPORT, context)
+    if report:
+        from ..core.report import map_report
+
+        with tempfile.TemporaryDirectory(prefix="geocate-") as folder:
+            map_report(metadata, report, map_path, folder)
+        results[OUTPUT_REPORT] = report
+        feedback.pushInfo(f"Report: {algorithm.final_path(report)}.")
+    return results
 METHODS = (("causal forest", "forest"), ("cluster model", "clusters"))
 
 
@@ -169,6 +191,7 @@ class MapEffectsAlgorithm(GeoCateAlgorithm):
             parameter.setFlags(parameter.flags() | QgsProcessingParameterDefinition.FlagAdvanced)
             self.addParameter(parameter)
         self.addParameter(QgsProcessingParameterRasterDestination(OUTPUT, "Map of effects"))
+        add_report_parameter(self)
         self.addOutput(QgsProcessingOutputNumber("SHARE_OUTSIDE_SUPPORT", "Share of mapped cells outside the "
                                                                           "trial's support"))
         self.addOutput(QgsProcessingOutputNumber("CELLS", "Map cells with a usable window"))
@@ -212,8 +235,9 @@ class MapEffectsAlgorithm(GeoCateAlgorithm):
             **{k: v for k, v in summary.items() if k != "unit_support"})
         self.write_run_metadata_beside(path, metadata, feedback)
         self._style_on_load(context, final, summary, f"Effects map ({study['outcome']})")
-        return {OUTPUT: final, "SHARE_OUTSIDE_SUPPORT": summary["share_outside_support"],
-                "CELLS": summary["usable"], "N_USED": study_out.n_used}
+        return write_map_report(self, parameters, context, metadata, path, {
+            OUTPUT: final, "SHARE_OUTSIDE_SUPPORT": summary["share_outside_support"], "CELLS": summary["usable"],
+            "N_USED": study_out.n_used}, feedback)
 
     @staticmethod
     def _style_on_load(context, final, summary, name):
@@ -248,6 +272,7 @@ class ApplyClustersAlgorithm(GeoCateAlgorithm):
         self.addParameter(QgsProcessingParameterRasterLayer("RASTER", "Imagery"))
         add_map_parameters(self)
         self.addParameter(QgsProcessingParameterRasterDestination(OUTPUT, "Map of clusters"))
+        add_report_parameter(self)
         self.addOutput(QgsProcessingOutputNumber("CELLS", "Map cells with a usable window"))
 
     def processAlgorithm(self, parameters, context, feedback):  # noqa: N802 - QGIS's name
@@ -276,4 +301,5 @@ class ApplyClustersAlgorithm(GeoCateAlgorithm):
         self.write_run_metadata_beside(path, metadata, feedback)
         MapEffectsAlgorithm._style_on_load(context, final, summary,
                                            f"Clusters map ({os.path.splitext(os.path.basename(model))[0]})")
-        return {OUTPUT: final, "CELLS": summary["usable"]}
+        return write_map_report(self, parameters, context, metadata, path, {OUTPUT: final, "CELLS": summary["usable"]},
+                                feedback)

@@ -48,7 +48,10 @@ def mask_layer(raster, epsg=4326):
 def test_mapeffects_writes_a_cog_its_record_and_the_support_share(plugin, demo_units_gpkg, demo_raster,  # noqa: F811
                                                                   tmp_path):
     out = tmp_path / "effects.tif"
-    results = map_run(demo_units_gpkg, demo_raster, MASK=mask_layer(demo_raster), OUTPUT=str(out))
+    results = map_run(demo_units_gpkg, demo_raster, MASK=mask_layer(demo_raster), OUTPUT=str(out),
+                      OUTPUT_REPORT=str(tmp_path / "map.html"))
+    report = (tmp_path / "map.html").read_text()
+    assert "How to read this" in report and "outside the trial's support" in report and "base64" in report
     assert results["OUTPUT"] == str(out) and results["N_USED"] == 294
     dataset = gdal.Open(str(out))
     assert [dataset.GetRasterBand(b + 1).GetDescription() for b in range(3)] == ["cate", "cate_se", "support"]
@@ -103,7 +106,9 @@ def test_applyclusters_maps_a_saved_model_and_refuses_other_bands(plugin, demo_u
     fitted = run_clusters(demo_units_gpkg, demo_raster, tmp_path, CLUSTERS=2, EPOCHS=60)
     out = tmp_path / "clusters_map.tif"
     results = processing.run("geocate:applyclusters", {"MODEL": fitted["OUTPUT_MODEL"], "RASTER": demo_raster,
-                                                       "STRIDE": 66, "OUTPUT": str(out)})
+                                                       "STRIDE": 66, "OUTPUT": str(out),
+                                                       "OUTPUT_REPORT": str(tmp_path / "clusters.html")})
+    assert "the most likely one" in (tmp_path / "clusters.html").read_text()
     dataset = gdal.Open(str(out))
     names = [dataset.GetRasterBand(b + 1).GetDescription() for b in range(dataset.RasterCount)]
     assert names == ["p_1", "p_2", "cluster", "cate"] and results["CELLS"] > 0
