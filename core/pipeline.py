@@ -555,7 +555,7 @@ def find_clusters(units, raster_path, bands=None, window_size_px=33, nodata=None
 
 def estimate_ate(units, raster_path, design, bands=None, window_size_px=33, nodata=None, seed=42, n_folds=5,
                  n_filters=256, spatial_block=0, device="auto", progress=None, is_cancelled=None,
-                 outcome_correction=None, correction="linear"):
+                 outcome_correction=None, correction="linear", imagery=None):
     """Average effects with a confounding adjustment from the imagery (geocate:estimateate).
 
     design: a core.design.StudyDesign. The image windows are embedded as in
@@ -578,10 +578,12 @@ def estimate_ate(units, raster_path, design, bands=None, window_size_px=33, noda
         outcome_correction.check_compatible(units.outcome_name)
         versions = corrected_outcomes(outcome_correction, units.outcome)
         units = dataclasses.replace(units, outcome=versions[correction][0])
+    imagery = imagery or ImageryOptions()
     study = build_study(units, raster_path, bands, window_size_px, nodata, _stage(progress, 0.0, 0.3),
-                        is_cancelled, arms=True)
+                        is_cancelled, arms=True, **imagery.study_kwargs())
     used = study.used
-    features = image_features(study, seed, n_filters, device, _stage(progress, 0.3, 0.5), is_cancelled)[0]
+    features, feature_pipeline = image_features(study, seed, n_filters, device, _stage(progress, 0.3, 0.5),
+                                                is_cancelled, imagery)
     study = dataclasses.replace(study, patches=None, views=None)
     covariates = study.covariates[used] if study.covariates.shape[1] else None
     inputs = outcome_inputs(features, covariates, seed)
@@ -632,7 +634,7 @@ def estimate_ate(units, raster_path, design, bands=None, window_size_px=33, noda
     metadata = {"design": design.kind, "trim": design.trim if not isinstance(design.trim, tuple) else list(design.trim),
                 "trim_bounds": bounds, "n_trimmed": int((~kept).sum()), "propensity_model": fit,
                 "overlap": overlap, "warnings": warnings, "seed": seed, "n_folds": n_folds,
-                "predicted_outcome": predicted,
+                "predicted_outcome": predicted, "feature_pipeline": feature_pipeline.describe(),
                 "window_size_px": int(window_size_px), "fold_groups": int(len(np.unique(groups))),
                 "spatial_block_m": block_size, "dropped": study.dropped, "n_used": int(used.sum()),
                 "n_dropped": int(n - used.sum()), "arms": [float(a) for a in np.unique(arms)],

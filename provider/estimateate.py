@@ -17,7 +17,13 @@ from qgis.PyQt.QtCore import QVariant
 from .base import GeoCateAlgorithm
 from .convert import read_units, write_table
 from .predicted import add_outcome_correction_parameters, read_outcome_correction, report_predicted_outcome
-from .study_parameters import add_spatial_block_parameter, add_study_parameters, read_study_parameters
+from .study_parameters import (
+    add_imagery_parameters,
+    add_spatial_block_parameter,
+    add_study_parameters,
+    read_imagery_parameters,
+    read_study_parameters,
+)
 
 DESIGNS = ("observational", "randomized")
 TRIMS = ("none", "Crump et al. (2009)", "bounds below")
@@ -61,6 +67,7 @@ class EstimateAteAlgorithm(GeoCateAlgorithm):
 
     def initAlgorithm(self, config=None):  # noqa: N802 - QGIS's name
         add_study_parameters(self)
+        add_imagery_parameters(self)
         self.parameterDefinition("TREATMENT").setDescription("Treatment field (0 = reference; 1, 2, ... = arms)")
         self.addParameter(QgsProcessingParameterEnum(self.DESIGN, "Study design", list(DESIGNS), defaultValue=0))
         self.addParameter(QgsProcessingParameterEnum(self.TRIM, "Trim units without overlap", list(TRIMS),
@@ -92,6 +99,7 @@ class EstimateAteAlgorithm(GeoCateAlgorithm):
 
         started = time.monotonic()
         source, study = read_study_parameters(self, parameters, context)
+        imagery, imagery_values = read_imagery_parameters(self, parameters, context)
         cluster = self.parameterAsString(parameters, self.CLUSTER, context) or None
         kind = DESIGNS[self.parameterAsEnum(parameters, self.DESIGN, context)]
         trim_choice = self.parameterAsEnum(parameters, self.TRIM, context)
@@ -106,7 +114,7 @@ class EstimateAteAlgorithm(GeoCateAlgorithm):
                 units, study["raster"], design, study["bands"], study["window"], study["nodata"], study["seed"],
                 spatial_block=study["spatial_block"],
                 progress=lambda f, m: (feedback.setProgress(100 * f), feedback.setProgressText(m)),
-                is_cancelled=feedback.isCanceled, outcome_correction=correction, correction=method)
+                is_cancelled=feedback.isCanceled, outcome_correction=correction, correction=method, imagery=imagery)
         except GeoCateError as error:
             raise QgsProcessingException(str(error)) from error
         metadata = out["metadata"]
@@ -137,7 +145,8 @@ class EstimateAteAlgorithm(GeoCateAlgorithm):
             "INPUT": source.sourceName(), "TREATMENT": study["treatment"], "OUTCOME": study["outcome"],
             "COVARIATES": study["covariates"], "RASTER": study["raster"], "BANDS": study["bands"],
             "PATCH_SIZE": study["window"], "NODATA": study["nodata"], "SEED": study["seed"], "DESIGN": kind,
-            "TRIM": TRIMS[trim_choice], "CLUSTER": cluster, "SPATIAL_BLOCK": study["spatial_block"]},
+            "TRIM": TRIMS[trim_choice], "CLUSTER": cluster, "SPATIAL_BLOCK": study["spatial_block"],
+            **imagery_values},
             timings={"total_s": round(time.monotonic() - started, 3)})
         report = self.output_file(parameters, self.OUTPUT_REPORT, context)
         if report:
