@@ -35,6 +35,8 @@ TILE_CELLS = 32
 SUPPORT_THRESHOLD = 1.0
 SUPPORT_COMPONENTS = 10
 NODATA = -9999.0
+#: Seconds to wait for a Dask scheduler before saying it cannot be reached.
+DASK_CONNECT_TIMEOUT = 30
 
 
 @dataclasses.dataclass(frozen=True)
@@ -313,7 +315,16 @@ def _run_on_dask(spec, tiles, write, scheduler, progress=None, is_cancelled=None
     from .errors import require
 
     distributed = require("distributed", "dask[distributed]==2026.8.0")
-    client = scheduler if isinstance(scheduler, distributed.Client) else distributed.Client(scheduler, timeout=30)
+    if isinstance(scheduler, distributed.Client):
+        client = scheduler
+    else:
+        try:
+            client = distributed.Client(scheduler, timeout=DASK_CONNECT_TIMEOUT)
+        except (OSError, TimeoutError, ValueError) as error:
+            raise GeoCateError(
+                f"The Dask scheduler at '{scheduler}' cannot be reached ({error.__class__.__name__}: {error}).",
+                "Check the address (e.g. tcp://10.0.0.5:8786) and that the scheduler runs, or leave DASK_SCHEDULER "
+                "empty to map on this machine.") from None
     try:
         shared = client.scatter(spec, broadcast=True)
         futures = {client.submit(predict_tile, shared, tile, pure=False): tile for tile in tiles}

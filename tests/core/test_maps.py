@@ -137,6 +137,16 @@ def test_dask_local_cluster_gives_the_same_raster(forest_map, tmp_path):
     assert np.abs(gdal.Open(on_dask).ReadAsArray() - in_process).max() <= 1e-6
 
 
+def test_an_unreachable_dask_scheduler_is_named_and_leaves_no_file(forest_map, tmp_path, monkeypatch):
+    from geocate.core import maps
+
+    trial, study, summary, spec, path = forest_map
+    monkeypatch.setattr(maps, "DASK_CONNECT_TIMEOUT", 2)
+    with pytest.raises(GeoCateError, match="cannot be reached"):
+        maps.run_map(spec, str(tmp_path / "never.tif"), scheduler="tcp://127.0.0.1:9")
+    assert not list(tmp_path.iterdir())
+
+
 def test_a_saved_cluster_model_maps_the_units_own_probabilities(demo_raster, tmp_path):
     from geocate.core.clusters import OnnxClusterModel, export_onnx
     from geocate.core.patches import extract_patches
