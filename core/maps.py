@@ -24,6 +24,7 @@ other; above 1 the map extrapolates (SUPPORT_THRESHOLD).
 """
 
 import dataclasses
+import functools
 import os
 
 import numpy as np
@@ -184,6 +185,13 @@ class MapSpec:
 
 
 def _onnx_model(path):
+    """A saved cluster model, opened (and its digest checked) once per process and file version, not per tile."""
+    stat = os.stat(path) if os.path.exists(path) else None
+    return _opened_model(path, stat.st_mtime_ns if stat else None, stat.st_size if stat else None)
+
+
+@functools.lru_cache(maxsize=4)
+def _opened_model(path, mtime_ns, size):
     from .clusters import OnnxClusterModel
 
     return OnnxClusterModel(path)
@@ -419,9 +427,7 @@ def apply_cluster_model(model_path, raster_path, path, extent=None, mask=None, s
     geocate:applyclusters. The model's bands and window are read from its description and checked against the
     raster; cells get p_1..p_K, the most likely cluster and sum_k p_k tau_k, at the trial's mean covariates.
     Returns the run_map summary."""
-    from .clusters import OnnxClusterModel
-
-    model = OnnxClusterModel(model_path)   # checks the file, its description and digest
+    model = _onnx_model(str(model_path))   # checks the file, its description and digest
     description = model.description
     info = raster_info(raster_path)
     bands = description.get("bands_used") or list(range(1, int(description["bands"]) + 1))

@@ -268,7 +268,9 @@ class FeaturePipeline:
             self.representations_.append(representation)
             self.views_.append({"name": view.name, "footprint_m": view.footprint_m, "size_px": view.size_px,
                                 "pixel_size_m": view.pixel_size_m, "dates": list(view.dates)})
-        return self.transform(views, rows, progress, is_cancelled)
+        features = self.transform(views, rows, progress, is_cancelled)
+        self.n_features_ = int(features.shape[1])
+        return features
 
     def _windows(self, view, representation):
         """(n, t, bands, h, w) windows as the representation takes them: concatenated dates as one window of t x
@@ -292,7 +294,6 @@ class FeaturePipeline:
                 per_date.append(representation.transform(windows[:, d], rows, stage, is_cancelled))
                 step += 1
             parts.append(pool_over_time(per_date, self.time_pooling))
-        self.n_features_ = int(sum(p.shape[1] for p in parts))
         return parts[0] if len(parts) == 1 else np.hstack(parts)
 
     @property
@@ -425,11 +426,10 @@ class ImageryOptions:
 
     def pipeline(self, n_filters=256, seed=42, device="auto"):
         """An unfitted FeaturePipeline (an ONNX encoder is opened and checked here, before any window is read)."""
-        if self.time_pooling not in POOLINGS:
-            raise GeoCateError(f"Unknown time pooling '{self.time_pooling}'.", f"Choose one of {', '.join(POOLINGS)}.")
+        pipeline = FeaturePipeline(make_representation_factory(self.encoder, n_filters, seed, device),
+                                   self.time_pooling, seed)   # refuses an unknown pooling
         if self.time_pooling != "concatenate" and not self.rasters_time:
             raise GeoCateError(f"Time pooling '{self.time_pooling}' needs images of at least two dates.",
                                "Add the rasters of the other dates (RASTERS_TIME), or choose 'concatenate'.")
-        return FeaturePipeline(make_representation_factory(self.encoder, n_filters, seed, device), self.time_pooling,
-                               seed)
+        return pipeline
 

@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .errors import GeoCateError
-from .patches import EDGE, NODATA, OUTSIDE, raster_info
+from .patches import EDGE, NODATA, OUTSIDE
 
 MIN_UNITS_PER_ARM = 20
 
@@ -171,9 +171,9 @@ def build_study(units, raster_path, bands=None, window_size_px=33, nodata=None,
     check_treatment(treated, units.treatment_name, arms)
     check_columns(treated if not arms else np.minimum(treated, 1), covariates, units.covariate_names,
                   units.treatment_name)
-    info = raster_info(raster_path)
     source = WindowSource([raster_path] + [str(p) for p in (rasters_time or ())], units.xy, units.crs_wkt, bands,
                           window_size_px, scales, nodata)
+    info = source.infos[0]
     status = cache.load(cache.key(source.identity()), "windows") if cache is not None else None
     if status is not None:
         views, (coords, window_ok, window_reason) = None, status

@@ -543,23 +543,29 @@ class GeoCateDock(QgsDockWidget):
         self.run_dir = os.path.join(base, "geocate_runs", time.strftime("%Y%m%d-%H%M%S"))
         os.makedirs(self.run_dir, exist_ok=True)
         self.save_choices()
-        algorithm = QgsApplication.processingRegistry().createAlgorithmById(self.method.currentData())
+        parameters = self.parameters()
+        self.last_parameters = dict(parameters)
+        self.start_task(self.method.currentData(), parameters, self.on_executed)
+        self.progress.setValue(0)
+        self.show_info(f"Running {self.run_name} ... QGIS stays usable; progress is also in the task manager.")
+        return True
+
+    def start_task(self, algorithm_id, parameters, on_executed):
+        """Run ``algorithm_id`` as a background task with this dock's feedback (progress, stage, errors), recorded
+        in Processing's history; ``on_executed(ok, results)`` when it ends."""
+        algorithm = QgsApplication.processingRegistry().createAlgorithmById(algorithm_id)
         self.context = QgsProcessingContext()
         self.context.setProject(QgsProject.instance())
         self.feedback = CapturingFeedback()
         self.feedback.progressChanged.connect(lambda value: self.progress.setValue(int(value)))
         self.feedback.stage_changed.connect(self.stage.setText)   # "Causal forest: fold 2 of 5"
-        parameters = self.parameters()
-        self.last_parameters = dict(parameters)
         self.add_to_history(algorithm, parameters)
         self.task = QgsProcessingAlgRunnerTask(algorithm, parameters, self.context, self.feedback)
-        self.task.executed.connect(self.on_executed)
-        self.run_button.setEnabled(False)
+        self.task.executed.connect(on_executed)
+        for button in (self.run_button, self.map_button):
+            button.setEnabled(False)
         self.cancel_button.setEnabled(True)
-        self.progress.setValue(0)
-        self.show_info(f"Running {self.run_name} ... QGIS stays usable; progress is also in the task manager.")
         QgsApplication.taskManager().addTask(self.task)
-        return True
 
     def cancel_run(self):
         if self.task is not None and self.feedback is not None:
@@ -635,21 +641,8 @@ class GeoCateDock(QgsDockWidget):
         return parameters
 
     def start_map(self):
-        algorithm = QgsApplication.processingRegistry().createAlgorithmById("geocate:mapeffects")
-        self.context = QgsProcessingContext()
-        self.context.setProject(QgsProject.instance())
-        self.feedback = CapturingFeedback()
-        self.feedback.progressChanged.connect(lambda value: self.progress.setValue(int(value)))
-        self.feedback.stage_changed.connect(self.stage.setText)
-        parameters = self.map_parameters()
-        self.add_to_history(algorithm, parameters)
-        self.task = QgsProcessingAlgRunnerTask(algorithm, parameters, self.context, self.feedback)
-        self.task.executed.connect(self.on_map_executed)
-        for button in (self.run_button, self.map_button):
-            button.setEnabled(False)
-        self.cancel_button.setEnabled(True)
+        self.start_task("geocate:mapeffects", self.map_parameters(), self.on_map_executed)
         self.show_info("Mapping effects over the imagery in the map view ... QGIS stays usable.")
-        QgsApplication.taskManager().addTask(self.task)
         return True
 
     def on_map_executed(self, ok, results):
