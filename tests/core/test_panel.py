@@ -50,3 +50,23 @@ def test_bad_panels_are_refused_saying_what_to_fix():
     with pytest.raises(GeoCateError, match="never varies within any unit"):
         panel_effect(panel, "first_difference")
     assert np.isfinite(panel_effect(panel, "mundlak").theta)      # Mundlak still runs (between variation)
+
+
+def test_first_difference_boosting_is_additive_across_the_two_periods():
+    # The model makes E[Delta Y | X_it, X_i,t-1] = f(X_it) - f(X_i,t-1): no interaction of the two periods.
+    from geocate.core.panel import _learner
+
+    rng = np.random.default_rng(3)
+    inputs = rng.standard_normal((3000, 4))                 # columns 0-1: this period, 2-3: the previous one
+    target = inputs[:, 0] * inputs[:, 2] + inputs[:, 0] * inputs[:, 1] + 0.1 * rng.standard_normal(3000)
+    grid = np.array([[a, 0.5, b, 0.0] for a in (-1.0, 1.0) for b in (-1.0, 1.0)])
+
+    def cross_contrast(model):
+        f = model.fit(inputs, target).predict(grid)
+        return f[3] - f[2] - f[1] + f[0]                     # zero exactly when additive in (col 0, col 2)
+
+    assert abs(cross_contrast(_learner("boosting", 0, [[0, 1], [2, 3]]))) < 1e-9
+    assert abs(cross_contrast(_learner("boosting", 0))) > 1.0     # unconstrained, it learns x0 x2 (true: 4)
+    within = _learner("boosting", 0, [[0, 1], [2, 3]]).fit(inputs, target).predict(
+        np.array([[a, b, 0.0, 0.0] for a in (-1.0, 1.0) for b in (-1.0, 1.0)]))
+    assert within[3] - within[2] - within[1] + within[0] > 1.0   # interactions within a period stay (true: 4)
