@@ -1,6 +1,7 @@
 """Panels: DML with unit fixed effects on Clarke & Polselli's designs (theta = 0.5).
 
-Usage: python bench/bench_panel.py [--reps 20] [--nonlinear-reps 2] [--json out.json]
+Usage: python bench/bench_panel.py [--reps 20] [--nonlinear-reps 2] [--nonlinear-seed 200]
+       [--nonlinear-approaches mundlak within first_difference] [--json out.json]
 
 * linear design, N = 500 units, T = 10, 30 covariates (2 relevant), nuisance
   learner: GeoCATE's spline ridge. --reps repetitions: mean theta, bias, and
@@ -11,7 +12,8 @@ Usage: python bench/bench_panel.py [--reps 20] [--nonlinear-reps 2] [--json out.
   HistGradientBoostingRegressor): --nonlinear-reps repetitions; DoubleML's
   documentation reports 0.495 (Mundlak) and 0.549 (first differences) for
   its non-linear design; the within-group approximation is the negative
-  control there (--reps 0 skips the linear design).
+  control there (--reps 0 skips the linear design). Repetition r uses
+  seed --nonlinear-seed + r.
 Every figure is measured in this run; the seeds fix it.
 """
 
@@ -52,6 +54,9 @@ def main(argv=None):
     parser.add_argument("--reps", type=int, default=20)
     parser.add_argument("--nonlinear-reps", type=int, default=2)
     parser.add_argument("--nonlinear-design", default="discontinuous", choices=["smooth", "discontinuous"])
+    parser.add_argument("--nonlinear-seed", type=int, default=200)
+    parser.add_argument("--nonlinear-approaches", nargs="+", default=["mundlak", "within", "first_difference"],
+                        choices=["mundlak", "within", "first_difference", "pooled"])
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     started = time.perf_counter()
@@ -61,7 +66,7 @@ def main(argv=None):
                                   ("pooled", "mundlak", "within", "first_difference"), 100)
     if args.nonlinear_reps:
         figures[args.nonlinear_design] = study(args.nonlinear_design, 4000, args.nonlinear_reps, "boosting",
-                                               ("mundlak", "within", "first_difference"), 200)
+                                               tuple(args.nonlinear_approaches), args.nonlinear_seed)
     figures["seconds"] = round(time.perf_counter() - started, 1)
     if args.json:
         with open(args.json, "w", encoding="utf-8") as handle:

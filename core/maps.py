@@ -154,7 +154,7 @@ class SupportScore:
 class MapSpec:
     """Everything a tile needs, picklable for Dask workers: the grid, how windows are read (rasters of every date,
     bands, scales, nodata), the fitted feature pipeline, the standardisation of its features, the fitted model
-    (``method`` "forest": a list of econml causal forests, averaged; "clusters": a core.clusters.ClusterFit with its
+    (``method`` "forest": a list of (econml causal forest, its EffectCalibration), averaged; "clusters": a core.clusters.ClusterFit with its
     cluster effects; "onnx": a saved cluster model: {"path", "n_clusters", "effects", "covariate_means"}), the
     support score and an optional mask ((n_rows, n_cols) bool over the grid: cells to map, mask_cells)."""
 
@@ -225,8 +225,9 @@ def predict_tile(spec, tile):
                 features = (raw - spec.feature_mean) / spec.feature_sd
         if ok.any():
             if spec.method == "forest":
-                both = [f.predict_and_var(features) for f in spec.model]   # one pass over the trees, not two
-                out[0, ok] = np.mean([np.ravel(point) for point, _ in both], axis=0)
+                # One pass over the trees for point and variance; each fold forest's point calibrated as the units'.
+                both = [(calibration, f.predict_and_var(features)) for f, calibration in spec.model]
+                out[0, ok] = np.mean([calibration(np.ravel(point)) for calibration, (point, _) in both], axis=0)
                 out[1, ok] = np.sqrt(np.maximum(np.mean([np.ravel(var) for _, var in both], axis=0), 0))
             else:
                 if spec.method == "clusters":
@@ -360,7 +361,7 @@ def map_effects(units, raster_path, path, bands=None, window_size_px=33, nodata=
     method "forest": the cross-fitted causal forest of estimate_cate with the
     image features as the only effect modifiers (no covariates exist where no
     trial ran; covariates still enter the outcome models); a cell's CATE is the
-    mean of the fold forests' predictions, its SE the root of their mean
+    mean of the fold forests' calibrated predictions, its SE the root of their mean
     variance, the same model (CrossFittedCausalForest.effect) that gives a
     trial unit at that place the same value. method "clusters": the cluster
     model of find_clusters, fit on all units, at average covariates; the map
@@ -394,8 +395,8 @@ def map_effects(units, raster_path, path, bands=None, window_size_px=33, nodata=
                     outcome_inputs=outcome_inputs(features, covariates, seed),
                     folds=location_folds(groups, n_folds, seed), progress=_stage(progress, 0.1, 0.3),
                     is_cancelled=is_cancelled)
-        model, fitted, unit_values = learner.forests_, None, learner.cate_
-        for forest in model:
+        model, fitted, unit_values = list(zip(learner.forests_, learner.calibrations_)), None, learner.cate_
+        for forest in learner.forests_:
             # Tiles are the unit of parallel work (Dask workers); inside a tile of 1024 cells joblib's threads
             # cost more than they give: 0.23 s per tile on one thread, 0.37 s with two (bench_maps.py machine).
             forest.n_jobs = 1

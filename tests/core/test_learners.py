@@ -76,8 +76,38 @@ def test_a_units_cate_does_not_depend_on_its_own_outcome():
     changed[in_fold] += 50 * T[in_fold]
     second = CrossFittedCausalForest(n_folds=4, n_estimators=40, seed=2).fit(changed, T, X)
     np.testing.assert_array_equal(second.fold_, first.fold_)
-    np.testing.assert_allclose(second.cate_[in_fold], first.cate_[in_fold])
+    np.testing.assert_allclose(second.cate_[in_fold], first.cate_[in_fold])        # calibrated
+    np.testing.assert_allclose(second.cate_raw_[in_fold], first.cate_raw_[in_fold])
+    assert any(c.grid is not None for c in first.calibrations_)                      # the calibration ran
     assert not np.allclose(second.cate_[~in_fold], first.cate_[~in_fold])
+
+
+def test_calibration_undoes_a_forests_shrinkage_and_keeps_ranks():
+    """E[DR score | prediction] on simulated predictions shrunk by half toward the mean: the curve doubles
+    the distance back (to within noise); the map never reverses the order of two predictions."""
+    from geocate.core.learners import EffectCalibration
+
+    rng = np.random.default_rng(4)
+    tau = rng.uniform(-2, 2, 4000)
+    shrunk = 0.5 * tau + 0.1 * rng.standard_normal(4000)
+    scores = tau + 2.0 * rng.standard_normal(4000)           # unbiased and noisy, as DR scores are
+    calibration = EffectCalibration.fit(shrunk, scores)
+    probe = np.array([-0.8, -0.4, 0.0, 0.4, 0.8])
+    np.testing.assert_allclose(calibration(probe), 2 * probe, atol=0.15)
+    grid = np.linspace(-1.5, 1.5, 301)
+    assert np.all(np.diff(calibration(grid)) >= 0)
+    assert np.array_equal(EffectCalibration.identity()(probe), probe)
+    assert EffectCalibration.fit(shrunk[:50], scores[:50]).grid is None          # too few units: left alone
+
+
+def test_calibration_lowers_the_error_of_a_shrunk_forest(fitted):
+    model, X, T, Y, tau = fitted
+    rmse = {name: np.sqrt(np.mean((values - tau) ** 2)) for name, values in (("raw", model.cate_raw_),
+                                                                              ("calibrated", model.cate_))}
+    assert rmse["calibrated"] < 0.85 * rmse["raw"]             # measured: 0.20 -> 0.14
+    for k in np.unique(model.fold_):                           # within a fold, one monotone map: ranks kept
+        rows = model.fold_ == k
+        assert np.all(np.diff(model.cate_[rows][np.argsort(model.cate_raw_[rows])]) >= -1e-12)
 
 
 def test_units_sharing_a_location_share_a_fold():
