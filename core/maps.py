@@ -228,7 +228,7 @@ def predict_tile(spec, tile):
                 # One pass over the trees for point and variance; each fold forest's point calibrated as the units'.
                 both = [(calibration, f.predict_and_var(features)) for f, calibration in spec.model]
                 out[0, ok] = np.mean([calibration(np.ravel(point)) for calibration, (point, _) in both], axis=0)
-                out[1, ok] = np.sqrt(np.maximum(np.mean([np.ravel(var) for _, var in both], axis=0), 0))
+                out[1, ok] = np.sqrt(np.maximum(np.mean([np.ravel(var) for _, (_, var) in both], axis=0), 0))
             else:
                 if spec.method == "clusters":
                     covariates = np.zeros((len(features), 0)) if spec.covariates is None else \

@@ -280,9 +280,9 @@ def predicted_outcome_section(record):
 
 HOW_TO_READ_ESTIMATE = (
     "<p class='note'>Each unit's CATE comes from a causal forest that did "
-    "not see it, nor its cluster (cross-fitting). Its 95 % interval covers the forest's sampling "
-    "noise, assuming independent units; forests shrink extreme effects toward the mean, and the "
-    "interval does not cover that bias. Group averages are means of doubly robust scores within "
+    "not see it, nor its cluster (cross-fitting), calibrated on that forest's own training units so "
+    "that extreme effects are less shrunk toward the mean. Its 95 % interval covers the forest's "
+    "sampling noise, assuming independent units, not the smoothing bias that remains. Group averages are means of doubly robust scores within "
     "each group of estimated effects, with cluster-robust intervals; they, not the CATE of single "
     "units, are the numbers to quote. The heterogeneity test ranks each fold with a forest built "
     "on the earlier folds only and combines the folds' t-statistics (grf's sequential cross-fold "
