@@ -1,14 +1,16 @@
 """Observational designs: confounding adjustment from imagery (geocate:estimateate's estimators).
 
-Usage: python bench/bench_observational.py [--reps 200] [--json out.json]
+Usage: python bench/bench_observational.py [--reps 200] [--causalimages-reps 50] [--json out.json]
 
 * causalimages: causalimages' own confounding simulation, with images: n = 1000
   windows of 3 x 16 x 16 pixels whose red channel is set by a latent
   confounder C (plus texture noise), X1, X2 observed, logit P(W) = C + X1 + X2,
   Y = 2 W + C + X1 + X2 + noise. The windows are embedded as estimatecate
-  embeds them (band scaling, random convolution features); propensity and
-  outcome models see the features' leading components and X1, X2. --reps / 4
-  repetitions: bias and 95 % coverage of naive, IPW, Hajek, AIPW.
+  embeds them (band scaling, random convolution features); the propensity
+  model sees every feature and X1, X2, the outcome models the features'
+  leading components and X1, X2 (as geocate:estimateate). --causalimages-reps
+  repetitions (default --reps / 4): bias and 95 % coverage of naive, IPW,
+  Hajek, AIPW.
 * scene: the bundled Landsat scene, 600 units (core.simulate.confound): treatment
   more likely where the window shows settlement (propensities about 0.1 to
   0.9), the outcome also driven by the image, true effect 1. --reps draws of
@@ -50,7 +52,7 @@ def record(effects, truth, errors, covered, estimand="ATE"):
 
 
 def run_causalimages(reps):
-    from geocate.core.design import StudyDesign
+    from geocate.core.design import StudyDesign, propensity_inputs
     from geocate.core.embed import BandScaler, RandomConvFeatures
     from geocate.core.observational import adjusted_effects
     from geocate.core.scores import outcome_inputs
@@ -67,7 +69,7 @@ def run_causalimages(reps):
         scaled = BandScaler(seed=rep).fit(windows).transform(windows)
         features = np.log1p(RandomConvFeatures(seed=rep, n_filters=64).fit(scaled).transform(scaled))  # core.represent scale
         inputs = outcome_inputs(features, X, seed=rep)
-        propensity, _ = StudyDesign("observational", seed=rep).propensities(W, inputs)
+        propensity, _ = StudyDesign("observational", seed=rep).propensities(W, propensity_inputs(features, X))
         record(adjusted_effects(Y, W, propensity, inputs), 2.0, errors, covered)
     out = summarise(errors, covered)
     print("causalimages", json.dumps(out), flush=True)
@@ -75,7 +77,7 @@ def run_causalimages(reps):
 
 
 def run_scene(reps):
-    from geocate.core.design import StudyDesign
+    from geocate.core.design import StudyDesign, propensity_inputs
     from geocate.core.embed import BandScaler, RandomConvFeatures
     from geocate.core.observational import adjusted_effects
     from geocate.core.patches import extract_patches
@@ -87,11 +89,12 @@ def run_scene(reps):
     scaled = BandScaler(seed=7).fit(patches).transform(patches)
     features = np.log1p(RandomConvFeatures(seed=7).fit(scaled).transform(scaled))  # core.represent scale
     inputs = outcome_inputs(features, trial.covariates, seed=7)
+    every_feature = propensity_inputs(features, trial.covariates)      # what geocate:estimateate's propensity sees
     errors, covered, spans = {}, {}, []
     for rep in range(reps):
         W, Y, true_propensity = confound(trial, seed=rep)
         spans.append(np.quantile(true_propensity, [0.05, 0.95]))
-        propensity, _ = StudyDesign("observational", seed=rep).propensities(W, inputs)
+        propensity, _ = StudyDesign("observational", seed=rep).propensities(W, every_feature)
         record(adjusted_effects(Y, W, propensity, inputs), 1.0, errors, covered)
     out = summarise(errors, covered)
     out["true_propensity_5_95_percent"] = np.mean(spans, axis=0).round(3).tolist()
@@ -132,10 +135,12 @@ def run_overlap(reps):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=200)
+    parser.add_argument("--causalimages-reps", type=int, default=None)
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     started = time.perf_counter()
-    figures = {"causalimages": run_causalimages(max(args.reps // 4, 1)), "scene": run_scene(args.reps),
+    causalimages_reps = args.causalimages_reps or max(args.reps // 4, 1)
+    figures = {"causalimages": run_causalimages(causalimages_reps), "scene": run_scene(args.reps),
                "overlap": run_overlap(max(args.reps // 4, 1))}
     figures["seconds"] = round(time.perf_counter() - started, 1)
     if args.json:

@@ -191,7 +191,8 @@ def estimate_cate(units, raster_path, bands=None, window_size_px=33, nodata=None
     propensity, propensity_fit = None, None
     if study_design is not None and study_design.kind != "randomized":
         folds = location_folds(groups, n_folds, seed)
-        probabilities, propensity_fit = study_design.propensities(study.treated[used].astype(int), inputs, folds)
+        # The forest's design matrix is every standardised feature and covariate: core.design.propensity_inputs.
+        probabilities, propensity_fit = study_design.propensities(study.treated[used].astype(int), design, folds)
         propensity = probabilities[:, 1]
         learner.fit(study.outcome[used], study.treated[used].astype(int), design, groups=groups,
                     outcome_inputs=inputs, folds=folds, progress=_stage(progress, 0.22, 0.75),
@@ -238,6 +239,8 @@ def estimate_cate(units, raster_path, bands=None, window_size_px=33, nodata=None
         "outcome_model_inputs": int(inputs.shape[1]),
         "covariates": list(study.covariate_names),
         "n_estimators": n_estimators,
+        "cate_calibration": "per fold: monotone spline of E[DR score | out-of-bag forest prediction] on the "
+                            "fold's training units" if learner.calibrate else None,
         "propensity": learner.propensity_ if propensity is None else "cross-fitted per unit",
         "study_design": "randomized" if propensity is None else study_design.kind,
         "propensity_model": propensity_fit,
@@ -386,7 +389,10 @@ def compare_sources(units, raster_path, bands=None, window_size_px=33, nodata=No
     if study_design is not None and study_design.kind != "randomized":   # one propensity for every source
         from .design import CLIP
 
-        propensity = np.clip(study_design.propensities(W, inputs_all, folds)[0][:, 1], CLIP, 1 - CLIP)
+        from .design import propensity_inputs
+
+        propensity = np.clip(study_design.propensities(W, propensity_inputs(features, covariates), folds)[0][:, 1],
+                             CLIP, 1 - CLIP)
     cate, learners = {}, {}
     for k, source in enumerate(sources):
         design, inputs, learner = default_learner(*rules[source], n_folds=n_folds, n_estimators=n_estimators,
@@ -559,17 +565,18 @@ def estimate_ate(units, raster_path, design, bands=None, window_size_px=33, noda
     """Average effects with a confounding adjustment from the imagery (geocate:estimateate).
 
     design: a core.design.StudyDesign. The image windows are embedded as in
-    estimate_cate; the propensity model (observational designs) and the
-    outcome models see the features' leading principal components and the
-    covariates, cross-fitted on folds that keep groups whole. With a binary
-    treatment, units outside the design's trimming bounds are left out of the
+    estimate_cate; the propensity model (observational designs) sees every
+    feature and covariate (core.design.propensity_inputs), the outcome models
+    the features' leading principal components and the covariates; both
+    cross-fitted on folds that keep groups whole. With a binary treatment,
+    units outside the design's trimming bounds are left out of the
     estimates (and counted). Returns (study, {"effects": [AdjustedEffect],
     "propensity": (n_used,) P(treated) or (n_used, A), "kept": (n_used,) bool,
     "overlap", "balance", "warnings", "metadata"}). An outcome that is a map's
     prediction is corrected first (``outcome_correction``, as in
     estimate_cate), and the metadata gives the AIPW ATE under every correction.
     """
-    from .design import RANDOMIZED, overlap_summary
+    from .design import RANDOMIZED, overlap_summary, propensity_inputs
     from .observational import adjusted_effects, balance_table
 
     started = time.monotonic()
@@ -592,7 +599,7 @@ def estimate_ate(units, raster_path, design, bands=None, window_size_px=33, noda
     arms = study.treated[used]
     if progress is not None:
         progress(0.6, "Propensity model (cross-fitted)")
-    propensities, fit = design.propensities(arms, inputs, folds)
+    propensities, fit = design.propensities(arms, propensity_inputs(features, covariates), folds)
     binary = propensities.shape[1] == 2
     kept, bounds = design.keep(propensities[:, 1]) if binary else (np.ones(len(arms), bool), None)
     if binary and kept.sum() < len(kept):

@@ -49,8 +49,8 @@ class EstimateAteAlgorithm(GeoCateAlgorithm):
     def shortHelpString(self):  # noqa: N802 - QGIS's name
         return (
             "For programmes that were not randomized: the imagery around each unit stands in for the confounders "
-            "that decided where the programme went. A propensity model (a regularised logistic regression on the "
-            "image features' leading components and the covariates, cross-fitted: no unit's propensity comes "
+            "that decided where the programme went. A propensity model (a regularised logistic regression on "
+            "every image feature and covariate, cross-fitted: no unit's propensity comes "
             "from a model that saw it) and outcome models give three estimates of the average effect: IPW "
             "(Horvitz-Thompson), Hajek (normalised IPW) and AIPW (doubly robust: right if either model is), and "
             "the ATT (the effect on the treated units) by AIPW; each with a standard error robust to clusters. "
