@@ -164,3 +164,16 @@ def test_a_forest_cancelled_during_a_fold_raises_cancelled():
     calls = []
     with pytest.raises(Cancelled):
         CrossFittedCausalForest(n_estimators=40, seed=1).fit(Y, T, X, is_cancelled=lambda: calls.append(1) or len(calls) > 2)
+
+
+def test_out_of_bag_on_some_units_matches_econmls_on_all(fitted):
+    from geocate.core.learners import out_of_bag
+
+    model, X, T, Y, tau = fitted
+    train = model.fold_ != 0
+    forest = model.forests_[0]
+    everything = np.ravel(forest.oob_predict(X[train]))
+    rows = np.array([0, 5, 17, 200, int(train.sum()) - 1])
+    np.testing.assert_allclose(out_of_bag(forest, X[train], rows), everything[rows], rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(out_of_bag(forest, X[train], np.arange(int(train.sum()))), everything,
+                               rtol=1e-10, atol=1e-12, equal_nan=True)
