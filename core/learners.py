@@ -163,25 +163,24 @@ class EffectCalibration:
         return np.interp(predictions, self.grid, self.values)
 
 
-def out_of_bag(forest, X_train, rows):
-    """(len(rows),) out-of-bag CATE of the training units ``rows`` (indices into ``X_train``, the forest's own
-    training matrix): econml's ``oob_predict`` restricted to some units (econml predicts every training unit,
-    which at 80,000 units per fold costs more than the calibration needs). The same arithmetic: each tree that
-    did not draw a unit adds its leaf's moments (alpha, Jacobian); their means are solved. NaN where every tree
-    drew the unit."""
+def out_of_bag(forest, X_rows, rows, n_train):
+    """(len(rows),) out-of-bag CATE of some of a forest's training units: ``rows``, their indices among the
+    ``n_train`` units the forest was grown on, and ``X_rows``, their features. econml's ``oob_predict``
+    restricted to some units (econml predicts every training unit, which at 80,000 units per fold costs more
+    than the calibration needs). The same arithmetic: each tree that did not draw a unit adds its leaf's
+    moments (alpha, Jacobian); their means are solved. NaN where every tree drew the unit."""
     rows = np.asarray(rows)
-    subset = X_train[rows]
     k = forest.n_outputs_
     alpha, jac = np.zeros((len(rows), k)), np.zeros((len(rows), k * k))
     counts = np.zeros(len(rows))
-    position = np.full(len(X_train), -1)
+    position = np.full(n_train, -1)
     position[rows] = np.arange(len(rows))
     for tree, drawn in zip(forest.estimators_, forest.get_subsample_inds()):
         out = np.ones(len(rows), bool)
         hit = position[drawn]
         out[hit[hit >= 0]] = False
         if out.any():
-            a, j = tree.predict_alpha_and_jac(subset[out])
+            a, j = tree.predict_alpha_and_jac(X_rows[out])
             alpha[out] += a
             jac[out] += j
             counts[out] += 1
@@ -327,12 +326,14 @@ class CrossFittedCausalForest:
         ``train`` units and their within-``train`` DR ``scores`` (None: identity)."""
         if not self.calibrate or scores is None:
             return EffectCalibration.identity()
-        X = self._data[2][train]
-        chosen = np.arange(len(X))
-        if len(X) > EffectCalibration.MAX_UNITS:
-            chosen = np.sort(np.random.default_rng(self.seed).choice(len(X), EffectCalibration.MAX_UNITS,
+        rows = np.flatnonzero(train)
+        chosen = np.arange(len(rows))
+        if len(rows) > EffectCalibration.MAX_UNITS:
+            chosen = np.sort(np.random.default_rng(self.seed).choice(len(rows), EffectCalibration.MAX_UNITS,
                                                                      replace=False))
-        return EffectCalibration.fit(out_of_bag(forest, X, chosen), scores[chosen])
+        # Only the chosen rows are copied (all training rows would be 330 MB at 100,000 units).
+        return EffectCalibration.fit(out_of_bag(forest, self._data[2][rows[chosen]], chosen, len(rows)),
+                                     scores[chosen])
 
     def _fold_forest(self, train, inference=True, n_estimators=None, with_scores=False):
         """A causal forest grown on the ``train`` units alone, its nuisances cross-fitted within ``train``.

@@ -173,7 +173,9 @@ def test_out_of_bag_on_some_units_matches_econmls_on_all(fitted):
     train = model.fold_ != 0
     forest = model.forests_[0]
     everything = np.ravel(forest.oob_predict(X[train]))
-    rows = np.array([0, 5, 17, 200, int(train.sum()) - 1])
-    np.testing.assert_allclose(out_of_bag(forest, X[train], rows), everything[rows], rtol=1e-10, atol=1e-12)
-    np.testing.assert_allclose(out_of_bag(forest, X[train], np.arange(int(train.sum()))), everything,
+    n_train = int(train.sum())
+    rows = np.array([0, 5, 17, 200, n_train - 1])
+    np.testing.assert_allclose(out_of_bag(forest, X[train][rows], rows, n_train), everything[rows],
+                               rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(out_of_bag(forest, X[train], np.arange(n_train), n_train), everything,
                                rtol=1e-10, atol=1e-12, equal_nan=True)
