@@ -387,9 +387,7 @@ def compare_sources(units, raster_path, bands=None, window_size_px=33, nodata=No
     inputs_all = outcome_inputs(features, covariates, seed)
     propensity = None
     if study_design is not None and study_design.kind != "randomized":   # one propensity for every source
-        from .design import CLIP
-
-        from .design import propensity_inputs
+        from .design import CLIP, propensity_inputs
 
         propensity = np.clip(study_design.propensities(W, propensity_inputs(features, covariates), folds)[0][:, 1],
                              CLIP, 1 - CLIP)
