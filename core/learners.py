@@ -116,9 +116,8 @@ class EffectCalibration:
     alone, the fold forest's out-of-bag predictions (econml's ``oob_predict``:
     only trees that did not draw the unit) are regressed on the units' DR
     scores (outcome models cross-fitted within those units; at most MAX_UNITS
-    of them, out_of_bag), with GeoCATE's
-    outcome model (a cubic spline under ridge, core.scores.outcome_model),
-    projected onto non-decreasing functions (isotonic regression on a grid of
+    of them, out_of_bag), with GeoCATE's outcome model (a cubic spline under
+    ridge, core.scores.outcome_model), projected onto non-decreasing functions (isotonic regression on a grid of
     the predictions' quantiles), so ranks are kept. It generalises the BLP's
     calibration slope to a curve, as causal isotonic calibration (van der Laan,
     Ulloa-Perez, Carone & Luedtke 2023) does with a step function; the spline

@@ -154,8 +154,8 @@ class SupportScore:
 class MapSpec:
     """Everything a tile needs, picklable for Dask workers: the grid, how windows are read (rasters of every date,
     bands, scales, nodata), the fitted feature pipeline, the standardisation of its features, the fitted model
-    (``method`` "forest": a list of (econml causal forest, its EffectCalibration), averaged; "clusters": a core.clusters.ClusterFit with its
-    cluster effects; "onnx": a saved cluster model: {"path", "n_clusters", "effects", "covariate_means"}), the
+    (``method`` "forest": a list of (econml causal forest, its EffectCalibration), averaged; "clusters": a
+    core.clusters.ClusterFit with its cluster effects; "onnx": a saved cluster model: {"path", "n_clusters", "effects", "covariate_means"}), the
     support score and an optional mask ((n_rows, n_cols) bool over the grid: cells to map, mask_cells)."""
 
     grid: MapGrid
@@ -361,8 +361,8 @@ def map_effects(units, raster_path, path, bands=None, window_size_px=33, nodata=
     method "forest": the cross-fitted causal forest of estimate_cate with the
     image features as the only effect modifiers (no covariates exist where no
     trial ran; covariates still enter the outcome models); a cell's CATE is the
-    mean of the fold forests' calibrated predictions, its SE the root of their mean
-    variance, the same model (CrossFittedCausalForest.effect) that gives a
+    mean of the fold forests' calibrated predictions, its SE the root of their
+    mean variance, the same model (CrossFittedCausalForest.effect) that gives a
     trial unit at that place the same value. method "clusters": the cluster
     model of find_clusters, fit on all units, at average covariates; the map
     holds p_1..p_K, the most likely cluster and sum_k p_k tau_k. Every cell gets

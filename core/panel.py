@@ -16,7 +16,8 @@ unit's periods together, a standard error clustered by unit):
   exact for linear g and m only;
 * ``first_difference``: Delta Y and Delta D learnt from X_it and X_i,t-1,
   additively across the two periods (the model implies it; boosting is
-  constrained so, which took the discontinuous design from 0.063 to 0.055 off).
+  constrained so: 0.057 off theta on the discontinuous design over 14
+  repetitions, docs/benchmarks.md).
 
 ``pooled`` ignores alpha_i (a plain cross-sectional DML): the pitfall, kept
 for comparison. Written here on GeoCATE's cross-fitting rather than taken

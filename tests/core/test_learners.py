@@ -100,7 +100,7 @@ def test_calibration_undoes_a_forests_shrinkage_and_keeps_ranks():
     assert EffectCalibration.fit(shrunk[:50], scores[:50]).grid is None          # too few units: left alone
 
 
-def test_calibration_lowers_the_error_of_a_shrunk_forest(fitted):
+def test_calibration_lowers_the_forests_error_and_keeps_each_folds_ranks(fitted):
     model, X, T, Y, tau = fitted
     rmse = {name: np.sqrt(np.mean((values - tau) ** 2)) for name, values in (("raw", model.cate_raw_),
                                                                               ("calibrated", model.cate_))}
