@@ -90,6 +90,23 @@ def requested_destination(value):
     return None if value in (None, "") else str(value)
 
 
+def destination_of(algorithm, parameters, name, context):
+    """Where layer destination ``name`` goes (a path, an ``ogr:`` URI or ``memory:...``), without side effects.
+
+    ``parameterAsOutputLayer`` also registers the destination as a layer to load when the run ends (when the
+    parameter names a project, as the dialog and ``runAndLoadResults`` do). Called on a sink that the run then
+    creates under another name, it left a second entry that Processing could not load ("The following layers
+    were not correctly generated: memory:Treatment effects (CATE)"). The question is asked here of a copy of
+    the definition that names no project."""
+    from qgis.core import QgsProcessingOutputLayerDefinition
+
+    value = parameters.get(name)
+    if isinstance(value, QgsProcessingOutputLayerDefinition):
+        value = QgsProcessingOutputLayerDefinition(value)
+        value.destinationProject = None
+    return algorithm.parameterAsOutputLayer(dict(parameters, **{name: value}), name, context) or ""
+
+
 def check_destinations(algorithm, parameters, context, files=None):
     """Before any work: every file destination's folder exists and is writable, no output overwrites the
     input it is computed from (found only after the whole computation before), and no other live run is
@@ -111,7 +128,7 @@ def check_destinations(algorithm, parameters, context, files=None):
             path = algorithm.parameterAsString(parameters, name, context)
             folder = os.path.dirname(os.path.abspath(path)) if path else ""
         elif definition.type() in ("sink", "vectorDestination", "rasterDestination"):
-            path = algorithm.parameterAsOutputLayer(parameters, name, context) or ""
+            path = destination_of(algorithm, parameters, name, context)
             folder = os.path.dirname(os.path.abspath(path.split("|")[0])) if path and "memory:" not in path else ""
         else:
             path = algorithm.parameterAsFileOutput(parameters, name, context)
@@ -184,7 +201,7 @@ def guarded(process):
         from ..core.errors import MissingDependency
         from .outputs import RunFiles
 
-        self._files, self._dest_id = RunFiles(), None
+        self._files, self._dest_id, self._on_load = RunFiles(), None, []
         check_destinations(self, parameters, context, self._files)
         try:
             with quiet_libraries():
@@ -253,7 +270,7 @@ class GeoCateAlgorithm(QgsProcessingAlgorithm):
 
         from .outputs import is_plain_file
 
-        final = self.parameterAsOutputLayer(parameters, name, context)
+        final = destination_of(self, parameters, name, context)
         if is_plain_file(final):
             tmp = self._files.partial(final)
             value = parameters.get(name)
@@ -329,16 +346,27 @@ class GeoCateAlgorithm(QgsProcessingAlgorithm):
 
         layers = context.layersToLoadOnCompletion()
         if any(final(key) != key for key in layers):
+            # Safe only while no post-processor is attached: QGIS deletes the post-processor of every key that
+            # leaves the map, and the renamed entry kept a pointer to it (the segmentation fault in Processing's
+            # handleAlgorithmResults after a run with a file output). Post-processors are attached below.
             context.setLayersToLoadOnCompletion({final(key): details for key, details in layers.items()})
+        for key, make in getattr(self, "_on_load", []):
+            if context.willLoadLayerOnCompletion(final(key)):
+                context.layerToLoadOnCompletionDetails(final(key)).setPostProcessor(make())
+        self._on_load = []
         return {key: final(value) for key, value in (results or {}).items()}
+
+    def style_on_load(self, key, make):
+        """Style layer ``key`` when Processing loads it: ``make()`` gives the post-processor. It is attached after
+        the outputs were moved into place and the layers to load renamed (commit_outputs), never before."""
+        self._on_load.append((key, make))
 
     def keep_result(self, context, dest_id, results, metadata, feedback):
         """Finish a per-unit result layer while still in processAlgorithm (a failure there fails the run): its
         styles into its GeoPackage, the run metadata beside it; a layer QGIS loads is styled when loaded."""
         self._dest_id, self._results, self._metadata = dest_id, results, metadata
         self._memory_result = self._written_file(dest_id) is None
-        if context.willLoadLayerOnCompletion(dest_id):
-            context.layerToLoadOnCompletionDetails(dest_id).setPostProcessor(StyleOnLoad.create(self.result_style))
+        self.style_on_load(dest_id, lambda: StyleOnLoad.create(self.result_style))
         written = self._written_file(dest_id)
         if written:
             # Styles go into the file through a layer of their own (the context's layer left a model's next step

@@ -234,18 +234,15 @@ class MapEffectsAlgorithm(GeoCateAlgorithm):
             "MASK": bool(mask), "DASK_SCHEDULER": scheduler, **imagery_values}, started,
             **{k: v for k, v in summary.items() if k != "unit_support"})
         self.write_run_metadata_beside(path, metadata, feedback)
-        self._style_on_load(context, final, summary, f"Effects map ({study['outcome']})")
+        self._style_on_load(final, summary, f"Effects map ({study['outcome']})")
         return write_map_report(self, parameters, context, metadata, path, {
             OUTPUT: final, "SHARE_OUTSIDE_SUPPORT": summary["share_outside_support"], "CELLS": summary["usable"],
             "N_USED": study_out.n_used}, feedback)
 
-    @staticmethod
-    def _style_on_load(context, final, summary, name):
+    def _style_on_load(self, final, summary, name):
         from ..core.maps import SUPPORT_THRESHOLD
 
-        if context.willLoadLayerOnCompletion(final):
-            context.layerToLoadOnCompletionDetails(final).setPostProcessor(
-                StyleMapOnLoad.create(summary["bands"], SUPPORT_THRESHOLD, name))
+        self.style_on_load(final, lambda: StyleMapOnLoad.create(summary["bands"], SUPPORT_THRESHOLD, name))
 
 
 class ApplyClustersAlgorithm(GeoCateAlgorithm):
@@ -299,7 +296,7 @@ class ApplyClustersAlgorithm(GeoCateAlgorithm):
             "MODEL": model, "RASTER": raster, "EXTENT": extent, "STRIDE": stride, "MASK": bool(mask),
             "DASK_SCHEDULER": scheduler}, started, **summary)
         self.write_run_metadata_beside(path, metadata, feedback)
-        MapEffectsAlgorithm._style_on_load(context, final, summary,
+        MapEffectsAlgorithm._style_on_load(self, final, summary,
                                            f"Clusters map ({os.path.splitext(os.path.basename(model))[0]})")
         return write_map_report(self, parameters, context, metadata, path, {OUTPUT: final, "CELLS": summary["usable"]},
                                 feedback)
