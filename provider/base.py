@@ -34,6 +34,15 @@ class StyleOnLoad(QgsProcessingLayerPostProcessorInterface):
         return instance
 
 
+def add_report_parameter(algorithm, name="OUTPUT_REPORT"):
+    """The HTML report: optional, and proposed by every dialog (a temporary file unless another is chosen), so
+    every run from a dialog arrives with its report; ``processing.run`` and ``qgis_process`` write it when asked."""
+    from qgis.core import QgsProcessingParameterFileDestination
+
+    algorithm.addParameter(QgsProcessingParameterFileDestination(
+        name, "Report (HTML)", "HTML files (*.html)", optional=True, createByDefault=True))
+
+
 def sidecar_path(destination):
     """Where a file output's run metadata goes: result.gpkg -> result.run.json (None for memory layers)."""
     from .outputs import is_plain_file
@@ -76,7 +85,25 @@ def run_metadata(algorithm, parameters, started, **figures):
                 timings={"total_s": round(time.monotonic() - started, 3)})
 
 
-README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
+PLUGIN_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+README = os.path.join(PLUGIN_DIR, "README.md")
+#: One HTML help page per algorithm, shipped with the plugin: help/<algorithm name>.html.
+HELP_DIR = os.path.join(PLUGIN_DIR, "help")
+#: The Processing Toolbox's groups: (id, name) by algorithm.
+GROUPS = {
+    "trials": "Randomized trials",
+    "observational": "Observational studies and panels",
+    "maps": "Maps",
+    "evaluation": "Evaluation",
+    "utilities": "Utilities",
+}
+ALGORITHM_GROUPS = {
+    "estimatecate": "trials", "imageclusters": "trials",
+    "estimateate": "observational", "paneleffects": "observational",
+    "mapeffects": "maps", "applyclusters": "maps",
+    "evaluate": "evaluation", "comparesources": "evaluation",
+    "calibratemap": "utilities",
+}
 TAGS = ["causal", "causal inference", "CATE", "RCT", "randomized trial", "treatment effect", "heterogeneity",
         "impact evaluation", "satellite imagery", "remote sensing", "econml", "grf"]
 
@@ -88,6 +115,16 @@ def requested_destination(value):
     if isinstance(value, QgsProcessingOutputLayerDefinition):
         value = value.sink.staticValue()
     return None if value in (None, "") else str(value)
+
+
+def ogr_uri(path, table):
+    """The ``ogr:`` destination of table ``table`` in GeoPackage ``path`` (quotes in the path escaped)."""
+    from qgis.core import QgsDataSourceUri
+
+    uri = QgsDataSourceUri()
+    uri.setDatabase(path)
+    uri.setDataSource("", table, "geom")
+    return "ogr:" + uri.uri()
 
 
 def destination_of(algorithm, parameters, name, context):
@@ -107,54 +144,118 @@ def destination_of(algorithm, parameters, name, context):
     return algorithm.parameterAsOutputLayer(dict(parameters, **{name: value}), name, context) or ""
 
 
+def input_files(algorithm, parameters, context):
+    """The files every input parameter reads (units layer, rasters, models, encoders, correction files)."""
+    from qgis.core import QgsProcessingDestinationParameter
+
+    files = set()
+
+    def add(source):
+        path = (source or "").split("|")[0]
+        if path and os.path.exists(path):
+            files.add(os.path.realpath(path))
+
+    for definition in algorithm.parameterDefinitions():
+        name = definition.name()
+        if isinstance(definition, QgsProcessingDestinationParameter) or parameters.get(name) in (None, "", []):
+            continue
+        kind = definition.type()
+        try:
+            if kind in ("source", "vector", "raster", "layer", "mesh"):
+                layer = algorithm.parameterAsLayer(parameters, name, context)
+                add(layer.source() if layer is not None else algorithm.parameterAsString(parameters, name, context))
+            elif kind == "multilayer":
+                for layer in algorithm.parameterAsLayerList(parameters, name, context) or []:
+                    add(layer.source())
+            elif kind == "file":
+                add(algorithm.parameterAsFile(parameters, name, context))
+        except Exception:  # noqa: BLE001 - an unreadable input is the algorithm's own refusal, with its message
+            continue
+    return files
+
+
+def allowed_extensions(algorithm, definition):
+    """The file extensions a destination may have (lower case, no dot), or None where any is fine."""
+    import re
+
+    kind = definition.type()
+    if kind in ("sink", "vectorDestination"):
+        return set(definition.supportedOutputVectorLayerExtensions())
+    if kind == "rasterDestination":   # GeoCATE writes its maps as (Cloud-Optimized) GeoTIFF
+        return {"tif", "tiff"}
+    if kind == "fileDestination":
+        found = set(re.findall(r"\*\.([A-Za-z0-9]+)", definition.fileFilter()))
+        return {ext.lower() for ext in found} or None
+    return None
+
+
 def check_destinations(algorithm, parameters, context, files=None):
-    """Before any work: every file destination's folder exists and is writable, no output overwrites the
-    input it is computed from (found only after the whole computation before), and no other live run is
-    writing it (``files``: the run's RunFiles, which takes each destination's lock)."""
+    """Before any work: every file destination's folder exists and is writable, has an extension GeoCATE can
+    write, is not one of the run's inputs (found only after the whole computation before), and no other live
+    run is writing it (``files``: the run's RunFiles, which takes each destination's lock). Every check is made
+    before the first lock is taken, and a refusal releases what was taken: a refused run leaves nothing."""
     from qgis.core import QgsProcessingException, QgsProcessingParameterFolderDestination
 
     from .outputs import DestinationBusy
 
-    inputs = set()
-    if algorithm.parameterDefinition("INPUT") is not None and parameters.get("INPUT") is not None:
-        layer = algorithm.parameterAsVectorLayer(parameters, "INPUT", context)
-        if layer is not None:
-            inputs.add(os.path.abspath(layer.source().split("|")[0]))
+    inputs = input_files(algorithm, parameters, context)
+    to_lock = []
     for definition in algorithm.destinationParameterDefinitions():
         name = definition.name()
         if parameters.get(name) in (None, ""):
             continue
+        label = f"{definition.description()} ({name})"
         if isinstance(definition, QgsProcessingParameterFolderDestination):
             path = algorithm.parameterAsString(parameters, name, context)
-            folder = os.path.dirname(os.path.abspath(path)) if path else ""
         elif definition.type() in ("sink", "vectorDestination", "rasterDestination"):
             path = destination_of(algorithm, parameters, name, context)
-            folder = os.path.dirname(os.path.abspath(path.split("|")[0])) if path and "memory:" not in path else ""
+            if path.startswith("memory:") or requested_destination(parameters.get(name)) == "TEMPORARY_OUTPUT":
+                continue
+            if path.startswith("ogr:"):   # a table in a database file ("Save to GeoPackage"): checked by OGR
+                continue
+            if "|" in path:
+                raise QgsProcessingException(
+                    f"{label}: '{path}' names a layer inside a file ('|'). GeoCATE writes its result as a file of "
+                    "its own: give a plain file name (e.g. result.gpkg), or use the dialog's 'Save to "
+                    "GeoPackage...' to add a table to an existing GeoPackage. Nothing was computed.")
         else:
             path = algorithm.parameterAsFileOutput(parameters, name, context)
-            folder = os.path.dirname(os.path.abspath(path)) if path else ""
-        if not folder:
+        if not path or "://" in path:
             continue
+        folder = os.path.dirname(os.path.abspath(path))
         if not os.path.isdir(folder):
             raise QgsProcessingException(
-                f"The folder of {definition.description()} ({name}) does not exist: {folder}. "
-                "Create it, or choose another destination. Nothing was computed.")
+                f"The folder of {label} does not exist: {folder}. Create it, or choose another destination. "
+                "Nothing was computed.")
         if not os.access(folder, os.W_OK):
             raise QgsProcessingException(
-                f"The folder of {definition.description()} ({name}) is not writable: {folder}. "
-                "Choose a folder you can write to. Nothing was computed.")
-        if os.path.abspath(path.split("|")[0]) in inputs:
+                f"The folder of {label} is not writable: {folder}. Choose a folder you can write to. Nothing was "
+                "computed.")
+        extensions = allowed_extensions(algorithm, definition)
+        ext = os.path.splitext(path)[1].lstrip(".").lower()
+        if extensions is not None and not isinstance(definition, QgsProcessingParameterFolderDestination) \
+                and ext not in extensions:
+            shown = ", ".join(f".{e}" for e in sorted(extensions)[:8]) + (" ..." if len(extensions) > 8 else "")
             raise QgsProcessingException(
-                f"{definition.description()} ({name}) is the input layer itself: writing it would destroy the "
-                "units being read. Choose another file. Nothing was computed.")
-        if files is not None and requested_destination(parameters.get(name)) != "TEMPORARY_OUTPUT" \
-                and not isinstance(definition, QgsProcessingParameterFolderDestination) and "|" not in path \
-                and not path.startswith("ogr:"):
-            try:
-                files.lock(path)
-            except DestinationBusy as error:
-                files.release()
-                raise QgsProcessingException(str(error)) from None
+                f"{label}: GeoCATE cannot write a '.{ext}' file here ({os.path.basename(path)}). Use one of "
+                f"{shown}. Nothing was computed.")
+        if os.path.realpath(path) in inputs:
+            raise QgsProcessingException(
+                f"{label} is one of the run's inputs ({path}): writing it would destroy what is being read. Choose "
+                "another file. Nothing was computed.")
+        if not isinstance(definition, QgsProcessingParameterFolderDestination):
+            to_lock.append(path)
+    if files is None:
+        return
+    try:
+        for path in to_lock:
+            files.lock(path)
+    except DestinationBusy as error:
+        files.release()
+        raise QgsProcessingException(str(error)) from None
+    except BaseException:
+        files.release()
+        raise
 
 
 class quiet_libraries:  # noqa: N801 - used as a context manager
@@ -246,16 +347,17 @@ class GeoCateAlgorithm(QgsProcessingAlgorithm):
         return self.short_description
 
     def helpUrl(self):  # noqa: N802 - QGIS's name
-        """The README, where every algorithm and parameter is described."""
+        """The algorithm's own help page shipped with the plugin (help/<name>.html); the README otherwise."""
         from qgis.PyQt.QtCore import QUrl
 
-        return QUrl.fromLocalFile(README).toString()
+        page = os.path.join(HELP_DIR, f"{self.name()}.html")
+        return QUrl.fromLocalFile(page if os.path.exists(page) else README).toString()
 
     def group(self):
-        return "Treatment effects"
+        return GROUPS[self.groupId()]
 
     def groupId(self):  # noqa: N802 - QGIS's name
-        return "effects"
+        return ALGORITHM_GROUPS.get(self.name(), "utilities")
 
     def icon(self):
         return QIcon(ICON)
@@ -278,7 +380,7 @@ class GeoCateAlgorithm(QgsProcessingAlgorithm):
                 if isinstance(value, QgsProcessingOutputLayerDefinition) else QgsProcessingOutputLayerDefinition(final)
             stem, ext = os.path.splitext(os.path.basename(final))
             # A GeoPackage's layer is named after the file: name it after the destination, not the partial file.
-            target = f"ogr:dbname='{tmp}' table=\"{stem}\" (geom)" if ext.lower() == ".gpkg" else tmp
+            target = ogr_uri(tmp, stem) if ext.lower() == ".gpkg" else tmp
             definition.sink = QgsProperty.fromValue(target)
             parameters = dict(parameters, **{name: definition})
         sink, dest_id = self.parameterAsSink(parameters, name, context, fields, geometry_type, crs)
@@ -393,8 +495,8 @@ class GeoCateAlgorithm(QgsProcessingAlgorithm):
 
     @staticmethod
     def _ogr_path(uri):
-        """dbname='x.gpkg' table="t" (geom) -> x.gpkg|layername=t"""
-        import re
+        """dbname='x.gpkg' table="t" (geom) -> x.gpkg|layername=t (quotes in the path escaped as OGR URIs do)"""
+        from qgis.core import QgsDataSourceUri
 
-        match = re.match(r"dbname='([^']*)'\s+table=\"([^\"]*)\"", uri)
-        return f"{match.group(1)}|layername={match.group(2)}" if match else uri
+        parsed = QgsDataSourceUri(uri)
+        return f"{parsed.database()}|layername={parsed.table()}" if parsed.database() else uri

@@ -17,8 +17,9 @@ from qgis.core import (
     QgsProcessingParameterString,
 )
 
-from .base import GeoCateAlgorithm, run_metadata
+from .base import GeoCateAlgorithm, add_report_parameter, run_metadata
 from .convert import as_number, check_numeric_field, unit_point
+from .widgets import field_role
 
 
 class CalibrateMapAlgorithm(GeoCateAlgorithm):
@@ -55,8 +56,8 @@ class CalibrateMapAlgorithm(GeoCateAlgorithm):
         numeric = QgsProcessingParameterField.Numeric
         self.addParameter(QgsProcessingParameterFeatureSource(
             self.INPUT, "Validation units (the map makers' ground truth)", [QgsProcessing.TypeVector]))
-        self.addParameter(QgsProcessingParameterField(
-            self.TRUTH, "True outcome field", parentLayerParameterName=self.INPUT, type=numeric))
+        self.addParameter(field_role(QgsProcessingParameterField(
+            self.TRUTH, "True outcome field", parentLayerParameterName=self.INPUT, type=numeric), "outcome"))
         self.addParameter(QgsProcessingParameterField(
             self.PREDICTION, "Predicted outcome field (or the map raster below)", parentLayerParameterName=self.INPUT,
             type=numeric, optional=True))
@@ -70,8 +71,7 @@ class CalibrateMapAlgorithm(GeoCateAlgorithm):
             "field's name)", optional=True))
         self.addParameter(QgsProcessingParameterFileDestination(
             self.OUTPUT, "Correction file", "GeoCATE correction (*.json)"))
-        self.addParameter(QgsProcessingParameterFileDestination(
-            self.OUTPUT_REPORT, "Report (HTML)", "HTML files (*.html)", optional=True, createByDefault=False))
+        add_report_parameter(self)
         for name, label in (("SLOPE", "Slope of the prediction on the truth (1 = no shrinkage)"),
                             ("SIGMA", "Standard deviation of prediction - truth"),
                             ("N_VALIDATION", "Validation units used")):

@@ -14,7 +14,7 @@ from qgis.core import (
     QgsProcessingParameterNumber,
 )
 
-from .base import GeoCateAlgorithm, run_metadata
+from .base import GeoCateAlgorithm, add_report_parameter, run_metadata
 from .convert import read_units, write_table
 from .study_parameters import (
     add_imagery_parameters,
@@ -70,9 +70,9 @@ class CompareSourcesAlgorithm(GeoCateAlgorithm):
         self.addParameter(draws)
         self.addParameter(QgsProcessingParameterFeatureSink(self.OUTPUT, "Comparison table", QgsProcessing.TypeVector))
         self.addParameter(QgsProcessingParameterFileDestination(self.OUTPUT_PLOT, "TOC curves (PNG)",
-                                                                "PNG files (*.png)"))
-        self.addParameter(QgsProcessingParameterFileDestination(self.OUTPUT_REPORT, "Report (HTML)",
-                                                                "HTML files (*.html)"))
+                                                                "PNG files (*.png)", optional=True,
+                                                                createByDefault=True))
+        add_report_parameter(self)
         for name, label in (("AUTOC_IMAGERY", "Held-out AUTOC, imagery only"),
                             ("AUTOC_COVARIATES", "Held-out AUTOC, covariates only"),
                             ("AUTOC_BOTH", "Held-out AUTOC, imagery and covariates"),

@@ -9,12 +9,11 @@ from qgis.core import (
     QgsProcessingParameterEnum,
     QgsProcessingParameterFeatureSink,
     QgsProcessingParameterField,
-    QgsProcessingParameterFileDestination,
     QgsProcessingParameterNumber,
 )
 from qgis.PyQt.QtCore import QVariant
 
-from .base import GeoCateAlgorithm
+from .base import GeoCateAlgorithm, add_report_parameter
 from .convert import read_units, write_table
 from .predicted import add_outcome_correction_parameters, read_outcome_correction, report_predicted_outcome
 from .study_parameters import (
@@ -84,8 +83,7 @@ class EstimateAteAlgorithm(GeoCateAlgorithm):
         add_spatial_block_parameter(self)
         add_outcome_correction_parameters(self)
         self.addParameter(QgsProcessingParameterFeatureSink(self.OUTPUT, "Average effects"))
-        self.addParameter(QgsProcessingParameterFileDestination(
-            self.OUTPUT_REPORT, "Report (HTML)", "HTML files (*.html)", optional=True, createByDefault=False))
+        add_report_parameter(self)
         for name, label in (("ATE", "AIPW estimate of the ATE (first arm against the reference)"),
                             ("ATE_SE", "Its standard error"), ("ATT", "AIPW estimate of the ATT"),
                             ("SHARE_OUTSIDE", "Share of units with propensity outside [0.05, 0.95]"),

@@ -11,11 +11,10 @@ from qgis.core import (
     QgsProcessingParameterEnum,
     QgsProcessingParameterFeatureSink,
     QgsProcessingParameterField,
-    QgsProcessingParameterFileDestination,
     QgsProcessingParameterNumber,
 )
 
-from .base import GeoCateAlgorithm
+from .base import GeoCateAlgorithm, add_report_parameter
 from .convert import output_fields, read_units, result_features
 from .predicted import (
     add_outcome_correction_parameters,
@@ -92,8 +91,7 @@ class EstimateCateAlgorithm(GeoCateAlgorithm):
             list(self.DESIGNS), defaultValue=0))
         add_outcome_correction_parameters(self, truth=True)
         self.addParameter(QgsProcessingParameterFeatureSink(self.OUTPUT, "Treatment effects (CATE)"))
-        self.addParameter(QgsProcessingParameterFileDestination(
-            self.OUTPUT_REPORT, "Report (HTML)", "HTML files (*.html)", optional=True, createByDefault=False))
+        add_report_parameter(self)
         self.addOutput(QgsProcessingOutputNumber("ATE", "Average treatment effect (doubly robust)"))
         self.addOutput(QgsProcessingOutputNumber("ATE_SE", "Standard error of the ATE"))
         self.addOutput(QgsProcessingOutputNumber("N_USED", "Units used"))

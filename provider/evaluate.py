@@ -18,9 +18,10 @@ from qgis.core import (
     QgsWkbTypes,
 )
 
-from .base import GeoCateAlgorithm, run_metadata
+from .base import GeoCateAlgorithm, add_report_parameter, run_metadata
 from .convert import as_label, as_number, check_numeric_field, unit_point, write_table
 from .predicted import add_outcome_correction_parameters, read_outcome_correction, report_predicted_outcome
+from .widgets import field_role
 
 
 class EvaluateAlgorithm(GeoCateAlgorithm):
@@ -62,15 +63,15 @@ class EvaluateAlgorithm(GeoCateAlgorithm):
         self.addParameter(QgsProcessingParameterFeatureSource(
             self.INPUT, "Trial units", [QgsProcessing.TypeVector]))
         numeric = QgsProcessingParameterField.Numeric
-        self.addParameter(QgsProcessingParameterField(
+        # No default: a result's own 'cate' was built from these units' outcomes and is not valid for the test.
+        self.addParameter(field_role(QgsProcessingParameterField(
             self.PRIORITY, "Priority (higher = treat first), built without these units' outcomes",
-            defaultValue="cate", parentLayerParameterName=self.INPUT,   # a GeoCATE result's field, when there is one
-            type=numeric))
-        self.addParameter(QgsProcessingParameterField(
+            parentLayerParameterName=self.INPUT, type=numeric), "priority"))
+        self.addParameter(field_role(QgsProcessingParameterField(
             self.TREATMENT, "Treatment field (0 = control, 1 = treated)", parentLayerParameterName=self.INPUT,
-            type=numeric))
-        self.addParameter(QgsProcessingParameterField(
-            self.OUTCOME, "Outcome field", parentLayerParameterName=self.INPUT, type=numeric))
+            type=numeric), "treatment"))
+        self.addParameter(field_role(QgsProcessingParameterField(
+            self.OUTCOME, "Outcome field", parentLayerParameterName=self.INPUT, type=numeric), "outcome"))
         self.addParameter(QgsProcessingParameterField(
             self.PRIORITY_2, "Second priority to compare with", parentLayerParameterName=self.INPUT,
             type=numeric, optional=True))
@@ -95,8 +96,7 @@ class EvaluateAlgorithm(GeoCateAlgorithm):
             self.OUTPUT, "Evaluation table", QgsProcessing.TypeVector))
         self.addParameter(QgsProcessingParameterFileDestination(
             self.OUTPUT_PLOT, "TOC curve (PNG)", "PNG files (*.png)", optional=True, createByDefault=False))
-        self.addParameter(QgsProcessingParameterFileDestination(
-            self.OUTPUT_REPORT, "Report (HTML)", "HTML files (*.html)", optional=True, createByDefault=True))
+        add_report_parameter(self)
         self.addParameter(QgsProcessingParameterEnum(
             "DESIGN", "Study design (observational: the DR scores use a propensity estimated from the covariates)",
             ["randomized", "observational"], defaultValue=0))
@@ -137,6 +137,12 @@ class EvaluateAlgorithm(GeoCateAlgorithm):
         for name, role in [(treatment, "treatment"), (outcome, "outcome")] + [(r, "priority") for r in rules] + [
                 (c, "covariate") for c in covariates]:
             check_numeric_field(fields, name, role)
+        for rule in rules:
+            if rule in (outcome, treatment):
+                raise QgsProcessingException(
+                    f"The priority '{rule}' is the {'outcome' if rule == outcome else 'treatment'} being evaluated: "
+                    "a priority must be built without these units' outcomes (e.g. a CATE from a model that did not "
+                    "see them, or a poverty score). Choose another priority field.")
         if cluster and fields.lookupField(cluster) < 0:
             raise QgsProcessingException(f"The cluster field '{cluster}' does not exist. Choose one of the layer's fields.")
         spatial = source.wkbType() != QgsWkbTypes.NoGeometry
@@ -152,6 +158,12 @@ class EvaluateAlgorithm(GeoCateAlgorithm):
                          unit_point(feature.geometry()) if spatial else (np.nan, np.nan),
                          as_label(feature[cluster]) if cluster else None))
         n = len(rows)
+        for j, rule in enumerate(rules):
+            ranks = np.array([r[0][j] for r in rows], float)
+            if np.unique(ranks[np.isfinite(ranks)]).size < 2:
+                raise QgsProcessingException(
+                    f"The priority '{rule}' takes a single value on every unit: it ranks nobody before anybody, so "
+                    "there is nothing to evaluate. Choose a field that orders the units.")
         from ..core.design import StudyDesign
 
         design_kind = ("randomized", "observational")[self.parameterAsEnum(parameters, "DESIGN", context)]

@@ -17,7 +17,7 @@ from qgis.core import (
 )
 from qgis.PyQt.QtCore import QVariant
 
-from .base import GeoCateAlgorithm
+from .base import GeoCateAlgorithm, add_report_parameter
 from .convert import RESULT_FIELDS, output_fields, read_units, result_features, write_table
 from .study_parameters import (
     add_imagery_parameters,
@@ -89,8 +89,7 @@ class ImageClustersAlgorithm(GeoCateAlgorithm):
                                                                 optional=True, createByDefault=True))
         self.addParameter(QgsProcessingParameterFolderDestination(
             self.OUTPUT_SALIENCE, "Salience rasters (folder)", optional=True, createByDefault=False))
-        self.addParameter(QgsProcessingParameterFileDestination(
-            self.OUTPUT_REPORT, "Report (HTML)", "HTML files (*.html)", optional=True, createByDefault=False))
+        add_report_parameter(self)
         for name, label in (("N_CLUSTERS", "Number of clusters used"), ("ATE", "Average treatment effect (DR)"),
                             ("ATE_SE", "Standard error of the ATE"), ("N_USED", "Units used"),
                             ("N_DROPPED", "Units dropped")):

@@ -14,7 +14,6 @@ from qgis.core import (
     QgsProcessingParameterExtent,
     QgsProcessingParameterFeatureSource,
     QgsProcessingParameterFile,
-    QgsProcessingParameterFileDestination,
     QgsProcessingParameterNumber,
     QgsProcessingParameterRasterDestination,
     QgsProcessingParameterRasterLayer,
@@ -24,7 +23,7 @@ from qgis.core import (
     QgsWkbTypes,
 )
 
-from .base import GeoCateAlgorithm, run_metadata
+from .base import GeoCateAlgorithm, add_report_parameter, run_metadata
 from .convert import read_units
 from .study_parameters import (
     add_imagery_parameters,
@@ -37,11 +36,6 @@ from .study_parameters import (
 
 EXTENT, MASK, STRIDE, METHOD, DASK_SCHEDULER, OUTPUT = "EXTENT", "MASK", "STRIDE", "METHOD", "DASK_SCHEDULER", "OUTPUT"
 OUTPUT_REPORT = "OUTPUT_REPORT"
-
-
-def add_report_parameter(algorithm):
-    algorithm.addParameter(QgsProcessingParameterFileDestination(
-        OUTPUT_REPORT, "Report (HTML)", "HTML files (*.html)", optional=True, createByDefault=False))
 
 
 def write_map_report(algorithm, parameters, context, metadata, map_path, results, feedback):

@@ -24,6 +24,11 @@ LOCK = ".geocate-lock"
 STALE_LOCK_SECONDS = 24 * 3600
 
 
+#: Lock files this process holds now. A lock with this process's id that is not here was left by a run of this
+#: process that ended without releasing it: stale, not busy (QGIS runs every algorithm in one process).
+HELD = set()
+
+
 class DestinationBusy(Exception):
     """Another live run is writing this destination."""
 
@@ -106,7 +111,8 @@ class RunFiles:
                     age = time.time() - os.path.getmtime(lock)
                 except (OSError, ValueError):
                     pid, age = 0, STALE_LOCK_SECONDS
-                if pid and _alive(pid) and age < STALE_LOCK_SECONDS:
+                ours_and_released = pid == os.getpid() and lock not in HELD
+                if pid and not ours_and_released and _alive(pid) and age < STALE_LOCK_SECONDS:
                     raise DestinationBusy(
                         f"Another GeoCATE run (process {pid}) is writing {final} now. Wait for it to finish, or "
                         "choose another file. Nothing was computed.") from None
@@ -118,6 +124,7 @@ class RunFiles:
             with os.fdopen(handle, "w", encoding="ascii") as out:
                 out.write(str(os.getpid()))
             self.locks.append(lock)
+            HELD.add(lock)
             sweep_leftovers(final)
             return
         raise DestinationBusy(f"The lock {lock} could not be taken. Remove it if no GeoCATE run is writing {final}.")
@@ -167,6 +174,7 @@ class RunFiles:
 
     def release(self):
         for lock in self.locks:
+            HELD.discard(lock)
             try:
                 os.remove(lock)
             except OSError:

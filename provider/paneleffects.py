@@ -20,6 +20,7 @@ from qgis.PyQt.QtCore import QDate, QDateTime, QVariant
 
 from .base import GeoCateAlgorithm, run_metadata
 from .convert import as_label, as_number, check_numeric_field, unit_point, write_table
+from .widgets import field_role
 
 APPROACH_CHOICES = ("mundlak", "within", "first_difference", "all three")
 PANEL_COLUMNS = (("approach", QVariant.String), ("period", QVariant.String), ("theta", QVariant.Double),
@@ -73,13 +74,15 @@ class PanelEffectsAlgorithm(GeoCateAlgorithm):
         numeric = QgsProcessingParameterField.Numeric
         self.addParameter(QgsProcessingParameterFeatureSource(
             self.INPUT, "Panel (one row per unit and year)", [QgsProcessing.TypeVector]))
-        self.addParameter(QgsProcessingParameterField(self.UNIT_ID, "Unit id field", parentLayerParameterName=self.INPUT))
-        self.addParameter(QgsProcessingParameterField(self.TIME, "Time field (year or date)",
-                                                      parentLayerParameterName=self.INPUT))
-        self.addParameter(QgsProcessingParameterField(self.TREATMENT, "Treatment field (binary or continuous)",
-                                                      parentLayerParameterName=self.INPUT, type=numeric))
-        self.addParameter(QgsProcessingParameterField(self.OUTCOME, "Outcome field", parentLayerParameterName=self.INPUT,
-                                                      type=numeric))
+        self.addParameter(field_role(QgsProcessingParameterField(
+            self.UNIT_ID, "Unit id field", parentLayerParameterName=self.INPUT), "unit"))
+        self.addParameter(field_role(QgsProcessingParameterField(
+            self.TIME, "Time field (year or date)", parentLayerParameterName=self.INPUT), "time"))
+        self.addParameter(field_role(QgsProcessingParameterField(
+            self.TREATMENT, "Treatment field (binary or continuous)", parentLayerParameterName=self.INPUT,
+            type=numeric), "treatment"))
+        self.addParameter(field_role(QgsProcessingParameterField(
+            self.OUTCOME, "Outcome field", parentLayerParameterName=self.INPUT, type=numeric), "outcome"))
         self.addParameter(QgsProcessingParameterField(self.COVARIATES, "Covariate fields", parentLayerParameterName=self.INPUT,
                                                       type=numeric, allowMultiple=True, optional=True))
         self.addParameter(QgsProcessingParameterMultipleLayers(

@@ -18,6 +18,8 @@ from qgis.core import (
     QgsWkbTypes,
 )
 
+from .widgets import field_role
+
 INPUT, TREATMENT, OUTCOME, COVARIATES = "INPUT", "TREATMENT", "OUTCOME", "COVARIATES"
 RASTER, BANDS, PATCH_SIZE, NODATA, SEED, SPATIAL_BLOCK = "RASTER", "BANDS", "PATCH_SIZE", "NODATA", "SEED", "SPATIAL_BLOCK"
 SCALES, RASTERS_TIME, TIME_POOLING, ENCODER, FEATURE_CACHE = (
@@ -29,10 +31,11 @@ def add_study_parameters(algorithm):
     numeric = QgsProcessingParameterField.Numeric
     algorithm.addParameter(QgsProcessingParameterFeatureSource(
         INPUT, "Trial units (points or polygons)", [QgsProcessing.TypeVectorPoint, QgsProcessing.TypeVectorPolygon]))
-    algorithm.addParameter(QgsProcessingParameterField(
-        TREATMENT, "Treatment field (0 = control, 1 = treated)", parentLayerParameterName=INPUT, type=numeric))
-    algorithm.addParameter(QgsProcessingParameterField(
-        OUTCOME, "Outcome field", parentLayerParameterName=INPUT, type=numeric))
+    algorithm.addParameter(field_role(QgsProcessingParameterField(
+        TREATMENT, "Treatment field (0 = control, 1 = treated)", parentLayerParameterName=INPUT, type=numeric),
+        "treatment"))
+    algorithm.addParameter(field_role(QgsProcessingParameterField(
+        OUTCOME, "Outcome field", parentLayerParameterName=INPUT, type=numeric), "outcome"))
     algorithm.addParameter(QgsProcessingParameterField(
         COVARIATES, "Covariate fields", parentLayerParameterName=INPUT, type=numeric, allowMultiple=True,
         optional=True))

@@ -102,6 +102,9 @@ def apply_result_styles(layer, current=CATE_STYLE):
     if not layer.isSpatial():
         return layer
     manager = layer.styleManager()
+    for name in (CATE_STYLE, GROUP_STYLE):   # styled before (a memory result is styled when run and when loaded)
+        if name in manager.styles() and name != manager.currentStyle():
+            manager.removeStyle(name)
     layer.setRenderer(group_renderer(layer))
     group_style = QgsMapLayerStyle()
     group_style.readFromLayer(layer)

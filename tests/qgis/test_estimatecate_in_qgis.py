@@ -394,19 +394,19 @@ def test_evaluate_gives_table_plot_and_report_for_a_geocate_cate(memory_run, tmp
     assert "AUTOC" in report and "data:image/png;base64" in report and "spatial block (m)" in report
 
 
-def test_evaluate_priority_defaults_to_a_cate_field_and_warns_it_is_not_a_test(memory_run):
+def test_evaluate_priority_has_no_default_and_warns_that_cate_is_not_a_test(memory_run):
     import processing
     from qgis.core import QgsProcessingFeedback
 
     algorithm = QgsApplication.processingRegistry().algorithmById("geocate:evaluate")
-    assert algorithm.parameterDefinition("PRIORITY").defaultValue() == "cate"
+    assert algorithm.parameterDefinition("PRIORITY").defaultValue() is None   # 'cate' is not valid for the test
     warnings = []
 
     class Feedback(QgsProcessingFeedback):
         def pushWarning(self, text):  # noqa: N802 - QGIS's name
             warnings.append(text)
 
-    results = processing.run("geocate:evaluate", {   # the dialog's default on a GeoCATE result
+    results = processing.run("geocate:evaluate", {   # a GeoCATE result's own CATE
         "INPUT": memory_run["OUTPUT"], "PRIORITY": "cate", "TREATMENT": "treated", "OUTCOME": "outcome",
         "BOOTSTRAP": 50,
         "OUTPUT": "memory:"}, feedback=Feedback())
