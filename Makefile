@@ -17,7 +17,7 @@ export XDG_RUNTIME_DIR := /tmp/runtime-$(shell id -u)
 export PYTHONPATH := $(PLUGINS):$(SITE)
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: setup system venv profile demo test test-fast lint bench clean
+.PHONY: setup system venv profile demo test test-fast lint bench package clean
 
 setup: system venv profile
 
@@ -69,6 +69,10 @@ bench: setup
 	$(PY) bench/bench_panel.py --json outputs/bench_panel.json
 	$(PY) bench/bench_representations.py all --reps 3 --json outputs/bench_representations.json
 	$(PY) bench/bench_maps.py --json outputs/bench_maps.json
+
+# The release ZIP, outputs/geocate.zip: the plugin's own files in a folder geocate/, for Install from ZIP.
+package:
+	$(if $(wildcard $(PY)),$(PY),python3) scripts/package.py
 
 clean:
 	rm -rf outputs .qgis-profile

@@ -54,6 +54,26 @@ def write_map_report(algorithm, parameters, context, metadata, map_path, results
 METHODS = (("causal forest", "forest"), ("cluster model", "clusters"))
 
 
+def below_vector_layers(layer, veil, project):
+    """Move a loaded map (and its veil, right above it) below every vector layer of its group: a map loaded on
+    top hid the units it was made from."""
+    from qgis.core import QgsLayerTreeLayer, QgsVectorLayer
+
+    root = project.layerTreeRoot()
+    node = root.findLayer(layer.id())
+    parent = node.parent() if node is not None else root
+    vectors = [i for i, child in enumerate(parent.children())
+               if isinstance(child, QgsLayerTreeLayer) and isinstance(child.layer(), QgsVectorLayer)]
+    index = vectors[-1] + 1 if vectors else 0
+    if node is not None:
+        clone = node.clone()   # inserted before the old node goes, so the layer never leaves the tree
+        parent.insertChildNode(index, clone)
+        parent.removeChildNode(node)
+        index = parent.children().index(clone)
+    if veil is not None:
+        parent.insertLayer(index, veil)
+
+
 class StyleMapOnLoad(QgsProcessingLayerPostProcessorInterface):
     """Styles a map when Processing loads it, and lays the support veil over it (the same file, its support band)."""
 
@@ -70,16 +90,16 @@ class StyleMapOnLoad(QgsProcessingLayerPostProcessorInterface):
             return
         layer.setName(self.name)
         effect_map_style(layer, self.band_names)
+        project = context.project() or QgsProject.instance()
+        veil = None
         if "support" in self.band_names:
             veil = QgsRasterLayer(layer.source(), f"{self.name}: outside the trial's support")
             if veil.isValid():
                 support_veil_style(veil, self.band_names, self.threshold)
-                project = context.project() or QgsProject.instance()
                 project.addMapLayer(veil, False)
-                node = project.layerTreeRoot().findLayer(layer.id())
-                parent = node.parent() if node is not None else project.layerTreeRoot()
-                index = parent.children().index(node) if node is not None else 0
-                parent.insertLayer(index, veil)
+            else:
+                veil = None
+        below_vector_layers(layer, veil, project)
 
     @classmethod
     def create(cls, *args):

@@ -1,0 +1,105 @@
+"""The Processing dialogs in QGIS desktop, under Xvfb: Run pressed with file and temporary outputs, a two-step
+model from its dialog, the batch dialog with two rows; field widgets that choose by name; a screenshot of every
+dialog (outputs/screenshots/)."""
+
+import json
+import os
+import shutil
+import site
+import subprocess
+
+import pytest
+from conftest import PLUGINS, ROOT
+
+pytestmark = [pytest.mark.qgis, pytest.mark.desktop]
+SCRIPT = ROOT / "tests" / "qgis" / "desktop" / "dialogs.py"
+SHOTS = ROOT / "outputs" / "screenshots"
+ALGORITHMS = ("estimatecate", "imageclusters", "evaluate", "comparesources", "estimateate", "calibratemap",
+              "paneleffects", "mapeffects", "applyclusters")
+
+
+@pytest.fixture(scope="module")
+def desktop(demo_units_gpkg, demo_raster, tmp_path_factory):
+    if shutil.which("xvfb-run") is None or shutil.which("qgis") is None:
+        pytest.skip("needs Debian's xvfb and qgis (make test installs them)")
+    out = tmp_path_factory.mktemp("dialogs")
+    env = dict(os.environ, QGIS_CUSTOM_CONFIG_PATH=str(ROOT / ".qgis-profile"),
+               PYTHONPATH=os.pathsep.join([str(PLUGINS)] + site.getsitepackages()),
+               GEOCATE_UNITS=demo_units_gpkg, GEOCATE_RASTER=demo_raster, GEOCATE_OUT=str(out))
+    env.pop("QT_QPA_PLATFORM", None)   # a real (virtual) screen
+    subprocess.run(["qgis_process.bin", "plugins", "enable", "geocate"], env=env, capture_output=True, timeout=120)
+    done = subprocess.run(["xvfb-run", "-a", "-s", "-screen 0 1600x1000x24", "qgis", "--nologo",
+                           "--noversioncheck", "--code", str(SCRIPT)],
+                          env=env, capture_output=True, text=True, timeout=900)
+    summary = json.loads((out / "summary.json").read_text()) if (out / "summary.json").exists() else {}
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    for name in ALGORITHMS:
+        if (out / f"dialog_{name}.png").exists():
+            shutil.copy(out / f"dialog_{name}.png", SHOTS / f"dialog_{name}.png")
+    return done, summary, out
+
+
+def step(summary, name):
+    found = [s for s in summary.get("steps", []) if s["name"] == name]
+    assert found, f"{name} was not reached: {summary.get('error')}"
+    return found[0]
+
+
+def test_qgis_survives_every_dialog_run(desktop):
+    done, summary, _ = desktop
+    assert "error" not in summary, summary.get("error")
+    assert summary.get("alive") is True, (done.returncode, done.stderr[-3000:])
+
+
+def test_field_widgets_choose_the_field_by_its_name_and_never_fid(desktop):
+    _, summary, _ = desktop
+    choices = summary["field_choices"]
+    assert choices["geocate:estimatecate"] == {"TREATMENT": "treated", "OUTCOME": "outcome"}
+    # evaluate's priority has no name to go by: nothing is chosen (its own CATE would not be a valid test)
+    assert choices["geocate:evaluate"] == {"PRIORITY": None, "TREATMENT": "treated", "OUTCOME": "outcome"}
+
+
+def test_every_dialog_has_a_screenshot(desktop):
+    _, summary, _ = desktop
+    assert sorted(summary["screenshots"]) == sorted(ALGORITHMS)
+    for name in ALGORITHMS:
+        png = (SHOTS / f"dialog_{name}.png").read_bytes()
+        assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
+
+
+@pytest.mark.parametrize("name, loaded", [
+    ("estimatecate_gpkg", [("Treatment effects (CATE)", "graduatedSymbol")]),
+    ("estimatecate_temporary", [("Treatment effects (CATE)", "graduatedSymbol")]),
+    ("mapeffects_tif", [("Effects map (outcome)", "singlebandpseudocolor"),
+                        ("Effects map (outcome): outside the trial's support", None)]),
+])
+def test_run_pressed_loads_each_output_once_styled_with_no_false_error(desktop, name, loaded):
+    _, summary, _ = desktop
+    result = step(summary, name)
+    assert result["done"] and result["finished_ok"] and not result["failed"], result["log_tail"]
+    assert not result["not_correctly_generated"], result["log_tail"]
+    assert sorted(x["name"] for x in result["layers"]) == sorted(n for n, _ in loaded)
+    for layer in result["layers"]:
+        expected = dict(loaded)[layer["name"]]
+        assert expected is None or layer["renderer"] == expected, layer
+    if name.startswith("mapeffects"):   # a map lies below the unit layers, its veil right above it
+        units = min(x["index"] for x in summary["project_before"] if x["kind"] == "vector")
+        indices = {x["name"]: x["index"] for x in result["layers"]}
+        assert units < indices["Effects map (outcome): outside the trial's support"] < indices["Effects map (outcome)"]
+
+
+def test_a_two_step_model_runs_from_its_dialog(desktop):
+    _, summary, out = desktop
+    result = step(summary, "model")
+    assert result["done"] and result["finished_ok"] and not result["failed"], result["log_tail"]
+    assert not result["not_correctly_generated"], result["log_tail"]
+    assert (out / "model_effects.gpkg").exists() and (out / "model_evaluation.csv").exists()
+    assert len(result["layers"]) == 2
+
+
+def test_the_batch_dialog_runs_two_rows(desktop):
+    _, summary, _ = desktop
+    result = step(summary, "batch")
+    assert not result["failed"] and not result["not_correctly_generated"], result["log_tail"]
+    assert {"batch_1.gpkg", "batch_2.gpkg", "batch_1.run.json", "batch_2.run.json"} <= set(result["files"])
+    assert [x["name"] for x in result["layers"]] == ["Treatment effects (CATE)"] * 2
