@@ -383,6 +383,40 @@ def block_size_from_data(coords, outcome, treated, at_least=0.0):
     return float(max(correlation_range(coords, residual), at_least))
 
 
+#: Groups each held-out fold should hold (the half-sample bootstrap and the sequential test work over them).
+MIN_GROUPS_PER_FOLD = 4
+TARGET_GROUPS_PER_FOLD = 10
+
+
+def auto_block_size(coords, outcome, treated, locations=None, footprint=0.0, n_folds=5):
+    """Spatial blocks chosen from the data, never so large that too few remain: (size in metres, note or None).
+
+    Starts from block_size_from_data (the outcome's correlation range, at least the window's ``footprint``), then
+    shrinks the blocks (by a fifth at a time, not below the footprint) until each of the ``n_folds`` folds holds
+    TARGET_GROUPS_PER_FOLD groups. If blocks as large as the footprint leave fewer than MIN_GROUPS_PER_FOLD per
+    fold, they shrink below it until that many are reached, and the note says that some neighbours' windows may
+    then fall in different folds. Folds deal groups in turn (location_folds), so a fold holds
+    groups // n_folds of them."""
+    coords = np.asarray(coords, float)
+
+    def groups_at(size):
+        return len(np.unique(honest_fold_groups(coords, size, locations)))
+
+    size = block_size_from_data(coords, outcome, treated, at_least=footprint)
+    target, floor = TARGET_GROUPS_PER_FOLD * n_folds, MIN_GROUPS_PER_FOLD * n_folds
+    while size > footprint and groups_at(size) < target:
+        size = max(float(footprint), size * 0.8)
+    note = None
+    if groups_at(size) < floor:
+        smallest = max(size / 1000.0, 1e-6)
+        while size > smallest and groups_at(size) < floor:
+            size *= 0.8
+        note = (f"Spatial blocks as large as the image windows ({footprint:,.0f} m) left fewer than "
+                f"{MIN_GROUPS_PER_FOLD} groups per fold; blocks of {size:,.0f} m are used, so some neighbours whose "
+                "windows overlap may fall in different folds. Add units, or give a cluster field.")
+    return float(size), note
+
+
 def honest_fold_groups(coords, block_size=None, locations=None):
     """Group ids that cross-fitting folds must keep whole: units sharing a location, or a spatial block.
 
@@ -507,7 +541,8 @@ def evaluate_priorities(outcome, treated, priorities, names=None, covariates=Non
         loc_used = np.arange(int(used.sum()))
     block_size = None
     if spatial_block:
-        block_size = float(spatial_block) if spatial_block > 0 else block_size_from_data(coords_used, Y[used], W[used])
+        block_size = float(spatial_block) if spatial_block > 0 else \
+            auto_block_size(coords_used, Y[used], W[used], loc_used, n_folds=n_folds)[0]
     groups = honest_fold_groups(coords_used, block_size, loc_used)
     folds = location_folds(groups, n_folds, seed)
     if progress:

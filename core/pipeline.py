@@ -9,7 +9,7 @@ import numpy as np
 from .corrections import ate_by_correction, corrected_outcomes, prediction_powered_ate
 from .errors import GeoCateError
 from .evaluate import (
-    block_size_from_data,
+    auto_block_size,
     group_average_effects,
     honest_fold_groups,
     merge_groups,
@@ -83,6 +83,8 @@ def overlap_warning(study, window_size_px, block_size):
     """
     from scipy.spatial import cKDTree
 
+    if study.notes:   # the automatic blocks had to be smaller than the windows
+        return " ".join(study.notes)
     if block_size or study.n_used < 2:
         return None
     coords = metric_coords(study.coords[study.used], study.raster_crs_wkt)
@@ -96,7 +98,7 @@ def overlap_warning(study, window_size_px, block_size):
             "blocks to auto (-1: chosen from the data) for an honest split.")
 
 
-def fold_groups(study, spatial_block=0, window_size_px=33):
+def fold_groups(study, spatial_block=0, window_size_px=33, n_folds=5):
     """Groups the cross-fitting folds must keep whole, for the used units: (group ids, block size in metres or None).
 
     These groups are also the bootstrap's clusters and the clusters of every
@@ -114,8 +116,10 @@ def fold_groups(study, spatial_block=0, window_size_px=33):
     if not spatial_block:
         return locations, None
     if spatial_block < 0:
-        spatial_block = block_size_from_data(coords, study.outcome[study.used], study.treated[study.used],
-                                             at_least=window_size_px * study.pixel_size_m)
+        spatial_block, note = auto_block_size(coords, study.outcome[study.used], study.treated[study.used], locations,
+                                              footprint=window_size_px * study.pixel_size_m, n_folds=n_folds)
+        if note and note not in study.notes:
+            study.notes.append(note)
     groups = honest_fold_groups(coords, spatial_block, locations)
     if len(np.unique(groups)) < 5:
         extent = float(max(np.ptp(coords[:, 0]), np.ptp(coords[:, 1])))

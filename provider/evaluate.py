@@ -21,6 +21,7 @@ from qgis.core import (
 from .base import GeoCateAlgorithm, add_report_parameter, run_metadata
 from .convert import as_label, as_number, check_numeric_field, unit_point, write_table
 from .predicted import add_outcome_correction_parameters, read_outcome_correction, report_predicted_outcome
+from .study_parameters import add_spatial_block_parameter
 from .widgets import field_role
 
 
@@ -81,9 +82,7 @@ class EvaluateAlgorithm(GeoCateAlgorithm):
         self.addParameter(QgsProcessingParameterField(
             self.CLUSTER, "Cluster field, e.g. village", parentLayerParameterName=self.INPUT,
             optional=True))
-        self.addParameter(QgsProcessingParameterNumber(
-            self.SPATIAL_BLOCK, "Spatial blocks, metres (0 = none, -1 = choose from the data)",
-            QgsProcessingParameterNumber.Double, defaultValue=0, minValue=-1))
+        add_spatial_block_parameter(self)
         for name, label, default, low, high in ((self.GROUPS, "Number of GATE groups", 5, 2, 20),
                                                 (self.BOOTSTRAP, "Bootstrap draws", 200, 20, 10000),
                                                 (self.SEED, "Random seed", 42, 0, 2 ** 31 - 1)):
@@ -146,6 +145,9 @@ class EvaluateAlgorithm(GeoCateAlgorithm):
         if cluster and fields.lookupField(cluster) < 0:
             raise QgsProcessingException(f"The cluster field '{cluster}' does not exist. Choose one of the layer's fields.")
         spatial = source.wkbType() != QgsWkbTypes.NoGeometry
+        if spatial_block < 0 and not spatial:   # auto, on a table: no geometry to make blocks of
+            feedback.pushInfo("The layer has no geometries: no spatial blocks (folds keep clusters and units whole).")
+            spatial_block = 0
         if spatial_block and not spatial:
             raise QgsProcessingException("Spatial blocks need geometries, and this layer has none. Set 'Spatial blocks' to 0.")
 

@@ -57,8 +57,8 @@ def add_study_parameters(algorithm):
 
 def add_spatial_block_parameter(algorithm, advanced=True):
     block = QgsProcessingParameterNumber(
-        SPATIAL_BLOCK, "Spatial blocks for cross-fitting, metres (0 = none, -1 = choose from the data)",
-        QgsProcessingParameterNumber.Double, defaultValue=0, minValue=-1)
+        SPATIAL_BLOCK, "Spatial blocks for cross-fitting, metres (-1 = auto: chosen from the data; 0 = none)",
+        QgsProcessingParameterNumber.Double, defaultValue=-1, minValue=-1)
     if advanced:
         block.setFlags(block.flags() | QgsProcessingParameterDefinition.FlagAdvanced)
     algorithm.addParameter(block)

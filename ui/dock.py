@@ -210,7 +210,7 @@ class GeoCateDock(QgsDockWidget):
         self.spatial_block.setRange(-1, 1e6)
         self.spatial_block.setDecimals(0)
         self.spatial_block.setSpecialValueText("auto")  # shown at the minimum, -1: chosen from the data
-        self.spatial_block.setValue(0)
+        self.spatial_block.setValue(-1)   # auto: neighbours whose windows overlap stay in one fold
         self.spatial_block.setSuffix(" m")
         self.spatial_block.setToolTip("Cross-fitting folds keep square blocks of this side whole, so neighbours "
                                       "whose windows overlap are never split; 0 = none, auto (-1) = chosen from "
@@ -878,7 +878,7 @@ class GeoCateDock(QgsDockWidget):
             value, found = project.readNumEntry(SCOPE, key, widget.value())
             if found:
                 widget.setValue(value)
-        value, found = project.readDoubleEntry(SCOPE, "spatial_block", 0.0)
+        value, found = project.readDoubleEntry(SCOPE, "spatial_block", -1.0)
         if found:
             self.spatial_block.setValue(value)
         self.wider_context.setValue(project.readDoubleEntry(SCOPE, "context", 0.0)[0])
