@@ -1,10 +1,9 @@
 """The plugin object QGIS loads: registers the Processing provider, adds the toolbar button and the dock."""
 
-import os
-
 from qgis.core import QgsApplication
 
-ICON = os.path.join(os.path.dirname(__file__), "resources", "icon.png")
+from .paths import ICON
+
 MAIN_ALGORITHM = "geocate:estimatecate"
 MENU = "&GeoCATE"
 
@@ -15,6 +14,8 @@ class GeoCatePlugin:
         self.provider = None
         self.action = None
         self.dialog_action = None
+        self.identify_action = None
+        self.identify_tool = None
         self.dock = None
 
     def initProcessing(self):  # noqa: N802 - QGIS's name
@@ -41,6 +42,26 @@ class GeoCatePlugin:
                                      self.iface.mainWindow())
         self.dialog_action.triggered.connect(self.open_main_dialog)
         self.iface.addPluginToMenu(MENU, self.dialog_action)
+        self.identify_action = QAction(QIcon(ICON), "GeoCATE: what was found here? (click a unit or a map cell)",
+                                       self.iface.mainWindow())
+        self.identify_action.setCheckable(True)
+        self.identify_action.triggered.connect(self.use_identify_tool)
+        self.iface.addToolBarIcon(self.identify_action)
+        self.iface.addPluginToMenu(MENU, self.identify_action)
+
+    def use_identify_tool(self, checked=True):
+        """The map tool: a click on a unit or an effects-map cell shows its window, CATE, group and support."""
+        canvas = self.iface.mapCanvas()
+        if self.identify_tool is None:
+            from .ui.maptool import EffectIdentifyTool
+
+            self.identify_tool = EffectIdentifyTool(canvas, self.iface.messageBar())
+            self.identify_tool.setAction(self.identify_action)
+        if checked:
+            canvas.setMapTool(self.identify_tool)
+        elif canvas.mapTool() is self.identify_tool:
+            canvas.unsetMapTool(self.identify_tool)
+        return self.identify_tool
 
     def toggle_dock(self, checked=True):
         """Show (creating it the first time) or hide the dock."""
@@ -61,11 +82,14 @@ class GeoCatePlugin:
         processing.execAlgorithmDialog(MAIN_ALGORITHM)
 
     def unload(self):
-        for action in (self.action, self.dialog_action):
+        if self.identify_tool is not None:
+            self.iface.mapCanvas().unsetMapTool(self.identify_tool)
+            self.identify_tool = None
+        for action in (self.action, self.dialog_action, self.identify_action):
             if action is not None:
                 self.iface.removeToolBarIcon(action)
                 self.iface.removePluginMenu(MENU, action)
-        self.action = self.dialog_action = None
+        self.action = self.dialog_action = self.identify_action = None
         if self.dock is not None:
             self.dock.disconnect_project()
             self.iface.removeDockWidget(self.dock)

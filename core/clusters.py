@@ -357,6 +357,54 @@ def export_onnx(model, path, bands, window_size_px, n_covariates, metadata):
 DESCRIPTION_KEYS = ("bands", "window_size_px", "n_covariates", "sha256")
 
 
+def check_description(description, session, where):
+    """A model's description agrees with itself and with the ONNX graph it describes (a hand-edited description
+    otherwise surfaced as onnxruntime's InvalidArgument or a KeyError deep in a map run)."""
+    fix = "Run 'Find effect clusters in imagery' again to write a new model (do not edit its .json by hand)."
+
+    def count(name, minimum=0):
+        value = description.get(name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise GeoCateError(f"The model description '{where}' gives {name} = {value!r}: not a whole number of at "
+                               f"least {minimum}.", fix)
+        return value
+
+    bands, window, n_cov = count("bands", 1), count("window_size_px", 3), count("n_covariates")
+    shapes = {i.name: i.shape for i in session.get_inputs()}
+    image, covariates = shapes.get("image"), shapes.get("covariates")
+    if image is None or covariates is None or len(image) != 4 or len(covariates) != 2:
+        raise GeoCateError(f"The model '{where}' does not take the inputs a GeoCATE cluster model takes.", fix)
+    for name, stated, actual in (("bands", bands, image[1]), ("window_size_px", window, image[2]),
+                                 ("window_size_px", window, image[3]), ("n_covariates", n_cov, covariates[1])):
+        if isinstance(actual, int) and actual != stated:
+            raise GeoCateError(f"The model description '{where}' gives {name} = {stated}, but the model itself takes "
+                               f"{actual}.", fix)
+    used = description.get("bands_used")
+    if used is not None and (not isinstance(used, list) or len(used) != bands
+                             or not all(isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in used)):
+        raise GeoCateError(f"The model description '{where}' lists bands_used = {used!r}: {bands} band number(s) "
+                           "(1 = first) are needed.", fix)
+    clusters = description.get("clusters")
+    if clusters is not None:
+        outputs = session.get_outputs()[0].shape
+        k = outputs[1] if len(outputs) == 2 and isinstance(outputs[1], int) else None
+        ok = isinstance(clusters, list) and all(
+            isinstance(row, (list, tuple)) and len(row) > 1 and isinstance(row[1], (int, float))
+            and not isinstance(row[1], bool) and np.isfinite(row[1]) for row in clusters)
+        if not ok or (k is not None and len(clusters) != k):
+            raise GeoCateError(f"The model description '{where}' has a damaged table of clusters (one row per "
+                               "cluster, its effect a number" + (f"; the model has {k} clusters" if k else "") + ").",
+                               fix)
+    means = description.get("covariate_means")
+    if means is not None and (not isinstance(means, list) or len(means) != n_cov or not all(
+            isinstance(m, (int, float)) and not isinstance(m, bool) and np.isfinite(m) for m in means)):
+        raise GeoCateError(f"The model description '{where}' has covariate_means that are not {n_cov} number(s).",
+                           fix)
+    pixel = description.get("pixel_size_m")
+    if pixel is not None and (isinstance(pixel, bool) or not isinstance(pixel, (int, float)) or not pixel > 0):
+        raise GeoCateError(f"The model description '{where}' gives pixel_size_m = {pixel!r}.", fix)
+
+
 class OnnxClusterModel:
     """A saved cluster model, run with onnxruntime (CUDA provider first where present).
 
@@ -393,6 +441,7 @@ class OnnxClusterModel:
                                "The file is damaged or not a GeoCATE model: run 'Find effect clusters in imagery' "
                                "again to write a new one.") from exc
         self.provider = self.session.get_providers()[0]
+        check_description(self.description, self.session, description)
 
     def probabilities(self, windows, covariates=None):
         windows = np.asarray(windows, dtype=np.float32)

@@ -112,7 +112,40 @@ class OutcomeCorrection:
         if missing:
             raise GeoCateError(f"The correction file '{path}' lacks {', '.join(sorted(missing))}.",
                                "Make it again with 'Calibrate a predicted-outcome map'.")
-        return cls(**{key: value for key, value in data.items() if key in names})
+        correction = cls(**{key: value for key, value in data.items() if key in names})
+        correction.validate(path)
+        return correction
+
+    def validate(self, path="the correction file"):
+        """Refuse values no fitted correction has (a hand-edited or damaged file): a slope that is not a positive
+        number (0 divides by zero; a negative one silently flipped the sign of the ATE), a variance, range or
+        score grid that is not numeric and finite."""
+        fix = "Make the file again with 'Calibrate a predicted-outcome map' (do not edit it by hand)."
+
+        def number(name, value):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value):
+                raise GeoCateError(f"In '{path}', {name} is {value!r}: not a finite number.", fix)
+            return float(value)
+
+        if number("slope", self.slope) <= 0:
+            raise GeoCateError(f"In '{path}', the slope is {self.slope!r}: a map's predictions rise with the truth, "
+                               "so the slope must be positive (0 cannot be undone; a negative one would flip the "
+                               "sign of every effect).", fix)
+        number("intercept", self.intercept)
+        if number("sigma2", self.sigma2) < 0:
+            raise GeoCateError(f"In '{path}', sigma2 is {self.sigma2!r}: a variance cannot be negative.", fix)
+        if number("low", self.low) > number("high", self.high):
+            raise GeoCateError(f"In '{path}', low ({self.low!r}) is above high ({self.high!r}).", fix)
+        if not isinstance(self.outcome, str) or not self.outcome.strip():
+            raise GeoCateError(f"In '{path}', the outcome's name is missing.", fix)
+        try:
+            grid, score = np.asarray(self.grid, float), np.asarray(self.score, float)
+        except (TypeError, ValueError):
+            raise GeoCateError(f"In '{path}', the score grid holds values that are not numbers.", fix) from None
+        if grid.ndim != 1 or grid.shape != score.shape or len(grid) < 2 or not np.all(np.isfinite(grid)) \
+                or not np.all(np.isfinite(score)) or np.any(np.diff(grid) <= 0):
+            raise GeoCateError(f"In '{path}', the score grid is damaged (it must be two equally long lists of "
+                               "finite numbers, the grid increasing).", fix)
 
 
 def fit_correction(truth, prediction, outcome, map_info=None):

@@ -44,8 +44,11 @@ def location_folds(locations, n_folds, seed):
     unique, inverse = np.unique(np.asarray(locations), return_inverse=True)
     if len(unique) < n_folds:
         raise GeoCateError(
-            f"Only {len(unique)} distinct unit locations: too few for {n_folds}-fold cross-fitting.",
-            "Units at the same place are kept in one fold; use more locations.",
+            f"Only {len(unique)} group(s) of units can be kept apart: units that share a location, a cluster "
+            f"(CLUSTER) or a spatial block stay together, and {n_folds}-fold cross-fitting needs at least "
+            f"{n_folds} such groups.",
+            "Use a cluster field with more clusters, smaller spatial blocks (or auto, -1), or more units at "
+            "distinct places.",
         )
     order = np.random.default_rng(seed).permutation(len(unique))
     fold_of_location = np.empty(len(unique), dtype=int)

@@ -23,6 +23,7 @@ imagery looks like some trial unit's as much as trial units look like each
 other; above 1 the map extrapolates (SUPPORT_THRESHOLD).
 """
 
+import contextlib
 import dataclasses
 import functools
 import os
@@ -186,12 +187,15 @@ class MapSpec:
 
 def _onnx_model(path):
     """A saved cluster model, opened (and its digest checked) once per process and file version, not per tile."""
-    stat = os.stat(path) if os.path.exists(path) else None
-    return _opened_model(path, stat.st_mtime_ns if stat else None, stat.st_size if stat else None)
+    def version(file):
+        stat = os.stat(file) if os.path.exists(file) else None
+        return (stat.st_mtime_ns, stat.st_size) if stat else None
+
+    return _opened_model(path, version(path), version(path + ".json"))   # the description is part of the model
 
 
 @functools.lru_cache(maxsize=4)
-def _opened_model(path, mtime_ns, size):
+def _opened_model(path, model_version, description_version):
     from .clusters import OnnxClusterModel
 
     return OnnxClusterModel(path)
@@ -260,6 +264,17 @@ def _onnx_tile(spec, centres, inside):
     return probabilities, ok
 
 
+@contextlib.contextmanager
+def gdal_writing():
+    """GDAL's errors while the map is written (a full disk, a removed folder) as a message with the fix."""
+    try:
+        yield
+    except (RuntimeError, OSError) as error:
+        raise GeoCateError(f"Writing the map failed ({error}).",
+                           "Is the disk full, or the folder removable? Free some space or choose another folder; "
+                           "nothing was written.") from None
+
+
 def run_map(spec, path, scheduler=None, progress=None, is_cancelled=None, tile_cells=TILE_CELLS):
     """Compute every tile of ``spec`` and write the map to ``path`` (a Cloud-Optimized GeoTIFF with overviews,
     band descriptions from spec.band_names(), nodata NODATA). Tiles stream into a temporary tiled GeoTIFF beside
@@ -285,8 +300,9 @@ def run_map(spec, path, scheduler=None, progress=None, is_cancelled=None, tile_c
 
     def write(tile, block):
         r0, r1, c0, c1 = tile
-        for b in range(block.shape[0]):
-            dataset.GetRasterBand(b + 1).WriteArray(block[b], c0, r0)
+        with gdal_writing():
+            for b in range(block.shape[0]):
+                dataset.GetRasterBand(b + 1).WriteArray(block[b], c0, r0)
         usable = block[0] != NODATA
         counts["cells"] += block[0].size
         counts["usable"] += int(usable.sum())
@@ -303,11 +319,17 @@ def run_map(spec, path, scheduler=None, progress=None, is_cancelled=None, tile_c
                 write(tile, predict_tile(spec, tile))
                 if progress is not None:
                     progress((done + 1) / len(tiles), f"Map: tile {done + 1} of {len(tiles)}")
-        dataset.FlushCache()
-        dataset = None
-        gdal.Translate(cog, scratch, format="COG", creationOptions=["COMPRESS=DEFLATE", "OVERVIEWS=AUTO",
-                                                                     "RESAMPLING=NEAREST", "BIGTIFF=IF_SAFER"])
-        os.replace(cog, path)
+        if counts["usable"] == 0:
+            raise GeoCateError(
+                f"No map cell of the {grid.n_rows} x {grid.n_cols} cells has a usable image window: the raster holds "
+                "only nodata (or windows crossing its edge) in the area mapped.",
+                "Check the raster's nodata value and the extent or mask; map an area with imagery.")
+        with gdal_writing():
+            dataset.FlushCache()
+            dataset = None
+            gdal.Translate(cog, scratch, format="COG", creationOptions=["COMPRESS=DEFLATE", "OVERVIEWS=AUTO",
+                                                                         "RESAMPLING=NEAREST", "BIGTIFF=IF_SAFER"])
+            os.replace(cog, path)
     finally:
         dataset = None
         for leftover in (scratch, cog):
@@ -316,6 +338,48 @@ def run_map(spec, path, scheduler=None, progress=None, is_cancelled=None, tile_c
     counts["share_outside_support"] = counts["outside_support"] / max(counts["usable"], 1)
     counts.update(bands=names, n_rows=grid.n_rows, n_cols=grid.n_cols, stride=grid.stride, tiles=len(tiles))
     return counts
+
+
+def check_dask_scheduler(address, timeout=5.0):
+    """Before any work: ``address`` answers as a Dask scheduler does, within ``timeout`` seconds.
+
+    A Dask scheduler greets a new connection first, with a frame whose 8-byte length is small. Something else
+    (a web server, SSH) either says nothing (Dask's own client then waited for ever) or sends text whose first
+    bytes read as an enormous length (Dask then tried to allocate exabytes). Only tcp:// addresses are probed;
+    others are checked when the client connects."""
+    import socket
+    import struct
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(address if "://" in address else "tcp://" + address)
+    fix = ("Give the address of a running Dask scheduler (e.g. tcp://10.0.0.5:8786), or leave DASK_SCHEDULER "
+           "empty to map on this machine.")
+    if parts.scheme != "tcp":
+        return
+    try:
+        host, port = parts.hostname, parts.port
+    except ValueError:
+        host = port = None
+    if not host or not port:
+        raise GeoCateError(f"'{address}' is not a Dask scheduler address (host and port).", fix)
+    head = b""
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as sock:
+            sock.settimeout(timeout)
+            while len(head) < 8:
+                chunk = sock.recv(8 - len(head))
+                if not chunk:
+                    break
+                head += chunk
+    except socket.timeout:
+        if not head:
+            raise GeoCateError(f"'{address}' accepted the connection but did not greet as a Dask scheduler does "
+                               f"within {timeout:g} s: it is not a Dask scheduler.", fix) from None
+    except OSError as error:
+        raise GeoCateError(f"The Dask scheduler at '{address}' cannot be reached ({error.__class__.__name__}: "
+                           f"{error}).", fix) from None
+    if len(head) < 8 or not 0 < struct.unpack("<Q", head)[0] < (1 << 24):
+        raise GeoCateError(f"'{address}' answered, but not as a Dask scheduler does: it is something else.", fix)
 
 
 def _run_on_dask(spec, tiles, write, scheduler, progress=None, is_cancelled=None):
@@ -406,6 +470,7 @@ def map_effects(units, raster_path, path, bands=None, window_size_px=33, nodata=
                                               _stage(progress, 0.0, 0.3), is_cancelled, imagery=imagery)
         features, feature_pipeline, fitted = extras["features"], extras["pipeline"], extras["fit"]
         model, unit_values = fitted, result.probabilities[study.used]
+        cluster_table = [list(row) for row in extras["clusters"]]
     mean, sd = feature_scaling(features)
     standardised = (features - mean) / sd
     source = study.source
@@ -419,6 +484,8 @@ def map_effects(units, raster_path, path, bands=None, window_size_px=33, nodata=
                    support_threshold=SUPPORT_THRESHOLD, support_reference=spec.support.reference_,
                    n_units=int(study.n_used), device=feature_pipeline.device_,
                    unit_support=spec.support.score(standardised).tolist())
+    if method != "forest":   # (cluster, effect, ci_low, ci_high, share, ...) per cluster: the map's legend
+        summary["clusters"] = cluster_table
     return study, summary, unit_values, spec
 
 
@@ -437,6 +504,14 @@ def apply_cluster_model(model_path, raster_path, path, extent=None, mask=None, s
             f"The model reads band(s) {list(bands)}, but the raster '{raster_path}' has {info.band_count}.",
             "Apply it to imagery with the same bands as the imagery it was made from.")
     window = int(description["window_size_px"])
+    made_at = description.get("pixel_size_m")   # models written before GeoCATE stored it are not checked
+    if made_at and abs(info.pixel_size_m / made_at - 1) > 0.05:
+        raise GeoCateError(
+            f"The model was made from imagery of {made_at:g} m pixels, but '{raster_path}' has "
+            f"{info.pixel_size_m:g} m pixels: its {window}-pixel windows would cover "
+            f"{info.pixel_size_m / made_at:.2f} times the ground they were trained on.",
+            f"Resample the raster to {made_at:g} m (Raster > Projections > Warp, 'Output file resolution'), or "
+            "make a model from imagery of this resolution.")
     if window > min(info.width, info.height):
         raise GeoCateError(f"The model's window ({window} px) is larger than the raster ({info.width} x "
                            f"{info.height} pixels).", "Apply it to a larger raster.")
@@ -452,5 +527,5 @@ def apply_cluster_model(model_path, raster_path, path, extent=None, mask=None, s
                    mask=mask_cells(grid, mask) if mask else None)
     summary = run_map(spec, path, scheduler, progress, is_cancelled)
     summary.update(method="saved cluster model", model=str(model_path), provider=model.provider,
-                   window_size_px=window)
+                   window_size_px=window, clusters=description["clusters"])
     return summary

@@ -63,8 +63,38 @@ class Panel:
     dropped: dict
 
 
+def check_panel_variation(codes, D, Y, unit_name, treatment_name, outcome_name, n_null, n_rows):
+    """Refuse a panel from which no effect with unit fixed effects can be learnt, naming the reason and the fix."""
+    if not len(D):
+        raise GeoCateError(f"Every one of the {n_rows} rows has a null in the unit, time, treatment, outcome or a "
+                           "covariate: nothing is left to estimate from.",
+                           "Check the fields chosen (a field that is null throughout, e.g. an empty column).")
+    if np.ptp(D) == 0:
+        raise GeoCateError(f"The treatment '{treatment_name}' has the same value in every row: no effect can be "
+                           "estimated.", "Check the treatment field.")
+    if np.ptp(Y) == 0:
+        raise GeoCateError(f"The outcome '{outcome_name}' has the same value in every row: there is nothing to "
+                           "explain.", "Check the outcome field.")
+    if np.array_equal(D, Y) or abs(np.corrcoef(D, Y)[0, 1]) > 1 - 1e-12:
+        raise GeoCateError(f"The outcome '{outcome_name}' is the treatment '{treatment_name}' (or an exact linear "
+                           "function of it): the 'effect' would only restate that.",
+                           "Choose the outcome field and the treatment field separately.")
+    counts = np.bincount(codes)
+    if counts.max() < 2:
+        raise GeoCateError(f"Every {unit_name} is observed in one period only: with unit fixed effects, a unit seen "
+                           "once carries no change over time.",
+                           f"Check the unit field ('{unit_name}' must repeat across periods, e.g. a village id), "
+                           "or use estimatecate for a cross-section.")
+    centred = D - (np.bincount(codes, D) / counts)[codes]
+    if np.abs(centred).max() < 1e-12:
+        raise GeoCateError(f"The treatment '{treatment_name}' never changes within a {unit_name}: unit fixed effects "
+                           "absorb it and no effect can be estimated from within-unit variation.",
+                           "Panels estimate effects of treatments that change over time; for a treatment fixed per "
+                           "unit, use estimatecate (or estimateate) on one period.")
+
+
 def make_panel(unit, time, treatment, outcome, covariates=None, covariate_names=(), unit_name="unit",
-               time_name="time", treatment_name="treatment"):
+               time_name="time", treatment_name="treatment", outcome_name="outcome"):
     """Check and sort a long-format panel. Refused with the fix: a duplicated (unit, time), a time that is not a
     number, a treatment that never varies. Rows with a null are dropped and counted."""
     unit = np.asarray(unit, dtype=object)
@@ -91,9 +121,7 @@ def make_panel(unit, time, treatment, outcome, covariates=None, covariate_names=
         raise GeoCateError(f"Unit '{label}' has two rows for {time_name} = {time[first]:g} (and {int(same.sum())} "
                            "such duplicate(s) in all).",
                            f"Keep one row per {unit_name} and {time_name} (aggregate or remove the duplicates).")
-    if len(D) and np.ptp(D) == 0:
-        raise GeoCateError(f"The treatment '{treatment_name}' has the same value in every row: no effect can be "
-                           "estimated.", "Check the treatment field.")
+    check_panel_variation(codes, D, Y, unit_name, treatment_name, outcome_name, dropped["a value is null"], n)
     return Panel(unit=codes, time=time, treatment=D, outcome=Y, covariates=X,
                  covariate_names=tuple(covariate_names), dropped=dropped)
 

@@ -53,7 +53,23 @@ def image(png_path, alt):
 STYLE = """body{font-family:sans-serif;max-width:60em;margin:2em auto;color:#222}
 table{border-collapse:collapse;margin:0.5em 0 1.5em}td,th{border:1px solid #bbb;padding:0.25em 0.6em;text-align:right}
 th{background:#eef}td:first-child,th:first-child{text-align:left}pre{background:#f6f6f6;padding:0.8em;overflow:auto}
-.note{color:#555;font-size:0.9em}"""
+.note{color:#555;font-size:0.9em}.warnings{background:#fff4e5;border-left:4px solid #b35806;padding:0.2em 1em}"""
+
+
+def run_warnings(metadata):
+    """What a reader must see before the numbers: the run's warnings, units dropped, a map's extrapolation."""
+    from .study import describe_dropped
+
+    out = list(metadata.get("warnings") or [])
+    if metadata.get("n_dropped"):
+        dropped = metadata.get("dropped") or {}
+        out.append(f"{metadata['n_dropped']} unit(s) were dropped"
+                   + (f" ({describe_dropped(dropped)})" if dropped else "") + "; they keep their row with nulls.")
+    share = metadata.get("share_outside_support")
+    if share:
+        out.append(f"{share:.0%} of the mapped cells lie outside the trial's support (imagery unlike any trial "
+                   "unit's): effects there are extrapolations (hatched on the map).")
+    return out
 
 
 def write_html(path, title, sections, metadata=None):
@@ -61,6 +77,10 @@ def write_html(path, title, sections, metadata=None):
     parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
              f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>"
              f"<p class='note'>Written by GeoCATE on {time.strftime('%Y-%m-%d %H:%M')}.</p>"]
+    warnings = run_warnings(metadata or {})
+    if warnings and not any(heading == "Warnings" for heading, _ in sections):   # first, not in the folded JSON
+        parts.append("<div class='warnings'><h2>Warnings</h2><ul>"
+                     + "".join(f"<li>{html.escape(w)}</li>" for w in warnings) + "</ul></div>")
     for heading, body in sections:
         parts.append(f"<h2>{html.escape(heading)}</h2>{body}")
     if metadata is not None:   # for reproducing the run, folded away

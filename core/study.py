@@ -143,11 +143,37 @@ def check_estimable(treated, outcome, covariates, covariate_names=(), treatment_
         raise GeoCateError(
             f"The outcome '{outcome_name}' has the same value ({outcome[0]:g}) for every unit used: there is no "
             "effect to estimate.", "Check that the right field was chosen as the outcome.")
+    if len(outcome) > 1 and np.ptp(treated) > 0 and abs(np.corrcoef(treated, outcome)[0, 1]) > 1 - 1e-12:
+        raise GeoCateError(
+            f"The outcome '{outcome_name}' is the treatment '{treatment_name}' (or an exact linear function of it): "
+            "the 'effect' would only restate the treatment.", "Choose the outcome field and the treatment field "
+            "separately.")
     for j, name in enumerate(covariate_names):
         if len(treated) and np.array_equal(covariates[:, j], treated):
             raise GeoCateError(
                 f"The covariate '{name}' is identical to the treatment '{treatment_name}'.",
                 "Remove it from the covariates: a covariate must be measured before treatment, not be the treatment.")
+
+
+def check_window_memory(source, n_units, share=0.6):
+    """Refuse, before reading, windows that would not fit in memory (a window of 999 pixels reached 14 GB before
+    anything said so): units x bands x window^2 x 4 bytes for each scale and date, against the memory free."""
+    bands = len(source.bands) if source.bands else source.infos[0].band_count
+    per_unit = bands * source.window_size_px ** 2 * 4 * max(len(source.scales), 1) * len(source.raster_paths)
+    need = n_units * per_unit
+    try:
+        import psutil
+
+        free = psutil.virtual_memory().available
+    except ImportError:  # without psutil: only the plainly impossible is refused
+        free = 64 * 2 ** 30
+    if need > share * free:
+        fits = int((share * free / (n_units * bands * 4 * max(len(source.scales), 1) * len(source.raster_paths)))
+                   ** 0.5)
+        raise GeoCateError(
+            f"The image windows would need {need / 2 ** 30:.1f} GB of memory ({n_units} units x {bands} band(s) x "
+            f"{source.window_size_px} x {source.window_size_px} pixels), and {free / 2 ** 30:.1f} GB are free.",
+            f"Use a smaller window size (at most about {max(fits, 3)} pixels here), fewer bands, or fewer units.")
 
 
 def build_study(units, raster_path, bands=None, window_size_px=33, nodata=None,
@@ -167,6 +193,9 @@ def build_study(units, raster_path, bands=None, window_size_px=33, nodata=None,
     from .represent import WindowSource
 
     treated = np.asarray(units.treated, dtype=float)
+    if len(treated) == 0:
+        raise GeoCateError("The units layer has no features.", "Choose a layer with trial units (or clear a filter "
+                           "or selection that leaves none).")
     outcome = np.asarray(units.outcome, dtype=float)
     covariates = np.asarray(units.covariates, dtype=float).reshape(len(treated), -1)
     check_treatment(treated, units.treatment_name, arms)
@@ -179,6 +208,7 @@ def build_study(units, raster_path, bands=None, window_size_px=33, nodata=None,
     if status is not None:
         views, (coords, window_ok, window_reason) = None, status
     else:
+        check_window_memory(source, len(treated))
         views, coords, window_ok, window_reason = source.read(progress, is_cancelled)
         if cache is not None:
             cache.store(cache.key(source.identity()), "windows", (coords, window_ok, window_reason))

@@ -10,7 +10,7 @@ from qgis.core import (
 )
 from qgis.PyQt.QtGui import QIcon
 
-from ..plugin import ICON
+from ..paths import HELP_DIR, ICON, README
 from .styles import CATE_STYLE, apply_result_styles, save_styles_to_geopackage
 
 
@@ -19,17 +19,20 @@ class StyleOnLoad(QgsProcessingLayerPostProcessorInterface):
 
     alive = []  # Processing keeps only a pointer: hold the Python objects
 
-    def __init__(self, current):
+    def __init__(self, current, raster=None, window=None):
         super().__init__()
-        self.current = current
+        self.current, self.raster, self.window = current, raster, window
 
     def postProcessLayer(self, layer, context, feedback):  # noqa: N802 - QGIS's name
         if layer is not None and layer.fields().lookupField("group") >= 0:
             apply_result_styles(layer, current=self.current)
+        if layer is not None and self.raster:   # for the map tool: the window each unit's estimate came from
+            layer.setCustomProperty("geocate/raster", self.raster)
+            layer.setCustomProperty("geocate/window", self.window)
 
     @classmethod
-    def create(cls, current):
-        instance = cls(current)
+    def create(cls, current, raster=None, window=None):
+        instance = cls(current, raster, window)
         cls.alive.append(instance)
         return instance
 
@@ -85,10 +88,6 @@ def run_metadata(algorithm, parameters, started, **figures):
                 timings={"total_s": round(time.monotonic() - started, 3)})
 
 
-PLUGIN_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-README = os.path.join(PLUGIN_DIR, "README.md")
-#: One HTML help page per algorithm, shipped with the plugin: help/<algorithm name>.html.
-HELP_DIR = os.path.join(PLUGIN_DIR, "help")
 #: The Processing Toolbox's groups: (id, name) by algorithm.
 GROUPS = {
     "trials": "Randomized trials",
@@ -362,6 +361,31 @@ class GeoCateAlgorithm(QgsProcessingAlgorithm):
     def icon(self):
         return QIcon(ICON)
 
+    def checkParameterValues(self, parameters, context):  # noqa: N802 - QGIS's name
+        """QGIS's check, with a number out of range named with its range ("Incorrect parameter value for SEED"
+        said neither)."""
+        ok, message = super().checkParameterValues(parameters, context)
+        if ok:
+            return ok, message
+        from qgis.core import QgsProcessingParameterNumber
+
+        for definition in self.parameterDefinitions():
+            value = parameters.get(definition.name())
+            if not isinstance(definition, QgsProcessingParameterNumber) or value in (None, ""):
+                continue
+            try:
+                number = float(value)
+            except (TypeError, ValueError):
+                return False, f"{definition.description()} ({definition.name()}) must be a number, not '{value}'."
+            low, high = definition.minimum(), definition.maximum()
+            if number < low or number > high or (
+                    definition.dataType() == QgsProcessingParameterNumber.Integer and number != int(number)):
+                kind = "a whole number" if definition.dataType() == QgsProcessingParameterNumber.Integer \
+                    else "a number"
+                return False, (f"{definition.description()} ({definition.name()}) must be {kind} from {low:g} to "
+                               f"{high:g}; {value} was given.")
+        return ok, message
+
     def createInstance(self):  # noqa: N802 - QGIS's name
         return type(self)()
 
@@ -468,7 +492,9 @@ class GeoCateAlgorithm(QgsProcessingAlgorithm):
         styles into its GeoPackage, the run metadata beside it; a layer QGIS loads is styled when loaded."""
         self._dest_id, self._results, self._metadata = dest_id, results, metadata
         self._memory_result = self._written_file(dest_id) is None
-        self.style_on_load(dest_id, lambda: StyleOnLoad.create(self.result_style))
+        used = metadata.get("parameters", {})
+        self.style_on_load(dest_id, lambda: StyleOnLoad.create(self.result_style, used.get("RASTER"),
+                                                               used.get("PATCH_SIZE")))
         written = self._written_file(dest_id)
         if written:
             # Styles go into the file through a layer of their own (the context's layer left a model's next step

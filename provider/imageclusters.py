@@ -163,7 +163,7 @@ class ImageClustersAlgorithm(GeoCateAlgorithm):
                         {"algorithm": "geocate:imageclusters", "n_clusters": k, "bands_used": list(study.bands),
                          "covariates": study_values["covariates"], "band_scaling": result.metadata["band_scaling"],
                          "clusters": extras["clusters"], "seed": study_values["seed"],
-                         "covariate_means": extras["covariate_means"]})
+                         "covariate_means": extras["covariate_means"], "pixel_size_m": study.pixel_size_m})
             feedback.pushInfo(f"Model: {self.final_path(model_path)} (with its description, .onnx.json).")
         if salience_dir:
             written = self._write_salience(salience_dir, study, result, extras, study_values)

@@ -79,9 +79,10 @@ class StyleMapOnLoad(QgsProcessingLayerPostProcessorInterface):
 
     alive = []
 
-    def __init__(self, band_names, threshold, name):
+    def __init__(self, band_names, threshold, name, clusters=None, raster=None, window=None):
         super().__init__()
-        self.band_names, self.threshold, self.name = band_names, threshold, name
+        self.band_names, self.threshold, self.name, self.clusters = band_names, threshold, name, clusters
+        self.raster, self.window = raster, window
 
     def postProcessLayer(self, layer, context, feedback):  # noqa: N802 - QGIS's name
         from .styles import effect_map_style, support_veil_style
@@ -89,7 +90,9 @@ class StyleMapOnLoad(QgsProcessingLayerPostProcessorInterface):
         if not isinstance(layer, QgsRasterLayer):
             return
         layer.setName(self.name)
-        effect_map_style(layer, self.band_names)
+        layer.setCustomProperty("geocate/raster", self.raster)   # the map tool reads a cell's window from it
+        layer.setCustomProperty("geocate/window", self.window)
+        effect_map_style(layer, self.band_names, self.clusters)
         project = context.project() or QgsProject.instance()
         veil = None
         if "support" in self.band_names:
@@ -150,6 +153,14 @@ def read_map_parameters(algorithm, parameters, context, raster_layer):
     stride = algorithm.parameterAsInt(parameters, STRIDE, context) if parameters.get(STRIDE) not in (None, "") \
         else None
     scheduler = algorithm.parameterAsString(parameters, DASK_SCHEDULER, context).strip() or None
+    if scheduler:   # before any fitting: an address that is not a scheduler hung after the whole fit
+        from ..core.errors import GeoCateError
+        from ..core.maps import check_dask_scheduler
+
+        try:
+            check_dask_scheduler(scheduler)
+        except GeoCateError as error:
+            raise QgsProcessingException(str(error)) from None
     return extent, mask, stride, scheduler
 
 
@@ -248,15 +259,17 @@ class MapEffectsAlgorithm(GeoCateAlgorithm):
             "MASK": bool(mask), "DASK_SCHEDULER": scheduler, **imagery_values}, started,
             **{k: v for k, v in summary.items() if k != "unit_support"})
         self.write_run_metadata_beside(path, metadata, feedback)
-        self._style_on_load(final, summary, f"Effects map ({study['outcome']})")
+        self._style_on_load(final, summary, f"Effects map ({study['outcome']})", study["raster"])
         return write_map_report(self, parameters, context, metadata, path, {
             OUTPUT: final, "SHARE_OUTSIDE_SUPPORT": summary["share_outside_support"], "CELLS": summary["usable"],
             "N_USED": study_out.n_used}, feedback)
 
-    def _style_on_load(self, final, summary, name):
+    def _style_on_load(self, final, summary, name, raster):
         from ..core.maps import SUPPORT_THRESHOLD
 
-        self.style_on_load(final, lambda: StyleMapOnLoad.create(summary["bands"], SUPPORT_THRESHOLD, name))
+        self.style_on_load(final, lambda: StyleMapOnLoad.create(summary["bands"], SUPPORT_THRESHOLD, name,
+                                                                summary.get("clusters"), raster,
+                                                                summary.get("window_size_px")))
 
 
 class ApplyClustersAlgorithm(GeoCateAlgorithm):
@@ -311,6 +324,6 @@ class ApplyClustersAlgorithm(GeoCateAlgorithm):
             "DASK_SCHEDULER": scheduler}, started, **summary)
         self.write_run_metadata_beside(path, metadata, feedback)
         MapEffectsAlgorithm._style_on_load(self, final, summary,
-                                           f"Clusters map ({os.path.splitext(os.path.basename(model))[0]})")
+                                           f"Clusters map ({os.path.splitext(os.path.basename(model))[0]})", raster)
         return write_map_report(self, parameters, context, metadata, path, {OUTPUT: final, "CELLS": summary["usable"]},
                                 feedback)

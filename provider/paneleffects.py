@@ -162,7 +162,7 @@ class PanelEffectsAlgorithm(GeoCateAlgorithm):
                 X = np.column_stack([X, image])
                 names += [f"image_{j + 1}" for j in range(image.shape[1])]
             panel = make_panel([r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows],
-                               [r[3] for r in rows], X, names, unit_field, time_field, treatment)
+                               [r[3] for r in rows], X, names, unit_field, time_field, treatment, outcome)
             approaches = ("mundlak", "within", "first_difference") if choice == "all three" else (choice,)
             estimates = []
             for k, approach in enumerate(approaches):

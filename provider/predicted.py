@@ -17,17 +17,21 @@ METHODS = ("none", "linear", "tweedie")
 
 
 def add_outcome_correction_parameters(algorithm, truth=False):
-    algorithm.addParameter(QgsProcessingParameterFile(
+    correction = QgsProcessingParameterFile(
         OUTCOME_CORRECTION, "Outcome is a map's prediction: its correction file (from 'Calibrate a predicted-outcome "
-        "map')", extension="json", optional=True))
+        "map')", extension="json", optional=True)
+    correction.setFlags(correction.flags() | QgsProcessingParameterDefinition.FlagAdvanced)
+    algorithm.addParameter(correction)
     method = QgsProcessingParameterEnum(CORRECTION, "Correction of the predicted outcome", list(METHODS),
                                         defaultValue=1)
     method.setFlags(method.flags() | QgsProcessingParameterDefinition.FlagAdvanced)
     algorithm.addParameter(method)
     if truth:
-        algorithm.addParameter(QgsProcessingParameterField(
+        measured = QgsProcessingParameterField(
             OUTCOME_TRUTH, "True outcome where measured (a random subset; prediction-powered ATE)",
-            parentLayerParameterName="INPUT", type=QgsProcessingParameterField.Numeric, optional=True))
+            parentLayerParameterName="INPUT", type=QgsProcessingParameterField.Numeric, optional=True)
+        measured.setFlags(measured.flags() | QgsProcessingParameterDefinition.FlagAdvanced)
+        algorithm.addParameter(measured)
 
 
 def read_outcome_correction(algorithm, parameters, context, source, features):

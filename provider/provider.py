@@ -3,7 +3,7 @@
 from qgis.core import QgsProcessingProvider
 from qgis.PyQt.QtGui import QIcon
 
-from ..plugin import ICON
+from ..paths import ICON
 
 
 class GeoCateProvider(QgsProcessingProvider):

@@ -80,7 +80,8 @@ def read_study_parameters(algorithm, parameters, context):
         "treatment": algorithm.parameterAsString(parameters, TREATMENT, context),
         "outcome": algorithm.parameterAsString(parameters, OUTCOME, context),
         "covariates": algorithm.parameterAsFields(parameters, COVARIATES, context),
-        "raster": raster_path(algorithm.parameterAsRasterLayer(parameters, RASTER, context)),
+        "raster": raster_path(algorithm.parameterAsRasterLayer(parameters, RASTER, context),
+                              algorithm.parameterAsString(parameters, RASTER, context)),
         "bands": algorithm.parameterAsInts(parameters, BANDS, context) if parameters.get(BANDS) else None,
         "window": algorithm.parameterAsInt(parameters, PATCH_SIZE, context),
         "nodata": (algorithm.parameterAsDouble(parameters, NODATA, context)
@@ -88,15 +89,29 @@ def read_study_parameters(algorithm, parameters, context):
         "seed": algorithm.parameterAsInt(parameters, SEED, context),
         "spatial_block": 0.0,
     }
+    if values["bands"] and len(set(values["bands"])) != len(values["bands"]):
+        raise QgsProcessingException(
+            f"BANDS lists a band twice ({', '.join(map(str, values['bands']))}): each band is one input of the image "
+            "model. List each band once.")
     if algorithm.parameterDefinition(SPATIAL_BLOCK) is not None:
         block = algorithm.parameterAsDouble(parameters, SPATIAL_BLOCK, context)
         values["spatial_block"] = -1.0 if -1 < block < 0 else block
     return source, values
 
 
-def raster_path(layer):
-    """The file behind a raster layer, or a clear error if it is not a GDAL raster."""
-    if layer is None:
+def raster_path(layer, given=None):
+    """The file behind a raster layer, or a clear error if it is not a GDAL raster (``given``: what the user
+    gave, to tell a file that cannot be read from no raster at all)."""
+    import os
+
+    if layer is None or not layer.isValid():
+        path = (given or "").split("|")[0]
+        if path and os.path.exists(path):
+            raise QgsProcessingException(
+                f"The raster '{path}' exists but cannot be read as a raster (a damaged or truncated file, or a "
+                "format GDAL does not know). Check that it opens in QGIS, or export it again.")
+        if path:
+            raise QgsProcessingException(f"The raster '{path}' was not found. Check the path, or choose a layer.")
         raise QgsProcessingException("No raster layer was given. Choose the imagery layer in RASTER.")
     if layer.providerType() != "gdal":
         raise QgsProcessingException(
@@ -121,9 +136,11 @@ def add_imagery_parameters(algorithm):
     cache = QgsProcessingParameterBoolean(
         FEATURE_CACHE, "Reuse image features of an identical earlier run (cache in the QGIS profile)",
         defaultValue=True)
+    scales, later = algorithm.parameterDefinition(SCALES), algorithm.parameterDefinition(RASTERS_TIME)
+    for parameter in (scales, later):   # a first run needs neither: under Advanced, as in every dialog
+        parameter.setFlags(parameter.flags() | QgsProcessingParameterDefinition.FlagAdvanced)
     for parameter in (pooling, encoder, cache):
-        if parameter is not encoder:
-            parameter.setFlags(parameter.flags() | QgsProcessingParameterDefinition.FlagAdvanced)
+        parameter.setFlags(parameter.flags() | QgsProcessingParameterDefinition.FlagAdvanced)
         algorithm.addParameter(parameter)
 
 

@@ -130,7 +130,17 @@ def save_styles_to_geopackage(layer):
     return not any(messages)
 
 
-def effect_map_style(layer, band_names):
+def round_up(value):
+    """``value`` rounded up to 1, 1.5, 2, 3 or 5 times a power of ten (0.37 -> 0.5, 1.48 -> 1.5, 2.6 -> 3)."""
+    import math
+
+    if not value > 0:
+        return 1.0
+    power = 10 ** math.floor(math.log10(value))
+    return next(m * power for m in (1, 1.5, 2, 3, 5, 10) if m * power >= value * (1 - 1e-9))
+
+
+def effect_map_style(layer, band_names, clusters=None):
     """A map of effects (geocate:mapeffects, geocate:applyclusters) styled from its data: the cate band diverging
     about zero (the same colours as the unit layers), or the cluster band paletted, one colour per cluster by the
     sign of its effect. Cells without a usable window are transparent (nodata)."""
@@ -145,10 +155,18 @@ def effect_map_style(layer, band_names):
     if "cluster" in band_names:
         band = band_names.index("cluster") + 1
         k = band_names.index("cluster")
-        palette = QgsStyle.defaultStyle().colorRamp("Set1") or _ramp("Spectral", (QColor(228, 26, 28),
-                                                                                 QColor(55, 126, 184)))
-        classes = [QgsPalettedRasterRenderer.Class(j + 1, palette.color(j / max(k - 1, 1)), f"cluster {j + 1}")
-                   for j in range(k)]
+        # Coloured by each cluster's effect on the diverging CATE scale (red only for harm), labelled with the
+        # effect and share of the trial's units that the log and the report give (clusters: the cluster table).
+        rows = list(clusters or [])
+        effects = [float(row[1]) for row in rows] if len(rows) == k else [0.0] * k
+        bound = max([abs(e) for e in effects] + [1e-9])
+        ramp = _ramp("RdBu", (QColor(202, 0, 32), QColor(5, 113, 176)))
+        classes = []
+        for j in range(k):
+            label = f"cluster {j + 1}"
+            if len(rows) == k:
+                label += f": {effects[j]:+.2f}" + (f", {float(rows[j][4]):.0%}" if len(rows[j]) > 4 else "")
+            classes.append(QgsPalettedRasterRenderer.Class(j + 1, _diverging_colour(ramp, effects[j], bound), label))
         layer.setRenderer(QgsPalettedRasterRenderer(provider, band, classes))
     else:
         band = band_names.index("cate") + 1
@@ -158,11 +176,12 @@ def effect_map_style(layer, band_names):
         bound = float(np.quantile(np.abs(values), 0.98)) if len(values) else 1.0
         bound = bound or 1.0
         ramp = _ramp("RdBu", (QColor(202, 0, 32), QColor(5, 113, 176)))
+        bound = round_up(bound)   # class limits a reader can quote: -1.5, -1, -0.5, 0, ... not -1.4837
         shader_function = QgsColorRampShader(-bound, bound)
         shader_function.setColorRampType(QgsColorRampShader.Interpolated)
-        steps = np.linspace(-bound, bound, 7)
+        steps = np.linspace(-bound, bound, 5)   # half-bound steps: 1.5 -> -1.5, -0.75, 0, 0.75, 1.5
         shader_function.setColorRampItemList([
-            QgsColorRampShader.ColorRampItem(float(v), _diverging_colour(ramp, v, bound), f"{v:+.2f}") for v in steps])
+            QgsColorRampShader.ColorRampItem(float(v), _diverging_colour(ramp, v, bound), f"{v:+.3g}") for v in steps])
         shader = QgsRasterShader()
         shader.setRasterShaderFunction(shader_function)
         renderer = QgsSingleBandPseudoColorRenderer(provider, band, shader)

@@ -30,7 +30,7 @@ FOLDER = "geocate"
 DEFAULT_OUT = os.path.join(ROOT, "outputs", "geocate.zip")
 
 #: What goes in: files at the top, whole folders, and single files elsewhere.
-TOP_FILES = ("__init__.py", "plugin.py", "metadata.txt", "LICENSE", "README.md", "requirements.txt")
+TOP_FILES = ("__init__.py", "plugin.py", "paths.py", "metadata.txt", "LICENSE", "README.md", "requirements.txt")
 FOLDERS = ("core", "provider", "ui", "resources", "help")
 EXTRA_FILES = ("scripts/export_encoder.py",)
 #: Never in the ZIP, wherever they are (the plugin repository refuses .pyc, __pycache__, .git and __MACOSX).

@@ -52,8 +52,10 @@ from qgis.PyQt.QtWidgets import (
     QWidget,
 )
 
+from ..paths import HELP_DIR
+
 ALGORITHM = "geocate:estimatecate"
-README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
+README = os.path.join(HELP_DIR, "index.html")   # the help pages, one per tool
 RESULT_NAMES = {"geocate:estimatecate": "Treatment effects (CATE)", "geocate:imageclusters": "Effect clusters"}
 TREATMENT_NAMES = ("treated", "treatment", "treat", "assigned", "arm")
 OUTCOME_NAMES = ("outcome", "y", "response")
@@ -132,6 +134,11 @@ class GeoCateDock(QgsDockWidget):
     def _build(self):
         body = QWidget()
         layout = QVBoxLayout(body)
+        self.demo_button = QPushButton("Load the demo study")
+        self.demo_button.setToolTip("A simulated trial of 1212 villages on a Landsat 8 crop of southern Brazil, whose "
+                                    "effects depend on the imagery (the truth is in true_cate): for a first try.")
+        self.demo_button.clicked.connect(self.load_demo)
+        layout.addWidget(self.demo_button)
         form = self.form = QFormLayout()
         form.setRowWrapPolicy(QFormLayout.WrapLongRows)
         self.units = QgsMapLayerComboBox()
@@ -317,7 +324,7 @@ class GeoCateDock(QgsDockWidget):
         scroll = QScrollArea()
         scroll.setWidgetResizable(True)
         scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarAsNeeded)   # a narrow dock scrolls, it does not cut
-        self.setMinimumWidth(300)
+        self.setMinimumWidth(360)   # the rows and the result summary need about 352 px
         scroll.setWidget(body)
         self.setWidget(scroll)
 
@@ -401,9 +408,13 @@ class GeoCateDock(QgsDockWidget):
         self.covariates.clear()
         if layer is None:
             return
+        from ..provider.widgets import OWN_FIELDS
+
         keys = {layer.fields().at(i).name() for i in layer.primaryKeyAttributes()} | {"fid"}
         excluded = keys | {self.treatment.currentField(), self.outcome.currentField()}
-        names = [f.name() for f in layer.fields() if f.isNumeric() and f.name() not in excluded]
+        # GeoCATE's own output fields (a result layer used as input) are effects, never covariates.
+        names = [f.name() for f in layer.fields()
+                 if f.isNumeric() and f.name() not in excluded and not OWN_FIELDS.match(f.name())]
         self.covariates.addItems(names)
         self.covariates.setCheckedItems([n for n in names if n in checked])
 
@@ -527,6 +538,7 @@ class GeoCateDock(QgsDockWidget):
                 return "The outcome correction works with the causal forest method; choose it under Method."
         if units.featureCount() == 0:
             return f"The layer '{units.name()}' has no features: choose the layer of trial units."
+
         if self.selected_only.isChecked() and units.selectedFeatureCount() == 0:
             return (f"No features are selected in '{units.name()}'. Select the units to use, or untick "
                     "'Selected features only'.")
@@ -547,8 +559,52 @@ class GeoCateDock(QgsDockWidget):
         self.last_parameters = dict(parameters)
         self.start_task(self.method.currentData(), parameters, self.on_executed)
         self.progress.setValue(0)
-        self.show_info(f"Running {self.run_name} ... QGIS stays usable; progress is also in the task manager.")
+        self.show_info(self.covariate_warning()
+                       + f"Running {self.run_name} ... QGIS stays usable; progress is also in the task manager.")
         return True
+
+    def load_demo(self):
+        """Build the demo study (core.demo) in the profile's folder, add it and its imagery, and fill the dock."""
+        from qgis.core import QgsApplication, QgsRasterLayer, QgsVectorLayer
+
+        from ..core.demo import DEMO_RASTER, build
+        from ..provider.maps import true_color
+
+        folder = os.path.join(QgsApplication.qgisSettingsDirPath(), "geocate-demo")
+        os.makedirs(folder, exist_ok=True)
+        path = os.path.join(folder, "demo_units.gpkg")
+        if not os.path.exists(path):
+            build(path)
+        raster = true_color(QgsRasterLayer(DEMO_RASTER, "Landsat 8 (demo)"))
+        units = QgsVectorLayer(path, "demo trial units", "ogr")
+        if not (raster.isValid() and units.isValid()):
+            self.show_error(f"The demo study could not be loaded from {folder}.")
+            return None
+        project = QgsProject.instance()
+        project.addMapLayers([raster, units])
+        if not project.crs().isValid():
+            project.setCrs(raster.crs())
+        self.units.setLayer(units)
+        self.treatment.setField("treated")
+        self.outcome.setField("outcome")
+        self.refresh_covariates()
+        self.covariates.setCheckedItems(["assets", "distance"])
+        self.raster.setLayer(raster)
+        if self.iface is not None:
+            self.iface.mapCanvas().setExtent(raster.extent())
+        self.show_info("The demo study is loaded: press Run. Its true effects are in the field true_cate (never a "
+                       "covariate).")
+        return units
+
+    def covariate_warning(self):
+        """A warning (ending in a space) about ticked covariates named like a simulated truth or an id, or ''."""
+        from ..provider.widgets import SUSPECT_FIELDS
+
+        suspect = [name for name in self.covariates.checkedItems() if SUSPECT_FIELDS.match(name)]
+        if not suspect:
+            return ""
+        return (f"Covariate(s) {', '.join(suspect)} look like a simulated truth or an identifier: a covariate must be "
+                "measured before treatment, and a truth or an id is neither; untick them unless you mean it. ")
 
     def start_task(self, algorithm_id, parameters, on_executed):
         """Run ``algorithm_id`` as a background task with this dock's feedback (progress, stage, errors), recorded

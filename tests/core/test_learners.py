@@ -115,7 +115,7 @@ def test_units_sharing_a_location_share_a_fold():
     folds = location_folds(location_ids(coords), 5, seed=1)
     assert all(len(set(folds[i * 4:(i + 1) * 4])) == 1 for i in range(50))
     assert sorted(np.bincount(folds).tolist()) == [40] * 5
-    with pytest.raises(GeoCateError, match="distinct unit locations"):
+    with pytest.raises(GeoCateError, match=r"group\(s\) of units can be kept apart"):
         location_folds(np.zeros(30), 5, seed=1)
 
 

@@ -391,3 +391,80 @@ def test_dock_offers_the_cluster_model_and_shows_its_clusters(plugin, project_la
         assert part in report
     assert not re.search(r"\bnan\b", re.sub(r"base64,[^\"]*", "", report.split("Run metadata")[0]))
     assert os.path.exists(os.path.join(dock.run_dir, "clusters.onnx"))
+
+
+def test_the_dock_opens_wide_enough_and_leaves_geocates_own_fields_out_of_the_covariates(plugin, project_layers,
+                                                                                        tmp_path):
+    import processing
+
+    units, raster = project_layers
+    dock = filled_dock(plugin, units, raster)
+    assert dock.minimumWidth() >= 352
+    result = processing.run("geocate:estimatecate", {
+        "INPUT": units, "TREATMENT": "treated", "OUTCOME": "outcome", "RASTER": raster, "SPATIAL_BLOCK": 0,
+        "OUTPUT": str(tmp_path / "result.gpkg")})["OUTPUT"]
+    again = QgsVectorLayer(result, "result", "ogr")
+    QgsProject.instance().addMapLayer(again)
+    dock.units.setLayer(again)
+    dock.treatment.setField("treated")
+    dock.outcome.setField("outcome")
+    offered = set(dock.covariates.checkableItems() if hasattr(dock.covariates, "checkableItems") else
+                  [dock.covariates.itemText(i) for i in range(dock.covariates.count())])
+    assert {"assets", "distance", "true_cate"} <= offered
+    assert not offered & {"cate", "cate_lo", "cate_hi", "cate_se", "group", "patch_ok", "fid"}
+    dock.covariates.setCheckedItems(["assets", "true_cate", "unit_id"])
+    assert "true_cate, unit_id look like a simulated truth or an identifier" in dock.covariate_warning()
+    dock.covariates.setCheckedItems(["assets"])
+    assert dock.covariate_warning() == ""
+
+
+def test_load_the_demo_study_fills_the_dock(plugin, qgis_new_project):
+    dock = plugin.toggle_dock(True)
+    units = dock.load_demo()
+    assert units is not None and units.featureCount() == 1212
+    assert dock.units.currentLayer() == units and dock.treatment.currentField() == "treated"
+    assert dock.outcome.currentField() == "outcome" and sorted(dock.covariates.checkedItems()) == ["assets", "distance"]
+    assert dock.raster.currentLayer() is not None and dock.validate() is None
+
+
+def test_the_map_tool_shows_a_units_window_effect_group_and_support(plugin, project_layers, tmp_path):
+    import processing
+
+    from geocate.ui.maptool import EffectPopup
+
+    units, raster = project_layers
+    QgsProject.instance().setCrs(raster.crs())
+    results = processing.runAndLoadResults("geocate:estimatecate", {
+        "INPUT": units, "TREATMENT": "treated", "OUTCOME": "outcome", "RASTER": raster, "SPATIAL_BLOCK": 0,
+        "OUTPUT": "TEMPORARY_OUTPUT"})
+    layer = QgsProject.instance().mapLayer(results["OUTPUT"]) or QgsProject.instance().mapLayersByName(
+        "Treatment effects (CATE)")[0]
+    canvas = plugin.iface.mapCanvas()
+    canvas.setDestinationCrs(raster.crs())
+    canvas.setLayers([layer, raster])
+    canvas.setExtent(raster.extent())
+    tool = plugin.use_identify_tool(True)
+    from qgis.core import QgsCoordinateTransform
+
+    feature = next(f for f in layer.getFeatures() if f["patch_ok"] == 1 and f["cate"] is not None
+                   and str(f["cate"]) != "NULL")
+    to_map = QgsCoordinateTransform(layer.crs(), raster.crs(), QgsProject.instance())
+    popup = tool.show_at(to_map.transform(feature.geometry().asPoint()))
+    assert isinstance(popup, EffectPopup) and popup.has_image   # the unit's own window, read from the imagery
+    text = popup.text.text()
+    assert f"{feature['cate']:+.3f}" in text and f"{feature['cate_lo']:+.3f} to {feature['cate_hi']:+.3f}" in text
+    assert f"<b>Group / cluster</b> {feature['group']}" in text and "usable" in text
+    popup.close()
+    empty = tool.show_at(to_map.transform(feature.geometry().asPoint()).__class__(0.0, 0.0))
+    assert empty is None
+    # A cell of an effects map: its CATE with interval, its window, and whether it is within the trial's support.
+    processing.runAndLoadResults("geocate:mapeffects", {
+        "INPUT": units, "TREATMENT": "treated", "OUTCOME": "outcome", "RASTER": raster, "SPATIAL_BLOCK": 0,
+        "STRIDE": 99, "OUTPUT": "TEMPORARY_OUTPUT"})
+    effects_map = QgsProject.instance().mapLayersByName("Effects map (outcome)")[0]
+    canvas.setLayers([effects_map])
+    cell = tool.show_at(raster.extent().center())
+    text = cell.text.text()
+    assert "Map cell" in text and "<b>CATE</b>" in text and "95 % interval" in text and "<b>Support</b>" in text
+    assert cell.has_image
+    cell.close()

@@ -161,7 +161,7 @@ def test_geopackage_output_loads_styled_and_has_its_run_metadata(plugin, demo_un
     # the raw JSON folded away, and no figure files left beside it.
     body = report.split("<h2>Run metadata</h2>")[0]
     assert body.index("How to read this") < body.index("Summary") < body.index("Inputs and settings")
-    for label, value in (("Spatial blocks", "none"), ("Bands", "all"), ("Window size (pixels)", "33"),
+    for label, value in (("Spatial blocks", "chosen from the data"), ("Bands", "all"), ("Window size (pixels)", "33"),
                          ("Covariates", "none")):
         assert f"<td>{label}</td><td>{value}</td>" in body
     import re
@@ -657,6 +657,6 @@ def test_destinations_are_checked_before_any_work(plugin, demo_units_gpkg, demo_
             "OUTPUT": "memory:", "OUTPUT_PLOT": str(missing / "toc.png"), "OUTPUT_REPORT": None})
     copy = tmp_path / "units.gpkg"
     shutil.copy(demo_units_gpkg, copy)
-    with pytest.raises(QgsProcessingException, match="is the input layer itself"):
+    with pytest.raises(QgsProcessingException, match="is one of the run.s inputs"):
         run(base_parameters(str(copy), demo_raster, OUTPUT=str(copy)))
     assert not missing.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["units.gpkg"]
