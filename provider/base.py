@@ -371,6 +371,12 @@ class GeoCateAlgorithm(QgsProcessingAlgorithm):
 
         for definition in self.parameterDefinitions():
             value = parameters.get(definition.name())
+            if definition.type() in ("raster", "source", "vector", "layer") and isinstance(value, str) \
+                    and os.path.isfile(value.split("|")[0]) and definition.name() in message:
+                kind = "a raster" if definition.type() == "raster" else "a layer"
+                return False, (f"{definition.description()} ({definition.name()}): the file '{value}' exists but "
+                               f"cannot be read as {kind} (a damaged or truncated file, or a format GDAL does not "
+                               "know). Check that it opens in QGIS, or export it again.")
             if not isinstance(definition, QgsProcessingParameterNumber) or value in (None, ""):
                 continue
             try:
@@ -382,8 +388,10 @@ class GeoCateAlgorithm(QgsProcessingAlgorithm):
                     definition.dataType() == QgsProcessingParameterNumber.Integer and number != int(number)):
                 kind = "a whole number" if definition.dataType() == QgsProcessingParameterNumber.Integer \
                     else "a number"
-                return False, (f"{definition.description()} ({definition.name()}) must be {kind} from {low:g} to "
-                               f"{high:g}; {value} was given.")
+                shown = (lambda v: f"{int(v)}") if definition.dataType() == QgsProcessingParameterNumber.Integer \
+                    else (lambda v: f"{v:g}")
+                return False, (f"{definition.description()} ({definition.name()}) must be {kind} from {shown(low)} "
+                               f"to {shown(high)}; {value} was given.")
         return ok, message
 
     def createInstance(self):  # noqa: N802 - QGIS's name

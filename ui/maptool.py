@@ -191,8 +191,10 @@ class EffectIdentifyTool(QgsMapTool):
         info, layer = self.find(point)
         if info is None:
             if self.message_bar is not None:
-                self.message_bar.pushInfo("GeoCATE", "No GeoCATE result here: click a unit of a result layer or a "
-                                                     "cell of an effects map.")
+                from qgis.core import Qgis
+
+                self.message_bar.pushMessage("GeoCATE", "No GeoCATE result here: click a unit of a result layer or "
+                                                        "a cell of an effects map.", Qgis.Info, 5)
             return None
         raster, window = run_inputs(layer)
         image = window_image(raster, info["x"], info["y"], info["crs"], window) if raster else None

@@ -118,9 +118,13 @@ def test_an_address_that_is_not_a_dask_scheduler_is_refused_before_the_fit(plugi
     refused_after = time.monotonic() - started
     listener.sock.close()
     assert refused_after < 20   # the probe's 5 s, not the fit and Dask's 30 s (no timing is tested beyond that)
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    nobody = f"tcp://127.0.0.1:{closed.getsockname()[1]}"
+    closed.close()   # nothing listens there now
     with pytest.raises(QgsProcessingException, match="cannot be reached"):
         processing_run("geocate:mapeffects", dict(base_parameters(demo_units_gpkg, demo_raster),
-                                                  DASK_SCHEDULER=listener.address, OUTPUT=str(tmp_path / "m.tif")))
+                                                  DASK_SCHEDULER=nobody, OUTPUT=str(tmp_path / "m.tif")))
     assert leftovers(tmp_path) == [] and not (tmp_path / "m.tif").exists()
 
 
@@ -194,7 +198,7 @@ def test_windows_too_large_for_memory_are_refused_before_reading(monkeypatch):
     monkeypatch.setattr(psutil, "virtual_memory", lambda: Memory())
     source = WindowSource.__new__(WindowSource)
     source.bands, source.window_size_px, source.scales, source.raster_paths = (1, 2, 3), 999, (999,), ("a.tif",)
-    with pytest.raises(GeoCateError, match=r"would need 13\.4 GB .* at most about \d+ pixels"):
+    with pytest.raises(GeoCateError, match=r"would need 13\.4 GB .*at most about \d+ pixels"):
         check_window_memory(source, 1200)
     source.window_size_px = 33
     check_window_memory(source, 1200)   # 15 MB: fine
