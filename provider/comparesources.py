@@ -56,7 +56,7 @@ class CompareSourcesAlgorithm(GeoCateAlgorithm):
     def initAlgorithm(self, config=None):  # noqa: N802 - QGIS's name
         add_study_parameters(self)
         add_imagery_parameters(self)
-        add_spatial_block_parameter(self, advanced=False)
+        add_spatial_block_parameter(self)
         self.addParameter(QgsProcessingParameterEnum(
             "COMPARE", "Compare", ["sources: imagery, covariates, both", "scales: with SCALES vs the window alone",
                                    "dates: the sequence vs the last date", "encoder: ENCODER vs random convolutions"],

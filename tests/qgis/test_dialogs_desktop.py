@@ -33,9 +33,9 @@ def desktop(demo_units_gpkg, demo_raster, tmp_path_factory):
                           env=env, capture_output=True, text=True, timeout=900)
     summary = json.loads((out / "summary.json").read_text()) if (out / "summary.json").exists() else {}
     SHOTS.mkdir(parents=True, exist_ok=True)
-    for name in ALGORITHMS:
-        if (out / f"dialog_{name}.png").exists():
-            shutil.copy(out / f"dialog_{name}.png", SHOTS / f"dialog_{name}.png")
+    for name in [f"dialog_{a}.png" for a in ALGORITHMS] + ["map_tool_popup.png", "help_estimatecate.png"]:
+        if (out / name).exists():
+            shutil.copy(out / name, SHOTS / name)
     return done, summary, out
 
 
@@ -94,7 +94,19 @@ def test_a_two_step_model_runs_from_its_dialog(desktop):
     assert result["done"] and result["finished_ok"] and not result["failed"], result["log_tail"]
     assert not result["not_correctly_generated"], result["log_tail"]
     assert (out / "model_effects.gpkg").exists() and (out / "model_evaluation.csv").exists()
-    assert len(result["layers"]) == 2
+    assert (out / "model_map.tif").exists()
+    assert sorted(x["name"] for x in result["layers"]) == [
+        "Effects map (outcome)", "Effects map (outcome): outside the trial's support", "effects", "evaluation"]
+
+
+def test_the_map_tool_popup_and_a_help_page_are_shown(desktop):
+    _, summary, _ = desktop
+    popup = summary["popup"]
+    assert popup is not None and popup["has_image"] and "<b>CATE</b>" in popup["text"]
+    assert summary["help_page"]["url"].endswith("/help/estimatecate.html")
+    for name in ("map_tool_popup.png", "help_estimatecate.png"):
+        png = (SHOTS / name).read_bytes()
+        assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5_000
 
 
 def test_the_batch_dialog_runs_two_rows(desktop):

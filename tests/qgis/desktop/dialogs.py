@@ -159,6 +159,10 @@ def model():
         "INPUT": QgsProcessingModelChildParameterSource.fromChildOutput("estimate", "OUTPUT"),
         "PRIORITY": static("distance"), "TREATMENT": static("treated"), "OUTCOME": static("outcome"),
         "BOOTSTRAP": static(50)}, {"evaluation": "OUTPUT"})
+    child("geocate:mapeffects", "map", {
+        "INPUT": QgsProcessingModelChildParameterSource.fromChildOutput("estimate", "OUTPUT"),
+        "RASTER": QgsProcessingModelChildParameterSource.fromModelParameter("imagery"),
+        "TREATMENT": static("treated"), "OUTCOME": static("outcome"), "STRIDE": static(99)}, {"map": "OUTPUT"})
     built.updateDestinationParameters()
     # Saved where the model builder saves models, and run from the toolbox's entry, as a user does.
     from processing.modeler.ModelerUtils import ModelerUtils
@@ -211,6 +215,45 @@ def batch():
     write_state()
 
 
+def popup_screenshot():
+    """The map tool on a unit of the last estimatecate result: its popup, saved as map_tool_popup.png."""
+    from qgis.core import QgsCoordinateTransform
+    from qgis.utils import plugins
+
+    layer = next(layer for layer in QgsProject.instance().mapLayersByName("Treatment effects (CATE)"))
+    canvas = iface.mapCanvas()
+    canvas.setDestinationCrs(QgsProject.instance().mapLayersByName("Landsat 8 (demo)")[0].crs())
+    tool = plugins["geocate"].use_identify_tool(True)
+    feature = next(f for f in layer.getFeatures() if f["patch_ok"] == 1 and f["cate"] is not None)
+    to_map = QgsCoordinateTransform(layer.crs(), canvas.mapSettings().destinationCrs(), QgsProject.instance())
+    canvas.setLayers([layer])
+    popup = tool.show_at(to_map.transform(feature.geometry().centroid().asPoint()))
+    if popup is None:
+        return None
+    QgsApplication.processEvents()
+    path = os.path.join(OUT, "map_tool_popup.png")
+    popup.grab().save(path)
+    popup.close()
+    return {"path": path, "has_image": popup.has_image, "text": popup.text.text()}
+
+
+def help_screenshot():
+    """estimatecate's help page (what its Help button opens) in Qt's browser, saved as help_estimatecate.png."""
+    from qgis.PyQt.QtCore import QUrl
+    from qgis.PyQt.QtWidgets import QTextBrowser
+
+    algorithm = QgsApplication.processingRegistry().algorithmById("geocate:estimatecate")
+    browser = QTextBrowser()
+    browser.resize(900, 800)
+    browser.setSource(QUrl(algorithm.helpUrl()))
+    browser.show()
+    QgsApplication.processEvents()
+    path = os.path.join(OUT, "help_estimatecate.png")
+    browser.grab().save(path)
+    browser.close()
+    return {"path": path, "url": algorithm.helpUrl()}
+
+
 def start():
     try:
         window = iface.mainWindow()
@@ -231,7 +274,9 @@ def start():
                                                                  OUTPUT=os.path.join(OUT, "effects_map.tif")))
         run_dialog("model", model(), {"units": UNITS, "imagery": RASTER,
                                       "estimate:effects": os.path.join(OUT, "model_effects.gpkg"),
-                                      "evaluate:evaluation": os.path.join(OUT, "model_evaluation.csv")})
+                                      "evaluate:evaluation": os.path.join(OUT, "model_evaluation.csv"),
+                                      "map:map": os.path.join(OUT, "model_map.tif")})
+        write_state(popup=popup_screenshot(), help_page=help_screenshot())
         batch()
         write_state(alive=True)
     except Exception:  # noqa: BLE001 - reported to the test, then QGIS quits
