@@ -69,6 +69,7 @@ bench: setup
 	$(PY) bench/bench_panel.py --json outputs/bench_panel.json
 	$(PY) bench/bench_representations.py all --reps 3 --json outputs/bench_representations.json
 	$(PY) bench/bench_maps.py --json outputs/bench_maps.json
+	$(PY) bench/bench_blocks.py --json outputs/bench_blocks.json
 
 # The release ZIP, outputs/geocate.zip: the plugin's own files in a folder geocate/, for Install from ZIP.
 package:
