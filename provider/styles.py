@@ -202,7 +202,7 @@ def support_veil_style(layer, band_names, threshold):
     shader_function.setColorRampType(QgsColorRampShader.Discrete)
     shader_function.setColorRampItemList([
         QgsColorRampShader.ColorRampItem(float(threshold), QColor(0, 0, 0, 0), "inside the trial's support"),
-        QgsColorRampShader.ColorRampItem(float("inf"), QColor(90, 90, 90, 170), "outside: extrapolated")])
+        QgsColorRampShader.ColorRampItem(float("inf"), QColor(90, 90, 90, 128), "outside: extrapolated")])
     shader = QgsRasterShader()
     shader.setRasterShaderFunction(shader_function)
     layer.setRenderer(QgsSingleBandPseudoColorRenderer(layer.dataProvider(), band, shader))
