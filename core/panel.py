@@ -45,6 +45,8 @@ class PanelEstimate:
     n_obs: int
     by_period: list   # [(period, theta_t, std_err_t, n_t)]
     units_observed_once: int = 0   # dropped by within and first_difference
+    not_estimable: list = ()   # [(period, reason)]: periods without treated and untreated rows
+    time_effects: bool = True
 
     def interval(self, alpha=0.05):
         return normal_interval(self.theta, self.std_err, alpha)
@@ -145,6 +147,46 @@ def _learner(kind, seed, periods=None):
     return outcome_model()
 
 
+class PeriodEffects:
+    """A nuisance learner with additive period effects: E[y | x, t] = f(x) + delta_t, fitted by backfitting
+    (delta_t the period mean of y - f(x), f refitted on y - delta_t), so any learner (the spline ridge, which is
+    additive in its columns, or boosting) absorbs year shocks without learning them from the covariates."""
+
+    def __init__(self, make, n_iterations=4):
+        self.make, self.n_iterations = make, n_iterations
+
+    def fit(self, inputs, y, period):
+        self.periods_ = np.unique(period)
+        index = np.searchsorted(self.periods_, period)
+        delta = np.bincount(index, y, len(self.periods_)) / np.maximum(np.bincount(index, None, len(self.periods_)), 1)
+        delta -= delta.mean()
+        for _ in range(self.n_iterations):
+            self.model_ = self.make().fit(inputs, y - delta[index])
+            rest = y - self.model_.predict(inputs)
+            delta = np.bincount(index, rest, len(self.periods_)) / np.bincount(index, None, len(self.periods_))
+        self.delta_ = delta
+        return self
+
+    def predict(self, inputs, period):
+        index = np.clip(np.searchsorted(self.periods_, period), 0, len(self.periods_) - 1)
+        known = self.periods_[index] == period
+        return self.model_.predict(inputs) + np.where(known, self.delta_[index], 0.0)
+
+
+def _two_way_demean(values, unit, period, n_iterations=50, tolerance=1e-10):
+    """values less their unit and period means (alternating projections: exact in one pass for a balanced
+    panel, converging for an unbalanced one)."""
+    out = np.asarray(values, float).copy()
+    period_codes = np.unique(period, return_inverse=True)[1].ravel()
+    for _ in range(n_iterations):
+        before = out.copy()
+        out -= _unit_means(out, unit)
+        out -= _unit_means(out, period_codes)
+        if np.max(np.abs(out - before)) < tolerance * (1 + np.max(np.abs(out))):
+            break
+    return out
+
+
 def _unit_means(values, unit):
     sums = np.zeros((unit.max() + 1,) + values.shape[1:])
     np.add.at(sums, unit, values)
@@ -152,13 +194,20 @@ def _unit_means(values, unit):
     return (sums / counts)[unit]
 
 
-def _partial_out(y, d, inputs, unit, folds, learner, seed, periods=None):
-    """theta and its unit-clustered SE from cross-fitted residuals (DML partialling-out), and the residuals."""
+def _partial_out(y, d, inputs, unit, folds, learner, seed, periods=None, period=None):
+    """theta and its unit-clustered SE from cross-fitted residuals (DML partialling-out), and the residuals.
+    period: (n,) the period of each row, whose effects the nuisance models absorb (PeriodEffects), or None."""
     ry, rd = np.empty(len(y)), np.empty(len(y))
     for fold in np.unique(folds):
         train, test = folds != fold, folds == fold
-        ry[test] = y[test] - _learner(learner, seed, periods).fit(inputs[train], y[train]).predict(inputs[test])
-        rd[test] = d[test] - _learner(learner, seed, periods).fit(inputs[train], d[train]).predict(inputs[test])
+        for target, residual in ((y, ry), (d, rd)):
+            if period is None:
+                fitted = _learner(learner, seed, periods).fit(inputs[train], target[train])
+                residual[test] = target[test] - fitted.predict(inputs[test])
+            else:
+                fitted = PeriodEffects(lambda: _learner(learner, seed, periods)).fit(
+                    inputs[train], target[train], period[train])
+                residual[test] = target[test] - fitted.predict(inputs[test], period[test])
     theta, se = _theta(ry, rd, unit)
     return theta, se, ry, rd
 
@@ -177,8 +226,13 @@ def _theta(ry, rd, unit):
     return theta, se
 
 
-def panel_effect(panel, approach="mundlak", learner="spline ridge", n_folds=5, seed=42):
-    """theta by ``approach`` (mundlak, within, first_difference, or pooled), a PanelEstimate."""
+def panel_effect(panel, approach="mundlak", learner="spline ridge", n_folds=5, seed=42, time_effects=True):
+    """theta by ``approach`` (mundlak, within, first_difference, or pooled), a PanelEstimate.
+
+    time_effects (default): the nuisance models absorb period effects (year shocks common to every unit):
+    additive period effects in the learners of Mundlak and pooled (PeriodEffects), two-way demeaning (unit and
+    period) for within, period intercepts in first differences. Without them, shocks that move the treatment
+    and the outcome together bias theta (0.91 for 0.5 on the bench's design)."""
     from .learners import location_folds
 
     if approach not in APPROACHES + ("pooled",):
@@ -195,19 +249,27 @@ def panel_effect(panel, approach="mundlak", learner="spline ridge", n_folds=5, s
                                "first-difference approaches cannot identify its effect.",
                                "Use the Mundlak approach, or a treatment that changes over time.")
     periods = None
+    period = time if time_effects else None
     if approach == "mundlak":
         inputs = np.column_stack([X, _unit_means(X, unit), _unit_means(D, unit)])
         y, d = Y, D
     elif approach == "within":
-        inputs = X - _unit_means(X, unit) if X.shape[1] else np.zeros((len(Y), 1))
-        y, d = Y - _unit_means(Y, unit), D - _unit_means(D, unit)
+        if time_effects:   # two-way demeaning: the period effects go with the unit effects
+            inputs = _two_way_demean(X, unit, time) if X.shape[1] else np.zeros((len(Y), 1))
+            y, d = _two_way_demean(Y, unit, time), _two_way_demean(D, unit, time)
+            period = None
+        else:
+            inputs = X - _unit_means(X, unit) if X.shape[1] else np.zeros((len(Y), 1))
+            y, d = Y - _unit_means(Y, unit), D - _unit_means(D, unit)
     elif approach == "first_difference":
         nxt = np.flatnonzero(unit[1:] == unit[:-1]) + 1       # rows with a previous period of the same unit
         inputs = np.column_stack([X[nxt], X[nxt - 1]])
         p = X.shape[1]
         periods = [list(range(p)), list(range(p, 2 * p))] if p else None
         y, d = Y[nxt] - Y[nxt - 1], D[nxt] - D[nxt - 1]
+        D_level = D[nxt]
         unit, time = unit[nxt], time[nxt]
+        period = time if time_effects else None   # the change of a period effect: an intercept per period
     else:
         inputs, y, d = X, Y, D
     if inputs.shape[1] == 0:
@@ -217,12 +279,26 @@ def panel_effect(panel, approach="mundlak", learner="spline ridge", n_folds=5, s
         raise GeoCateError(f"Only {len(units)} units: too few for {n_folds}-fold cross-fitting by unit.",
                            "Use more units.")
     folds = location_folds(unit, n_folds, seed)
-    theta, se, ry, rd = _partial_out(y, d, inputs, unit, folds, learner, seed, periods)
-    by_period = []
+    theta, se, ry, rd = _partial_out(y, d, inputs, unit, folds, learner, seed, periods, period)
+    levels = D_level if approach == "first_difference" else D   # the treatment's level in each row used
+    by_period, not_estimable = [], []
+    binary = np.isin(levels, (0.0, 1.0)).all()
     for t in np.unique(time):
         rows = time == t
-        if rows.sum() >= 10 and np.sum(rd[rows] ** 2) > 0:
-            theta_t, se_t = _theta(ry[rows], rd[rows], unit[rows])
-            by_period.append((float(t), theta_t, se_t, int(rows.sum())))
+        reason = None
+        if binary and not (levels[rows] == 1).any():
+            reason = "no unit is treated in this period"
+        elif binary and not (levels[rows] == 0).any():
+            reason = "every unit is treated in this period: no untreated comparison"
+        elif not binary and np.ptp(levels[rows]) == 0:
+            reason = "the treatment takes one value in this period"
+        elif rows.sum() < 10 or np.sum(rd[rows] ** 2) <= 1e-12 * max(np.sum(rd ** 2), 1e-300):
+            reason = "too few rows, or no treatment variation left once the fixed effects are removed"
+        if reason:
+            not_estimable.append((float(t), reason))
+            continue
+        theta_t, se_t = _theta(ry[rows], rd[rows], unit[rows])
+        by_period.append((float(t), theta_t, se_t, int(rows.sum())))
     return PanelEstimate(approach=approach, theta=theta, std_err=se, n_units=int(len(units)), n_obs=int(len(y)),
-                         by_period=by_period, units_observed_once=once)
+                         by_period=by_period, units_observed_once=once, not_estimable=not_estimable,
+                         time_effects=bool(time_effects))

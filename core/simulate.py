@@ -183,14 +183,18 @@ def confound(trial, seed=0, strength=1.2, effect=1.0, baseline=1.5):
     return treated, outcome, propensity
 
 
-def simulate_panel(n_units=500, n_periods=10, n_covariates=30, theta=0.5, design="linear", seed=0):
+def simulate_panel(n_units=500, n_periods=10, n_covariates=30, theta=0.5, design="linear", seed=0,
+                   year_shocks=0.0):
     """The partially linear panel designs of Clarke & Polselli (2025), written from their description:
 
         Y_it = theta D_it + l(X_it) + alpha_i + U_it,   D_it = m(X_it) + c_i + V_it,
         alpha_i = 0.25 (mean_t D_it - mean D) + 0.25 mean_t (X_it1 + X_it3) + a_i,
 
     X_itp ~ N(0, 5), a_i ~ N(0, 0.95), c_i, U, V ~ N(0, 1); only X1 and X3
-    matter. design "linear": l = m = 0.25 X1 + X3; "smooth": l = expit(X1) +
+    matter. year_shocks > 0 adds period effects as applied panels have them (droughts, booms): uneven shocks
+    s_t that trend upward, s_t = year_shocks (2 t / T + N(0, 0.5^2)), entering the treatment (D + s_t: the
+    programme grows in good years) and the outcome (Y + 2 s_t), so that ignoring them biases theta.
+    design "linear": l = m = 0.25 X1 + X3; "smooth": l = expit(X1) +
     0.25 cos(X3), m = cos(X1) + 0.25 expit(X3); "discontinuous": l = 0.5 X1 X3 +
     0.25 X3 1{X3 > 0}, m = 0.25 X1 1{X1 > 0} + 0.5 X1 X3. Returns (unit, time,
     D, Y, X) in long format, sorted by unit then time.
@@ -213,10 +217,15 @@ def simulate_panel(n_units=500, n_periods=10, n_covariates=30, theta=0.5, design
     else:
         raise GeoCateError(f"Unknown panel design '{design}'.", "Use linear, smooth or discontinuous.")
     D = m0 + c_i + rng.standard_normal(n)
+    shocks = np.zeros(n)
+    if year_shocks:
+        per_period = year_shocks * (2 * np.arange(1, n_periods + 1) / n_periods + rng.normal(0, 0.5, n_periods))
+        shocks = per_period[time - 1]
+        D = D + shocks
     unit_mean_d = np.repeat(D.reshape(n_units, n_periods).mean(axis=1), n_periods)
     unit_mean_x = np.repeat((x1 + x3).reshape(n_units, n_periods).mean(axis=1), n_periods)
     alpha = 0.25 * (unit_mean_d - D.mean()) + 0.25 * unit_mean_x + a_i
-    Y = theta * D + l0 + alpha + rng.standard_normal(n)
+    Y = theta * D + l0 + alpha + 2 * shocks + rng.standard_normal(n)
     return unit, time, D, Y, X
 
 

@@ -7,6 +7,7 @@ from qgis.core import (
     QgsProcessing,
     QgsProcessingException,
     QgsProcessingOutputNumber,
+    QgsProcessingParameterBoolean,
     QgsProcessingParameterDefinition,
     QgsProcessingParameterEnum,
     QgsProcessingParameterFeatureSink,
@@ -40,6 +41,7 @@ def as_time(value):
 
 
 class PanelEffectsAlgorithm(GeoCateAlgorithm):
+    TIME_EFFECTS = "TIME_EFFECTS"
     INPUT, UNIT_ID, TIME, TREATMENT, OUTCOME = "INPUT", "UNIT_ID", "TIME", "TREATMENT", "OUTCOME"
     COVARIATES, RASTERS_BY_TIME, PATCH_SIZE = "COVARIATES", "RASTERS_BY_TIME", "PATCH_SIZE"
     APPROACH, LEARNER, SEED, OUTPUT = "APPROACH", "LEARNER", "SEED", "OUTPUT"
@@ -63,7 +65,9 @@ class PanelEffectsAlgorithm(GeoCateAlgorithm):
             "covariates and treatment; default), within (everything demeaned by unit; exact only for linear "
             "nuisances), first differences (changes learnt from this and last year's covariates). The nuisance "
             "models are cross-fitted with folds that keep each unit's years together, and the standard error is "
-            "clustered by unit. A table gives theta per approach and per year.\n\n"
+            "clustered by unit. Year effects (on by default) absorb shocks common to every unit in a period. "
+            "A table gives theta per approach and per year; a year without treated and untreated rows is listed "
+            "as not estimable (nulls), with the reason in the log.\n\n"
             "With one raster per year, each unit's image features of that year (one feature pipeline for all years) "
             "join the covariates. Refused: duplicated unit-year rows, a time that is not a number or a date, a "
             "treatment that never varies within a unit (for within and first differences). Units observed once are "
@@ -92,6 +96,9 @@ class PanelEffectsAlgorithm(GeoCateAlgorithm):
                                                        QgsProcessingParameterNumber.Integer, defaultValue=33,
                                                        minValue=3, maxValue=1025))
         self.addParameter(QgsProcessingParameterEnum(self.APPROACH, "Approach", list(APPROACH_CHOICES), defaultValue=0))
+        self.addParameter(QgsProcessingParameterBoolean(
+            self.TIME_EFFECTS, "Year effects: absorb shocks common to every unit in a period (droughts, booms)",
+            defaultValue=True))
         learner = QgsProcessingParameterEnum(self.LEARNER, "Nuisance learner", ["spline ridge", "boosting"],
                                              defaultValue=0)
         seed = QgsProcessingParameterNumber(self.SEED, "Random seed", QgsProcessingParameterNumber.Integer,
@@ -122,6 +129,7 @@ class PanelEffectsAlgorithm(GeoCateAlgorithm):
         choice = APPROACH_CHOICES[self.parameterAsEnum(parameters, self.APPROACH, context)]
         learner = ("spline ridge", "boosting")[self.parameterAsEnum(parameters, self.LEARNER, context)]
         seed = self.parameterAsInt(parameters, self.SEED, context)
+        time_effects = self.parameterAsBoolean(parameters, self.TIME_EFFECTS, context)
         fields = source.fields()
         for name, role in [(treatment, "treatment"), (outcome, "outcome")] + [(c, "covariate") for c in covariates]:
             check_numeric_field(fields, name, role)
@@ -168,9 +176,16 @@ class PanelEffectsAlgorithm(GeoCateAlgorithm):
             for k, approach in enumerate(approaches):
                 feedback.setProgressText(f"{approach}: cross-fitted nuisance models")
                 feedback.setProgress(40 + 60 * k / len(approaches))
-                estimates.append(panel_effect(panel, approach, learner, seed=seed))
+                estimates.append(panel_effect(panel, approach, learner, seed=seed, time_effects=time_effects))
         except GeoCateError as error:
             raise QgsProcessingException(str(error)) from error
+        if time_effects:
+            feedback.pushInfo(f"Year effects: shocks common to every unit in a period ({len(np.unique(panel.time))} "
+                              "periods) are absorbed (period effects in Mundlak's nuisance models, two-way demeaning "
+                              "for within, a period intercept in first differences).")
+        else:
+            feedback.pushWarning("Year effects are ignored (TIME_EFFECTS off): a shock common to every unit in a year "
+                                 "that moves treatment and outcome together biases theta.")
         table = []
         for estimate in estimates:
             low, high = estimate.interval()
@@ -184,15 +199,21 @@ class PanelEffectsAlgorithm(GeoCateAlgorithm):
             for period, theta_t, se_t, n_t in estimate.by_period:
                 table.append((estimate.approach, f"{period:g}", theta_t, se_t, theta_t - 1.959964 * se_t,
                               theta_t + 1.959964 * se_t, float("nan"), n_t))
+            for period, reason in estimate.not_estimable:   # listed with nulls, not a number that cannot exist
+                table.append((estimate.approach, f"{period:g}", float("nan"), float("nan"), float("nan"),
+                              float("nan"), float("nan"), 0))
+                feedback.pushInfo(f"{estimate.approach}, {period:g}: not estimable ({reason}).")
         if panel.dropped["a value is null"]:
             feedback.pushInfo(f"{panel.dropped['a value is null']} row(s) with a null were dropped.")
         dest_id = write_table(self, parameters, context, table, columns=PANEL_COLUMNS)
         self.write_run_metadata(dest_id, run_metadata("geocate:paneleffects", {
             "INPUT": source.sourceName(), "UNIT_ID": unit_field, "TIME": time_field, "TREATMENT": treatment,
             "OUTCOME": outcome, "COVARIATES": covariates, "RASTERS_BY_TIME": [r.source() for r in rasters],
-            "PATCH_SIZE": window, "APPROACH": choice, "LEARNER": learner, "SEED": seed}, started,
+            "PATCH_SIZE": window, "APPROACH": choice, "LEARNER": learner, "SEED": seed,
+            "TIME_EFFECTS": time_effects}, started,
             estimates=[{"approach": e.approach, "theta": e.theta, "std_err": e.std_err, "n_units": e.n_units,
-                        "n_obs": e.n_obs, "units_observed_once": e.units_observed_once, "by_period": e.by_period}
+                        "n_obs": e.n_obs, "units_observed_once": e.units_observed_once, "by_period": e.by_period,
+                        "not_estimable": [list(x) for x in e.not_estimable], "time_effects": e.time_effects}
                        for e in estimates], covariates_used=names, dropped=panel.dropped), feedback)
         first = estimates[0]
         return {self.OUTPUT: dest_id, "THETA": first.theta, "THETA_SE": first.std_err, "N_UNITS": first.n_units,

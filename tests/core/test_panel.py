@@ -77,3 +77,39 @@ def test_first_difference_boosting_is_additive_across_the_two_periods():
     within = _learner("boosting", 0, [[0, 1], [2, 3]]).fit(inputs, target).predict(
         np.array([[a, b, 0.0, 0.0] for a in (-1.0, 1.0) for b in (-1.0, 1.0)]))
     assert within[3] - within[2] - within[1] + within[0] > 1.0   # interactions within a period stay (true: 4)
+
+
+def test_year_effects_are_absorbed_by_default_and_ignoring_them_biases_theta():
+    """Uneven year shocks that trend upward and move D and Y together (the user's panel, no year covariate):
+    every approach recovers theta with the period effects absorbed; without them theta is far off."""
+    unit, time, D, Y, X = simulate_panel(300, 6, 5, theta=0.5, design="smooth", seed=4, year_shocks=0.5)
+    panel = make_panel(unit, time, D, Y, X)
+    for approach in ("mundlak", "within", "first_difference"):
+        estimate = panel_effect(panel, approach)
+        assert estimate.time_effects and abs(estimate.theta - 0.5) < max(0.06, 3 * estimate.std_err), approach
+        if approach != "first_difference":   # differencing removes most of a slow trend by itself
+            assert panel_effect(panel, approach, time_effects=False).theta - 0.5 > 0.15, approach
+
+
+def test_periods_without_treated_and_untreated_rows_are_not_estimated():
+    from geocate.core.panel import PeriodEffects, _two_way_demean
+
+    rng = np.random.default_rng(2)
+    n_units, n_periods = 120, 4
+    unit, time = np.repeat(np.arange(n_units), n_periods), np.tile(np.arange(1, n_periods + 1), n_units)
+    D = ((unit % 2 == 0) & (time >= 3)).astype(float)          # nobody treated in periods 1 and 2
+    Y = 0.5 * D + np.repeat(rng.standard_normal(n_units), n_periods) + 0.3 * time + rng.standard_normal(len(D))
+    X = rng.standard_normal((len(D), 2))
+    estimate = panel_effect(make_panel(unit, time, D, Y, X), "within")
+    assert [row[0] for row in estimate.by_period] == [3.0, 4.0]
+    assert estimate.not_estimable == [(1.0, "no unit is treated in this period"),
+                                      (2.0, "no unit is treated in this period")]
+    # Two-way demeaning of a balanced panel is exact: unit and period means of the result are 0.
+    demeaned = _two_way_demean(Y, unit, time)
+    assert np.abs(np.bincount(unit, demeaned)).max() < 1e-9 and np.abs(np.bincount(time, demeaned)).max() < 1e-9
+    # The backfitting learner recovers additive period effects exactly for a linear model.
+    from sklearn.linear_model import LinearRegression
+
+    target = 2 * X[:, 0] + np.array([0.0, 1.0, -1.0, 3.0])[time - 1]
+    fitted = PeriodEffects(LinearRegression, n_iterations=20).fit(X, target, time)
+    assert np.abs(fitted.predict(X, time) - target).max() < 1e-6
