@@ -676,3 +676,20 @@ def map_report(metadata, html_path, map_path, figures):
     sections = [("How to read this", reading), ("Summary", summary), ("Map", image(png, "Map")),
                 ("Settings", settings_table(metadata.get("parameters", {})))]
     return write_html(html_path, "GeoCATE: effects mapped over the imagery", sections, metadata)
+
+
+def panel_report(metadata, rows, html_path):
+    """The HTML report of geocate:paneleffects: theta per approach and per period (periods that cannot be
+    estimated shown with dashes), the settings, the run record."""
+    parameters = metadata.get("parameters", {})
+    summary = "".join(
+        f"<p><b>{html.escape(e['approach'])}</b>: theta {e['theta']:.4f} (SE {e['std_err']:.4f}, 95 % interval "
+        f"{e['theta'] - 1.959964 * e['std_err']:.4f} to {e['theta'] + 1.959964 * e['std_err']:.4f}), "
+        f"{e['n_units']} units, {e['n_obs']} rows; year effects {'absorbed' if e.get('time_effects') else 'ignored'}."
+        + (f" Not estimable: {', '.join(f'{p:g} ({r})' for p, r in e['not_estimable'])}." if e.get("not_estimable")
+           else "") + "</p>" for e in metadata["estimates"])
+    sections = [("Summary", summary),
+                ("Estimates", table(["approach", "period", "theta", "SE", "95 % low", "95 % high", "units", "rows"],
+                                    rows)),
+                ("Inputs and settings", settings_table(parameters))]
+    return write_html(html_path, "GeoCATE: panel effects", sections, metadata)

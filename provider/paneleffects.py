@@ -19,7 +19,7 @@ from qgis.core import (
 )
 from qgis.PyQt.QtCore import QDate, QDateTime, QVariant
 
-from .base import GeoCateAlgorithm, run_metadata
+from .base import GeoCateAlgorithm, add_report_parameter, run_metadata
 from .convert import as_label, as_number, check_numeric_field, unit_point, write_table
 from .widgets import field_role
 
@@ -38,6 +38,93 @@ def as_time(value):
             return np.nan
         return value.year() + (value.dayOfYear() - 1) / value.daysInYear()
     return as_number(value)
+
+
+def add_panel_parameters(algorithm):
+    """INPUT, UNIT_ID, TIME, TREATMENT, OUTCOME, COVARIATES, RASTERS_BY_TIME, PATCH_SIZE: a long-format panel."""
+    numeric = QgsProcessingParameterField.Numeric
+    algorithm.addParameter(QgsProcessingParameterFeatureSource(
+        "INPUT", "Panel (one row per unit and year)", [QgsProcessing.TypeVector]))
+    algorithm.addParameter(field_role(QgsProcessingParameterField(
+        "UNIT_ID", "Unit id field", parentLayerParameterName="INPUT"), "unit"))
+    algorithm.addParameter(field_role(QgsProcessingParameterField(
+        "TIME", "Time field (year or date)", parentLayerParameterName="INPUT"), "time"))
+    algorithm.addParameter(field_role(QgsProcessingParameterField(
+        "TREATMENT", "Treatment field (binary or continuous)", parentLayerParameterName="INPUT",
+        type=numeric), "treatment"))
+    algorithm.addParameter(field_role(QgsProcessingParameterField(
+        "OUTCOME", "Outcome field", parentLayerParameterName="INPUT", type=numeric), "outcome"))
+    algorithm.addParameter(QgsProcessingParameterField("COVARIATES", "Covariate fields", parentLayerParameterName="INPUT",
+                                                       type=numeric, allowMultiple=True, optional=True))
+    algorithm.addParameter(QgsProcessingParameterMultipleLayers(
+        "RASTERS_BY_TIME", "Imagery, one raster per year (earliest first)", QgsProcessing.TypeRaster,
+        optional=True))
+    algorithm.addParameter(QgsProcessingParameterNumber("PATCH_SIZE", "Window size (pixels per side)",
+                                                        QgsProcessingParameterNumber.Integer, defaultValue=33,
+                                                        minValue=3, maxValue=1025))
+
+
+def read_panel_parameters(algorithm, parameters, context):
+    """(source, plain values) of the panel parameters, the fields checked."""
+    source = algorithm.parameterAsSource(parameters, "INPUT", context)
+    if source is None:
+        raise QgsProcessingException("The panel could not be read. Choose a layer or table in INPUT.")
+    values = {"unit": algorithm.parameterAsString(parameters, "UNIT_ID", context),
+              "time": algorithm.parameterAsString(parameters, "TIME", context),
+              "treatment": algorithm.parameterAsString(parameters, "TREATMENT", context),
+              "outcome": algorithm.parameterAsString(parameters, "OUTCOME", context),
+              "covariates": algorithm.parameterAsFields(parameters, "COVARIATES", context),
+              "rasters": algorithm.parameterAsLayerList(parameters, "RASTERS_BY_TIME", context) or [],
+              "window": algorithm.parameterAsInt(parameters, "PATCH_SIZE", context)}
+    fields = source.fields()
+    for name, role in [(values["treatment"], "treatment"), (values["outcome"], "outcome")] + [
+            (c, "covariate") for c in values["covariates"]]:
+        check_numeric_field(fields, name, role)
+    time_field = values["time"]
+    time_index = fields.lookupField(time_field)
+    if time_index < 0:
+        raise QgsProcessingException(f"The time field '{time_field}' does not exist.")
+    kind = fields.at(time_index).type()
+    if not (fields.at(time_index).isNumeric() or kind in (QVariant.Date, QVariant.DateTime)):
+        raise QgsProcessingException(
+            f"The time field '{time_field}' is of type {fields.at(time_index).typeName()}, not a number or a date. "
+            f"Choose a year or date field, or convert it (Field Calculator: to_int(\"{time_field}\")).")
+    return source, values
+
+
+def read_panel_rows(source, values, seed, feedback, progress_share=40):
+    """(rows, covariate matrix, covariate names): every row's unit, time, treatment, outcome, covariates and
+    point, with each year's image features joining the covariates where one raster per year is given."""
+    covariates, rasters = values["covariates"], values["rasters"]
+    rows = []
+    for feature in source.getFeatures():
+        if feedback.isCanceled():
+            raise QgsProcessingException("The run was cancelled. Nothing was written.")
+        rows.append((as_label(feature[values["unit"]]), as_time(feature[values["time"]]),
+                     as_number(feature[values["treatment"]]), as_number(feature[values["outcome"]]),
+                     [as_number(feature[c]) for c in covariates], unit_point(feature.geometry())))
+    if not rows:
+        raise QgsProcessingException("The panel has no rows.")
+    n = len(rows)
+    X = np.array([r[4] for r in rows], float).reshape(n, len(covariates))
+    names = list(covariates)
+    if rasters:
+        from qgis.core import QgsCoordinateReferenceSystem
+
+        from ..core.errors import GeoCateError
+        from ..core.pipeline import panel_image_features
+
+        if source.wkbType() == QgsWkbTypes.NoGeometry or not source.sourceCrs().isValid():
+            raise GeoCateError("Imagery per year needs the units' locations: the panel has no geometry "
+                               "(or no CRS).", "Give the panel points (or polygons) with a CRS.")
+        image = panel_image_features(
+            [r.source() for r in rasters], np.array([r[5] for r in rows], float),
+            source.sourceCrs().toWkt(QgsCoordinateReferenceSystem.WKT_PREFERRED),
+            np.array([r[1] for r in rows], float), values["window"], seed,
+            progress=lambda f, m: feedback.setProgress(progress_share * f), is_cancelled=feedback.isCanceled)
+        X = np.column_stack([X, image])
+        names += [f"image_{j + 1}" for j in range(image.shape[1])]
+    return rows, X, names
 
 
 class PanelEffectsAlgorithm(GeoCateAlgorithm):
@@ -75,26 +162,7 @@ class PanelEffectsAlgorithm(GeoCateAlgorithm):
         )
 
     def initAlgorithm(self, config=None):  # noqa: N802 - QGIS's name
-        numeric = QgsProcessingParameterField.Numeric
-        self.addParameter(QgsProcessingParameterFeatureSource(
-            self.INPUT, "Panel (one row per unit and year)", [QgsProcessing.TypeVector]))
-        self.addParameter(field_role(QgsProcessingParameterField(
-            self.UNIT_ID, "Unit id field", parentLayerParameterName=self.INPUT), "unit"))
-        self.addParameter(field_role(QgsProcessingParameterField(
-            self.TIME, "Time field (year or date)", parentLayerParameterName=self.INPUT), "time"))
-        self.addParameter(field_role(QgsProcessingParameterField(
-            self.TREATMENT, "Treatment field (binary or continuous)", parentLayerParameterName=self.INPUT,
-            type=numeric), "treatment"))
-        self.addParameter(field_role(QgsProcessingParameterField(
-            self.OUTCOME, "Outcome field", parentLayerParameterName=self.INPUT, type=numeric), "outcome"))
-        self.addParameter(QgsProcessingParameterField(self.COVARIATES, "Covariate fields", parentLayerParameterName=self.INPUT,
-                                                      type=numeric, allowMultiple=True, optional=True))
-        self.addParameter(QgsProcessingParameterMultipleLayers(
-            self.RASTERS_BY_TIME, "Imagery, one raster per year (earliest first)", QgsProcessing.TypeRaster,
-            optional=True))
-        self.addParameter(QgsProcessingParameterNumber(self.PATCH_SIZE, "Window size (pixels per side)",
-                                                       QgsProcessingParameterNumber.Integer, defaultValue=33,
-                                                       minValue=3, maxValue=1025))
+        add_panel_parameters(self)
         self.addParameter(QgsProcessingParameterEnum(self.APPROACH, "Approach", list(APPROACH_CHOICES), defaultValue=0))
         self.addParameter(QgsProcessingParameterBoolean(
             self.TIME_EFFECTS, "Year effects: absorb shocks common to every unit in a period (droughts, booms)",
@@ -107,6 +175,7 @@ class PanelEffectsAlgorithm(GeoCateAlgorithm):
             parameter.setFlags(parameter.flags() | QgsProcessingParameterDefinition.FlagAdvanced)
             self.addParameter(parameter)
         self.addParameter(QgsProcessingParameterFeatureSink(self.OUTPUT, "Panel effects", QgsProcessing.TypeVector))
+        add_report_parameter(self)
         for name, label in (("THETA", "Effect of the treatment (first approach)"), ("THETA_SE", "Its standard error"),
                             ("N_UNITS", "Units used"), ("N_OBS", "Rows used")):
             self.addOutput(QgsProcessingOutputNumber(name, label))
@@ -116,59 +185,15 @@ class PanelEffectsAlgorithm(GeoCateAlgorithm):
         from ..core.panel import make_panel, panel_effect
 
         started = time.monotonic()
-        source = self.parameterAsSource(parameters, self.INPUT, context)
-        if source is None:
-            raise QgsProcessingException("The panel could not be read. Choose a layer or table in INPUT.")
-        unit_field = self.parameterAsString(parameters, self.UNIT_ID, context)
-        time_field = self.parameterAsString(parameters, self.TIME, context)
-        treatment = self.parameterAsString(parameters, self.TREATMENT, context)
-        outcome = self.parameterAsString(parameters, self.OUTCOME, context)
-        covariates = self.parameterAsFields(parameters, self.COVARIATES, context)
-        rasters = self.parameterAsLayerList(parameters, self.RASTERS_BY_TIME, context)
-        window = self.parameterAsInt(parameters, self.PATCH_SIZE, context)
+        source, values = read_panel_parameters(self, parameters, context)
+        unit_field, time_field, treatment, outcome = (values[k] for k in ("unit", "time", "treatment", "outcome"))
+        covariates, rasters, window = values["covariates"], values["rasters"], values["window"]
         choice = APPROACH_CHOICES[self.parameterAsEnum(parameters, self.APPROACH, context)]
         learner = ("spline ridge", "boosting")[self.parameterAsEnum(parameters, self.LEARNER, context)]
         seed = self.parameterAsInt(parameters, self.SEED, context)
         time_effects = self.parameterAsBoolean(parameters, self.TIME_EFFECTS, context)
-        fields = source.fields()
-        for name, role in [(treatment, "treatment"), (outcome, "outcome")] + [(c, "covariate") for c in covariates]:
-            check_numeric_field(fields, name, role)
-        time_index = fields.lookupField(time_field)
-        if time_index < 0:
-            raise QgsProcessingException(f"The time field '{time_field}' does not exist.")
-        kind = fields.at(time_index).type()
-        if not (fields.at(time_index).isNumeric() or kind in (QVariant.Date, QVariant.DateTime)):
-            raise QgsProcessingException(
-                f"The time field '{time_field}' is of type {fields.at(time_index).typeName()}, not a number or a date. "
-                f"Choose a year or date field, or convert it (Field Calculator: to_int(\"{time_field}\")).")
-        rows = []
-        for feature in source.getFeatures():
-            if feedback.isCanceled():
-                raise QgsProcessingException("The run was cancelled. Nothing was written.")
-            rows.append((as_label(feature[unit_field]), as_time(feature[time_field]), as_number(feature[treatment]),
-                         as_number(feature[outcome]), [as_number(feature[c]) for c in covariates],
-                         unit_point(feature.geometry())))
-        if not rows:
-            raise QgsProcessingException("The panel has no rows.")
-        n = len(rows)
-        X = np.array([r[4] for r in rows], float).reshape(n, len(covariates))
-        names = list(covariates)
         try:
-            if rasters:
-                if source.wkbType() == QgsWkbTypes.NoGeometry or not source.sourceCrs().isValid():
-                    raise GeoCateError("Imagery per year needs the units' locations: the panel has no geometry "
-                                       "(or no CRS).", "Give the panel points (or polygons) with a CRS.")
-                from qgis.core import QgsCoordinateReferenceSystem
-
-                from ..core.pipeline import panel_image_features
-
-                image = panel_image_features(
-                    [r.source() for r in rasters], np.array([r[5] for r in rows], float),
-                    source.sourceCrs().toWkt(QgsCoordinateReferenceSystem.WKT_PREFERRED),
-                    np.array([r[1] for r in rows], float), window, seed,
-                    progress=lambda f, m: feedback.setProgress(40 * f), is_cancelled=feedback.isCanceled)
-                X = np.column_stack([X, image])
-                names += [f"image_{j + 1}" for j in range(image.shape[1])]
+            rows, X, names = read_panel_rows(source, values, seed, feedback)
             panel = make_panel([r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows],
                                [r[3] for r in rows], X, names, unit_field, time_field, treatment, outcome)
             approaches = ("mundlak", "within", "first_difference") if choice == "all three" else (choice,)
@@ -206,7 +231,7 @@ class PanelEffectsAlgorithm(GeoCateAlgorithm):
         if panel.dropped["a value is null"]:
             feedback.pushInfo(f"{panel.dropped['a value is null']} row(s) with a null were dropped.")
         dest_id = write_table(self, parameters, context, table, columns=PANEL_COLUMNS)
-        self.write_run_metadata(dest_id, run_metadata("geocate:paneleffects", {
+        metadata = run_metadata("geocate:paneleffects", {
             "INPUT": source.sourceName(), "UNIT_ID": unit_field, "TIME": time_field, "TREATMENT": treatment,
             "OUTCOME": outcome, "COVARIATES": covariates, "RASTERS_BY_TIME": [r.source() for r in rasters],
             "PATCH_SIZE": window, "APPROACH": choice, "LEARNER": learner, "SEED": seed,
@@ -214,7 +239,15 @@ class PanelEffectsAlgorithm(GeoCateAlgorithm):
             estimates=[{"approach": e.approach, "theta": e.theta, "std_err": e.std_err, "n_units": e.n_units,
                         "n_obs": e.n_obs, "units_observed_once": e.units_observed_once, "by_period": e.by_period,
                         "not_estimable": [list(x) for x in e.not_estimable], "time_effects": e.time_effects}
-                       for e in estimates], covariates_used=names, dropped=panel.dropped), feedback)
+                       for e in estimates], covariates_used=names, dropped=panel.dropped)
+        self.write_run_metadata(dest_id, metadata, feedback)
+        report = self.output_file(parameters, "OUTPUT_REPORT", context)
+        if report:
+            from ..core.report import panel_report
+
+            panel_report(metadata, table, report)
+            feedback.pushInfo(f"Report: {self.final_path(report)}.")
         first = estimates[0]
-        return {self.OUTPUT: dest_id, "THETA": first.theta, "THETA_SE": first.std_err, "N_UNITS": first.n_units,
+        return {self.OUTPUT: dest_id, "OUTPUT_REPORT": report or None, "THETA": first.theta,
+                "THETA_SE": first.std_err, "N_UNITS": first.n_units,
                 "N_OBS": first.n_obs}
