@@ -229,3 +229,17 @@ def test_applyclusters_refuses_another_resolution_and_an_all_nodata_raster(plugi
     with pytest.raises(QgsProcessingException, match="gives bands = 4, but the model itself takes 3"):
         processing_run("geocate:applyclusters", {"MODEL": fitted["OUTPUT_MODEL"], "RASTER": demo_raster,
                                                  "OUTPUT": str(tmp_path / "map.tif")})
+
+
+def test_a_full_disk_while_writing_a_map_is_said_plainly_and_leaves_nothing(plugin, demo_units_gpkg, demo_raster,
+                                                                            tmp_path, monkeypatch):
+    from osgeo import gdal
+
+    def full(*args, **kwargs):
+        raise RuntimeError("TIFFAppendToStrip:Write error at scanline 0: No space left on device")
+
+    monkeypatch.setattr(gdal, "Translate", full)
+    with pytest.raises(QgsProcessingException, match="Writing the map failed .*No space left.*Is the disk full"):
+        processing_run("geocate:mapeffects", dict(base_parameters(demo_units_gpkg, demo_raster), STRIDE=99,
+                                                  OUTPUT=str(tmp_path / "map.tif")))
+    assert os.listdir(tmp_path) == []
