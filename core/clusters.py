@@ -371,11 +371,13 @@ def check_description(description, session, where):
 
     bands, window, n_cov = count("bands", 1), count("window_size_px", 3), count("n_covariates")
     shapes = {i.name: i.shape for i in session.get_inputs()}
-    image, covariates = shapes.get("image"), shapes.get("covariates")
-    if image is None or covariates is None or len(image) != 4 or len(covariates) != 2:
+    image, covariates = shapes.get("image"), shapes.get("covariates")   # an unused covariates input is dropped
+    if image is None or len(image) != 4 or (covariates is not None and len(covariates) != 2):
         raise GeoCateError(f"The model '{where}' does not take the inputs a GeoCATE cluster model takes.", fix)
-    for name, stated, actual in (("bands", bands, image[1]), ("window_size_px", window, image[2]),
-                                 ("window_size_px", window, image[3]), ("n_covariates", n_cov, covariates[1])):
+    checks = [("bands", bands, image[1]), ("window_size_px", window, image[2]), ("window_size_px", window, image[3])]
+    if covariates is not None:
+        checks.append(("n_covariates", n_cov, covariates[1]))
+    for name, stated, actual in checks:
         if isinstance(actual, int) and actual != stated:
             raise GeoCateError(f"The model description '{where}' gives {name} = {stated}, but the model itself takes "
                                f"{actual}.", fix)
@@ -457,7 +459,9 @@ class OnnxClusterModel:
                 f"Use the same bands and a window size of {want_size} pixels, as when the model was made.")
         covariates = np.zeros((len(windows), self.description["n_covariates"]), np.float32) if covariates is None \
             else np.asarray(covariates, np.float32).reshape(len(windows), -1)
-        return self.session.run(None, {"image": windows, "covariates": covariates})[0]
+        names = {i.name for i in self.session.get_inputs()}   # a model without covariates may not take them
+        feed = {"image": windows, "covariates": covariates}
+        return self.session.run(None, {k: v for k, v in feed.items() if k in names})[0]
 
 
 def salience(model, window, covariates, cluster):

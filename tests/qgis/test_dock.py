@@ -471,3 +471,5 @@ def test_the_map_tool_shows_a_units_window_effect_group_and_support(plugin, proj
     assert "Map cell" in text and "<b>CATE</b>" in text and "95 % interval" in text and "<b>Support</b>" in text
     assert cell.has_image
     cell.close()
+    plugin.use_identify_tool(False)
+    QgsProject.instance().removeAllMapLayers()   # the next modules count the layers they load
