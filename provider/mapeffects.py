@@ -103,6 +103,11 @@ class StyleMapOnLoad(QgsProcessingLayerPostProcessorInterface):
             else:
                 veil = None
         below_vector_layers(layer, veil, project)
+        node = project.layerTreeRoot().findLayer(layer.id())
+        if node is not None and "cluster" not in self.band_names:   # "CATE", not "Band 1: cate (Gray)"
+            from qgis.core import QgsMapLayerLegendUtils
+
+            QgsMapLayerLegendUtils.setLegendNodeUserLabel(node, 0, "CATE")
 
     @classmethod
     def create(cls, *args):
@@ -319,6 +324,9 @@ class ApplyClustersAlgorithm(GeoCateAlgorithm):
             raise QgsProcessingException(str(error)) from error
         feedback.pushInfo(f"Model run with {summary['provider']}.")
         feedback.pushInfo(summary_line(summary))
+        for row in summary.get("clusters") or []:   # as the map's legend labels them, from the trial's table
+            share = f", {float(row[4]):.0%}" if len(row) > 4 else ""
+            feedback.pushInfo(f"cluster {int(row[0])}: {float(row[1]):+.2f}{share} of the trial's units")
         metadata = run_metadata("geocate:applyclusters", {
             "MODEL": model, "RASTER": raster, "EXTENT": extent, "STRIDE": stride, "MASK": bool(mask),
             "DASK_SCHEDULER": scheduler}, started, **summary)

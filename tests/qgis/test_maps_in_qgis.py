@@ -85,6 +85,15 @@ def test_the_map_loads_diverging_with_a_veil_over_what_it_extrapolates(plugin, d
     assert shader.minimumValue() == pytest.approx(-shader.maximumValue())   # centred on zero
     veils = [lyr for lyr in project.mapLayers().values() if lyr.name().endswith("outside the trial's support")]
     assert len(veils) == 1 and veils[0].renderer().band() == 3
+    # The legend reads "CATE" over classes with round limits (-1.5, -0.75, 0 ... not -1.4837).
+    from qgis.core import QgsLayerTreeModel
+
+    model = QgsLayerTreeModel(project.layerTreeRoot())
+    assert model.layerLegendNodes(project.layerTreeRoot().findLayer(layer.id()))[0].data(0) == "CATE"
+    del model
+    limits = [item.value for item in shader.colorRampItemList()]
+    assert all(abs(v * 4 - round(v * 4)) < 1e-9 or abs(v * 40 - round(v * 40)) < 1e-9 for v in limits)
+    assert veils[0].renderer().opacity() == 1.0 and shader.colorRampItemList()[0].color.alpha() == 255
     project.removeAllMapLayers()
 
 
@@ -139,3 +148,23 @@ def test_qgis_process_maps_effects_from_the_command_line(demo_units_gpkg, demo_r
     results = json.loads(done.stdout)["results"]
     assert results["N_USED"] == 294 and results["CELLS"] == 100
     assert gdal.Open(str(out)).RasterCount == 3
+
+
+def test_cluster_maps_are_coloured_by_each_clusters_effect_and_labelled_as_the_table(tmp_path):
+    import numpy as np
+    from conftest import write_raster
+    from qgis.core import QgsPalettedRasterRenderer
+
+    from geocate.provider.styles import effect_map_style
+
+    values = np.stack([np.full((8, 8), 0.5), np.full((8, 8), 0.5), np.tile([1.0, 2.0], (8, 4)), np.ones((8, 8))])
+    layer = QgsRasterLayer(write_raster(tmp_path / "clusters.tif", values), "clusters")
+    # (cluster, effect, ci_low, ci_high, share, ...): the cluster table the log and the report print
+    table = [[1, 0.33, 0.1, 0.5, 0.55], [2, -0.40, -0.7, -0.1, 0.45]]
+    effect_map_style(layer, ["p_1", "p_2", "cluster", "cate"], table)
+    renderer = layer.renderer()
+    assert isinstance(renderer, QgsPalettedRasterRenderer)
+    classes = renderer.classes()
+    assert [c.label for c in classes] == ["cluster 1: +0.33, 55%", "cluster 2: -0.40, 45%"]
+    gain, harm = classes[0].color, classes[1].color
+    assert gain.blue() > gain.red() and harm.red() > harm.blue()   # red only for harm
