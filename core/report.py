@@ -693,3 +693,56 @@ def panel_report(metadata, rows, html_path):
                                     rows)),
                 ("Inputs and settings", settings_table(parameters))]
     return write_html(html_path, "GeoCATE: panel effects", sections, metadata)
+
+
+def plot_event_study(study, path):
+    """The event-study plot of a core.eventstudy.EventStudy: effects by periods since adoption with pointwise 95 %
+    intervals and the simultaneous (sup-t) band, placebo effects before adoption in grey, to a PNG."""
+    import numpy as np
+    from matplotlib.figure import Figure
+
+    rows = sorted(study.event_time, key=lambda r: r.key)
+    e = np.array([r.key for r in rows], float)
+    att = np.array([r.att for r in rows])
+    low, high = np.array([r.ci_low for r in rows]), np.array([r.ci_high for r in rows])
+    band_low, band_high = np.array([r.band_low for r in rows]), np.array([r.band_high for r in rows])
+    figure = Figure(figsize=(6.4, 4.2), dpi=110)
+    axes = figure.add_subplot(1, 1, 1)
+    if np.isfinite(band_low).any():
+        axes.fill_between(e, band_low, band_high, color="#4393c3", alpha=0.15, step=None,
+                          label="simultaneous 95 % band (sup-t)")
+    before = e < -study.anticipation
+    for mask, colour, label in ((before, "#7f7f7f", "before adoption (placebo)"), (~before, "#2166ac", "effect")):
+        if mask.any():
+            axes.errorbar(e[mask], att[mask], yerr=[att[mask] - low[mask], high[mask] - att[mask]], fmt="o",
+                          color=colour, capsize=3, label=label)
+    axes.axhline(0, color="black", linewidth=0.8)
+    axes.axvline(-0.5 - study.anticipation, color="#b35806", linestyle="--", linewidth=0.8)
+    axes.set_xlabel("periods since adoption (event time)")
+    axes.set_ylabel("average effect on the treated")
+    axes.set_title(f"Event study: overall ATT {study.overall.att:.3f} (SE {study.overall.std_err:.3f})")
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path)
+    return path
+
+
+def event_study_report(metadata, rows, html_path, plot_png):
+    """The HTML report of geocate:eventstudy: the overall ATT, the pre-trend test, the event-study plot, the
+    tables of every aggregation, the settings and the run record."""
+    overall, pre = metadata["overall"], metadata["pre_trend"]
+    summary = (f"<p>Overall effect on the treated (the mean over treated unit-periods): <b>{overall['att']:.3f}</b> "
+               f"(SE {overall['std_err']:.3f}, 95 % interval {overall['ci_low']:.3f} to {overall['ci_high']:.3f}), "
+               f"from {metadata['n_units']} units ({metadata['n_treated_units']} treated, in "
+               f"{len(metadata['cohorts'])} cohort(s)); comparison group: {html.escape(metadata['control'])}; "
+               f"standard errors clustered by unit.</p>"
+               f"<p>Pre-trends: joint test that the {pre['df']} placebo effect(s) before adoption are all zero, "
+               f"chi-square {pre['statistic']:.2f}, p = {pre['p_value']:.3g}"
+               + (" (a small p-value says the treated and comparison units were already drifting apart before "
+                  "adoption: parallel trends are doubtful)." if pre["p_value"] < 0.05 else ".") + "</p>")
+    headers = ["aggregation", "event time", "cohort", "period", "ATT", "SE", "95 % low", "95 % high",
+               "band low", "band high", "units"]
+    sections = [("Summary", summary), ("Effects by periods since adoption", image(plot_png, "Event-study plot")),
+                ("Estimates", table(headers, rows)),
+                ("Inputs and settings", settings_table(metadata.get("parameters", {})))]
+    return write_html(html_path, "GeoCATE: event study (staggered adoption)", sections, metadata)

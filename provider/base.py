@@ -98,7 +98,7 @@ GROUPS = {
 }
 ALGORITHM_GROUPS = {
     "estimatecate": "trials", "imageclusters": "trials",
-    "estimateate": "observational", "paneleffects": "observational",
+    "estimateate": "observational", "paneleffects": "observational", "eventstudy": "observational",
     "mapeffects": "maps", "applyclusters": "maps",
     "evaluate": "evaluation", "comparesources": "evaluation",
     "calibratemap": "utilities",

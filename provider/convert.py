@@ -125,7 +125,9 @@ def output_fields(input_fields, extra=RESULT_FIELDS):
 
 
 def _value(number, kind):
-    """A float from a result column as an attribute: nan -> NULL (None), ints as int."""
+    """A float from a result column as an attribute: nan and None -> NULL (None), ints as int."""
+    if number is None:
+        return None
     number = float(number)
     if math.isnan(number):
         return None

@@ -40,7 +40,7 @@ def as_time(value):
     return as_number(value)
 
 
-def add_panel_parameters(algorithm):
+def add_panel_parameters(algorithm, treatment_label="Treatment field (binary or continuous)"):
     """INPUT, UNIT_ID, TIME, TREATMENT, OUTCOME, COVARIATES, RASTERS_BY_TIME, PATCH_SIZE: a long-format panel."""
     numeric = QgsProcessingParameterField.Numeric
     algorithm.addParameter(QgsProcessingParameterFeatureSource(
@@ -50,7 +50,7 @@ def add_panel_parameters(algorithm):
     algorithm.addParameter(field_role(QgsProcessingParameterField(
         "TIME", "Time field (year or date)", parentLayerParameterName="INPUT"), "time"))
     algorithm.addParameter(field_role(QgsProcessingParameterField(
-        "TREATMENT", "Treatment field (binary or continuous)", parentLayerParameterName="INPUT",
+        "TREATMENT", treatment_label, parentLayerParameterName="INPUT",
         type=numeric), "treatment"))
     algorithm.addParameter(field_role(QgsProcessingParameterField(
         "OUTCOME", "Outcome field", parentLayerParameterName="INPUT", type=numeric), "outcome"))

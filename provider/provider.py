@@ -25,6 +25,7 @@ class GeoCateProvider(QgsProcessingProvider):
         from .estimateate import EstimateAteAlgorithm
         from .estimatecate import EstimateCateAlgorithm
         from .evaluate import EvaluateAlgorithm
+        from .eventstudy import EventStudyAlgorithm
         from .imageclusters import ImageClustersAlgorithm
         from .mapeffects import ApplyClustersAlgorithm, MapEffectsAlgorithm
         from .paneleffects import PanelEffectsAlgorithm
@@ -36,5 +37,6 @@ class GeoCateProvider(QgsProcessingProvider):
         self.addAlgorithm(CalibrateMapAlgorithm())
         self.addAlgorithm(EstimateAteAlgorithm())
         self.addAlgorithm(PanelEffectsAlgorithm())
+        self.addAlgorithm(EventStudyAlgorithm())
         self.addAlgorithm(MapEffectsAlgorithm())
         self.addAlgorithm(ApplyClustersAlgorithm())

@@ -317,6 +317,17 @@ class GeoCateDock(QgsDockWidget):
         self.outputs.setWordWrap(True)
         self.outputs.setTextInteractionFlags(Qt.TextSelectableByMouse)
         layout.addWidget(self.outputs)
+        panel_tools = QHBoxLayout()   # panels and roll-outs have their own dialogs: one row per unit and year
+        self.panel_button = QPushButton("Panel effects...")
+        self.panel_button.setToolTip("Units observed over years: the effect with unit fixed effects and year effects "
+                                     "('Panel effects with fixed effects', its Processing dialog).")
+        self.event_button = QPushButton("Event study...")
+        self.event_button.setToolTip("A programme rolled out in waves: effects by years since adoption, with placebo "
+                                     "checks ('Event study of a staggered roll-out', its Processing dialog).")
+        for button, algorithm in ((self.panel_button, "geocate:paneleffects"), (self.event_button, "geocate:eventstudy")):
+            button.clicked.connect(lambda _=False, a=algorithm: self.open_dialog(a))
+            panel_tools.addWidget(button)
+        layout.addLayout(panel_tools)
         help_link = QLabel(f'<a href="{QUrl.fromLocalFile(README).toString()}">Help: what each choice means</a>')
         help_link.setOpenExternalLinks(True)
         layout.addWidget(help_link)
@@ -595,6 +606,22 @@ class GeoCateDock(QgsDockWidget):
         self.show_info("The demo study is loaded: press Run. Its true effects are in the field true_cate (never a "
                        "covariate).")
         return units
+
+    def open_dialog(self, algorithm):
+        """The Processing dialog of ``algorithm``, filled with the units layer chosen here."""
+        import processing
+
+        try:
+            dialog = processing.createAlgorithmDialog(algorithm, {"INPUT": self.units.currentLayer()}
+                                                      if self.units.currentLayer() is not None else {})
+        except Exception as error:  # noqa: BLE001 - said in the dock; an exception in a slot would abort QGIS
+            self.show_error(f"The dialog of {algorithm} could not be opened ({error}). Open it from the Processing "
+                            "Toolbox (GeoCATE > Observational studies and panels).")
+            dialog = None
+        if dialog is not None:
+            dialog.show()
+        self.last_dialog = dialog
+        return dialog
 
     def covariate_warning(self):
         """A warning (ending in a space) about ticked covariates named like a simulated truth or an id, or ''."""

@@ -46,6 +46,26 @@ def panel_gpkg(units_gpkg, path, n_units=150, years=(2019, 2020, 2021)):
     return write_layer(layer, path)
 
 
+def staggered_gpkg(path, n_units=240, years=range(2015, 2021)):
+    """A roll-out in waves: cohorts adopting in 2017 and 2018 and units never treated (effect 1)."""
+    rng = np.random.default_rng(1)
+    layer = QgsVectorLayer("None", "rollout", "memory")
+    layer.dataProvider().addAttributes([QgsField("unit", QVariant.String), QgsField("year", QVariant.Int),
+                                        QgsField("treated", QVariant.Double), QgsField("outcome", QVariant.Double),
+                                        QgsField("x", QVariant.Double)])
+    layer.updateFields()
+    features = []
+    for i in range(n_units):
+        first, level, x = (2017, 2018, None)[i % 3], rng.normal(), rng.normal()
+        for year in years:
+            treated = float(first is not None and year >= first)
+            feature = QgsFeature(layer.fields())
+            feature.setAttributes([f"u{i}", year, treated, level + 0.2 * (year - 2015) + treated + rng.normal(), x])
+            features.append(feature)
+    layer.dataProvider().addFeatures(features)
+    return write_layer(layer, path)
+
+
 def validation_gpkg(path, n=200):
     rng = np.random.default_rng(0)
     layer = QgsVectorLayer("Point?crs=EPSG:32621", "validation", "memory")
@@ -70,6 +90,8 @@ def cases(units, raster, folder):
     panel = {"INPUT": panel_gpkg(units, folder / "panel.gpkg"), "UNIT_ID": "village", "TIME": "year",
              "TREATMENT": "programme", "OUTCOME": "income", "COVARIATES": ["assets"], "APPROACH": 0}
     observational = dict(trial, COVARIATES=["assets", "distance"])
+    rollout = {"INPUT": staggered_gpkg(folder / "rollout.gpkg"), "UNIT_ID": "unit", "TIME": "year",
+               "TREATMENT": "treated", "OUTCOME": "outcome", "COVARIATES": ["x"]}
     evaluation = {"INPUT": "@cate_gpkg:OUTPUT", "PRIORITY": "distance", "TREATMENT": "treated",
                   "OUTCOME": "outcome", "BOOTSTRAP": 50}
     clusters = dict(trial, CLUSTERS=2, EPOCHS=40)
@@ -97,6 +119,9 @@ def cases(units, raster, folder):
         ("ate_temporary", "geocate:estimateate", dict(observational, OUTPUT="TEMPORARY_OUTPUT")),
         ("panel_gpkg", "geocate:paneleffects", dict(panel, OUTPUT=f"{f}/panel_effects.gpkg")),
         ("panel_temporary", "geocate:paneleffects", dict(panel, OUTPUT="TEMPORARY_OUTPUT")),
+        ("event_csv", "geocate:eventstudy", dict(rollout, OUTPUT=f"{f}/event.csv", OUTPUT_PLOT=f"{f}/event.png")),
+        ("event_temporary", "geocate:eventstudy", dict(rollout, OUTPUT="TEMPORARY_OUTPUT",
+                                                       OUTPUT_PLOT="TEMPORARY_OUTPUT")),
         ("calibrate_json", "geocate:calibratemap", {"INPUT": validation_gpkg(folder / "validation.gpkg"),
                                                     "TRUTH": "wealth", "PREDICTION": "wealth_hat",
                                                     "OUTPUT": f"{f}/wealth.json"}),
@@ -122,6 +147,8 @@ EXPECTED = {
     "ate_temporary": [(None, "vector", None)],
     "panel_gpkg": [(None, "vector", None)],
     "panel_temporary": [(None, "vector", None)],
+    "event_csv": [(None, "vector", None)],
+    "event_temporary": [(None, "vector", None)],
     "calibrate_json": [],
 }
 

@@ -13,7 +13,7 @@ pytestmark = pytest.mark.qgis
 
 HELP = ROOT / "help"
 NAMES = ["estimatecate", "imageclusters", "evaluate", "comparesources", "estimateate", "calibratemap",
-         "paneleffects", "mapeffects", "applyclusters"]
+         "paneleffects", "mapeffects", "applyclusters", "eventstudy"]
 
 
 @pytest.fixture(scope="module")
