@@ -15,7 +15,7 @@ pytestmark = [pytest.mark.qgis, pytest.mark.desktop]
 SCRIPT = ROOT / "tests" / "qgis" / "desktop" / "dialogs.py"
 SHOTS = ROOT / "outputs" / "screenshots"
 ALGORITHMS = ("estimatecate", "imageclusters", "evaluate", "comparesources", "estimateate", "calibratemap",
-              "paneleffects", "mapeffects", "applyclusters")
+              "paneleffects", "eventstudy", "mapeffects", "applyclusters")
 
 
 @pytest.fixture(scope="module")

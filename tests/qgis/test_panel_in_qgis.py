@@ -3,9 +3,7 @@
 import json
 import subprocess
 
-import numpy as np
-from qgis.core import QgsFeature, QgsField, QgsVectorFileWriter, QgsVectorLayer
-from qgis.PyQt.QtCore import QVariant
+from qgis.core import QgsVectorLayer
 from test_estimatecate_in_qgis import qgis_process_env  # noqa: I001
 
 
@@ -17,26 +15,9 @@ def test_a_panel_with_one_image_per_year_runs_through_qgis_process(demo_units_gp
         path = str(tmp_path / f"scene_{year}.tif")
         gdal.Translate(path, demo_raster, scaleParams=[[0, 65535, 0, 65535 * gain]], outputType=gdal.GDT_Float32)
         rasters.append(path)
-    units = QgsVectorLayer(demo_units_gpkg, "units", "ogr")
-    layer = QgsVectorLayer(f"Point?crs={units.crs().authid()}", "panel", "memory")
-    layer.dataProvider().addAttributes([QgsField("village", QVariant.String), QgsField("year", QVariant.Int),
-                                        QgsField("programme", QVariant.Double), QgsField("income", QVariant.Double),
-                                        QgsField("assets", QVariant.Double)])
-    layer.updateFields()
-    rng = np.random.default_rng(0)
-    features = []
-    for i, unit in enumerate(list(units.getFeatures())[:240]):
-        effect_i = rng.standard_normal()
-        for year in (2019, 2020, 2021):
-            treated = float(i % 2 == 0 and year >= 2020)
-            feature = QgsFeature(layer.fields())
-            feature.setGeometry(unit.geometry())
-            feature.setAttributes([f"v{i}", year, treated, 0.5 * treated + effect_i + 0.5 * rng.standard_normal(),
-                                   float(unit["assets"])])
-            features.append(feature)
-    layer.dataProvider().addFeatures(features)
-    panel = str(tmp_path / "panel.gpkg")
-    QgsVectorFileWriter.writeAsVectorFormat(layer, panel, "utf-8", layer.crs(), "GPKG")
+    from test_dialog_paths import panel_gpkg
+
+    panel = panel_gpkg(demo_units_gpkg, tmp_path / "panel.gpkg", n_units=240)
     out = tmp_path / "effects.gpkg"
     command = ["qgis_process.bin", "--json", "run", "geocate:paneleffects", "--", f"INPUT={panel}",
                "UNIT_ID=village", "TIME=year", "TREATMENT=programme", "OUTCOME=income", "COVARIATES=assets",
