@@ -22,10 +22,16 @@ ALGORITHMS = ("estimatecate", "imageclusters", "evaluate", "comparesources", "es
 def desktop(demo_units_gpkg, demo_raster, tmp_path_factory):
     if shutil.which("xvfb-run") is None or shutil.which("qgis") is None:
         pytest.skip("needs Debian's xvfb and qgis (make test installs them)")
+    from test_dialog_paths import panel_gpkg, staggered_gpkg, validation_gpkg
+
     out = tmp_path_factory.mktemp("dialogs")
+    inputs = tmp_path_factory.mktemp("dialog inputs")
+    data = {"panel": panel_gpkg(demo_units_gpkg, inputs / "panel.gpkg"),
+            "rollout": staggered_gpkg(inputs / "rollout.gpkg"), "validation": validation_gpkg(inputs / "v.gpkg")}
     env = dict(os.environ, QGIS_CUSTOM_CONFIG_PATH=str(ROOT / ".qgis-profile"),
                PYTHONPATH=os.pathsep.join([str(PLUGINS)] + site.getsitepackages()),
-               GEOCATE_UNITS=demo_units_gpkg, GEOCATE_RASTER=demo_raster, GEOCATE_OUT=str(out))
+               GEOCATE_UNITS=demo_units_gpkg, GEOCATE_RASTER=demo_raster, GEOCATE_OUT=str(out),
+               GEOCATE_DATA=json.dumps(data))
     env.pop("QT_QPA_PLATFORM", None)   # a real (virtual) screen
     subprocess.run(["qgis_process.bin", "plugins", "enable", "geocate"], env=env, capture_output=True, timeout=120)
     done = subprocess.run(["xvfb-run", "-a", "-s", "-screen 0 1600x1000x24", "qgis", "--nologo",
@@ -86,6 +92,30 @@ def test_run_pressed_loads_each_output_once_styled_with_no_false_error(desktop, 
         units = min(x["index"] for x in summary["project_before"] if x["kind"] == "vector")
         indices = {x["name"]: x["index"] for x in result["layers"]}
         assert units < indices["Effects map (outcome): outside the trial's support"] < indices["Effects map (outcome)"]
+
+
+@pytest.mark.parametrize("name, loaded", [
+    ("imageclusters_gpkg", {"Effect clusters": "categorizedSymbol"}),
+    ("applyclusters_tif", {"Clusters map (clusters)": "paletted"}),
+    ("evaluate_csv", None), ("comparesources_csv", None), ("estimateate_gpkg", None), ("paneleffects_gpkg", None),
+    ("eventstudy_csv", None), ("calibratemap_json", {}),
+])
+def test_run_pressed_in_every_other_dialog(desktop, name, loaded):
+    """Every algorithm's own dialog with a file output: it finishes, nothing is reported missing, and each output
+    layer is loaded once (named and styled where GeoCATE styles it)."""
+    _, summary, _ = desktop
+    result = step(summary, name)
+    assert result["done"] and result["finished_ok"] and not result["failed"], result["log_tail"]
+    assert not result["not_correctly_generated"], result["log_tail"]
+    names = [x["name"] for x in result["layers"]]
+    assert len(names) == len(set(names))
+    if loaded is not None:
+        for layer_name, renderer in loaded.items():
+            assert [x["renderer"] for x in result["layers"] if x["name"] == layer_name] == [renderer], names
+        if loaded == {}:
+            assert names == []
+    else:
+        assert len(names) == 1   # the table
 
 
 def test_a_two_step_model_runs_from_its_dialog(desktop):

@@ -254,6 +254,33 @@ def help_screenshot():
     return {"path": path, "url": algorithm.helpUrl()}
 
 
+def every_other_dialog(trial):
+    """Run pressed in every other algorithm's dialog, each writing a file (GEOCATE_DATA: the panel, roll-out and
+    validation layers the test built)."""
+    data = json.loads(os.environ.get("GEOCATE_DATA", "{}"))
+    out = lambda name: os.path.join(OUT, name)   # noqa: E731 - a short local helper
+    run_dialog("imageclusters_gpkg", "geocate:imageclusters",
+               dict(trial, CLUSTERS=2, EPOCHS=40, OUTPUT=out("clusters.gpkg"), OUTPUT_CLUSTERS=out("clusters.csv"),
+                    OUTPUT_MODEL=out("clusters.onnx")))
+    run_dialog("applyclusters_tif", "geocate:applyclusters", {"MODEL": out("clusters.onnx"), "RASTER": RASTER,
+                                                              "STRIDE": 99, "OUTPUT": out("clusters_map.tif")})
+    run_dialog("evaluate_csv", "geocate:evaluate", {"INPUT": out("effects.gpkg"), "PRIORITY": "distance",
+                                                    "TREATMENT": "treated", "OUTCOME": "outcome", "BOOTSTRAP": 50,
+                                                    "OUTPUT": out("rate.csv")})
+    run_dialog("comparesources_csv", "geocate:comparesources", dict(trial, BOOTSTRAP=50, OUTPUT=out("compare.csv")))
+    run_dialog("estimateate_gpkg", "geocate:estimateate", dict(trial, COVARIATES=["assets", "distance"],
+                                                               OUTPUT=out("ate.gpkg")))
+    if data:
+        run_dialog("paneleffects_gpkg", "geocate:paneleffects", {
+            "INPUT": data["panel"], "UNIT_ID": "village", "TIME": "year", "TREATMENT": "programme",
+            "OUTCOME": "income", "COVARIATES": ["assets"], "OUTPUT": out("panel.gpkg")})
+        run_dialog("eventstudy_csv", "geocate:eventstudy", {
+            "INPUT": data["rollout"], "UNIT_ID": "unit", "TIME": "year", "TREATMENT": "treated",
+            "OUTCOME": "outcome", "COVARIATES": ["x"], "OUTPUT": out("event.csv")})
+        run_dialog("calibratemap_json", "geocate:calibratemap", {
+            "INPUT": data["validation"], "TRUTH": "wealth", "PREDICTION": "wealth_hat", "OUTPUT": out("wealth.json")})
+
+
 def start():
     try:
         window = iface.mainWindow()
@@ -272,6 +299,7 @@ def start():
         run_dialog("estimatecate_temporary", "geocate:estimatecate", dict(trial, OUTPUT="TEMPORARY_OUTPUT"))
         run_dialog("mapeffects_tif", "geocate:mapeffects", dict(trial, STRIDE=99,
                                                                  OUTPUT=os.path.join(OUT, "effects_map.tif")))
+        every_other_dialog(trial)
         run_dialog("model", model(), {"units": UNITS, "imagery": RASTER,
                                       "estimate:effects": os.path.join(OUT, "model_effects.gpkg"),
                                       "evaluate:evaluation": os.path.join(OUT, "model_evaluation.csv"),
