@@ -130,6 +130,61 @@ def fold_groups(study, spatial_block=0, window_size_px=33, n_folds=5):
     return groups, float(spatial_block)
 
 
+def known_propensity(study):
+    """(P(treated) of each used unit, where it comes from) when the design fixes it: given per unit
+    (PROPENSITY), or the treated share of each stratum of a block-randomized trial (STRATA); (None, None)
+    when one probability holds for every unit."""
+    used = study.used
+    if study.propensity is not None:
+        return study.propensity[used], "assignment probabilities given per unit (known by design)"
+    if study.strata is not None:
+        codes, treated = study.strata[used], study.treated[used]
+        k = len(study.stratum_labels)
+        share = np.bincount(codes, treated, minlength=k) / np.maximum(np.bincount(codes, minlength=k), 1)
+        return share[codes], "the treated share of each stratum (known by design)"
+    return None, None
+
+
+def propensity_check(propensity, treated, n_bins=5, z_limit=3.5):
+    """A warning when given assignment probabilities disagree with the data: in bins of similar probability, the
+    treated share strays from the mean probability by more than ``z_limit`` binomial standard errors; else None."""
+    e, W = np.asarray(propensity, float), np.asarray(treated, float)
+    edges = np.unique(np.quantile(e, np.linspace(0, 1, n_bins + 1)))
+    which = np.clip(np.searchsorted(edges, e, side="right") - 1, 0, max(len(edges) - 2, 0))
+    worst = None
+    for b in np.unique(which):
+        members = which == b
+        expected, observed = e[members].mean(), W[members].mean()
+        se = np.sqrt(np.sum(e[members] * (1 - e[members]))) / members.sum()
+        z = (observed - expected) / se if se > 0 else 0.0
+        if abs(z) > z_limit and (worst is None or abs(z) > abs(worst[0])):
+            worst = (z, expected, observed, int(members.sum()))
+    if worst is None:
+        return None
+    z, expected, observed, n = worst
+    return (f"The given assignment probabilities disagree with who was treated: among {n} units with probabilities "
+            f"near {expected:.2f}, {observed:.0%} were treated (z = {z:.1f}). Check the PROPENSITY field (it must be "
+            "each unit's probability of treatment under the design), or use strata or the observational design.")
+
+
+def stratified_folds(groups, strata, n_folds, seed):
+    """Folds that keep each group whole (location_folds) and, with ``strata``, deal each stratum's groups over
+    the folds in turn, so every fold holds every stratum in its proportion."""
+    if strata is None:
+        return location_folds(groups, n_folds, seed)
+    unique, inverse = np.unique(np.asarray(groups), return_inverse=True)
+    stratum_of_group = np.zeros(len(unique), int)
+    stratum_of_group[inverse] = strata            # a group spans one stratum (a unit's group; else its last)
+    order = np.random.default_rng(seed).permutation(len(unique))
+    order = order[np.argsort(stratum_of_group[order], kind="stable")]   # by stratum, shuffled within
+    fold_of_group = np.empty(len(unique), int)
+    fold_of_group[order] = np.arange(len(unique)) % n_folds
+    folds = fold_of_group[inverse]
+    if len(np.unique(folds)) < n_folds:
+        return location_folds(groups, n_folds, seed)   # its message names the problem
+    return folds
+
+
 def estimate_cate(units, raster_path, bands=None, window_size_px=33, nodata=None, seed=42,
                   n_groups=3, n_folds=5, n_filters=256, n_components=20, n_estimators=100,
                   device="auto", spatial_block=0, n_draws=200, progress=None, is_cancelled=None,
@@ -193,7 +248,18 @@ def estimate_cate(units, raster_path, bands=None, window_size_px=33, nodata=None
     design, inputs, learner = default_learner(features, study.covariates[used], n_components, n_folds,
                                               n_estimators, seed)
     propensity, propensity_fit = None, None
-    if study_design is not None and study_design.kind != "randomized":
+    known, known_from = known_propensity(study)
+    if known is not None and (study_design is None or study_design.kind == "randomized"):
+        # Block randomization or known probabilities: the design's own propensity enters the DR scores and the
+        # forest's residuals; folds keep each stratum spread over every fold; strata join the outcome models.
+        folds = stratified_folds(groups, None if study.strata is None else study.strata[used], n_folds, seed)
+        if study.strata is not None:
+            inputs = np.column_stack([inputs, np.eye(len(study.stratum_labels))[study.strata[used]]])
+        propensity, propensity_fit = known, {"model": known_from}
+        learner.fit(study.outcome[used], study.treated[used].astype(int), design, groups=groups,
+                    outcome_inputs=inputs, folds=folds, progress=_stage(progress, 0.22, 0.75),
+                    is_cancelled=is_cancelled, propensity=propensity)
+    elif study_design is not None and study_design.kind != "randomized":
         folds = location_folds(groups, n_folds, seed)
         # The forest's design matrix is every standardised feature and covariate: core.design.propensity_inputs.
         probabilities, propensity_fit = study_design.propensities(study.treated[used].astype(int), design, folds)
@@ -245,15 +311,19 @@ def estimate_cate(units, raster_path, bands=None, window_size_px=33, nodata=None
         "n_estimators": n_estimators,
         "cate_calibration": "per fold: monotone spline of E[DR score | out-of-bag forest prediction] on the "
                             "fold's training units" if learner.calibrate else None,
-        "propensity": learner.propensity_ if propensity is None else "cross-fitted per unit",
-        "study_design": "randomized" if propensity is None else study_design.kind,
+        "propensity": learner.propensity_ if propensity is None else
+        ("cross-fitted per unit" if known is None else known_from),
+        "study_design": "randomized" if propensity is None or known is not None else study_design.kind,
+        "strata": len(study.stratum_labels) if study.strata is not None else None,
         "propensity_model": propensity_fit,
         "band_scaling": feature_pipeline.describe()["representation"][0].get("band_scaling"),
         "device": feature_pipeline.device_,
         "spatial_block_m": block_size,
         "clustered_by": "cluster field and shared locations" if study.clusters is not None else "shared locations",
         "fold_groups": int(len(np.unique(groups))),
-        "warnings": [w for w in (overlap_warning(study, window_size_px, block_size),) if w]
+        "warnings": [w for w in (overlap_warning(study, window_size_px, block_size),
+                                 propensity_check(study.propensity[used], study.treated[used])
+                                 if study.propensity is not None else None) if w]
         + suspicious_covariates(study.covariates[used], study.covariate_names, study.treated[used]),
         "heterogeneity_test": heterogeneity_record(test),
         "predicted_outcome": predicted_outcome,

@@ -27,6 +27,8 @@ class UnitTable:
     treatment_name: str = "treatment"
     outcome_name: str = "outcome"
     clusters: object = None  # (n,) cluster ids (e.g. a village field; None for nulls), or None: no clusters
+    strata: object = None    # (n,) strata of a block-randomized trial (any labels; None for nulls), or None
+    propensity: object = None  # (n,) known assignment probabilities (nan for nulls), or None
 
 
 @dataclass(frozen=True)
@@ -59,7 +61,10 @@ class Study:
     pixel_size_m: float = None  # ground size of a pixel in metres (RasterInfo.pixel_size_m)
     views: object = None  # [core.represent.View]: every scale and date; None once embedded, or when read from cache
     source: object = None  # the core.represent.WindowSource the views come from
-    notes: list = field(default_factory=list, compare=False, hash=False)  # warnings found while folding (e.g. auto_block_size)
+    notes: list = field(default_factory=list, compare=False, hash=False)
+    strata: object = None       # (n,) int stratum codes (-1 where null), or None
+    stratum_labels: tuple = ()  # the label of each stratum code
+    propensity: object = None   # (n,) known assignment probabilities, or None  # warnings found while folding (e.g. auto_block_size)
 
     @property
     def n_used(self):
@@ -240,6 +245,27 @@ def build_study(units, raster_path, bands=None, window_size_px=33, nodata=None,
         known = sorted({c for c in labels if c is not None})
         index = {c: i for i, c in enumerate(known)}
         clusters = np.array([-1 if c is None else index[c] for c in labels], int)
+    strata, stratum_labels, propensity = None, (), None
+    if getattr(units, "strata", None) is not None:
+        labels = [None if c is None else str(c) for c in units.strata]
+        null_stratum = np.array([c is None for c in labels], bool)
+        dropped["stratum is null"] = int((null_stratum & complete).sum())
+        complete &= ~null_stratum
+        stratum_labels = tuple(sorted({c for c in labels if c is not None}))
+        index = {c: i for i, c in enumerate(stratum_labels)}
+        strata = np.array([-1 if c is None else index[c] for c in labels], int)
+    if getattr(units, "propensity", None) is not None:
+        propensity = np.asarray(units.propensity, dtype=float)
+        null_propensity = np.isnan(propensity)
+        dropped["assignment probability is null"] = int((null_propensity & complete).sum())
+        complete &= ~null_propensity
+        bad = complete & ((propensity <= 0) | (propensity >= 1))
+        if bad.any():
+            raise GeoCateError(
+                f"{int(bad.sum())} unit(s) have an assignment probability outside (0, 1) (e.g. "
+                f"{propensity[bad][0]:g}): a unit certain to be treated, or never, tells nothing about the effect.",
+                "Give each unit's probability of treatment under the design, strictly between 0 and 1 (or leave the "
+                "units out).")
     dropped["no geometry"] = int((no_geometry & complete).sum())
     for code, label in ((OUTSIDE, "outside the raster"), (EDGE, "window crosses the raster edge"),
                         (NODATA, "window holds nodata or fill")):
@@ -248,6 +274,16 @@ def build_study(units, raster_path, bands=None, window_size_px=33, nodata=None,
             dropped[f"{label} ({where})"] = int(((window_reason == f"{code}@{where}") & complete & ~no_geometry).sum())
             dropped[label] -= dropped[f"{label} ({where})"]
     used = complete & window_ok
+    if strata is not None and not arms:
+        for code, label in enumerate(stratum_labels):
+            members = used & (strata == code)
+            n_treated = int((treated[members] == 1).sum())
+            if members.any() and n_treated in (0, int(members.sum())):
+                raise GeoCateError(
+                    f"The stratum '{label}' has {'no treated' if n_treated == 0 else 'no control'} unit among the "
+                    f"{int(members.sum())} used: within it, treated and control units cannot be compared.",
+                    "Check the strata field (the blocks the trial was randomized in); merge this stratum with a "
+                    "neighbouring one, or leave its units out.")
     check_estimable(treated[used], outcome[used], covariates[used], units.covariate_names, units.treatment_name,
                     units.outcome_name)
     arm_labels = ((1, "treated"), (0, "control")) if not arms else \
@@ -266,7 +302,8 @@ def build_study(units, raster_path, bands=None, window_size_px=33, nodata=None,
         patch_ok=window_ok, patch_reason=window_reason, used=used, dropped=dropped, raster_path=str(raster_path),
         raster_crs_wkt=info.crs_wkt, pixel_size=info.pixel_size,
         bands=tuple(bands) if bands else tuple(range(1, info.band_count + 1)), clusters=clusters,
-        pixel_size_m=info.pixel_size_m, views=views, source=source,
+        pixel_size_m=info.pixel_size_m, views=views, source=source, strata=strata, stratum_labels=stratum_labels,
+        propensity=propensity,
     )
 
 

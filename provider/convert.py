@@ -67,10 +67,12 @@ def unit_point(geometry):
     return point.x(), point.y()
 
 
-def read_units(source, treatment, outcome, covariates, feedback=None, cluster=None):
+def read_units(source, treatment, outcome, covariates, feedback=None, cluster=None, strata=None, propensity=None):
     """Read a feature source into (features, UnitTable); features keep the input's order.
 
-    cluster: an optional field of cluster ids (e.g. village), any type; NULL -> None."""
+    cluster: an optional field of cluster ids (e.g. village), any type; NULL -> None. strata: an optional field of
+    the blocks a trial was randomized in, any type; propensity: an optional numeric field of known assignment
+    probabilities."""
     from ..core.study import UnitTable
 
     fields = source.fields()
@@ -78,13 +80,17 @@ def read_units(source, treatment, outcome, covariates, feedback=None, cluster=No
     check_numeric_field(fields, outcome, "outcome")
     for name in covariates:
         check_numeric_field(fields, name, "covariate")
+    if propensity:
+        check_numeric_field(fields, propensity, "assignment probability")
+    if strata and fields.lookupField(strata) < 0:
+        raise QgsProcessingException(f"The strata field '{strata}' does not exist in the units layer.")
     if cluster and fields.lookupField(cluster) < 0:
         raise QgsProcessingException(f"The cluster field '{cluster}' does not exist in the units layer. "
                                      "Choose one of its fields, or none.")
     labels = []
     crs = source.sourceCrs()
     crs_wkt = crs.toWkt(QgsCoordinateReferenceSystem.WKT_PREFERRED) if crs.isValid() else ""
-    features, xy, treated, outcomes, covs = [], [], [], [], []
+    features, xy, treated, outcomes, covs, blocks, probabilities = [], [], [], [], [], [], []
     total = max(source.featureCount(), 1)
     for i, feature in enumerate(source.getFeatures()):
         if feedback is not None and feedback.isCanceled():
@@ -96,6 +102,10 @@ def read_units(source, treatment, outcome, covariates, feedback=None, cluster=No
         covs.append([as_number(feature[name]) for name in covariates])
         if cluster:
             labels.append(as_label(feature[cluster]))
+        if strata:
+            blocks.append(as_label(feature[strata]))
+        if propensity:
+            probabilities.append(as_number(feature[propensity]))
         if feedback is not None and i % 500 == 0:
             feedback.setProgress(100.0 * i / total * 0.05)
     n = len(features)
@@ -104,7 +114,8 @@ def read_units(source, treatment, outcome, covariates, feedback=None, cluster=No
         treated=np.asarray(treated, dtype=float), outcome=np.asarray(outcomes, dtype=float),
         covariates=np.asarray(covs, dtype=float).reshape(n, len(covariates)),
         covariate_names=tuple(covariates), treatment_name=treatment, outcome_name=outcome,
-        clusters=labels if cluster else None,
+        clusters=labels if cluster else None, strata=blocks if strata else None,
+        propensity=np.asarray(probabilities, dtype=float) if propensity else None,
     )
     return features, table
 

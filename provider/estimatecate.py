@@ -34,7 +34,7 @@ from .study_parameters import (
 class EstimateCateAlgorithm(GeoCateAlgorithm):
     GROUPS, CLUSTER, OUTPUT, OUTPUT_REPORT = "GROUPS", "CLUSTER", "OUTPUT", "OUTPUT_REPORT"
     OUTCOME_CORRECTION, CORRECTION, OUTCOME_TRUTH = "OUTCOME_CORRECTION", "CORRECTION", "OUTCOME_TRUTH"
-    DESIGN = "DESIGN"
+    DESIGN, STRATA, PROPENSITY = "DESIGN", "STRATA", "PROPENSITY"
     DESIGNS = ("randomized", "observational")
 
     short_description = ("Each trial unit's treatment effect (CATE) from the imagery around it, with intervals, effect "
@@ -85,6 +85,15 @@ class EstimateCateAlgorithm(GeoCateAlgorithm):
         self.addParameter(QgsProcessingParameterField(
             self.CLUSTER, "Cluster field (e.g. village): folds and standard errors keep clusters together",
             parentLayerParameterName="INPUT", optional=True))
+        self.addParameter(QgsProcessingParameterField(
+            self.STRATA, "Strata the trial was randomized within (e.g. district): each stratum's treated share is "
+            "its assignment probability", parentLayerParameterName="INPUT", optional=True))
+        known = QgsProcessingParameterField(
+            self.PROPENSITY, "Known assignment probability of each unit (0 < p < 1; designs with unit-level "
+            "probabilities)", parentLayerParameterName="INPUT", type=QgsProcessingParameterField.Numeric,
+            optional=True)
+        known.setFlags(known.flags() | QgsProcessingParameterDefinition.FlagAdvanced)
+        self.addParameter(known)
         add_spatial_block_parameter(self)
         self.addParameter(QgsProcessingParameterEnum(
             self.DESIGN, "Study design (observational: the propensity is estimated from the imagery and covariates)",
@@ -116,9 +125,14 @@ class EstimateCateAlgorithm(GeoCateAlgorithm):
         n_groups = self.parameterAsInt(parameters, self.GROUPS, context)
         spatial_block = study["spatial_block"]
         cluster = self.parameterAsString(parameters, self.CLUSTER, context) or None
+        strata = self.parameterAsString(parameters, self.STRATA, context) or None
+        known = self.parameterAsString(parameters, self.PROPENSITY, context) or None
+        if strata and known:
+            raise QgsProcessingException("Give the strata or the known assignment probabilities, not both: with "
+                                         "strata, each stratum's treated share is the probability.")
         imagery, imagery_values = read_imagery_parameters(self, parameters, context)
 
-        features, units = read_units(source, treatment, outcome, covariates, feedback, cluster)
+        features, units = read_units(source, treatment, outcome, covariates, feedback, cluster, strata, known)
         correction, method, truth = read_outcome_correction(self, parameters, context, source, features)
         from ..core.design import StudyDesign
 
@@ -159,7 +173,13 @@ class EstimateCateAlgorithm(GeoCateAlgorithm):
             feedback.pushInfo(f"Folds and bootstrap clusters: spatial blocks of {result.metadata['spatial_block_m']:.0f} m "
                               f"({result.metadata['fold_groups']} groups).")
         report_predicted_outcome(result.metadata["predicted_outcome"], feedback)
-        if result.metadata.get("propensity_model"):
+        if result.metadata.get("propensity_model") and result.metadata["study_design"] == "randomized":
+            feedback.pushInfo(f"Randomized design: the propensity of each unit is "
+                              f"{result.metadata['propensity_model']['model']}"
+                              + (f" ({result.metadata['strata']} strata; they also join the outcome models, and the "
+                                 "folds spread each stratum over every fold)." if result.metadata.get("strata")
+                                 else "."))
+        elif result.metadata.get("propensity_model"):
             fit = result.metadata["propensity_model"]
             feedback.pushInfo(f"Observational design: propensity from {fit['model']}; calibration slope "
                               f"{fit.get('calibration_slope', float('nan')):.2f} (1 = calibrated).")
@@ -186,7 +206,7 @@ class EstimateCateAlgorithm(GeoCateAlgorithm):
             "OUTCOME_CORRECTION": self.parameterAsFile(parameters, self.OUTCOME_CORRECTION, context) or None,
             "CORRECTION": method if correction is not None else None,
             "OUTCOME_TRUTH": self.parameterAsString(parameters, self.OUTCOME_TRUTH, context) or None,
-            "DESIGN": design_kind, **imagery_values,
+            "DESIGN": design_kind, "STRATA": strata, "PROPENSITY": known, **imagery_values,
         }, n_units=len(features), n_used=result.n_used, n_dropped=result.n_dropped,
             ate=result.ate, ate_se=result.ate_se)
         results = self.keep_result(context, dest_id, {

@@ -660,3 +660,29 @@ def test_destinations_are_checked_before_any_work(plugin, demo_units_gpkg, demo_
     with pytest.raises(QgsProcessingException, match="is one of the run.s inputs"):
         run(base_parameters(str(copy), demo_raster, OUTPUT=str(copy)))
     assert not missing.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["units.gpkg"]
+
+
+def test_strata_through_processing_and_qgis_process(plugin, demo_units_gpkg, demo_raster, tmp_path):
+    """STRATA: a district field; the design's probabilities reach the run record; a stratum without controls is
+    refused by name, through the command line too, and nothing is written."""
+    import processing
+
+    with_district = processing.run("native:fieldcalculator", {
+        "INPUT": demo_units_gpkg, "FIELD_NAME": "district", "FIELD_TYPE": 2, "FIELD_LENGTH": 10,
+        "FORMULA": "CASE WHEN $x < 0 AND \"unit_id\" % 2 = 0 THEN 'north' ELSE 'south' END",
+        "OUTPUT": str(tmp_path / "districts.gpkg")})["OUTPUT"]
+    results = run(base_parameters(with_district, demo_raster, STRATA="district", OUTPUT=str(tmp_path / "s.gpkg")))
+    record = json.loads((tmp_path / "s.run.json").read_text())
+    assert record["parameters"]["STRATA"] == "district" and record["strata"] == 2
+    assert record["propensity"] == "the treated share of each stratum (known by design)"
+    assert abs(results["ATE"] - 1.0) < 1.0 and results["ATE_SE"] > 0
+    one_arm = processing.run("native:fieldcalculator", {
+        "INPUT": with_district, "FIELD_NAME": "block", "FIELD_TYPE": 2, "FIELD_LENGTH": 20,
+        "FORMULA": "CASE WHEN \"treated\" = 1 THEN 'all_treated' ELSE 'mixed' || to_string(\"unit_id\" % 2) END",
+        "OUTPUT": str(tmp_path / "one_arm.gpkg")})["OUTPUT"]
+    done = subprocess.run(["qgis_process.bin", "run", "geocate:estimatecate", "--", f"INPUT={one_arm}",
+                           "TREATMENT=treated", "OUTCOME=outcome", f"RASTER={demo_raster}", "STRATA=block",
+                           f"OUTPUT={tmp_path / 'never.gpkg'}"], env=qgis_process_env(), capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode != 0 and "stratum 'all_treated' has no control unit" in done.stdout + done.stderr
+    assert not (tmp_path / "never.gpkg").exists()

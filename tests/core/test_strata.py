@@ -1,0 +1,73 @@
+"""Trials as they were randomized (issue 25, points 1-2): strata with their own assignment probabilities, and
+probabilities given per unit. The design's propensity must enter the doubly robust scores; ignoring it biases
+the ATE when outcomes differ between strata."""
+
+import numpy as np
+import pytest
+from conftest import unit_table
+
+from geocate.core.errors import GeoCateError
+from geocate.core.pipeline import estimate_cate, propensity_check, stratified_folds
+
+
+@pytest.fixture(scope="module")
+def stratified(demo_raster):
+    """600 units in two districts (west / east of the scene's middle), randomized with probability 0.25 in the
+    west and 0.75 in the east; the east's outcomes are 2 higher; the effect depends on the image as in
+    simulate_trial."""
+    from geocate.core.simulate import simulate_trial
+
+    trial = simulate_trial(demo_raster, n_units=600, seed=21)
+    rng = np.random.default_rng(5)
+    east = trial.coords[:, 0] > np.median(trial.coords[:, 0])
+    probability = np.where(east, 0.75, 0.25)
+    treated = (rng.random(len(east)) < probability).astype(float)
+    baseline = trial.outcome - trial.treated * trial.true_cate    # the simulated untreated outcome
+    outcome = baseline + 2.0 * east + treated * trial.true_cate
+    district = np.where(east, "east", "west").astype(object)
+    return trial, treated, outcome, district, probability
+
+
+def run(trial, treated, outcome, demo_raster, **extra):
+    units = unit_table(trial, treated=treated, outcome=outcome)
+    for key, value in extra.items():
+        units = type(units)(**{**units.__dict__, key: value})
+    return estimate_cate(units, demo_raster, seed=3)[1]
+
+
+def test_strata_give_each_unit_its_stratums_probability_and_the_ate_comes_back(stratified, demo_raster):
+    trial, treated, outcome, district, probability = stratified
+    truth = trial.true_cate.mean()
+    naive = run(trial, treated, outcome, demo_raster)
+    with_strata = run(trial, treated, outcome, demo_raster, strata=list(district))
+    given = run(trial, treated, outcome, demo_raster, propensity=probability)
+    # Ignoring the design: treated units sit mostly in the east, whose outcomes are 2 higher.
+    assert naive.ate - truth > 4 * naive.ate_se
+    for result in (with_strata, given):
+        assert abs(result.ate - truth) < 3 * result.ate_se and result.ate_se < 0.3
+    assert with_strata.metadata["strata"] == 2 and "stratum" in with_strata.metadata["propensity"]
+    assert with_strata.metadata["study_design"] == "randomized"
+
+
+def test_a_stratum_without_controls_is_refused_by_name(stratified, demo_raster):
+    trial, treated, outcome, district, _ = stratified
+    all_treated_west = np.where(district == "west", 1.0, treated)
+    with pytest.raises(GeoCateError, match="stratum 'west' has no control unit"):
+        run(trial, all_treated_west, outcome, demo_raster, strata=list(district))
+    with pytest.raises(GeoCateError, match=r"outside \(0, 1\)"):
+        run(trial, treated, outcome, demo_raster, propensity=np.where(district == "west", 0.0, 0.75))
+
+
+def test_folds_spread_every_stratum_over_every_fold():
+    strata = np.repeat([0, 1, 2], [50, 30, 20])
+    folds = stratified_folds(np.arange(100), strata, 5, seed=1)
+    for s in range(3):
+        counts = np.bincount(folds[strata == s], minlength=5)
+        assert counts.max() - counts.min() <= 1
+
+
+def test_given_probabilities_that_disagree_with_the_data_are_flagged():
+    rng = np.random.default_rng(0)
+    e = rng.uniform(0.2, 0.8, 2000)
+    assert propensity_check(e, rng.random(2000) < e) is None
+    assert "disagree with who was treated" in propensity_check(e, rng.random(2000) < 0.5 + 0 * e)
