@@ -150,3 +150,65 @@ def overlap_summary(propensity, treated, bounds=(0.05, 0.95)):
             "share_outside_control": float(outside[W == 0].mean()),
             "quantiles_treated": np.quantile(e[W == 1], [0, 0.05, 0.5, 0.95, 1]).tolist(),
             "quantiles_control": np.quantile(e[W == 0], [0, 0.05, 0.5, 0.95, 1]).tolist()}
+
+
+def randomization_check(treated, inputs, folds, groups=None, strata=None, n_permutations=199, seed=42, alpha=0.01):
+    """Is treatment predictable from what was known before it (covariates, the image's leading components, the
+    location)? In a trial randomized as declared it is not. A dict: the cross-fitted AUC of a penalised logistic
+    regression of treatment on ``inputs`` (folds: ``folds``), its permutation p-value (treatment permuted as the
+    design assigns it: whole ``groups`` - clusters - together, within ``strata``), whether it warns (p < alpha),
+    and the standardised differences of the inputs' columns between the arms.
+
+    The permutations stop early once the p-value is clearly above ``alpha`` (a sequential Monte Carlo test:
+    after at least 19 draws, when 5 permuted AUCs reached the observed one), so a trial that passes costs little.
+    """
+    import warnings
+
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import roc_auc_score
+    from sklearn.preprocessing import StandardScaler
+
+    W = np.asarray(treated, int)
+    X = StandardScaler().fit_transform(np.asarray(inputs, float))
+    folds = np.asarray(folds)
+
+    def cross_fitted_auc(w):
+        prediction = np.empty(len(w))
+        for fold in np.unique(folds):
+            train, test = folds != fold, folds == fold
+            if len(np.unique(w[train])) < 2:
+                return 0.5
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                model = LogisticRegression(C=0.1, max_iter=200).fit(X[train], w[train])
+            prediction[test] = model.decision_function(X[test])
+        return float(roc_auc_score(w, prediction)) if len(np.unique(w)) == 2 else 0.5
+
+    rng = np.random.default_rng(seed)
+    groups = np.arange(len(W)) if groups is None else np.unique(np.asarray(groups), return_inverse=True)[1].ravel()
+    strata = np.zeros(len(W), int) if strata is None else np.asarray(strata)
+    group_w = np.zeros(groups.max() + 1)
+    group_w[groups] = W                                  # a cluster's assignment (its units share it)
+    group_stratum = np.zeros(groups.max() + 1, int)
+    group_stratum[groups] = strata
+
+    def permuted():
+        shuffled = group_w.copy()
+        for s in np.unique(group_stratum):
+            members = np.flatnonzero(group_stratum == s)
+            shuffled[members] = rng.permutation(group_w[members])
+        return shuffled[groups].astype(int)
+
+    observed = cross_fitted_auc(W)
+    exceed, done = 0, 0
+    for _ in range(n_permutations):
+        done += 1
+        exceed += cross_fitted_auc(permuted()) >= observed
+        if done >= 19 and exceed >= 5:
+            break
+    p_value = (1 + exceed) / (1 + done)
+    treated_mean, control_mean = X[W == 1].mean(axis=0), X[W == 0].mean(axis=0)
+    pooled = np.sqrt((X[W == 1].var(axis=0) + X[W == 0].var(axis=0)) / 2)
+    differences = np.where(pooled > 0, (treated_mean - control_mean) / np.where(pooled > 0, pooled, 1), 0.0)
+    return {"auc": observed, "p_value": float(p_value), "permutations": done, "warns": bool(p_value < alpha),
+            "standardized_differences": differences.tolist()}

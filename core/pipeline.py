@@ -145,6 +145,39 @@ def known_propensity(study):
     return None, None
 
 
+def check_randomization(study, inputs, groups, n_folds, seed, known=False):
+    """core.design.randomization_check on what was known before treatment: the outcome models' inputs (the
+    image's leading components and the covariates) and the location (coordinates, their squares and product);
+    treatment permuted by cluster and within strata as the design assigned it. With given probabilities
+    (PROPENSITY) treatment is predictable by design: no check."""
+    from .design import randomization_check
+
+    if known and study.strata is None:
+        return None
+    used = study.used
+    coords = metric_coords(study.coords[used], study.raster_crs_wkt)
+    c = (coords - coords.mean(axis=0)) / np.where(coords.std(axis=0) > 0, coords.std(axis=0), 1)
+    location = np.column_stack([c, c ** 2, c[:, 0] * c[:, 1]])
+    report = randomization_check(
+        study.treated[used], np.column_stack([inputs, location]), location_folds(groups, n_folds, seed),
+        groups=None if study.clusters is None else study.clusters[used],
+        strata=None if study.strata is None else study.strata[used], seed=seed)
+    report["inputs"] = ["image component / covariate"] * int(np.asarray(inputs).shape[1]) + [
+        "x", "y", "x^2", "y^2", "x*y"]
+    return report
+
+
+def randomization_warning(check):
+    """The plain warning when treatment is predictable from what was known before it, else None."""
+    if not check or not check["warns"]:
+        return None
+    return (f"Treatment is predictable from the covariates, the imagery and the location (cross-fitted AUC "
+            f"{check['auc']:.2f}, permutation p = {check['p_value']:.3f}): the trial does not look randomized with "
+            "one probability for every unit. If it was randomized within strata (e.g. districts), give STRATA; "
+            "with unit-level probabilities, PROPENSITY; if it was not randomized, use the observational design. "
+            "The report's balance table shows where the arms differ.")
+
+
 def propensity_check(propensity, treated, n_bins=5, z_limit=3.5):
     """A warning when given assignment probabilities disagree with the data: in bins of similar probability, the
     treated share strays from the mean probability by more than ``z_limit`` binomial standard errors; else None."""
@@ -249,6 +282,9 @@ def estimate_cate(units, raster_path, bands=None, window_size_px=33, nodata=None
                                               n_estimators, seed)
     propensity, propensity_fit = None, None
     known, known_from = known_propensity(study)
+    check = None
+    if study_design is None or study_design.kind == "randomized":
+        check = check_randomization(study, inputs, groups, n_folds, seed, known is not None)
     if known is not None and (study_design is None or study_design.kind == "randomized"):
         # Block randomization or known probabilities: the design's own propensity enters the DR scores and the
         # forest's residuals; folds keep each stratum spread over every fold; strata join the outcome models.
@@ -315,6 +351,7 @@ def estimate_cate(units, raster_path, bands=None, window_size_px=33, nodata=None
         ("cross-fitted per unit" if known is None else known_from),
         "study_design": "randomized" if propensity is None or known is not None else study_design.kind,
         "strata": len(study.stratum_labels) if study.strata is not None else None,
+        "randomization_check": check,
         "propensity_model": propensity_fit,
         "band_scaling": feature_pipeline.describe()["representation"][0].get("band_scaling"),
         "device": feature_pipeline.device_,
@@ -323,7 +360,8 @@ def estimate_cate(units, raster_path, bands=None, window_size_px=33, nodata=None
         "fold_groups": int(len(np.unique(groups))),
         "warnings": [w for w in (overlap_warning(study, window_size_px, block_size),
                                  propensity_check(study.propensity[used], study.treated[used])
-                                 if study.propensity is not None else None) if w]
+                                 if study.propensity is not None else None,
+                                 randomization_warning(check)) if w]
         + suspicious_covariates(study.covariates[used], study.covariate_names, study.treated[used]),
         "heterogeneity_test": heterogeneity_record(test),
         "predicted_outcome": predicted_outcome,

@@ -356,6 +356,17 @@ def estimate_report(metadata, html_path, map_png=None, figures=None):
     predicted = metadata.get("predicted_outcome")
     if predicted:
         sections.insert(2, ("Outcome from a map", predicted_outcome_section(predicted)))
+    check = metadata.get("randomization_check")
+    if check:
+        ranked = sorted(zip(check["inputs"], check["standardized_differences"]), key=lambda r: -abs(r[1]))[:10]
+        sections.insert(2, ("Randomization check", (
+            f"<p>Is treatment predictable from what was known before it? Cross-fitted AUC {check['auc']:.3f} "
+            f"(0.5: not at all), permutation p = {check['p_value']:.3f} ({check['permutations']} permutations, "
+            "treatment permuted as the design assigned it). "
+            + ("<b>It is: the trial does not look randomized as declared.</b>" if check["warns"] else
+               "No sign that it is.") + " The largest standardized differences between the arms (treated "
+            "minus control, in standard deviations; image components are the outcome models' inputs):</p>"
+            + table(["input", "standardized difference"], ranked))))
     if map_png:
         sections.append(("Map", image(map_png, "Map of the estimated effects")))
     return write_html(html_path, "GeoCATE: treatment effects from imagery", sections, metadata)

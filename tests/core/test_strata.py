@@ -71,3 +71,15 @@ def test_given_probabilities_that_disagree_with_the_data_are_flagged():
     e = rng.uniform(0.2, 0.8, 2000)
     assert propensity_check(e, rng.random(2000) < e) is None
     assert "disagree with who was treated" in propensity_check(e, rng.random(2000) < 0.5 + 0 * e)
+
+
+def test_the_randomization_check_warns_when_treatment_follows_the_location(stratified, demo_raster):
+    """Randomized within districts but declared simple: treatment follows the location and the check says so;
+    with STRATA (permutations within districts), and on a simple trial, it does not."""
+    trial, treated, outcome, district, _ = stratified
+    naive = run(trial, treated, outcome, demo_raster)
+    assert naive.metadata["randomization_check"]["warns"]
+    assert any("Treatment is predictable" in w and "STRATA" in w for w in naive.metadata["warnings"])
+    assert not run(trial, treated, outcome, demo_raster, strata=list(district)).metadata["randomization_check"]["warns"]
+    simple = run(trial, trial.treated, trial.outcome, demo_raster)
+    assert not simple.metadata["randomization_check"]["warns"] and simple.metadata["randomization_check"]["auc"] < 0.6
