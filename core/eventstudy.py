@@ -30,9 +30,9 @@ Choices, each as in CS's ``did`` (R) and DoubleML 0.11's DoubleMLDIDMulti
   max(t, g) + anticipation before adoption).
 * Covariates: each unit's values in its first period (baseline, before any
   kept unit's treatment), so the model is conditional parallel trends given
-  pre-treatment X; a covariate that changes over time is noted (DoubleML takes
-  the earlier period of each (b, t) pair, ``did`` the base period: the same for
-  time-invariant covariates).
+  pre-treatment X; a covariate that changes over time is noted (DoubleML and
+  ``did`` take each cell's base period: the same for time-invariant
+  covariates).
 * Propensities: one multinomial logistic regression of the cohort (classes:
   every cohort and never-treated) on the standardised covariates, L2 penalty by
   cross-validated log-loss (core.design's model), cross-fitted; a cell's
@@ -136,6 +136,11 @@ class PreTrendTest:
 
 @dataclass(frozen=True)
 class EventStudy:
+    """What event_study returns. overlap (with covariates): the propensity model and its fit (Brier score,
+    log-loss), ``share_clipped`` (of all unit-cell pairs) and ``cells_over_5_percent_clipped`` [(g, t, share)];
+    notes: caveats (e.g. time-varying covariates); influence: each kept unit's influence function of each
+    ATT(g,t) (their SE is sqrt(sum influence^2) / n_units), for further aggregations."""
+
     group_time: list          # [GroupTimeEffect], estimable cells, by cohort then period
     event_time: list          # [AggregateEffect] keyed by e, with the sup-t band
     cohort: list              # [AggregateEffect] keyed by g: mean of its post-adoption ATT(g,t)
