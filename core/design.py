@@ -152,7 +152,8 @@ def overlap_summary(propensity, treated, bounds=(0.05, 0.95)):
             "quantiles_control": np.quantile(e[W == 0], [0, 0.05, 0.5, 0.95, 1]).tolist()}
 
 
-def randomization_check(treated, inputs, folds, groups=None, strata=None, n_permutations=199, seed=42, alpha=0.01):
+def randomization_check(treated, inputs, folds, groups=None, strata=None, n_permutations=199, seed=42, alpha=0.01,
+                        max_units=5000):
     """Is treatment predictable from what was known before it (covariates, the image's leading components, the
     location)? In a trial randomized as declared it is not. A dict: the cross-fitted AUC of a penalised logistic
     regression of treatment on ``inputs`` (folds: ``folds``), its permutation p-value (treatment permuted as the
@@ -160,7 +161,8 @@ def randomization_check(treated, inputs, folds, groups=None, strata=None, n_perm
     and the standardised differences of the inputs' columns between the arms.
 
     The permutations stop early once the p-value is clearly above ``alpha`` (a sequential Monte Carlo test:
-    after at least 19 draws, when 5 permuted AUCs reached the observed one), so a trial that passes costs little.
+    after at least 19 draws, when 5 permuted AUCs reached the observed one), so a trial that passes costs little;
+    beyond ``max_units`` units, a random subset of whole clusters of about that size is checked.
     """
     import warnings
 
@@ -171,6 +173,16 @@ def randomization_check(treated, inputs, folds, groups=None, strata=None, n_perm
     W = np.asarray(treated, int)
     X = StandardScaler().fit_transform(np.asarray(inputs, float))
     folds = np.asarray(folds)
+    rng = np.random.default_rng(seed)
+    if len(W) > max_units:   # large studies: a random subset of whole clusters keeps the check to seconds
+        ids = np.arange(len(W)) if groups is None else np.unique(np.asarray(groups), return_inverse=True)[1].ravel()
+        chosen = rng.permutation(ids.max() + 1)
+        sizes = np.bincount(ids)
+        keep_groups = chosen[:max(np.searchsorted(np.cumsum(sizes[chosen]), max_units), 2)]
+        keep = np.isin(ids, keep_groups)
+        W, X, folds = W[keep], X[keep], folds[keep]
+        groups = None if groups is None else np.asarray(groups)[keep]
+        strata = None if strata is None else np.asarray(strata)[keep]
 
     def cross_fitted_auc(w):
         prediction = np.empty(len(w))
@@ -184,7 +196,6 @@ def randomization_check(treated, inputs, folds, groups=None, strata=None, n_perm
             prediction[test] = model.decision_function(X[test])
         return float(roc_auc_score(w, prediction)) if len(np.unique(w)) == 2 else 0.5
 
-    rng = np.random.default_rng(seed)
     groups = np.arange(len(W)) if groups is None else np.unique(np.asarray(groups), return_inverse=True)[1].ravel()
     strata = np.zeros(len(W), int) if strata is None else np.asarray(strata)
     group_w = np.zeros(groups.max() + 1)

@@ -83,3 +83,17 @@ def test_the_randomization_check_warns_when_treatment_follows_the_location(strat
     assert not run(trial, treated, outcome, demo_raster, strata=list(district)).metadata["randomization_check"]["warns"]
     simple = run(trial, trial.treated, trial.outcome, demo_raster)
     assert not simple.metadata["randomization_check"]["warns"] and simple.metadata["randomization_check"]["auc"] < 0.6
+
+
+def test_the_randomization_check_of_a_large_study_uses_a_subset_of_whole_clusters():
+    from geocate.core.design import randomization_check
+
+    rng = np.random.default_rng(1)
+    clusters = np.repeat(np.arange(800), 10)                       # 8000 units in 800 villages
+    W = np.repeat(rng.random(800) < 0.5, 10).astype(int)           # randomized by village
+    X = rng.standard_normal((8000, 4))
+    folds = np.repeat(np.arange(800) % 5, 10)
+    check = randomization_check(W, X, folds, groups=clusters, max_units=2000)
+    assert not check["warns"] and 0.4 < check["auc"] < 0.6 and check["permutations"] >= 19
+    X[:, 0] += 0.8 * W                                             # a covariate that follows treatment
+    assert randomization_check(W, X, folds, groups=clusters, max_units=2000)["warns"]
