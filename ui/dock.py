@@ -234,6 +234,12 @@ class GeoCateDock(QgsDockWidget):
         advanced.addRow("Effect groups (forest)", self.groups)
         advanced.addRow("Clusters (image model)", self.clusters)
         advanced.addRow("Largest K to try", self.max_clusters)
+        self.strata = QgsFieldComboBox()   # block randomization: each stratum's treated share is its probability
+        self.strata.setAllowEmptyFieldName(True)
+        self.strata.setToolTip("If the trial was randomized within strata (e.g. districts) with probabilities that "
+                               "differ between them: the field of the stratum. Empty: one probability for every "
+                               "unit.")
+        form.addRow("Randomized within (strata)", self.strata)
         advanced.addRow("Spatial blocks", self.spatial_block)
         advanced.addRow("Extra nodata value", self.nodata)
         layout.addWidget(self.advanced)
@@ -370,6 +376,8 @@ class GeoCateDock(QgsDockWidget):
     def on_units_changed(self, layer):
         self.treatment.setLayer(layer)
         self.outcome.setLayer(layer)
+        self.strata.setLayer(layer)
+        self.strata.setField("")
         # Start from fields named like a treatment and an outcome, else from nothing (no error before a choice).
         names = {f.name().lower(): f.name() for f in layer.fields()} if layer is not None else {}
         self.treatment.setField(next((names[n] for n in TREATMENT_NAMES if n in names), ""))
@@ -511,6 +519,8 @@ class GeoCateDock(QgsDockWidget):
             parameters["NODATA"] = float(self.nodata.text())
         if self.method.currentData() == ALGORITHM:
             parameters["DESIGN"] = self.design.currentData()
+            if self.strata.currentField() and self.design.currentData() == 0:
+                parameters["STRATA"] = self.strata.currentField()
         if self.predicted.isChecked() and self.method.currentData() == ALGORITHM:
             parameters.update(OUTCOME_CORRECTION=self.correction_file.filePath(),
                               CORRECTION=self.correction_method.currentData())

@@ -487,3 +487,14 @@ def test_the_panel_tools_are_reachable_from_the_dock(plugin, project_layers, qgi
         button.click()
         assert dock.last_dialog is not None and dock.last_dialog.algorithm().id() == algorithm, dock.message.text()
         dock.last_dialog.close()
+
+
+
+def test_the_dock_offers_the_strata_field(plugin, project_layers):
+    units, raster = project_layers
+    dock = filled_dock(plugin, units, raster)
+    assert dock.strata.currentField() == ""   # one probability for every unit unless a stratum field is chosen
+    dock.run_dir = "/tmp"
+    assert "STRATA" not in dock.parameters()
+    dock.strata.setField("true_group")
+    assert dock.parameters()["STRATA"] == "true_group"
