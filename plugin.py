@@ -83,6 +83,8 @@ class GeoCatePlugin:
 
     def unload(self):
         if self.identify_tool is not None:
+            if self.identify_tool.popup is not None:
+                self.identify_tool.popup.close()
             self.iface.mapCanvas().unsetMapTool(self.identify_tool)
             self.identify_tool = None
         for action in (self.action, self.dialog_action, self.identify_action):

@@ -157,7 +157,8 @@ def randomization_check(treated, inputs, folds, groups=None, strata=None, n_perm
     """Is treatment predictable from what was known before it (covariates, the image's leading components, the
     location)? In a trial randomized as declared it is not. A dict: the cross-fitted AUC of a penalised logistic
     regression of treatment on ``inputs`` (folds: ``folds``), its permutation p-value (treatment permuted as the
-    design assigns it: whole ``groups`` - clusters - together, within ``strata``), whether it warns (p < alpha),
+    design assigns it: whole ``groups`` - clusters - together when treatment is constant within each (a
+    cluster-randomized trial), units otherwise, within ``strata``), whether it warns (p < alpha),
     and the standardised differences of the inputs' columns between the arms.
 
     The permutations stop early once the p-value is clearly above ``alpha`` (a sequential Monte Carlo test:
@@ -197,6 +198,8 @@ def randomization_check(treated, inputs, folds, groups=None, strata=None, n_perm
         return float(roc_auc_score(w, prediction)) if len(np.unique(w)) == 2 else 0.5
 
     groups = np.arange(len(W)) if groups is None else np.unique(np.asarray(groups), return_inverse=True)[1].ravel()
+    if np.any(np.bincount(groups, W) % np.bincount(groups)):   # treatment varies within some cluster: it was
+        groups = np.arange(len(W))                               # not assigned by cluster, permute units
     strata = np.zeros(len(W), int) if strata is None else np.asarray(strata)
     group_w = np.zeros(groups.max() + 1)
     group_w[groups] = W                                  # a cluster's assignment (its units share it)

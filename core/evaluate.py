@@ -395,21 +395,33 @@ def auto_block_size(coords, outcome, treated, locations=None, footprint=0.0, n_f
     shrinks the blocks (by a fifth at a time, not below the footprint) until each of the ``n_folds`` folds holds
     TARGET_GROUPS_PER_FOLD groups. If blocks as large as the footprint leave fewer than MIN_GROUPS_PER_FOLD per
     fold, they shrink below it until that many are reached, and the note says that some neighbours' windows may
-    then fall in different folds. Folds deal groups in turn (location_folds), so a fold holds
-    groups // n_folds of them."""
+    then fall in different folds. The groups can never outnumber the locations and clusters themselves (blocks
+    only merge them): when those are too few, the blocks are not shrunk for nothing, and the note says that the
+    clusters are what is missing. Folds deal groups in turn (location_folds), so a fold holds groups // n_folds of
+    them. Every loop is bounded."""
     coords = np.asarray(coords, float)
 
     def groups_at(size):
         return len(np.unique(honest_fold_groups(coords, size, locations)))
 
+    most = groups_at(None)   # no blocks: the locations (and clusters) alone
     size = block_size_from_data(coords, outcome, treated, at_least=footprint)
-    target, floor = TARGET_GROUPS_PER_FOLD * n_folds, MIN_GROUPS_PER_FOLD * n_folds
-    while size > footprint and groups_at(size) < target:
+    target = min(TARGET_GROUPS_PER_FOLD * n_folds, most)
+    floor = MIN_GROUPS_PER_FOLD * n_folds
+    for _ in range(200):
+        if size <= footprint or groups_at(size) >= target:
+            break
         size = max(float(footprint), size * 0.8)
     note = None
-    if groups_at(size) < floor:
-        smallest = max(size / 1000.0, 1e-6)
-        while size > smallest and groups_at(size) < floor:
+    if most < floor:
+        note = (f"Only {most} groups of units can be kept apart (units at one location or in one cluster stay "
+                f"together): fewer than {MIN_GROUPS_PER_FOLD} per fold of {n_folds}, whatever the spatial blocks. "
+                "Standard errors and the heterogeneity test are unreliable with so few: add clusters or units.")
+    elif groups_at(size) < floor:
+        smallest = size / 1000.0
+        for _ in range(200):
+            if size <= smallest or groups_at(size) >= floor:
+                break
             size *= 0.8
         note = (f"Spatial blocks as large as the image windows ({footprint:,.0f} m) left fewer than "
                 f"{MIN_GROUPS_PER_FOLD} groups per fold; blocks of {size:,.0f} m are used, so some neighbours whose "

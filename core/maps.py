@@ -364,7 +364,12 @@ def check_dask_scheduler(address, timeout=5.0):
         raise GeoCateError(f"'{address}' is not a Dask scheduler address (host and port).", fix)
     head = b""
     try:
-        with socket.create_connection((host, port), timeout=timeout) as sock:
+        sock = socket.create_connection((host, port), timeout=timeout)
+    except OSError as error:   # refused, unknown host, or no answer to the connection itself (a timeout)
+        raise GeoCateError(f"The Dask scheduler at '{address}' cannot be reached ({error.__class__.__name__}: "
+                           f"{error}).", fix) from None
+    try:
+        with sock:
             sock.settimeout(timeout)
             while len(head) < 8:
                 chunk = sock.recv(8 - len(head))
@@ -376,8 +381,8 @@ def check_dask_scheduler(address, timeout=5.0):
             raise GeoCateError(f"'{address}' accepted the connection but did not greet as a Dask scheduler does "
                                f"within {timeout:g} s: it is not a Dask scheduler.", fix) from None
     except OSError as error:
-        raise GeoCateError(f"The Dask scheduler at '{address}' cannot be reached ({error.__class__.__name__}: "
-                           f"{error}).", fix) from None
+        raise GeoCateError(f"The connection to '{address}' failed ({error.__class__.__name__}: {error}).",
+                           fix) from None
     if len(head) < 8 or not 0 < struct.unpack("<Q", head)[0] < (1 << 24):
         raise GeoCateError(f"'{address}' answered, but not as a Dask scheduler does: it is something else.", fix)
 

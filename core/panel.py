@@ -152,18 +152,29 @@ class PeriodEffects:
     (delta_t the period mean of y - f(x), f refitted on y - delta_t), so any learner (the spline ridge, which is
     additive in its columns, or boosting) absorbs year shocks without learning them from the covariates."""
 
-    def __init__(self, make, n_iterations=4):
-        self.make, self.n_iterations = make, n_iterations
+    def __init__(self, make, max_iterations=30, tolerance=1e-3):
+        self.make, self.max_iterations, self.tolerance = make, max_iterations, tolerance
 
     def fit(self, inputs, y, period):
+        """Backfitting until the period effects move by less than ``tolerance`` of y's standard deviation (slow
+        when the covariates trend with time: a covariate correlated 0.95 with the period needs about 30 rounds;
+        4 fixed rounds left a linear effect at a third of its value)."""
         self.periods_ = np.unique(period)
         index = np.searchsorted(self.periods_, period)
-        delta = np.bincount(index, y, len(self.periods_)) / np.maximum(np.bincount(index, None, len(self.periods_)), 1)
+        counts = np.bincount(index, None, len(self.periods_))
+        delta = np.bincount(index, y, len(self.periods_)) / np.maximum(counts, 1)
         delta -= delta.mean()
-        for _ in range(self.n_iterations):
+        scale = self.tolerance * (float(np.std(y)) or 1.0)
+        self.n_iterations_ = 0
+        for _ in range(self.max_iterations):
             self.model_ = self.make().fit(inputs, y - delta[index])
             rest = y - self.model_.predict(inputs)
-            delta = np.bincount(index, rest, len(self.periods_)) / np.bincount(index, None, len(self.periods_))
+            updated = np.bincount(index, rest, len(self.periods_)) / np.maximum(counts, 1)
+            moved = float(np.max(np.abs(updated - delta)))
+            delta = updated
+            self.n_iterations_ += 1
+            if moved < scale:
+                break
         self.delta_ = delta
         return self
 

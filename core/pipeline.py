@@ -182,8 +182,12 @@ def propensity_check(propensity, treated, n_bins=5, z_limit=3.5):
     """A warning when given assignment probabilities disagree with the data: in bins of similar probability, the
     treated share strays from the mean probability by more than ``z_limit`` binomial standard errors; else None."""
     e, W = np.asarray(propensity, float), np.asarray(treated, float)
-    edges = np.unique(np.quantile(e, np.linspace(0, 1, n_bins + 1)))
-    which = np.clip(np.searchsorted(edges, e, side="right") - 1, 0, max(len(edges) - 2, 0))
+    values = np.unique(e)
+    if len(values) <= n_bins:   # a few fixed probabilities (e.g. by design arm): one bin each
+        which = np.searchsorted(values, e)
+    else:
+        edges = np.unique(np.quantile(e, np.linspace(0, 1, n_bins + 1)))
+        which = np.clip(np.searchsorted(edges, e, side="right") - 1, 0, max(len(edges) - 2, 0))
     worst = None
     for b in np.unique(which):
         members = which == b

@@ -61,10 +61,10 @@ class Study:
     pixel_size_m: float = None  # ground size of a pixel in metres (RasterInfo.pixel_size_m)
     views: object = None  # [core.represent.View]: every scale and date; None once embedded, or when read from cache
     source: object = None  # the core.represent.WindowSource the views come from
-    notes: list = field(default_factory=list, compare=False, hash=False)
+    notes: list = field(default_factory=list, compare=False, hash=False)  # warnings found while folding
     strata: object = None       # (n,) int stratum codes (-1 where null), or None
     stratum_labels: tuple = ()  # the label of each stratum code
-    propensity: object = None   # (n,) known assignment probabilities, or None  # warnings found while folding (e.g. auto_block_size)
+    propensity: object = None   # (n,) known assignment probabilities, or None
 
     @property
     def n_used(self):

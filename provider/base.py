@@ -233,7 +233,7 @@ def check_destinations(algorithm, parameters, context, files=None):
         extensions = allowed_extensions(algorithm, definition)
         ext = os.path.splitext(path)[1].lstrip(".").lower()
         if extensions is not None and not isinstance(definition, QgsProcessingParameterFolderDestination) \
-                and ext not in extensions:
+                and ext and ext not in extensions:   # no extension: QGIS adds the default one
             shown = ", ".join(f".{e}" for e in sorted(extensions)[:8]) + (" ..." if len(extensions) > 8 else "")
             raise QgsProcessingException(
                 f"{label}: GeoCATE cannot write a '.{ext}' file here ({os.path.basename(path)}). Use one of "
@@ -371,8 +371,10 @@ class GeoCateAlgorithm(QgsProcessingAlgorithm):
 
         for definition in self.parameterDefinitions():
             value = parameters.get(definition.name())
+            import re
+
             if definition.type() in ("raster", "source", "vector", "layer") and isinstance(value, str) \
-                    and os.path.isfile(value.split("|")[0]) and definition.name() in message:
+                    and os.path.isfile(value.split("|")[0]) and re.search(rf"\b{definition.name()}\b", message):
                 kind = "a raster" if definition.type() == "raster" else "a layer"
                 return False, (f"{definition.description()} ({definition.name()}): the file '{value}' exists but "
                                f"cannot be read as {kind} (a damaged or truncated file, or a format GDAL does not "
@@ -390,8 +392,9 @@ class GeoCateAlgorithm(QgsProcessingAlgorithm):
                     else "a number"
                 shown = (lambda v: f"{int(v)}") if definition.dataType() == QgsProcessingParameterNumber.Integer \
                     else (lambda v: f"{v:g}")
-                return False, (f"{definition.description()} ({definition.name()}) must be {kind} from {shown(low)} "
-                               f"to {shown(high)}; {value} was given.")
+                bounds = f"from {shown(low)} to {shown(high)}" if high < 1e300 else f"at least {shown(low)}"
+                return False, (f"{definition.description()} ({definition.name()}) must be {kind} {bounds}; "
+                               f"{value} was given.")
         return ok, message
 
     def createInstance(self):  # noqa: N802 - QGIS's name

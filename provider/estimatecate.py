@@ -137,6 +137,11 @@ class EstimateCateAlgorithm(GeoCateAlgorithm):
         from ..core.design import StudyDesign
 
         design_kind = self.DESIGNS[self.parameterAsEnum(parameters, self.DESIGN, context)]
+        if design_kind != "randomized" and (strata or known):
+            raise QgsProcessingException(
+                "STRATA and PROPENSITY describe how a randomized trial assigned treatment; the observational design "
+                "estimates the propensity from the imagery and covariates instead. Choose the randomized design, or "
+                "leave STRATA and PROPENSITY empty.")
 
         def progress(fraction, message):
             feedback.setProgress(5 + 95 * fraction)

@@ -196,3 +196,16 @@ def test_plots_leave_the_process_pyplot_backend_alone(tmp_path):
     plot_toc(rates, str(tmp_path / "toc.png"))
     assert (tmp_path / "toc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert matplotlib.get_backend() == before
+
+
+def test_automatic_blocks_stop_when_clusters_not_blocks_are_what_is_missing():
+    """30 villages and no window footprint (evaluate's call) used to loop for ever; 15 villages are too few for
+    4 groups per fold whatever the blocks, and the note says so instead of shrinking the blocks for nothing."""
+    from geocate.core.evaluate import auto_block_size, honest_fold_groups
+
+    rng = np.random.default_rng(0)
+    xy, y, w = rng.uniform(0, 10000, (300, 2)), rng.normal(size=300), rng.integers(0, 2, 300)
+    size, note = auto_block_size(xy, y, w, locations=np.repeat(np.arange(30), 10), footprint=0.0)
+    assert note is None and len(np.unique(honest_fold_groups(xy, size, np.repeat(np.arange(30), 10)))) >= 20
+    size, note = auto_block_size(xy, y, w, locations=np.repeat(np.arange(15), 20), footprint=0.0)
+    assert size > 0 and "Only 15 groups of units can be kept apart" in note

@@ -97,3 +97,21 @@ def test_the_randomization_check_of_a_large_study_uses_a_subset_of_whole_cluster
     assert not check["warns"] and 0.4 < check["auc"] < 0.6 and check["permutations"] >= 19
     X[:, 0] += 0.8 * W                                             # a covariate that follows treatment
     assert randomization_check(W, X, folds, groups=clusters, max_units=2000)["warns"]
+
+
+def test_checks_catch_swapped_fixed_probabilities_and_assignment_within_clusters():
+    from geocate.core.design import randomization_check
+
+    rng = np.random.default_rng(3)
+    east = rng.random(3000) < 0.5
+    treated = rng.random(3000) < np.where(east, 0.75, 0.25)
+    swapped = np.where(east, 0.25, 0.75)                          # the two design probabilities swapped
+    assert "disagree with who was treated" in propensity_check(swapped, treated)
+    assert propensity_check(np.where(east, 0.75, 0.25), treated) is None
+    # Units of 100 villages assigned one by one with a probability that follows the location: the check permutes
+    # units (treatment varies within villages), not villages, and finds it.
+    x = rng.uniform(-1, 1, 1000)
+    village = np.repeat(np.arange(100), 10)
+    W = (rng.random(1000) < 1 / (1 + np.exp(-1.5 * x))).astype(int)
+    check = randomization_check(W, np.column_stack([x, x ** 2]), village % 5, groups=village)
+    assert check["warns"] and check["p_value"] < 0.01
