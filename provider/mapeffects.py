@@ -264,17 +264,19 @@ class MapEffectsAlgorithm(GeoCateAlgorithm):
             "MASK": bool(mask), "DASK_SCHEDULER": scheduler, **imagery_values}, started,
             **{k: v for k, v in summary.items() if k != "unit_support"})
         self.write_run_metadata_beside(path, metadata, feedback)
-        self._style_on_load(final, summary, f"Effects map ({study['outcome']})", study["raster"])
+        style_map_on_load(self, final, summary, f"Effects map ({study['outcome']})", study["raster"])
         return write_map_report(self, parameters, context, metadata, path, {
             OUTPUT: final, "SHARE_OUTSIDE_SUPPORT": summary["share_outside_support"], "CELLS": summary["usable"],
             "N_USED": study_out.n_used}, feedback)
 
-    def _style_on_load(self, final, summary, name, raster):
-        from ..core.maps import SUPPORT_THRESHOLD
 
-        self.style_on_load(final, lambda: StyleMapOnLoad.create(summary["bands"], SUPPORT_THRESHOLD, name,
-                                                                summary.get("clusters"), raster,
-                                                                summary.get("window_size_px")))
+def style_map_on_load(algorithm, final, summary, name, raster):
+    """Style map ``final`` when Processing loads it (StyleMapOnLoad), for mapeffects and applyclusters alike."""
+    from ..core.maps import SUPPORT_THRESHOLD
+
+    algorithm.style_on_load(final, lambda: StyleMapOnLoad.create(summary["bands"], SUPPORT_THRESHOLD, name,
+                                                                 summary.get("clusters"), raster,
+                                                                 summary.get("window_size_px")))
 
 
 class ApplyClustersAlgorithm(GeoCateAlgorithm):
@@ -331,7 +333,7 @@ class ApplyClustersAlgorithm(GeoCateAlgorithm):
             "MODEL": model, "RASTER": raster, "EXTENT": extent, "STRIDE": stride, "MASK": bool(mask),
             "DASK_SCHEDULER": scheduler}, started, **summary)
         self.write_run_metadata_beside(path, metadata, feedback)
-        MapEffectsAlgorithm._style_on_load(self, final, summary,
+        style_map_on_load(self, final, summary,
                                            f"Clusters map ({os.path.splitext(os.path.basename(model))[0]})", raster)
         return write_map_report(self, parameters, context, metadata, path, {OUTPUT: final, "CELLS": summary["usable"]},
                                 feedback)

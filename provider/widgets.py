@@ -15,7 +15,6 @@ ROLE_NAMES = {
     "outcome": ("outcome", "y"),
     "unit": ("unit", "unit_id", "id", "uid"),
     "time": ("year", "time", "period", "date", "t"),
-    "cluster": ("cluster", "village", "village_id", "cluster_id"),
 }
 #: Fields GeoCATE writes itself (a result layer used as the next run's input): never covariates.
 OWN_FIELDS = re.compile(r"^(cate(_(lo|hi|se|raw))?|group|p_\d+|patch_ok|cluster)$", re.IGNORECASE)

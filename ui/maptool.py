@@ -97,8 +97,10 @@ def cell_at(layer, point):
     return info
 
 
-def describe(info, support_threshold=1.0):
-    """The popup's text (HTML) for a unit or a cell."""
+def describe(info, support_threshold=None):
+    """The popup's text (HTML) for a unit or a cell (support_threshold: core.maps.SUPPORT_THRESHOLD by default)."""
+    if support_threshold is None:
+        from ..core.maps import SUPPORT_THRESHOLD as support_threshold
     lines = [f"<b>{'Unit' if info['kind'] == 'unit' else 'Map cell'}</b> of <i>{info['layer']}</i>"]
     cate = info.get("cate")
     if cate is not None:
