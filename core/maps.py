@@ -172,10 +172,12 @@ class MapSpec:
     support: object = None
     mask: object = None
     covariates: object = None  # (p,) covariates the cluster model sees at every cell (standardised: zeros)
+    treat_cut: object = None  # forest: a "treat" band, 1 where cate >= treat_cut (inside the support), core.plan
+    treat_outside_support: bool = False  # the treat band may choose cells outside the trial's support
 
     def band_names(self):
         if self.method == "forest":
-            return ["cate", "cate_se", "support"]
+            return ["cate", "cate_se", "support"] + (["treat"] if self.treat_cut is not None else [])
         k = self.n_clusters()
         return [f"p_{j + 1}" for j in range(k)] + ["cluster", "cate"] + (["support"] if self.support else [])
 
@@ -204,24 +206,32 @@ def _opened_model(path, model_version, description_version):
 def predict_tile(spec, tile):
     """The pure per-tile function: (row_start, row_stop, col_start, col_stop) -> (bands, rows, cols) float32 with
     NODATA where a cell's window is unusable or outside the mask. Runs in-process or on a Dask worker."""
-    from .represent import WindowSource
-
     r0, r1, c0, c1 = tile
     rows, cols = np.meshgrid(np.arange(r0, r1), np.arange(c0, c1), indexing="ij")
     rows, cols = rows.ravel(), cols.ravel()
-    n_bands = len(spec.band_names())
-    out = np.full((n_bands, len(rows)), NODATA, dtype=np.float32)
-    centres = spec.grid.centres(rows, cols)
     inside = np.ones(len(rows), bool) if spec.mask is None else np.asarray(spec.mask, bool)[rows, cols]
+    out = predict_at(spec, spec.grid.centres(rows, cols), spec.grid.crs_wkt, inside)
+    return out.reshape(len(out), r1 - r0, c1 - c0)
+
+
+def predict_at(spec, centres, crs_wkt, inside=None):
+    """The model of ``spec`` at points ``centres`` (in ``crs_wkt``): (bands, n) float32, NODATA where a point's
+    window is unusable or not ``inside``. A map tile's cells, or targeting's candidate units (core.plan)."""
+    from .represent import WindowSource
+
+    centres = np.asarray(centres, float).reshape(-1, 2)
+    n_bands = len(spec.band_names())
+    out = np.full((n_bands, len(centres)), NODATA, dtype=np.float32)
+    inside = np.ones(len(centres), bool) if inside is None else np.asarray(inside, bool)
     if inside.any():
         if spec.method == "onnx":
             probabilities, ok = _onnx_tile(spec, centres, inside)
             features = None
         else:
-            source = WindowSource(spec.raster_paths, centres[inside], spec.grid.crs_wkt, spec.bands, spec.grid.window,
+            source = WindowSource(spec.raster_paths, centres[inside], crs_wkt, spec.bands, spec.grid.window,
                                   spec.scales, spec.nodata)
             views, _, ok_inside, _ = source.read()
-            ok = np.zeros(len(rows), bool)
+            ok = np.zeros(len(centres), bool)
             ok[inside] = ok_inside
             features = None
             if ok_inside.any():
@@ -244,8 +254,13 @@ def predict_tile(spec, tile):
                 out[k, ok] = probabilities.argmax(axis=1) + 1
                 out[k + 1, ok] = probabilities @ effects
             if spec.support is not None and features is not None:
-                out[-1, ok] = spec.support.score(features)
-    return out.reshape(n_bands, r1 - r0, c1 - c0)
+                out[2 if spec.method == "forest" else n_bands - 1, ok] = spec.support.score(features)
+            if spec.method == "forest" and spec.treat_cut is not None:
+                chosen = out[0, ok] >= spec.treat_cut
+                if not spec.treat_outside_support:
+                    chosen &= out[2, ok] <= SUPPORT_THRESHOLD
+                out[3, ok] = chosen
+    return out
 
 
 def _onnx_tile(spec, centres, inside):
@@ -308,6 +323,10 @@ def run_map(spec, path, scheduler=None, progress=None, is_cancelled=None, tile_c
         counts["usable"] += int(usable.sum())
         if "support" in names:
             counts["outside_support"] += int((block[names.index("support")][usable] > SUPPORT_THRESHOLD).sum())
+        if "treat" in names:   # cells chosen, and cells the cut-off would choose but the support excluded
+            counts["treat"] = counts.get("treat", 0) + int((block[names.index("treat")][usable] == 1).sum())
+            reached = (block[0][usable] >= spec.treat_cut) & (block[names.index("support")][usable] > SUPPORT_THRESHOLD)
+            counts["treat_outside_support"] = counts.get("treat_outside_support", 0) + int(reached.sum())
 
     try:
         if scheduler:
@@ -421,6 +440,30 @@ def _run_on_dask(spec, tiles, write, scheduler, progress=None, is_cancelled=None
 METHODS = ("forest", "clusters")
 
 
+def forest_model(learner):
+    """A fitted CrossFittedCausalForest as a MapSpec's "forest" model: its (fold forest, calibration) pairs."""
+    for forest in learner.forests_:
+        # Tiles are the unit of parallel work (Dask workers); inside a tile of 1024 cells joblib's threads
+        # cost more than they give: 0.23 s per tile on one thread, 0.37 s with two (bench_maps.py machine).
+        forest.n_jobs = 1
+    return list(zip(learner.forests_, learner.calibrations_))
+
+
+def forest_spec(grid, study, features, feature_pipeline, learner, nodata=None, mask=None, treat_cut=None,
+                treat_outside_support=False):
+    """The MapSpec of a cross-fitted forest fitted on ``study``'s used units with image ``features`` alone as its
+    effect modifiers (map_effects; core.plan for targeting's candidates and map); ``grid`` may be None when
+    only points are predicted (predict_at)."""
+    from .clusters import feature_scaling
+
+    mean, sd = feature_scaling(features)
+    source = study.source
+    return MapSpec(grid=grid, raster_paths=source.raster_paths, bands=source.bands, scales=source.scales,
+                   nodata=nodata, pipeline=feature_pipeline, feature_mean=mean, feature_sd=sd, method="forest",
+                   model=forest_model(learner), support=SupportScore().fit((features - mean) / sd), mask=mask,
+                   treat_cut=treat_cut, treat_outside_support=treat_outside_support)
+
+
 def map_effects(units, raster_path, path, bands=None, window_size_px=33, nodata=None, seed=42, imagery=None,
                 method="forest", stride=None, extent=None, mask=None, scheduler=None, n_folds=5, n_estimators=100,
                 n_clusters=0, max_clusters=4, epochs=300, device="auto", spatial_block=0, progress=None,
@@ -464,11 +507,7 @@ def map_effects(units, raster_path, path, bands=None, window_size_px=33, nodata=
                     outcome_inputs=outcome_inputs(features, covariates, seed),
                     folds=location_folds(groups, n_folds, seed), progress=_stage(progress, 0.1, 0.3),
                     is_cancelled=is_cancelled)
-        model, fitted, unit_values = list(zip(learner.forests_, learner.calibrations_)), None, learner.cate_
-        for forest in learner.forests_:
-            # Tiles are the unit of parallel work (Dask workers); inside a tile of 1024 cells joblib's threads
-            # cost more than they give: 0.23 s per tile on one thread, 0.37 s with two (bench_maps.py machine).
-            forest.n_jobs = 1
+        model, fitted, unit_values = forest_model(learner), None, learner.cate_
     else:
         study, result, extras = find_clusters(units, raster_path, bands, window_size_px, nodata, seed, n_clusters,
                                               max_clusters, epochs, device, n_folds, spatial_block,

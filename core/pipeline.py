@@ -226,7 +226,7 @@ def estimate_cate(units, raster_path, bands=None, window_size_px=33, nodata=None
                   n_groups=3, n_folds=5, n_filters=256, n_components=20, n_estimators=100,
                   device="auto", spatial_block=0, n_draws=200, progress=None, is_cancelled=None,
                   outcome_correction=None, correction="linear", outcome_truth=None, study_design=None,
-                  imagery=None):
+                  imagery=None, covariates_modify=True, keep_fit=False):
     """Estimate each unit's CATE from its image window (and covariates), and test for heterogeneity.
 
     units: a :class:`UnitTable`. Returns (Study, Result). Steps: read and check
@@ -259,6 +259,13 @@ def estimate_cate(units, raster_path, bands=None, window_size_px=33, nodata=None
     imagery: a core.represent.ImageryOptions (wider scales, later dates and their
     pooling, an ONNX encoder, the feature cache); default one window, one date,
     random convolutions.
+
+    covariates_modify False: the image features are the forest's only effect
+    modifiers (the covariates still enter the outcome models), so that the
+    model can rank places where no covariate was measured (targeting's
+    candidates and map cells, as map_effects). keep_fit: ``result.fitted`` is
+    a :class:`FittedForest` (the learner, its inputs and the feature pipeline)
+    for the steps that reuse the fit (core.plan).
     """
     imagery = imagery or ImageryOptions()
     feature_pipeline = imagery.pipeline(n_filters, seed, device)
@@ -284,6 +291,8 @@ def estimate_cate(units, raster_path, bands=None, window_size_px=33, nodata=None
     groups, block_size = fold_groups(study, spatial_block, window_size_px)
     design, inputs, learner = default_learner(features, study.covariates[used], n_components, n_folds,
                                               n_estimators, seed)
+    if not covariates_modify:
+        design = design_matrix(features, None)[0]
     propensity, propensity_fit = None, None
     known, known_from = known_propensity(study)
     check = None
@@ -387,8 +396,25 @@ def estimate_cate(units, raster_path, bands=None, window_size_px=33, nodata=None
         dr_scores=spread(learner.dr_scores_), fold=spread(learner.fold_, -1, int),
         ate=learner.ate_, ate_se=learner.ate_se_, n_used=study.n_used, n_dropped=study.n_dropped,
         autoc=autoc, heterogeneity=test, metadata=metadata,
+        fitted=FittedForest(learner=learner, design=design, inputs=inputs, features=features, groups=groups,
+                            pipeline=feature_pipeline) if keep_fit else None,
     )
+    metadata["effect_modifiers"] = "image features and covariates" if covariates_modify else "image features"
     return study, result
+
+
+@dataclasses.dataclass
+class FittedForest:
+    """What estimate_cate fitted, for the steps that reuse it (core.plan): the cross-fitted forest (``learner``:
+    cate_, dr_scores_, fold_, forests_, priority_for), its design matrix and outcome-model inputs over the used
+    units, the image features, the fold groups (the SE clusters) and the fitted feature pipeline."""
+
+    learner: object
+    design: np.ndarray
+    inputs: np.ndarray
+    features: np.ndarray
+    groups: np.ndarray
+    pipeline: object
 
 
 def predicted_outcome_record(study, learner, inputs, groups, versions, correction, outcome_correction,

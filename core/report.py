@@ -105,7 +105,10 @@ SETTING_LABELS = {
     "OUTCOME_TRUTH": "True outcome field", "SCALES": "Wider context (window sizes, pixels)",
     "RASTERS_TIME": "Imagery of later dates", "TIME_POOLING": "Pooling over dates", "ENCODER": "Image encoder",
     "FEATURE_CACHE": "Feature cache", "COMPARE": "Compare", "METHOD": "Model", "EXTENT": "Extent",
-    "STRIDE": "Stride (pixels)", "MASK": "Mask", "DASK_SCHEDULER": "Dask scheduler", "MODEL": "Saved model"}
+    "STRIDE": "Stride (pixels)", "MASK": "Mask", "DASK_SCHEDULER": "Dask scheduler", "MODEL": "Saved model",
+    "STRATA": "Strata", "PROPENSITY": "Known assignment probability", "BUDGET": "Budget", "COST": "Cost field",
+    "PRIORITY_FIELD": "Priority field compared", "TREE_DEPTH": "Policy tree depth", "CANDIDATES": "Candidates",
+    "OUTSIDE_SUPPORT": "Choose outside the trial's support"}
 
 
 def readable_setting(name, value):
@@ -657,9 +660,14 @@ def plot_map(map_path, band_names, path, threshold=1.0, max_cells=600):
         if outside.any():
             axes.contourf(outside, levels=[0.5, 1.5], colors="none", hatches=["////"])
             axes.contour(outside, levels=[0.5], colors="0.3", linewidths=0.6)
+    if "treat" in band_names:   # targeting: the cells the budget's cut-off chooses, outlined
+        chosen = (band("treat") == 1).filled(False).astype(float)
+        if chosen.any():
+            axes.contour(chosen, levels=[0.5], colors="black", linewidths=0.9)
     axes.set_xticks([])
     axes.set_yticks([])
-    axes.set_title("hatched: outside the trial's support (extrapolated)" if "support" in band_names else "")
+    axes.set_title(("hatched: outside the trial's support (extrapolated)" if "support" in band_names else "")
+                   + ("; outlined: cells to treat" if "treat" in band_names else ""))
     figure.tight_layout()
     figure.savefig(path)
     return path
@@ -757,3 +765,102 @@ def event_study_report(metadata, rows, html_path, plot_png):
                 ("Estimates", table(headers, rows)),
                 ("Inputs and settings", settings_table(metadata.get("parameters", {})))]
     return write_html(html_path, "GeoCATE: event study (staggered adoption)", sections, metadata)
+
+
+def plot_budget_curve(curve, path):
+    """The budget curve (gain per unit against treating nobody as the budget grows, 95 % band), a random allocation
+    of the same spend, and the chosen budget marked."""
+    import numpy as np
+    from matplotlib.figure import Figure
+
+    spend, gain, se = (np.asarray(curve[k], float) for k in ("spend", "gain", "gain_se"))
+    figure = Figure(figsize=(6.4, 4.2), dpi=110)
+    axes = figure.add_subplot(1, 1, 1)
+    x = spend / curve["mean_cost"]   # the share of the total cost (without costs: of the units)
+    line, = axes.plot(x, gain, label="the rule (units by CATE" + (" per cost" if curve["costs"] else "") + ")")
+    axes.fill_between(x, gain - 1.959964 * se, gain + 1.959964 * se, color=line.get_color(), alpha=0.18)
+    axes.plot([0, 1], [0, curve["ate"]], color="0.4", linestyle="--", label="a random set of the same cost")
+    if curve.get("budget") is not None:
+        axes.axvline(curve["budget"] / curve["mean_cost"], color="black", linewidth=0.9, label="the budget")
+    axes.axhline(0, color="black", linewidth=0.6)
+    axes.set_xlabel("budget: share of the total cost" if curve["costs"] else "budget: share of the units treated")
+    axes.set_ylabel("gain per unit against treating nobody")
+    axes.set_title("Budget curve (doubly robust scores, held-out folds)")
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path)
+    return path
+
+
+def _estimate_cells(record):
+    return (record["estimate"], record["std_err"], record["ci_low"], record["ci_high"])
+
+
+def targeting_report(metadata, html_path, figures, map_path=None):
+    """The HTML report of geocate:targeting: the verdict, the rule's value, the rules compared, the budget curve,
+    the policy tree, the candidates and the map of cells to treat, settings, run record."""
+    plan = metadata["targeting"]
+    budget = plan["budget"]
+    verdict = (f"<p><b>{html.escape(plan['message'])}</b></p>"
+               f"<p>The rule ranks units by {html.escape(plan['rule'])}; the budget ({html.escape(budget['described'])})"
+               f" treats <b>{plan['n_treat']}</b> of the trial's units ({plan['treated_share']:.0%}). Each unit's "
+               "rank comes from a model that did not see its fold, and the rule's value from the doubly robust "
+               "scores of the same held-out folds, with standard errors robust to the clusters the folds keep "
+               f"whole. Effect modifiers: {html.escape(plan['effect_modifiers'])}.</p>")
+    rows = [("GAIN: mean effect of the treated minus that of all units", *_estimate_cells(plan["gain"])),
+            ("per unit, against a random set of the same size", *_estimate_cells(plan["vs_random"])),
+            ("per unit, against treating everyone", *_estimate_cells(plan["vs_everyone"])),
+            ("per unit, against treating nobody", *_estimate_cells(plan["value"]))]
+    if plan.get("vs_random_cost"):
+        rows.append(("per unit, against a random set of the same cost", *_estimate_cells(plan["vs_random_cost"])))
+    sequential = plan["sequential_gain"]
+    rows.append(("GAIN judged fold by fold (each fold ranked by earlier folds only)", *_estimate_cells(sequential)))
+    value = (table(["estimate", "value", "SE", "95 % low", "95 % high"], rows)
+             + f"<p class='note'>The heterogeneity test of the trial: p = {plan['heterogeneity_p']:.3g}. The fold-by-"
+             "fold GAIN judges rules learnt on fewer units (it understates the final rule) but stays honest when "
+             "the ranking is noise: quote it when no heterogeneity was detected.</p>")
+    sections = [("Verdict", verdict), ("What the rule gains", value)]
+    curve_png = plot_budget_curve(plan["curve"], os.path.join(figures, "budget.png"))
+    sections.append(("Budget curve", image(curve_png, "Budget curve")
+                     + "<p class='note'>Gain per unit of the trial against treating nobody as the budget grows "
+                       "(units expected to gain, by CATE" + (" per cost" if plan["curve"]["costs"] else "")
+                     + "; exact, the last unit in part), with its 95 % band; the dashed line is a random set of "
+                       "the same cost.</p>"))
+    if plan.get("comparison"):
+        comparison = plan["comparison"]
+        body = table(["rule", "units treated", "GAIN", "SE", "95 % low", "95 % high", "per unit", "SE"],
+                     [tuple(r.values()) for r in comparison["rules"]])
+        body += table(["difference", "GAIN difference", "SE", "95 % low", "95 % high", "p-value"],
+                      [(f"{d['first']} - {d['second']}", d["estimate"], d["std_err"], d["ci_low"], d["ci_high"],
+                        d["p_value"]) for d in comparison["differences"]])
+        body += ("<p class='note'>Every rule at the same budget, on the same folds and scores; differences are "
+                 "paired. A positive 'imagery CATE - covariates-only CATE' says the imagery earns its place.</p>")
+        sections.append(("Rules compared", body))
+    if plan.get("tree"):
+        tree = plan["tree"]
+        oof = tree["out_of_fold"]
+        sections.append((f"A rule to read: policy tree of depth {tree['depth']}",
+                         f"<pre>{html.escape(tree['rule'])}</pre><p>Judged out-of-fold (each fold decided by a tree "
+                         f"of the other folds), it treats {oof['n_treat']} units; per unit against a random set of "
+                         f"the same size: {oof['estimate']:.4f} (SE {oof['std_err']:.4f}). Columns: "
+                         f"{html.escape(', '.join(tree['columns']))}.</p>"))
+    if plan.get("candidates"):
+        c = plan["candidates"]
+        sections.append(("Candidates", f"<p>{c['n']} candidate units, {c['usable']} with a usable window; "
+                                       f"<b>{c['treat']}</b> reach the rule's cut-off and are chosen"
+                         + (f" (total cost {c['cost_of_treated']:,.6g})" if c.get("cost_of_treated") is not None
+                            else "")
+                         + f"; {c['outside_support']} lie outside the trial's support"
+                         + (f", of which {c['excluded_outside_support']} would reach the cut-off but are not chosen"
+                            if c.get("excluded_outside_support") else "") + ".</p>"))
+    if map_path and plan.get("map"):
+        m = plan["map"]
+        png = plot_map(map_path, m["bands"], os.path.join(figures, "map.png"))
+        sections.append(("Map of cells to treat", image(png, "Map")
+                         + f"<p>{m['usable']} cells with a usable window; <b>{m.get('treat', 0)}</b> chosen (CATE "
+                           f"at least {plan['cate_cut']:.3g}, the smallest effect the budget bought in the trial); "
+                           f"{m.get('treat_outside_support', 0)} more reach it outside the trial's support and "
+                         + ("are chosen too." if plan.get("outside_support_allowed") else "are not chosen.")
+                         + " The map's band 'treat' holds the choice.</p>"))
+    sections.append(("Settings", settings_table(metadata.get("parameters", {}))))
+    return write_html(html_path, "GeoCATE: where the programme should go next", sections, metadata)

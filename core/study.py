@@ -100,6 +100,7 @@ class Result:
     heterogeneity: object = None  # evaluate.HeterogeneityTest: the valid (sequential cross-fold) test, where computed
     probabilities: object = None  # (n, K) out-of-fold cluster probabilities (nan where not used), cluster models
     metadata: dict = field(default_factory=dict)
+    fitted: object = None  # core.pipeline.FittedForest where estimate_cate was asked to keep its fit (core.plan)
 
 
 def check_treatment(treated, name="treatment", arms=False):

@@ -24,7 +24,7 @@ class StyleOnLoad(QgsProcessingLayerPostProcessorInterface):
         self.current, self.raster, self.window = current, raster, window
 
     def postProcessLayer(self, layer, context, feedback):  # noqa: N802 - QGIS's name
-        if layer is not None and layer.fields().lookupField("group") >= 0:
+        if layer is not None and any(layer.fields().lookupField(f) >= 0 for f in ("group", "treat")):
             apply_result_styles(layer, current=self.current)
         if layer is not None and self.raster:   # for the map tool: the window each unit's estimate came from
             layer.setCustomProperty("geocate/raster", self.raster)
@@ -97,7 +97,7 @@ GROUPS = {
     "utilities": "Utilities",
 }
 ALGORITHM_GROUPS = {
-    "estimatecate": "trials", "imageclusters": "trials",
+    "estimatecate": "trials", "imageclusters": "trials", "targeting": "trials",
     "estimateate": "observational", "paneleffects": "observational", "eventstudy": "observational",
     "mapeffects": "maps", "applyclusters": "maps",
     "evaluate": "evaluation", "comparesources": "evaluation",
@@ -516,6 +516,17 @@ class GeoCateAlgorithm(QgsProcessingAlgorithm):
             del writer
         self.write_run_metadata(dest_id, metadata, feedback)
         return results
+
+    def keep_layer(self, context, dest_id, style):
+        """A second result layer of the run (e.g. targeting's candidates): its styles into its GeoPackage, and
+        styled when Processing loads it."""
+        self.style_on_load(dest_id, lambda: StyleOnLoad.create(style))
+        written = self._written_file(dest_id)
+        if written:
+            writer = QgsVectorLayer(written, "result", "ogr")
+            if writer.isValid():
+                save_styles_to_geopackage(apply_result_styles(writer, current=style))
+            del writer
 
     def postProcessAlgorithm(self, context, feedback):  # noqa: N802 - QGIS's name
         """A memory result layer is styled here, in the main thread (file results were styled and moved)."""

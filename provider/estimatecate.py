@@ -8,9 +8,7 @@ from qgis.core import (
     QgsProcessingException,
     QgsProcessingOutputNumber,
     QgsProcessingParameterDefinition,
-    QgsProcessingParameterEnum,
     QgsProcessingParameterFeatureSink,
-    QgsProcessingParameterField,
     QgsProcessingParameterNumber,
 )
 
@@ -23,9 +21,11 @@ from .predicted import (
     report_predicted_outcome,
 )
 from .study_parameters import (
+    DESIGNS,
+    add_design_parameters,
     add_imagery_parameters,
-    add_spatial_block_parameter,
     add_study_parameters,
+    read_design_parameters,
     read_imagery_parameters,
     read_study_parameters,
 )
@@ -35,7 +35,7 @@ class EstimateCateAlgorithm(GeoCateAlgorithm):
     GROUPS, CLUSTER, OUTPUT, OUTPUT_REPORT = "GROUPS", "CLUSTER", "OUTPUT", "OUTPUT_REPORT"
     OUTCOME_CORRECTION, CORRECTION, OUTCOME_TRUTH = "OUTCOME_CORRECTION", "CORRECTION", "OUTCOME_TRUTH"
     DESIGN, STRATA, PROPENSITY = "DESIGN", "STRATA", "PROPENSITY"
-    DESIGNS = ("randomized", "observational")
+    DESIGNS = DESIGNS
 
     short_description = ("Each trial unit's treatment effect (CATE) from the imagery around it, with intervals, effect "
                          "groups, the doubly robust ATE and a valid test of heterogeneity.")
@@ -82,22 +82,7 @@ class EstimateCateAlgorithm(GeoCateAlgorithm):
             defaultValue=3, minValue=2, maxValue=10)
         groups.setFlags(groups.flags() | QgsProcessingParameterDefinition.FlagAdvanced)
         self.addParameter(groups)
-        self.addParameter(QgsProcessingParameterField(
-            self.CLUSTER, "Cluster field (e.g. village): folds and standard errors keep clusters together",
-            parentLayerParameterName="INPUT", optional=True))
-        self.addParameter(QgsProcessingParameterField(
-            self.STRATA, "Strata the trial was randomized within (e.g. district): each stratum's treated share is "
-            "its assignment probability", parentLayerParameterName="INPUT", optional=True))
-        known = QgsProcessingParameterField(
-            self.PROPENSITY, "Known assignment probability of each unit (0 < p < 1; designs with unit-level "
-            "probabilities)", parentLayerParameterName="INPUT", type=QgsProcessingParameterField.Numeric,
-            optional=True)
-        known.setFlags(known.flags() | QgsProcessingParameterDefinition.FlagAdvanced)
-        self.addParameter(known)
-        add_spatial_block_parameter(self)
-        self.addParameter(QgsProcessingParameterEnum(
-            self.DESIGN, "Study design (observational: the propensity is estimated from the imagery and covariates)",
-            list(self.DESIGNS), defaultValue=0))
+        add_design_parameters(self)
         add_outcome_correction_parameters(self, truth=True)
         self.addParameter(QgsProcessingParameterFeatureSink(self.OUTPUT, "Treatment effects (CATE)"))
         add_report_parameter(self)
@@ -124,24 +109,13 @@ class EstimateCateAlgorithm(GeoCateAlgorithm):
         path, bands, window, nodata, seed = study["raster"], study["bands"], study["window"], study["nodata"], study["seed"]
         n_groups = self.parameterAsInt(parameters, self.GROUPS, context)
         spatial_block = study["spatial_block"]
-        cluster = self.parameterAsString(parameters, self.CLUSTER, context) or None
-        strata = self.parameterAsString(parameters, self.STRATA, context) or None
-        known = self.parameterAsString(parameters, self.PROPENSITY, context) or None
-        if strata and known:
-            raise QgsProcessingException("Give the strata or the known assignment probabilities, not both: with "
-                                         "strata, each stratum's treated share is the probability.")
+        cluster, strata, known, design_kind = read_design_parameters(self, parameters, context)
         imagery, imagery_values = read_imagery_parameters(self, parameters, context)
 
         features, units = read_units(source, treatment, outcome, covariates, feedback, cluster, strata, known)
         correction, method, truth = read_outcome_correction(self, parameters, context, source, features)
         from ..core.design import StudyDesign
 
-        design_kind = self.DESIGNS[self.parameterAsEnum(parameters, self.DESIGN, context)]
-        if design_kind != "randomized" and (strata or known):
-            raise QgsProcessingException(
-                "STRATA and PROPENSITY describe how a randomized trial assigned treatment; the observational design "
-                "estimates the propensity from the imagery and covariates instead. Choose the randomized design, or "
-                "leave STRATA and PROPENSITY empty.")
 
         def progress(fraction, message):
             feedback.setProgress(5 + 95 * fraction)

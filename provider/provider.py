@@ -29,6 +29,7 @@ class GeoCateProvider(QgsProcessingProvider):
         from .imageclusters import ImageClustersAlgorithm
         from .mapeffects import ApplyClustersAlgorithm, MapEffectsAlgorithm
         from .paneleffects import PanelEffectsAlgorithm
+        from .targeting import TargetingAlgorithm
 
         self.addAlgorithm(EstimateCateAlgorithm())
         self.addAlgorithm(EvaluateAlgorithm())
@@ -40,3 +41,4 @@ class GeoCateProvider(QgsProcessingProvider):
         self.addAlgorithm(EventStudyAlgorithm())
         self.addAlgorithm(MapEffectsAlgorithm())
         self.addAlgorithm(ApplyClustersAlgorithm())
+        self.addAlgorithm(TargetingAlgorithm())

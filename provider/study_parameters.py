@@ -165,3 +165,46 @@ def read_imagery_parameters(algorithm, parameters, context):
                              cache=FeatureCache(feature_cache_folder()) if use_cache else None)
     return options, {SCALES: scales, RASTERS_TIME: later, TIME_POOLING: pooling, ENCODER: encoder,
                      FEATURE_CACHE: use_cache}
+
+
+CLUSTER, STRATA, PROPENSITY, DESIGN = "CLUSTER", "STRATA", "PROPENSITY", "DESIGN"
+DESIGNS = ("randomized", "observational")
+
+
+def add_design_parameters(algorithm):
+    """How the trial was run: CLUSTER (folds and SEs keep clusters together), STRATA (block randomization),
+    PROPENSITY (known unit-level probabilities), DESIGN (randomized / observational). One declaration for every
+    algorithm that estimates from a trial (estimatecate, targeting)."""
+    algorithm.addParameter(QgsProcessingParameterField(
+        CLUSTER, "Cluster field (e.g. village): folds and standard errors keep clusters together",
+        parentLayerParameterName=INPUT, optional=True))
+    algorithm.addParameter(QgsProcessingParameterField(
+        STRATA, "Strata the trial was randomized within (e.g. district): each stratum's treated share is "
+        "its assignment probability", parentLayerParameterName=INPUT, optional=True))
+    known = QgsProcessingParameterField(
+        PROPENSITY, "Known assignment probability of each unit (0 < p < 1; designs with unit-level "
+        "probabilities)", parentLayerParameterName=INPUT, type=QgsProcessingParameterField.Numeric,
+        optional=True)
+    known.setFlags(known.flags() | QgsProcessingParameterDefinition.FlagAdvanced)
+    algorithm.addParameter(known)
+    add_spatial_block_parameter(algorithm)
+    algorithm.addParameter(QgsProcessingParameterEnum(
+        DESIGN, "Study design (observational: the propensity is estimated from the imagery and covariates)",
+        list(DESIGNS), defaultValue=0))
+
+
+def read_design_parameters(algorithm, parameters, context):
+    """(cluster field or None, strata field or None, propensity field or None, design kind), checked together."""
+    cluster = algorithm.parameterAsString(parameters, CLUSTER, context) or None
+    strata = algorithm.parameterAsString(parameters, STRATA, context) or None
+    known = algorithm.parameterAsString(parameters, PROPENSITY, context) or None
+    if strata and known:
+        raise QgsProcessingException("Give the strata or the known assignment probabilities, not both: with "
+                                     "strata, each stratum's treated share is the probability.")
+    design_kind = DESIGNS[algorithm.parameterAsEnum(parameters, DESIGN, context)]
+    if design_kind != "randomized" and (strata or known):
+        raise QgsProcessingException(
+            "STRATA and PROPENSITY describe how a randomized trial assigned treatment; the observational design "
+            "estimates the propensity from the imagery and covariates instead. Choose the randomized design, or "
+            "leave STRATA and PROPENSITY empty.")
+    return cluster, strata, known, design_kind

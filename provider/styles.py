@@ -1,4 +1,5 @@
-"""Styles of result layers: a diverging CATE renderer centred on zero and a categorized group renderer.
+"""Styles of result layers: a diverging CATE renderer centred on zero, a categorized group renderer and the
+targeting decision.
 
 The renderers are built from the data (class breaks symmetric about zero, one
 category per group present), so they are made here rather than shipped as
@@ -23,6 +24,7 @@ from .convert import as_number
 
 CATE_STYLE = "CATE (diverging, centred on 0)"
 GROUP_STYLE = "Effect groups"
+TREAT_STYLE = "Units to treat (the budget's choice)"
 
 
 def _symbol(layer):
@@ -96,34 +98,70 @@ def group_renderer(layer, field="group"):
     return QgsCategorizedSymbolRenderer(field, categories)
 
 
+def treat_renderer(layer, field="treat"):
+    """Categorized renderer of a targeting decision: units to treat in blue, the others light grey, with counts."""
+    values = _values(layer, field)
+    total = max(int(np.isfinite(values).sum()), 1)
+    categories = []
+    for value, colour, label in ((1, QColor(33, 102, 172), "treat"), (0, QColor(200, 200, 200), "do not treat")):
+        symbol = _symbol(layer)
+        symbol.setColor(colour)
+        count = int(np.sum(values == value))
+        categories.append(QgsRendererCategory(value, symbol, f"{label}: {count} ({count / total:.0%})"))
+    return QgsCategorizedSymbolRenderer(field, categories)
+
+
+#: The named styles a result layer gets when it has their field: (name, field, renderer, description).
+RESULT_STYLES = ((CATE_STYLE, "cate", cate_renderer, "CATE, diverging about zero"),
+                 (GROUP_STYLE, "group", group_renderer, "Effect groups, categorized"),
+                 (TREAT_STYLE, "treat", treat_renderer, "Units to treat within the budget"))
+
+
+def result_styles_of(layer):
+    """The RESULT_STYLES ``layer`` has the fields for."""
+    return [style for style in RESULT_STYLES if layer.fields().lookupField(style[1]) >= 0]
+
+
 def apply_result_styles(layer, current=CATE_STYLE):
-    """Give ``layer`` both named styles, ``current`` (CATE_STYLE or GROUP_STYLE) in use; returns the layer.
-    A table without geometry (a .csv output) has nothing to draw and is left as it is."""
+    """Give ``layer`` every named style it has the fields for (CATE_STYLE, GROUP_STYLE, TREAT_STYLE), ``current``
+    in use (CATE_STYLE where it has no such field); returns the layer. A table without geometry (a .csv output)
+    has nothing to draw and is left as it is."""
     if not layer.isSpatial():
         return layer
+    styles = result_styles_of(layer)
+    if not styles:
+        return layer
     manager = layer.styleManager()
-    for name in (CATE_STYLE, GROUP_STYLE):   # styled before (a memory result is styled when run and when loaded)
+    names = [name for name, *_ in styles]
+    for name in names:   # styled before (a memory result is styled when run and when loaded)
         if name in manager.styles() and name != manager.currentStyle():
             manager.removeStyle(name)
-    layer.setRenderer(group_renderer(layer))
-    group_style = QgsMapLayerStyle()
-    group_style.readFromLayer(layer)
-    layer.setRenderer(cate_renderer(layer))
-    manager.renameStyle(manager.currentStyle(), CATE_STYLE)
-    manager.addStyle(GROUP_STYLE, group_style)
-    manager.setCurrentStyle(current)
+    saved = []
+    for name, field, renderer, _ in styles[1:]:
+        layer.setRenderer(renderer(layer, field))
+        style = QgsMapLayerStyle()
+        style.readFromLayer(layer)
+        saved.append((name, style))
+    name, field, renderer, _ = styles[0]
+    layer.setRenderer(renderer(layer, field))
+    manager.renameStyle(manager.currentStyle(), name)
+    for name, style in saved:
+        manager.addStyle(name, style)
+    manager.setCurrentStyle(current if current in names else names[0])
     layer.triggerRepaint()
     return layer
 
 
 def save_styles_to_geopackage(layer):
-    """Store the CATE style (default) and the group style in a GeoPackage's layer_styles table."""
+    """Store the layer's named result styles (the current one as default) in a GeoPackage's layer_styles table."""
     if layer.providerType() != "ogr" or ".gpkg" not in layer.source().lower():
         return False
     manager = layer.styleManager()
     current = manager.currentStyle()
     messages = []
-    for name, description in ((GROUP_STYLE, "Effect groups, categorized"), (CATE_STYLE, "CATE, diverging about zero")):
+    for name, _, _, description in result_styles_of(layer):
+        if name not in manager.styles():
+            continue
         manager.setCurrentStyle(name)
         messages.append(layer.saveStyleToDatabase(name, description, name == current, ""))
     manager.setCurrentStyle(current)

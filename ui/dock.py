@@ -47,6 +47,7 @@ from qgis.PyQt.QtWidgets import (
     QProgressBar,
     QPushButton,
     QScrollArea,
+    QSlider,
     QSpinBox,
     QVBoxLayout,
     QWidget,
@@ -319,6 +320,23 @@ class GeoCateDock(QgsDockWidget):
                                    "('Map treatment effects over the imagery'); areas whose imagery no trial unit "
                                    "resembles are greyed out.")
         layout.addWidget(self.map_button)
+        plan_row = QHBoxLayout()   # after an effects run: where the next round's budget should go
+        self.budget_slider = QSlider(Qt.Horizontal)
+        self.budget_slider.setRange(5, 95)
+        self.budget_slider.setSingleStep(5)
+        self.budget_slider.setPageStep(10)
+        self.budget_slider.setValue(30)
+        self.budget_label = QLabel()
+        self.budget_slider.valueChanged.connect(self.update_budget_label)
+        self.update_budget_label()
+        self.plan_button = QPushButton("Plan the next round")
+        self.plan_button.setEnabled(False)
+        self.plan_button.setToolTip("After an effects run: rank the units by their effect from the imagery, treat "
+                                    "the budget's share, and estimate what that targeting gains over random "
+                                    "allocation ('Plan targeting within a budget').")
+        for widget in (self.budget_label, self.budget_slider, self.plan_button):
+            plan_row.addWidget(widget)
+        layout.addLayout(plan_row)
         self.outputs = QLabel()
         self.outputs.setWordWrap(True)
         self.outputs.setTextInteractionFlags(Qt.TextSelectableByMouse)
@@ -359,6 +377,7 @@ class GeoCateDock(QgsDockWidget):
         self.report_button.clicked.connect(self.open_report)
         self.zoom_button.clicked.connect(self.zoom_to_units)
         self.map_button.clicked.connect(self.start_map)
+        self.plan_button.clicked.connect(self.start_plan)
         self.install_button.clicked.connect(self.install_packages)
         self.on_units_changed(self.units.currentLayer())
         self.on_raster_changed(self.raster.currentLayer())
@@ -655,7 +674,7 @@ class GeoCateDock(QgsDockWidget):
         self.add_to_history(algorithm, parameters)
         self.task = QgsProcessingAlgRunnerTask(algorithm, parameters, self.context, self.feedback)
         self.task.executed.connect(on_executed)
-        for button in (self.run_button, self.map_button):
+        for button in (self.run_button, self.map_button, self.plan_button):
             button.setEnabled(False)
         self.cancel_button.setEnabled(True)
         QgsApplication.taskManager().addTask(self.task)
@@ -714,6 +733,7 @@ class GeoCateDock(QgsDockWidget):
         self.report_button.setEnabled(bool(self.last_results.get("OUTPUT_REPORT")))
         self.zoom_button.setEnabled(True)
         self.map_button.setEnabled(True)
+        self.plan_button.setEnabled(not clusters)
         self.run_group = group
         self.outputs.setText(f"<small>Files: {self.run_dir}</small>")
 
@@ -744,6 +764,7 @@ class GeoCateDock(QgsDockWidget):
 
         for button in (self.run_button, self.map_button):
             button.setEnabled(True)
+        self.plan_button.setEnabled("OUTPUT_CLUSTERS" not in self.last_parameters)
         self.cancel_button.setEnabled(False)
         cancelled = self.feedback.isCanceled()
         errors = list(self.feedback.errors)
@@ -776,6 +797,63 @@ class GeoCateDock(QgsDockWidget):
         self.show_info("Effects map: done. " + (infos[-1] if infos else ""))
         self.run_finished.emit(True)
 
+    # ---------------------------------------------------------------- targeting after a run
+    PLAN_KEEP = MAP_KEEP + ("CLUSTER", "STRATA", "PROPENSITY", "DESIGN", "OUTCOME_CORRECTION", "CORRECTION")
+
+    def update_budget_label(self, *_):
+        self.budget_label.setText(f"Budget: {self.budget_slider.value()} %")
+
+    def plan_parameters(self):
+        """geocate:targeting's parameters for the last run's study, at the slider's budget (a share of the units)."""
+        parameters = {key: value for key, value in self.last_parameters.items() if key in self.PLAN_KEEP}
+        parameters.pop("CLUSTERS", None)
+        parameters.pop("MAX_CLUSTERS", None)
+        budget = self.budget_slider.value()
+        parameters.update(BUDGET=budget / 100.0, OUTPUT=os.path.join(self.run_dir, f"targeting_{budget}.gpkg"),
+                          OUTPUT_REPORT=os.path.join(self.run_dir, f"targeting_{budget}.html"))
+        return parameters
+
+    def start_plan(self):
+        self.start_task("geocate:targeting", self.plan_parameters(), self.on_plan_executed)
+        self.show_info(f"Planning the next round with a budget of {self.budget_slider.value()} % of the units ... "
+                       "QGIS stays usable.")
+        return True
+
+    def on_plan_executed(self, ok, results):
+        from ..provider.styles import TREAT_STYLE, apply_result_styles
+
+        for button in (self.run_button, self.map_button, self.plan_button):
+            button.setEnabled(True)
+        self.cancel_button.setEnabled(False)
+        cancelled = self.feedback.isCanceled()
+        errors = list(self.feedback.errors)
+        verdict = [line for line in self.feedback.infos   # core.targeting.targeting_message's sentence
+                   if line.startswith(("No heterogeneity was detected", "Heterogeneity was detected"))]
+        self.task = self.context = self.feedback = None
+        self.stage.setText("")
+        if not ok or cancelled:
+            self.progress.setValue(0)
+            self.show_error("The plan was cancelled; nothing was written." if cancelled else
+                            f"The plan failed: {errors[-1] if errors else 'see the Processing log'}")
+            self.run_finished.emit(False)
+            return
+        budget = self.budget_slider.value()
+        layer = apply_result_styles(QgsVectorLayer(results["OUTPUT"], f"Next round: {budget} % budget", "ogr"),
+                                    current=TREAT_STYLE)
+        project = QgsProject.instance()
+        project.addMapLayer(layer, False)
+        (getattr(self, "run_group", None) or project.layerTreeRoot()).insertLayer(0, layer)
+        self.plan_layer_id = layer.id()
+        self.last_plan = results
+        if results.get("OUTPUT_REPORT"):
+            self.last_results = dict(self.last_results or {}, OUTPUT_REPORT=results["OUTPUT_REPORT"])
+            self.report_button.setEnabled(True)
+        self.progress.setValue(100)
+        gain, se = results.get("GAIN"), results.get("GAIN_SE")
+        self.show_info(f"Next round, {budget} % budget: {int(results.get('N_TREAT') or 0)} units chosen; GAIN "
+                       f"{gain:+.3g} (SE {se:.3g}) over the average unit. " + (verdict[-1] if verdict else ""))
+        self.run_finished.emit(True)
+
     def expand_in_layers_panel(self, group):
         """Show the run's group open in the Layers panel (its view collapses a group inserted from code)."""
         if self.iface is None or not hasattr(self.iface, "layerTreeView") or self.iface.layerTreeView() is None:
@@ -797,6 +875,7 @@ class GeoCateDock(QgsDockWidget):
         self.report_button.setEnabled(False)
         self.zoom_button.setEnabled(False)
         self.map_button.setEnabled(False)
+        self.plan_button.setEnabled(False)
         self.progress.setValue(0)
 
     def add_to_history(self, algorithm, parameters):

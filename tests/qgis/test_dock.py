@@ -314,6 +314,31 @@ def test_after_a_run_the_dock_maps_effects_over_the_map_views_extent(plugin, pro
     QgsProject.instance().clear()
 
 
+def test_after_a_run_the_dock_plans_the_next_round_at_the_sliders_budget(plugin, project_layers):
+    from qgis.core import QgsCategorizedSymbolRenderer
+
+    units, raster = project_layers
+    dock = filled_dock(plugin, units, raster)
+    assert not dock.plan_button.isEnabled()
+    assert dock.start_run() and wait_for_run(dock) is True and dock.plan_button.isEnabled()
+    dock.budget_slider.setValue(20)
+    assert dock.budget_label.text() == "Budget: 20 %"
+    parameters = dock.plan_parameters()
+    assert parameters["BUDGET"] == 0.2 and parameters["OUTPUT"].startswith(dock.run_dir)
+    assert parameters["TREATMENT"] == dock.last_parameters["TREATMENT"] and "GROUPS" not in parameters
+    assert dock.start_plan() and wait_for_run(dock) is True
+    group = QgsProject.instance().layerTreeRoot().findGroup(dock.run_name)
+    layer = group.findLayers()[0].layer()
+    assert layer.name() == "Next round: 20 % budget"
+    assert isinstance(layer.renderer(), QgsCategorizedSymbolRenderer) and layer.renderer().classAttribute() == "treat"
+    treated = [f["treat"] for f in layer.getFeatures() if f["treat"] is not None and f["treat"] == f["treat"]]
+    used = [t for t in treated if t in (0, 1)]
+    assert 0.17 <= sum(used) / len(used) <= 0.2   # the budget, taken within each of the five folds (floors)
+    assert "units chosen; GAIN" in dock.message.text() and "heterogeneity" in dock.message.text().lower()
+    assert dock.report_button.isEnabled() and dock.last_results["OUTPUT_REPORT"].endswith("targeting_20.html")
+    QgsProject.instance().clear()
+
+
 def test_wider_context_in_metres_becomes_scales_in_pixels(plugin, project_layers):
     units, raster = project_layers
     dock = filled_dock(plugin, units, raster)
