@@ -96,6 +96,9 @@ def cases(units, raster, folder):
                   "OUTCOME": "outcome", "BOOTSTRAP": 50}
     clusters = dict(trial, CLUSTERS=2, EPOCHS=40)
     maps = dict(trial, STRIDE=99)
+    # Targeting: the trial's own places as candidates, the map over the demo scene's extent (UTM 21N).
+    target = dict(trial, BUDGET=0.3, CANDIDATES=units, STRIDE=99,
+                  EXTENT="729945,760665,-2829315,-2798595 [EPSG:32621]")
     return [
         ("cate_gpkg", "geocate:estimatecate", dict(trial, OUTPUT=f"{f}/cate.gpkg", OUTPUT_REPORT=f"{f}/cate.html")),
         ("cate_temporary", "geocate:estimatecate", dict(trial, OUTPUT="TEMPORARY_OUTPUT")),
@@ -122,6 +125,13 @@ def cases(units, raster, folder):
         ("event_csv", "geocate:eventstudy", dict(rollout, OUTPUT=f"{f}/event.csv", OUTPUT_PLOT=f"{f}/event.png")),
         ("event_temporary", "geocate:eventstudy", dict(rollout, OUTPUT="TEMPORARY_OUTPUT",
                                                        OUTPUT_PLOT="TEMPORARY_OUTPUT")),
+        ("targeting_gpkg", "geocate:targeting", dict(target, OUTPUT=f"{f}/targeting.gpkg",
+                                                     OUTPUT_CANDIDATES=f"{f}/candidates.gpkg",
+                                                     OUTPUT_MAP=f"{f}/cells_to_treat.tif",
+                                                     OUTPUT_REPORT=f"{f}/targeting.html")),
+        ("targeting_temporary", "geocate:targeting", dict(target, OUTPUT="TEMPORARY_OUTPUT",
+                                                          OUTPUT_CANDIDATES="TEMPORARY_OUTPUT",
+                                                          OUTPUT_MAP="TEMPORARY_OUTPUT")),
         ("calibrate_json", "geocate:calibratemap", {"INPUT": validation_gpkg(folder / "validation.gpkg"),
                                                     "TRUTH": "wealth", "PREDICTION": "wealth_hat",
                                                     "OUTPUT": f"{f}/wealth.json"}),
@@ -129,6 +139,10 @@ def cases(units, raster, folder):
 
 
 VEIL = "Effects map (outcome): outside the trial's support"
+TARGETING = [("Targeting of the trial's units", "vector", "categorizedSymbol"),
+             ("Targeting of the candidates", "vector", "categorizedSymbol"),
+             ("Cells to treat (outcome)", "raster", "singlebandpseudocolor"),
+             ("Cells to treat (outcome): outside the trial's support", "raster", None)]
 #: The layers each case must load: (output name, kind, renderer type or None for any).
 EXPECTED = {
     "cate_gpkg": [("Treatment effects (CATE)", "vector", "graduatedSymbol")],
@@ -149,6 +163,8 @@ EXPECTED = {
     "panel_temporary": [(None, "vector", None)],
     "event_csv": [(None, "vector", None)],
     "event_temporary": [(None, "vector", None)],
+    "targeting_gpkg": TARGETING,
+    "targeting_temporary": TARGETING,
     "calibrate_json": [],
 }
 

@@ -15,7 +15,7 @@ pytestmark = [pytest.mark.qgis, pytest.mark.desktop]
 SCRIPT = ROOT / "tests" / "qgis" / "desktop" / "dialogs.py"
 SHOTS = ROOT / "outputs" / "screenshots"
 ALGORITHMS = ("estimatecate", "imageclusters", "evaluate", "comparesources", "estimateate", "calibratemap",
-              "paneleffects", "eventstudy", "mapeffects", "applyclusters")
+              "paneleffects", "eventstudy", "mapeffects", "applyclusters", "targeting")
 
 
 @pytest.fixture(scope="module")
@@ -99,6 +99,8 @@ def test_run_pressed_loads_each_output_once_styled_with_no_false_error(desktop, 
     ("applyclusters_tif", {"Clusters map (clusters)": "paletted"}),
     ("evaluate_csv", None), ("comparesources_csv", None), ("estimateate_gpkg", None), ("paneleffects_gpkg", None),
     ("eventstudy_csv", None), ("calibratemap_json", {}),
+    ("targeting_gpkg", {"Targeting of the trial's units": "categorizedSymbol",
+                        "Targeting of the candidates": "categorizedSymbol"}),
 ])
 def test_run_pressed_in_every_other_dialog(desktop, name, loaded):
     """Every algorithm's own dialog with a file output: it finishes, nothing is reported missing, and each output
@@ -124,9 +126,10 @@ def test_a_two_step_model_runs_from_its_dialog(desktop):
     assert result["done"] and result["finished_ok"] and not result["failed"], result["log_tail"]
     assert not result["not_correctly_generated"], result["log_tail"]
     assert (out / "model_effects.gpkg").exists() and (out / "model_evaluation.csv").exists()
-    assert (out / "model_map.tif").exists()
+    assert (out / "model_map.tif").exists() and (out / "model_targeting.gpkg").exists()
     assert sorted(x["name"] for x in result["layers"]) == [
-        "Effects map (outcome)", "Effects map (outcome): outside the trial's support", "effects", "evaluation"]
+        "Effects map (outcome)", "Effects map (outcome): outside the trial's support", "effects", "evaluation",
+        "targeting"]
 
 
 def test_the_map_tool_popup_and_a_help_page_are_shown(desktop):

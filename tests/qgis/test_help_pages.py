@@ -13,7 +13,7 @@ pytestmark = pytest.mark.qgis
 
 HELP = ROOT / "help"
 NAMES = ["estimatecate", "imageclusters", "evaluate", "comparesources", "estimateate", "calibratemap",
-         "paneleffects", "mapeffects", "applyclusters", "eventstudy"]
+         "paneleffects", "mapeffects", "applyclusters", "eventstudy", "targeting"]
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@ Reads GEOCATE_UNITS, GEOCATE_RASTER and GEOCATE_OUT (a folder). With the demo un
 1. opens every GeoCATE algorithm's dialog, records which fields the field widgets chose by themselves, and saves
    a screenshot of each (dialog_<algorithm>.png);
 2. presses Run in the dialogs of estimatecate (a .gpkg file, then a temporary output) and mapeffects (a .tif);
-3. runs a two-step model (estimatecate -> evaluate) from its own dialog;
+3. runs a model (estimatecate -> evaluate, mapeffects, targeting) from its own dialog;
 4. runs estimatecate's batch dialog with two rows;
 and records for each run what Processing logged and which layers it loaded. summary.json is rewritten after
 every step (a crash of QGIS leaves the last step it reached), then QGIS quits.
@@ -163,6 +163,11 @@ def model():
         "INPUT": QgsProcessingModelChildParameterSource.fromChildOutput("estimate", "OUTPUT"),
         "RASTER": QgsProcessingModelChildParameterSource.fromModelParameter("imagery"),
         "TREATMENT": static("treated"), "OUTCOME": static("outcome"), "STRIDE": static(99)}, {"map": "OUTPUT"})
+    child("geocate:targeting", "target", {   # where the next round should go, from the estimated effects' layer
+        "INPUT": QgsProcessingModelChildParameterSource.fromChildOutput("estimate", "OUTPUT"),
+        "RASTER": QgsProcessingModelChildParameterSource.fromModelParameter("imagery"),
+        "TREATMENT": static("treated"), "OUTCOME": static("outcome"), "BUDGET": static(0.3)},
+        {"targeting": "OUTPUT"})
     built.updateDestinationParameters()
     # Saved where the model builder saves models, and run from the toolbox's entry, as a user does.
     from processing.modeler.ModelerUtils import ModelerUtils
@@ -277,6 +282,8 @@ def every_other_dialog(trial):
         run_dialog("eventstudy_csv", "geocate:eventstudy", {
             "INPUT": data["rollout"], "UNIT_ID": "unit", "TIME": "year", "TREATMENT": "treated",
             "OUTCOME": "outcome", "COVARIATES": ["x"], "OUTPUT": out("event.csv")})
+        run_dialog("targeting_gpkg", "geocate:targeting", dict(
+            trial, BUDGET=0.3, CANDIDATES=UNITS, OUTPUT=out("targeting.gpkg"), OUTPUT_CANDIDATES=out("candidates.gpkg")))
         run_dialog("calibratemap_json", "geocate:calibratemap", {
             "INPUT": data["validation"], "TRUTH": "wealth", "PREDICTION": "wealth_hat", "OUTPUT": out("wealth.json")})
 
@@ -303,7 +310,8 @@ def start():
         run_dialog("model", model(), {"units": UNITS, "imagery": RASTER,
                                       "estimate:effects": os.path.join(OUT, "model_effects.gpkg"),
                                       "evaluate:evaluation": os.path.join(OUT, "model_evaluation.csv"),
-                                      "map:map": os.path.join(OUT, "model_map.tif")})
+                                      "map:map": os.path.join(OUT, "model_map.tif"),
+                                      "target:targeting": os.path.join(OUT, "model_targeting.gpkg")})
         write_state(popup=popup_screenshot(), help_page=help_screenshot())
         batch()
         write_state(alive=True)
