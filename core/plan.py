@@ -333,7 +333,9 @@ def plan_targeting(units, raster_path, budget, bands=None, window_size_px=33, no
         "rule": "CATE per unit of cost (units expected to gain), budget taken within each cross-fitting fold"
                 if c is not None else "CATE, budget taken within each cross-fitting fold",
         "effect_modifiers": result.metadata["effect_modifiers"],
-        "n_treat": k, "treated_share": float(value.treated_share),
+        "n_treat": k, "treated_share": float(value.treated_share), "n_units": n,
+        "totals": {name: _estimate_record(value.total(name)) for name in ("vs_random", "vs_everyone", "value")}
+        | ({"vs_random_cost": _estimate_record(value.total("vs_random_cost"))} if c is not None else {}),
         "budget_used": float(value.spend) if c is not None else float(value.treated_share),
         "cut": cut, "cate_cut": cate_cut,
         "gain": _estimate_record(value.gain), "vs_random": _estimate_record(value.vs_random),

@@ -815,6 +815,13 @@ def targeting_report(metadata, html_path, figures, map_path=None):
         rows.append(("per unit, against a random set of the same cost", *_estimate_cells(plan["vs_random_cost"])))
     sequential = plan["sequential_gain"]
     rows.append(("GAIN judged fold by fold (each fold ranked by earlier folds only)", *_estimate_cells(sequential)))
+    totals = plan.get("totals") or {}
+    for name, label in (("vs_random", "total over the trial's units, against a random set of the same size"),
+                        ("vs_random_cost", "total over the trial's units, against a random set of the same cost"),
+                        ("vs_everyone", "total over the trial's units, against treating everyone"),
+                        ("value", "total over the trial's units, against treating nobody")):
+        if name in totals:
+            rows.append((label, *_estimate_cells(totals[name])))
     value = (table(["estimate", "value", "SE", "95 % low", "95 % high"], rows)
              + f"<p class='note'>The heterogeneity test of the trial: p = {plan['heterogeneity_p']:.3g}. The fold-by-"
              "fold GAIN judges rules learnt on fewer units (it understates the final rule) but stays honest when "

@@ -233,6 +233,9 @@ class TargetingAlgorithm(GeoCateAlgorithm):
         feedback.pushInfo(f"Rule: {record['rule']}; budget {record['budget']['described']}: {record['n_treat']} "
                           f"units treated ({record['treated_share']:.0%}).")
         feedback.pushInfo(plan.value.describe())
+        total = record["totals"]["vs_random"]
+        feedback.pushInfo(f"In total over the {record['n_units']} units: {total['estimate']:.4g} more than a random set "
+                          f"of the same size (SE {total['std_err']:.3g}; the outcome's units).")
         sequential = record["sequential_gain"]
         feedback.pushInfo(f"GAIN judged fold by fold: {sequential['estimate']:.4g} (SE {sequential['std_err']:.3g}; "
                           f"one-sided p {sequential['p_value']:.3g}).")
