@@ -385,20 +385,32 @@ class CrossFittedCausalForest:
         forest = self._fold_forest(train, inference=False, n_estimators=n_estimators)
         return np.ravel(forest.predict(X[test]))
 
-    def heterogeneity_test(self, target="AUTOC", n_draws=200, names=("cate",), progress=None, is_cancelled=None):
+    def rerandomization(self, assignment=None, strata=None, known=None):
+        """A core.evaluate.Rerandomization of this fitted learner's trial: its outcomes, treatment, outcome models
+        and propensity, the null's one effect its DR ATE; ``assignment``, ``strata``, ``known`` as the design
+        assigned treatment (see there)."""
+        from .evaluate import Rerandomization
+
+        Y, T = self._data[0], self._data[1]
+        return Rerandomization(outcome=Y, treated=T, mu0=self.mu0_, mu1=self.mu1_, propensity=self.propensity_,
+                               tau=float(self.ate_), assignment=assignment, strata=strata, known=known)
+
+    def heterogeneity_test(self, target="AUTOC", n_draws=200, names=("cate",), progress=None, is_cancelled=None,
+                           rerandomization=None):
         """The sequential cross-fold test of this learner's CATE (core.evaluate.sequential_rate_test).
 
         Fold k is ranked by a forest grown on folds 1..k-1 (priority_for) and
         scored with the cross-fitted DR scores (their outcome models did not see
         fold k); the bootstrap and the standard errors are clustered by the
         groups the folds keep whole. Scores whose outcome models saw no earlier
-        fold were tried and over-rejected (docs/benchmarks.md, "validity").
+        fold were tried and over-rejected (docs/benchmarks.md, "validity"). rerandomization (a randomized trial,
+        see rerandomization()): each fold's SE is also taken from redrawn assignments, the larger one used.
         """
         from .evaluate import sequential_rate_test
 
         return sequential_rate_test(self.dr_scores_, self.fold_, self.priority_for, target, clusters=self.groups_,
                                     names=list(names), n_draws=n_draws, seed=self.seed, progress=progress,
-                                    is_cancelled=is_cancelled)[0]
+                                    is_cancelled=is_cancelled, rerandomization=rerandomization)[0]
 
     def ate_interval(self, alpha=0.05):
         """Normal-approximation (1 - alpha) interval for the DR ATE (cluster-robust SE)."""

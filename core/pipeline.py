@@ -145,6 +145,53 @@ def known_propensity(study):
     return None, None
 
 
+def assignment_units(study):
+    """The units of assignment of a trial, for the used units: the cluster ids when treatment is constant within
+    every cluster (a cluster-randomized trial; units without a cluster are their own), else None (units)."""
+    if study.clusters is None:
+        return None
+    used = study.used
+    clusters, treated = study.clusters[used], study.treated[used]
+    own = np.flatnonzero(clusters < 0)
+    ids = clusters.copy()
+    ids[own] = clusters.max() + 1 + np.arange(len(own))
+    lowest = np.full(ids.max() + 1, np.inf)
+    highest = np.full(ids.max() + 1, -np.inf)
+    np.minimum.at(lowest, ids, treated)
+    np.maximum.at(highest, ids, treated)
+    present = np.isfinite(lowest)
+    return ids if np.all(lowest[present] == highest[present]) else None
+
+
+def design_rerandomization(study, learner):
+    """How the randomized trial assigned treatment (core.evaluate.Rerandomization): whole clusters when treatment
+    is constant within clusters, within strata when given, or with the known per-unit probabilities."""
+    used = study.used
+    return learner.rerandomization(
+        assignment=assignment_units(study),
+        strata=None if study.strata is None else study.strata[used],
+        known=None if study.propensity is None else study.propensity[used])
+
+
+#: Fewer clusters than this in a held-out fold and the log says so (the test's SEs then lean on re-randomization).
+FEW_CLUSTERS_PER_FOLD = 20
+
+
+def few_clusters_warning(study, folds):
+    """A warning when the trial's clusters leave few in each held-out fold."""
+    if study.clusters is None:
+        return None
+    clusters = study.clusters[study.used]
+    per_fold = [len(np.unique(clusters[folds == k])) for k in np.unique(folds)]
+    if min(per_fold) >= FEW_CLUSTERS_PER_FOLD:
+        return None
+    return (f"Each held-out fold holds only {min(per_fold)} to {max(per_fold)} clusters: with so few, the "
+            "half-sample bootstrap understates the uncertainty of the heterogeneity test, so each fold's standard "
+            "error is also taken from re-randomizing treatment as the design did (by cluster when whole clusters "
+            "were assigned), and the larger is used. Group effects and per-unit intervals rest on few clusters too: "
+            "read them with care.")
+
+
 def check_randomization(study, inputs, groups, n_folds, seed, known=False):
     """core.design.randomization_check on what was known before treatment: the outcome models' inputs (the
     image's leading components and the covariates) and the location (coordinates, their squares and product);
@@ -322,8 +369,10 @@ def estimate_cate(units, raster_path, bands=None, window_size_px=33, nodata=None
     timings["causal_forest_s"] = time.monotonic() - t
 
     t = time.monotonic()
+    randomized = study_design is None or study_design.kind == "randomized"
+    rerandomization = design_rerandomization(study, learner) if randomized else None
     test = learner.heterogeneity_test("AUTOC", n_draws, progress=_stage(progress, 0.75, 0.98),
-                                      is_cancelled=is_cancelled)
+                                      is_cancelled=is_cancelled, rerandomization=rerandomization)
     timings["heterogeneity_test_s"] = time.monotonic() - t
     predicted_outcome = predicted_outcome_record(study, learner, inputs, groups, versions, correction,
                                                  outcome_correction, outcome_truth)
@@ -374,9 +423,14 @@ def estimate_cate(units, raster_path, bands=None, window_size_px=33, nodata=None
         "warnings": [w for w in (overlap_warning(study, window_size_px, block_size),
                                  propensity_check(study.propensity[used], study.treated[used])
                                  if study.propensity is not None else None,
-                                 randomization_warning(check)) if w]
+                                 randomization_warning(check), few_clusters_warning(study, learner.fold_)) if w]
         + suspicious_covariates(study.covariates[used], study.covariate_names, study.treated[used]),
-        "heterogeneity_test": heterogeneity_record(test),
+        "heterogeneity_test": dict(heterogeneity_record(test), fold_standard_errors=(
+            "the larger of the half-sample bootstrap over the fold groups and the spread over re-randomized "
+            + ("clusters" if rerandomization.assignment is not None else "units")
+            + (" within strata" if rerandomization.strata is not None else "")
+            + (" (known probabilities)" if rerandomization.known is not None else "")
+            if rerandomization is not None else "half-sample bootstrap over the fold groups")),
         "predicted_outcome": predicted_outcome,
         "autoc": {"estimate": autoc.estimate, "std_err": autoc.std_err, "ci": list(autoc.ci),
                   "draws": n_draws, "q": autoc.q.tolist(), "toc": autoc.toc.tolist(),

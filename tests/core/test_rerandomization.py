@@ -1,0 +1,69 @@
+"""The heterogeneity test's randomization inference (core.evaluate.Rerandomization): treatment redrawn as the design
+assigned it, outcomes imputed under the null of one effect, and the level of the test on a cluster-randomized null
+trial with few clusters per fold (seeded and small here; bench/bench_clustered.py at full size)."""
+
+import numpy as np
+import pytest
+
+from geocate.core.evaluate import Rerandomization, rerandomized_rate, rank_average_treatment_effect
+
+
+def design(n=120, villages=12, seed=0):
+    rng = np.random.default_rng(seed)
+    village = np.repeat(np.arange(villages), n // villages)
+    strata = village % 2                      # two strata of villages
+    treated_village = np.zeros(villages)
+    for s in (0, 1):                          # half the villages of each stratum treated
+        members = np.flatnonzero(np.arange(villages) % 2 == s)
+        treated_village[rng.permutation(members)[:len(members) // 2]] = 1
+    W = treated_village[village]
+    Y = rng.normal(size=n) + 0.7 * rng.normal(size=villages)[village] + 1.0 * W
+    return Rerandomization(outcome=Y, treated=W, mu0=np.zeros(n), mu1=np.full(n, 1.0), propensity=0.5, tau=1.0,
+                           assignment=village, strata=strata), village, strata
+
+
+def test_clusters_are_redrawn_whole_within_their_strata():
+    rerandomization, village, strata = design()
+    test = np.ones(len(village), bool)
+    draws = rerandomization.draws(test, np.random.default_rng(1), 50)
+    for w in draws:
+        for v in np.unique(village):                      # a village is all treated or all not
+            assert len(np.unique(w[village == v])) == 1
+        for s in (0, 1):                                  # each stratum keeps its number of treated villages
+            assert w[strata == s].sum() == rerandomization.treated[strata == s].sum()
+    assert len({tuple(w) for w in draws}) > 10            # and the draws differ
+
+
+def test_unit_assignment_permutes_units_and_known_probabilities_are_drawn():
+    rerandomization, village, _ = design()
+    units = Rerandomization(**{**rerandomization.__dict__, "assignment": None, "strata": None})
+    draws = units.draws(np.ones(len(village), bool), np.random.default_rng(2), 200)
+    assert np.all(draws.sum(axis=1) == rerandomization.treated.sum())
+    assert any(len(np.unique(w[village == 0])) == 2 for w in draws)   # villages split: units were permuted
+    known = Rerandomization(**{**rerandomization.__dict__, "assignment": None, "strata": None,
+                               "known": np.where(village < 6, 0.2, 0.8)})
+    draws = known.draws(np.ones(len(village), bool), np.random.default_rng(3), 2000)
+    assert draws[:, village < 6].mean() == pytest.approx(0.2, abs=0.01)
+    assert draws[:, village >= 6].mean() == pytest.approx(0.8, abs=0.01)
+
+
+def test_under_the_null_redrawn_outcomes_keep_every_untreated_outcome():
+    rerandomization, village, _ = design()
+    test = np.ones(len(village), bool)
+    rng = np.random.default_rng(4)
+    scores = rerandomization.scores(test, rng, 3)
+    w = rerandomization.draws(test, np.random.default_rng(4), 3)
+    untreated = rerandomization.outcome - rerandomization.tau * rerandomization.treated
+    # with mu0 = 0, mu1 = 1, e = 1/2: Gamma = 1 + 2 W (Y* - 1) - 2 (1 - W) Y*, Y* = Y(0) + W*
+    expected = 1 + 2 * w * (untreated + w - 1) - 2 * (1 - w) * (untreated + w)
+    assert np.allclose(scores, expected)
+
+
+def test_the_rate_takes_the_larger_standard_error():
+    rng = np.random.default_rng(5)
+    scores, priority = rng.normal(size=200), rng.normal(size=200)
+    rate = rank_average_treatment_effect(scores, priority, n_draws=100)[0]
+    wide = rerandomized_rate(rate, 3 * rng.normal(size=(100, 200)), priority, "AUTOC", rate.q)
+    assert wide.std_err > rate.std_err and wide.ci[0] < rate.ci[0]
+    narrow = rerandomized_rate(rate, 0.01 * rng.normal(size=(100, 200)), priority, "AUTOC", rate.q)
+    assert narrow is rate
