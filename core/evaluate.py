@@ -282,18 +282,52 @@ class Rerandomization:
 
 
 def rerandomized_rate(rate, scores, priorities, target, q):
-    """``rate`` (a fold's RateResult) with its standard error the larger of the half-sample bootstrap's and the
-    spread of the RATE over ``scores`` of redrawn assignments (Rerandomization.scores); ci and p-value follow."""
+    """``rate`` (a RateResult) with its standard error the larger of the half-sample bootstrap's and the
+    spread of the RATE over ``scores`` of redrawn assignments (Rerandomization.scores); ci and p-value follow.
+    priorities: (m,) one rule, or (m, 2) for the difference of two rules (rule 1 - rule 2)."""
+    priorities = np.asarray(priorities, float).reshape(scores.shape[1], -1)
+
+    def value(s):
+        values = [toc_and_rate(s, priorities[:, j], q, target)[0] for j in range(priorities.shape[1])]
+        return values[0] - values[1] if len(values) == 2 else values[0]
+
+    spread = float(np.std([value(s) for s in scores], ddof=1)) if len(scores) > 1 else 0.0
+    return _with_std_err(rate, max(rate.std_err, zero_noise(spread)))
+
+
+def _with_std_err(rate, se):
     from scipy.stats import norm
 
-    spread = float(np.std([toc_and_rate(s, priorities, q, target)[0] for s in scores], ddof=1)) if len(scores) > 1 \
-        else 0.0
-    se = max(rate.std_err, zero_noise(spread))
     if se == rate.std_err:
         return rate
     p = float(2 * norm.sf(abs(rate.estimate) / se)) if se > 0 else rate.p_value
     return dataclasses.replace(rate, std_err=se, ci=(rate.estimate - 1.959964 * se, rate.estimate + 1.959964 * se),
                                p_value=p)
+
+
+def rerandomized_rates(rates, scores, priorities, target, q):
+    """The RateResults of rank_average_treatment_effect ([rule 1] or [rule 1, rule 2, difference]), each with the
+    larger of its bootstrap SE and the spread over the redrawn ``scores`` (rerandomized_rate)."""
+    priorities = np.asarray(priorities, float).reshape(scores.shape[1], -1)
+    out = [rerandomized_rate(rate, scores, priorities[:, j], target, q) for j, rate in
+           enumerate(rates[:priorities.shape[1]])]
+    if len(rates) == 3:
+        out.append(rerandomized_rate(rates[2], scores, priorities, target, q))
+    return out
+
+
+def cluster_assignment(clusters, treated):
+    """The units of assignment: the ``clusters`` (any labels; None: no clusters) when treatment is constant within
+    each (a cluster-randomized trial), else None (units were assigned one by one)."""
+    if clusters is None:
+        return None
+    ids = np.unique(np.asarray(clusters), return_inverse=True)[1].ravel()
+    treated = np.asarray(treated, float)
+    lowest = np.full(ids.max() + 1, np.inf)
+    highest = np.full(ids.max() + 1, -np.inf)
+    np.minimum.at(lowest, ids, treated)
+    np.maximum.at(highest, ids, treated)
+    return ids if np.array_equal(lowest, highest) else None
 
 
 def small_sample_z(t_stat, n_clusters):
@@ -353,17 +387,7 @@ def sequential_rate_test(scores, folds, priority_for, target="AUTOC", clusters=N
                                               names, seed + j)
         if rerandomization is not None:
             redrawn = rerandomization.scores(test, np.random.default_rng(seed + 1000 + j), n_draws)
-            rates[:priorities.shape[1]] = [rerandomized_rate(rate, redrawn, priorities[:, r], target, q)
-                                           for r, rate in enumerate(rates[:priorities.shape[1]])]
-            if len(rates) == 3:   # the difference of two rules: the spread of the difference over the redraws
-                difference = [toc_and_rate(sc, priorities[:, 0], q, target)[0]
-                              - toc_and_rate(sc, priorities[:, 1], q, target)[0] for sc in redrawn]
-                spread = float(np.std(difference, ddof=1))
-                if spread > rates[2].std_err:
-                    rates[2] = dataclasses.replace(
-                        rates[2], std_err=spread, ci=(rates[2].estimate - 1.959964 * spread,
-                                                      rates[2].estimate + 1.959964 * spread),
-                        p_value=float(2 * norm.sf(abs(rates[2].estimate) / spread)) if spread > 0 else 1.0)
+            rates = rerandomized_rates(rates, redrawn, priorities, target, q)
         per_fold.append(rates)
     results = []
     # Few clusters in a fold: its t-statistic has about C_k - 1 degrees of freedom, not a normal law; it is
@@ -672,14 +696,22 @@ def evaluate_priorities(outcome, treated, priorities, names=None, covariates=Non
     folds = location_folds(groups, n_folds, seed)
     if progress:
         progress(0.1, "Doubly robust scores")
-    scores = cross_fitted_scores(Y[used], W[used].astype(int), None if X is None else X[used], folds, seed=seed,
-                                 design=design)[0]
+    scores, mu0, mu1, e = cross_fitted_scores(Y[used], W[used].astype(int), None if X is None else X[used], folds,
+                                              seed=seed, design=design)
+    redrawn = None
+    if design is None or design.kind == "randomized":   # the design's own variability: treatment assigned again
+        rerandomization = Rerandomization(outcome=Y[used], treated=W[used], mu0=mu0, mu1=mu1, propensity=e,
+                                          tau=float(scores.mean()),
+                                          assignment=cluster_assignment(loc_used, W[used]))
+        redrawn = rerandomization.scores(np.ones(int(used.sum()), bool), np.random.default_rng(seed + 1000), n_draws)
     rates = {}
     for step, target in enumerate(("AUTOC", "QINI")):
         if progress:
             progress(0.3 + 0.3 * step, f"{target} with {n_draws} half-sample bootstrap draws")
         rates[target] = rank_average_treatment_effect(scores, P[used], target, n_draws=n_draws, clusters=groups,
                                                       names=names, seed=seed, is_cancelled=is_cancelled)
+        if redrawn is not None:
+            rates[target] = rerandomized_rates(rates[target], redrawn, P[used], target, rates[target][0].q)
     calibration = [best_linear_predictor(scores, P[used, j], groups) for j in range(P.shape[1])]
     gates = [group_average_effects(scores, P[used, j], n_groups, groups) for j in range(P.shape[1])]
     if progress:

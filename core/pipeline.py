@@ -150,17 +150,13 @@ def assignment_units(study):
     every cluster (a cluster-randomized trial; units without a cluster are their own), else None (units)."""
     if study.clusters is None:
         return None
+    from .evaluate import cluster_assignment
+
     used = study.used
-    clusters, treated = study.clusters[used], study.treated[used]
+    clusters = study.clusters[used].copy()
     own = np.flatnonzero(clusters < 0)
-    ids = clusters.copy()
-    ids[own] = clusters.max() + 1 + np.arange(len(own))
-    lowest = np.full(ids.max() + 1, np.inf)
-    highest = np.full(ids.max() + 1, -np.inf)
-    np.minimum.at(lowest, ids, treated)
-    np.maximum.at(highest, ids, treated)
-    present = np.isfinite(lowest)
-    return ids if np.all(lowest[present] == highest[present]) else None
+    clusters[own] = clusters.max() + 1 + np.arange(len(own))
+    return cluster_assignment(clusters, study.treated[used])
 
 
 def design_rerandomization(study, learner):
@@ -595,8 +591,15 @@ def compare_sources(units, raster_path, bands=None, window_size_px=33, nodata=No
                     progress=_stage(progress, 0.2 + 0.4 * k / len(sources), 0.2 + 0.4 * (k + 1) / len(sources)),
                     propensity=propensity)
         cate[source], learners[source] = learner.cate_, learner
-    scores = cross_fitted_scores(Y, W, inputs_all, folds, seed=seed)[0] if propensity is None else \
-        aipw_scores(Y, W, *cross_fitted_scores(Y, W, inputs_all, folds, seed=seed)[1:3], propensity)
+    scores, mu0, mu1, e = cross_fitted_scores(Y, W, inputs_all, folds, seed=seed)
+    rerandomization = None
+    if propensity is None:   # a randomized trial: the test's SEs also from treatment assigned again, as the design did
+        from .evaluate import Rerandomization
+
+        rerandomization = Rerandomization(outcome=Y, treated=W, mu0=mu0, mu1=mu1, propensity=e,
+                                          tau=float(scores.mean()), assignment=assignment_units(study))
+    else:
+        scores = aipw_scores(Y, W, mu0, mu1, propensity)
     priorities = {}
 
     def priority_for(sources_wanted):
@@ -612,10 +615,12 @@ def compare_sources(units, raster_path, bands=None, window_size_px=33, nodata=No
     for step, target in enumerate(("AUTOC", "QINI")):
         stage = _stage(progress, 0.6 + 0.2 * step, 0.8 + 0.2 * step)
         tests[target] = [sequential_rate_test(scores, folds, priority_for([s]), target, groups, [s], n_draws=n_draws,
-                                              seed=seed, progress=stage, is_cancelled=is_cancelled)[0]
+                                              seed=seed, progress=stage, is_cancelled=is_cancelled,
+                                              rerandomization=rerandomization)[0]
                          for s in sources]
         test_differences[target] = [sequential_rate_test(scores, folds, priority_for([a, b]), target, groups, [a, b],
-                                                         n_draws=n_draws, seed=seed, is_cancelled=is_cancelled)[2]
+                                                         n_draws=n_draws, seed=seed, is_cancelled=is_cancelled,
+                                                         rerandomization=rerandomization)[2]
                                     for a, b in pairs]
         rates[target] = [rank_average_treatment_effect(scores, cate[s], target, n_draws=n_draws, clusters=groups,
                                                        names=[s], seed=seed)[0] for s in sources]
@@ -626,7 +631,8 @@ def compare_sources(units, raster_path, bands=None, window_size_px=33, nodata=No
         progress(1.0, "Done")
     return study, {"cate": cate, "tests": tests, "test_differences": test_differences, "rates": rates,
                    "differences": differences, "block_size": block_size, "n_clusters": int(len(np.unique(groups))),
-                   "warnings": [w for w in (overlap_warning(study, window_size_px, block_size),) if w],
+                   "warnings": [w for w in (overlap_warning(study, window_size_px, block_size),
+                                            few_clusters_warning(study, folds)) if w],
                    "device": feature_pipeline.device_, "feature_pipeline": feature_pipeline.describe(),
                    "scores": scores, "ate": doubly_robust_ate(scores, groups)}
 

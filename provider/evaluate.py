@@ -222,6 +222,11 @@ class EvaluateAlgorithm(GeoCateAlgorithm):
         feedback.pushInfo(f"Units: {n} in the layer, {int(evaluation.used.sum())} used "
                           f"({describe_dropped(evaluation.dropped)}); {evaluation.n_clusters} bootstrap clusters"
                           + (f", spatial blocks of {evaluation.block_size:.0f} m" if evaluation.block_size else "") + ".")
+        if evaluation.n_clusters < 40 and design_kind == "randomized":
+            feedback.pushWarning(f"Only {evaluation.n_clusters} clusters: the half-sample bootstrap understates the "
+                                 "uncertainty with so few, so each standard error is also taken from assigning "
+                                 "treatment again as the design did (whole clusters when clusters were assigned "
+                                 "whole), and the larger is used.")
         for rate in evaluation.rates["AUTOC"] + evaluation.rates["QINI"]:
             feedback.pushInfo(f"{rate.target} {rate.priority}: {rate.estimate:.4f} (SE {rate.std_err:.4f}, "
                               f"95 % [{rate.ci[0]:.4f}, {rate.ci[1]:.4f}], p = {rate.p_value:.3g})")
