@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .errors import GeoCateError, require
-from .learners import location_folds, location_ids, run_cancellable
-from .scores import cross_fitted_scores, mean_and_se, zero_noise
+from .learners import location_folds, location_ids, run_cancellable, stratified_folds
+from .scores import aipw_scores, cross_fitted_scores, mean_and_se, zero_noise
 
 DEFAULT_Q = np.round(np.arange(1, 11) / 10, 10)
 
@@ -637,8 +637,13 @@ class Evaluation:
 
 def evaluate_priorities(outcome, treated, priorities, names=None, covariates=None, coords=None,
                         locations=None, spatial_block=0, n_groups=5, n_draws=200, n_folds=5, seed=42,
-                        treatment_name="treatment", progress=None, is_cancelled=None, design=None):
+                        treatment_name="treatment", progress=None, is_cancelled=None, design=None, strata=None,
+                        known=None):
     """Evaluate priority rules on a trial: DR scores, AUTOC and Qini, BLP calibration, GATEs.
+
+    strata: (n,) labels of the blocks a randomized trial was randomized within (each stratum's treated share is
+    its units' propensity, strata join the outcome models, folds spread each stratum); known: (n,) known
+    assignment probabilities. Both also shape the re-randomization that gives the RATEs their second SE.
 
     design: a core.design.StudyDesign; observational: the DR scores use each
     unit's propensity, cross-fitted from the covariates (default: randomized).
@@ -674,6 +679,19 @@ def evaluate_priorities(outcome, treated, priorities, names=None, covariates=Non
         missing = np.array([c is None for c in locations], bool)
         dropped["cluster is null"] = int((missing & ~bad).sum())
         bad |= missing
+    if strata is not None:
+        missing = np.array([c is None for c in strata], bool)
+        dropped["stratum is null"] = int((missing & ~bad).sum())
+        bad |= missing
+    if known is not None:
+        known = np.asarray(known, float)
+        missing = np.isnan(known)
+        dropped["assignment probability is null"] = int((missing & ~bad).sum())
+        bad |= missing
+        outside = int(np.sum((known[~bad] <= 0) | (known[~bad] >= 1)))
+        if outside:
+            raise GeoCateError(f"{outside} unit(s) have an assignment probability outside (0, 1).",
+                               "Give probabilities strictly between 0 and 1.")
     used = ~bad
     for arm, label in ((1, "treated"), (0, "control")):
         count = int((used & (W == arm)).sum())
@@ -693,16 +711,33 @@ def evaluate_priorities(outcome, treated, priorities, names=None, covariates=Non
         block_size = float(spatial_block) if spatial_block > 0 else \
             auto_block_size(coords_used, Y[used], W[used], loc_used, n_folds=n_folds)[0]
     groups = honest_fold_groups(coords_used, block_size, loc_used)
-    folds = location_folds(groups, n_folds, seed)
+    randomized = design is None or design.kind == "randomized"
+    codes, e_design, inputs = None, None, None if X is None else X[used]
+    if strata is not None and randomized:   # block randomization: each stratum's treated share, strata as inputs
+        labels, codes = np.unique(np.asarray([str(c) for c in np.asarray(strata, object)[used]]), return_inverse=True)
+        codes = codes.ravel()
+        share = np.bincount(codes, W[used], minlength=len(labels)) / np.bincount(codes, minlength=len(labels))
+        for j in np.flatnonzero((share == 0) | (share == 1)):
+            raise GeoCateError(f"Stratum '{labels[j]}' has no {'control' if share[j] == 1 else 'treated'} unit: its "
+                               "units' effects cannot be estimated.",
+                               "Merge it with a neighbouring stratum, or drop its units.")
+        e_design = share[codes]
+        indicators = np.eye(len(labels))[codes]
+        inputs = indicators if inputs is None else np.column_stack([inputs, indicators])
+    elif known is not None and randomized:
+        e_design = known[used]
+    folds = stratified_folds(groups, codes, n_folds, seed)
     if progress:
         progress(0.1, "Doubly robust scores")
-    scores, mu0, mu1, e = cross_fitted_scores(Y[used], W[used].astype(int), None if X is None else X[used], folds,
-                                              seed=seed, design=design)
+    scores, mu0, mu1, e = cross_fitted_scores(Y[used], W[used].astype(int), inputs, folds, seed=seed, design=design)
+    if e_design is not None:
+        scores, e = aipw_scores(Y[used], W[used].astype(int), mu0, mu1, e_design), e_design
     redrawn = None
-    if design is None or design.kind == "randomized":   # the design's own variability: treatment assigned again
+    if randomized:   # the design's own variability: treatment assigned again
         rerandomization = Rerandomization(outcome=Y[used], treated=W[used], mu0=mu0, mu1=mu1, propensity=e,
                                           tau=float(scores.mean()),
-                                          assignment=cluster_assignment(loc_used, W[used]))
+                                          assignment=cluster_assignment(loc_used, W[used]), strata=codes,
+                                          known=None if known is None or codes is not None else known[used])
         redrawn = rerandomization.scores(np.ones(int(used.sum()), bool), np.random.default_rng(seed + 1000), n_draws)
     rates = {}
     for step, target in enumerate(("AUTOC", "QINI")):

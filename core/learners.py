@@ -56,6 +56,24 @@ def location_folds(locations, n_folds, seed):
     return fold_of_location[inverse]
 
 
+def stratified_folds(groups, strata, n_folds, seed):
+    """Folds that keep each group whole (location_folds) and, with ``strata``, deal each stratum's groups over
+    the folds in turn, so every fold holds every stratum in its proportion."""
+    if strata is None:
+        return location_folds(groups, n_folds, seed)
+    unique, inverse = np.unique(np.asarray(groups), return_inverse=True)
+    stratum_of_group = np.zeros(len(unique), int)
+    stratum_of_group[inverse] = strata            # a group spans one stratum (a unit's group; else its last)
+    order = np.random.default_rng(seed).permutation(len(unique))
+    order = order[np.argsort(stratum_of_group[order], kind="stable")]   # by stratum, shuffled within
+    fold_of_group = np.empty(len(unique), int)
+    fold_of_group[order] = np.arange(len(unique)) % n_folds
+    folds = fold_of_group[inverse]
+    if len(np.unique(folds)) < n_folds:
+        return location_folds(groups, n_folds, seed)   # its message names the problem
+    return folds
+
+
 def location_ids(coords, precision=1e-6):
     """(n, 2) coordinates -> (n,) int ids; units with the same coordinates share an id."""
     rounded = np.round(np.asarray(coords, dtype=float) / precision).astype(np.int64)

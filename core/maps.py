@@ -467,7 +467,7 @@ def forest_spec(grid, study, features, feature_pipeline, learner, nodata=None, m
 def map_effects(units, raster_path, path, bands=None, window_size_px=33, nodata=None, seed=42, imagery=None,
                 method="forest", stride=None, extent=None, mask=None, scheduler=None, n_folds=5, n_estimators=100,
                 n_clusters=0, max_clusters=4, epochs=300, device="auto", spatial_block=0, progress=None,
-                is_cancelled=None):
+                is_cancelled=None, study_design=None):
     """Fit on the trial units and map predicted effects (or clusters) over the raster: the job of geocate:mapeffects.
 
     method "forest": the cross-fitted causal forest of estimate_cate with the
@@ -477,13 +477,15 @@ def map_effects(units, raster_path, path, bands=None, window_size_px=33, nodata=
     mean variance, the same model (CrossFittedCausalForest.effect) that gives a
     trial unit at that place the same value. method "clusters": the cluster
     model of find_clusters, fit on all units, at average covariates; the map
-    holds p_1..p_K, the most likely cluster and sum_k p_k tau_k. Every cell gets
+    holds p_1..p_K, the most likely cluster and sum_k p_k tau_k. The forest follows the trial's design as
+    estimate_cate does (core.pipeline.trial_design: strata, known probabilities, ``study_design``). Every cell gets
     a support score (SupportScore). Returns (study, summary, unit_cate) where
     unit_cate is the units' out-of-fold CATE (forest) or probabilities (clusters).
     """
     from .clusters import feature_scaling
-    from .learners import default_learner, location_folds
-    from .pipeline import _stage, find_clusters, fold_groups
+    from .design import propensity_inputs
+    from .learners import default_learner
+    from .pipeline import _stage, find_clusters, fold_groups, trial_design
     from .represent import ImageryOptions, study_features
     from .scores import outcome_inputs
     from .study import build_study
@@ -503,10 +505,11 @@ def map_effects(units, raster_path, path, bands=None, window_size_px=33, nodata=
         covariates = study.covariates[used] if study.covariates.shape[1] else None
         groups, _ = fold_groups(study, spatial_block, window_size_px)
         design, _, learner = default_learner(features, None, n_folds=n_folds, n_estimators=n_estimators, seed=seed)
+        trial = trial_design(study, propensity_inputs(features, covariates), outcome_inputs(features, covariates, seed),
+                             groups, n_folds, seed, study_design)   # strata, known or estimated propensities
         learner.fit(study.outcome[used], study.treated[used].astype(int), design, groups=groups,
-                    outcome_inputs=outcome_inputs(features, covariates, seed),
-                    folds=location_folds(groups, n_folds, seed), progress=_stage(progress, 0.1, 0.3),
-                    is_cancelled=is_cancelled)
+                    outcome_inputs=trial.inputs, folds=trial.folds, progress=_stage(progress, 0.1, 0.3),
+                    is_cancelled=is_cancelled, propensity=trial.propensity)
         model, fitted, unit_values = forest_model(learner), None, learner.cate_
     else:
         study, result, extras = find_clusters(units, raster_path, bands, window_size_px, nodata, seed, n_clusters,

@@ -17,7 +17,7 @@ from .evaluate import (
     rank_average_treatment_effect,
     sequential_rate_test,
 )
-from .learners import default_learner, design_matrix, effect_groups, location_folds, location_ids
+from .learners import default_learner, design_matrix, effect_groups, location_folds, location_ids, stratified_folds
 from .observational import suspicious_covariates
 from .patches import extract_patches
 from .represent import ImageryOptions, RandomConvolutions, study_features
@@ -247,22 +247,49 @@ def propensity_check(propensity, treated, n_bins=5, z_limit=3.5):
             "each unit's probability of treatment under the design), or use strata or the observational design.")
 
 
-def stratified_folds(groups, strata, n_folds, seed):
-    """Folds that keep each group whole (location_folds) and, with ``strata``, deal each stratum's groups over
-    the folds in turn, so every fold holds every stratum in its proportion."""
-    if strata is None:
-        return location_folds(groups, n_folds, seed)
-    unique, inverse = np.unique(np.asarray(groups), return_inverse=True)
-    stratum_of_group = np.zeros(len(unique), int)
-    stratum_of_group[inverse] = strata            # a group spans one stratum (a unit's group; else its last)
-    order = np.random.default_rng(seed).permutation(len(unique))
-    order = order[np.argsort(stratum_of_group[order], kind="stable")]   # by stratum, shuffled within
-    fold_of_group = np.empty(len(unique), int)
-    fold_of_group[order] = np.arange(len(unique)) % n_folds
-    folds = fold_of_group[inverse]
-    if len(np.unique(folds)) < n_folds:
-        return location_folds(groups, n_folds, seed)   # its message names the problem
-    return folds
+@dataclasses.dataclass
+class TrialDesign:
+    """How a study's treatment was assigned, as the estimators need it (trial_design): ``folds`` (strata spread
+    over every fold when given), outcome-model ``inputs`` (with strata indicators), ``propensity`` ((n_used,) or
+    None: the treated share), ``propensity_fit`` (its record), ``known_from`` (where a known propensity came
+    from, or None), ``kind`` ("randomized" or the observational design's), ``check`` (the randomization check
+    of a randomized trial, or None)."""
+
+    folds: np.ndarray
+    inputs: np.ndarray
+    propensity: object
+    propensity_fit: object
+    known_from: object
+    kind: str
+    check: object
+
+
+def with_strata(study, inputs):
+    """Outcome-model ``inputs`` with the strata's indicators beside them (a block-randomized trial), else as they are."""
+    if study.strata is None:
+        return inputs
+    return np.column_stack([inputs, np.eye(len(study.stratum_labels))[study.strata[study.used]]])
+
+
+def trial_design(study, design, inputs, groups, n_folds, seed, study_design=None):
+    """The one place a study's design becomes folds, outcome inputs and a propensity (estimate_cate,
+    compare_sources, map_effects): randomized (the treated share); block-randomized (STRATA: each stratum's
+    treated share, strata indicators in the outcome models, folds that spread each stratum) or with known
+    probabilities (PROPENSITY); observational (the propensity cross-fitted from ``design``, the standardised
+    image features and covariates, on the same folds). A randomized trial also gets its randomization check."""
+    used = study.used
+    randomized = study_design is None or study_design.kind == "randomized"
+    known, known_from = known_propensity(study)
+    check = check_randomization(study, inputs, groups, n_folds, seed, known is not None) if randomized else None
+    if known is not None and randomized:
+        folds = stratified_folds(groups, None if study.strata is None else study.strata[used], n_folds, seed)
+        inputs = with_strata(study, inputs)
+        return TrialDesign(folds, inputs, known, {"model": known_from}, known_from, "randomized", check)
+    folds = location_folds(groups, n_folds, seed)
+    if not randomized:
+        probabilities, fit = study_design.propensities(study.treated[used].astype(int), design, folds)
+        return TrialDesign(folds, inputs, probabilities[:, 1], fit, None, study_design.kind, None)
+    return TrialDesign(folds, inputs, None, None, None, "randomized", check)
 
 
 def estimate_cate(units, raster_path, bands=None, window_size_px=33, nodata=None, seed=42,
@@ -336,32 +363,11 @@ def estimate_cate(units, raster_path, bands=None, window_size_px=33, nodata=None
                                               n_estimators, seed)
     if not covariates_modify:
         design = design_matrix(features, None)[0]
-    propensity, propensity_fit = None, None
-    known, known_from = known_propensity(study)
-    check = None
-    if study_design is None or study_design.kind == "randomized":
-        check = check_randomization(study, inputs, groups, n_folds, seed, known is not None)
-    if known is not None and (study_design is None or study_design.kind == "randomized"):
-        # Block randomization or known probabilities: the design's own propensity enters the DR scores and the
-        # forest's residuals; folds keep each stratum spread over every fold; strata join the outcome models.
-        folds = stratified_folds(groups, None if study.strata is None else study.strata[used], n_folds, seed)
-        if study.strata is not None:
-            inputs = np.column_stack([inputs, np.eye(len(study.stratum_labels))[study.strata[used]]])
-        propensity, propensity_fit = known, {"model": known_from}
-        learner.fit(study.outcome[used], study.treated[used].astype(int), design, groups=groups,
-                    outcome_inputs=inputs, folds=folds, progress=_stage(progress, 0.22, 0.75),
-                    is_cancelled=is_cancelled, propensity=propensity)
-    elif study_design is not None and study_design.kind != "randomized":
-        folds = location_folds(groups, n_folds, seed)
-        # The forest's design matrix is every standardised feature and covariate: core.design.propensity_inputs.
-        probabilities, propensity_fit = study_design.propensities(study.treated[used].astype(int), design, folds)
-        propensity = probabilities[:, 1]
-        learner.fit(study.outcome[used], study.treated[used].astype(int), design, groups=groups,
-                    outcome_inputs=inputs, folds=folds, progress=_stage(progress, 0.22, 0.75),
-                    is_cancelled=is_cancelled, propensity=propensity)
-    else:
-        learner.fit(study.outcome[used], study.treated[used].astype(int), design, groups=groups,
-                    outcome_inputs=inputs, progress=_stage(progress, 0.22, 0.75), is_cancelled=is_cancelled)
+    trial = trial_design(study, design, inputs, groups, n_folds, seed, study_design)
+    check, inputs, propensity = trial.check, trial.inputs, trial.propensity
+    learner.fit(study.outcome[used], study.treated[used].astype(int), design, groups=groups, outcome_inputs=inputs,
+                folds=trial.folds, progress=_stage(progress, 0.22, 0.75), is_cancelled=is_cancelled,
+                propensity=propensity)
     timings["causal_forest_s"] = time.monotonic() - t
 
     t = time.monotonic()
@@ -406,11 +412,11 @@ def estimate_cate(units, raster_path, bands=None, window_size_px=33, nodata=None
         "cate_calibration": "per fold: monotone spline of E[DR score | out-of-bag forest prediction] on the "
                             "fold's training units" if learner.calibrate else None,
         "propensity": learner.propensity_ if propensity is None else
-        ("cross-fitted per unit" if known is None else known_from),
-        "study_design": "randomized" if propensity is None or known is not None else study_design.kind,
+        ("cross-fitted per unit" if trial.known_from is None else trial.known_from),
+        "study_design": trial.kind,
         "strata": len(study.stratum_labels) if study.strata is not None else None,
         "randomization_check": check,
-        "propensity_model": propensity_fit,
+        "propensity_model": trial.propensity_fit,
         "band_scaling": feature_pipeline.describe()["representation"][0].get("band_scaling"),
         "device": feature_pipeline.device_,
         "spatial_block_m": block_size,
@@ -574,32 +580,34 @@ def compare_sources(units, raster_path, bands=None, window_size_px=33, nodata=No
     study = dataclasses.replace(study, patches=None, views=None)
     sources = list(rules)
     groups, block_size = fold_groups(study, spatial_block, window_size_px)
-    folds = location_folds(groups, n_folds, seed)
     Y, W = study.outcome[used], study.treated[used].astype(int)
-    inputs_all = outcome_inputs(features, covariates, seed)
-    propensity = None
-    if study_design is not None and study_design.kind != "randomized":   # one propensity for every source
-        from .design import CLIP, propensity_inputs
+    from .design import CLIP, propensity_inputs
 
-        propensity = np.clip(study_design.propensities(W, propensity_inputs(features, covariates), folds)[0][:, 1],
-                             CLIP, 1 - CLIP)
+    # One design for every source: folds (strata spread over them), a propensity (known, or estimated once).
+    trial = trial_design(study, propensity_inputs(features, covariates), outcome_inputs(features, covariates, seed),
+                         groups, n_folds, seed, study_design)
+    folds, inputs_all = trial.folds, trial.inputs
+    propensity = None if trial.propensity is None else np.clip(trial.propensity, CLIP, 1 - CLIP)
     cate, learners = {}, {}
     for k, source in enumerate(sources):
         design, inputs, learner = default_learner(*rules[source], n_folds=n_folds, n_estimators=n_estimators,
                                                   seed=seed)
+        inputs = with_strata(study, inputs)
         learner.fit(Y, W, design, groups=groups, outcome_inputs=inputs, folds=folds, is_cancelled=is_cancelled,
                     progress=_stage(progress, 0.2 + 0.4 * k / len(sources), 0.2 + 0.4 * (k + 1) / len(sources)),
                     propensity=propensity)
         cate[source], learners[source] = learner.cate_, learner
     scores, mu0, mu1, e = cross_fitted_scores(Y, W, inputs_all, folds, seed=seed)
+    if propensity is not None:
+        scores, e = aipw_scores(Y, W, mu0, mu1, propensity), propensity
     rerandomization = None
-    if propensity is None:   # a randomized trial: the test's SEs also from treatment assigned again, as the design did
+    if trial.kind == "randomized":   # the test's SEs also from treatment assigned again, as the design did
         from .evaluate import Rerandomization
 
-        rerandomization = Rerandomization(outcome=Y, treated=W, mu0=mu0, mu1=mu1, propensity=e,
-                                          tau=float(scores.mean()), assignment=assignment_units(study))
-    else:
-        scores = aipw_scores(Y, W, mu0, mu1, propensity)
+        rerandomization = Rerandomization(
+            outcome=Y, treated=W, mu0=mu0, mu1=mu1, propensity=e, tau=float(scores.mean()),
+            assignment=assignment_units(study), strata=None if study.strata is None else study.strata[used],
+            known=None if study.propensity is None else study.propensity[used])
     priorities = {}
 
     def priority_for(sources_wanted):
@@ -632,7 +640,12 @@ def compare_sources(units, raster_path, bands=None, window_size_px=33, nodata=No
     return study, {"cate": cate, "tests": tests, "test_differences": test_differences, "rates": rates,
                    "differences": differences, "block_size": block_size, "n_clusters": int(len(np.unique(groups))),
                    "warnings": [w for w in (overlap_warning(study, window_size_px, block_size),
-                                            few_clusters_warning(study, folds)) if w],
+                                            few_clusters_warning(study, folds), randomization_warning(trial.check))
+                                if w],
+                   "study_design": trial.kind, "propensity": trial.known_from or (
+                       "cross-fitted per unit" if propensity is not None else "the treated share"),
+                   "strata": len(study.stratum_labels) if study.strata is not None else None,
+                   "randomization_check": trial.check,
                    "device": feature_pipeline.device_, "feature_pipeline": feature_pipeline.describe(),
                    "scores": scores, "ate": doubly_robust_ate(scores, groups)}
 
@@ -682,11 +695,13 @@ def find_clusters(units, raster_path, bands=None, window_size_px=33, nodata=None
             f"Use at most {max(study.n_used // MIN_UNITS_PER_CLUSTER, 1)} clusters, or more units.")
     features, feature_pipeline = study_features(study, study.source, feature_pipeline, imagery.cache,
                                                 _stage(progress, 0.1, 0.2), is_cancelled)[:2]
-    covariates = study.covariates[used]
+    # A block-randomized trial: the strata join the cluster model's covariates (as estimatecate's outcome models).
+    covariates = with_strata(study, study.covariates[used])
     design, n_image = design_matrix(features, covariates)
     image_part, covariate_part = design[:, :n_image], design[:, n_image:]
     groups, block_size = fold_groups(study, spatial_block, window_size_px)
-    folds = location_folds(groups, n_folds, seed)
+    trial = trial_design(study, design, outcome_inputs(features, study.covariates[used], seed), groups, n_folds, seed)
+    folds = trial.folds
     Y, W = study.outcome[used], study.treated[used].astype(int)
     timings["features_s"] = time.monotonic() - started
     n_fits = [0]
@@ -725,7 +740,9 @@ def find_clusters(units, raster_path, bands=None, window_size_px=33, nodata=None
         if study.patches is None:  # usability came from the cache: the typical windows are read for the report
             study = dataclasses.replace(study, patches=study.source.read()[0][0].windows[:, 0])
     # The same DR scores and ATE as estimatecate's (same outcome-model inputs, folds and seed): one ATE per study.
-    scores = cross_fitted_scores(Y, W, outcome_inputs(features, covariates, seed), folds, seed=seed)[0]
+    scores, mu0, mu1, _ = cross_fitted_scores(Y, W, trial.inputs, folds, seed=seed)
+    if trial.propensity is not None:   # strata or known probabilities: the design's own propensity
+        scores = aipw_scores(Y, W, mu0, mu1, trial.propensity)
     ate = doubly_robust_ate(scores, groups)
     n = len(used)
 
@@ -741,11 +758,15 @@ def find_clusters(units, raster_path, bands=None, window_size_px=33, nodata=None
         "n_clusters": int(n_clusters), "max_clusters": int(max_clusters), "k_table": k_table,
         "warnings": [w for w in (overlap_warning(study, window_size_px, block_size),
                                  f"{asked - n_clusters} of {asked} clusters held (almost) no units and were dropped: "
-                                 f"{n_clusters} remain." if asked > n_clusters else None) if w],
+                                 f"{n_clusters} remain." if asked > n_clusters else None,
+                                 randomization_warning(trial.check), few_clusters_warning(study, folds)) if w],
+        "strata": len(study.stratum_labels) if study.strata is not None else None,
+        "propensity": trial.known_from or "the treated share", "randomization_check": trial.check,
         "clusters": table, "spatial_block_m": block_size, "dropped": study.dropped, "band_scaling": feature_pipeline.describe()["representation"][0].get("band_scaling"),
         "feature_pipeline": feature_pipeline.describe(),
-        "covariates": list(study.covariate_names), "versions": package_versions(),
-        "timings": {k: round(v, 3) for k, v in timings.items()},
+        "covariates": list(study.covariate_names) + ([f"stratum {label}" for label in study.stratum_labels]
+                                                     if study.strata is not None else []),
+        "versions": package_versions(), "timings": {k: round(v, 3) for k, v in timings.items()},
     }
     result = Result(
         cate=spread(out["cate"]), cate_lo=spread(out["cate_lo"]), cate_hi=spread(out["cate_hi"]),

@@ -17,9 +17,10 @@ from qgis.core import (
 from .base import GeoCateAlgorithm, add_report_parameter, run_metadata
 from .convert import read_units, write_table
 from .study_parameters import (
+    add_design_parameters,
     add_imagery_parameters,
-    add_spatial_block_parameter,
     add_study_parameters,
+    read_design_parameters,
     read_imagery_parameters,
     read_study_parameters,
 )
@@ -56,14 +57,11 @@ class CompareSourcesAlgorithm(GeoCateAlgorithm):
     def initAlgorithm(self, config=None):  # noqa: N802 - QGIS's name
         add_study_parameters(self)
         add_imagery_parameters(self)
-        add_spatial_block_parameter(self)
         self.addParameter(QgsProcessingParameterEnum(
             "COMPARE", "Compare", ["sources: imagery, covariates, both", "scales: with SCALES vs the window alone",
                                    "dates: the sequence vs the last date", "encoder: ENCODER vs random convolutions"],
             defaultValue=0))
-        self.addParameter(QgsProcessingParameterEnum(
-            "DESIGN", "Study design (observational: the propensity is estimated from the imagery and covariates)",
-            ["randomized", "observational"], defaultValue=0))
+        add_design_parameters(self)
         draws = QgsProcessingParameterNumber(self.BOOTSTRAP, "Bootstrap draws", QgsProcessingParameterNumber.Integer,
                                              defaultValue=200, minValue=20, maxValue=10000)
         draws.setFlags(draws.flags() | QgsProcessingParameterDefinition.FlagAdvanced)
@@ -92,13 +90,13 @@ class CompareSourcesAlgorithm(GeoCateAlgorithm):
 
         source, study_values = read_study_parameters(self, parameters, context)
         n_draws = self.parameterAsInt(parameters, self.BOOTSTRAP, context)
-        design_kind = ("randomized", "observational")[self.parameterAsEnum(parameters, "DESIGN", context)]
+        cluster, strata, known, design_kind = read_design_parameters(self, parameters, context)
         from ..core.pipeline import COMPARE_MODES
 
         compare = COMPARE_MODES[self.parameterAsEnum(parameters, "COMPARE", context)]
         imagery, imagery_values = read_imagery_parameters(self, parameters, context)
         features, units = read_units(source, study_values["treatment"], study_values["outcome"],
-                                     study_values["covariates"], feedback)
+                                     study_values["covariates"], feedback, cluster, strata, known)
         try:
             study, comparison = compare_sources(
                 units, study_values["raster"], study_values["bands"], study_values["window"], study_values["nodata"],
@@ -129,7 +127,10 @@ class CompareSourcesAlgorithm(GeoCateAlgorithm):
             "COVARIATES": study_values["covariates"], "RASTER": study_values["raster"], "BANDS": study_values["bands"],
             "PATCH_SIZE": study_values["window"], "NODATA": study_values["nodata"], "SEED": study_values["seed"],
             "SPATIAL_BLOCK": study_values["spatial_block"], "BOOTSTRAP": n_draws, "DESIGN": design_kind,
+            "CLUSTER": cluster, "STRATA": strata, "PROPENSITY": known,
             "COMPARE": compare, **imagery_values}, started, feature_pipeline=comparison["feature_pipeline"],
+            study_design=comparison["study_design"], propensity=comparison["propensity"],
+            strata=comparison["strata"], randomization_check=comparison["randomization_check"],
             n_units=len(features), n_used=study.n_used, dropped=study.dropped, fold_groups=comparison["n_clusters"],
             spatial_block_m=comparison["block_size"], ate=comparison["ate"].estimate,
             ate_se=comparison["ate"].std_err,

@@ -21,7 +21,7 @@ from qgis.core import (
 from .base import GeoCateAlgorithm, add_report_parameter, run_metadata
 from .convert import as_label, as_number, check_numeric_field, unit_point, write_table
 from .predicted import add_outcome_correction_parameters, read_outcome_correction, report_predicted_outcome
-from .study_parameters import add_spatial_block_parameter
+from .study_parameters import add_design_parameters, read_design_parameters
 from .widgets import field_role
 
 
@@ -79,10 +79,7 @@ class EvaluateAlgorithm(GeoCateAlgorithm):
         self.addParameter(QgsProcessingParameterField(
             self.COVARIATES, "Covariates for the outcome models", parentLayerParameterName=self.INPUT,
             type=numeric, allowMultiple=True, optional=True))
-        self.addParameter(QgsProcessingParameterField(
-            self.CLUSTER, "Cluster field, e.g. village", parentLayerParameterName=self.INPUT,
-            optional=True))
-        add_spatial_block_parameter(self)
+        add_design_parameters(self, design=False)   # CLUSTER, STRATA, PROPENSITY, SPATIAL_BLOCK; DESIGN below
         for name, label, default, low, high in ((self.GROUPS, "Number of GATE groups", 5, 2, 20),
                                                 (self.BOOTSTRAP, "Bootstrap draws", 200, 20, 10000),
                                                 (self.SEED, "Random seed", 42, 0, 2 ** 31 - 1)):
@@ -120,7 +117,7 @@ class EvaluateAlgorithm(GeoCateAlgorithm):
         treatment = self.parameterAsString(parameters, self.TREATMENT, context)
         outcome = self.parameterAsString(parameters, self.OUTCOME, context)
         covariates = self.parameterAsFields(parameters, self.COVARIATES, context)
-        cluster = self.parameterAsString(parameters, self.CLUSTER, context)
+        cluster, strata, known, _ = read_design_parameters(self, parameters, context)
         spatial_block = self.parameterAsDouble(parameters, self.SPATIAL_BLOCK, context)
         n_groups = self.parameterAsInt(parameters, self.GROUPS, context)
         n_draws = self.parameterAsInt(parameters, self.BOOTSTRAP, context)
@@ -144,6 +141,10 @@ class EvaluateAlgorithm(GeoCateAlgorithm):
                     "see them, or a poverty score). Choose another priority field.")
         if cluster and fields.lookupField(cluster) < 0:
             raise QgsProcessingException(f"The cluster field '{cluster}' does not exist. Choose one of the layer's fields.")
+        if strata and fields.lookupField(strata) < 0:
+            raise QgsProcessingException(f"The strata field '{strata}' does not exist. Choose one of the layer's fields.")
+        if known:
+            check_numeric_field(fields, known, "assignment probability")
         spatial = source.wkbType() != QgsWkbTypes.NoGeometry
         if spatial_block < 0 and not spatial:   # auto, on a table: no geometry to make blocks of
             feedback.pushInfo("The layer has no geometries: no spatial blocks (folds keep clusters and units whole).")
@@ -158,7 +159,9 @@ class EvaluateAlgorithm(GeoCateAlgorithm):
             rows.append(([as_number(feature[r]) for r in rules], as_number(feature[treatment]),
                          as_number(feature[outcome]), [as_number(feature[c]) for c in covariates],
                          unit_point(feature.geometry()) if spatial else (np.nan, np.nan),
-                         as_label(feature[cluster]) if cluster else None))
+                         as_label(feature[cluster]) if cluster else None,
+                         as_label(feature[strata]) if strata else None,
+                         as_number(feature[known]) if known else np.nan))
         n = len(rows)
         for j, rule in enumerate(rules):
             ranks = np.array([r[0][j] for r in rows], float)
@@ -194,7 +197,9 @@ class EvaluateAlgorithm(GeoCateAlgorithm):
                 coords=coords, locations=[r[5] for r in rows] if cluster else None, spatial_block=spatial_block,
                 n_groups=n_groups, n_draws=n_draws, seed=seed, treatment_name=treatment,
                 progress=lambda f, m: (feedback.setProgress(100 * f), feedback.setProgressText(m)),
-                is_cancelled=feedback.isCanceled, design=StudyDesign(design_kind, seed=seed))
+                is_cancelled=feedback.isCanceled, design=StudyDesign(design_kind, seed=seed),
+                strata=[r[6] for r in rows] if strata else None,
+                known=np.array([r[7] for r in rows], float) if known else None)
         except GeoCateError as error:
             raise QgsProcessingException(str(error)) from error
 
@@ -240,6 +245,7 @@ class EvaluateAlgorithm(GeoCateAlgorithm):
         metadata = run_metadata("geocate:evaluate", {
             "INPUT": source.sourceName(), "PRIORITY": priority, "PRIORITY_2": priority_2 or None,
             "TREATMENT": treatment, "OUTCOME": outcome, "COVARIATES": covariates, "CLUSTER": cluster or None,
+            "STRATA": strata, "PROPENSITY": known,
             "SPATIAL_BLOCK": spatial_block, "GROUPS": n_groups, "BOOTSTRAP": n_draws, "SEED": seed,
             "DESIGN": design_kind},
             started, n_units=n, n_used=int(evaluation.used.sum()), dropped=evaluation.dropped,

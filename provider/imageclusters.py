@@ -20,9 +20,10 @@ from qgis.PyQt.QtCore import QVariant
 from .base import GeoCateAlgorithm, add_report_parameter
 from .convert import RESULT_FIELDS, output_fields, read_units, result_features, write_table
 from .study_parameters import (
+    add_design_parameters,
     add_imagery_parameters,
-    add_spatial_block_parameter,
     add_study_parameters,
+    read_design_parameters,
     read_imagery_parameters,
     read_study_parameters,
 )
@@ -81,7 +82,7 @@ class ImageClustersAlgorithm(GeoCateAlgorithm):
         device = QgsProcessingParameterEnum(self.DEVICE, "Device", DEVICES, defaultValue=0)
         device.setFlags(device.flags() | QgsProcessingParameterDefinition.FlagAdvanced)
         self.addParameter(device)
-        add_spatial_block_parameter(self)
+        add_design_parameters(self, design=False)   # the cluster model assumes a randomized trial
         self.addParameter(QgsProcessingParameterFeatureSink(self.OUTPUT, "Effect clusters"))
         self.addParameter(QgsProcessingParameterFeatureSink(self.OUTPUT_CLUSTERS, "Clusters", QgsProcessing.TypeVector,
                                                             optional=True, createByDefault=True))
@@ -109,8 +110,9 @@ class ImageClustersAlgorithm(GeoCateAlgorithm):
         salience_dir = (self.parameterAsString(parameters, self.OUTPUT_SALIENCE, context)
                         if parameters.get(self.OUTPUT_SALIENCE) else None)
         imagery, imagery_values = read_imagery_parameters(self, parameters, context)
+        cluster, strata, known, _ = read_design_parameters(self, parameters, context)
         features, units = read_units(source, study_values["treatment"], study_values["outcome"],
-                                     study_values["covariates"], feedback)
+                                     study_values["covariates"], feedback, cluster, strata, known)
         try:
             study, result, extras = find_clusters(
                 units, study_values["raster"], study_values["bands"], study_values["window"], study_values["nodata"],
@@ -159,9 +161,9 @@ class ImageClustersAlgorithm(GeoCateAlgorithm):
             model_path = salience_dir = None
         if model_path:
             export_onnx(extras["model"], model_path, len(study.bands), study_values["window"],
-                        len(study_values["covariates"]),
+                        len(result.metadata["covariates"]),   # with STRATA, the strata's indicators too
                         {"algorithm": "geocate:imageclusters", "n_clusters": k, "bands_used": list(study.bands),
-                         "covariates": study_values["covariates"], "band_scaling": result.metadata["band_scaling"],
+                         "covariates": result.metadata["covariates"], "band_scaling": result.metadata["band_scaling"],
                          "clusters": extras["clusters"], "seed": study_values["seed"],
                          "covariate_means": extras["covariate_means"], "pixel_size_m": study.pixel_size_m})
             feedback.pushInfo(f"Model: {self.final_path(model_path)} (with its description, .onnx.json).")
@@ -177,7 +179,8 @@ class ImageClustersAlgorithm(GeoCateAlgorithm):
                 "OUTCOME": study_values["outcome"], "COVARIATES": study_values["covariates"],
                 "RASTER": study_values["raster"], "BANDS": study_values["bands"], "PATCH_SIZE": study_values["window"],
                 "NODATA": study_values["nodata"], "SEED": study_values["seed"],
-                "SPATIAL_BLOCK": study_values["spatial_block"], "CLUSTERS": n_clusters,
+                "SPATIAL_BLOCK": study_values["spatial_block"], "CLUSTER": cluster, "STRATA": strata,
+                "PROPENSITY": known, "CLUSTERS": n_clusters,
                 "MAX_CLUSTERS": max_clusters, "EPOCHS": epochs, "DEVICE": device, **imagery_values},
                  n_units=len(features), n_used=result.n_used, n_dropped=result.n_dropped, ate=result.ate,
                  ate_se=result.ate_se), feedback)

@@ -26,10 +26,11 @@ from qgis.core import (
 from .base import GeoCateAlgorithm, add_report_parameter, run_metadata
 from .convert import read_units
 from .study_parameters import (
+    add_design_parameters,
     add_imagery_parameters,
-    add_spatial_block_parameter,
     add_study_parameters,
     raster_path,
+    read_design_parameters,
     read_imagery_parameters,
     read_study_parameters,
 )
@@ -209,7 +210,7 @@ class MapEffectsAlgorithm(GeoCateAlgorithm):
     def initAlgorithm(self, config=None):  # noqa: N802 - QGIS's name
         add_study_parameters(self)
         add_imagery_parameters(self)
-        add_spatial_block_parameter(self)
+        add_design_parameters(self)
         self.addParameter(QgsProcessingParameterEnum(METHOD, "Model", [label for label, _ in METHODS],
                                                      defaultValue=0))
         add_map_parameters(self)
@@ -228,6 +229,7 @@ class MapEffectsAlgorithm(GeoCateAlgorithm):
         self.addOutput(QgsProcessingOutputNumber("N_USED", "Trial units used"))
 
     def processAlgorithm(self, parameters, context, feedback):  # noqa: N802 - QGIS's name
+        from ..core.design import StudyDesign
         from ..core.errors import GeoCateError
         from ..core.maps import map_effects
 
@@ -237,8 +239,13 @@ class MapEffectsAlgorithm(GeoCateAlgorithm):
         raster_layer = self.parameterAsRasterLayer(parameters, "RASTER", context)
         extent, mask, stride, scheduler = read_map_parameters(self, parameters, context, raster_layer)
         method = METHODS[self.parameterAsEnum(parameters, METHOD, context)][1]
+        cluster, strata, known, design_kind = read_design_parameters(self, parameters, context)
+        if method == "clusters" and design_kind != "randomized":
+            raise QgsProcessingException("The cluster model assumes a randomized trial. Choose the causal forest for "
+                                         "an observational study, or the randomized design.")
         final = self.parameterAsOutputLayer(parameters, OUTPUT, context)
-        features, units = read_units(source, study["treatment"], study["outcome"], study["covariates"], feedback)
+        features, units = read_units(source, study["treatment"], study["outcome"], study["covariates"], feedback,
+                                     cluster, strata, known)
         path = self._files.partial(final)
         try:
             study_out, summary, _, _ = map_effects(
@@ -248,7 +255,7 @@ class MapEffectsAlgorithm(GeoCateAlgorithm):
                 max_clusters=self.parameterAsInt(parameters, "MAX_CLUSTERS", context),
                 epochs=self.parameterAsInt(parameters, "EPOCHS", context), spatial_block=study["spatial_block"],
                 progress=lambda f, m: (feedback.setProgress(100 * f), feedback.setProgressText(m)),
-                is_cancelled=feedback.isCanceled)
+                is_cancelled=feedback.isCanceled, study_design=StudyDesign(design_kind, seed=study["seed"]))
         except GeoCateError as error:
             raise QgsProcessingException(str(error)) from error
         feedback.pushInfo(f"Trial units used: {study_out.n_used}; device {summary['device']}.")
@@ -260,7 +267,8 @@ class MapEffectsAlgorithm(GeoCateAlgorithm):
             "INPUT": source.sourceName(), "TREATMENT": study["treatment"], "OUTCOME": study["outcome"],
             "COVARIATES": study["covariates"], "RASTER": study["raster"], "BANDS": study["bands"],
             "PATCH_SIZE": study["window"], "NODATA": study["nodata"], "SEED": study["seed"],
-            "SPATIAL_BLOCK": study["spatial_block"], "METHOD": method, "EXTENT": extent, "STRIDE": stride,
+            "SPATIAL_BLOCK": study["spatial_block"], "CLUSTER": cluster, "STRATA": strata, "PROPENSITY": known,
+            "DESIGN": design_kind, "METHOD": method, "EXTENT": extent, "STRIDE": stride,
             "MASK": bool(mask), "DASK_SCHEDULER": scheduler, **imagery_values}, started,
             **{k: v for k, v in summary.items() if k != "unit_support"})
         self.write_run_metadata_beside(path, metadata, feedback)

@@ -171,10 +171,11 @@ CLUSTER, STRATA, PROPENSITY, DESIGN = "CLUSTER", "STRATA", "PROPENSITY", "DESIGN
 DESIGNS = ("randomized", "observational")
 
 
-def add_design_parameters(algorithm):
+def add_design_parameters(algorithm, design=True, spatial_block=True):
     """How the trial was run: CLUSTER (folds and SEs keep clusters together), STRATA (block randomization),
-    PROPENSITY (known unit-level probabilities), DESIGN (randomized / observational). One declaration for every
-    algorithm that estimates from a trial (estimatecate, targeting)."""
+    PROPENSITY (known unit-level probabilities), SPATIAL_BLOCK, DESIGN (randomized / observational). One
+    declaration for every algorithm that estimates from a trial (estimatecate, targeting, comparesources,
+    mapeffects, imageclusters without DESIGN: its cluster model assumes a randomized trial)."""
     algorithm.addParameter(QgsProcessingParameterField(
         CLUSTER, "Cluster field (e.g. village): folds and standard errors keep clusters together",
         parentLayerParameterName=INPUT, optional=True))
@@ -187,10 +188,12 @@ def add_design_parameters(algorithm):
         optional=True)
     known.setFlags(known.flags() | QgsProcessingParameterDefinition.FlagAdvanced)
     algorithm.addParameter(known)
-    add_spatial_block_parameter(algorithm)
-    algorithm.addParameter(QgsProcessingParameterEnum(
-        DESIGN, "Study design (observational: the propensity is estimated from the imagery and covariates)",
-        list(DESIGNS), defaultValue=0))
+    if spatial_block:
+        add_spatial_block_parameter(algorithm)
+    if design:
+        algorithm.addParameter(QgsProcessingParameterEnum(
+            DESIGN, "Study design (observational: the propensity is estimated from the imagery and covariates)",
+            list(DESIGNS), defaultValue=0))
 
 
 def read_design_parameters(algorithm, parameters, context):
@@ -201,7 +204,8 @@ def read_design_parameters(algorithm, parameters, context):
     if strata and known:
         raise QgsProcessingException("Give the strata or the known assignment probabilities, not both: with "
                                      "strata, each stratum's treated share is the probability.")
-    design_kind = DESIGNS[algorithm.parameterAsEnum(parameters, DESIGN, context)]
+    design_kind = DESIGNS[algorithm.parameterAsEnum(parameters, DESIGN, context)] \
+        if algorithm.parameterDefinition(DESIGN) is not None else "randomized"
     if design_kind != "randomized" and (strata or known):
         raise QgsProcessingException(
             "STRATA and PROPENSITY describe how a randomized trial assigned treatment; the observational design "
