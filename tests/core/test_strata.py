@@ -115,3 +115,32 @@ def test_checks_catch_swapped_fixed_probabilities_and_assignment_within_clusters
     W = (rng.random(1000) < 1 / (1 + np.exp(-1.5 * x))).astype(int)
     check = randomization_check(W, np.column_stack([x, x ** 2]), village % 5, groups=village)
     assert check["warns"] and check["p_value"] < 0.01
+
+
+def test_every_algorithm_that_estimates_from_the_trial_follows_its_strata(stratified, demo_raster, tmp_path):
+    """Point 5: comparesources, imageclusters and evaluate (the ATE of their DR scores) and mapeffects (its forest's
+    mean effect over the units) come back to the truth with STRATA; the first three miss it without."""
+    from geocate.core.evaluate import evaluate_priorities
+    from geocate.core.maps import map_effects
+    from geocate.core.pipeline import compare_sources, find_clusters
+
+    trial, treated, outcome, district, _ = stratified
+    truth = trial.true_cate.mean()
+    plain = unit_table(trial, treated=treated, outcome=outcome)
+    blocked = type(plain)(**{**plain.__dict__, "strata": list(district)})
+    for units, follows in ((plain, False), (blocked, True)):
+        _, comparison = compare_sources(units, demo_raster, seed=3, n_draws=30)
+        ate = comparison["ate"]
+        assert bool(abs(ate.estimate - truth) < 3 * ate.std_err) == follows, ("compare_sources", follows, ate)
+        assert comparison["strata"] == (2 if follows else None)
+        _, clusters, extras = find_clusters(units, demo_raster, seed=3, n_clusters=2, epochs=30)
+        assert bool(abs(clusters.ate - truth) < 3 * clusters.ate_se) == follows, ("find_clusters", follows, clusters.ate)
+        if follows:
+            assert clusters.metadata["covariates"][-2:] == ["stratum east", "stratum west"]
+            assert len(extras["covariate_means"]) == len(clusters.metadata["covariates"])
+        evaluation = evaluate_priorities(outcome, treated, trial.covariates[:, :1], covariates=trial.covariates,
+                                         strata=list(district) if follows else None, seed=3, n_draws=30)
+        mean, se = evaluation.scores.mean(), evaluation.scores.std() / np.sqrt(len(evaluation.scores))
+        assert bool(abs(mean - truth) < 3 * se) == follows, ("evaluate_priorities", follows, mean)
+    study, summary, unit_cate, _ = map_effects(blocked, demo_raster, str(tmp_path / "map.tif"), seed=3, stride=99)
+    assert abs(np.mean(unit_cate) - truth) < 0.3

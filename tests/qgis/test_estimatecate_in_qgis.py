@@ -686,3 +686,37 @@ def test_strata_through_processing_and_qgis_process(plugin, demo_units_gpkg, dem
                           text=True, timeout=300)
     assert done.returncode != 0 and "stratum 'all_treated' has no control unit" in done.stdout + done.stderr
     assert not (tmp_path / "never.gpkg").exists()
+
+
+def test_the_design_parameters_reach_every_algorithm_that_estimates_from_the_trial(plugin, demo_units_gpkg,
+                                                                                demo_raster, tmp_path):
+    """Issue 25, point 5: CLUSTER, STRATA and PROPENSITY through the shared parameters in comparesources,
+    imageclusters, mapeffects and evaluate (targeting's are tested with it), recorded in each run record."""
+    import processing
+
+    layer = processing.run("native:fieldcalculator", {
+        "INPUT": demo_units_gpkg, "FIELD_NAME": "district", "FIELD_TYPE": 2, "FIELD_LENGTH": 10,
+        "FORMULA": "CASE WHEN \"unit_id\" % 2 = 0 THEN 'north' ELSE 'south' END",
+        "OUTPUT": str(tmp_path / "districts.gpkg")})["OUTPUT"]
+    trial = {"INPUT": layer, "TREATMENT": "treated", "OUTCOME": "outcome", "COVARIATES": ["assets"],
+             "RASTER": demo_raster, "SEED": 7, "STRATA": "district", "CLUSTER": "unit_id"}
+    runs = {
+        "comparesources": dict(trial, BOOTSTRAP=30, OUTPUT=str(tmp_path / "compare.csv")),
+        "imageclusters": dict(trial, CLUSTERS=2, EPOCHS=30, OUTPUT=str(tmp_path / "clusters.gpkg"),
+                              OUTPUT_MODEL=str(tmp_path / "clusters.onnx")),
+        "mapeffects": dict(trial, STRIDE=99, OUTPUT=str(tmp_path / "map.tif")),
+        "evaluate": {"INPUT": layer, "PRIORITY": "assets", "TREATMENT": "treated", "OUTCOME": "outcome",
+                     "STRATA": "district", "CLUSTER": "unit_id", "BOOTSTRAP": 30, "OUTPUT": str(tmp_path / "rate.gpkg")},
+    }
+    records = {"comparesources": "compare.run.json", "imageclusters": "clusters.run.json", "mapeffects": "map.run.json",
+               "evaluate": "rate.run.json"}
+    for name, parameters in runs.items():
+        processing.run(f"geocate:{name}", parameters)
+        record = json.loads((tmp_path / records[name]).read_text())
+        assert record["parameters"]["STRATA"] == "district" and record["parameters"]["CLUSTER"] == "unit_id", name
+    model = json.loads((tmp_path / "clusters.onnx.json").read_text())
+    assert model["covariates"] == ["assets", "stratum north", "stratum south"]
+    with pytest.raises(QgsProcessingException, match="cluster model assumes a randomized trial"):
+        processing.run("geocate:mapeffects", dict(runs["mapeffects"], METHOD=1, DESIGN=1, STRATA=None,
+                                                   OUTPUT=str(tmp_path / "never.tif")))
+    assert not (tmp_path / "never.tif").exists()
