@@ -281,6 +281,20 @@ class Rerandomization:
                          for w in self.draws(test, rng, n_draws)])
 
 
+def rerandomized_ate(ate, rerandomization, n_draws=200, seed=42):
+    """The DR ``ate`` (a core.scores.AverageEffect) with its standard error the larger of the cluster-robust one and
+    the spread of the mean DR score over treatment assigned again as the design did (Rerandomization): with few
+    clusters the CR1 standard error is too small (40 villages, village effects with sd 0.7: the interval covered
+    the ATE in 179 of 200 draws, bench/bench_clustered.py)."""
+    rng = np.random.default_rng(seed)
+    everyone = np.ones(len(rerandomization.outcome), bool)
+    means = []
+    for start in range(0, n_draws, 20):   # 20 redraws at a time: memory stays at 20 rows of scores
+        means.extend(rerandomization.scores(everyone, rng, min(20, n_draws - start)).mean(axis=1))
+    spread = zero_noise(float(np.std(means, ddof=1))) if len(means) > 1 else 0.0
+    return dataclasses.replace(ate, std_err=max(ate.std_err, spread)) if spread > ate.std_err else ate
+
+
 def rerandomized_rate(rate, scores, priorities, target, q):
     """``rate`` (a RateResult) with its standard error the larger of the half-sample bootstrap's and the
     spread of the RATE over ``scores`` of redrawn assignments (Rerandomization.scores); ci and p-value follow.

@@ -375,6 +375,13 @@ def estimate_cate(units, raster_path, bands=None, window_size_px=33, nodata=None
     rerandomization = design_rerandomization(study, learner) if randomized else None
     test = learner.heterogeneity_test("AUTOC", n_draws, progress=_stage(progress, 0.75, 0.98),
                                       is_cancelled=is_cancelled, rerandomization=rerandomization)
+    if rerandomization is not None:   # the ATE's SE: also from treatment assigned again (few clusters)
+        from .evaluate import rerandomized_ate
+        from .scores import AverageEffect
+
+        ate = rerandomized_ate(AverageEffect(learner.ate_, learner.ate_se_, int(len(np.unique(groups)))),
+                               rerandomization, n_draws, seed)
+        learner.ate_se_ = ate.std_err
     timings["heterogeneity_test_s"] = time.monotonic() - t
     predicted_outcome = predicted_outcome_record(study, learner, inputs, groups, versions, correction,
                                                  outcome_correction, outcome_truth)
@@ -433,6 +440,9 @@ def estimate_cate(units, raster_path, bands=None, window_size_px=33, nodata=None
             + (" within strata" if rerandomization.strata is not None else "")
             + (" (known probabilities)" if rerandomization.known is not None else "")
             if rerandomization is not None else "half-sample bootstrap over the fold groups")),
+        "ate_standard_error": ("the larger of the cluster-robust (CR1) one over the fold groups and the spread of the "
+                               "DR ATE over re-randomized assignments" if rerandomization is not None else
+                               "cluster-robust (CR1) over the fold groups"),
         "predicted_outcome": predicted_outcome,
         "autoc": {"estimate": autoc.estimate, "std_err": autoc.std_err, "ci": list(autoc.ci),
                   "draws": n_draws, "q": autoc.q.tolist(), "toc": autoc.toc.tolist(),
@@ -618,6 +628,11 @@ def compare_sources(units, raster_path, bands=None, window_size_px=33, nodata=No
             return np.column_stack([priorities[key][s] for s in sources_wanted])
         return compute
 
+    ate = doubly_robust_ate(scores, groups)
+    if rerandomization is not None:
+        from .evaluate import rerandomized_ate
+
+        ate = rerandomized_ate(ate, rerandomization, n_draws, seed)
     tests, test_differences, rates, differences = {}, {}, {}, {}
     pairs = [(a, b) for a, b in comparisons if a in cate and b in cate]
     for step, target in enumerate(("AUTOC", "QINI")):
@@ -647,7 +662,7 @@ def compare_sources(units, raster_path, bands=None, window_size_px=33, nodata=No
                    "strata": len(study.stratum_labels) if study.strata is not None else None,
                    "randomization_check": trial.check,
                    "device": feature_pipeline.device_, "feature_pipeline": feature_pipeline.describe(),
-                   "scores": scores, "ate": doubly_robust_ate(scores, groups)}
+                   "scores": scores, "ate": ate}
 
 
 MIN_UNITS_PER_CLUSTER = 20
@@ -744,6 +759,14 @@ def find_clusters(units, raster_path, bands=None, window_size_px=33, nodata=None
     if trial.propensity is not None:   # strata or known probabilities: the design's own propensity
         scores = aipw_scores(Y, W, mu0, mu1, trial.propensity)
     ate = doubly_robust_ate(scores, groups)
+    if trial.kind == "randomized":   # as estimatecate's: its SE also from treatment assigned again
+        from .evaluate import Rerandomization, rerandomized_ate
+
+        ate = rerandomized_ate(ate, Rerandomization(
+            outcome=Y, treated=W, mu0=mu0, mu1=mu1, propensity=W.mean() if trial.propensity is None else
+            trial.propensity, tau=float(scores.mean()), assignment=assignment_units(study),
+            strata=None if study.strata is None else study.strata[used],
+            known=None if study.propensity is None else study.propensity[used]), 200, seed)
     n = len(used)
 
     def spread(values, fill=np.nan, dtype=float):
