@@ -242,34 +242,44 @@ class Rerandomization:
     strata: np.ndarray = None
     known: np.ndarray = None
 
+    #: Redraws computed at a time: memory stays at CHUNK rows of scores whatever the number of draws.
+    CHUNK = 20
+
     def draws(self, test, rng, n_draws):
-        """(n_draws, m) redrawn 0/1 assignments of the ``test`` units."""
-        rows = np.flatnonzero(test)
+        """(n_draws, m) redrawn 0/1 assignments of the ``test`` units: the whole trial is assigned again (so a fold
+        holding one cluster of each small stratum still varies) and the ``test`` units' columns are returned."""
+        n = len(self.treated)
         if self.assignment is None:
-            units, first = np.arange(len(rows)), np.arange(len(rows))
+            units, first = np.arange(n), np.arange(n)
         else:   # each unit of assignment (e.g. village): its id per row, and its first row
-            _, first, units = np.unique(np.asarray(self.assignment)[rows], return_index=True, return_inverse=True)
+            _, first, units = np.unique(np.asarray(self.assignment), return_index=True, return_inverse=True)
             units = units.ravel()
         n_units = len(first)
-        observed = np.asarray(self.treated, float)[rows][first]
-        out = np.empty((n_draws, len(rows)))
+        observed = np.asarray(self.treated, float)[first]
+        columns = np.flatnonzero(test)
+        out = np.empty((n_draws, len(columns)))
         if self.known is not None:
-            e = np.asarray(self.known, float)[rows][first]
+            e = np.asarray(self.known, float)[first]
             for b in range(n_draws):
-                out[b] = (rng.random(n_units) < e)[units]
+                out[b] = (rng.random(n_units) < e)[units][columns]
             return out
         blocks = np.zeros(n_units, int) if self.strata is None else \
-            np.unique(np.asarray(self.strata)[rows][first], return_inverse=True)[1].ravel()
+            np.unique(np.asarray(self.strata)[first], return_inverse=True)[1].ravel()
         members = [np.flatnonzero(blocks == g) for g in np.unique(blocks)]
         for b in range(n_draws):
             assigned = np.empty(n_units)
             for m in members:
                 assigned[m] = observed[m][rng.permutation(len(m))]
-            out[b] = assigned[units]
+            out[b] = assigned[units][columns]
         return out
 
     def scores(self, test, rng, n_draws):
         """(n_draws, m) DR scores of the ``test`` units under redrawn assignments (the null of one effect)."""
+        return np.concatenate(list(self.score_chunks(test, rng, n_draws))) if n_draws else np.empty((0, int(
+            np.sum(test))))
+
+    def score_chunks(self, test, rng, n_draws):
+        """The same scores, CHUNK redraws at a time."""
         from .scores import aipw_scores
 
         rows = np.flatnonzero(test)
@@ -277,8 +287,9 @@ class Rerandomization:
         untreated = np.asarray(self.outcome, float)[rows] - self.tau * W
         e = self.propensity if np.isscalar(self.propensity) else np.asarray(self.propensity, float)[rows]
         mu0, mu1 = np.asarray(self.mu0, float)[rows], np.asarray(self.mu1, float)[rows]
-        return np.array([aipw_scores(untreated + self.tau * w, w.astype(int), mu0, mu1, e)
-                         for w in self.draws(test, rng, n_draws)])
+        for start in range(0, n_draws, self.CHUNK):
+            yield np.array([aipw_scores(untreated + self.tau * w, w.astype(int), mu0, mu1, e)
+                            for w in self.draws(test, rng, min(self.CHUNK, n_draws - start))])
 
 
 def rerandomized_ate(ate, rerandomization, n_draws=200, seed=42):
@@ -286,48 +297,45 @@ def rerandomized_ate(ate, rerandomization, n_draws=200, seed=42):
     the spread of the mean DR score over treatment assigned again as the design did (Rerandomization): with few
     clusters the CR1 standard error is too small (40 villages, village effects with sd 0.7: the interval covered
     the ATE in 179 of 200 draws, bench/bench_clustered.py)."""
-    rng = np.random.default_rng(seed)
     everyone = np.ones(len(rerandomization.outcome), bool)
-    means = []
-    for start in range(0, n_draws, 20):   # 20 redraws at a time: memory stays at 20 rows of scores
-        means.extend(rerandomization.scores(everyone, rng, min(20, n_draws - start)).mean(axis=1))
+    means = np.concatenate([chunk.mean(axis=1) for chunk in
+                            rerandomization.score_chunks(everyone, np.random.default_rng(seed), n_draws)])
     spread = zero_noise(float(np.std(means, ddof=1))) if len(means) > 1 else 0.0
-    return dataclasses.replace(ate, std_err=max(ate.std_err, spread)) if spread > ate.std_err else ate
+    return dataclasses.replace(ate, std_err=spread) if spread > ate.std_err else ate
 
 
-def rerandomized_rate(rate, scores, priorities, target, q):
-    """``rate`` (a RateResult) with its standard error the larger of the half-sample bootstrap's and the
-    spread of the RATE over ``scores`` of redrawn assignments (Rerandomization.scores); ci and p-value follow.
-    priorities: (m,) one rule, or (m, 2) for the difference of two rules (rule 1 - rule 2)."""
-    priorities = np.asarray(priorities, float).reshape(scores.shape[1], -1)
-
-    def value(s):
-        values = [toc_and_rate(s, priorities[:, j], q, target)[0] for j in range(priorities.shape[1])]
-        return values[0] - values[1] if len(values) == 2 else values[0]
-
-    spread = float(np.std([value(s) for s in scores], ddof=1)) if len(scores) > 1 else 0.0
-    return _with_std_err(rate, max(rate.std_err, zero_noise(spread)))
+def rerandomized_values(rerandomization, test, rng, n_draws, priorities, target, q):
+    """(n_draws, k) the RATE of each of the k rules (``priorities``: (m,) or (m, k)) of the ``test`` units over
+    redrawn assignments, streamed CHUNK redraws at a time."""
+    priorities = np.asarray(priorities, float).reshape(int(np.sum(test)), -1)
+    values = []
+    for chunk in rerandomization.score_chunks(test, rng, n_draws):
+        values.extend([[toc_and_rate(s, priorities[:, j], q, target)[0] for j in range(priorities.shape[1])]
+                       for s in chunk])
+    return np.array(values).reshape(-1, priorities.shape[1])
 
 
 def _with_std_err(rate, se):
     from scipy.stats import norm
 
-    if se == rate.std_err:
+    if not se > rate.std_err:
         return rate
     p = float(2 * norm.sf(abs(rate.estimate) / se)) if se > 0 else rate.p_value
     return dataclasses.replace(rate, std_err=se, ci=(rate.estimate - 1.959964 * se, rate.estimate + 1.959964 * se),
                                p_value=p)
 
 
-def rerandomized_rates(rates, scores, priorities, target, q):
-    """The RateResults of rank_average_treatment_effect ([rule 1] or [rule 1, rule 2, difference]), each with the
-    larger of its bootstrap SE and the spread over the redrawn ``scores`` (rerandomized_rate)."""
-    priorities = np.asarray(priorities, float).reshape(scores.shape[1], -1)
-    out = [rerandomized_rate(rate, scores, priorities[:, j], target, q) for j, rate in
-           enumerate(rates[:priorities.shape[1]])]
+def rerandomized_rates(rates, values):
+    """The RateResults of rank_average_treatment_effect ([rule 1] or [rule 1, rule 2, rule 1 - rule 2]), each
+    with the larger of its half-sample bootstrap SE and its spread over redrawn assignments (``values``:
+    rerandomized_values of the same rules; the difference's spread from the paired redraws)."""
+    values = np.asarray(values, float)
+    if len(values) < 2:
+        return list(rates)
+    spreads = [float(np.std(values[:, j], ddof=1)) for j in range(values.shape[1])]
     if len(rates) == 3:
-        out.append(rerandomized_rate(rates[2], scores, priorities, target, q))
-    return out
+        spreads.append(float(np.std(values[:, 0] - values[:, 1], ddof=1)))
+    return [_with_std_err(rate, zero_noise(spread)) for rate, spread in zip(rates, spreads)]
 
 
 def cluster_assignment(clusters, treated):
@@ -400,8 +408,8 @@ def sequential_rate_test(scores, folds, priority_for, target="AUTOC", clusters=N
         rates = rank_average_treatment_effect(scores[test], priorities, target, q, n_draws, clusters[test],
                                               names, seed + j)
         if rerandomization is not None:
-            redrawn = rerandomization.scores(test, np.random.default_rng(seed + 1000 + j), n_draws)
-            rates = rerandomized_rates(rates, redrawn, priorities, target, q)
+            rates = rerandomized_rates(rates, rerandomized_values(
+                rerandomization, test, np.random.default_rng(seed + 1000 + j), n_draws, priorities, target, q))
         per_fold.append(rates)
     results = []
     # Few clusters in a fold: its t-statistic has about C_k - 1 degrees of freedom, not a normal law; it is
@@ -746,21 +754,22 @@ def evaluate_priorities(outcome, treated, priorities, names=None, covariates=Non
     scores, mu0, mu1, e = cross_fitted_scores(Y[used], W[used].astype(int), inputs, folds, seed=seed, design=design)
     if e_design is not None:
         scores, e = aipw_scores(Y[used], W[used].astype(int), mu0, mu1, e_design), e_design
-    redrawn = None
+    rerandomization = None
     if randomized:   # the design's own variability: treatment assigned again
         rerandomization = Rerandomization(outcome=Y[used], treated=W[used], mu0=mu0, mu1=mu1, propensity=e,
                                           tau=float(scores.mean()),
                                           assignment=cluster_assignment(loc_used, W[used]), strata=codes,
                                           known=None if known is None or codes is not None else known[used])
-        redrawn = rerandomization.scores(np.ones(int(used.sum()), bool), np.random.default_rng(seed + 1000), n_draws)
     rates = {}
     for step, target in enumerate(("AUTOC", "QINI")):
         if progress:
             progress(0.3 + 0.3 * step, f"{target} with {n_draws} half-sample bootstrap draws")
         rates[target] = rank_average_treatment_effect(scores, P[used], target, n_draws=n_draws, clusters=groups,
                                                       names=names, seed=seed, is_cancelled=is_cancelled)
-        if redrawn is not None:
-            rates[target] = rerandomized_rates(rates[target], redrawn, P[used], target, rates[target][0].q)
+        if rerandomization is not None:
+            rates[target] = rerandomized_rates(rates[target], rerandomized_values(
+                rerandomization, np.ones(int(used.sum()), bool), np.random.default_rng(seed + 1000), n_draws,
+                P[used], target, rates[target][0].q))
     calibration = [best_linear_predictor(scores, P[used, j], groups) for j in range(P.shape[1])]
     gates = [group_average_effects(scores, P[used, j], n_groups, groups) for j in range(P.shape[1])]
     if progress:

@@ -361,9 +361,11 @@ def estimate_cate(units, raster_path, bands=None, window_size_px=33, nodata=None
     groups, block_size = fold_groups(study, spatial_block, window_size_px)
     design, inputs, learner = default_learner(features, study.covariates[used], n_components, n_folds,
                                               n_estimators, seed)
+    # The observational propensity always sees every image feature and covariate (core.design.propensity_inputs);
+    # without covariates as effect modifiers only the forest's design drops them.
+    trial = trial_design(study, design, inputs, groups, n_folds, seed, study_design)
     if not covariates_modify:
         design = design_matrix(features, None)[0]
-    trial = trial_design(study, design, inputs, groups, n_folds, seed, study_design)
     check, inputs, propensity = trial.check, trial.inputs, trial.propensity
     learner.fit(study.outcome[used], study.treated[used].astype(int), design, groups=groups, outcome_inputs=inputs,
                 folds=trial.folds, progress=_stage(progress, 0.22, 0.75), is_cancelled=is_cancelled,

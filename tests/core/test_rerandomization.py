@@ -5,7 +5,7 @@ trial with few clusters per fold (seeded and small here; bench/bench_clustered.p
 import numpy as np
 import pytest
 
-from geocate.core.evaluate import Rerandomization, rerandomized_rate, rank_average_treatment_effect
+from geocate.core.evaluate import Rerandomization, rank_average_treatment_effect, rerandomized_rates
 
 
 def design(n=120, villages=12, seed=0):
@@ -63,10 +63,22 @@ def test_the_rate_takes_the_larger_standard_error():
     rng = np.random.default_rng(5)
     scores, priority = rng.normal(size=200), rng.normal(size=200)
     rate = rank_average_treatment_effect(scores, priority, n_draws=100)[0]
-    wide = rerandomized_rate(rate, 3 * rng.normal(size=(100, 200)), priority, "AUTOC", rate.q)
+    wide = rerandomized_rates([rate], 3 * rate.std_err * rng.normal(size=(100, 1)))[0]
     assert wide.std_err > rate.std_err and wide.ci[0] < rate.ci[0]
-    narrow = rerandomized_rate(rate, 0.01 * rng.normal(size=(100, 200)), priority, "AUTOC", rate.q)
-    assert narrow is rate
+    assert rerandomized_rates([rate], 0.01 * rate.std_err * rng.normal(size=(100, 1)))[0] is rate
+
+
+def test_a_fold_with_one_cluster_per_stratum_still_varies():
+    """Pairs of villages randomized within pairs: a fold holding one village of each pair sees its villages'
+    treatment change between redraws (the whole trial is assigned again, not the fold alone)."""
+    village = np.repeat(np.arange(8), 5)
+    pair = village // 2
+    treated = (village % 2 == 0).astype(float)
+    rerandomization = Rerandomization(outcome=np.zeros(40), treated=treated, mu0=np.zeros(40), mu1=np.zeros(40),
+                                      propensity=0.5, tau=0.0, assignment=village, strata=pair)
+    fold = village % 2 == 0                                  # one village of each pair
+    draws = rerandomization.draws(fold, np.random.default_rng(0), 100)
+    assert 0.3 < draws.mean() < 0.7 and len({tuple(d) for d in draws}) > 5
 
 
 def clustered_null_trial(n_villages, per_village, sd, seed, effect=None):
