@@ -701,6 +701,9 @@ def evaluate_priorities(outcome, treated, priorities, names=None, covariates=Non
         missing = np.array([c is None for c in locations], bool)
         dropped["cluster is null"] = int((missing & ~bad).sum())
         bad |= missing
+    if strata is not None and known is not None:
+        raise GeoCateError("Both strata and known assignment probabilities were given.",
+                           "Give one: with strata, each stratum's treated share is the probability.")
     if strata is not None:
         missing = np.array([c is None for c in strata], bool)
         dropped["stratum is null"] = int((missing & ~bad).sum())

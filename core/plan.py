@@ -19,8 +19,9 @@ One run (:func:`plan_targeting`):
    components, judged out-of-fold (cross_fitted_policy) and described as learnt on every unit.
 6. New units: candidates (points not in the trial) get the model's CATE (the mean of the fold forests, as a
    map cell) and are treated when their ranking score reaches the trial rule's cut-off (the ranking score
-   of the last trial unit the budget buys), inside the trial's support unless allowed; a map over an extent
-   gets a "treat" band by the same cut-off on the CATE (cells have no cost).
+   of the last trial unit the budget buys when taken over all units at once), inside the trial's support unless
+   allowed; a map over an extent
+   gets a "treat" band: the same share of places by CATE (cells have no cost).
 """
 
 import dataclasses
@@ -41,6 +42,8 @@ from .targeting import (
     targeting_message,
 )
 
+#: Candidates' windows read and predicted this many at a time (a map tile's cells): memory stays bounded.
+CANDIDATE_CHUNK = 1024
 #: Leading principal components of the image features offered to the policy tree ("image PC1", ...).
 TREE_IMAGE_COMPONENTS = 3
 
@@ -90,7 +93,8 @@ class TargetingPlan:
     treat; sequential: SequentialGain; curve: CostCurve with the budget marked; comparison: RuleComparison
     or None; tree / tree_value / tree_treat: the policy tree learnt on every unit, the value of its
     out-of-fold decisions, those decisions (-1 where not used); cut: the ranking score of the last unit the
-    budget buys over all units, cate_cut its CATE cut-off (the map's); candidates: dict of arrays or None;
+    budget buys when taken over all units at once (the rule for new places), cate_cut the CATE above which the
+    same share of places is taken by CATE alone (the map's: cells have no cost); candidates: dict or None;
     map_summary: run_map's summary or None; message: the plain sentence; metadata: the run record's part.
     """
 
@@ -149,6 +153,25 @@ def check_budget(budget, cost=None, cost_name="cost"):
                                "Give a share between 0 and 1, or choose a cost field to give a total cost.")
 
 
+#: The budget is taken within each of the cross-fitting folds (core.targeting.budget_rule).
+N_FOLDS = 5
+
+
+def check_fold_budget(budget, cost, n_units, n_folds=N_FOLDS):
+    """Before the fit: a budget that, shared over the folds, buys nothing in a fold is refused (it failed only
+    after the whole fit). With costs each fold gets about 1 / n_folds of the total."""
+    if budget.total is not None and cost is not None:
+        cheapest = float(np.nanmin(np.asarray(cost, float)))
+        if budget.total / n_folds < cheapest:
+            raise GeoCateError(
+                f"A budget of {budget.total:,.6g} is taken within each of the {n_folds} cross-fitting folds (about "
+                f"{budget.total / n_folds:,.6g} each), which cannot buy even the cheapest unit ({cheapest:,.6g}).",
+                f"With a cost field, BUDGET is a total cost: give at least {n_folds * cheapest:,.6g}.")
+    if budget.share is not None and budget.share * n_units / n_folds < 1:
+        raise GeoCateError(f"A budget of {budget.share:g} of {n_units} units treats less than one unit in each of the "
+                           f"{n_folds} cross-fitting folds.", f"Give a share of at least {n_folds / n_units:.2g}.")
+
+
 def ranking_order(cate, cost=None):
     """Units in priority order: by CATE (ties: the earlier unit), or with costs by CATE per cost among the
     units expected to gain (core.targeting's order), then the others by CATE."""
@@ -175,7 +198,10 @@ def check_candidates(candidates, raster_path, bands, window_size_px, nodata):
     """Before the fit: refuse candidates none of which has a usable window (outside the raster, or nodata)."""
     from .represent import WindowSource
 
-    ok = WindowSource([raster_path], candidates.xy, candidates.crs_wkt, bands, window_size_px, None, nodata).read()[2]
+    ok = np.concatenate([   # read CANDIDATE_CHUNK windows at a time: memory stays bounded
+        WindowSource([raster_path], candidates.xy[start:start + CANDIDATE_CHUNK], candidates.crs_wkt, bands,
+                     window_size_px, None, nodata).read()[2]
+        for start in range(0, len(candidates.xy), CANDIDATE_CHUNK)])
     if not np.any(ok):
         raise GeoCateError(f"None of the {len(candidates.xy)} {candidates.name} has a usable image window: they lie "
                            "outside the raster, too near its edge, or on nodata.",
@@ -216,6 +242,7 @@ def plan_targeting(units, raster_path, budget, bands=None, window_size_px=33, no
     from .learners import CrossFittedCausalForest, design_matrix
 
     check_budget(budget, cost, cost_name)
+    check_fold_budget(budget, cost, len(units.outcome))
     check_priorities(priorities)
     if tree_depth not in (0, 1, 2, 3):
         raise GeoCateError(f"A policy tree of depth {tree_depth} is not offered.", "Use 0 (none), 1, 2 or 3.")
@@ -263,8 +290,11 @@ def plan_targeting(units, raster_path, budget, bands=None, window_size_px=33, no
     priority = np.empty(n, int)
     priority[order] = np.arange(1, n + 1)
     k = int(treat.sum())
-    cut = float(ranking[order[k - 1]])
-    cate_cut = float(cate[order[:k]].min())
+    # The rule for new places (candidates, cells) is the budget taken over all the trial's units at once: its last
+    # unit's ranking score is the cut-off; cells, which have no cost, take the same share of places by CATE.
+    pooled = budget_rule(cate, share, c, budget_total if c is not None else None)
+    cut = float(ranking[pooled].min())
+    cate_cut = float(np.sort(cate)[::-1][int(pooled.sum()) - 1])
 
     report_progress = _stage(progress, 0.6, 0.75)
     if report_progress:
@@ -382,7 +412,8 @@ def rank_candidates(spec, candidates, cut, outside_support=False, with_costs=Fal
     Returns a dict of (m,) arrays and a ``summary``."""
     from .maps import NODATA, SUPPORT_THRESHOLD, predict_at
 
-    out = predict_at(spec, candidates.xy, candidates.crs_wkt)
+    out = np.concatenate([predict_at(spec, candidates.xy[start:start + CANDIDATE_CHUNK], candidates.crs_wkt)
+                          for start in range(0, len(candidates.xy), CANDIDATE_CHUNK)], axis=1)
     ok = out[0] != NODATA
     cate = np.where(ok, out[0], np.nan).astype(float)
     cate_se = np.where(ok, out[1], np.nan).astype(float)

@@ -865,7 +865,7 @@ def targeting_report(metadata, html_path, figures, map_path=None):
         png = plot_map(map_path, m["bands"], os.path.join(figures, "map.png"))
         sections.append(("Map of cells to treat", image(png, "Map")
                          + f"<p>{m['usable']} cells with a usable window; <b>{m.get('treat', 0)}</b> chosen (CATE "
-                           f"at least {plan['cate_cut']:.3g}, the smallest effect the budget bought in the trial); "
+                           f"at least {plan['cate_cut']:.3g}: the same share of places as the budget buys among the trial's units); "
                            f"{m.get('treat_outside_support', 0)} more reach it outside the trial's support and "
                          + ("are chosen too." if plan.get("outside_support_allowed") else "are not chosen.")
                          + " The map's band 'treat' holds the choice.</p>"))

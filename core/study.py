@@ -247,6 +247,9 @@ def build_study(units, raster_path, bands=None, window_size_px=33, nodata=None,
         index = {c: i for i, c in enumerate(known)}
         clusters = np.array([-1 if c is None else index[c] for c in labels], int)
     strata, stratum_labels, propensity = None, (), None
+    if getattr(units, "strata", None) is not None and getattr(units, "propensity", None) is not None:
+        raise GeoCateError("Both strata and known assignment probabilities were given.",
+                           "Give one: with strata, each stratum's treated share is the probability.")
     if getattr(units, "strata", None) is not None:
         labels = [None if c is None else str(c) for c in units.strata]
         null_stratum = np.array([c is None for c in labels], bool)

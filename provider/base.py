@@ -301,7 +301,7 @@ def guarded(process):
         from ..core.errors import MissingDependency
         from .outputs import RunFiles
 
-        self._files, self._dest_id, self._on_load = RunFiles(), None, []
+        self._files, self._dest_id, self._on_load, self._scratch = RunFiles(), None, [], []
         check_destinations(self, parameters, context, self._files)
         try:
             with quiet_libraries():
@@ -324,6 +324,12 @@ def guarded(process):
         except BaseException:
             self._files.abort()
             raise
+        finally:   # scratch folders (scratch_folder) go whatever happened
+            import shutil
+
+            for folder in self._scratch:
+                shutil.rmtree(folder, ignore_errors=True)
+            self._scratch = []
 
     return wrapped
 
@@ -445,6 +451,14 @@ class GeoCateAlgorithm(QgsProcessingAlgorithm):
         path = self._ogr_path(dest_id[len("ogr:"):]) if dest_id.startswith("ogr:") else dest_id
         file = os.path.abspath(path.split("|")[0])
         return path if any(file == tmp for tmp, _ in self._files.pending) else None
+
+    def scratch_folder(self):
+        """A temporary folder for this run's intermediate files, removed when the run ends, failed or not."""
+        import tempfile
+
+        folder = tempfile.mkdtemp(prefix="geocate-")
+        self._scratch.append(folder)
+        return folder
 
     def output_file(self, parameters, name, context):
         """Where to write file destination ``name`` for now (its partial name), or None when not asked for."""

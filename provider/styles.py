@@ -108,6 +108,11 @@ def treat_renderer(layer, field="treat"):
         symbol.setColor(colour)
         count = int(np.sum(values == value))
         categories.append(QgsRendererCategory(value, symbol, f"{label}: {count} ({count / total:.0%})"))
+    missing = int(np.sum(~np.isfinite(values)))
+    if missing:   # dropped units (no window, a null): drawn hollow, not hidden
+        symbol = _symbol(layer)
+        symbol.setColor(QColor(255, 255, 255, 0))
+        categories.append(QgsRendererCategory("", symbol, f"no estimate: {missing}"))
     return QgsCategorizedSymbolRenderer(field, categories)
 
 

@@ -100,7 +100,7 @@ class TargetingAlgorithm(GeoCateAlgorithm):
             "(exhaustive search), judged out-of-fold.\n\n"
             "CANDIDATES (units not in the trial) and EXTENT (map cells) are ranked by the same model with the image "
             "features alone as effect modifiers, and chosen when they reach the rule's cut-off (the last trial "
-            "unit the budget bought), inside the trial's support unless OUTSIDE_SUPPORT.\n\n"
+            "unit the budget buys over all units at once; cells: the same share by CATE), inside the trial's support unless OUTSIDE_SUPPORT.\n\n"
             "Outputs: the units (and candidates) with priority (1 = first), treat (1 within the budget), cate, "
             "cate_lo, cate_hi, support (<= 1: imagery like the trial's); a map with bands cate, cate_se, support, "
             "treat; GAIN, GAIN_SE, N_TREAT, BUDGET_USED; a report with the budget curve and the rules compared.")
@@ -197,11 +197,8 @@ class TargetingAlgorithm(GeoCateAlgorithm):
             if parameters.get(OUTPUT_MAP):
                 map_final = self.parameterAsOutputLayer(parameters, OUTPUT_MAP, context)
                 map_path = self._files.partial(map_final)
-            else:   # for the report alone: a scratch folder, removed at the end (or when the run fails, with it)
-                import tempfile
-
-                self._scratch = tempfile.TemporaryDirectory(prefix="geocate-")
-                map_path = os.path.join(self._scratch.name, "targeting_map.tif")
+            else:   # for the report alone: a scratch folder, removed when the run ends, failed or not
+                map_path = os.path.join(self.scratch_folder(), "targeting_map.tif")
             map_request = MapRequest(map_path, extent=extent, stride=stride)
         elif parameters.get(OUTPUT_MAP):
             raise QgsProcessingException("A map of cells to treat needs an extent to map (EXTENT). Give one, or "
@@ -315,9 +312,6 @@ class TargetingAlgorithm(GeoCateAlgorithm):
                 targeting_report(metadata, report, folder, map_request.path if map_request else None)
             results[OUTPUT_REPORT] = report
             feedback.pushInfo(f"Report: {self.final_path(report)}.")
-        if getattr(self, "_scratch", None) is not None:
-            self._scratch.cleanup()
-            self._scratch = None
         return results
 
     def _write_candidates(self, parameters, context, source, features, ranked):

@@ -809,11 +809,18 @@ class GeoCateDock(QgsDockWidget):
         parameters.pop("CLUSTERS", None)
         parameters.pop("MAX_CLUSTERS", None)
         budget = self.budget_slider.value()
-        parameters.update(BUDGET=budget / 100.0, OUTPUT=os.path.join(self.run_dir, f"targeting_{budget}.gpkg"),
-                          OUTPUT_REPORT=os.path.join(self.run_dir, f"targeting_{budget}.html"))
+        stem = f"targeting_{budget}"
+        taken = 1
+        while os.path.exists(os.path.join(self.run_dir, f"{stem}.gpkg")):   # a second plan at the same budget
+            taken += 1
+            stem = f"targeting_{budget}_{taken}"
+        parameters.update(BUDGET=budget / 100.0, OUTPUT=os.path.join(self.run_dir, f"{stem}.gpkg"),
+                          OUTPUT_REPORT=os.path.join(self.run_dir, f"{stem}.html"))
         return parameters
 
     def start_plan(self):
+        self.plan_budget = self.budget_slider.value()   # the run's budget, whatever the slider does meanwhile
+        self.budget_slider.setEnabled(False)
         self.start_task("geocate:targeting", self.plan_parameters(), self.on_plan_executed)
         self.show_info(f"Planning the next round with a budget of {self.budget_slider.value()} % of the units ... "
                        "QGIS stays usable.")
@@ -822,7 +829,7 @@ class GeoCateDock(QgsDockWidget):
     def on_plan_executed(self, ok, results):
         from ..provider.styles import TREAT_STYLE, apply_result_styles
 
-        for button in (self.run_button, self.map_button, self.plan_button):
+        for button in (self.run_button, self.map_button, self.plan_button, self.budget_slider):
             button.setEnabled(True)
         self.cancel_button.setEnabled(False)
         cancelled = self.feedback.isCanceled()
@@ -837,7 +844,7 @@ class GeoCateDock(QgsDockWidget):
                             f"The plan failed: {errors[-1] if errors else 'see the Processing log'}")
             self.run_finished.emit(False)
             return
-        budget = self.budget_slider.value()
+        budget = self.plan_budget
         layer = apply_result_styles(QgsVectorLayer(results["OUTPUT"], f"Next round: {budget} % budget", "ogr"),
                                     current=TREAT_STYLE)
         project = QgsProject.instance()
