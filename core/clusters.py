@@ -26,6 +26,7 @@ import numpy as np
 
 from .encoders import file_digest
 from .errors import GeoCateError, require
+from .scores import Z95
 
 PRIOR_TAU_SD = 3.0
 PRIOR_LOG_SIGMA_SD = 1.0
@@ -279,7 +280,7 @@ def cluster_table(fit, probabilities):
     mean, sd = fit.effects()
     sigmas = fit.sigmas()
     share = np.asarray(probabilities).mean(axis=0)
-    return [(k + 1, float(mean[k]), float(mean[k] - 1.959964 * sd[k]), float(mean[k] + 1.959964 * sd[k]),
+    return [(k + 1, float(mean[k]), float(mean[k] - Z95 * sd[k]), float(mean[k] + Z95 * sd[k]),
              float(share[k]), float(sigmas[k, 0]), float(sigmas[k, 1])) for k in range(fit.n_clusters)]
 
 

@@ -16,7 +16,7 @@ import numpy as np
 
 from .errors import GeoCateError, require
 from .learners import location_folds, location_ids, run_cancellable, stratified_folds
-from .scores import aipw_scores, cross_fitted_scores, mean_and_se, zero_noise
+from .scores import Z95, aipw_scores, cross_fitted_scores, mean_and_se, zero_noise
 
 DEFAULT_Q = np.round(np.arange(1, 11) / 10, 10)
 
@@ -117,7 +117,7 @@ def _inference(name, target, estimate, toc, draws, toc_draws, q):
     p = float(2 * norm.sf(abs(estimate) / se)) if se > 0 else (1.0 if estimate == 0 else float("nan"))
     toc = zero_noise(toc)
     return RateResult(target=target, priority=name, estimate=float(estimate), std_err=se,
-                      ci=(float(estimate - 1.959964 * se), float(estimate + 1.959964 * se)), p_value=p,
+                      ci=(float(estimate - Z95 * se), float(estimate + Z95 * se)), p_value=p,
                       q=np.asarray(q), toc=np.asarray(toc),
                       toc_se=zero_noise(np.std(toc_draws, axis=0, ddof=1)) if len(draws) > 1 else np.zeros(len(q)),
                       draws=np.asarray(draws))
@@ -321,7 +321,7 @@ def _with_std_err(rate, se):
     if not se > rate.std_err:
         return rate
     p = float(2 * norm.sf(abs(rate.estimate) / se)) if se > 0 else rate.p_value
-    return dataclasses.replace(rate, std_err=se, ci=(rate.estimate - 1.959964 * se, rate.estimate + 1.959964 * se),
+    return dataclasses.replace(rate, std_err=se, ci=(rate.estimate - Z95 * se, rate.estimate + Z95 * se),
                                p_value=p)
 
 
@@ -495,8 +495,8 @@ def group_average_effects(scores, cate, n_groups=5, clusters=None):
     for g in range(1, n_groups + 1):
         inside = groups == g
         mean, se = mean_and_se(scores[inside], clusters[inside])
-        rows.append((g, int(inside.sum()), float(mean), float(se), float(mean - 1.959964 * se),
-                     float(mean + 1.959964 * se)))
+        rows.append((g, int(inside.sum()), float(mean), float(se), float(mean - Z95 * se),
+                     float(mean + Z95 * se)))
     return rows
 
 

@@ -6,6 +6,7 @@ import time
 import numpy as np
 
 from .errors import Cancelled, GeoCateError, require
+from .scores import Z95
 
 
 def run_cancellable(work, is_cancelled=None, poll_seconds=0.25):
@@ -332,7 +333,7 @@ class CrossFittedCausalForest:
             self.cate_raw_[test] = point
             self.cate_[test] = point = calibration(point)
             self.cate_se_[test] = se
-            self.cate_lo_[test], self.cate_hi_[test] = point - 1.959964 * se, point + 1.959964 * se
+            self.cate_lo_[test], self.cate_hi_[test] = point - Z95 * se, point + Z95 * se
             self.forests_.append(forest)
             self.calibrations_.append(calibration)
             self.fold_seconds_.append(time.monotonic() - fold_started)

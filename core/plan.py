@@ -30,8 +30,8 @@ import numpy as np
 
 from .errors import GeoCateError
 from .pipeline import _stage, estimate_cate
+from .scores import Z95
 from .targeting import (
-    Z95,
     budget_rule,
     compare_rules,
     cost_curve,

@@ -6,6 +6,8 @@ import json
 import os
 import time
 
+from .scores import Z95
+
 
 def plot_toc(rates, path, title="Targeting operator characteristic"):
     """TOC curves of RateResults (estimate and 95 % band against the treated fraction q) to a PNG."""
@@ -146,12 +148,12 @@ def rate_rows(evaluation):
                          rate.ratio))
     for name, calibration in zip(evaluation.names, evaluation.calibration):
         rows.append(("BLP mean (b1)", name, calibration.mean_forest, calibration.mean_forest_se,
-                     calibration.mean_forest - 1.959964 * calibration.mean_forest_se,
-                     calibration.mean_forest + 1.959964 * calibration.mean_forest_se, calibration.mean_forest_p,
+                     calibration.mean_forest - Z95 * calibration.mean_forest_se,
+                     calibration.mean_forest + Z95 * calibration.mean_forest_se, calibration.mean_forest_p,
                      ratio(calibration.mean_forest, calibration.mean_forest_se)))
         rows.append(("BLP differential (b2)", name, calibration.differential, calibration.differential_se,
-                     calibration.differential - 1.959964 * calibration.differential_se,
-                     calibration.differential + 1.959964 * calibration.differential_se, calibration.differential_p,
+                     calibration.differential - Z95 * calibration.differential_se,
+                     calibration.differential + Z95 * calibration.differential_se, calibration.differential_p,
                      ratio(calibration.differential, calibration.differential_se)))
     for name, gates in zip(evaluation.names, evaluation.gates):
         for group, n, estimate, se, low, high in gates:
@@ -194,8 +196,8 @@ def evaluation_report(evaluation, html_path, png_path, inputs, metadata=None):
 
 def test_row(metric, test):
     """A table row (metric, rule, estimate, SE, 95 % low, high, one-sided p, t) of a HeterogeneityTest."""
-    return (metric, test.priority, test.estimate, test.std_err, test.estimate - 1.959964 * test.std_err,
-            test.estimate + 1.959964 * test.std_err, test.p_value, test.t_stat)
+    return (metric, test.priority, test.estimate, test.std_err, test.estimate - Z95 * test.std_err,
+            test.estimate + Z95 * test.std_err, test.p_value, test.t_stat)
 
 
 def comparison_rows(comparison):
@@ -282,7 +284,7 @@ def predicted_outcome_section(record):
     if "ate_by_correction" in record:
         used = record["correction"]
         rows = [(method + (" (used)" if method == used else ""), ate["estimate"], ate["std_err"],
-                 ate["estimate"] - 1.959964 * ate["std_err"], ate["estimate"] + 1.959964 * ate["std_err"])
+                 ate["estimate"] - Z95 * ate["std_err"], ate["estimate"] + Z95 * ate["std_err"])
                 for method, ate in record["ate_by_correction"].items()]
         parts.append(f"<p>The outcome is the map's prediction of <b>{html.escape(record['outcome'])}</b>"
                      f" ({html.escape(str(record['map'].get('name') or 'map'))}), corrected with the "
@@ -329,7 +331,7 @@ def estimate_report(metadata, html_path, map_png=None, figures=None):
     toc_png = plot_toc([rate], stem + "_toc.png", "TOC of the pooled out-of-fold CATE (descriptive)")
     groups_png = plot_group_effects(metadata["group_effects"], stem + "_groups.png", metadata["ate"])
     parameters = metadata.get("parameters", {})
-    low, high = metadata["ate"] - 1.959964 * metadata["ate_se"], metadata["ate"] + 1.959964 * metadata["ate_se"]
+    low, high = metadata["ate"] - Z95 * metadata["ate_se"], metadata["ate"] + Z95 * metadata["ate_se"]
     test = metadata["heterogeneity_test"]
     verdict = ("Heterogeneity detected: the units the estimated effects rank first gain more than average, in folds "
                "the ranking model never saw" if test["detected"] else
@@ -485,8 +487,8 @@ def cluster_report(metadata, html_path, figures, typical=None, rgb_order=(0, 1, 
     effects_png = os.path.join(figures, "clusters.png")
     figure.savefig(effects_png)
     k = metadata["n_clusters"]
-    low = metadata["ate"] - 1.959964 * metadata["ate_se"]
-    high = metadata["ate"] + 1.959964 * metadata["ate_se"]
+    low = metadata["ate"] - Z95 * metadata["ate_se"]
+    high = metadata["ate"] + Z95 * metadata["ate_se"]
     summary = (f"<p><b>{k} cluster{'s' if k > 1 else ''}</b>" + (" (no heterogeneity found: one cluster fits the "
                "held-out units best)" if k == 1 else "") + f". Average treatment effect (doubly robust): "
                f"<b>{metadata['ate']:.3f}</b> (95 % interval {low:.3f} to {high:.3f}), from {metadata['n_used']} "
@@ -703,7 +705,7 @@ def panel_report(metadata, rows, html_path):
     parameters = metadata.get("parameters", {})
     summary = "".join(
         f"<p><b>{html.escape(e['approach'])}</b>: theta {e['theta']:.4f} (SE {e['std_err']:.4f}, 95 % interval "
-        f"{e['theta'] - 1.959964 * e['std_err']:.4f} to {e['theta'] + 1.959964 * e['std_err']:.4f}), "
+        f"{e['theta'] - Z95 * e['std_err']:.4f} to {e['theta'] + Z95 * e['std_err']:.4f}), "
         f"{e['n_units']} units, {e['n_obs']} rows; year effects {'absorbed' if e.get('time_effects') else 'ignored'}."
         + (f" Not estimable: {', '.join(f'{p:g} ({r})' for p, r in e['not_estimable'])}." if e.get("not_estimable")
            else "") + "</p>" for e in metadata["estimates"])
@@ -778,7 +780,7 @@ def plot_budget_curve(curve, path):
     axes = figure.add_subplot(1, 1, 1)
     x = spend / curve["mean_cost"]   # the share of the total cost (without costs: of the units)
     line, = axes.plot(x, gain, label="the rule (units by CATE" + (" per cost" if curve["costs"] else "") + ")")
-    axes.fill_between(x, gain - 1.959964 * se, gain + 1.959964 * se, color=line.get_color(), alpha=0.18)
+    axes.fill_between(x, gain - Z95 * se, gain + Z95 * se, color=line.get_color(), alpha=0.18)
     axes.plot([0, 1], [0, curve["ate"]], color="0.4", linestyle="--", label="a random set of the same cost")
     if curve.get("budget") is not None:
         axes.axvline(curve["budget"] / curve["mean_cost"], color="black", linewidth=0.9, label="the budget")

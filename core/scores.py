@@ -15,6 +15,9 @@ import numpy as np
 
 from .errors import GeoCateError
 
+#: The standard normal's 97.5 % quantile: every 95 % interval of GeoCATE is estimate +- Z95 x SE.
+Z95 = 1.959964
+
 #: Estimates and standard errors below this (in absolute value) are numerical noise: zero (as in grf).
 NUMERICAL_ZERO = 1e-15
 

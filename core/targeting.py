@@ -73,7 +73,6 @@ import numpy as np
 from .errors import GeoCateError
 from .scores import mean_and_se, normal_interval, zero_noise
 
-Z95 = 1.959964
 ESTIMANDS = ("sample", "population")
 #: A policy tree searches every pair of columns at depth 2: more columns than this are refused (raw features).
 MAX_TREE_COLUMNS = 40

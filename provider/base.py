@@ -288,7 +288,8 @@ PIP_NAMES = {"sklearn": "scikit-learn", "osgeo": "GDAL", "econml": "econml==0.16
 
 
 def guarded(process):
-    """Wrap a processAlgorithm: destinations are checked and locked before any work (RunFiles); a package
+    """Wrap a processAlgorithm: destinations are checked and locked before any work (RunFiles); the core's
+    GeoCateError becomes the QgsProcessingException Processing shows (one place, not one per algorithm); a package
     missing on any import path (scikit-learn, scipy, matplotlib, ...) becomes the same 'install X' message as
     torch's, not a raw ImportError traceback; a failure removes every partial output, and when all succeeded
     the outputs are moved into place."""
@@ -298,7 +299,7 @@ def guarded(process):
     def wrapped(self, parameters, context, feedback):
         from qgis.core import QgsProcessingException
 
-        from ..core.errors import MissingDependency
+        from ..core.errors import GeoCateError, MissingDependency
         from .outputs import RunFiles
 
         self._files, self._dest_id, self._on_load, self._scratch = RunFiles(), None, [], []
@@ -312,6 +313,9 @@ def guarded(process):
             if self._dest_id is not None:
                 self._results = results
             return results
+        except GeoCateError as error:   # the core's message, naming the problem and its fix: Processing shows it
+            self._files.abort()
+            raise QgsProcessingException(str(error)) from error
         except ImportError as error:
             self._files.abort()
             package = (error.name or "").split(".")[0] or str(error)

@@ -79,7 +79,6 @@ class CalibrateMapAlgorithm(GeoCateAlgorithm):
 
     def processAlgorithm(self, parameters, context, feedback):  # noqa: N802 - QGIS's name
         from ..core.corrections import fit_correction
-        from ..core.errors import GeoCateError
 
         started = time.monotonic()
         source = self.parameterAsSource(parameters, self.INPUT, context)
@@ -104,13 +103,10 @@ class CalibrateMapAlgorithm(GeoCateAlgorithm):
             prediction.append(as_number(feature[prediction_field]) if prediction_field else np.nan)
             xy.append(unit_point(feature.geometry()))
         map_info = {"name": source.sourceName(), "bands": None, "band": None, "field": prediction_field}
-        try:
-            if raster is not None:
-                prediction = self._sample(raster, band, np.asarray(xy, float).reshape(-1, 2), source.sourceCrs())
-                map_info = {"name": os.path.basename(raster.source()), "bands": raster.bandCount(), "band": band}
-            correction = fit_correction(truth, prediction, outcome, map_info)
-        except GeoCateError as error:
-            raise QgsProcessingException(str(error)) from error
+        if raster is not None:
+            prediction = self._sample(raster, band, np.asarray(xy, float).reshape(-1, 2), source.sourceCrs())
+            map_info = {"name": os.path.basename(raster.source()), "bands": raster.bandCount(), "band": band}
+        correction = fit_correction(truth, prediction, outcome, map_info)
         v = correction.validation
         feedback.pushInfo(f"{correction.n_validation} validation units. Slope of the prediction on the truth "
                           f"{v['slope']:.3f} (1 = no shrinkage), sigma {v['sigma']:.3f}.")

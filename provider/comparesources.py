@@ -5,7 +5,6 @@ import time
 
 from qgis.core import (
     QgsProcessing,
-    QgsProcessingException,
     QgsProcessingOutputNumber,
     QgsProcessingParameterDefinition,
     QgsProcessingParameterEnum,
@@ -80,7 +79,6 @@ class CompareSourcesAlgorithm(GeoCateAlgorithm):
             self.addOutput(QgsProcessingOutputNumber(name, label))
 
     def processAlgorithm(self, parameters, context, feedback):  # noqa: N802 - QGIS's name
-        from ..core.errors import GeoCateError
         from ..core.pipeline import compare_sources
         from ..core.report import comparison_report, comparison_rows
         from ..core.study import describe_dropped
@@ -97,15 +95,12 @@ class CompareSourcesAlgorithm(GeoCateAlgorithm):
         imagery, imagery_values = read_imagery_parameters(self, parameters, context)
         features, units = read_units(source, study_values["treatment"], study_values["outcome"],
                                      study_values["covariates"], feedback, cluster, strata, known)
-        try:
-            study, comparison = compare_sources(
-                units, study_values["raster"], study_values["bands"], study_values["window"], study_values["nodata"],
-                study_values["seed"], n_draws=n_draws, spatial_block=study_values["spatial_block"],
-                progress=lambda f, m: (feedback.setProgress(100 * f), feedback.setProgressText(m)),
-                is_cancelled=feedback.isCanceled, study_design=StudyDesign(design_kind, seed=study_values["seed"]),
-                imagery=imagery, compare=compare)
-        except GeoCateError as error:
-            raise QgsProcessingException(str(error)) from error
+        study, comparison = compare_sources(
+            units, study_values["raster"], study_values["bands"], study_values["window"], study_values["nodata"],
+            study_values["seed"], n_draws=n_draws, spatial_block=study_values["spatial_block"],
+            progress=lambda f, m: (feedback.setProgress(100 * f), feedback.setProgressText(m)),
+            is_cancelled=feedback.isCanceled, study_design=StudyDesign(design_kind, seed=study_values["seed"]),
+            imagery=imagery, compare=compare)
         for warning in comparison.get("warnings", []):
             feedback.pushWarning(warning)
         if not study_values["covariates"]:

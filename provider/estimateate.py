@@ -3,7 +3,6 @@
 import time
 
 from qgis.core import (
-    QgsProcessingException,
     QgsProcessingOutputNumber,
     QgsProcessingParameterDefinition,
     QgsProcessingParameterEnum,
@@ -92,7 +91,6 @@ class EstimateAteAlgorithm(GeoCateAlgorithm):
 
     def processAlgorithm(self, parameters, context, feedback):  # noqa: N802 - QGIS's name
         from ..core.design import StudyDesign
-        from ..core.errors import GeoCateError
         from ..core.pipeline import estimate_ate
 
         started = time.monotonic()
@@ -106,15 +104,12 @@ class EstimateAteAlgorithm(GeoCateAlgorithm):
         features, units = read_units(source, study["treatment"], study["outcome"], study["covariates"], feedback,
                                      cluster)
         correction, method, _ = read_outcome_correction(self, parameters, context, source, features)
-        try:
-            design = StudyDesign(kind, trim=trim, seed=study["seed"])
-            study_data, out = estimate_ate(
-                units, study["raster"], design, study["bands"], study["window"], study["nodata"], study["seed"],
-                spatial_block=study["spatial_block"],
-                progress=lambda f, m: (feedback.setProgress(100 * f), feedback.setProgressText(m)),
-                is_cancelled=feedback.isCanceled, outcome_correction=correction, correction=method, imagery=imagery)
-        except GeoCateError as error:
-            raise QgsProcessingException(str(error)) from error
+        design = StudyDesign(kind, trim=trim, seed=study["seed"])
+        study_data, out = estimate_ate(
+            units, study["raster"], design, study["bands"], study["window"], study["nodata"], study["seed"],
+            spatial_block=study["spatial_block"],
+            progress=lambda f, m: (feedback.setProgress(100 * f), feedback.setProgressText(m)),
+            is_cancelled=feedback.isCanceled, outcome_correction=correction, correction=method, imagery=imagery)
         metadata = out["metadata"]
         feedback.pushInfo(f"Design: {kind}; propensity: {metadata['propensity_model']['model']}.")
         if out["overlap"]:

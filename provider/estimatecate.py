@@ -100,7 +100,6 @@ class EstimateCateAlgorithm(GeoCateAlgorithm):
         self.addOutput(QgsProcessingOutputNumber("ATE_PPI_SE", "Standard error of the prediction-powered ATE"))
 
     def processAlgorithm(self, parameters, context, feedback):  # noqa: N802 - QGIS's name
-        from ..core.errors import GeoCateError
         from ..core.pipeline import estimate_cate
         from ..core.study import describe_dropped
 
@@ -122,14 +121,11 @@ class EstimateCateAlgorithm(GeoCateAlgorithm):
             if message:
                 feedback.setProgressText(message)
 
-        try:
-            study, result = estimate_cate(units, path, bands, window, nodata, seed, n_groups,
-                                          spatial_block=spatial_block, progress=progress,
-                                          is_cancelled=feedback.isCanceled, outcome_correction=correction,
-                                          correction=method, outcome_truth=truth,
-                                          study_design=StudyDesign(design_kind, seed=seed), imagery=imagery)
-        except GeoCateError as error:
-            raise QgsProcessingException(str(error)) from error
+        study, result = estimate_cate(units, path, bands, window, nodata, seed, n_groups,
+                                      spatial_block=spatial_block, progress=progress,
+                                      is_cancelled=feedback.isCanceled, outcome_correction=correction,
+                                      correction=method, outcome_truth=truth,
+                                      study_design=StudyDesign(design_kind, seed=seed), imagery=imagery)
 
         for warning in result.metadata.get("warnings", []):
             feedback.pushWarning(warning)

@@ -103,7 +103,6 @@ class EvaluateAlgorithm(GeoCateAlgorithm):
             self.addOutput(QgsProcessingOutputNumber(name, label))
 
     def processAlgorithm(self, parameters, context, feedback):  # noqa: N802 - QGIS's name
-        from ..core.errors import GeoCateError
         from ..core.evaluate import evaluate_priorities, metric_coords
         from ..core.report import evaluation_report, plot_toc, rate_rows
         from ..core.study import describe_dropped
@@ -178,10 +177,7 @@ class EvaluateAlgorithm(GeoCateAlgorithm):
         correction, method, _ = read_outcome_correction(self, parameters, context, source, [])
         outcomes = np.array([r[2] for r in rows], float)
         if correction is not None:
-            try:
-                correction.check_compatible(outcome)
-            except GeoCateError as error:
-                raise QgsProcessingException(str(error)) from error
+            correction.check_compatible(outcome)
             outcomes = correction.apply(outcomes, method)[0]
         coords = None
         if spatial:
@@ -189,19 +185,16 @@ class EvaluateAlgorithm(GeoCateAlgorithm):
             if not crs.isValid():
                 raise QgsProcessingException("The layer has no CRS. Set it (Layer Properties > Source) first.")
             coords = metric_coords(np.array([r[4] for r in rows], float).reshape(n, 2), crs.toWkt())
-        try:
-            evaluation = evaluate_priorities(
-                outcome=outcomes, treated=np.array([r[1] for r in rows], float),
-                priorities=np.array([r[0] for r in rows], float).reshape(n, len(rules)), names=rules,
-                covariates=np.array([r[3] for r in rows], float).reshape(n, len(covariates)) if covariates else None,
-                coords=coords, locations=[r[5] for r in rows] if cluster else None, spatial_block=spatial_block,
-                n_groups=n_groups, n_draws=n_draws, seed=seed, treatment_name=treatment,
-                progress=lambda f, m: (feedback.setProgress(100 * f), feedback.setProgressText(m)),
-                is_cancelled=feedback.isCanceled, design=StudyDesign(design_kind, seed=seed),
-                strata=[r[6] for r in rows] if strata else None,
-                known=np.array([r[7] for r in rows], float) if known else None)
-        except GeoCateError as error:
-            raise QgsProcessingException(str(error)) from error
+        evaluation = evaluate_priorities(
+            outcome=outcomes, treated=np.array([r[1] for r in rows], float),
+            priorities=np.array([r[0] for r in rows], float).reshape(n, len(rules)), names=rules,
+            covariates=np.array([r[3] for r in rows], float).reshape(n, len(covariates)) if covariates else None,
+            coords=coords, locations=[r[5] for r in rows] if cluster else None, spatial_block=spatial_block,
+            n_groups=n_groups, n_draws=n_draws, seed=seed, treatment_name=treatment,
+            progress=lambda f, m: (feedback.setProgress(100 * f), feedback.setProgressText(m)),
+            is_cancelled=feedback.isCanceled, design=StudyDesign(design_kind, seed=seed),
+            strata=[r[6] for r in rows] if strata else None,
+            known=np.array([r[7] for r in rows], float) if known else None)
 
         autoc, qini = evaluation.rates["AUTOC"][0], evaluation.rates["QINI"][0]
         predicted = None

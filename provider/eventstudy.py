@@ -4,7 +4,6 @@ import time
 
 from qgis.core import (
     QgsProcessing,
-    QgsProcessingException,
     QgsProcessingOutputNumber,
     QgsProcessingParameterDefinition,
     QgsProcessingParameterEnum,
@@ -97,7 +96,6 @@ class EventStudyAlgorithm(GeoCateAlgorithm):
             self.addOutput(QgsProcessingOutputNumber(name, label))
 
     def processAlgorithm(self, parameters, context, feedback):  # noqa: N802 - QGIS's name
-        from ..core.errors import GeoCateError
         from ..core.eventstudy import event_study
 
         started = time.monotonic()
@@ -105,16 +103,13 @@ class EventStudyAlgorithm(GeoCateAlgorithm):
         control = CONTROLS[self.parameterAsEnum(parameters, self.CONTROL_GROUP, context)][1]
         anticipation = self.parameterAsInt(parameters, self.ANTICIPATION, context)
         seed = self.parameterAsInt(parameters, self.SEED, context)
-        try:
-            rows, X, names = read_panel_rows(source, values, seed, feedback, progress_share=30)
-            study = event_study(
-                [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows], [r[3] for r in rows], X, names,
-                control=control, anticipation=anticipation, seed=seed,
-                progress=lambda f, m: (feedback.setProgress(30 + 70 * f), feedback.setProgressText(m)),
-                is_cancelled=feedback.isCanceled, unit_name=values["unit"], time_name=values["time"],
-                treatment_name=values["treatment"], outcome_name=values["outcome"])
-        except GeoCateError as error:
-            raise QgsProcessingException(str(error)) from error
+        rows, X, names = read_panel_rows(source, values, seed, feedback, progress_share=30)
+        study = event_study(
+            [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows], [r[3] for r in rows], X, names,
+            control=control, anticipation=anticipation, seed=seed,
+            progress=lambda f, m: (feedback.setProgress(30 + 70 * f), feedback.setProgressText(m)),
+            is_cancelled=feedback.isCanceled, unit_name=values["unit"], time_name=values["time"],
+            treatment_name=values["treatment"], outcome_name=values["outcome"])
         self.log(study, feedback)
         table = table_rows(study)
         dest_id = write_table(self, parameters, context, table, columns=EVENT_COLUMNS)

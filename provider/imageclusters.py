@@ -98,7 +98,6 @@ class ImageClustersAlgorithm(GeoCateAlgorithm):
 
     def processAlgorithm(self, parameters, context, feedback):  # noqa: N802 - QGIS's name
         from ..core.clusters import export_onnx
-        from ..core.errors import GeoCateError
         from ..core.pipeline import find_clusters
         from ..core.study import describe_dropped
 
@@ -113,15 +112,12 @@ class ImageClustersAlgorithm(GeoCateAlgorithm):
         cluster, strata, known, _ = read_design_parameters(self, parameters, context)
         features, units = read_units(source, study_values["treatment"], study_values["outcome"],
                                      study_values["covariates"], feedback, cluster, strata, known)
-        try:
-            study, result, extras = find_clusters(
-                units, study_values["raster"], study_values["bands"], study_values["window"], study_values["nodata"],
-                study_values["seed"], n_clusters, max_clusters, epochs, device,
-                spatial_block=study_values["spatial_block"],
-                progress=lambda f, m: (feedback.setProgress(5 + 90 * f), feedback.setProgressText(m)),
-                is_cancelled=feedback.isCanceled, imagery=imagery)
-        except GeoCateError as error:
-            raise QgsProcessingException(str(error)) from error
+        study, result, extras = find_clusters(
+            units, study_values["raster"], study_values["bands"], study_values["window"], study_values["nodata"],
+            study_values["seed"], n_clusters, max_clusters, epochs, device,
+            spatial_block=study_values["spatial_block"],
+            progress=lambda f, m: (feedback.setProgress(5 + 90 * f), feedback.setProgressText(m)),
+            is_cancelled=feedback.isCanceled, imagery=imagery)
 
         for warning in result.metadata.get("warnings", []):
             feedback.pushWarning(warning)

@@ -230,7 +230,6 @@ class MapEffectsAlgorithm(GeoCateAlgorithm):
 
     def processAlgorithm(self, parameters, context, feedback):  # noqa: N802 - QGIS's name
         from ..core.design import StudyDesign
-        from ..core.errors import GeoCateError
         from ..core.maps import map_effects
 
         started = time.monotonic()
@@ -247,17 +246,14 @@ class MapEffectsAlgorithm(GeoCateAlgorithm):
         features, units = read_units(source, study["treatment"], study["outcome"], study["covariates"], feedback,
                                      cluster, strata, known)
         path = self._files.partial(final)
-        try:
-            study_out, summary, _, _ = map_effects(
-                units, study["raster"], path, study["bands"], study["window"], study["nodata"], study["seed"],
-                imagery, method, stride, extent, mask, scheduler,
-                n_clusters=self.parameterAsInt(parameters, "CLUSTERS", context),
-                max_clusters=self.parameterAsInt(parameters, "MAX_CLUSTERS", context),
-                epochs=self.parameterAsInt(parameters, "EPOCHS", context), spatial_block=study["spatial_block"],
-                progress=lambda f, m: (feedback.setProgress(100 * f), feedback.setProgressText(m)),
-                is_cancelled=feedback.isCanceled, study_design=StudyDesign(design_kind, seed=study["seed"]))
-        except GeoCateError as error:
-            raise QgsProcessingException(str(error)) from error
+        study_out, summary, _, _ = map_effects(
+            units, study["raster"], path, study["bands"], study["window"], study["nodata"], study["seed"],
+            imagery, method, stride, extent, mask, scheduler,
+            n_clusters=self.parameterAsInt(parameters, "CLUSTERS", context),
+            max_clusters=self.parameterAsInt(parameters, "MAX_CLUSTERS", context),
+            epochs=self.parameterAsInt(parameters, "EPOCHS", context), spatial_block=study["spatial_block"],
+            progress=lambda f, m: (feedback.setProgress(100 * f), feedback.setProgressText(m)),
+            is_cancelled=feedback.isCanceled, study_design=StudyDesign(design_kind, seed=study["seed"]))
         feedback.pushInfo(f"Trial units used: {study_out.n_used}; device {summary['device']}.")
         feedback.pushInfo(summary_line(summary))
         if summary["share_outside_support"] > 0.25:
@@ -315,7 +311,6 @@ class ApplyClustersAlgorithm(GeoCateAlgorithm):
         self.addOutput(QgsProcessingOutputNumber("CELLS", "Map cells with a usable window"))
 
     def processAlgorithm(self, parameters, context, feedback):  # noqa: N802 - QGIS's name
-        from ..core.errors import GeoCateError
         from ..core.maps import apply_cluster_model
 
         started = time.monotonic()
@@ -325,13 +320,10 @@ class ApplyClustersAlgorithm(GeoCateAlgorithm):
         extent, mask, stride, scheduler = read_map_parameters(self, parameters, context, raster_layer)
         final = self.parameterAsOutputLayer(parameters, OUTPUT, context)
         path = self._files.partial(final)
-        try:
-            summary = apply_cluster_model(model, raster, path, extent, mask, stride, scheduler,
-                                          progress=lambda f, m: (feedback.setProgress(100 * f),
-                                                                 feedback.setProgressText(m)),
-                                          is_cancelled=feedback.isCanceled)
-        except GeoCateError as error:
-            raise QgsProcessingException(str(error)) from error
+        summary = apply_cluster_model(model, raster, path, extent, mask, stride, scheduler,
+                                      progress=lambda f, m: (feedback.setProgress(100 * f),
+                                                             feedback.setProgressText(m)),
+                                      is_cancelled=feedback.isCanceled)
         feedback.pushInfo(f"Model run with {summary['provider']}.")
         feedback.pushInfo(summary_line(summary))
         for row in summary.get("clusters") or []:   # as the map's legend labels them, from the trial's table

@@ -19,6 +19,7 @@ from qgis.core import (
 )
 from qgis.PyQt.QtCore import QDate, QDateTime, QVariant
 
+from ..core.scores import Z95
 from .base import GeoCateAlgorithm, add_report_parameter, run_metadata
 from .convert import as_label, as_number, check_numeric_field, unit_point, write_table
 from .widgets import field_role
@@ -181,7 +182,6 @@ class PanelEffectsAlgorithm(GeoCateAlgorithm):
             self.addOutput(QgsProcessingOutputNumber(name, label))
 
     def processAlgorithm(self, parameters, context, feedback):  # noqa: N802 - QGIS's name
-        from ..core.errors import GeoCateError
         from ..core.panel import make_panel, panel_effect
 
         started = time.monotonic()
@@ -192,18 +192,15 @@ class PanelEffectsAlgorithm(GeoCateAlgorithm):
         learner = ("spline ridge", "boosting")[self.parameterAsEnum(parameters, self.LEARNER, context)]
         seed = self.parameterAsInt(parameters, self.SEED, context)
         time_effects = self.parameterAsBoolean(parameters, self.TIME_EFFECTS, context)
-        try:
-            rows, X, names = read_panel_rows(source, values, seed, feedback)
-            panel = make_panel([r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows],
-                               [r[3] for r in rows], X, names, unit_field, time_field, treatment, outcome)
-            approaches = ("mundlak", "within", "first_difference") if choice == "all three" else (choice,)
-            estimates = []
-            for k, approach in enumerate(approaches):
-                feedback.setProgressText(f"{approach}: cross-fitted nuisance models")
-                feedback.setProgress(40 + 60 * k / len(approaches))
-                estimates.append(panel_effect(panel, approach, learner, seed=seed, time_effects=time_effects))
-        except GeoCateError as error:
-            raise QgsProcessingException(str(error)) from error
+        rows, X, names = read_panel_rows(source, values, seed, feedback)
+        panel = make_panel([r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows],
+                           [r[3] for r in rows], X, names, unit_field, time_field, treatment, outcome)
+        approaches = ("mundlak", "within", "first_difference") if choice == "all three" else (choice,)
+        estimates = []
+        for k, approach in enumerate(approaches):
+            feedback.setProgressText(f"{approach}: cross-fitted nuisance models")
+            feedback.setProgress(40 + 60 * k / len(approaches))
+            estimates.append(panel_effect(panel, approach, learner, seed=seed, time_effects=time_effects))
         if time_effects:
             feedback.pushInfo(f"Year effects: shocks common to every unit in a period ({len(np.unique(panel.time))} "
                               "periods) are absorbed (period effects in Mundlak's nuisance models, two-way demeaning "
@@ -222,8 +219,8 @@ class PanelEffectsAlgorithm(GeoCateAlgorithm):
                 feedback.pushWarning(f"{estimate.approach}: {estimate.units_observed_once} unit(s) observed once "
                                      "were dropped (they carry no change over time).")
             for period, theta_t, se_t, n_t in estimate.by_period:
-                table.append((estimate.approach, f"{period:g}", theta_t, se_t, theta_t - 1.959964 * se_t,
-                              theta_t + 1.959964 * se_t, float("nan"), n_t))
+                table.append((estimate.approach, f"{period:g}", theta_t, se_t, theta_t - Z95 * se_t,
+                              theta_t + Z95 * se_t, float("nan"), n_t))
             for period, reason in estimate.not_estimable:   # listed with nulls, not a number that cannot exist
                 table.append((estimate.approach, f"{period:g}", float("nan"), float("nan"), float("nan"),
                               float("nan"), float("nan"), 0))

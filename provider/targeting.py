@@ -157,7 +157,6 @@ class TargetingAlgorithm(GeoCateAlgorithm):
 
     def processAlgorithm(self, parameters, context, feedback):  # noqa: N802 - QGIS's name
         from ..core.design import StudyDesign
-        from ..core.errors import GeoCateError
         from ..core.plan import Budget, MapRequest, plan_targeting
 
         started = time.monotonic()
@@ -212,16 +211,13 @@ class TargetingAlgorithm(GeoCateAlgorithm):
             if message:
                 feedback.setProgressText(message)
 
-        try:
-            study_out, result, plan = plan_targeting(
-                units, study["raster"], budget, study["bands"], study["window"], study["nodata"], study["seed"],
-                cost=cost, cost_name=cost_field or "cost", priorities=priorities, tree_depth=depth,
-                candidates=candidates, map_request=map_request, outside_support=outside,
-                spatial_block=study["spatial_block"], study_design=StudyDesign(design_kind, seed=study["seed"]),
-                imagery=imagery, outcome_correction=correction, correction=method, progress=progress,
-                is_cancelled=feedback.isCanceled)
-        except GeoCateError as error:
-            raise QgsProcessingException(str(error)) from error
+        study_out, result, plan = plan_targeting(
+            units, study["raster"], budget, study["bands"], study["window"], study["nodata"], study["seed"],
+            cost=cost, cost_name=cost_field or "cost", priorities=priorities, tree_depth=depth,
+            candidates=candidates, map_request=map_request, outside_support=outside,
+            spatial_block=study["spatial_block"], study_design=StudyDesign(design_kind, seed=study["seed"]),
+            imagery=imagery, outcome_correction=correction, correction=method, progress=progress,
+            is_cancelled=feedback.isCanceled)
 
         record = plan.metadata
         for warning in result.metadata.get("warnings", []):

@@ -19,6 +19,8 @@ from qgis.PyQt.QtCore import Qt
 from qgis.PyQt.QtGui import QImage, QPixmap
 from qgis.PyQt.QtWidgets import QDialog, QHBoxLayout, QLabel, QVBoxLayout
 
+from ..core.scores import Z95
+
 #: Layer properties GeoCATE sets when it loads a result: the imagery and window the run used.
 RASTER_PROPERTY, WINDOW_PROPERTY = "geocate/raster", "geocate/window"
 
@@ -106,7 +108,7 @@ def describe(info, support_threshold=None):
     if cate is not None:
         low, high = info.get("cate_lo"), info.get("cate_hi")
         if (low is None or high is None) and info.get("cate_se") is not None:
-            low, high = cate - 1.959964 * info["cate_se"], cate + 1.959964 * info["cate_se"]
+            low, high = cate - Z95 * info["cate_se"], cate + Z95 * info["cate_se"]
         interval = f" (95 % interval {low:+.3f} to {high:+.3f})" if low is not None and high is not None else ""
         lines.append(f"<b>CATE</b> {cate:+.3f}{interval}")
     elif info["kind"] == "unit":
