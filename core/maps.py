@@ -485,7 +485,8 @@ def map_effects(units, raster_path, path, bands=None, window_size_px=33, nodata=
     from .clusters import feature_scaling
     from .design import propensity_inputs
     from .learners import default_learner
-    from .pipeline import _stage, find_clusters, fold_groups, trial_design
+    from .pipeline import find_clusters, fold_groups, trial_design
+    from .progress import stage
     from .represent import ImageryOptions, study_features
     from .scores import outcome_inputs
     from .study import build_study
@@ -497,24 +498,24 @@ def map_effects(units, raster_path, path, bands=None, window_size_px=33, nodata=
     cells = mask_cells(grid, mask) if mask else None
     if method == "forest":
         feature_pipeline = imagery.pipeline(seed=seed, device=device)
-        study = build_study(units, raster_path, bands, window_size_px, nodata, _stage(progress, 0.0, 0.05),
+        study = build_study(units, raster_path, bands, window_size_px, nodata, stage(progress, 0.0, 0.05),
                             is_cancelled, **imagery.study_kwargs())
         used = study.used
         features, feature_pipeline = study_features(study, study.source, feature_pipeline, imagery.cache,
-                                                    _stage(progress, 0.05, 0.1), is_cancelled)[:2]
+                                                    stage(progress, 0.05, 0.1), is_cancelled)[:2]
         covariates = study.covariates[used] if study.covariates.shape[1] else None
         groups, _ = fold_groups(study, spatial_block, window_size_px)
         design, _, learner = default_learner(features, None, n_folds=n_folds, n_estimators=n_estimators, seed=seed)
         trial = trial_design(study, propensity_inputs(features, covariates), outcome_inputs(features, covariates, seed),
                              groups, n_folds, seed, study_design)   # strata, known or estimated propensities
         learner.fit(study.outcome[used], study.treated[used].astype(int), design, groups=groups,
-                    outcome_inputs=trial.inputs, folds=trial.folds, progress=_stage(progress, 0.1, 0.3),
+                    outcome_inputs=trial.inputs, folds=trial.folds, progress=stage(progress, 0.1, 0.3),
                     is_cancelled=is_cancelled, propensity=trial.propensity)
         model, fitted, unit_values = forest_model(learner), None, learner.cate_
     else:
         study, result, extras = find_clusters(units, raster_path, bands, window_size_px, nodata, seed, n_clusters,
                                               max_clusters, epochs, device, n_folds, spatial_block,
-                                              _stage(progress, 0.0, 0.3), is_cancelled, imagery=imagery)
+                                              stage(progress, 0.0, 0.3), is_cancelled, imagery=imagery)
         features, feature_pipeline, fitted = extras["features"], extras["pipeline"], extras["fit"]
         model, unit_values = fitted, result.probabilities[study.used]
         cluster_table = [list(row) for row in extras["clusters"]]
@@ -526,7 +527,7 @@ def map_effects(units, raster_path, path, bands=None, window_size_px=33, nodata=
                    method=method, model=model, support=SupportScore().fit(standardised), mask=cells,
                    covariates=None if fitted is None or not study.covariates.shape[1] else
                    np.zeros(study.covariates.shape[1]))
-    summary = run_map(spec, path, scheduler, _stage(progress, 0.3, 1.0), is_cancelled)
+    summary = run_map(spec, path, scheduler, stage(progress, 0.3, 1.0), is_cancelled)
     summary.update(method=method, window_size_px=int(window_size_px), feature_pipeline=feature_pipeline.describe(),
                    support_threshold=SUPPORT_THRESHOLD, support_reference=spec.support.reference_,
                    n_units=int(study.n_used), device=feature_pipeline.device_,

@@ -1,6 +1,7 @@
 """The main job: from a unit table and a raster to out-of-fold CATEs, in one call the provider and the dock share."""
 
 import dataclasses
+import functools
 import platform
 import time
 
@@ -20,16 +21,10 @@ from .evaluate import (
 from .learners import default_learner, design_matrix, effect_groups, location_folds, location_ids, stratified_folds
 from .observational import suspicious_covariates
 from .patches import extract_patches
+from .progress import stage
 from .represent import ImageryOptions, RandomConvolutions, study_features
 from .scores import aipw_scores, cross_fitted_scores, doubly_robust_ate, outcome_inputs
-from .study import Result, build_study
-
-
-def _stage(progress, start, end):
-    """Map a stage's 0..1 progress onto [start, end] of the whole run."""
-    if progress is None:
-        return None
-    return lambda fraction, message="": progress(start + (end - start) * fraction, message)
+from .study import Result, build_study, spread_over
 
 
 def package_versions():
@@ -347,13 +342,13 @@ def estimate_cate(units, raster_path, bands=None, window_size_px=33, nodata=None
         versions = corrected_outcomes(outcome_correction, units.outcome)
         units = dataclasses.replace(units, outcome=versions[correction][0])
     study = build_study(units, raster_path, bands, window_size_px, nodata,
-                        _stage(progress, 0.0, 0.12), is_cancelled, **imagery.study_kwargs())
+                        stage(progress, 0.0, 0.12), is_cancelled, **imagery.study_kwargs())
     timings["read_windows_s"] = time.monotonic() - started
 
     used = study.used
     t = time.monotonic()
     features, feature_pipeline, _, cached = study_features(study, study.source, feature_pipeline, imagery.cache,
-                                                           _stage(progress, 0.12, 0.22), is_cancelled)
+                                                           stage(progress, 0.12, 0.22), is_cancelled)
     study = dataclasses.replace(study, patches=None, views=None)  # the windows are no longer needed: free them
     timings["image_features_s"] = time.monotonic() - t
 
@@ -368,14 +363,14 @@ def estimate_cate(units, raster_path, bands=None, window_size_px=33, nodata=None
         design = design_matrix(features, None)[0]
     check, inputs, propensity = trial.check, trial.inputs, trial.propensity
     learner.fit(study.outcome[used], study.treated[used].astype(int), design, groups=groups, outcome_inputs=inputs,
-                folds=trial.folds, progress=_stage(progress, 0.22, 0.75), is_cancelled=is_cancelled,
+                folds=trial.folds, progress=stage(progress, 0.22, 0.75), is_cancelled=is_cancelled,
                 propensity=propensity)
     timings["causal_forest_s"] = time.monotonic() - t
 
     t = time.monotonic()
     randomized = study_design is None or study_design.kind == "randomized"
     rerandomization = design_rerandomization(study, learner) if randomized else None
-    test = learner.heterogeneity_test("AUTOC", n_draws, progress=_stage(progress, 0.75, 0.98),
+    test = learner.heterogeneity_test("AUTOC", n_draws, progress=stage(progress, 0.75, 0.98),
                                       is_cancelled=is_cancelled, rerandomization=rerandomization)
     if rerandomization is not None:   # the ATE's SE: also from treatment assigned again (few clusters)
         from .evaluate import rerandomized_ate
@@ -395,13 +390,9 @@ def estimate_cate(units, raster_path, bands=None, window_size_px=33, nodata=None
     if progress is not None:
         progress(1.0, "Done")
 
-    n = len(used)
     groups_of_units = effect_groups(learner.cate_, n_groups)
 
-    def spread(values, fill=np.nan, dtype=float):
-        out = np.full(n, fill, dtype=dtype)
-        out[used] = values
-        return out
+    spread = functools.partial(spread_over, used)
 
     metadata = {
         "seed": seed,
@@ -572,11 +563,11 @@ def compare_sources(units, raster_path, bands=None, window_size_px=33, nodata=No
         raise GeoCateError(f"Unknown comparison '{compare}'.", f"Choose one of {', '.join(COMPARE_MODES)}.")
     imagery = imagery or ImageryOptions()
     feature_pipeline = imagery.pipeline(seed=seed, device=device)
-    study = build_study(units, raster_path, bands, window_size_px, nodata, _stage(progress, 0.0, 0.1), is_cancelled,
+    study = build_study(units, raster_path, bands, window_size_px, nodata, stage(progress, 0.0, 0.1), is_cancelled,
                         **imagery.study_kwargs())
     used = study.used
     features, feature_pipeline = study_features(study, study.source, feature_pipeline, imagery.cache,
-                                                _stage(progress, 0.1, 0.2), is_cancelled)[:2]
+                                                stage(progress, 0.1, 0.2), is_cancelled)[:2]
     covariates = study.covariates[used] if study.covariates.shape[1] else None
     if compare == "sources":
         rules = {s: (features if "imagery" in s else None, covariates if "covariates" in s else None)
@@ -606,7 +597,7 @@ def compare_sources(units, raster_path, bands=None, window_size_px=33, nodata=No
                                                   seed=seed)
         inputs = with_strata(study, inputs)
         learner.fit(Y, W, design, groups=groups, outcome_inputs=inputs, folds=folds, is_cancelled=is_cancelled,
-                    progress=_stage(progress, 0.2 + 0.4 * k / len(sources), 0.2 + 0.4 * (k + 1) / len(sources)),
+                    progress=stage(progress, 0.2 + 0.4 * k / len(sources), 0.2 + 0.4 * (k + 1) / len(sources)),
                     propensity=propensity)
         cate[source], learners[source] = learner.cate_, learner
     scores, mu0, mu1, e = cross_fitted_scores(Y, W, inputs_all, folds, seed=seed)
@@ -638,9 +629,9 @@ def compare_sources(units, raster_path, bands=None, window_size_px=33, nodata=No
     tests, test_differences, rates, differences = {}, {}, {}, {}
     pairs = [(a, b) for a, b in comparisons if a in cate and b in cate]
     for step, target in enumerate(("AUTOC", "QINI")):
-        stage = _stage(progress, 0.6 + 0.2 * step, 0.8 + 0.2 * step)
+        step_progress = stage(progress, 0.6 + 0.2 * step, 0.8 + 0.2 * step)
         tests[target] = [sequential_rate_test(scores, folds, priority_for([s]), target, groups, [s], n_draws=n_draws,
-                                              seed=seed, progress=stage, is_cancelled=is_cancelled,
+                                              seed=seed, progress=step_progress, is_cancelled=is_cancelled,
                                               rerandomization=rerandomization)[0]
                          for s in sources]
         test_differences[target] = [sequential_rate_test(scores, folds, priority_for([a, b]), target, groups, [a, b],
@@ -702,7 +693,7 @@ def find_clusters(units, raster_path, bands=None, window_size_px=33, nodata=None
     imagery = imagery or ImageryOptions()
     feature_pipeline = imagery.pipeline(seed=seed, device=device)
     timings, started = {}, time.monotonic()
-    study = build_study(units, raster_path, bands, window_size_px, nodata, _stage(progress, 0.0, 0.1), is_cancelled,
+    study = build_study(units, raster_path, bands, window_size_px, nodata, stage(progress, 0.0, 0.1), is_cancelled,
                         **imagery.study_kwargs())
     used = study.used
     if study.n_used / max(n_clusters or max_clusters, 1) < MIN_UNITS_PER_CLUSTER:
@@ -711,7 +702,7 @@ def find_clusters(units, raster_path, bands=None, window_size_px=33, nodata=None
             f"{MIN_UNITS_PER_CLUSTER} units or more.",
             f"Use at most {max(study.n_used // MIN_UNITS_PER_CLUSTER, 1)} clusters, or more units.")
     features, feature_pipeline = study_features(study, study.source, feature_pipeline, imagery.cache,
-                                                _stage(progress, 0.1, 0.2), is_cancelled)[:2]
+                                                stage(progress, 0.1, 0.2), is_cancelled)[:2]
     # A block-randomized trial: the strata join the cluster model's covariates (as estimatecate's outcome models).
     covariates = with_strata(study, study.covariates[used])
     design, n_image = design_matrix(features, covariates)
@@ -769,12 +760,8 @@ def find_clusters(units, raster_path, bands=None, window_size_px=33, nodata=None
             trial.propensity, tau=float(scores.mean()), assignment=assignment_units(study),
             strata=None if study.strata is None else study.strata[used],
             known=None if study.propensity is None else study.propensity[used]), 200, seed)
-    n = len(used)
 
-    def spread(values, fill=np.nan, dtype=float):
-        result = np.full((n,) + np.shape(values)[1:], fill, dtype=dtype)
-        result[used] = values
-        return result
+    spread = functools.partial(spread_over, used)
 
     timings["total_s"] = time.monotonic() - started
     metadata = {
@@ -832,10 +819,10 @@ def estimate_ate(units, raster_path, design, bands=None, window_size_px=33, noda
         versions = corrected_outcomes(outcome_correction, units.outcome)
         units = dataclasses.replace(units, outcome=versions[correction][0])
     imagery = imagery or ImageryOptions()
-    study = build_study(units, raster_path, bands, window_size_px, nodata, _stage(progress, 0.0, 0.3),
+    study = build_study(units, raster_path, bands, window_size_px, nodata, stage(progress, 0.0, 0.3),
                         is_cancelled, arms=True, **imagery.study_kwargs())
     used = study.used
-    features, feature_pipeline = image_features(study, seed, n_filters, device, _stage(progress, 0.3, 0.5),
+    features, feature_pipeline = image_features(study, seed, n_filters, device, stage(progress, 0.3, 0.5),
                                                 is_cancelled, imagery)
     study = dataclasses.replace(study, patches=None, views=None)
     covariates = study.covariates[used] if study.covariates.shape[1] else None
@@ -917,7 +904,7 @@ def panel_image_features(raster_paths, xy, crs_wkt, row_time, window_size_px=33,
     for k, (period, path) in enumerate(zip(periods, raster_paths)):
         rows = np.flatnonzero(row_time == period)
         found = extract_patches(path, np.asarray(xy, float)[rows], crs_wkt, None, window_size_px, None,
-                                _stage(progress, k / len(periods), (k + 0.5) / len(periods)), is_cancelled)
+                                stage(progress, k / len(periods), (k + 0.5) / len(periods)), is_cancelled)
         if not found.ok.any():
             raise GeoCateError(f"No unit of period {period:g} has a usable window in '{path}'.",
                                "Check that each period's raster covers the units.")

@@ -25,12 +25,15 @@ One run (:func:`plan_targeting`):
 """
 
 import dataclasses
+import functools
 
 import numpy as np
 
 from .errors import GeoCateError
-from .pipeline import _stage, estimate_cate
+from .pipeline import estimate_cate
+from .progress import stage
 from .scores import Z95
+from .study import spread_over
 from .targeting import (
     budget_rule,
     compare_rules,
@@ -266,7 +269,7 @@ def plan_targeting(units, raster_path, budget, bands=None, window_size_px=33, no
             cells = mask_cells(grid, map_request.mask)
 
     study, result = estimate_cate(units, raster_path, bands, window_size_px, nodata, seed, spatial_block=spatial_block,
-                                  progress=_stage(progress, 0.0, 0.6), is_cancelled=is_cancelled,
+                                  progress=stage(progress, 0.0, 0.6), is_cancelled=is_cancelled,
                                   outcome_correction=outcome_correction, correction=correction,
                                   study_design=study_design, imagery=imagery, covariates_modify=not new_places,
                                   keep_fit=True)
@@ -296,7 +299,7 @@ def plan_targeting(units, raster_path, budget, bands=None, window_size_px=33, no
     cut = float(ranking[pooled].min())
     cate_cut = float(np.sort(cate)[::-1][int(pooled.sum()) - 1])
 
-    report_progress = _stage(progress, 0.6, 0.75)
+    report_progress = stage(progress, 0.6, 0.75)
     if report_progress:
         report_progress(0.0, "Targeting: the sequential gain (each fold ranked by earlier folds)")
     sequential = sequential_gain(scores, folds, learner.priority_for, share, c,
@@ -309,7 +312,7 @@ def plan_targeting(units, raster_path, budget, bands=None, window_size_px=33, no
         propensity = getattr(learner, "propensity_", None)
         other = CrossFittedCausalForest(n_folds=learner.n_folds, n_estimators=learner.n_estimators, seed=seed).fit(
             study.outcome[used], study.treated[used].astype(int), design_matrix(None, covariates)[0], groups=groups,
-            outcome_inputs=fitted.inputs, folds=folds, progress=_stage(progress, 0.75, 0.85),
+            outcome_inputs=fitted.inputs, folds=folds, progress=stage(progress, 0.75, 0.85),
             is_cancelled=is_cancelled, propensity=None if np.isscalar(propensity) else propensity)
         rules["covariates-only CATE"] = other.cate_
     for name, values in (priorities or {}).items():
@@ -329,10 +332,7 @@ def plan_targeting(units, raster_path, budget, bands=None, window_size_px=33, no
         tree = policy_tree(X, scores, depth=tree_depth, names=tuple(tree_columns))
         tree_treat[used] = decisions
 
-    def spread(values, fill=np.nan, dtype=float):
-        out = np.full(n_all, fill, dtype=dtype)
-        out[used] = values
-        return out
+    spread = functools.partial(spread_over, used)
 
     support = np.full(n_all, np.nan)
     support[used] = unit_support(fitted.features)
@@ -350,7 +350,7 @@ def plan_targeting(units, raster_path, budget, bands=None, window_size_px=33, no
                 progress(0.86, f"Targeting: ranking {len(candidates.xy)} {candidates.name}")
             ranked_candidates = rank_candidates(spec, candidates, cut, outside_support, c is not None)
         if map_request is not None:
-            map_summary = run_map(spec, map_request.path, map_request.scheduler, _stage(progress, 0.88, 1.0),
+            map_summary = run_map(spec, map_request.path, map_request.scheduler, stage(progress, 0.88, 1.0),
                                   is_cancelled)
     if progress is not None:
         progress(1.0, "Done")

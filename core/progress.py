@@ -26,3 +26,10 @@ class Throttle:
             raise Cancelled()
         if self.progress is not None:
             self.progress(fraction, message)
+
+
+def stage(progress, start, end):
+    """Map a stage's 0..1 progress onto [start, end] of the whole run (None stays None)."""
+    if progress is None:
+        return None
+    return lambda fraction, message="": progress(start + (end - start) * fraction, message)

@@ -315,3 +315,11 @@ def describe_dropped(dropped):
     parts = [f"{count} {why}" for why, count in dropped.items() if count]
     return "; ".join(parts) if parts else "none dropped"
 
+
+def spread_over(used, values, fill=np.nan, dtype=float):
+    """Per-unit ``values`` of the used units laid out over every input unit (``fill`` for the others): the one
+    place estimates go back to the layer's rows. ``values`` may have more axes (e.g. cluster probabilities)."""
+    used = np.asarray(used, bool)
+    out = np.full((len(used),) + np.shape(values)[1:], fill, dtype=dtype)
+    out[used] = values
+    return out
