@@ -292,7 +292,11 @@ class Rerandomization:
                             for w in self.draws(test, rng, min(self.CHUNK, n_draws - start))])
 
 
-def rerandomized_ate(ate, rerandomization, n_draws=200, seed=42):
+#: Redraws behind the ATE's re-randomization SE: one number for every algorithm, so one study has one ATE and SE.
+ATE_REDRAWS = 200
+
+
+def rerandomized_ate(ate, rerandomization, n_draws=ATE_REDRAWS, seed=42):
     """The DR ``ate`` (a core.scores.AverageEffect) with its standard error the larger of the cluster-robust one and
     the spread of the mean DR score over treatment assigned again as the design did (Rerandomization): with few
     clusters the CR1 standard error is too small (40 villages, village effects with sd 0.7: the interval covered

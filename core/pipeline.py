@@ -377,7 +377,7 @@ def estimate_cate(units, raster_path, bands=None, window_size_px=33, nodata=None
         from .scores import AverageEffect
 
         ate = rerandomized_ate(AverageEffect(learner.ate_, learner.ate_se_, int(len(np.unique(groups)))),
-                               rerandomization, n_draws, seed)
+                               rerandomization, seed=seed)
         learner.ate_se_ = ate.std_err
     timings["heterogeneity_test_s"] = time.monotonic() - t
     predicted_outcome = predicted_outcome_record(study, learner, inputs, groups, versions, correction,
@@ -625,7 +625,7 @@ def compare_sources(units, raster_path, bands=None, window_size_px=33, nodata=No
     if rerandomization is not None:
         from .evaluate import rerandomized_ate
 
-        ate = rerandomized_ate(ate, rerandomization, n_draws, seed)
+        ate = rerandomized_ate(ate, rerandomization, seed=seed)
     tests, test_differences, rates, differences = {}, {}, {}, {}
     pairs = [(a, b) for a, b in comparisons if a in cate and b in cate]
     for step, target in enumerate(("AUTOC", "QINI")):
@@ -759,7 +759,7 @@ def find_clusters(units, raster_path, bands=None, window_size_px=33, nodata=None
             outcome=Y, treated=W, mu0=mu0, mu1=mu1, propensity=W.mean() if trial.propensity is None else
             trial.propensity, tau=float(scores.mean()), assignment=assignment_units(study),
             strata=None if study.strata is None else study.strata[used],
-            known=None if study.propensity is None else study.propensity[used]), 200, seed)
+            known=None if study.propensity is None else study.propensity[used]), seed=seed)
 
     spread = functools.partial(spread_over, used)
 
