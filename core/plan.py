@@ -120,6 +120,20 @@ class TargetingPlan:
     metadata: dict
 
 
+def check_costs(cost, cost_name="cost", units="unit(s)"):
+    """Refuse missing or non-positive costs, counted and named; returns them as floats."""
+    c = np.asarray(cost, float)
+    missing = int(np.sum(~np.isfinite(c)))
+    if missing:
+        raise GeoCateError(f"{missing} {units} have no value in the cost field '{cost_name}'.",
+                           "Give every unit a cost (or drop those units first).")
+    bad = int(np.sum(c <= 0))
+    if bad:
+        raise GeoCateError(f"{bad} {units} have a cost of 0 or less in '{cost_name}': costs must be positive.",
+                           "Fix the cost field (a unit that costs nothing can be treated outside the budget).")
+    return c
+
+
 def check_budget(budget, cost=None, cost_name="cost"):
     """Refuse, before any fitting, a budget of 0, a share above 1, a total without costs or above the total
     cost, and missing or non-positive costs (``cost`` over every unit of the layer)."""
@@ -127,15 +141,7 @@ def check_budget(budget, cost=None, cost_name="cost"):
         raise GeoCateError("Give the budget either as a share of the units or, with a cost field, as a total cost.",
                            "Set BUDGET.")
     if cost is not None:
-        c = np.asarray(cost, float)
-        missing = int(np.sum(~np.isfinite(c)))
-        if missing:
-            raise GeoCateError(f"{missing} unit(s) have no value in the cost field '{cost_name}'.",
-                               "Give every unit a cost (or drop those units first).")
-        bad = int(np.sum(c <= 0))
-        if bad:
-            raise GeoCateError(f"{bad} unit(s) have a cost of 0 or less in '{cost_name}': costs must be positive.",
-                               "Fix the cost field (a unit that costs nothing can be treated outside the budget).")
+        c = check_costs(cost, cost_name)
         if budget.total is not None:
             if not np.isfinite(budget.total) or budget.total <= 0:
                 raise GeoCateError(f"A budget of {budget.total:g} buys no unit.",
@@ -254,7 +260,7 @@ def plan_targeting(units, raster_path, budget, bands=None, window_size_px=33, no
             if candidates.cost is None:
                 raise GeoCateError(f"The {candidates.name} have no cost field '{cost_name}', but the budget is in "
                                    "costs.", f"Add the field '{cost_name}' to the candidates layer.")
-            check_budget(Budget(share=1.0), candidates.cost, f"{cost_name}' of the {candidates.name}")
+            check_costs(candidates.cost, cost_name, f"of the {candidates.name}")
         if len(candidates.xy) == 0:
             raise GeoCateError(f"The {candidates.name} layer has no features.", "Give a layer with units to rank.")
         check_candidates(candidates, raster_path, bands, window_size_px, nodata)
@@ -388,7 +394,7 @@ def plan_targeting(units, raster_path, budget, bands=None, window_size_px=33, no
             "out_of_fold": {"n_treat": tree_value.n_treated, **_estimate_record(tree_value.vs_random),
                             "gain": _estimate_record(tree_value.gain)}},
         "candidates": None if ranked_candidates is None else ranked_candidates["summary"],
-        "map": None if map_summary is None else {k_: v for k_, v in map_summary.items()},
+        "map": None if map_summary is None else dict(map_summary),
         "outside_support_allowed": bool(outside_support),
     }
     result.metadata["targeting"] = metadata

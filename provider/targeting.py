@@ -44,7 +44,7 @@ UNIT_FIELDS = (("priority", QVariant.Int), ("treat", QVariant.Int), ("cate", QVa
 TREE_FIELD = (("tree_treat", QVariant.Int),)
 
 
-def read_candidates(source, cost_field, context):
+def read_candidates(source, cost_field):
     """(features, core.plan.Candidates) of the CANDIDATES layer; its cost from the same field as the trial's."""
     from ..core.plan import Candidates
 
@@ -186,7 +186,7 @@ class TargetingAlgorithm(GeoCateAlgorithm):
         candidate_source = self.parameterAsSource(parameters, CANDIDATES, context) if parameters.get(CANDIDATES) \
             else None
         if candidate_source is not None:
-            candidate_features, candidates = read_candidates(candidate_source, cost_field, context)
+            candidate_features, candidates = read_candidates(candidate_source, cost_field)
         map_request, map_final = None, None
         if parameters.get(EXTENT) not in (None, ""):
             from .mapeffects import read_map_parameters
