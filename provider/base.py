@@ -297,45 +297,53 @@ def guarded(process):
 
     @functools.wraps(process)
     def wrapped(self, parameters, context, feedback):
-        from qgis.core import QgsProcessingException
+        from .collector import held_off_main_thread
 
-        from ..core.errors import GeoCateError, MissingDependency
-        from .outputs import RunFiles
-
-        self._files, self._dest_id, self._on_load, self._scratch = RunFiles(), None, [], []
-        check_destinations(self, parameters, context, self._files)
-        try:
-            with quiet_libraries():
-                results = process(self, parameters, context, feedback)
-            # Everything is written: move it into place here, where a failure still fails the run (QGIS
-            # reports a failing postProcessAlgorithm but exits 0).
-            results = self.commit_outputs(context, results)
-            if self._dest_id is not None:
-                self._results = results
-            return results
-        except GeoCateError as error:   # the core's message, naming the problem and its fix: Processing shows it
-            self._files.abort()
-            raise QgsProcessingException(str(error)) from error
-        except ImportError as error:
-            self._files.abort()
-            package = (error.name or "").split(".")[0] or str(error)
-            raise QgsProcessingException(str(MissingDependency(package, PIP_NAMES.get(package)))) from error
-        except OSError as error:  # a file that could not be written: say so, and keep the earlier files
-            self._files.abort()
-            raise QgsProcessingException(
-                f"Writing the outputs failed ({error.__class__.__name__}: {error}). Nothing was written: files from "
-                "an earlier run are unchanged.") from error
-        except BaseException:
-            self._files.abort()
-            raise
-        finally:   # scratch folders (scratch_folder) go whatever happened
-            import shutil
-
-            for folder in self._scratch:
-                shutil.rmtree(folder, ignore_errors=True)
-            self._scratch = []
+        with held_off_main_thread():   # no cycle collection in a task's thread: it deleted main-thread Qt objects
+            return run_guarded(self, process, parameters, context, feedback)
 
     return wrapped
+
+
+def run_guarded(algorithm, process, parameters, context, feedback):
+    """``process`` run as ``guarded`` describes."""
+    from qgis.core import QgsProcessingException
+
+    from ..core.errors import GeoCateError, MissingDependency
+    from .outputs import RunFiles
+
+    algorithm._files, algorithm._dest_id, algorithm._on_load, algorithm._scratch = RunFiles(), None, [], []
+    check_destinations(algorithm, parameters, context, algorithm._files)
+    try:
+        with quiet_libraries():
+            results = process(algorithm, parameters, context, feedback)
+        # Everything is written: move it into place here, where a failure still fails the run (QGIS
+        # reports a failing postProcessAlgorithm but exits 0).
+        results = algorithm.commit_outputs(context, results)
+        if algorithm._dest_id is not None:
+            algorithm._results = results
+        return results
+    except GeoCateError as error:   # the core's message, naming the problem and its fix: Processing shows it
+        algorithm._files.abort()
+        raise QgsProcessingException(str(error)) from error
+    except ImportError as error:
+        algorithm._files.abort()
+        package = (error.name or "").split(".")[0] or str(error)
+        raise QgsProcessingException(str(MissingDependency(package, PIP_NAMES.get(package)))) from error
+    except OSError as error:  # a file that could not be written: say so, and keep the earlier files
+        algorithm._files.abort()
+        raise QgsProcessingException(
+            f"Writing the outputs failed ({error.__class__.__name__}: {error}). Nothing was written: files from "
+            "an earlier run are unchanged.") from error
+    except BaseException:
+        algorithm._files.abort()
+        raise
+    finally:   # scratch folders (scratch_folder) go whatever happened
+        import shutil
+
+        for folder in algorithm._scratch:
+            shutil.rmtree(folder, ignore_errors=True)
+        algorithm._scratch = []
 
 
 class GeoCateAlgorithm(QgsProcessingAlgorithm):

@@ -19,6 +19,19 @@ class GeoCateProvider(QgsProcessingProvider):
     def icon(self):
         return QIcon(ICON)
 
+    def load(self):
+        """Registered (main thread): the cycle collector's main-thread timer starts (collector.py)."""
+        from . import collector
+
+        collector.install()
+        return super().load()
+
+    def unload(self):
+        from . import collector
+
+        collector.uninstall()
+        super().unload()
+
     def loadAlgorithms(self):  # noqa: N802 - QGIS's name
         from .calibratemap import CalibrateMapAlgorithm
         from .comparesources import CompareSourcesAlgorithm

@@ -54,6 +54,7 @@ from qgis.PyQt.QtWidgets import (
 )
 
 from ..paths import HELP_DIR
+from ..provider import collector
 
 ALGORITHM = "geocate:estimatecate"
 README = os.path.join(HELP_DIR, "index.html")   # the help pages, one per tool
@@ -673,6 +674,10 @@ class GeoCateDock(QgsDockWidget):
         self.feedback.stage_changed.connect(self.stage.setText)   # "Causal forest: fold 2 of 5"
         self.add_to_history(algorithm, parameters)
         self.task = QgsProcessingAlgRunnerTask(algorithm, parameters, self.context, self.feedback)
+        # Cycle collection stays in this (the main) thread until the run ends: in the task's thread it deleted
+        # main-thread Qt objects and crashed QGIS (provider/collector.py). Released first when the run ends.
+        collector.hold()
+        self.task.executed.connect(lambda *_: collector.release())
         self.task.executed.connect(on_executed)
         for button in (self.run_button, self.map_button, self.plan_button):
             button.setEnabled(False)

@@ -4,6 +4,7 @@ import subprocess
 
 from qgis.core import QgsTask
 
+from ..provider.collector import held_off_main_thread
 from .dependencies import install_commands
 
 
@@ -14,7 +15,8 @@ class InstallTask(QgsTask):
         self.error = ""
 
     def run(self):
-        return all(self.run_one(command) for command in self.commands)
+        with held_off_main_thread():   # no cycle collection in this thread (provider/collector.py)
+            return all(self.run_one(command) for command in self.commands)
 
     def run_one(self, command):
         try:

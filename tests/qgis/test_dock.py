@@ -524,3 +524,76 @@ def test_the_dock_offers_the_strata_field(plugin, project_layers):
     assert "STRATA" not in dock.parameters()
     dock.strata.setField("true_group")
     assert dock.parameters()["STRATA"] == "true_group"
+
+
+@pytest.mark.parametrize("path", ["dock", "dialog task"])
+def test_cycle_collection_stays_in_the_main_thread_while_a_run_is_in_the_background(plugin, project_layers,
+                                                                                       tmp_path, path):
+    """Python's collector ran in the task's thread and deleted main-thread Qt objects caught in cycles: QGIS
+    crashed at random. During a background run - the dock's, or a Processing dialog's task, which holds it
+    itself - every collection happens in the main thread, and the collector is given back afterwards."""
+    import gc
+    import threading
+
+    from qgis.core import QgsProcessingAlgRunnerTask, QgsProcessingContext, QgsProcessingFeedback
+    from qgis.PyQt.QtWidgets import QWidget
+
+    units, raster = project_layers
+    dock = filled_dock(plugin, units, raster)
+    for _ in range(50):   # main-thread widgets in reference cycles: garbage a collection would delete
+        widget = QWidget()
+        widget.me = widget
+    del widget
+    threads = set()
+
+    def seen(phase, info):
+        if phase == "start":
+            threads.add(threading.get_ident())
+
+    threshold = gc.get_threshold()
+    gc.set_threshold(50, 2, 2)   # collections at every few allocations: in a thread, they would happen there
+    gc.callbacks.append(seen)
+    try:
+        if path == "dock":
+            assert dock.start_run()
+            assert wait_for_run(dock) is True
+        else:
+            dock.run_dir = str(tmp_path)
+            context, feedback, done = QgsProcessingContext(), QgsProcessingFeedback(), []
+            context.setProject(QgsProject.instance())
+            algorithm = QgsApplication.processingRegistry().createAlgorithmById("geocate:estimatecate")
+            task = QgsProcessingAlgRunnerTask(algorithm, dock.parameters(), context, feedback)
+            task.executed.connect(lambda ok, results: done.append(ok))
+            QgsApplication.taskManager().addTask(task)
+            started = time.monotonic()
+            while not done and time.monotonic() - started < 300:
+                QgsApplication.processEvents()
+                time.sleep(0.02)
+            assert done == [True]
+        started = time.monotonic()
+        while not gc.isenabled() and time.monotonic() - started < 5:   # the main-thread timer gives it back
+            QgsApplication.processEvents()
+            time.sleep(0.05)
+    finally:
+        gc.callbacks.remove(seen)
+        gc.set_threshold(*threshold)
+    assert threads == {threading.main_thread().ident}
+    assert gc.isenabled()
+
+
+def test_the_collector_is_given_back_as_it_was_after_nested_holds(qgis_app):
+    import gc
+
+    from geocate.provider import collector
+
+    for was_enabled in (True, False):
+        (gc.enable if was_enabled else gc.disable)()
+        collector.hold()
+        collector.hold()   # the dock's hold, then the task's own
+        collector.release()
+        assert not gc.isenabled() and collector.held() == 1
+        collector.release()
+        if collector._timer is not None:
+            collector.collect()   # the main-thread timer's tick
+        assert gc.isenabled() is was_enabled and collector.held() == 0
+    gc.enable()
