@@ -98,7 +98,8 @@ def main(argv=None):
                        "villages_per_fold_min": min(min(r["villages_per_fold"]) for r in rows),
                        "villages_per_fold_mean": float(np.mean([np.mean(r["villages_per_fold"]) for r in rows])),
                        "warned": rate(sum(r["warned"] for r in rows), len(rows)),
-                       "seconds_per_draw": float(np.mean([r["seconds"] for r in rows]))}
+                       "seconds_per_draw": float(np.mean([r["seconds"] for r in rows])),
+                       "draws": [{k: r[k] for k in ("seed", "p", "t", "ate", "ate_se", "covers")} for r in rows]}
             results["designs"][f"{villages} villages, sd {sd}"] = summary
             print(f"{villages} villages, sd {sd}: {json.dumps(summary)}", flush=True)
             if args.json:   # written after each design: a long run leaves what it has measured

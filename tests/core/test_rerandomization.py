@@ -128,9 +128,9 @@ def test_with_few_villages_per_fold_real_heterogeneity_is_still_detected():
 
 def test_the_ates_interval_covers_in_a_cluster_randomized_trial_with_ten_villages():
     """200 seeded trials of 10 villages (5 treated) of 20 units, village effects with sd 0.7, one effect (1): the
-    DR ATE's 95 % interval with the re-randomization SE (the larger of it and CR1) covers 1 in at least 90 %
+    DR ATE's 95 % interval with the re-randomization SE (the larger of it and CR1 on t with G - 1 df) covers 1 in at least 90 %
     (here 186 / 200; CR1 alone 184). bench/bench_clustered.py checks it on imagery at full size."""
-    from geocate.core.evaluate import cluster_assignment, rerandomized_ate
+    from geocate.core.evaluate import cluster_assignment, rerandomized_ate, small_sample_se
     from geocate.core.learners import location_folds
     from geocate.core.scores import cross_fitted_scores, doubly_robust_ate
 
@@ -141,6 +141,16 @@ def test_the_ates_interval_covers_in_a_cluster_randomized_trial_with_ten_village
         cr1 = doubly_robust_ate(scores, village)
         ate = rerandomized_ate(cr1, Rerandomization(Y, W, mu0, mu1, e, float(scores.mean()),
                                                     assignment=cluster_assignment(village, W)), 100, rep)
-        assert ate.std_err >= cr1.std_err and ate.estimate == cr1.estimate
+        # CR1 over 10 villages read on t with 9 df (scaled by 2.262 / 1.960), or the redraws' spread if larger
+        assert ate.std_err >= small_sample_se(cr1.std_err, 10) > 1.15 * cr1.std_err and ate.estimate == cr1.estimate
         covered += abs(ate.estimate - 1.0) < 1.959964 * ate.std_err
     assert covered >= 180
+
+
+def test_the_small_sample_correction_is_students_t_with_g_minus_one_degrees_of_freedom():
+    from geocate.core.evaluate import small_sample_se
+
+    assert small_sample_se(1.0, 2) == pytest.approx(12.706205 / 1.959964, rel=1e-6)
+    assert small_sample_se(1.0, 26) == pytest.approx(2.059539 / 1.959964, rel=1e-6)
+    assert small_sample_se(1.0, 100000) == pytest.approx(1.0, abs=1e-4)
+    assert small_sample_se(0.3, 1) == 0.3
