@@ -1,0 +1,166 @@
+"""Sensitivity of a doubly robust effect to a confounder nobody measured (issue 23, point 2).
+
+Chernozhukov, Cinelli, Newey, Sharma & Syrgkanis (2022), "Long story short: omitted variable bias in causal
+machine learning": a confounder the adjustment missed biases the AIPW estimate theta by at most
+
+    |bias| <= |rho| * sqrt(CF_Y * CF_D / (1 - CF_D)) * sqrt(sigma2 * nu2),
+
+where sigma2 = E[(Y - g(D, X))^2] is the outcome models' residual variance, nu2 = E[alpha(D, X)^2] the Riesz
+representer's second moment (alpha = D_a / e_a - D_b / e_b for the contrast of arms a and b), CF_Y the share of
+the outcome's residual variation the confounder would explain, CF_D its relative gain in the Riesz representer's
+variation, and RHO the correlation of the two confounding parts (1: the worst case). The three elements are
+estimated from the same cross-fitted nuisance predictions as the AIPW estimate (orthogonal scores: nu2's is
+2 (1 / e_a + 1 / e_b) - alpha^2), their joint covariance is cluster-robust over the groups the folds keep whole,
+and the bounds on the estimate and its confidence interval, and the robustness values RV (the equal strength
+CF_Y = CF_D that brings the estimate to 0) and RV_a (its interval), are econml's own arithmetic
+(econml.validate.sensitivity_analysis: sensitivity_interval, RV), called here, not copied; the elements equal
+econml's dr_sensitivity_values on the same nuisance predictions when every unit is its own cluster (tested).
+
+Benchmarks (gain statistics, as DoubleML's ``sensitivity_benchmark``): a group of observed inputs - a covariate,
+or everything the imagery shows - is left out, the nuisance models are refit without it, and its strengths are
+CF_Y = (R2_long - R2_short) / (1 - R2_long), CF_D = (1 - nu2_short / nu2_long) / (nu2_short / nu2_long) (both
+clipped to [0, 1]) and rho = |delta theta| / sqrt((sigma2_short - sigma2_long)(nu2_long - nu2_short)), signed.
+"A confounder as strong as X" then means one that adds to the adjusted model what X added.
+"""
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .errors import GeoCateError
+
+
+@dataclass(frozen=True)
+class SensitivityElements:
+    """theta (the AIPW estimate), sigma2, nu2 and their (3, 3) cluster-robust covariance, for one contrast."""
+
+    contrast: str
+    theta: float
+    sigma2: float
+    nu2: float
+    cov: np.ndarray = field(repr=False)
+    var_y: float = float("nan")   # the outcome's variance among the contrast's units (benchmarks' R2)
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    """The strength of an observed group of inputs, were it the confounder left out (gain statistics)."""
+
+    name: str
+    cf_y: float
+    cf_d: float
+    rho: float
+    delta_theta: float    # the estimate without the group minus with it
+
+
+def contrast_elements(outcome, index, mu, e, a, b, clusters=None, contrast=""):
+    """SensitivityElements of the AIPW contrast of arm ``a`` against arm ``b``.
+
+    outcome: (n,); index: (n,) each unit's arm (0..A-1); mu: (n, A) cross-fitted E[Y | X, arm]; e: (n, A)
+    propensities (clipped as the estimate's); clusters: (n,) the groups the folds keep whole (None: units).
+    Units of other arms count in theta's and nu2's means (their alpha is 0) and add 0 to sigma2's, as in
+    econml's dr_sensitivity_values."""
+    Y = np.asarray(outcome, float)
+    index = np.asarray(index)
+    mu = np.asarray(mu, float)
+    e = np.asarray(e, float)
+    n = len(Y)
+    D = np.eye(mu.shape[1])[index]
+    theta_score = (mu[:, a] - mu[:, b] + D[:, a] * (Y - mu[:, a]) / e[:, a] - D[:, b] * (Y - mu[:, b]) / e[:, b])
+    in_pair = (index == a) | (index == b)
+    sigma_score = np.where(in_pair, (Y - mu[np.arange(n), index]) ** 2, 0.0)
+    alpha = D[:, a] / e[:, a] - D[:, b] / e[:, b]
+    nu_score = 2 * (1 / e[:, a] + 1 / e[:, b]) - alpha ** 2
+    scores = np.column_stack([theta_score, sigma_score, nu_score])
+    means = scores.mean(axis=0)
+    centred = scores - means
+    if clusters is not None:   # cluster sums of the centred scores: the covariance is cluster-robust (CR0)
+        _, groups = np.unique(np.asarray(clusters), return_inverse=True)
+        centred = np.stack([np.bincount(groups.ravel(), weights=centred[:, j]) for j in range(3)], axis=1)
+    cov = centred.T @ centred / n / n
+    return SensitivityElements(contrast=contrast, theta=float(means[0]), sigma2=float(means[1]),
+                               nu2=float(means[2]), cov=cov, var_y=float(np.var(Y[in_pair])))
+
+
+#: A benchmark's strength is capped here in the table (econml's bounds need strengths below 1; DoubleML's gain
+#: statistics reach 1 when the left-out group explains all the rest).
+MAX_STRENGTH = 0.999
+
+
+def _econml():
+    from econml.validate import sensitivity_analysis
+
+    return sensitivity_analysis
+
+
+def check_strengths(cf_y, cf_d, rho):
+    """A refusal naming the parameter when a strength is outside its range."""
+    for name, value in (("CF_Y", cf_y), ("CF_D", cf_d)):
+        if not (0 <= value < 1):
+            raise GeoCateError(f"{name} is {value:g}: a confounder's strength is a share of variation, in [0, 1).",
+                               f"Give {name} between 0 (no confounding) and 0.99.")
+    if not (-1 <= rho <= 1):
+        raise GeoCateError(f"RHO is {rho:g}: it is a correlation, in [-1, 1].", "Give RHO in [-1, 1] (1: worst case).")
+
+
+def bounds(elements, cf_y, cf_d, rho=1.0, alpha=0.05):
+    """(estimate low, estimate high, interval low, interval high) under a confounder of strengths CF_Y, CF_D, RHO."""
+    check_strengths(cf_y, cf_d, rho)
+    analysis = _econml()
+    if elements.sigma2 < 0 or elements.nu2 <= 0:
+        raise GeoCateError("The sensitivity analysis needs positive residual and Riesz variances; the nuisance "
+                           f"models gave sigma2 = {elements.sigma2:.3g}, nu2 = {elements.nu2:.3g}.",
+                           "Check the propensities' overlap (trim), or use more units.")
+    args = (elements.theta, elements.sigma2, elements.nu2, elements.cov, alpha, cf_y, cf_d, rho)
+    low, high = analysis.sensitivity_interval(*args, interval_type="theta")
+    ci_low, ci_high = analysis.sensitivity_interval(*args, interval_type="ci")
+    return float(low), float(high), float(ci_low), float(ci_high)
+
+
+def robustness_values(elements, alpha=0.05, null=0.0):
+    """(RV, RV_a): the equal strength CF_Y = CF_D (rho = 1) at which the estimate, or its (1 - alpha) interval,
+    reaches ``null``; RV_a is 0 when the interval already contains it."""
+    analysis = _econml()
+    args = (elements.theta, elements.sigma2, elements.nu2, elements.cov, alpha)
+    return (float(analysis.RV(*args, null_hypothesis=null, interval_type="theta")),
+            float(analysis.RV(*args, null_hypothesis=null, interval_type="ci")))
+
+
+def benchmark(name, long, short):
+    """The gain statistics of a group of inputs (DoubleML's gain_statistics, one repetition): ``long`` the
+    elements with it, ``short`` refit without it."""
+    r2_long = 1 - long.sigma2 / long.var_y
+    r2_short = 1 - short.sigma2 / long.var_y
+    r2_riesz = short.nu2 / long.nu2
+    cf_y = float(np.clip((r2_long - r2_short) / (1 - r2_long), 0, 1))
+    cf_d = float(np.clip((1 - r2_riesz) / r2_riesz, 0, 1))
+    delta = short.theta - long.theta
+    var_g, var_riesz = short.sigma2 - long.sigma2, long.nu2 - short.nu2
+    denominator = np.sqrt(var_g * var_riesz) if var_g > 0 and var_riesz > 0 else 0.0
+    rho = float(np.sign(delta) * np.clip(abs(delta) / denominator, 0, 1)) if denominator > 0 else float(np.sign(delta))
+    return Benchmark(name=name, cf_y=cf_y, cf_d=cf_d, rho=rho, delta_theta=float(delta))
+
+
+def bound_grid(elements, cf_values, rho=1.0, side=None):
+    """(len(cf_values), len(cf_values)) bound of the estimate over CF_Y (rows) x CF_D (columns): the lower bound
+    when the estimate is positive (the side that moves towards 0), the upper otherwise (``side``: 'low', 'high')."""
+    side = side or ("low" if elements.theta >= 0 else "high")
+    grid = np.empty((len(cf_values), len(cf_values)))
+    for i, cf_y in enumerate(cf_values):
+        for j, cf_d in enumerate(cf_values):
+            low, high, _, _ = bounds(elements, cf_y, cf_d, rho)
+            grid[i, j] = low if side == "low" else high
+    return grid
+
+
+def sensitivity_table(elements, cf_y, cf_d, rho=1.0, alpha=0.05, benchmarks=()):
+    """The rows the report and the run record show: the chosen strength, then each benchmark's (at the chosen RHO,
+    1 by default: the worst case, as sensemakr's bounds; the benchmark's own rho is reported beside it)."""
+    rows = []
+    for name, y, d, r in [("chosen (CF_Y, CF_D, RHO)", cf_y, cf_d, rho)] + \
+            [(f"as strong as {b.name}", min(b.cf_y, MAX_STRENGTH), min(b.cf_d, MAX_STRENGTH), rho)
+             for b in benchmarks]:
+        low, high, ci_low, ci_high = bounds(elements, y, d, r, alpha)
+        rows.append({"confounder": name, "cf_y": float(y), "cf_d": float(d), "rho": float(r), "low": low,
+                     "high": high, "ci_low": ci_low, "ci_high": ci_high})
+    return rows
