@@ -794,7 +794,7 @@ def find_clusters(units, raster_path, bands=None, window_size_px=33, nodata=None
 
 def estimate_ate(units, raster_path, design, bands=None, window_size_px=33, nodata=None, seed=42, n_folds=5,
                  n_filters=256, spatial_block=0, device="auto", progress=None, is_cancelled=None,
-                 outcome_correction=None, correction="linear", imagery=None):
+                 outcome_correction=None, correction="linear", imagery=None, sensitivity=None):
     """Average effects with a confounding adjustment from the imagery (geocate:estimateate).
 
     design: a core.design.StudyDesign. The image windows are embedded as in
@@ -808,6 +808,8 @@ def estimate_ate(units, raster_path, design, bands=None, window_size_px=33, noda
     "overlap", "balance", "warnings", "metadata"}). An outcome that is a map's
     prediction is corrected first (``outcome_correction``, as in
     estimate_cate), and the metadata gives the AIPW ATE under every correction.
+    ``sensitivity``: (CF_Y, CF_D, RHO) for the omitted-variable analysis of each AIPW contrast
+    (core.sensitivity.analyse, observational designs; None: none); the result's "sensitivity".
     """
     from .design import RANDOMIZED, overlap_summary, propensity_inputs
     from .observational import adjusted_effects, balance_table
@@ -845,6 +847,14 @@ def estimate_ate(units, raster_path, design, bands=None, window_size_px=33, noda
     effects = adjusted_effects(study.outcome[used][kept], arms[kept], propensities[kept], inputs[kept], folds[kept],
                                groups[kept])
     warnings = [w for w in (overlap_warning(study, window_size_px, block_size),) if w]
+    analysis = None
+    if sensitivity is not None and design.kind != RANDOMIZED:
+        from .sensitivity import analyse
+
+        analysis = analyse(study.outcome[used], arms, design, features, covariates, study.covariate_names, folds,
+                           groups, seed, *sensitivity, kept=kept, tick=stage(progress, 0.8, 0.95),
+                           is_cancelled=is_cancelled)
+        warnings += analysis.warnings
     predicted = None
     if versions is not None:
         ates = {}
@@ -879,11 +889,12 @@ def estimate_ate(units, raster_path, design, bands=None, window_size_px=33, noda
                 "spatial_block_m": block_size, "dropped": study.dropped, "n_used": int(used.sum()),
                 "n_dropped": int(n - used.sum()), "arms": [float(a) for a in np.unique(arms)],
                 "effects": [dataclasses.asdict(e) for e in effects], "versions": package_versions(),
+                "sensitivity": analysis.record() if analysis is not None else None,
                 "timings": {"total_s": round(time.monotonic() - started, 3)}}
     if progress is not None:
         progress(1.0, "Done")
     return study, {"effects": effects, "propensity": propensities, "arms": arms, "kept": kept, "overlap": overlap,
-                   "balance": balance, "warnings": warnings, "metadata": metadata}
+                   "balance": balance, "warnings": warnings, "metadata": metadata, "sensitivity": analysis}
 
 
 def panel_image_features(raster_paths, xy, crs_wkt, row_time, window_size_px=33, seed=42, n_components=5,

@@ -40,6 +40,7 @@ class SensitivityElements:
     nu2: float
     cov: np.ndarray = field(repr=False)
     var_y: float = float("nan")   # the outcome's variance among the contrast's units (benchmarks' R2)
+    nu2_plugin: float = float("nan")   # mean(1 / e_a + 1 / e_b): what the propensities imply for nu2
 
 
 @dataclass(frozen=True)
@@ -79,7 +80,20 @@ def contrast_elements(outcome, index, mu, e, a, b, clusters=None, contrast=""):
         centred = np.stack([np.bincount(groups.ravel(), weights=centred[:, j]) for j in range(3)], axis=1)
     cov = centred.T @ centred / n / n
     return SensitivityElements(contrast=contrast, theta=float(means[0]), sigma2=float(means[1]),
-                               nu2=float(means[2]), cov=cov, var_y=float(np.var(Y[in_pair])))
+                               nu2=float(means[2]), cov=cov, var_y=float(np.var(Y[in_pair])),
+                               nu2_plugin=float(np.mean(1 / e[:, a] + 1 / e[:, b])))
+
+
+def unstable_riesz(elements):
+    """A warning when nu2's orthogonal estimate is far below what the propensities imply (under half): a few
+    units with extreme weights dominate it (on the demo's confounded design without trimming: 2.6 against about
+    5 with Crump's trimming), and the bounds and benchmarks' CF_D are then unreliable; None otherwise."""
+    if elements.nu2 > 0.5 * elements.nu2_plugin:
+        return None
+    return (f"Sensitivity ({elements.contrast}): the Riesz representer's variance is poorly estimated (nu2 = "
+            f"{elements.nu2:.3g}, while the propensities imply about {elements.nu2_plugin:.3g}): a few units with "
+            "extreme weights dominate it, so the bounds and the benchmarks' CF_D are unreliable. Trim units "
+            "without overlap (TRIM: Crump et al.) and run again.")
 
 
 #: A benchmark's strength is capped here in the table (econml's bounds need strengths below 1; DoubleML's gain
@@ -164,3 +178,87 @@ def sensitivity_table(elements, cf_y, cf_d, rho=1.0, alpha=0.05, benchmarks=()):
         rows.append({"confounder": name, "cf_y": float(y), "cf_d": float(d), "rho": float(r), "low": low,
                      "high": high, "ci_low": ci_low, "ci_high": ci_high})
     return rows
+
+
+#: Covariates benchmarked one by one at most (each refits the propensity and outcome models once).
+MAX_BENCHMARKS = 10
+
+
+@dataclass
+class Sensitivity:
+    """The analysis of every contrast of an estimateate run: ``elements`` (SensitivityElements per contrast), the
+    chosen strengths, ``rows`` (sensitivity_table per contrast), ``rv`` ((RV, RV_a) per contrast), ``benchmarks``
+    (Benchmark per contrast), ``grid`` (CF values) and ``contours`` (bound_grid of the first contrast)."""
+
+    cf_y: float
+    cf_d: float
+    rho: float
+    elements: list
+    rows: dict
+    rv: dict
+    benchmarks: dict
+    grid: np.ndarray
+    contour: np.ndarray
+    warnings: list = field(default_factory=list)
+
+    def record(self):
+        """What the run record keeps (JSON-ready)."""
+        return {"method": "Chernozhukov, Cinelli, Newey, Sharma & Syrgkanis (2022); econml's sensitivity_interval "
+                          "and RV", "cf_y": self.cf_y, "cf_d": self.cf_d, "rho": self.rho,
+                "contrasts": {el.contrast: {"theta": el.theta, "sigma2": el.sigma2, "nu2": el.nu2,
+                                            "rv": self.rv[el.contrast][0], "rv_a": self.rv[el.contrast][1],
+                                            "bounds": self.rows[el.contrast],
+                                            "benchmarks": [vars(b) for b in self.benchmarks[el.contrast]]}
+                              for el in self.elements}, "warnings": self.warnings}
+
+
+def analyse(outcome, arms, design, features, covariates, covariate_names, folds, clusters, seed, cf_y=0.03,
+            cf_d=0.03, rho=1.0, kept=None, tick=None, is_cancelled=None):
+    """The sensitivity analysis of every AIPW contrast of an arm against the reference (arm levels sorted, the
+    first the reference), with benchmarks: everything the imagery shows, and each covariate (the first
+    MAX_BENCHMARKS), each refit without it on the same folds. The nuisance models are estimateate's own
+    (core.design.propensity_inputs for the propensity, core.scores.outcome_inputs for the outcome models), so
+    theta is its AIPW estimate."""
+    from .design import CLIP, propensity_inputs
+    from .scores import arm_models, outcome_inputs
+
+    check_strengths(cf_y, cf_d, rho)
+    Y = np.asarray(outcome, float)
+    kept = np.ones(len(Y), bool) if kept is None else np.asarray(kept, bool)
+    levels, index = np.unique(np.asarray(arms), return_inverse=True)
+    k = len(levels)
+    names = [f"{levels[a]:g} vs {levels[0]:g}" if np.issubdtype(levels.dtype, np.number) else
+             f"{levels[a]} vs {levels[0]}" for a in range(1, k)]
+
+    def elements_with(image, covs):
+        covs = covs if covs is not None and covs.size and covs.shape[1] else None
+        e, _ = design.propensities(arms, propensity_inputs(image, covs) if image is not None or covs is not None
+                                   else None, folds)
+        inputs = outcome_inputs(image, covs, seed) if image is not None or covs is not None else None
+        mu = arm_models(Y[kept], index[kept], k, None if inputs is None else inputs[kept], folds[kept])
+        e = np.clip(e[kept], CLIP, 1 - CLIP)
+        return [contrast_elements(Y[kept], index[kept], mu, e, a, 0, None if clusters is None else clusters[kept],
+                                  names[a - 1]) for a in range(1, k)]
+
+    long = elements_with(features, covariates)
+    groups = [("everything the imagery shows", None, covariates)]
+    if covariates is not None and covariates.size:
+        for j, name in enumerate(list(covariate_names)[:MAX_BENCHMARKS]):
+            groups.append((f"covariate {name}", features, np.delete(covariates, j, axis=1)))
+    benchmarks = {el.contrast: [] for el in long}
+    for step, (name, image, covs) in enumerate(groups):
+        if is_cancelled is not None and is_cancelled():
+            from .errors import Cancelled
+
+            raise Cancelled()
+        if tick is not None:
+            tick(step / len(groups), f"Sensitivity: benchmark {step + 1} of {len(groups)} ({name})")
+        for el, short in zip(long, elements_with(image, covs)):
+            benchmarks[el.contrast].append(benchmark(name, el, short))
+    grid = np.round(np.linspace(0, 0.3, 16), 3)
+    return Sensitivity(cf_y=cf_y, cf_d=cf_d, rho=rho, elements=long,
+                       rows={el.contrast: sensitivity_table(el, cf_y, cf_d, rho, benchmarks=benchmarks[el.contrast])
+                             for el in long},
+                       rv={el.contrast: robustness_values(el) for el in long},
+                       benchmarks=benchmarks, grid=grid, contour=bound_grid(long[0], grid, rho),
+                       warnings=[w for w in map(unstable_riesz, long) if w])
