@@ -623,8 +623,86 @@ def observational_report(metadata, out, html_path):
                                                "above 0.1 before", "above 0.1 after"],
                                               [(r[0], r[1], r[2], "yes" if r[3] else "", "yes" if r[4] else "")
                                                for r in out["balance"]], digits=3)))
+        if out.get("sensitivity") is not None:
+            png = os.path.join(folder, "sensitivity.png")
+            plot_sensitivity(out["sensitivity"], png)
+            sections.append(("Sensitivity to an unmeasured confounder",
+                             sensitivity_section(out["sensitivity"]) + image(png, "Sensitivity contours")))
         sections.append(("Settings", settings_table(metadata.get("parameters", {}))))
         return write_html(html_path, "GeoCATE: average effect with confounding adjustment", sections, metadata)
+
+
+def sensitivity_sentence(analysis, contrast=None):
+    """The plain sentence of the imagery benchmark: 'A confounder as strong as everything the imagery shows
+    would move the estimate to [a, b] (95 % interval [c, d]).'"""
+    contrast = contrast or analysis.elements[0].contrast
+    row = next((r for r in analysis.rows[contrast] if r["confounder"] == "as strong as everything the imagery shows"),
+               None)
+    if row is None:
+        return ""
+    return (f"A confounder as strong as everything the imagery shows would move the estimate ({contrast}) to "
+            f"[{row['low']:.3f}, {row['high']:.3f}] (95 % interval [{row['ci_low']:.3f}, {row['ci_high']:.3f}]).")
+
+
+def sensitivity_section(analysis):
+    """How to read the omitted-variable bounds, the robustness values, and the bounds table of every contrast."""
+    parts = ["<p class='note'>How strong would a confounder the imagery and covariates do not capture have to be to "
+             "change the conclusion? (Chernozhukov, Cinelli, Newey, Sharma &amp; Syrgkanis 2022.) CF_Y is the share "
+             "of the outcome's remaining variation it would explain; CF_D how much it would add to the variation of "
+             "the weights (the Riesz representer); RHO the correlation of the two (1: the worst case). The bounds "
+             "are the AIPW estimate moved by the largest bias such a confounder could cause, and the interval "
+             "around them. RV is the strength (CF_Y = CF_D) that would bring the estimate to 0, RV_a the strength "
+             "that would bring its interval to include 0. Benchmarks: a confounder that adds to the adjusted model "
+             "what everything the imagery shows, or one covariate, adds (each refit without it).</p>"]
+    sentence = sensitivity_sentence(analysis)
+    if sentence:
+        parts.append(f"<p><b>{html.escape(sentence)}</b></p>")
+    for el in analysis.elements:
+        rv, rv_a = analysis.rv[el.contrast]
+        parts.append(f"<p>{html.escape(el.contrast)}: estimate {el.theta:.3f}; RV = {rv:.3f}, RV_a = {rv_a:.3f}.</p>")
+        marks = {b.name: b for b in analysis.benchmarks[el.contrast]}
+        rows = []
+        for r in analysis.rows[el.contrast]:
+            mark = marks.get(r["confounder"].replace("as strong as ", ""))
+            rows.append((r["confounder"], r["cf_y"], r["cf_d"], r["rho"] if mark is None else mark.rho,
+                         "" if mark is None else mark.delta_theta, r["low"], r["high"], r["ci_low"], r["ci_high"]))
+        parts.append(table(["confounder", "CF_Y", "CF_D", "RHO (benchmark's own)", "estimate without it - with it",
+                            "estimate low", "estimate high", "95 % low", "95 % high"], rows, digits=3))
+    parts.append(f"<p class='note'>Benchmark rows use RHO = {analysis.rho:g} (the chosen value); the benchmark's own "
+                 "RHO is shown for reference.</p>")
+    return "".join(parts)
+
+
+def plot_sensitivity(analysis, path):
+    """Contours of the bound nearest 0 of the first contrast over (CF_D, CF_Y), 0 in bold, benchmarks marked."""
+    import numpy as np
+    from matplotlib.figure import Figure
+
+    el = analysis.elements[0]
+    grid, values = analysis.grid, analysis.contour
+    figure = Figure(figsize=(5.6, 4.4), dpi=110)
+    axes = figure.add_subplot(1, 1, 1)
+    filled = axes.contourf(grid, grid, values, levels=14, cmap="RdBu", vmin=-abs(el.theta), vmax=abs(el.theta))
+    figure.colorbar(filled, ax=axes).set_label(f"{'lower' if el.theta >= 0 else 'upper'} bound of the estimate")
+    if values.min() < 0 < values.max():
+        axes.contour(grid, grid, values, levels=[0.0], colors="k", linewidths=2)
+    axes.plot([analysis.cf_d], [analysis.cf_y], marker="x", color="k", ms=8, ls="")
+    axes.annotate("chosen", (analysis.cf_d, analysis.cf_y), fontsize=7, xytext=(4, 4), textcoords="offset points")
+    top = float(grid[-1])
+    for b in analysis.benchmarks[el.contrast]:
+        x, y = min(b.cf_d, top), min(b.cf_y, top)
+        axes.plot([x], [y], marker="o" if b.name.startswith("everything") else "^", color="#222222", ls="")
+        label = "imagery" if b.name.startswith("everything") else b.name.replace("covariate ", "")
+        axes.annotate(label + ("" if (b.cf_d <= top and b.cf_y <= top) else " (beyond the plot)"), (x, y),
+                      fontsize=7, xytext=(4, -9), textcoords="offset points")
+    axes.set_xlabel("CF_D (confounder's strength in the treatment)")
+    axes.set_ylabel("CF_Y (in the outcome)")
+    axes.set_title(f"{el.contrast}: estimate {el.theta:.3f}; RHO = {analysis.rho:g}", fontsize=9)
+    axes.set_xlim(0, top)
+    axes.set_ylim(0, top)
+    figure.tight_layout()
+    figure.savefig(path)
+    return np.asarray(values)
 
 
 def plot_map(map_path, band_names, path, threshold=1.0, max_cells=600):

@@ -32,6 +32,7 @@ EFFECT_COLUMNS = (("estimator", QVariant.String), ("estimand", QVariant.String),
 
 class EstimateAteAlgorithm(GeoCateAlgorithm):
     DESIGN, TRIM, TRIM_LOW, TRIM_HIGH, CLUSTER = "DESIGN", "TRIM", "TRIM_LOW", "TRIM_HIGH", "CLUSTER"
+    CF_Y, CF_D, RHO = "CF_Y", "CF_D", "RHO"
     OUTPUT, OUTPUT_REPORT = "OUTPUT", "OUTPUT_REPORT"
 
     short_description = ("The average effect of a programme that was not randomized, adjusted for what the imagery "
@@ -59,6 +60,11 @@ class EstimateAteAlgorithm(GeoCateAlgorithm):
             "kept). Balance: standardized differences of each covariate and image component before and after "
             "weighting (0.1 marked). Randomized design: the known propensity, and covariates that look affected "
             "by treatment are named.\n\n"
+            "Sensitivity (observational design): how strong a confounder that the imagery and covariates miss "
+            "would have to be to change the conclusion (Chernozhukov et al. 2022): the AIPW estimate's bounds and "
+            "interval for a confounder of strengths CF_Y (outcome), CF_D (treatment) and RHO, the robustness values "
+            "RV and RV_a, and benchmarks - a confounder as strong as everything the imagery shows, or as each "
+            "covariate - with a contour plot in the report.\n\n"
             "The estimate is only as good as the assumption that the imagery and covariates capture everything "
             "that decided treatment and also drives the outcome."
         )
@@ -80,13 +86,24 @@ class EstimateAteAlgorithm(GeoCateAlgorithm):
             self.CLUSTER, "Cluster field (e.g. village): folds and standard errors keep clusters together",
             parentLayerParameterName="INPUT", optional=True))
         add_spatial_block_parameter(self)
+        for name, label, value, low in (
+                (self.CF_Y, "Sensitivity: confounder's share of the outcome's remaining variation (CF_Y)", 0.03, 0),
+                (self.CF_D, "Sensitivity: its gain in the weights' variation (CF_D)", 0.03, 0),
+                (self.RHO, "Sensitivity: correlation of the two confounding parts (RHO; 1 = worst case)", 1.0, -1)):
+            strength = QgsProcessingParameterNumber(name, label, QgsProcessingParameterNumber.Double,
+                                                    defaultValue=value, minValue=low, maxValue=1 if name == self.RHO
+                                                    else 0.99)
+            strength.setFlags(strength.flags() | QgsProcessingParameterDefinition.FlagAdvanced)
+            self.addParameter(strength)
         add_outcome_correction_parameters(self)
         self.addParameter(QgsProcessingParameterFeatureSink(self.OUTPUT, "Average effects"))
         add_report_parameter(self)
         for name, label in (("ATE", "AIPW estimate of the ATE (first arm against the reference)"),
                             ("ATE_SE", "Its standard error"), ("ATT", "AIPW estimate of the ATT"),
                             ("SHARE_OUTSIDE", "Share of units with propensity outside [0.05, 0.95]"),
-                            ("N_TRIMMED", "Units trimmed"), ("N_USED", "Units used")):
+                            ("N_TRIMMED", "Units trimmed"), ("N_USED", "Units used"),
+                            ("RV", "Robustness value: the confounder strength that brings the AIPW ATE to 0"),
+                            ("RV_A", "Robustness value of its 95 % interval")):
             self.addOutput(QgsProcessingOutputNumber(name, label))
 
     def processAlgorithm(self, parameters, context, feedback):  # noqa: N802 - QGIS's name
@@ -105,11 +122,14 @@ class EstimateAteAlgorithm(GeoCateAlgorithm):
                                      cluster)
         correction, method, _ = read_outcome_correction(self, parameters, context, source, features)
         design = StudyDesign(kind, trim=trim, seed=study["seed"])
+        strengths = tuple(self.parameterAsDouble(parameters, name, context) for name in (self.CF_Y, self.CF_D,
+                                                                                          self.RHO))
         study_data, out = estimate_ate(
             units, study["raster"], design, study["bands"], study["window"], study["nodata"], study["seed"],
             spatial_block=study["spatial_block"],
             progress=lambda f, m: (feedback.setProgress(100 * f), feedback.setProgressText(m)),
-            is_cancelled=feedback.isCanceled, outcome_correction=correction, correction=method, imagery=imagery)
+            is_cancelled=feedback.isCanceled, outcome_correction=correction, correction=method, imagery=imagery,
+            sensitivity=strengths)
         metadata = out["metadata"]
         feedback.pushInfo(f"Design: {kind}; propensity: {metadata['propensity_model']['model']}.")
         if out["overlap"]:
@@ -129,6 +149,18 @@ class EstimateAteAlgorithm(GeoCateAlgorithm):
                          high, effect.n))
             feedback.pushInfo(f"{effect.estimator} {effect.estimand} {effect.contrast}: {effect.estimate:.4f} "
                               f"(SE {effect.std_err:.4f}, 95 % [{low:.4f}, {high:.4f}])")
+        analysis = out["sensitivity"]
+        if analysis is not None:
+            from ..core.report import sensitivity_sentence
+
+            for el in analysis.elements:
+                chosen = analysis.rows[el.contrast][0]
+                rv, rv_a = analysis.rv[el.contrast]
+                feedback.pushInfo(
+                    f"Sensitivity ({el.contrast}): a confounder with CF_Y = {strengths[0]:g}, CF_D = {strengths[1]:g}, "
+                    f"RHO = {strengths[2]:g} would move the AIPW ATE to [{chosen['low']:.4f}, {chosen['high']:.4f}] "
+                    f"(95 % [{chosen['ci_low']:.4f}, {chosen['ci_high']:.4f}]); RV = {rv:.3f}, RV_a = {rv_a:.3f}.")
+            feedback.pushInfo(sensitivity_sentence(analysis))
         if out["balance"]:
             worst = max(out["balance"], key=lambda row: abs(row[2]))
             feedback.pushInfo(f"Balance after weighting: largest |standardized difference| {abs(worst[2]):.3f} "
@@ -139,6 +171,7 @@ class EstimateAteAlgorithm(GeoCateAlgorithm):
             "COVARIATES": study["covariates"], "RASTER": study["raster"], "BANDS": study["bands"],
             "PATCH_SIZE": study["window"], "NODATA": study["nodata"], "SEED": study["seed"], "DESIGN": kind,
             "TRIM": TRIMS[trim_choice], "CLUSTER": cluster, "SPATIAL_BLOCK": study["spatial_block"],
+            "CF_Y": strengths[0], "CF_D": strengths[1], "RHO": strengths[2],
             **imagery_values},
             timings={"total_s": round(time.monotonic() - started, 3)})
         report = self.output_file(parameters, self.OUTPUT_REPORT, context)
@@ -152,4 +185,6 @@ class EstimateAteAlgorithm(GeoCateAlgorithm):
         return {self.OUTPUT: dest_id, self.OUTPUT_REPORT: report, "ATE": first[("AIPW", "ATE")].estimate,
                 "ATE_SE": first[("AIPW", "ATE")].std_err, "ATT": first[("AIPW", "ATT")].estimate,
                 "SHARE_OUTSIDE": out["overlap"]["share_outside"] if out["overlap"] else None,
-                "N_TRIMMED": metadata["n_trimmed"], "N_USED": metadata["n_used"]}
+                "N_TRIMMED": metadata["n_trimmed"], "N_USED": metadata["n_used"],
+                "RV": analysis.rv[analysis.elements[0].contrast][0] if analysis is not None else None,
+                "RV_A": analysis.rv[analysis.elements[0].contrast][1] if analysis is not None else None}

@@ -53,8 +53,17 @@ def test_estimateate_adjusts_for_what_the_image_shows_and_reports_overlap_and_ba
     assert metadata["design"] == "observational" and metadata["trim"] == "crump"
     assert metadata["balance"][0][0] == "image component 1"
     report = (tmp_path / "ate.html").read_text()
-    for part in ("How to read this", "Overlap", "Balance", "Hajek", "ATT"):
+    for part in ("How to read this", "Overlap", "Balance", "Hajek", "ATT", "Sensitivity to an unmeasured confounder",
+                 "A confounder as strong as everything the imagery shows would move the estimate",
+                 "Sensitivity contours"):
         assert part in report
+    # Sensitivity (issue 23): the robustness values, and the bounds of every contrast in the run record.
+    assert 0 <= results["RV_A"] <= results["RV"] < 1
+    sensitivity = metadata["sensitivity"]["contrasts"]["1 vs 0"]
+    assert sensitivity["rv"] == pytest.approx(results["RV"]) and sensitivity["theta"] == pytest.approx(aipw)
+    assert [row["confounder"] for row in sensitivity["bounds"]][:2] == [
+        "chosen (CF_Y, CF_D, RHO)", "as strong as everything the imagery shows"]
+    assert metadata["parameters"]["CF_Y"] == 0.03 and metadata["parameters"]["RHO"] == 1.0
 
 
 def test_estimateate_refuses_a_treatment_that_is_not_an_arm_number(plugin, demo_units_gpkg, demo_raster):
@@ -81,3 +90,33 @@ def test_estimateate_corrects_a_predicted_outcome(plugin, demo_units_gpkg, demo_
     ates = record["ate_by_correction"]
     assert record["correction"] == "linear" and set(ates) == {"none", "linear", "tweedie"}
     assert ates["linear"]["estimate"] == pytest.approx(ates["none"]["estimate"] / 0.5, rel=0.1)
+
+
+def test_estimateate_sensitivity_runs_through_qgis_process_and_refuses_a_strength_of_one(plugin, demo_units_gpkg,
+                                                                                        demo_raster, tmp_path):
+    """A stronger confounder than the default (CF_Y = CF_D = 0.2) through qgis_process: wider bounds, the same
+    robustness values (they do not depend on the chosen strength); CF_Y = 1 is refused before any work."""
+    import subprocess
+
+    from test_estimatecate_in_qgis import qgis_process_env
+
+    layer = confounded_layer(demo_units_gpkg, seed=1)
+    units = str(tmp_path / "confounded.gpkg")
+    from qgis.core import QgsVectorFileWriter
+
+    QgsVectorFileWriter.writeAsVectorFormat(layer, units, "utf-8", layer.crs(), "GPKG")
+    common = ["qgis_process.bin", "--json", "run", "geocate:estimateate", "--", f"INPUT={units}",
+              "TREATMENT=programme", "OUTCOME=income", "COVARIATES=assets", f"RASTER={demo_raster}", "DESIGN=0",
+              "TRIM=1"]
+    done = subprocess.run(common + ["CF_Y=0.2", "CF_D=0.2", f"OUTPUT={tmp_path / 'ate.gpkg'}"],
+                          env=qgis_process_env(), capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    results = json.loads(done.stdout)["results"]
+    record = json.loads((tmp_path / "ate.run.json").read_text())["sensitivity"]
+    chosen = record["contrasts"]["1 vs 0"]["bounds"][0]
+    assert record["cf_y"] == 0.2 and chosen["low"] < results["ATE"] - 0.1 < results["ATE"] + 0.1 < chosen["high"]
+    assert results["RV"] == pytest.approx(record["contrasts"]["1 vs 0"]["rv"])
+    refused = subprocess.run(common + ["CF_Y=1", f"OUTPUT={tmp_path / 'refused.gpkg'}"], env=qgis_process_env(),
+                             capture_output=True, text=True, timeout=900)
+    assert refused.returncode != 0 and "CF_Y" in refused.stdout + refused.stderr
+    assert not (tmp_path / "refused.gpkg").exists() and not (tmp_path / "refused.run.json").exists()
