@@ -617,7 +617,10 @@ def observational_report(metadata, out, html_path):
             overlap = out["overlap"]
             sections.append(("Overlap", f"<p>{overlap['share_outside']:.1%} of the units have a propensity outside "
                              "[0.05, 0.95] (treated: " f"{overlap['share_outside_treated']:.1%}, control: "
-                             f"{overlap['share_outside_control']:.1%}).</p>" + image(png, "Propensities by arm")))
+                             f"{overlap['share_outside_control']:.1%}). The 1&nbsp;% of units with the largest "
+                             "weights in their arm carry "
+                             f"{overlap.get('top_1pct_weight_share', float('nan')):.1%} of that arm's weight (1&nbsp;% "
+                             "with equal weights).</p>" + image(png, "Propensities by arm")))
         if out["balance"]:
             sections.append(("Balance", table(["variable", "standardized difference before", "after weighting",
                                                "above 0.1 before", "above 0.1 after"],

@@ -134,7 +134,8 @@ class EstimateAteAlgorithm(GeoCateAlgorithm):
         feedback.pushInfo(f"Design: {kind}; propensity: {metadata['propensity_model']['model']}.")
         if out["overlap"]:
             feedback.pushInfo(f"Overlap: {out['overlap']['share_outside']:.1%} of the units have a propensity outside "
-                              "[0.05, 0.95].")
+                              f"[0.05, 0.95]; the 1 % largest weights carry {out['overlap']['top_1pct_weight_share']:.1%} "
+                              "of their arm's weight (1 % if all were equal).")
         if metadata["n_trimmed"]:
             low, high = metadata["trim_bounds"]
             feedback.pushWarning(f"{metadata['n_trimmed']} unit(s) trimmed (propensity outside [{low:.3f}, "

@@ -129,3 +129,13 @@ def test_evaluate_scores_in_an_observational_design_use_the_propensity():
     assert abs(observational.calibration[0].mean_forest - 2) < 0.25
     assert observational.calibration[0].mean_forest != randomized.calibration[0].mean_forest
     assert observational.calibration[0].mean_forest_se > randomized.calibration[0].mean_forest_se   # the weights
+
+
+def test_the_share_of_weight_on_the_largest_one_percent_is_reported():
+    """Equal propensities: the top 1 % carry 1 % of each arm's weight; one treated unit with e = 0.001 among
+    e = 0.5 carries most of the treated arm's (1000 against 99 x 2)."""
+    W = np.tile([0, 1], 100)
+    assert overlap_summary(np.full(200, 0.5), W)["top_1pct_weight_share"] == pytest.approx(0.01)
+    e = np.full(200, 0.5)
+    e[1] = 0.001
+    assert overlap_summary(e, W)["top_1pct_weight_share"] == pytest.approx(1000 / (1000 + 99 * 2))

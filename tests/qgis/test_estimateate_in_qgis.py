@@ -55,7 +55,7 @@ def test_estimateate_adjusts_for_what_the_image_shows_and_reports_overlap_and_ba
     report = (tmp_path / "ate.html").read_text()
     for part in ("How to read this", "Overlap", "Balance", "Hajek", "ATT", "Sensitivity to an unmeasured confounder",
                  "A confounder as strong as everything the imagery shows would move the estimate",
-                 "Sensitivity contours"):
+                 "Sensitivity contours", "of that arm's weight"):
         assert part in report
     # Sensitivity (issue 23): the robustness values, and the bounds of every contrast in the run record.
     assert 0 <= results["RV_A"] <= results["RV"] < 1
