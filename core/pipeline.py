@@ -291,7 +291,7 @@ def estimate_cate(units, raster_path, bands=None, window_size_px=33, nodata=None
                   n_groups=3, n_folds=5, n_filters=256, n_components=20, n_estimators=100,
                   device="auto", spatial_block=0, n_draws=200, progress=None, is_cancelled=None,
                   outcome_correction=None, correction="linear", outcome_truth=None, study_design=None,
-                  imagery=None, covariates_modify=True, keep_fit=False):
+                  imagery=None, covariates_modify=True, keep_fit=False, sensitivity=None):
     """Estimate each unit's CATE from its image window (and covariates), and test for heterogeneity.
 
     units: a :class:`UnitTable`. Returns (Study, Result). Steps: read and check
@@ -382,6 +382,13 @@ def estimate_cate(units, raster_path, bands=None, window_size_px=33, nodata=None
     timings["heterogeneity_test_s"] = time.monotonic() - t
     predicted_outcome = predicted_outcome_record(study, learner, inputs, groups, versions, correction,
                                                  outcome_correction, outcome_truth)
+    analysis = None
+    if sensitivity is not None and not randomized:   # the ATE's, on the forest's own folds and nuisance models
+        from .sensitivity import analyse
+
+        analysis = analyse(study.outcome[used], study.treated[used].astype(int), study_design, features,
+                           study.covariates[used] if study.covariates.shape[1] else None, study.covariate_names,
+                           trial.folds, groups, seed, *sensitivity, is_cancelled=is_cancelled)
     t = time.monotonic()
     autoc = rank_average_treatment_effect(learner.dr_scores_, learner.cate_, "AUTOC", n_draws=n_draws,
                                           clusters=groups, names=["cate"], seed=seed)[0]
@@ -433,7 +440,8 @@ def estimate_cate(units, raster_path, bands=None, window_size_px=33, nodata=None
             + (" within strata" if rerandomization.strata is not None else "")
             + (" (known probabilities)" if rerandomization.known is not None else "")
             if rerandomization is not None else "half-sample bootstrap over the fold groups")),
-        "ate_standard_error": ("the larger of the cluster-robust (CR1) one over the fold groups and the spread of the "
+        "ate_standard_error": ("the larger of the cluster-robust (CR1) one over the fold groups (on Student's t with "
+                               "G - 1 degrees of freedom when treatment was assigned by cluster) and the spread of the "
                                "DR ATE over re-randomized assignments" if rerandomization is not None else
                                "cluster-robust (CR1) over the fold groups"),
         "predicted_outcome": predicted_outcome,
@@ -457,7 +465,11 @@ def estimate_cate(units, raster_path, bands=None, window_size_px=33, nodata=None
         autoc=autoc, heterogeneity=test, metadata=metadata,
         fitted=FittedForest(learner=learner, design=design, inputs=inputs, features=features, groups=groups,
                             pipeline=feature_pipeline) if keep_fit else None,
+        sensitivity=analysis,
     )
+    if analysis is not None:
+        metadata["sensitivity"] = analysis.record()
+        metadata["warnings"] += analysis.warnings
     metadata["effect_modifiers"] = "image features and covariates" if covariates_modify else "image features"
     return study, result
 

@@ -315,10 +315,11 @@ HOW_TO_READ_ESTIMATE = (
     "more than average the units ranked first gain.</p>")
 
 
-def estimate_report(metadata, html_path, map_png=None, figures=None):
+def estimate_report(metadata, html_path, map_png=None, figures=None, sensitivity=None):
     """The HTML report of geocate:estimatecate: inputs, settings, ATE, effects by group, TOC, map, metadata.
 
-    figures: the folder where its PNG figures are drawn before they are embedded (default beside the report)."""
+    figures: the folder where its PNG figures are drawn before they are embedded (default beside the report);
+    sensitivity: the ATE's core.sensitivity.Sensitivity (observational design), shown with its contour plot."""
     import numpy as np
 
     from .evaluate import RateResult
@@ -374,6 +375,11 @@ def estimate_report(metadata, html_path, map_png=None, figures=None):
             + table(["input", "standardized difference"], ranked))))
     if map_png:
         sections.append(("Map", image(map_png, "Map of the estimated effects")))
+    if sensitivity is not None:
+        png = stem + "_sensitivity.png"
+        plot_sensitivity(sensitivity, png)
+        sections.append(("Sensitivity to an unmeasured confounder",
+                         sensitivity_section(sensitivity) + image(png, "Sensitivity contours")))
     return write_html(html_path, "GeoCATE: treatment effects from imagery", sections, metadata)
 
 

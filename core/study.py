@@ -101,6 +101,7 @@ class Result:
     probabilities: object = None  # (n, K) out-of-fold cluster probabilities (nan where not used), cluster models
     metadata: dict = field(default_factory=dict)
     fitted: object = None  # core.pipeline.FittedForest where estimate_cate was asked to keep its fit (core.plan)
+    sensitivity: object = None  # core.sensitivity.Sensitivity of the ATE (observational design, when asked)
 
 
 def check_treatment(treated, name="treatment", arms=False):

@@ -17,10 +17,13 @@ from .convert import read_units, write_table
 from .predicted import add_outcome_correction_parameters, read_outcome_correction, report_predicted_outcome
 from .study_parameters import (
     add_imagery_parameters,
+    add_sensitivity_parameters,
     add_spatial_block_parameter,
     add_study_parameters,
     read_imagery_parameters,
+    read_sensitivity_parameters,
     read_study_parameters,
+    report_sensitivity,
 )
 
 DESIGNS = ("observational", "randomized")
@@ -32,7 +35,6 @@ EFFECT_COLUMNS = (("estimator", QVariant.String), ("estimand", QVariant.String),
 
 class EstimateAteAlgorithm(GeoCateAlgorithm):
     DESIGN, TRIM, TRIM_LOW, TRIM_HIGH, CLUSTER = "DESIGN", "TRIM", "TRIM_LOW", "TRIM_HIGH", "CLUSTER"
-    CF_Y, CF_D, RHO = "CF_Y", "CF_D", "RHO"
     OUTPUT, OUTPUT_REPORT = "OUTPUT", "OUTPUT_REPORT"
 
     short_description = ("The average effect of a programme that was not randomized, adjusted for what the imagery "
@@ -86,24 +88,14 @@ class EstimateAteAlgorithm(GeoCateAlgorithm):
             self.CLUSTER, "Cluster field (e.g. village): folds and standard errors keep clusters together",
             parentLayerParameterName="INPUT", optional=True))
         add_spatial_block_parameter(self)
-        for name, label, value, low in (
-                (self.CF_Y, "Sensitivity: confounder's share of the outcome's remaining variation (CF_Y)", 0.03, 0),
-                (self.CF_D, "Sensitivity: its gain in the weights' variation (CF_D)", 0.03, 0),
-                (self.RHO, "Sensitivity: correlation of the two confounding parts (RHO; 1 = worst case)", 1.0, -1)):
-            strength = QgsProcessingParameterNumber(name, label, QgsProcessingParameterNumber.Double,
-                                                    defaultValue=value, minValue=low, maxValue=1 if name == self.RHO
-                                                    else 0.99)
-            strength.setFlags(strength.flags() | QgsProcessingParameterDefinition.FlagAdvanced)
-            self.addParameter(strength)
+        add_sensitivity_parameters(self)
         add_outcome_correction_parameters(self)
         self.addParameter(QgsProcessingParameterFeatureSink(self.OUTPUT, "Average effects"))
         add_report_parameter(self)
         for name, label in (("ATE", "AIPW estimate of the ATE (first arm against the reference)"),
                             ("ATE_SE", "Its standard error"), ("ATT", "AIPW estimate of the ATT"),
                             ("SHARE_OUTSIDE", "Share of units with propensity outside [0.05, 0.95]"),
-                            ("N_TRIMMED", "Units trimmed"), ("N_USED", "Units used"),
-                            ("RV", "Robustness value: the confounder strength that brings the AIPW ATE to 0"),
-                            ("RV_A", "Robustness value of its 95 % interval")):
+                            ("N_TRIMMED", "Units trimmed"), ("N_USED", "Units used")):
             self.addOutput(QgsProcessingOutputNumber(name, label))
 
     def processAlgorithm(self, parameters, context, feedback):  # noqa: N802 - QGIS's name
@@ -122,8 +114,7 @@ class EstimateAteAlgorithm(GeoCateAlgorithm):
                                      cluster)
         correction, method, _ = read_outcome_correction(self, parameters, context, source, features)
         design = StudyDesign(kind, trim=trim, seed=study["seed"])
-        strengths = tuple(self.parameterAsDouble(parameters, name, context) for name in (self.CF_Y, self.CF_D,
-                                                                                          self.RHO))
+        strengths = read_sensitivity_parameters(self, parameters, context)
         study_data, out = estimate_ate(
             units, study["raster"], design, study["bands"], study["window"], study["nodata"], study["seed"],
             spatial_block=study["spatial_block"],
@@ -150,18 +141,7 @@ class EstimateAteAlgorithm(GeoCateAlgorithm):
                          high, effect.n))
             feedback.pushInfo(f"{effect.estimator} {effect.estimand} {effect.contrast}: {effect.estimate:.4f} "
                               f"(SE {effect.std_err:.4f}, 95 % [{low:.4f}, {high:.4f}])")
-        analysis = out["sensitivity"]
-        if analysis is not None:
-            from ..core.report import sensitivity_sentence
-
-            for el in analysis.elements:
-                chosen = analysis.rows[el.contrast][0]
-                rv, rv_a = analysis.rv[el.contrast]
-                feedback.pushInfo(
-                    f"Sensitivity ({el.contrast}): a confounder with CF_Y = {strengths[0]:g}, CF_D = {strengths[1]:g}, "
-                    f"RHO = {strengths[2]:g} would move the AIPW ATE to [{chosen['low']:.4f}, {chosen['high']:.4f}] "
-                    f"(95 % [{chosen['ci_low']:.4f}, {chosen['ci_high']:.4f}]); RV = {rv:.3f}, RV_a = {rv_a:.3f}.")
-            feedback.pushInfo(sensitivity_sentence(analysis))
+        sensitivity_outputs = report_sensitivity(out["sensitivity"], strengths, feedback)
         if out["balance"]:
             worst = max(out["balance"], key=lambda row: abs(row[2]))
             feedback.pushInfo(f"Balance after weighting: largest |standardized difference| {abs(worst[2]):.3f} "
@@ -186,6 +166,4 @@ class EstimateAteAlgorithm(GeoCateAlgorithm):
         return {self.OUTPUT: dest_id, self.OUTPUT_REPORT: report, "ATE": first[("AIPW", "ATE")].estimate,
                 "ATE_SE": first[("AIPW", "ATE")].std_err, "ATT": first[("AIPW", "ATT")].estimate,
                 "SHARE_OUTSIDE": out["overlap"]["share_outside"] if out["overlap"] else None,
-                "N_TRIMMED": metadata["n_trimmed"], "N_USED": metadata["n_used"],
-                "RV": analysis.rv[analysis.elements[0].contrast][0] if analysis is not None else None,
-                "RV_A": analysis.rv[analysis.elements[0].contrast][1] if analysis is not None else None}
+                "N_TRIMMED": metadata["n_trimmed"], "N_USED": metadata["n_used"], **sensitivity_outputs}

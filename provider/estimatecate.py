@@ -24,10 +24,13 @@ from .study_parameters import (
     DESIGNS,
     add_design_parameters,
     add_imagery_parameters,
+    add_sensitivity_parameters,
     add_study_parameters,
     read_design_parameters,
     read_imagery_parameters,
+    read_sensitivity_parameters,
     read_study_parameters,
+    report_sensitivity,
 )
 
 
@@ -83,6 +86,7 @@ class EstimateCateAlgorithm(GeoCateAlgorithm):
         groups.setFlags(groups.flags() | QgsProcessingParameterDefinition.FlagAdvanced)
         self.addParameter(groups)
         add_design_parameters(self)
+        add_sensitivity_parameters(self)
         add_outcome_correction_parameters(self, truth=True)
         self.addParameter(QgsProcessingParameterFeatureSink(self.OUTPUT, "Treatment effects (CATE)"))
         add_report_parameter(self)
@@ -110,6 +114,7 @@ class EstimateCateAlgorithm(GeoCateAlgorithm):
         spatial_block = study["spatial_block"]
         cluster, strata, known, design_kind = read_design_parameters(self, parameters, context)
         imagery, imagery_values = read_imagery_parameters(self, parameters, context)
+        strengths = read_sensitivity_parameters(self, parameters, context)
 
         features, units = read_units(source, treatment, outcome, covariates, feedback, cluster, strata, known)
         correction, method, truth = read_outcome_correction(self, parameters, context, source, features)
@@ -125,7 +130,8 @@ class EstimateCateAlgorithm(GeoCateAlgorithm):
                                       spatial_block=spatial_block, progress=progress,
                                       is_cancelled=feedback.isCanceled, outcome_correction=correction,
                                       correction=method, outcome_truth=truth,
-                                      study_design=StudyDesign(design_kind, seed=seed), imagery=imagery)
+                                      study_design=StudyDesign(design_kind, seed=seed), imagery=imagery,
+                                      sensitivity=strengths)
 
         for warning in result.metadata.get("warnings", []):
             feedback.pushWarning(warning)
@@ -158,6 +164,7 @@ class EstimateCateAlgorithm(GeoCateAlgorithm):
             fit = result.metadata["propensity_model"]
             feedback.pushInfo(f"Observational design: propensity from {fit['model']}; calibration slope "
                               f"{fit.get('calibration_slope', float('nan')):.2f} (1 = calibrated).")
+        sensitivity_outputs = report_sensitivity(result.sensitivity, strengths, feedback)
         feedback.pushInfo(f"Device: {result.metadata['device']}; timings: {result.metadata['timings']}.")
 
         # Only now, with every number in hand, is the output created: a failed run writes nothing.
@@ -182,13 +189,14 @@ class EstimateCateAlgorithm(GeoCateAlgorithm):
             "CORRECTION": method if correction is not None else None,
             "OUTCOME_TRUTH": self.parameterAsString(parameters, self.OUTCOME_TRUTH, context) or None,
             "DESIGN": design_kind, "STRATA": strata, "PROPENSITY": known, **imagery_values,
+            **({"CF_Y": strengths[0], "CF_D": strengths[1], "RHO": strengths[2]} if result.sensitivity else {}),
         }, n_units=len(features), n_used=result.n_used, n_dropped=result.n_dropped,
             ate=result.ate, ate_se=result.ate_se)
         results = self.keep_result(context, dest_id, {
             self.OUTPUT: dest_id, "ATE": result.ate, "ATE_SE": result.ate_se, "N_USED": result.n_used,
             "N_DROPPED": result.n_dropped, "AUTOC": test.estimate, "AUTOC_SE": test.std_err, "AUTOC_T": test.t_stat,
             "AUTOC_P": test.p_value, "AUTOC_POOLED": autoc.estimate,
-            **ppi_outputs(result.metadata["predicted_outcome"])}, metadata, feedback)
+            **ppi_outputs(result.metadata["predicted_outcome"]), **sensitivity_outputs}, metadata, feedback)
         report = self.output_file(parameters, self.OUTPUT_REPORT, context)
         if report:
             import tempfile
@@ -198,7 +206,7 @@ class EstimateCateAlgorithm(GeoCateAlgorithm):
             with tempfile.TemporaryDirectory(prefix="geocate-") as folder:  # the report embeds its figures
                 map_png = plot_effect_map(path, study.coords, result.cate, os.path.join(folder, "map.png"),
                                           bands=bands)
-                estimate_report(metadata, report, map_png, figures=folder)
+                estimate_report(metadata, report, map_png, figures=folder, sensitivity=result.sensitivity)
             results[self.OUTPUT_REPORT] = report
             feedback.pushInfo(f"Report: {self.final_path(report)}.")
         return results

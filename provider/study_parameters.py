@@ -212,3 +212,47 @@ def read_design_parameters(algorithm, parameters, context):
             "estimates the propensity from the imagery and covariates instead. Choose the randomized design, or "
             "leave STRATA and PROPENSITY empty.")
     return cluster, strata, known, design_kind
+
+
+SENSITIVITY_PARAMETERS = (
+    ("CF_Y", "Sensitivity: confounder's share of the outcome's remaining variation (CF_Y)", 0.03, 0.0, 0.99),
+    ("CF_D", "Sensitivity: its gain in the weights' variation (CF_D)", 0.03, 0.0, 0.99),
+    ("RHO", "Sensitivity: correlation of the two confounding parts (RHO; 1 = worst case)", 1.0, -1.0, 1.0))
+
+
+def add_sensitivity_parameters(algorithm):
+    """CF_Y, CF_D, RHO (advanced) and the outputs RV, RV_A: the omitted-variable analysis of the AIPW ATE in an
+    observational design (core.sensitivity), in estimateate and estimatecate."""
+    from qgis.core import QgsProcessingOutputNumber
+
+    for name, label, value, low, high in SENSITIVITY_PARAMETERS:
+        strength = QgsProcessingParameterNumber(name, label, QgsProcessingParameterNumber.Double, defaultValue=value,
+                                                minValue=low, maxValue=high)
+        strength.setFlags(strength.flags() | QgsProcessingParameterDefinition.FlagAdvanced)
+        algorithm.addParameter(strength)
+    algorithm.addOutput(QgsProcessingOutputNumber(
+        "RV", "Robustness value: the confounder strength that brings the AIPW ATE to 0"))
+    algorithm.addOutput(QgsProcessingOutputNumber("RV_A", "Robustness value of its 95 % interval"))
+
+
+def read_sensitivity_parameters(algorithm, parameters, context):
+    """(CF_Y, CF_D, RHO)."""
+    return tuple(algorithm.parameterAsDouble(parameters, name, context) for name, *_ in SENSITIVITY_PARAMETERS)
+
+
+def report_sensitivity(analysis, strengths, feedback):
+    """The log lines of a sensitivity analysis, and the outputs {RV, RV_A} of its first contrast (None: none)."""
+    if analysis is None:
+        return {"RV": None, "RV_A": None}
+    from ..core.report import sensitivity_sentence
+
+    for el in analysis.elements:
+        chosen = analysis.rows[el.contrast][0]
+        rv, rv_a = analysis.rv[el.contrast]
+        feedback.pushInfo(
+            f"Sensitivity ({el.contrast}): a confounder with CF_Y = {strengths[0]:g}, CF_D = {strengths[1]:g}, "
+            f"RHO = {strengths[2]:g} would move the AIPW ATE to [{chosen['low']:.4f}, {chosen['high']:.4f}] "
+            f"(95 % [{chosen['ci_low']:.4f}, {chosen['ci_high']:.4f}]); RV = {rv:.3f}, RV_a = {rv_a:.3f}.")
+    feedback.pushInfo(sensitivity_sentence(analysis))
+    first = analysis.rv[analysis.elements[0].contrast]
+    return {"RV": first[0], "RV_A": first[1]}

@@ -238,8 +238,12 @@ def test_estimatecate_in_an_observational_design_uses_the_image_propensity(small
     units = dataclasses.replace(unit_table(small_trial), treated=treated.astype(float), outcome=outcome)
     naive = estimate_cate(units, demo_raster, n_folds=3, n_estimators=40, n_draws=50)[1]
     adjusted = estimate_cate(units, demo_raster, n_folds=3, n_estimators=40, n_draws=50,
-                             study_design=StudyDesign("observational", seed=4))[1]
+                             study_design=StudyDesign("observational", seed=4), sensitivity=(0.03, 0.03, 1.0))[1]
     assert adjusted.metadata["study_design"] == "observational"
+    # The ATE's sensitivity analysis is on the forest's own DR ATE (same folds, propensity and outcome models).
+    assert adjusted.sensitivity.elements[0].theta == pytest.approx(adjusted.ate, abs=1e-9)
+    assert adjusted.metadata["sensitivity"]["contrasts"]["1 vs 0"]["rv"] > 0
+    assert naive.sensitivity is None   # a randomized design has none
     assert adjusted.metadata["propensity_model"]["calibration_slope"] > 0.5
     # The raw difference in means is confounded (true ATE 1); treating the study as a trial leaves part of it
     # (only the outcome models adjust); the image propensity takes the estimate closer still.

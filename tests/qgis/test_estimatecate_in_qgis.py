@@ -329,10 +329,21 @@ def test_a_csv_output_and_units_without_geometry_are_written_as_such(plugin, dem
 
 
 def test_estimatecate_in_an_observational_design_says_so(plugin, demo_units_gpkg, demo_raster, tmp_path):
-    results = run(base_parameters(demo_units_gpkg, demo_raster, DESIGN=1, OUTPUT=str(tmp_path / "obs.gpkg")))
+    results = run(base_parameters(demo_units_gpkg, demo_raster, DESIGN=1, CF_Y=0.1, OUTPUT=str(tmp_path / "obs.gpkg"),
+                                  OUTPUT_REPORT=str(tmp_path / "obs.html")))
     metadata = json.loads((tmp_path / "obs.run.json").read_text())
     assert metadata["study_design"] == "observational" and metadata["parameters"]["DESIGN"] == "observational"
     assert metadata["propensity_model"]["model"].startswith("multinomial logistic") and math.isfinite(results["ATE"])
+    # The ATE's sensitivity to an unmeasured confounder (issue 23): on the ATE itself, in the outputs, record, report.
+    sensitivity = metadata["sensitivity"]
+    assert sensitivity["cf_y"] == 0.1 and metadata["parameters"]["CF_Y"] == 0.1
+    assert sensitivity["contrasts"]["1 vs 0"]["theta"] == pytest.approx(results["ATE"])
+    assert results["RV"] == pytest.approx(sensitivity["contrasts"]["1 vs 0"]["rv"]) and 0 <= results["RV_A"] <= results["RV"]
+    report = (tmp_path / "obs.html").read_text()
+    assert "Sensitivity to an unmeasured confounder" in report and "as strong as everything the imagery shows" in report
+    # A randomized run has none.
+    randomized = run(base_parameters(demo_units_gpkg, demo_raster, OUTPUT=str(tmp_path / "trial.gpkg")))
+    assert randomized["RV"] is None and "sensitivity" not in json.loads((tmp_path / "trial.run.json").read_text())
 
 
 def test_polygon_units_use_their_centroid(plugin, memory_run, demo_units_gpkg, demo_raster):
