@@ -688,11 +688,14 @@ def find_clusters(units, raster_path, bands=None, window_size_px=33, nodata=None
     image -> probabilities network of that model).
     """
     from .clusters import (
+        CLUSTER_TEST_ALPHA,
         choose_n_clusters,
+        cluster_effect_test,
         cluster_table,
         cross_fitted_clusters,
         feature_scaling,
         fit_clusters,
+        held_out_cluster_effect,
         image_model,
         without_empty_clusters,
     )
@@ -725,7 +728,7 @@ def find_clusters(units, raster_path, bands=None, window_size_px=33, nodata=None
     Y, W = study.outcome[used], study.treated[used].astype(int)
     timings["features_s"] = time.monotonic() - started
     n_fits = [0]
-    total_fits = (max_clusters * n_folds if not n_clusters else 0) + n_folds + 1
+    total_fits = (max_clusters * n_folds if not n_clusters else 0) + n_folds + 1 + (n_folds - 1)
 
     def tick(message):
         n_fits[0] += 1
@@ -735,11 +738,42 @@ def find_clusters(units, raster_path, bands=None, window_size_px=33, nodata=None
             progress(0.2 + 0.75 * n_fits[0] / total_fits, message)
 
     options = dict(epochs=epochs, device=device, is_cancelled=is_cancelled)
+    # The same DR scores and ATE as estimatecate's (same outcome-model inputs, folds and seed): one ATE per study.
+    scores, mu0, mu1, _ = cross_fitted_scores(Y, W, trial.inputs, folds, seed=seed)
+    if trial.propensity is not None:   # strata or known probabilities: the design's own propensity
+        scores = aipw_scores(Y, W, mu0, mu1, trial.propensity)
+    ate = doubly_robust_ate(scores, groups)
+    rerandomization = None
+    if trial.kind == "randomized":   # as estimatecate's: its SE also from treatment assigned again
+        from .evaluate import Rerandomization, rerandomized_ate
+
+        rerandomization = Rerandomization(
+            outcome=Y, treated=W, mu0=mu0, mu1=mu1, propensity=W.mean() if trial.propensity is None else
+            trial.propensity, tau=float(scores.mean()), assignment=assignment_units(study),
+            strata=None if study.strata is None else study.strata[used],
+            known=None if study.propensity is None else study.propensity[used])
+        ate = rerandomized_ate(ate, rerandomization, seed=seed)
     t = time.monotonic()
     k_table = None
-    if not n_clusters:
+    chosen_by_data = not n_clusters
+    if chosen_by_data:
         n_clusters, k_table = choose_n_clusters(image_part, covariate_part, W, Y, folds, max_clusters, seed, tick,
                                                 **options)
+    effect_test, k_rule = None, (f"K = {n_clusters} was given (CLUSTERS)" if not chosen_by_data else
+                                 f"K = {n_clusters}: the held-out likelihood's choice (the smallest K within one SE "
+                                 "of the best)")
+    tested_k = n_clusters
+    if n_clusters > 1:   # do the clusters' effects differ in units the model did not see? (issue 24)
+        effect_test = cluster_effect_test(image_part, covariate_part, W, Y, n_clusters, scores, folds, groups,
+                                          seed, rerandomization, tick, **options)
+        if effect_test.p_value >= CLUSTER_TEST_ALPHA and chosen_by_data:
+            k_rule = (f"K = 1: the likelihood preferred K = {n_clusters}, but the held-out test finds no difference "
+                      f"between those clusters' effects in units the model did not see (p = {effect_test.p_value:.3f}"
+                      "): the extra clusters describe the outcome's shape, not its effect")
+            n_clusters = 1
+        elif chosen_by_data:
+            k_rule += (f"; the held-out test confirms that the clusters' effects differ (p = "
+                       f"{effect_test.p_value:.3f})")
     timings["choose_k_s"] = time.monotonic() - t
     t = time.monotonic()
     asked = n_clusters
@@ -749,7 +783,8 @@ def find_clusters(units, raster_path, bands=None, window_size_px=33, nodata=None
     tick("Final model on all units")
     out = cross_fitted_clusters(image_part, covariate_part, W, Y, n_clusters, folds, seed=seed, tick=tick, **options)
     timings["clusters_s"] = time.monotonic() - t
-    table = cluster_table(final, final.probabilities(image_part, covariate_part))
+    table = [row + held_out_cluster_effect(scores, out["group"], row[0], groups)
+             for row in cluster_table(final, final.probabilities(image_part, covariate_part))]
     raw_covariates = covariates if covariates.shape[1] else np.zeros((len(Y), 0))
     sd = raw_covariates.std(axis=0)
     single = single_window_model(feature_pipeline)
@@ -759,19 +794,12 @@ def find_clusters(units, raster_path, bands=None, window_size_px=33, nodata=None
                             np.where(sd > 0, sd, 1.0))
         if study.patches is None:  # usability came from the cache: the typical windows are read for the report
             study = dataclasses.replace(study, patches=study.source.read()[0][0].windows[:, 0])
-    # The same DR scores and ATE as estimatecate's (same outcome-model inputs, folds and seed): one ATE per study.
-    scores, mu0, mu1, _ = cross_fitted_scores(Y, W, trial.inputs, folds, seed=seed)
-    if trial.propensity is not None:   # strata or known probabilities: the design's own propensity
-        scores = aipw_scores(Y, W, mu0, mu1, trial.propensity)
-    ate = doubly_robust_ate(scores, groups)
-    if trial.kind == "randomized":   # as estimatecate's: its SE also from treatment assigned again
-        from .evaluate import Rerandomization, rerandomized_ate
-
-        ate = rerandomized_ate(ate, Rerandomization(
-            outcome=Y, treated=W, mu0=mu0, mu1=mu1, propensity=W.mean() if trial.propensity is None else
-            trial.propensity, tau=float(scores.mean()), assignment=assignment_units(study),
-            strata=None if study.strata is None else study.strata[used],
-            known=None if study.propensity is None else study.propensity[used]), seed=seed)
+    unsupported = (f"The {n_clusters} clusters were given (CLUSTERS), but the held-out test finds no difference "
+                   f"between their effects in units the model did not see (p = {effect_test.p_value:.3f}): they may "
+                   "describe the outcome's shape (zeros, skew, noise) rather than who gains. Set CLUSTERS to 0 to "
+                   "let the data choose, and quote the clusters' held-out effects (dr_effect), not their model "
+                   "effects." if effect_test is not None and not chosen_by_data
+                   and effect_test.p_value >= CLUSTER_TEST_ALPHA else None)
 
     spread = functools.partial(spread_over, used)
 
@@ -779,8 +807,13 @@ def find_clusters(units, raster_path, bands=None, window_size_px=33, nodata=None
     metadata = {
         "seed": seed, "window_size_px": int(window_size_px), "window_size_m": float(window_size_px * study.pixel_size_m),
         "bands": list(study.bands), "nodata": nodata, "n_folds": n_folds, "epochs": epochs, "device": device,
-        "n_clusters": int(n_clusters), "max_clusters": int(max_clusters), "k_table": k_table,
-        "warnings": [w for w in (overlap_warning(study, window_size_px, block_size),
+        "n_clusters": int(n_clusters), "max_clusters": int(max_clusters), "k_table": k_table, "k_rule": k_rule,
+        "effect_test": None if effect_test is None else {
+            "method": "sequential cross-fold AUTOC test of the cluster model's CATE (each fold ranked by a model fit "
+                      "on the earlier folds; one-sided)", "clusters": int(tested_k),
+            "estimate": effect_test.estimate, "std_err": effect_test.std_err, "t": effect_test.t_stat,
+            "p_value": effect_test.p_value},
+        "warnings": [w for w in (unsupported, overlap_warning(study, window_size_px, block_size),
                                  f"{asked - n_clusters} of {asked} clusters held (almost) no units and were dropped: "
                                  f"{n_clusters} remain." if asked > n_clusters else None,
                                  randomization_warning(trial.check), few_clusters_warning(study, folds)) if w],

@@ -499,17 +499,25 @@ def cluster_report(metadata, html_path, figures, typical=None, rgb_order=(0, 1, 
                "held-out units best)" if k == 1 else "") + f". Average treatment effect (doubly robust): "
                f"<b>{metadata['ate']:.3f}</b> (95 % interval {low:.3f} to {high:.3f}), from {metadata['n_used']} "
                f"units ({metadata['n_dropped']} dropped).</p>")
-    rows = [(f"cluster {row[0]}", f"{100 * row[4]:.0f} %", row[1], row[2], row[3], row[5], row[6]) for row in clusters]
+    if metadata.get("k_rule"):
+        summary += f"<p>{html.escape(metadata['k_rule'])}.</p>"
+    rows = [(f"cluster {row[0]}", f"{100 * row[4]:.0f} %", row[1], row[2], row[3], row[5], row[6])
+            + ((row[7], row[8], row[9]) if len(row) > 9 else ("", "", "")) for row in clusters]
     sections = [
         ("How to read this", "<p class='note'>Each unit belongs to the latent clusters with the probabilities its "
          "image gives (p_1..p_K in the layer); each cluster has its own treatment effect. The interval of a "
-         "cluster's effect is its posterior 95 % interval; 'share' is the mean probability over the units. K was "
-         "chosen by the held-out likelihood of the cross-fitted model (the smallest K within one standard error "
-         "of the best), so K = 1 means the images show no heterogeneity. The salience maps show which pixels "
+         "cluster's effect is its posterior 95 % interval; 'share' is the mean probability over the units. K is "
+         "proposed by the held-out likelihood of the cross-fitted model (the smallest K within one standard error "
+         "of the best) and kept above 1 only when the clusters' effects differ in units the model did not see (a "
+         "held-out test; a mixture can otherwise fit the outcome's shape - zeros, skew - rather than its effect), "
+         "so K = 1 means the images show no heterogeneity. The salience maps show which pixels "
          "move a unit's cluster probability most (brighter = more). ± and intervals are 95 %.</p>"),
         ("Summary", summary),
         ("Clusters", table(["cluster", "share of units", "effect", "95 % low", "95 % high", "outcome sd, control",
-                            "outcome sd, treated"], rows, digits=3) + image(effects_png, "Cluster effects")),
+                            "outcome sd, treated", "held-out effect (DR)", "its SE", "units assigned"], rows, digits=3)
+         + "<p class='note'>The held-out effect is the doubly robust effect of the units assigned to the cluster by "
+           "a model that did not see them: the number the data support, to quote next to the model's own effect."
+           "</p>" + image(effects_png, "Cluster effects")),
     ]
     if metadata.get("k_table"):
         sections.append(("Choice of K", table(["K", "held-out log-likelihood per unit", "SE"],

@@ -32,7 +32,8 @@ from .styles import GROUP_STYLE
 DEVICES = ["auto", "cpu", "cuda"]
 CLUSTER_COLUMNS = (("cluster", QVariant.Int), ("effect", QVariant.Double), ("ci_low", QVariant.Double),
                    ("ci_high", QVariant.Double), ("share", QVariant.Double), ("sigma_control", QVariant.Double),
-                   ("sigma_treated", QVariant.Double))
+                   ("sigma_treated", QVariant.Double), ("dr_effect", QVariant.Double), ("dr_se", QVariant.Double),
+                   ("n_assigned", QVariant.Int))
 
 
 class ImageClustersAlgorithm(GeoCateAlgorithm):
@@ -127,10 +128,15 @@ class ImageClustersAlgorithm(GeoCateAlgorithm):
         if extras["k_table"]:
             for kk, ll, se in extras["k_table"]:
                 feedback.pushInfo(f"K = {kk}: held-out log-likelihood per unit {ll:.4f} (SE {se:.4f})")
-            feedback.pushInfo(f"Chosen K = {k} (the smallest K within one SE of the best).")
+        test = result.metadata.get("effect_test")
+        if test:
+            feedback.pushInfo(f"Held-out test of the {test['clusters']} clusters' effects (sequential cross-fold "
+                              f"AUTOC): {test['estimate']:.4f} (SE {test['std_err']:.4f}), p = {test['p_value']:.4f}.")
+        feedback.pushInfo(f"{result.metadata['k_rule']}.")
         for row in extras["clusters"]:
-            feedback.pushInfo(f"Cluster {row[0]}: effect {row[1]:.3f} [{row[2]:.3f}, {row[3]:.3f}], "
-                              f"share {row[4]:.2f}, sigma control {row[5]:.3f}, treated {row[6]:.3f}")
+            feedback.pushInfo(f"Cluster {row[0]}: model effect {row[1]:.3f} [{row[2]:.3f}, {row[3]:.3f}], "
+                              f"share {row[4]:.2f}, sigma control {row[5]:.3f}, treated {row[6]:.3f}; held-out "
+                              f"effect of its {row[9]} units {row[7]:.3f} (SE {row[8]:.3f})")
 
         # Every number is in hand: the outputs are written only now.
         extra_fields = RESULT_FIELDS + tuple((f"p_{j + 1}", QVariant.Double) for j in range(k))

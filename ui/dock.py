@@ -946,6 +946,12 @@ class GeoCateDock(QgsDockWidget):
         if "clusters" in metadata:
             k = metadata["n_clusters"]
             lines.append(f"<b>Clusters</b> K = {k}" + (" (no heterogeneity found)" if k == 1 else ""))
+            test = metadata.get("effect_test")
+            if test:   # do the clusters' effects differ in held-out units? Unsupported clusters are flagged.
+                supported = test["p_value"] < 0.05
+                lines.append(f"{'' if supported else '<b>Not supported:</b> '}held-out test of the "
+                             f"{test['clusters']} clusters' effects: p = {test['p_value']:.2g}"
+                             + ("" if supported else " - they may describe the outcome's shape, not who gains"))
         lines.append(f"<b>Device</b> {metadata['device']}, {metadata['timings']['total_s']:.1f} s")
         self.summary.setText("<br>".join(lines))
         if self.canvas is not None:

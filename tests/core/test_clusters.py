@@ -32,6 +32,49 @@ def test_well_separated_clusters_are_recovered_with_their_effects(separated):
     np.testing.assert_allclose(probabilities.sum(axis=1), 1, atol=1e-5)
 
 
+def test_real_clusters_pass_the_held_out_test_and_report_their_held_out_effects(separated):
+    """Issue 24: K > 1 is kept because the clusters' effects differ in units the model did not see, and each
+    cluster's table row carries the doubly robust effect of the units assigned to it out of fold."""
+    trial, (study, result, extras) = separated
+    test = result.metadata["effect_test"]
+    assert test["p_value"] < 0.01 and "confirms" in result.metadata["k_rule"]
+    populated = [row for row in extras["clusters"] if row[4] > 0.1]
+    for truth, row in zip((-1.0, 3.0), populated):
+        dr_effect, dr_se, n_assigned = row[7:10]
+        assert abs(dr_effect - truth) < 3 * dr_se + 0.3 and 300 < n_assigned < 700
+
+
+def zero_inflated_null(demo_raster, seed, n_units=600):
+    """A null trial (the effect the same for every unit) whose outcome is zero for 70 % of controls and 30 % of
+    treated units, independently of the imagery (issue 24's first case): hours worked."""
+    import dataclasses
+
+    trial = simulate_trial(demo_raster, n_units=n_units, seed=seed, effects=(1.0,))
+    rng = np.random.default_rng(seed)
+    W = trial.treated
+    working = rng.random(n_units) < np.where(W == 1, 0.7, 0.3)
+    hours = np.where(working, np.exp(1.0 + 0.3 * rng.standard_normal(n_units)), 0.0)
+    return dataclasses.replace(unit_table(trial), outcome=hours)
+
+
+@pytest.mark.slow
+def test_a_zero_inflated_null_trial_gets_one_cluster_and_says_why(demo_raster):
+    """The likelihood alone chose K > 1 on such outcomes (the point mass of zeros as a 'cluster'); the held-out
+    test keeps K = 1 and the log says which rule chose K. Three seeds here; bench_clusters.py runs 20 per shape."""
+    chosen = []
+    for seed in range(3):
+        result = find_clusters(zero_inflated_null(demo_raster, 60 + seed), demo_raster, max_clusters=3, n_folds=3,
+                               seed=seed)[1]
+        chosen.append(result.metadata["n_clusters"])
+        assert result.metadata["k_rule"].startswith("K = ")
+    assert chosen == [1, 1, 1], chosen
+    # Clusters forced by the user are run, but flagged when the held-out test does not support them.
+    study, result, extras = find_clusters(zero_inflated_null(demo_raster, 70), demo_raster, n_clusters=3,
+                                          max_clusters=3, n_folds=3, seed=0)
+    if result.metadata["effect_test"]["p_value"] >= 0.05:
+        assert any("held-out test finds no difference" in w for w in result.metadata["warnings"])
+
+
 def test_unit_effects_are_out_of_fold_with_intervals(separated):
     trial, (study, result, extras) = separated
     assert np.all(result.cate_lo <= result.cate) and np.all(result.cate <= result.cate_hi)

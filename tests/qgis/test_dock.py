@@ -410,6 +410,7 @@ def test_dock_offers_the_cluster_model_and_shows_its_clusters(plugin, project_la
     assert isinstance(layers["Effect clusters"].renderer(), QgsCategorizedSymbolRenderer)
     assert layers["Clusters (effects)"].featureCount() == 2
     assert "K = 2" in dock.summary.text() and "ATE" in dock.summary.text()
+    assert "held-out test of the 2 clusters' effects: p = " in dock.summary.text()   # given K: tested, flagged if not
     assert dock.canvas.figure.axes and dock.report_button.isEnabled()
     report = open(dock.last_results["OUTPUT_REPORT"], encoding="utf-8").read()
     for part in ("How to read this", "cluster 1", "share of units", "most typical unit", "Settings"):

@@ -468,6 +468,8 @@ def test_imageclusters_writes_units_clusters_model_and_salience(plugin, demo_uni
     clusters = list(results["OUTPUT_CLUSTERS"].getFeatures())
     assert [c["cluster"] for c in clusters] == [1, 2] and clusters[0]["effect"] < clusters[1]["effect"]
     assert abs(sum(c["share"] for c in clusters) - 1) < 1e-3
+    # Issue 24: each cluster's held-out doubly robust effect, and its units, beside the model's effect.
+    assert sum(c["n_assigned"] for c in clusters) == 294 and all(c["dr_se"] > 0 for c in clusters)
     model = OnnxClusterModel(results["OUTPUT_MODEL"])
     assert model.description["window_size_px"] == 33 and model.description["n_clusters"] == 2
     rasters = sorted((tmp_path / "salience").glob("*.tif"))
