@@ -1,6 +1,9 @@
 """Benchmark of the image cluster model against the causal forest and the paper's baseline, in one process.
 
-Usage: python bench/bench_clusters.py [--units 3000] [--seed 11] [--json out.json]
+Usage: python bench/bench_clusters.py [methods|shapes] [--units 3000] [--seed 11] [--draws 20] [--json out.json]
+
+``shapes`` (issue 24): K chosen on null trials whose outcome is zero-inflated, log-normal, Student-t or has
+image-dependent noise, and on a three-cluster design with Gaussian and zero-inflated noise (see shapes()).
 
 On the same simulated studies on the demo imagery (core/simulate.py):
 well-separated (two image-defined clusters, effects -1 and 3) and no
@@ -117,15 +120,79 @@ def run(design, effects, args):
     return rows
 
 
+def shaped_outcome(trial, shape, rng):
+    """An outcome of ``shape`` (issue 24) on a simulated trial: the trial's effects (trial.true_cate) added to a
+    baseline whose shape has nothing to do with the imagery: 'zero-inflated' (zero for 70 % of controls and 30 % of
+    treated units, log-normal hours otherwise: the effect is in the share working), 'log-normal', 'student-t'
+    (3 df noise), 'image-scaled noise' (noise sd 0.5 to 2 with the image baseline), or 'gaussian'."""
+    n, W = len(trial.treated), trial.treated
+    if shape == "zero-inflated":
+        working = rng.random(n) < np.where(W == 1, 0.7, 0.3)
+        return np.where(working, np.exp(1.0 + 0.3 * rng.standard_normal(n)), 0.0) + W * (trial.true_cate - 1.0)
+    if shape == "log-normal":
+        return np.exp(0.8 * rng.standard_normal(n)) + W * trial.true_cate
+    if shape == "student-t":
+        return trial.true_mu0 + W * trial.true_cate + rng.standard_t(3, n)
+    if shape == "image-scaled noise":
+        z = (trial.true_mu0 - trial.true_mu0.mean()) / trial.true_mu0.std()
+        return trial.true_mu0 + W * trial.true_cate + np.exp(0.7 * np.clip(z, -1, 1)) * rng.standard_normal(n)
+    return trial.outcome
+
+
+def shapes(args):
+    """K chosen on null trials of every outcome shape (the effect the same for every unit) and on the three-cluster
+    design (with Gaussian and zero-inflated noise), --draws draws each: how often K = 1 (goal >= 90 % of null
+    draws), the likelihood's own choice (the rule before issue 24), and the ARI with K = 3 (goals 0.8 and 0.7)."""
+    import dataclasses
+
+    from conftest import unit_table
+    from sklearn.metrics import adjusted_rand_score
+
+    from geocate.core.pipeline import find_clusters
+    from geocate.core.simulate import simulate_trial
+
+    figures = {}
+    designs = [(shape, (1.0,)) for shape in ("zero-inflated", "log-normal", "student-t", "image-scaled noise")] + \
+        [("gaussian", (0.0, 1.5, 3.0)), ("zero-inflated", (0.0, 1.5, 3.0))]
+    for shape, effects in designs:
+        rows = []
+        for draw in range(args.draws):
+            seed = 500 + draw
+            trial = simulate_trial(DEMO_RASTER, n_units=args.units, seed=seed, effects=effects)
+            outcome = shaped_outcome(trial, shape, np.random.default_rng(seed))
+            units = dataclasses.replace(unit_table(trial), outcome=outcome)
+            started = time.perf_counter()
+            result = find_clusters(units, DEMO_RASTER, max_clusters=4, seed=seed, device=args.device)[1]
+            test = result.metadata["effect_test"]
+            rows.append({"k": result.metadata["n_clusters"], "k_likelihood": test["clusters"] if test else 1,
+                         "p": test["p_value"] if test else None,
+                         "ari": float(adjusted_rand_score(trial.true_group, result.group)),
+                         "seconds": round(time.perf_counter() - started, 1)})
+            print(shape, effects, json.dumps(rows[-1]), flush=True)
+        name = f"{shape}, effects {effects}"
+        figures[name] = {"draws": len(rows), "k_distribution": {k: sum(r["k"] == k for r in rows) for k in range(1, 5)},
+                         "k_distribution_likelihood_only": {k: sum(r["k_likelihood"] == k for r in rows)
+                                                            for k in range(1, 5)},
+                         "share_k1": float(np.mean([r["k"] == 1 for r in rows])),
+                         "mean_ari": float(np.mean([r["ari"] for r in rows])), "rows": rows}
+        print(name, json.dumps({k: v for k, v in figures[name].items() if k != "rows"}), flush=True)
+    return figures
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("study", nargs="?", default="methods", choices=["methods", "shapes"])
     parser.add_argument("--units", type=int, default=3000)
     parser.add_argument("--seed", type=int, default=11)
+    parser.add_argument("--draws", type=int, default=20)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
-    figures = {"well-separated": run("well-separated", (-1.0, 3.0), args),
-               "no heterogeneity": run("no heterogeneity", (1.0,), args)}
+    if args.study == "shapes":
+        figures = shapes(args)
+    else:
+        figures = {"well-separated": run("well-separated", (-1.0, 3.0), args),
+                   "no heterogeneity": run("no heterogeneity", (1.0,), args)}
     if args.json:
         with open(args.json, "w", encoding="utf-8") as handle:
             json.dump(figures, handle, indent=2)
