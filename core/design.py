@@ -140,21 +140,27 @@ def calibration(index, probabilities):
     return report
 
 
-def overlap_summary(propensity, treated, bounds=(0.05, 0.95)):
+def overlap_summary(propensity, treated, bounds=(0.05, 0.95), kept=None):
     """The share of units whose propensity lies outside ``bounds``, by arm and overall, the quantiles of the
-    propensity in each arm (binary treatment), and the share of the inverse-propensity weights (1/e treated,
-    1/(1-e) control, each arm's weights normalised to its own total) carried by the 1 % of units with the largest
-    weights in their arm ("top_1pct_weight_share": its largest value over the arms; 0.01 would be equal weights):
-    a few units carrying much of the adjustment make the estimate rest on them."""
+    propensity in each arm (binary treatment), and the share of the inverse-propensity weights the estimate uses
+    (the ``kept`` units, propensities clipped to [CLIP, 1 - CLIP]; 1/e treated, 1/(1-e) control, each arm's
+    weights over its own total) carried by the 1 % of units with the largest weights in their arm
+    ("top_1pct_weight_share": its largest value over the arms; "top_1pct_equal_share": the same share were all
+    weights equal, ceil(n / 100) / n): a few units carrying much of the adjustment make the estimate rest on them."""
     e, W = np.asarray(propensity, float), np.asarray(treated, int)
     outside = (e < bounds[0]) | (e > bounds[1])
-    shares = []
-    for arm, weight in ((1, 1 / np.clip(e, 1e-12, None)), (0, 1 / np.clip(1 - e, 1e-12, None))):
-        w = np.sort(weight[W == arm])[::-1]
+    kept = np.ones(len(e), bool) if kept is None else np.asarray(kept, bool)
+    clipped = np.clip(e, CLIP, 1 - CLIP)
+    shares, equal = [], []
+    for arm, weight in ((1, 1 / clipped), (0, 1 / (1 - clipped))):
+        w = np.sort(weight[kept & (W == arm)])[::-1]
         if len(w):
-            shares.append(float(w[:max(int(np.ceil(0.01 * len(w))), 1)].sum() / w.sum()))
+            top = max(int(np.ceil(0.01 * len(w))), 1)
+            shares.append(float(w[:top].sum() / w.sum()))
+            equal.append(top / len(w))
     return {"bounds": list(bounds), "share_outside": float(outside.mean()),
             "top_1pct_weight_share": max(shares) if shares else float("nan"),
+            "top_1pct_equal_share": equal[int(np.argmax(shares))] if shares else float("nan"),
             "share_outside_treated": float(outside[W == 1].mean()),
             "share_outside_control": float(outside[W == 0].mean()),
             "quantiles_treated": np.quantile(e[W == 1], [0, 0.05, 0.5, 0.95, 1]).tolist(),

@@ -22,17 +22,21 @@ def run_cancellable(work, is_cancelled=None, poll_seconds=0.25):
     from concurrent.futures import ThreadPoolExecutor
     from concurrent.futures import TimeoutError as FutureTimeout
 
+    from .progress import collection_here
+
     executor = ThreadPoolExecutor(max_workers=1)
-    future = executor.submit(work)
-    try:
-        while True:
-            try:
-                return future.result(timeout=poll_seconds)
-            except FutureTimeout:  # not the built-in TimeoutError before Python 3.11
-                if is_cancelled():
-                    raise Cancelled() from None
-    finally:
-        executor.shutdown(wait=False)
+    with collection_here() as collection:   # cycles are collected here, never in the worker (core/progress.py)
+        future = executor.submit(work)
+        try:
+            while True:
+                try:
+                    return future.result(timeout=poll_seconds)
+                except FutureTimeout:  # not the built-in TimeoutError before Python 3.11
+                    if is_cancelled():
+                        raise Cancelled() from None
+                    collection.tick()
+        finally:
+            executor.shutdown(wait=False)
 
 
 def location_folds(locations, n_folds, seed):

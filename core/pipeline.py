@@ -382,13 +382,17 @@ def estimate_cate(units, raster_path, bands=None, window_size_px=33, nodata=None
     timings["heterogeneity_test_s"] = time.monotonic() - t
     predicted_outcome = predicted_outcome_record(study, learner, inputs, groups, versions, correction,
                                                  outcome_correction, outcome_truth)
-    analysis = None
-    if sensitivity is not None and not randomized:   # the ATE's, on the forest's own folds and nuisance models
-        from .sensitivity import analyse
+    analysis, sensitivity_warnings = None, []
+    if sensitivity is not None and not randomized:   # the ATE's: its folds and nuisance models, refit the same way
+        from .sensitivity import analyse_or_warn, check_strengths
 
-        analysis = analyse(study.outcome[used], study.treated[used].astype(int), study_design, features,
-                           study.covariates[used] if study.covariates.shape[1] else None, study.covariate_names,
-                           trial.folds, groups, seed, *sensitivity, is_cancelled=is_cancelled)
+        check_strengths(*sensitivity)
+        analysis = analyse_or_warn(sensitivity_warnings, study.outcome[used], study.treated[used].astype(int),
+                                   study_design, features,
+                                   study.covariates[used] if study.covariates.shape[1] else None,
+                                   study.covariate_names, trial.folds, groups, seed, *sensitivity,
+                                   is_cancelled=is_cancelled, n_components=n_components,
+                                   tick=stage(progress, 0.98, 0.99))
     t = time.monotonic()
     autoc = rank_average_treatment_effect(learner.dr_scores_, learner.cate_, "AUTOC", n_draws=n_draws,
                                           clusters=groups, names=["cate"], seed=seed)[0]
@@ -467,6 +471,7 @@ def estimate_cate(units, raster_path, bands=None, window_size_px=33, nodata=None
                             pipeline=feature_pipeline) if keep_fit else None,
         sensitivity=analysis,
     )
+    metadata["warnings"] += sensitivity_warnings
     if analysis is not None:
         metadata["sensitivity"] = analysis.record()
         metadata["warnings"] += analysis.warnings
@@ -794,7 +799,7 @@ def find_clusters(units, raster_path, bands=None, window_size_px=33, nodata=None
                             np.where(sd > 0, sd, 1.0))
         if study.patches is None:  # usability came from the cache: the typical windows are read for the report
             study = dataclasses.replace(study, patches=study.source.read()[0][0].windows[:, 0])
-    unsupported = (f"The {n_clusters} clusters were given (CLUSTERS), but the held-out test finds no difference "
+    unsupported = (f"The {tested_k} clusters were given (CLUSTERS), but the held-out test finds no difference "
                    f"between their effects in units the model did not see (p = {effect_test.p_value:.3f}): they may "
                    "describe the outcome's shape (zeros, skew, noise) rather than who gains. Set CLUSTERS to 0 to "
                    "let the data choose, and quote the clusters' held-out effects (dr_effect), not their model "
@@ -894,12 +899,13 @@ def estimate_ate(units, raster_path, design, bands=None, window_size_px=33, noda
     warnings = [w for w in (overlap_warning(study, window_size_px, block_size),) if w]
     analysis = None
     if sensitivity is not None and design.kind != RANDOMIZED:
-        from .sensitivity import analyse
+        from .sensitivity import analyse_or_warn, check_strengths
 
-        analysis = analyse(study.outcome[used], arms, design, features, covariates, study.covariate_names, folds,
-                           groups, seed, *sensitivity, kept=kept, tick=stage(progress, 0.8, 0.95),
-                           is_cancelled=is_cancelled)
-        warnings += analysis.warnings
+        check_strengths(*sensitivity)
+        analysis = analyse_or_warn(warnings, study.outcome[used], arms, design, features, covariates,
+                                   study.covariate_names, folds, groups, seed, *sensitivity, kept=kept,
+                                   tick=stage(progress, 0.8, 0.95), is_cancelled=is_cancelled)
+        warnings += analysis.warnings if analysis is not None else []
     predicted = None
     if versions is not None:
         ates = {}
@@ -916,7 +922,7 @@ def estimate_ate(units, raster_path, design, bands=None, window_size_px=33, noda
     names = [f"image component {j + 1}" for j in range(n_pcs)] + list(study.covariate_names)
     balance_inputs = np.column_stack([inputs[:, :n_pcs]] + ([covariates] if covariates is not None else []))
     if binary:
-        overlap = overlap_summary(propensities[:, 1], arms)
+        overlap = overlap_summary(propensities[:, 1], arms, kept=kept)
         if design.kind != RANDOMIZED and overlap["share_outside"] > 0.1:
             warnings.append(f"Poor overlap: {overlap['share_outside']:.0%} of the units have a propensity outside "
                             "[0.05, 0.95], where some units have almost no comparable units in the other arm; "

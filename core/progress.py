@@ -1,8 +1,42 @@
 """Progress reporting and cancellation for long loops, throttled so that callbacks stay cheap."""
 
+import gc
+import threading
 import time
 
 from .errors import Cancelled
+
+
+def collect_due():
+    """Run the collections the automatic collector would have run by now (generation by generation, when its
+    count passed its threshold: pyqtgraph's GarbageCollector.check), so that a collection driven from one
+    thread costs what the automatic one would, not a full collection each time."""
+    counts, thresholds = gc.get_count(), gc.get_threshold()
+    for generation in range(3):
+        if counts[generation] > thresholds[generation]:
+            gc.collect(generation)
+
+
+class collection_here:  # noqa: N801 - used as a context manager
+    """While a block of the main thread waits for a worker thread (core.learners.run_cancellable), automatic
+    collection is off and ``tick()`` collects in this thread instead: a collection that fires in the worker
+    deletes main-thread Qt objects caught in cycles and crashes QGIS (provider/collector.py does the same for a
+    run in a background task). Outside the main thread, or when collection is already off, it does nothing."""
+
+    def __enter__(self):
+        self.active = threading.current_thread() is threading.main_thread() and gc.isenabled()
+        if self.active:
+            gc.disable()
+        return self
+
+    def tick(self):
+        if self.active:
+            collect_due()
+
+    def __exit__(self, *exc):
+        if self.active:
+            gc.enable()
+        return False
 
 
 class Throttle:

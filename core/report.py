@@ -495,8 +495,7 @@ def cluster_report(metadata, html_path, figures, typical=None, rgb_order=(0, 1, 
     k = metadata["n_clusters"]
     low = metadata["ate"] - Z95 * metadata["ate_se"]
     high = metadata["ate"] + Z95 * metadata["ate_se"]
-    summary = (f"<p><b>{k} cluster{'s' if k > 1 else ''}</b>" + (" (no heterogeneity found: one cluster fits the "
-               "held-out units best)" if k == 1 else "") + f". Average treatment effect (doubly robust): "
+    summary = (f"<p><b>{k} cluster{'s' if k > 1 else ''}</b>" + (" (no heterogeneity found)" if k == 1 else "") + f". Average treatment effect (doubly robust): "
                f"<b>{metadata['ate']:.3f}</b> (95 % interval {low:.3f} to {high:.3f}), from {metadata['n_used']} "
                f"units ({metadata['n_dropped']} dropped).</p>")
     if metadata.get("k_rule"):
@@ -633,8 +632,9 @@ def observational_report(metadata, out, html_path):
                              "[0.05, 0.95] (treated: " f"{overlap['share_outside_treated']:.1%}, control: "
                              f"{overlap['share_outside_control']:.1%}). The 1&nbsp;% of units with the largest "
                              "weights in their arm carry "
-                             f"{overlap.get('top_1pct_weight_share', float('nan')):.1%} of that arm's weight (1&nbsp;% "
-                             "with equal weights).</p>" + image(png, "Propensities by arm")))
+                             f"{overlap.get('top_1pct_weight_share', float('nan')):.1%} of that arm's weight "
+                             f"({overlap.get('top_1pct_equal_share', float('nan')):.1%} were all weights equal; units "
+                             "kept, as the estimate weighs them).</p>" + image(png, "Propensities by arm")))
         if out["balance"]:
             sections.append(("Balance", table(["variable", "standardized difference before", "after weighting",
                                                "above 0.1 before", "above 0.1 after"],

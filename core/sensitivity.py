@@ -79,6 +79,8 @@ def contrast_elements(outcome, index, mu, e, a, b, clusters=None, contrast=""):
         _, groups = np.unique(np.asarray(clusters), return_inverse=True)
         centred = np.stack([np.bincount(groups.ravel(), weights=centred[:, j]) for j in range(3)], axis=1)
     cov = centred.T @ centred / n / n
+    if clusters is not None and len(centred) > 1:   # CR1, as the estimate's own SE (core.scores.mean_and_se)
+        cov = cov * len(centred) / (len(centred) - 1)
     return SensitivityElements(contrast=contrast, theta=float(means[0]), sigma2=float(means[1]),
                                nu2=float(means[2]), cov=cov, var_y=float(np.var(Y[in_pair])),
                                nu2_plugin=float(np.mean(1 / e[:, a] + 1 / e[:, b])))
@@ -93,7 +95,7 @@ def unstable_riesz(elements):
     return (f"Sensitivity ({elements.contrast}): the Riesz representer's variance is poorly estimated (nu2 = "
             f"{elements.nu2:.3g}, while the propensities imply about {elements.nu2_plugin:.3g}): a few units with "
             "extreme weights dominate it, so the bounds and the benchmarks' CF_D are unreliable. Trim units "
-            "without overlap (TRIM: Crump et al.) and run again.")
+            "without overlap (geocate:estimateate, TRIM: Crump et al.) and run the analysis there.")
 
 
 #: A benchmark's strength is capped here in the table (econml's bounds need strengths below 1; DoubleML's gain
@@ -105,6 +107,18 @@ def _econml():
     from econml.validate import sensitivity_analysis
 
     return sensitivity_analysis
+
+
+def analyse_or_warn(warnings, *args, **kwargs):
+    """``analyse``, or None with a warning appended when the nuisance models leave it undefined (nu2 <= 0: a few
+    extreme weights): the analysis never fails the run it describes."""
+    try:
+        return analyse(*args, **kwargs)
+    except GeoCateError as error:
+        if "CF_Y" in str(error) or "CF_D" in str(error) or "RHO" in str(error):
+            raise   # the user's strengths: refused with the fix
+        warnings.append(f"No sensitivity analysis: {error}")
+        return None
 
 
 def check_strengths(cf_y, cf_d, rho):
@@ -213,12 +227,12 @@ class Sensitivity:
 
 
 def analyse(outcome, arms, design, features, covariates, covariate_names, folds, clusters, seed, cf_y=0.03,
-            cf_d=0.03, rho=1.0, kept=None, tick=None, is_cancelled=None):
+            cf_d=0.03, rho=1.0, kept=None, tick=None, is_cancelled=None, n_components=20):
     """The sensitivity analysis of every AIPW contrast of an arm against the reference (arm levels sorted, the
     first the reference), with benchmarks: everything the imagery shows, and each covariate (the first
     MAX_BENCHMARKS), each refit without it on the same folds. The nuisance models are estimateate's own
-    (core.design.propensity_inputs for the propensity, core.scores.outcome_inputs for the outcome models), so
-    theta is its AIPW estimate."""
+    (core.design.propensity_inputs for the propensity, core.scores.outcome_inputs with ``n_components`` for the
+    outcome models), refit here on the same folds, so theta is its AIPW estimate (tested)."""
     from .design import CLIP, propensity_inputs
     from .scores import arm_models, outcome_inputs
 
@@ -234,7 +248,7 @@ def analyse(outcome, arms, design, features, covariates, covariate_names, folds,
         covs = covs if covs is not None and covs.size and covs.shape[1] else None
         e, _ = design.propensities(arms, propensity_inputs(image, covs) if image is not None or covs is not None
                                    else None, folds)
-        inputs = outcome_inputs(image, covs, seed) if image is not None or covs is not None else None
+        inputs = outcome_inputs(image, covs, seed, n_components) if image is not None or covs is not None else None
         mu = arm_models(Y[kept], index[kept], k, None if inputs is None else inputs[kept], folds[kept])
         e = np.clip(e[kept], CLIP, 1 - CLIP)
         return [contrast_elements(Y[kept], index[kept], mu, e, a, 0, None if clusters is None else clusters[kept],

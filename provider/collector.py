@@ -61,13 +61,16 @@ def held():
 def collect():
     """The timer's slot (main thread): collect while a run is held; after the last one, collect and restore."""
     global _restore
+    from ..core.progress import collect_due
+
     with _lock:
         if _restore is None:
             return
         busy = _held > 0
-    gc.collect()
-    if busy:
+    if busy:   # what the automatic collector would have done by now, generation by generation
+        collect_due()
         return
+    gc.collect()
     with _lock:
         if _held == 0 and _restore is not None:
             if _restore:

@@ -126,7 +126,8 @@ class EstimateAteAlgorithm(GeoCateAlgorithm):
         if out["overlap"]:
             feedback.pushInfo(f"Overlap: {out['overlap']['share_outside']:.1%} of the units have a propensity outside "
                               f"[0.05, 0.95]; the 1 % largest weights carry {out['overlap']['top_1pct_weight_share']:.1%} "
-                              "of their arm's weight (1 % if all were equal).")
+                              f"of their arm's weight ({out['overlap']['top_1pct_equal_share']:.1%} if all were "
+                              "equal).")
         if metadata["n_trimmed"]:
             low, high = metadata["trim_bounds"]
             feedback.pushWarning(f"{metadata['n_trimmed']} unit(s) trimmed (propensity outside [{low:.3f}, "

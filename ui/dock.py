@@ -24,6 +24,7 @@ from qgis.core import (
     QgsProcessingUtils,
     QgsProject,
     QgsRasterLayer,
+    QgsTask,
     QgsVectorLayer,
 )
 from qgis.gui import (
@@ -674,6 +675,9 @@ class GeoCateDock(QgsDockWidget):
         self.feedback.stage_changed.connect(self.stage.setText)   # "Causal forest: fold 2 of 5"
         self.add_to_history(algorithm, parameters)
         self.task = QgsProcessingAlgRunnerTask(algorithm, parameters, self.context, self.feedback)
+        if self.task.status() == QgsTask.Terminated:   # prepare() refused: no task runs and none will say so
+            on_executed(False, {})
+            return
         # Cycle collection stays in this (the main) thread until the run ends: in the task's thread it deleted
         # main-thread Qt objects and crashed QGIS (provider/collector.py). Released first when the run ends.
         collector.hold()

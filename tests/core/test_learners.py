@@ -179,3 +179,40 @@ def test_out_of_bag_on_some_units_matches_econmls_on_all(fitted):
                                rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(out_of_bag(forest, X[train], np.arange(n_train), n_train), everything,
                                rtol=1e-10, atol=1e-12, equal_nan=True)
+
+
+def test_a_fit_waited_on_from_the_main_thread_collects_cycles_only_there():
+    """run_cancellable fits in a worker thread while the caller polls: cycle collection then happens in the
+    caller's (QGIS's main) thread, never in the worker, where it could delete main-thread Qt objects; the
+    collector is given back afterwards (core.progress.collection_here)."""
+    import gc
+    import threading
+    import time
+
+    from geocate.core.learners import run_cancellable
+
+    class Node:
+        pass
+
+    def work():
+        for _ in range(20000):   # cyclic garbage: automatic collection would run here, in the worker
+            node = Node()
+            node.me = node
+        time.sleep(0.6)
+        return threading.get_ident()
+
+    threads = set()
+
+    def seen(phase, info):
+        if phase == "start":
+            threads.add(threading.get_ident())
+
+    threshold = gc.get_threshold()
+    gc.set_threshold(100, 5, 5)
+    gc.callbacks.append(seen)
+    try:
+        worker = run_cancellable(work, lambda: False, poll_seconds=0.05)
+    finally:
+        gc.callbacks.remove(seen)
+        gc.set_threshold(*threshold)
+    assert worker != threading.get_ident() and threads == {threading.get_ident()} and gc.isenabled()

@@ -132,10 +132,15 @@ def test_evaluate_scores_in_an_observational_design_use_the_propensity():
 
 
 def test_the_share_of_weight_on_the_largest_one_percent_is_reported():
-    """Equal propensities: the top 1 % carry 1 % of each arm's weight; one treated unit with e = 0.001 among
-    e = 0.5 carries most of the treated arm's (1000 against 99 x 2)."""
+    """Equal propensities: the top 1 % carry 1 % of each arm's weight; one treated unit with e = 0.001 (clipped to
+    0.01, as the estimate weighs it) among e = 0.5 carries a third of the treated arm's (100 against 99 x 2);
+    trimmed, it carries none; arms of 50 units: one unit is 2 % of equal weights."""
     W = np.tile([0, 1], 100)
-    assert overlap_summary(np.full(200, 0.5), W)["top_1pct_weight_share"] == pytest.approx(0.01)
+    summary = overlap_summary(np.full(200, 0.5), W)
+    assert summary["top_1pct_weight_share"] == pytest.approx(0.01) == summary["top_1pct_equal_share"]
     e = np.full(200, 0.5)
     e[1] = 0.001
-    assert overlap_summary(e, W)["top_1pct_weight_share"] == pytest.approx(1000 / (1000 + 99 * 2))
+    assert overlap_summary(e, W)["top_1pct_weight_share"] == pytest.approx(100 / (100 + 99 * 2))
+    kept = np.arange(200) != 1
+    assert overlap_summary(e, W, kept=kept)["top_1pct_weight_share"] == pytest.approx(1 / 99)
+    assert overlap_summary(np.full(100, 0.5), np.tile([0, 1], 50))["top_1pct_equal_share"] == pytest.approx(0.02)
