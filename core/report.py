@@ -692,7 +692,6 @@ def sensitivity_section(analysis):
 
 def plot_sensitivity(analysis, path):
     """Contours of the bound nearest 0 of the first contrast over (CF_D, CF_Y), 0 in bold, benchmarks marked."""
-    import numpy as np
     from matplotlib.figure import Figure
 
     el = analysis.elements[0]
@@ -719,7 +718,7 @@ def plot_sensitivity(analysis, path):
     axes.set_ylim(0, top)
     figure.tight_layout()
     figure.savefig(path)
-    return np.asarray(values)
+    return path
 
 
 def plot_map(map_path, band_names, path, threshold=1.0, max_cells=600):

@@ -202,7 +202,7 @@ MAX_BENCHMARKS = 10
 class Sensitivity:
     """The analysis of every contrast of an estimateate run: ``elements`` (SensitivityElements per contrast), the
     chosen strengths, ``rows`` (sensitivity_table per contrast), ``rv`` ((RV, RV_a) per contrast), ``benchmarks``
-    (Benchmark per contrast), ``grid`` (CF values) and ``contours`` (bound_grid of the first contrast)."""
+    (Benchmark per contrast), ``grid`` (CF values) and ``contour`` (bound_grid of the first contrast)."""
 
     cf_y: float
     cf_d: float
