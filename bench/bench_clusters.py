@@ -1,6 +1,7 @@
 """Benchmark of the image cluster model against the causal forest and the paper's baseline, in one process.
 
 Usage: python bench/bench_clusters.py [methods|shapes] [--units 3000] [--seed 11] [--draws 20] [--json out.json]
+       python bench/bench_clusters.py shapes --units 600 --cluster-units 3000 [--designs 0,1,2,3] [--noise 3]
 
 ``shapes`` (issue 24): K chosen on null trials whose outcome is zero-inflated, log-normal, Student-t or has
 image-dependent noise, and on a three-cluster design with Gaussian and zero-inflated noise (see shapes()).
@@ -154,23 +155,30 @@ def shapes(args):
     figures = {}
     designs = [(shape, (1.0,)) for shape in ("zero-inflated", "log-normal", "student-t", "image-scaled noise")] + \
         [("gaussian", (0.0, 1.5, 3.0)), ("zero-inflated", (0.0, 1.5, 3.0))]
+    if args.designs:
+        designs = [designs[int(i)] for i in args.designs.split(",")]
     for shape, effects in designs:
         rows = []
+        n_units = args.units if len(effects) == 1 else args.cluster_units
         for draw in range(args.draws):
             seed = 500 + draw
-            trial = simulate_trial(DEMO_RASTER, n_units=args.units, seed=seed, effects=effects)
+            trial = simulate_trial(DEMO_RASTER, n_units=n_units, seed=seed, effects=effects)
             outcome = shaped_outcome(trial, shape, np.random.default_rng(seed))
             units = dataclasses.replace(unit_table(trial), outcome=outcome)
             started = time.perf_counter()
-            result = find_clusters(units, DEMO_RASTER, max_clusters=4, seed=seed, device=args.device)[1]
-            test = result.metadata["effect_test"]
+            result = find_clusters(units, DEMO_RASTER, max_clusters=4, seed=seed, device=args.device,
+                                   noise_components=args.noise)[1]
+            test, forest = result.metadata["effect_test"], result.metadata.get("forest_test")
             rows.append({"k": result.metadata["n_clusters"], "k_likelihood": test["clusters"] if test else 1,
                          "p": test["p_value"] if test else None,
+                         "forest_p": forest["p_value"] if forest else None,
                          "ari": float(adjusted_rand_score(trial.true_group, result.group)),
                          "seconds": round(time.perf_counter() - started, 1)})
             print(shape, effects, json.dumps(rows[-1]), flush=True)
         name = f"{shape}, effects {effects}"
-        figures[name] = {"draws": len(rows), "k_distribution": {k: sum(r["k"] == k for r in rows) for k in range(1, 5)},
+        figures[name] = {"draws": len(rows), "units": n_units, "noise": result.metadata["noise"],
+                         "k_distribution": {k: sum(r["k"] == k for r in rows) for k in range(1, 5)},
+                         "flagged_by_forest": sum(r["forest_p"] is not None and r["forest_p"] >= 0.05 for r in rows),
                          "k_distribution_likelihood_only": {k: sum(r["k_likelihood"] == k for r in rows)
                                                             for k in range(1, 5)},
                          "share_k1": float(np.mean([r["k"] == 1 for r in rows])),
@@ -187,6 +195,10 @@ def main(argv=None):
     parser.add_argument("--draws", type=int, default=20)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--cluster-units", type=int, default=3000, help="shapes: units of the three-cluster designs")
+    parser.add_argument("--designs", default="", help="shapes: indices of the designs to run, e.g. 0,1,2,3")
+    parser.add_argument("--noise", type=int, default=None,
+                        help="shapes: Gaussians in the shared noise mixture (0: the paper's noise per cluster)")
     args = parser.parse_args(argv)
     if args.study == "shapes":
         figures = shapes(args)

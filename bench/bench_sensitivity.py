@@ -10,7 +10,7 @@ Usage: python bench/bench_sensitivity.py [withheld|doubleml|all] [--draws 100] [
   model that sees it (its gain statistics, core.sensitivity.benchmark: the "true strength by construction"). Reported:
   the naive AIPW interval's coverage of 1 (without U), and the coverage of the sensitivity interval at U's strength
   (goal >= 0.90), the mean bias, the mean strengths.
-* doubleml: one draw of the same design; DoubleMLIRM (ATE score, trimming 0.01 as GeoCATE's clip) fit on GeoCATE's
+* doubleml: one draw of the same design; DoubleMLIRM (ATE and ATTE scores, trimming 0.01 as GeoCATE's clip) fit on GeoCATE's
   own cross-fitted predictions (external_predictions), its sensitivity_analysis at CF_Y = CF_D = 0.03, RHO = 1 and
   its robustness values, against core.sensitivity; run in a separate virtual environment without QGIS (DoubleML
   needs numpy 2; created if missing with pip install doubleml scikit-learn numpy pandas).
@@ -40,7 +40,7 @@ warnings.simplefilter("ignore")
 data = np.load(sys.argv[1])
 df = pd.DataFrame({"y": data["y"], "d": data["d"], "x": data["x"]})
 model = dml.DoubleMLIRM(dml.DoubleMLData(df, "y", "d", ["x"]), ml_g=LinearRegression(), ml_m=LogisticRegression(),
-                        score="ATE", trimming_threshold=0.01, n_folds=5)
+                        score=sys.argv[3], trimming_threshold=0.01, n_folds=5)
 model.fit(external_predictions={"d": {"ml_g0": data["g0"][:, None], "ml_g1": data["g1"][:, None],
                                       "ml_m": data["m"][:, None]}})
 model.sensitivity_analysis(cf_y=0.03, cf_d=0.03, rho=1.0, level=0.975)   # one-sided 97.5 %: econml's two-sided 95 %
@@ -99,29 +99,32 @@ def withheld(draws, n):
 
 
 def doubleml(n, venv):
+    """The ATE (DoubleML's score "ATE") and the ATT (score "ATTE") on the same nuisance predictions."""
     from bench_eventstudy import _clean_environment, _doubleml_python
 
     from geocate.core.sensitivity import bounds, contrast_elements, robustness_values
 
     X, U, W, Y = draw(0, n)
     mu, e = nuisances(Y, W, X[:, None], 0)
-    ours = contrast_elements(Y, W, mu, e, 1, 0)
-    low, high, ci_low, ci_high = bounds(ours, 0.03, 0.03, 1.0)
-    rv, rva = robustness_values(ours)
     python = _doubleml_python(venv)
-    with tempfile.TemporaryDirectory() as folder:
-        data, out, script = (os.path.join(folder, name) for name in ("data.npz", "out.json", "run.py"))
-        np.savez(data, y=Y, d=W.astype(float), x=X, g0=mu[:, 0], g1=mu[:, 1], m=e[:, 1])
-        with open(script, "w", encoding="utf-8") as handle:
-            handle.write(DOUBLEML_SCRIPT)
-        subprocess.run([python, script, data, out], check=True, env=_clean_environment())
-        with open(out, encoding="utf-8") as handle:
-            theirs = json.load(handle)
-    mine = {"theta": ours.theta, "sigma2": ours.sigma2, "nu2": ours.nu2, "theta_low": low, "theta_high": high,
-            "ci_low": ci_low, "ci_high": ci_high, "rv": rv, "rva": rva}
-    figures = {"doubleml": theirs["version"], "geocate": mine, "doubleml_values": theirs,
-               "max_abs_difference": {k: abs(mine[k] - theirs[k]) for k in mine}}
-    print("doubleml", json.dumps(figures), flush=True)
+    figures = {}
+    for estimand, score in (("ATE", "ATE"), ("ATT", "ATTE")):
+        ours = contrast_elements(Y, W, mu, e, 1, 0, estimand=estimand)
+        low, high, ci_low, ci_high = bounds(ours, 0.03, 0.03, 1.0)
+        rv, rva = robustness_values(ours)
+        with tempfile.TemporaryDirectory() as folder:
+            data, out, script = (os.path.join(folder, name) for name in ("data.npz", "out.json", "run.py"))
+            np.savez(data, y=Y, d=W.astype(float), x=X, g0=mu[:, 0], g1=mu[:, 1], m=e[:, 1])
+            with open(script, "w", encoding="utf-8") as handle:
+                handle.write(DOUBLEML_SCRIPT)
+            subprocess.run([python, script, data, out, score], check=True, env=_clean_environment())
+            with open(out, encoding="utf-8") as handle:
+                theirs = json.load(handle)
+        mine = {"theta": ours.theta, "sigma2": ours.sigma2, "nu2": ours.nu2, "theta_low": low, "theta_high": high,
+                "ci_low": ci_low, "ci_high": ci_high, "rv": rv, "rva": rva}
+        figures[estimand] = {"doubleml": theirs["version"], "geocate": mine, "doubleml_values": theirs,
+                             "max_abs_difference": {k: abs(mine[k] - theirs[k]) for k in mine}}
+        print("doubleml", estimand, json.dumps(figures[estimand]), flush=True)
     return figures
 
 

@@ -3,21 +3,33 @@
 Each unit i has a latent cluster Z_i in 1..K. A network on the unit's image
 window (and covariates X_i) gives the cluster probabilities pi_k(image, X)
 and the expected control outcome mu0(image, X); cluster k has its own effect
-tau_k and outcome noise sigma_{k,w} by arm w. With Z marginalised exactly,
+tau_k. With Z marginalised exactly,
 
-    p(Y_i | image_i, X_i, W_i) = sum_k pi_k(image_i, X_i) Normal(Y_i; mu0_i + W_i tau_k, sigma_{k,W_i}^2).
+    p(Y_i | image_i, X_i, W_i) = sum_k pi_k(image_i, X_i) f_{W_i}(Y_i - mu0_i - W_i tau_k; s_i).
 
-tau_k and log sigma_{k,w} have Gaussian variational posteriors (priors
-N(0, 3^2) and N(0, 1) on the standardised outcome scale); the network is
-trained by maximising the evidence lower bound, with dropout kept on at
-prediction time for Monte Carlo uncertainty. The image network is the MOSAIKS
-convolution of core.embed (fixed, seeded random filters from the study's own
-windows) followed by a learned two-layer head; training works on the pooled
-features, and ``to_torch_image_model`` rebuilds the whole image -> pi
-network for salience and ONNX export.
+The noise (issue 24) is the same for every cluster and flexible, so that the
+outcome's shape (a point mass of zeros, a long tail, noise that grows with the
+image) is not taken for clusters: f_w is, per arm, a mixture of
+``noise_components`` Gaussians with mean zero, scaled per unit by
+s_{i,w} = exp(g_w(image_i, X_i)) from a third head of the network. More
+clusters then raise the likelihood only where effects differ.
+``noise_components=0`` is the model of the paper (and of GeoCATE before issue
+24): one Gaussian noise scale sigma_{k,w} per cluster and arm, with a
+Gaussian variational posterior on its log (prior N(0, 1)).
+
+tau_k has a Gaussian variational posterior (prior N(0, 3^2) on the
+standardised outcome scale); the network is trained by maximising the
+evidence lower bound, with dropout kept on at prediction time for Monte Carlo
+uncertainty. The image network is the MOSAIKS convolution of core.embed
+(fixed, seeded random filters from the study's own windows) followed by a
+learned two-layer head; training works on the pooled features, and
+``image_model`` rebuilds the whole image -> pi network for salience and ONNX
+export.
 
 K is chosen by the cross-fitted held-out predictive log-likelihood over
-K = 1..max_clusters; K = 1 is the model without heterogeneity.
+K = 1..max_clusters (K = 1 is the model without heterogeneity), and K > 1 is
+kept only when the held-out test of the clusters' effects rejects
+(cluster_effect_test).
 """
 
 from dataclasses import dataclass
@@ -30,32 +42,60 @@ from .scores import Z95
 
 PRIOR_TAU_SD = 3.0
 PRIOR_LOG_SIGMA_SD = 1.0
+#: Gaussians in each arm's shared noise mixture (issue 24); 0 = a Gaussian noise per cluster and arm (the paper's).
+NOISE_COMPONENTS = 3
+#: The smallest sd of a noise component (standardised outcome): a point mass of ties cannot make the likelihood
+#: unbounded, which would otherwise reward whichever model puts a component on it.
+MIN_NOISE_SD = 0.05
+#: The largest |log| of a unit's noise scale.
+MAX_LOG_SCALE = 2.0
 
 
 def _torch():
     return require("torch", "torch==2.13.0")
 
 
-def _network(d, p, k, hidden, dropout):
+def _network(d, p, k, hidden, dropout, noise_components=NOISE_COMPONENTS):
     torch = _torch()
 
     class ClusterNetwork(torch.nn.Module):
-        """features (n, d), covariates (n, p) -> (log pi (n, k), mu0 (n,)); plus the variational parameters."""
+        """features (n, d), covariates (n, p) -> (log pi (n, k), mu0 (n,), log noise scale (n, 2)); plus the
+        variational parameters of the effects and the noise's parameters (see the module docstring)."""
 
         def __init__(self):
             super().__init__()
+            self.noise_components = noise_components
             self.trunk = torch.nn.Sequential(torch.nn.Linear(d, hidden), torch.nn.ReLU(), torch.nn.Dropout(dropout))
             self.cluster_head = torch.nn.Linear(hidden + p, k)
             self.outcome_head = torch.nn.Linear(hidden + p, 1)
             self.tau_mean = torch.nn.Parameter(torch.zeros(k))
             self.tau_log_sd = torch.nn.Parameter(torch.full((k,), -2.0))
-            self.log_sigma_mean = torch.nn.Parameter(torch.zeros(k, 2))
-            self.log_sigma_log_sd = torch.nn.Parameter(torch.full((k, 2), -2.0))
+            if noise_components:   # one flexible noise per arm, shared by the clusters, scaled per unit
+                m = noise_components
+                self.scale_head = torch.nn.Linear(hidden + p, 2)
+                torch.nn.init.zeros_(self.scale_head.weight)
+                torch.nn.init.zeros_(self.scale_head.bias)
+                self.noise_logit = torch.nn.Parameter(torch.zeros(2, m))
+                self.noise_offset = torch.nn.Parameter(torch.linspace(-1.0, 1.0, m).repeat(2, 1) * (m > 1))
+                self.noise_log_sd = torch.nn.Parameter(torch.full((2, m), np.log(0.7)))
+            else:
+                self.log_sigma_mean = torch.nn.Parameter(torch.zeros(k, 2))
+                self.log_sigma_log_sd = torch.nn.Parameter(torch.full((k, 2), -2.0))
 
         def forward(self, features, covariates):
             hidden_units = torch.cat([self.trunk(features), covariates], dim=1)
+            # Each unit's noise scale, bounded (a factor of e^-2 to e^2 either way) so that no unit's likelihood
+            # can be bought by shrinking its own scale.
+            log_scale = (MAX_LOG_SCALE * torch.tanh(self.scale_head(hidden_units) / MAX_LOG_SCALE)
+                         if self.noise_components else torch.zeros(len(features), 2, device=features.device))
             return (torch.log_softmax(self.cluster_head(hidden_units), dim=1),
-                    self.outcome_head(hidden_units).squeeze(1))
+                    self.outcome_head(hidden_units).squeeze(1), log_scale)
+
+        def noise(self):
+            """Each arm's mixture: (log weights, mean-zero offsets, sds), each (2, M)."""
+            log_weight = torch.log_softmax(self.noise_logit, dim=1)
+            offset = self.noise_offset - (log_weight.exp() * self.noise_offset).sum(dim=1, keepdim=True)
+            return log_weight, offset, MIN_NOISE_SD + self.noise_log_sd.exp()
 
     return ClusterNetwork()
 
@@ -66,14 +106,23 @@ def _kl_normal(mean, log_sd, prior_sd):
     return (0.5 * ((var + mean ** 2) / prior_sd ** 2 - 1) - log_sd + np.log(prior_sd)).sum()
 
 
-def _mixture_log_likelihood(torch, log_pi, mu0, treated, outcome, tau, log_sigma):
-    """log sum_k pi_k N(y; mu0 + w tau_k, sigma_{k,w}^2), per unit: (n,)."""
+def _mixture_log_likelihood(torch, network, outputs, treated, outcome, tau, log_sigma=None):
+    """log p(y_i | image_i, x_i, w_i) of the module docstring, per unit: (n,). ``outputs`` = network(x, c);
+    ``log_sigma`` (K, 2): the per-cluster noise of the paper's model (noise_components = 0)."""
+    log_pi, mu0, log_scale = outputs
     arm = treated.long()
-    sigma_log = log_sigma[:, arm].T                                   # (n, k)
-    mean = mu0[:, None] + treated[:, None] * tau[None, :]
-    log_normal = (-0.5 * ((outcome[:, None] - mean) / sigma_log.exp()) ** 2 - sigma_log
-                  - 0.5 * np.log(2 * np.pi))
-    return torch.logsumexp(log_pi + log_normal, dim=1)
+    residual = outcome[:, None] - mu0[:, None] - treated[:, None] * tau[None, :]       # (n, k)
+    if not network.noise_components:
+        sigma_log = log_sigma[:, arm].T                                                # (n, k)
+        log_normal = -0.5 * (residual / sigma_log.exp()) ** 2 - sigma_log - 0.5 * np.log(2 * np.pi)
+        return torch.logsumexp(log_pi + log_normal, dim=1)
+    log_weight, offset, sd = network.noise()
+    unit_log_scale = log_scale.gather(1, arm[:, None])                                 # (n, 1)
+    scale = unit_log_scale.exp()[:, :, None]                                           # (n, 1, 1)
+    z = (residual[:, :, None] - scale * offset[arm][:, None, :]) / (scale * sd[arm][:, None, :])   # (n, k, m)
+    log_noise = torch.logsumexp(log_weight[arm][:, None, :] - 0.5 * z ** 2 - sd[arm].log()[:, None, :], dim=2)
+    log_noise = log_noise - unit_log_scale - 0.5 * np.log(2 * np.pi)
+    return torch.logsumexp(log_pi + log_noise, dim=1)
 
 
 @dataclass
@@ -112,10 +161,31 @@ class ClusterFit:
         sd = self.network.tau_log_sd.detach().exp().cpu().numpy()[self.order] * self.y_sd
         return mean, sd
 
-    def sigmas(self):
-        """Posterior mean outcome noise sd by cluster and arm, on the outcome's scale: (K, 2)."""
-        log_sigma = self.network.log_sigma_mean.detach().cpu().numpy()[self.order]
-        return np.exp(log_sigma) * self.y_sd
+    def sigmas(self, features, covariates):
+        """Outcome noise sd by cluster and arm, on the outcome's scale: (K, 2). The paper's model: each cluster's
+        posterior mean sigma. The shared flexible noise: the sd of the arm's mixture times each unit's scale,
+        root-mean-squared over the units weighted by their probability of the cluster (clusters differ only where
+        the noise's scale follows the image)."""
+        network = self.network
+        if not network.noise_components:
+            return np.exp(network.log_sigma_mean.detach().cpu().numpy()[self.order]) * self.y_sd
+        torch = _torch()
+        network.eval()
+        x, c = self._inputs(features, covariates)
+        with torch.no_grad():
+            log_pi, _, log_scale = network(x, c)
+            log_weight, offset, sd = network.noise()
+            mixture_var = (log_weight.exp() * (offset ** 2 + sd ** 2)).sum(dim=1)              # (2,)
+            unit_var = (2 * log_scale).exp() * mixture_var[None, :]                           # (n, 2)
+            pi = log_pi.exp()
+            var = (pi.T @ unit_var) / pi.sum(dim=0)[:, None].clamp(min=1e-12)                # (k, 2)
+        return np.sqrt(var.cpu().numpy()[self.order]) * self.y_sd
+
+    def noise_description(self):
+        """The noise model, in words, for the run record."""
+        m = self.network.noise_components
+        return (f"per arm, a mixture of {m} mean-zero Gaussians shared by all clusters, scaled per unit by the image "
+                "and covariates" if m else "one Gaussian per cluster and arm (the paper's model)")
 
     def log_likelihood(self, features, covariates, treated, outcome):
         """Held-out predictive log-likelihood of each unit at the posterior means: (n,)."""
@@ -124,16 +194,30 @@ class ClusterFit:
         x, c = self._inputs(features, covariates)
         device = x.device
         with torch.no_grad():
-            log_pi, mu0 = self.network(x, c)
             ll = _mixture_log_likelihood(
-                torch, log_pi, mu0, torch.as_tensor(treated, dtype=torch.float32, device=device),
+                torch, self.network, self.network(x, c), torch.as_tensor(treated, dtype=torch.float32, device=device),
                 torch.as_tensor((outcome - self.y_mean) / self.y_sd, dtype=torch.float32, device=device),
-                self.network.tau_mean, self.network.log_sigma_mean)
+                self.network.tau_mean, getattr(self.network, "log_sigma_mean", None))
         return ll.cpu().numpy() - np.log(self.y_sd)
 
 
+def _noise_start(values, components, seed):
+    """(weights, offsets about the mean, sds) of a ``components``-Gaussian mixture fitted to one arm's standardised
+    outcomes (scikit-learn's GaussianMixture): where the training of the shared noise starts, so that a point mass
+    or a long tail is in the noise from the first epoch rather than left for clusters to take."""
+    from sklearn.mixture import GaussianMixture
+
+    values = np.asarray(values, float).reshape(-1, 1)
+    fitted = min(components, max(len(np.unique(values)), 1))
+    mixture = GaussianMixture(fitted, reg_covar=MIN_NOISE_SD ** 2, random_state=seed).fit(values)
+    weights = np.full(components, 1e-3)
+    weights[:fitted] = mixture.weights_
+    return (weights / weights.sum(), np.resize(mixture.means_.ravel() - values.mean(), components),
+            np.resize(np.sqrt(mixture.covariances_.ravel()), components))
+
+
 def fit_clusters(features, covariates, treated, outcome, n_clusters, epochs=300, hidden=32, dropout=0.2,
-                 learning_rate=1e-2, seed=42, device="cpu", is_cancelled=None):
+                 learning_rate=1e-2, seed=42, device="cpu", is_cancelled=None, noise_components=NOISE_COMPONENTS):
     """Train the model of the module docstring; returns a ClusterFit.
 
     features: (n, d) standardised image features; covariates: (n, p) standardised (p may be 0).
@@ -144,12 +228,21 @@ def fit_clusters(features, covariates, treated, outcome, n_clusters, epochs=300,
     n, d = features.shape
     covariates = np.zeros((n, 0)) if covariates is None else np.asarray(covariates, float).reshape(n, -1)
     y_mean, y_sd = float(np.mean(outcome)), float(np.std(outcome) or 1.0)
-    network = _network(d, covariates.shape[1], n_clusters, hidden, dropout).to(device)
+    network = _network(d, covariates.shape[1], n_clusters, hidden, dropout, noise_components).to(device)
     # Start the effects spread around the difference in means, so that clusters can tell apart.
     difference = (np.mean(outcome[treated == 1]) - np.mean(outcome[treated == 0])) / y_sd
     with torch.no_grad():
         network.tau_mean.copy_(torch.as_tensor(difference + np.linspace(-1, 1, n_clusters) * (n_clusters > 1),
                                                dtype=torch.float32))
+        if noise_components:   # each arm's noise starts as a mixture fitted to the arm's outcomes about its mean
+            network.outcome_head.bias.fill_(float(np.mean(outcome[treated == 0]) - y_mean) / y_sd)
+            for arm in (0, 1):
+                weights, offsets, sds = _noise_start((outcome[treated == arm] - y_mean) / y_sd, noise_components,
+                                                     seed)
+                network.noise_logit[arm] = torch.as_tensor(np.log(weights), dtype=torch.float32)
+                network.noise_offset[arm] = torch.as_tensor(offsets, dtype=torch.float32)
+                network.noise_log_sd[arm] = torch.as_tensor(np.log(np.maximum(sds - MIN_NOISE_SD, 1e-3)),
+                                                            dtype=torch.float32)
     x = torch.as_tensor(features, dtype=torch.float32, device=device)
     c = torch.as_tensor(covariates, dtype=torch.float32, device=device)
     w = torch.as_tensor(treated, dtype=torch.float32, device=device)
@@ -162,15 +255,17 @@ def fit_clusters(features, covariates, treated, outcome, n_clusters, epochs=300,
 
             raise Cancelled()
         optimiser.zero_grad()
-        log_pi, mu0 = network(x, c)
         tau = network.tau_mean + network.tau_log_sd.exp() * torch.randn(n_clusters, device=device)
-        log_sigma = network.log_sigma_mean + network.log_sigma_log_sd.exp() * torch.randn(n_clusters, 2,
-                                                                                            device=device)
-        log_likelihood = _mixture_log_likelihood(torch, log_pi, mu0, w, y, tau, log_sigma).sum()
-        kl = (_kl_normal(network.tau_mean, network.tau_log_sd, PRIOR_TAU_SD)
-              + _kl_normal(network.log_sigma_mean, network.log_sigma_log_sd, PRIOR_LOG_SIGMA_SD))
+        kl = _kl_normal(network.tau_mean, network.tau_log_sd, PRIOR_TAU_SD)
+        log_sigma = None
+        if not noise_components:
+            log_sigma = network.log_sigma_mean + network.log_sigma_log_sd.exp() * torch.randn(n_clusters, 2,
+                                                                                                device=device)
+            kl = kl + _kl_normal(network.log_sigma_mean, network.log_sigma_log_sd, PRIOR_LOG_SIGMA_SD)
+        log_likelihood = _mixture_log_likelihood(torch, network, network(x, c), w, y, tau, log_sigma).sum()
         loss = -(log_likelihood - kl) / n
         loss.backward()
+        torch.nn.utils.clip_grad_norm_(network.parameters(), 10.0)
         optimiser.step()
     network.eval()
     order = np.argsort(network.tau_mean.detach().cpu().numpy(), kind="stable")
@@ -313,14 +408,14 @@ def feature_scaling(features):
     return features.mean(axis=0), np.where(sd > 0, sd, 1.0)
 
 
-def cluster_table(fit, probabilities):
+def cluster_table(fit, features, covariates):
     """Rows per cluster: (cluster, effect mean, 95 % low, high, share of units, sigma control, sigma treated).
 
-    The share is the mean cluster probability over the units.
+    The share is the mean cluster probability over the units (features, covariates); sigmas: ClusterFit.sigmas.
     """
     mean, sd = fit.effects()
-    sigmas = fit.sigmas()
-    share = np.asarray(probabilities).mean(axis=0)
+    sigmas = fit.sigmas(features, covariates)
+    share = fit.probabilities(features, covariates).mean(axis=0)
     return [(k + 1, float(mean[k]), float(mean[k] - Z95 * sd[k]), float(mean[k] + Z95 * sd[k]),
              float(share[k]), float(sigmas[k, 0]), float(sigmas[k, 1])) for k in range(fit.n_clusters)]
 

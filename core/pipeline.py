@@ -678,13 +678,31 @@ def compare_sources(units, raster_path, bands=None, window_size_px=33, nodata=No
 MIN_UNITS_PER_CLUSTER = 20
 
 
+def forest_heterogeneity_test(study, features, trial, groups, n_folds, seed, is_cancelled=None):
+    """estimatecate's heterogeneity test (the sequential cross-fold AUTOC of its causal forest, default settings)
+    on a study's used units, with the given trial design's folds, outcome-model inputs and propensity: the check
+    imageclusters runs on its clusters (issue 24). Returns the HeterogeneityTest."""
+    used = study.used
+    design, _, learner = default_learner(features, study.covariates[used], n_folds=n_folds, seed=seed)
+    learner.fit(study.outcome[used], study.treated[used].astype(int), design, groups=groups,
+                outcome_inputs=trial.inputs, folds=trial.folds, is_cancelled=is_cancelled,
+                propensity=trial.propensity)
+    return learner.heterogeneity_test("AUTOC", is_cancelled=is_cancelled,
+                                      rerandomization=design_rerandomization(study, learner))
+
+
 def find_clusters(units, raster_path, bands=None, window_size_px=33, nodata=None, seed=42, n_clusters=0,
                   max_clusters=4, epochs=300, device="auto", n_folds=5, spatial_block=0, progress=None,
-                  is_cancelled=None, imagery=None):
+                  is_cancelled=None, imagery=None, noise_components=None, forest_check=True):
     """Latent effect clusters from imagery (core.clusters): choose K, cross-fit, summarise, build the image model.
 
     n_clusters 0: K chosen over 1..max_clusters by cross-fitted held-out
-    likelihood. Returns (study, result, extras) where result is a Result whose
+    likelihood, kept above 1 only when the held-out test of the clusters' effects
+    rejects. noise_components: Gaussians in each arm's shared noise mixture (None:
+    core.clusters.NOISE_COMPONENTS; 0: the paper's Gaussian noise per cluster).
+    forest_check: with K > 1, estimatecate's causal forest and its heterogeneity
+    test run on the same units and folds (forest_heterogeneity_test); clusters
+    the forest's test does not support are flagged in the warnings. Returns (study, result, extras) where result is a Result whose
     cate/interval/group/probabilities are out-of-fold, and extras holds ``fit``
     (the ClusterFit on all units), ``features`` and ``pipeline`` (the fitted
     feature pipeline), ``covariate_means``,
@@ -694,6 +712,7 @@ def find_clusters(units, raster_path, bands=None, window_size_px=33, nodata=None
     """
     from .clusters import (
         CLUSTER_TEST_ALPHA,
+        NOISE_COMPONENTS,
         choose_n_clusters,
         cluster_effect_test,
         cluster_table,
@@ -733,7 +752,7 @@ def find_clusters(units, raster_path, bands=None, window_size_px=33, nodata=None
     Y, W = study.outcome[used], study.treated[used].astype(int)
     timings["features_s"] = time.monotonic() - started
     n_fits = [0]
-    total_fits = (max_clusters * n_folds if not n_clusters else 0) + n_folds + 1 + (n_folds - 1)
+    total_fits = (max_clusters * n_folds if not n_clusters else 0) + n_folds + 1 + (n_folds - 1) + bool(forest_check)
 
     def tick(message):
         n_fits[0] += 1
@@ -742,7 +761,8 @@ def find_clusters(units, raster_path, bands=None, window_size_px=33, nodata=None
         if progress is not None:
             progress(0.2 + 0.75 * n_fits[0] / total_fits, message)
 
-    options = dict(epochs=epochs, device=device, is_cancelled=is_cancelled)
+    options = dict(epochs=epochs, device=device, is_cancelled=is_cancelled,
+                   noise_components=NOISE_COMPONENTS if noise_components is None else int(noise_components))
     # The same DR scores and ATE as estimatecate's (same outcome-model inputs, folds and seed): one ATE per study.
     scores, mu0, mu1, _ = cross_fitted_scores(Y, W, trial.inputs, folds, seed=seed)
     if trial.propensity is not None:   # strata or known probabilities: the design's own propensity
@@ -788,8 +808,14 @@ def find_clusters(units, raster_path, bands=None, window_size_px=33, nodata=None
     tick("Final model on all units")
     out = cross_fitted_clusters(image_part, covariate_part, W, Y, n_clusters, folds, seed=seed, tick=tick, **options)
     timings["clusters_s"] = time.monotonic() - t
+    forest_test = None
+    if forest_check and n_clusters > 1:   # issue 24: does estimatecate's own test support heterogeneity here?
+        t = time.monotonic()
+        forest_test = forest_heterogeneity_test(study, features, trial, groups, n_folds, seed, is_cancelled)
+        tick("Causal forest's heterogeneity test")
+        timings["forest_test_s"] = time.monotonic() - t
     table = [row + held_out_cluster_effect(scores, out["group"], row[0], groups)
-             for row in cluster_table(final, final.probabilities(image_part, covariate_part))]
+             for row in cluster_table(final, image_part, covariate_part)]
     raw_covariates = covariates if covariates.shape[1] else np.zeros((len(Y), 0))
     sd = raw_covariates.std(axis=0)
     single = single_window_model(feature_pipeline)
@@ -806,6 +832,12 @@ def find_clusters(units, raster_path, bands=None, window_size_px=33, nodata=None
                    "effects." if effect_test is not None and not chosen_by_data
                    and effect_test.p_value >= CLUSTER_TEST_ALPHA else None)
 
+    forest_disagrees = (f"The causal forest's heterogeneity test (estimatecate's, on the same units and folds) "
+                        f"does not support heterogeneity here (held-out AUTOC {forest_test.estimate:.3f}, p = "
+                        f"{forest_test.p_value:.3f}) while the cluster model keeps {n_clusters} clusters: treat the "
+                        "clusters as exploratory, and quote their held-out effects (dr_effect) rather than the "
+                        "model's." if forest_test is not None and forest_test.p_value >= CLUSTER_TEST_ALPHA else None)
+
     spread = functools.partial(spread_over, used)
 
     timings["total_s"] = time.monotonic() - started
@@ -813,12 +845,17 @@ def find_clusters(units, raster_path, bands=None, window_size_px=33, nodata=None
         "seed": seed, "window_size_px": int(window_size_px), "window_size_m": float(window_size_px * study.pixel_size_m),
         "bands": list(study.bands), "nodata": nodata, "n_folds": n_folds, "epochs": epochs, "device": device,
         "n_clusters": int(n_clusters), "max_clusters": int(max_clusters), "k_table": k_table, "k_rule": k_rule,
+        "noise": final.noise_description(),
         "effect_test": None if effect_test is None else {
             "method": "sequential cross-fold AUTOC test of the cluster model's CATE (each fold ranked by a model fit "
                       "on the earlier folds; one-sided)", "clusters": int(tested_k),
             "estimate": effect_test.estimate, "std_err": effect_test.std_err, "t": effect_test.t_stat,
             "p_value": effect_test.p_value},
-        "warnings": [w for w in (unsupported, overlap_warning(study, window_size_px, block_size),
+        "forest_test": None if forest_test is None else {
+            "method": "estimatecate's sequential cross-fold AUTOC test of the causal forest's CATE, same units and "
+                      "folds", "estimate": forest_test.estimate, "std_err": forest_test.std_err,
+            "p_value": forest_test.p_value, "supports_clusters": bool(forest_test.p_value < CLUSTER_TEST_ALPHA)},
+        "warnings": [w for w in (unsupported, forest_disagrees, overlap_warning(study, window_size_px, block_size),
                                  f"{asked - n_clusters} of {asked} clusters held (almost) no units and were dropped: "
                                  f"{n_clusters} remain." if asked > n_clusters else None,
                                  randomization_warning(trial.check), few_clusters_warning(study, folds)) if w],
@@ -904,7 +941,8 @@ def estimate_ate(units, raster_path, design, bands=None, window_size_px=33, noda
         check_strengths(*sensitivity)
         analysis = analyse_or_warn(warnings, study.outcome[used], arms, design, features, covariates,
                                    study.covariate_names, folds, groups, seed, *sensitivity, kept=kept,
-                                   tick=stage(progress, 0.8, 0.95), is_cancelled=is_cancelled)
+                                   tick=stage(progress, 0.8, 0.95), is_cancelled=is_cancelled,
+                                   estimands=("ATE", "ATT"))
         warnings += analysis.warnings if analysis is not None else []
     predicted = None
     if versions is not None:

@@ -500,6 +500,16 @@ def cluster_report(metadata, html_path, figures, typical=None, rgb_order=(0, 1, 
                f"units ({metadata['n_dropped']} dropped).</p>")
     if metadata.get("k_rule"):
         summary += f"<p>{html.escape(metadata['k_rule'])}.</p>"
+    forest = metadata.get("forest_test")
+    if forest:   # issue 24: the clusters against estimatecate's own heterogeneity test
+        summary += (f"<p>{'' if forest['supports_clusters'] else '<b>Not supported by the forest:</b> '}the causal "
+                    f"forest's heterogeneity test on the same units and folds: held-out AUTOC "
+                    f"{forest['estimate']:.3f}, p = {forest['p_value']:.3f}"
+                    + (" - it confirms heterogeneity." if forest['supports_clusters'] else
+                       " - it finds none; treat the clusters as exploratory and quote their held-out effects.")
+                    + "</p>")
+    if metadata.get("noise"):
+        summary += f"<p>Outcome noise: {html.escape(metadata['noise'])}.</p>"
     rows = [(f"cluster {row[0]}", f"{100 * row[4]:.0f} %", row[1], row[2], row[3], row[5], row[6])
             + ((row[7], row[8], row[9]) if len(row) > 9 else ("", "", "")) for row in clusters]
     sections = [

@@ -54,24 +54,44 @@ class Benchmark:
     delta_theta: float    # the estimate without the group minus with it
 
 
-def contrast_elements(outcome, index, mu, e, a, b, clusters=None, contrast=""):
+def contrast_elements(outcome, index, mu, e, a, b, clusters=None, contrast="", estimand="ATE"):
     """SensitivityElements of the AIPW contrast of arm ``a`` against arm ``b``.
 
     outcome: (n,); index: (n,) each unit's arm (0..A-1); mu: (n, A) cross-fitted E[Y | X, arm]; e: (n, A)
     propensities (clipped as the estimate's); clusters: (n,) the groups the folds keep whole (None: units).
     Units of other arms count in theta's and nu2's means (their alpha is 0) and add 0 to sigma2's, as in
-    econml's dr_sensitivity_values."""
+    econml's dr_sensitivity_values.
+
+    estimand "ATT" (the effect on arm a's units, core.observational's doubly robust ATT): theta =
+    E[omega (g_a - g_b)] with omega = D_a / p_a and its mean given X, omega_bar = e_a / p_a; the Riesz representer
+    alpha = omega_bar (D_a / e_a - D_b / e_b) = D_a / p_a - D_b e_a / (e_b p_a), nu2's score
+    2 omega omega_bar (1 / e_a + 1 / e_b) - alpha^2 (DoubleML's IRM with the ATTE score, binary case), and theta's
+    influence psi - D_a theta / p_a (the share p_a estimated)."""
     Y = np.asarray(outcome, float)
     index = np.asarray(index)
     mu = np.asarray(mu, float)
     e = np.asarray(e, float)
     n = len(Y)
     D = np.eye(mu.shape[1])[index]
-    theta_score = (mu[:, a] - mu[:, b] + D[:, a] * (Y - mu[:, a]) / e[:, a] - D[:, b] * (Y - mu[:, b]) / e[:, b])
     in_pair = (index == a) | (index == b)
     sigma_score = np.where(in_pair, (Y - mu[np.arange(n), index]) ** 2, 0.0)
-    alpha = D[:, a] / e[:, a] - D[:, b] / e[:, b]
-    nu_score = 2 * (1 / e[:, a] + 1 / e[:, b]) - alpha ** 2
+    if estimand == "ATT":
+        share = D[:, a].mean()
+        omega, omega_bar = D[:, a] / share, e[:, a] / share
+        alpha = omega_bar * (D[:, a] / e[:, a] - D[:, b] / e[:, b])
+        psi = alpha * (Y - mu[:, b])   # = (D_a (Y - g_b) - D_b e_a / e_b (Y - g_b)) / p_a
+        theta = psi.mean()
+        theta_score = psi - D[:, a] * theta / share + theta   # mean theta; centred, its influence
+        nu_score = 2 * omega * omega_bar * (1 / e[:, a] + 1 / e[:, b]) - alpha ** 2
+        nu2_plugin = float(np.mean(omega_bar ** 2 * (1 / e[:, a] + 1 / e[:, b])))
+    elif estimand == "ATE":
+        theta_score = (mu[:, a] - mu[:, b] + D[:, a] * (Y - mu[:, a]) / e[:, a]
+                       - D[:, b] * (Y - mu[:, b]) / e[:, b])
+        alpha = D[:, a] / e[:, a] - D[:, b] / e[:, b]
+        nu_score = 2 * (1 / e[:, a] + 1 / e[:, b]) - alpha ** 2
+        nu2_plugin = float(np.mean(1 / e[:, a] + 1 / e[:, b]))
+    else:
+        raise ValueError(f"estimand {estimand!r}: 'ATE' or 'ATT'")
     scores = np.column_stack([theta_score, sigma_score, nu_score])
     means = scores.mean(axis=0)
     centred = scores - means
@@ -83,7 +103,7 @@ def contrast_elements(outcome, index, mu, e, a, b, clusters=None, contrast=""):
         cov = cov * len(centred) / (len(centred) - 1)
     return SensitivityElements(contrast=contrast, theta=float(means[0]), sigma2=float(means[1]),
                                nu2=float(means[2]), cov=cov, var_y=float(np.var(Y[in_pair])),
-                               nu2_plugin=float(np.mean(1 / e[:, a] + 1 / e[:, b])))
+                               nu2_plugin=nu2_plugin)
 
 
 def unstable_riesz(elements):
@@ -227,12 +247,14 @@ class Sensitivity:
 
 
 def analyse(outcome, arms, design, features, covariates, covariate_names, folds, clusters, seed, cf_y=0.03,
-            cf_d=0.03, rho=1.0, kept=None, tick=None, is_cancelled=None, n_components=20):
+            cf_d=0.03, rho=1.0, kept=None, tick=None, is_cancelled=None, n_components=20, estimands=("ATE",)):
     """The sensitivity analysis of every AIPW contrast of an arm against the reference (arm levels sorted, the
-    first the reference), with benchmarks: everything the imagery shows, and each covariate (the first
-    MAX_BENCHMARKS), each refit without it on the same folds. The nuisance models are estimateate's own
-    (core.design.propensity_inputs for the propensity, core.scores.outcome_inputs with ``n_components`` for the
-    outcome models), refit here on the same folds, so theta is its AIPW estimate (tested)."""
+    first the reference), for each of ``estimands`` ("ATE", "ATT": the effect on the arm's units; the ATE's
+    contrasts first, named "1 vs 0", the ATT's "1 vs 0 (ATT)"), with benchmarks: everything the imagery shows, and
+    each covariate (the first MAX_BENCHMARKS), each refit without it on the same folds. The nuisance models are
+    estimateate's own (core.design.propensity_inputs for the propensity, core.scores.outcome_inputs with
+    ``n_components`` for the outcome models), refit here on the same folds, so theta is its AIPW estimate of the
+    ATE or the ATT (tested)."""
     from .design import CLIP, propensity_inputs
     from .scores import arm_models, outcome_inputs
 
@@ -252,7 +274,8 @@ def analyse(outcome, arms, design, features, covariates, covariate_names, folds,
         mu = arm_models(Y[kept], index[kept], k, None if inputs is None else inputs[kept], folds[kept])
         e = np.clip(e[kept], CLIP, 1 - CLIP)
         return [contrast_elements(Y[kept], index[kept], mu, e, a, 0, None if clusters is None else clusters[kept],
-                                  names[a - 1]) for a in range(1, k)]
+                                  names[a - 1] + ("" if estimand == "ATE" else f" ({estimand})"), estimand)
+                for estimand in estimands for a in range(1, k)]
 
     long = elements_with(features, covariates)
     groups = [("everything the imagery shows", None, covariates)]

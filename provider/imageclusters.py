@@ -8,6 +8,7 @@ from qgis.core import (
     QgsProcessing,
     QgsProcessingException,
     QgsProcessingOutputNumber,
+    QgsProcessingParameterBoolean,
     QgsProcessingParameterDefinition,
     QgsProcessingParameterEnum,
     QgsProcessingParameterFeatureSink,
@@ -30,6 +31,10 @@ from .study_parameters import (
 from .styles import GROUP_STYLE
 
 DEVICES = ["auto", "cpu", "cuda"]
+#: NOISE's choices and the noise model of each (core.clusters: Gaussians in each arm's shared mixture, 0 = per cluster).
+NOISE_MODELS = ["Flexible, shared by all clusters (absorbs zeros, skew, image-dependent noise)",
+                "Gaussian per cluster and arm (the paper's model)"]
+NOISE_COMPONENTS_OF = [3, 0]
 CLUSTER_COLUMNS = (("cluster", QVariant.Int), ("effect", QVariant.Double), ("ci_low", QVariant.Double),
                    ("ci_high", QVariant.Double), ("share", QVariant.Double), ("sigma_control", QVariant.Double),
                    ("sigma_treated", QVariant.Double), ("dr_effect", QVariant.Double), ("dr_se", QVariant.Double),
@@ -39,6 +44,7 @@ CLUSTER_COLUMNS = (("cluster", QVariant.Int), ("effect", QVariant.Double), ("ci_
 class ImageClustersAlgorithm(GeoCateAlgorithm):
     result_style = GROUP_STYLE  # the cluster layer opens categorized
     CLUSTERS, MAX_CLUSTERS, EPOCHS, DEVICE = "CLUSTERS", "MAX_CLUSTERS", "EPOCHS", "DEVICE"
+    NOISE, FOREST_CHECK = "NOISE", "FOREST_CHECK"
     OUTPUT, OUTPUT_CLUSTERS, OUTPUT_MODEL, OUTPUT_SALIENCE = "OUTPUT", "OUTPUT_CLUSTERS", "OUTPUT_MODEL", "OUTPUT_SALIENCE"
     OUTPUT_REPORT = "OUTPUT_REPORT"
 
@@ -56,9 +62,12 @@ class ImageClustersAlgorithm(GeoCateAlgorithm):
         return (
             "Groups units by the distribution of treatment effects their images show (Jerzak, Johansson & Daoud, "
             "'Image-based Treatment Effect Heterogeneity', CLeaR 2023). A network on each unit's window gives the "
-            "probabilities of K latent clusters; each cluster has its own effect (with a posterior) and outcome "
-            "noise by arm; the mixture likelihood is marginalised exactly. K is chosen ('Number of clusters' 0) by the "
-            "cross-fitted held-out likelihood over 1 to 'Largest number of clusters to try': K = 1 means no heterogeneity.\n\n"
+            "probabilities of K latent clusters; each cluster has its own effect (with a posterior); the outcome's "
+            "noise is flexible and shared by all clusters, so that zeros or a long tail are not taken for clusters; "
+            "the mixture likelihood is marginalised exactly. K is chosen ('Number of clusters' 0) by the "
+            "cross-fitted held-out likelihood over 1 to 'Largest number of clusters to try', and kept above 1 only "
+            "when the clusters' effects differ in units the model did not see; the causal forest's heterogeneity "
+            "test checks them too. K = 1 means no heterogeneity.\n\n"
             "Outputs: the units with out-of-fold cate, cate_lo, cate_hi, cate_se, group (most probable cluster, 1 = "
             "smallest effect), p_1..p_K, patch_ok; a table of clusters (effect, 95 % interval, share, sigmas); the "
             "model as ONNX with its description (.onnx.json); optionally salience rasters for the units most "
@@ -83,6 +92,13 @@ class ImageClustersAlgorithm(GeoCateAlgorithm):
         device = QgsProcessingParameterEnum(self.DEVICE, "Device", DEVICES, defaultValue=0)
         device.setFlags(device.flags() | QgsProcessingParameterDefinition.FlagAdvanced)
         self.addParameter(device)
+        noise = QgsProcessingParameterEnum(self.NOISE, "Outcome noise", NOISE_MODELS, defaultValue=0)
+        noise.setFlags(noise.flags() | QgsProcessingParameterDefinition.FlagAdvanced)
+        self.addParameter(noise)
+        forest_check = QgsProcessingParameterBoolean(
+            self.FOREST_CHECK, "Check the clusters against the causal forest's heterogeneity test", defaultValue=True)
+        forest_check.setFlags(forest_check.flags() | QgsProcessingParameterDefinition.FlagAdvanced)
+        self.addParameter(forest_check)
         add_design_parameters(self, design=False)   # the cluster model assumes a randomized trial
         self.addParameter(QgsProcessingParameterFeatureSink(self.OUTPUT, "Effect clusters"))
         self.addParameter(QgsProcessingParameterFeatureSink(self.OUTPUT_CLUSTERS, "Clusters", QgsProcessing.TypeVector,
@@ -107,6 +123,8 @@ class ImageClustersAlgorithm(GeoCateAlgorithm):
         max_clusters = self.parameterAsInt(parameters, self.MAX_CLUSTERS, context)
         epochs = self.parameterAsInt(parameters, self.EPOCHS, context)
         device = DEVICES[self.parameterAsEnum(parameters, self.DEVICE, context)]
+        noise = self.parameterAsEnum(parameters, self.NOISE, context)
+        forest_check = self.parameterAsBoolean(parameters, self.FOREST_CHECK, context)
         salience_dir = (self.parameterAsString(parameters, self.OUTPUT_SALIENCE, context)
                         if parameters.get(self.OUTPUT_SALIENCE) else None)
         imagery, imagery_values = read_imagery_parameters(self, parameters, context)
@@ -118,7 +136,8 @@ class ImageClustersAlgorithm(GeoCateAlgorithm):
             study_values["seed"], n_clusters, max_clusters, epochs, device,
             spatial_block=study_values["spatial_block"],
             progress=lambda f, m: (feedback.setProgress(5 + 90 * f), feedback.setProgressText(m)),
-            is_cancelled=feedback.isCanceled, imagery=imagery)
+            is_cancelled=feedback.isCanceled, imagery=imagery, noise_components=NOISE_COMPONENTS_OF[noise],
+            forest_check=forest_check)
 
         for warning in result.metadata.get("warnings", []):
             feedback.pushWarning(warning)
@@ -133,6 +152,13 @@ class ImageClustersAlgorithm(GeoCateAlgorithm):
             feedback.pushInfo(f"Held-out test of the {test['clusters']} clusters' effects (sequential cross-fold "
                               f"AUTOC): {test['estimate']:.4f} (SE {test['std_err']:.4f}), p = {test['p_value']:.4f}.")
         feedback.pushInfo(f"{result.metadata['k_rule']}.")
+        forest = result.metadata.get("forest_test")
+        if forest:
+            feedback.pushInfo(f"Causal forest's heterogeneity test on the same units and folds: held-out AUTOC "
+                              f"{forest['estimate']:.4f} (SE {forest['std_err']:.4f}), p = {forest['p_value']:.4f}"
+                              + (": it supports heterogeneity." if forest["supports_clusters"] else
+                                 ": it does not support the clusters (see the warning)."))
+        feedback.pushInfo(f"Outcome noise: {result.metadata['noise']}.")
         for row in extras["clusters"]:
             feedback.pushInfo(f"Cluster {row[0]}: model effect {row[1]:.3f} [{row[2]:.3f}, {row[3]:.3f}], "
                               f"share {row[4]:.2f}, sigma control {row[5]:.3f}, treated {row[6]:.3f}; held-out "
@@ -183,7 +209,8 @@ class ImageClustersAlgorithm(GeoCateAlgorithm):
                 "NODATA": study_values["nodata"], "SEED": study_values["seed"],
                 "SPATIAL_BLOCK": study_values["spatial_block"], "CLUSTER": cluster, "STRATA": strata,
                 "PROPENSITY": known, "CLUSTERS": n_clusters,
-                "MAX_CLUSTERS": max_clusters, "EPOCHS": epochs, "DEVICE": device, **imagery_values},
+                "MAX_CLUSTERS": max_clusters, "EPOCHS": epochs, "DEVICE": device,
+                "NOISE": NOISE_MODELS[noise], "FOREST_CHECK": forest_check, **imagery_values},
                  n_units=len(features), n_used=result.n_used, n_dropped=result.n_dropped, ate=result.ate,
                  ate_se=result.ate_se), feedback)
         report = self.output_file(parameters, self.OUTPUT_REPORT, context)

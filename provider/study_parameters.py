@@ -251,7 +251,7 @@ def report_sensitivity(analysis, strengths, feedback):
         rv, rv_a = analysis.rv[el.contrast]
         feedback.pushInfo(
             f"Sensitivity ({el.contrast}): a confounder with CF_Y = {strengths[0]:g}, CF_D = {strengths[1]:g}, "
-            f"RHO = {strengths[2]:g} would move the AIPW ATE to [{chosen['low']:.4f}, {chosen['high']:.4f}] "
+            f"RHO = {strengths[2]:g} would move the AIPW estimate to [{chosen['low']:.4f}, {chosen['high']:.4f}] "
             f"(95 % [{chosen['ci_low']:.4f}, {chosen['ci_high']:.4f}]); RV = {rv:.3f}, RV_a = {rv_a:.3f}.")
     feedback.pushInfo(sensitivity_sentence(analysis))
     first = analysis.rv[analysis.elements[0].contrast]

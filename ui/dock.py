@@ -956,6 +956,10 @@ class GeoCateDock(QgsDockWidget):
                 lines.append(f"{'' if supported else '<b>Not supported:</b> '}held-out test of the "
                              f"{test['clusters']} clusters' effects: p = {test['p_value']:.2g}"
                              + ("" if supported else " - they may describe the outcome's shape, not who gains"))
+            forest = metadata.get("forest_test")
+            if forest:   # the clusters against the causal forest's own test (issue 24)
+                lines.append(f"{'' if forest['supports_clusters'] else '<b>Not supported by the forest:</b> '}"
+                             f"causal forest's heterogeneity test: p = {forest['p_value']:.2g}")
         lines.append(f"<b>Device</b> {metadata['device']}, {metadata['timings']['total_s']:.1f} s")
         self.summary.setText("<br>".join(lines))
         if self.canvas is not None:

@@ -75,6 +75,56 @@ def test_a_zero_inflated_null_trial_gets_one_cluster_and_says_why(demo_raster):
         assert any("held-out test finds no difference" in w for w in result.metadata["warnings"])
 
 
+def test_clusters_are_checked_against_the_forest_and_the_noise_is_estimated(separated):
+    """Issue 24, points 1 and 3: the forest's own test (same units and folds) supports the real clusters; the shared
+    noise's sd in each cluster and arm is the simulation's (1), where the outcome's sd is about 2."""
+    trial, (study, result, extras) = separated
+    forest = result.metadata["forest_test"]
+    assert forest["supports_clusters"] and forest["p_value"] < 0.01
+    assert not any("causal forest's heterogeneity test" in w for w in result.metadata["warnings"])
+    assert result.metadata["noise"].startswith("per arm, a mixture of 3")
+    for row in extras["clusters"]:
+        assert 0.75 < row[5] < 1.3 and 0.75 < row[6] < 1.3, row
+
+
+def zero_inflated_features_trial(seed, n=600):
+    """Units with uninformative 'image' features and a null zero-inflated outcome (issue 24's first case)."""
+    rng = np.random.default_rng(seed)
+    W = rng.integers(0, 2, n)
+    working = rng.random(n) < np.where(W == 1, 0.7, 0.3)
+    outcome = np.where(working, np.exp(1.0 + 0.3 * rng.standard_normal(n)), 0.0)
+    return rng.normal(size=(n, 8)), W, outcome
+
+
+def test_the_shared_flexible_noise_absorbs_a_point_mass_of_zeros():
+    """The paper's Gaussian-per-cluster noise fits a zero-inflated null outcome badly with one cluster, so more
+    'clusters' (the zeros) buy likelihood; the shared flexible noise fits it with one cluster: its K = 1 held-out
+    likelihood is far higher, and no K > 1 does better than one SE over it (the likelihood's own rule picks K = 1)."""
+    from geocate.core.clusters import choose_n_clusters
+    from geocate.core.learners import location_folds
+
+    for seed in (0, 1):
+        features, W, Y = zero_inflated_features_trial(seed)
+        folds = location_folds(np.arange(len(Y)), 3, seed)
+        k_flexible, flexible = choose_n_clusters(features, None, W, Y, folds, 3, seed, epochs=300)
+        _, gaussian = choose_n_clusters(features, None, W, Y, folds, 1, seed, epochs=300, noise_components=0)
+        assert flexible[0][1] > gaussian[0][1] + 0.3, (flexible, gaussian)
+        assert k_flexible == 1, flexible
+
+
+def test_a_cluster_solution_the_forest_does_not_support_is_flagged(demo_raster):
+    """Clusters forced on a null trial: the forest's test finds no heterogeneity and the warnings say so."""
+    trial = simulate_trial(demo_raster, n_units=500, seed=41, effects=(1.0,))
+    result = find_clusters(unit_table(trial), demo_raster, n_clusters=2, max_clusters=2, n_folds=3, seed=1)[1]
+    forest = result.metadata["forest_test"]
+    assert forest["p_value"] >= 0.05 and not forest["supports_clusters"]
+    assert any("causal forest's heterogeneity test" in w and "does not support" in w
+               for w in result.metadata["warnings"])
+    unchecked = find_clusters(unit_table(trial), demo_raster, n_clusters=2, max_clusters=2, n_folds=3, seed=1,
+                              forest_check=False)[1]
+    assert unchecked.metadata["forest_test"] is None
+
+
 def test_unit_effects_are_out_of_fold_with_intervals(separated):
     trial, (study, result, extras) = separated
     assert np.all(result.cate_lo <= result.cate) and np.all(result.cate <= result.cate_hi)

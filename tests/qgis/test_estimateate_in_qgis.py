@@ -64,6 +64,10 @@ def test_estimateate_adjusts_for_what_the_image_shows_and_reports_overlap_and_ba
     assert [row["confounder"] for row in sensitivity["bounds"]][:2] == [
         "chosen (CF_Y, CF_D, RHO)", "as strong as everything the imagery shows"]
     assert metadata["parameters"]["CF_Y"] == 0.03 and metadata["parameters"]["RHO"] == 1.0
+    # The ATT's bounds too: its theta is the AIPW ATT of the table, shown in the report.
+    att = metadata["sensitivity"]["contrasts"]["1 vs 0 (ATT)"]
+    assert att["theta"] == pytest.approx(rows[("AIPW", "ATT")]) and results["ATT"] == pytest.approx(att["theta"])
+    assert att["bounds"][0]["low"] < att["theta"] < att["bounds"][0]["high"] and "1 vs 0 (ATT): estimate" in report
 
 
 def test_estimateate_refuses_a_treatment_that_is_not_an_arm_number(plugin, demo_units_gpkg, demo_raster):

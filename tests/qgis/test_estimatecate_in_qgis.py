@@ -611,11 +611,36 @@ def test_evaluate_runs_without_plot_or_report_destinations(memory_run, tmp_path)
 
 
 def test_imageclusters_runs_without_the_cluster_table_and_model(plugin, demo_units_gpkg, demo_raster, tmp_path):
-    """The cluster table and the ONNX model are optional destinations (qgis_process ran only with both)."""
-    results = run_clusters(demo_units_gpkg, demo_raster, tmp_path, CLUSTERS=2, EPOCHS=20, OUTPUT_CLUSTERS=None,
-                           OUTPUT_MODEL=None)
+    """The cluster table and the ONNX model are optional destinations (qgis_process ran only with both). The log
+    names the noise model and gives the causal forest's check of the clusters (issue 24); NOISE and FOREST_CHECK
+    reach the core."""
+    from qgis.core import QgsProcessingFeedback
+
+    log = []
+
+    class Feedback(QgsProcessingFeedback):
+        def pushInfo(self, text):  # noqa: N802 - QGIS's name
+            log.append(text)
+
+        def pushWarning(self, text):  # noqa: N802 - QGIS's name
+            log.append(text)
+
+    import processing
+
+    results = processing.run("geocate:imageclusters", {
+        "INPUT": demo_units_gpkg, "TREATMENT": "treated", "OUTCOME": "outcome", "COVARIATES": ["assets"],
+        "RASTER": demo_raster, "OUTPUT": "memory:", "CLUSTERS": 2, "EPOCHS": 20}, feedback=Feedback())
     assert results["N_CLUSTERS"] == 2 and results["OUTPUT_CLUSTERS"] is None and results["OUTPUT_MODEL"] is None
     assert results["OUTPUT"].featureCount() == 312 and not any(tmp_path.iterdir())
+    assert any(line.startswith("Outcome noise: per arm, a mixture of 3") for line in log)
+    forest = [line for line in log if line.startswith("Causal forest's heterogeneity test")]
+    assert len(forest) == 1 and " p = " in forest[0]
+    log.clear()
+    processing.run("geocate:imageclusters", {
+        "INPUT": demo_units_gpkg, "TREATMENT": "treated", "OUTCOME": "outcome", "RASTER": demo_raster,
+        "OUTPUT": "memory:", "CLUSTERS": 2, "EPOCHS": 20, "NOISE": 1, "FOREST_CHECK": False}, feedback=Feedback())
+    assert any(line.startswith("Outcome noise: one Gaussian per cluster") for line in log)
+    assert not any(line.startswith("Causal forest's") for line in log)
 
 
 def test_run_metadata_is_strict_json_without_nan(plugin, tmp_path):
