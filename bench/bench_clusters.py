@@ -79,7 +79,8 @@ def run(design, effects, args):
     from conftest import unit_table
     from sklearn.metrics import adjusted_rand_score
 
-    from geocate.core.learners import design_matrix, location_folds
+    from geocate.core.crossfit import location_folds
+    from geocate.core.learners import design_matrix
     from geocate.core.pipeline import estimate_cate, find_clusters, image_features
     from geocate.core.simulate import simulate_trial
 

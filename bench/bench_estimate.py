@@ -62,8 +62,9 @@ def previous_construction(features, covariates, Y, W, seed):
     from sklearn.ensemble import RandomForestRegressor
     from sklearn.pipeline import make_pipeline
 
+    from geocate.core.crossfit import location_folds
     from geocate.core.evaluate import rank_average_treatment_effect
-    from geocate.core.learners import design_matrix, location_folds
+    from geocate.core.learners import design_matrix
 
     X, n_image = design_matrix(features, covariates)
     n, p = X.shape

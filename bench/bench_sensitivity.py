@@ -64,8 +64,8 @@ def draw(seed, n):
 
 
 def nuisances(Y, W, inputs, seed):
+    from geocate.core.crossfit import location_folds
     from geocate.core.design import CLIP, StudyDesign
-    from geocate.core.learners import location_folds
     from geocate.core.scores import arm_models
 
     folds = location_folds(np.arange(len(Y)), 5, seed)

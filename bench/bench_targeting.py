@@ -50,7 +50,7 @@ def rate(hits, reps):
 
 
 def tabular_draw(n, seed):
-    from geocate.core.learners import location_folds
+    from geocate.core.crossfit import location_folds
     from geocate.core.scores import cross_fitted_scores
 
     rng = np.random.default_rng(seed)

@@ -148,7 +148,7 @@ def run_power(reps):
 
 
 def run_clusters(reps):
-    from geocate.core.learners import location_folds
+    from geocate.core.crossfit import location_folds
     from geocate.core.scores import cross_fitted_scores, doubly_robust_ate
 
     clustered = unit_level = 0

@@ -280,18 +280,18 @@ def choose_n_clusters(features, covariates, treated, outcome, folds, max_cluster
     chosen K is the smallest whose log-likelihood is within one SE (of the difference
     with the best K) of the best: more clusters must earn their place.
     """
+    from .crossfit import crossfit
+
+    covariates = covariate_matrix(covariates, len(outcome))
     rows, per_unit = [], {}
     for k in range(1, max_clusters + 1):
-        ll = np.empty(len(outcome))
-        for fold in np.unique(folds):
-            train, test = folds != fold, folds == fold
-            fit = fit_clusters(features[train], None if covariates is None else covariates[train], treated[train],
-                               outcome[train], k, seed=seed, **fit_options)
-            ll[test] = fit.log_likelihood(features[test], None if covariates is None else covariates[test],
-                                          treated[test], outcome[test])
-            if tick is not None:
-                tick(f"Choosing K: K = {k}, fold {fold + 1}")
-        per_unit[k] = ll
+        def held_out_likelihood(train, test, k=k):
+            fit = fit_clusters(features[train], covariates[train], treated[train], outcome[train], k, seed=seed,
+                               **fit_options)
+            return fit.log_likelihood(features[test], covariates[test], treated[test], outcome[test])
+
+        ll = per_unit[k] = crossfit(held_out_likelihood, folds, progress=None if tick is None else
+                                    lambda j, n_folds, k=k: tick(f"Choosing K: K = {k}, fold {j + 1}"))
         rows.append((k, float(ll.mean()), float(ll.std(ddof=1) / np.sqrt(len(ll)))))
     best = max(per_unit, key=lambda k: per_unit[k].mean())
     for k in sorted(per_unit):
@@ -378,24 +378,23 @@ def cross_fitted_clusters(features, covariates, treated, outcome, n_clusters, fo
     n = len(outcome)
     if n_clusters < 1:
         raise GeoCateError("The number of clusters must be at least 1.", "Set CLUSTERS to 0 (choose) or more.")
+    from .crossfit import crossfit
+
     covariates = covariate_matrix(covariates, n)
     rng = np.random.default_rng(seed)
-    probabilities = np.empty((n, n_clusters))
-    cate, low, high, se = (np.empty(n) for _ in range(4))
-    for fold in np.unique(folds):
-        train, test = folds != fold, folds == fold
+
+    def fit_predict(train, test):
         fit = fit_clusters(features[train], covariates[train], treated[train], outcome[train], n_clusters,
                            seed=seed, **fit_options)
         draws = fit.probabilities(features[test], covariates[test], samples=samples, seed=seed)   # (S, m, K)
         tau_mean, tau_sd = fit.effects()
         tau_draws = tau_mean + tau_sd * rng.standard_normal((samples, n_clusters))                # (S, K)
         cate_draws = np.einsum("smk,sk->sm", draws, tau_draws)
-        probabilities[test] = draws.mean(axis=0)
-        cate[test] = probabilities[test] @ tau_mean
-        low[test], high[test] = np.percentile(cate_draws, [2.5, 97.5], axis=0)
-        se[test] = cate_draws.std(axis=0, ddof=1)
-        if tick is not None:
-            tick(f"Cluster model: fold {fold + 1}")
+        low, high = np.percentile(cate_draws, [2.5, 97.5], axis=0)
+        return draws.mean(axis=0), draws.mean(axis=0) @ tau_mean, low, high, cate_draws.std(axis=0, ddof=1)
+
+    probabilities, cate, low, high, se = crossfit(
+        fit_predict, folds, progress=None if tick is None else lambda j, n_folds: tick(f"Cluster model: fold {j + 1}"))
     return {"probabilities": probabilities, "cate": cate, "cate_lo": low, "cate_hi": high, "cate_se": se,
             "group": probabilities.argmax(axis=1) + 1}
 

@@ -76,20 +76,20 @@ class StudyDesign:
         from sklearn.pipeline import make_pipeline
         from sklearn.preprocessing import StandardScaler
 
-        from .learners import location_folds
+        from .crossfit import crossfit, location_folds
 
         X = np.asarray(inputs, float).reshape(n, -1)
         folds = location_folds(np.arange(n), self.n_folds, self.seed) if folds is None else np.asarray(folds)
-        probabilities = np.empty((n, k))
-        for fold in np.unique(folds):
-            train, test = folds != fold, folds == fold
+
+        def fit_predict(train, test):
             if len(np.unique(index[train])) < k:
                 raise GeoCateError("A cross-fitting fold holds no unit of some treatment arm.",
                                    "Use more units, or fewer arms.")
             model = make_pipeline(StandardScaler(), LogisticRegressionCV(Cs=PENALTIES, cv=3, scoring="neg_log_loss",
                                                                          max_iter=1000))
-            model.fit(X[train], index[train])
-            probabilities[test] = model.predict_proba(X[test])
+            return model.fit(X[train], index[train]).predict_proba(X[test])
+
+        probabilities = crossfit(fit_predict, folds)
         return probabilities, {"model": "multinomial logistic regression (L2, penalty by cross-validated "
                                         "log-loss), cross-fitted", **calibration(index, probabilities)}
 
@@ -186,6 +186,8 @@ def randomization_check(treated, inputs, folds, groups=None, strata=None, n_perm
     from sklearn.metrics import roc_auc_score
     from sklearn.preprocessing import StandardScaler
 
+    from .crossfit import Folds, crossfit
+
     W = np.asarray(treated, int)
     X = StandardScaler().fit_transform(np.asarray(inputs, float))
     folds = np.asarray(folds)
@@ -201,15 +203,15 @@ def randomization_check(treated, inputs, folds, groups=None, strata=None, n_perm
         strata = None if strata is None else np.asarray(strata)[keep]
 
     def cross_fitted_auc(w):
-        prediction = np.empty(len(w))
-        for fold in np.unique(folds):
-            train, test = folds != fold, folds == fold
-            if len(np.unique(w[train])) < 2:
-                return 0.5
+        if any(len(np.unique(w[train])) < 2 for _, train, _ in Folds(folds).split()):
+            return 0.5
+
+        def fit_predict(train, test):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                model = LogisticRegression(C=0.1, max_iter=200).fit(X[train], w[train])
-            prediction[test] = model.decision_function(X[test])
+                return LogisticRegression(C=0.1, max_iter=200).fit(X[train], w[train]).decision_function(X[test])
+
+        prediction = crossfit(fit_predict, folds)
         return float(roc_auc_score(w, prediction)) if len(np.unique(w)) == 2 else 0.5
 
     groups = np.arange(len(W)) if groups is None else np.unique(np.asarray(groups), return_inverse=True)[1].ravel()

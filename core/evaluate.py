@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .crossfit import Folds, location_folds, stratified_folds
 from .errors import GeoCateError, require
-from .learners import location_folds, location_ids, run_cancellable, stratified_folds
+from .learners import location_ids, run_cancellable
 from .scores import Z95, aipw_scores, cross_fitted_scores, mean_and_se, zero_noise
 
 DEFAULT_Q = np.round(np.arange(1, 11) / 10, 10)
@@ -412,16 +413,13 @@ def sequential_rate_test(scores, folds, priority_for, target="AUTOC", clusters=N
     scores = np.asarray(scores, float)
     folds = np.asarray(folds)
     clusters = np.arange(len(scores)) if clusters is None else np.asarray(clusters)
-    order = np.unique(folds)
-    if len(order) < 2:
-        raise GeoCateError("The sequential test needs at least 2 folds.", "Use 2 or more cross-fitting folds.")
-    per_fold = []
-    for j, k in enumerate(order[1:]):
+    walk = Folds(folds).require(2, "The sequential test")
+    per_fold, counts = [], []
+    for j, (_, train, test) in enumerate(walk.sequential()):
         if is_cancelled is not None and is_cancelled():
             raise Cancelled()
         if progress is not None:
-            progress(j / (len(order) - 1), f"Heterogeneity test: fold {j + 2} of {len(order)}")
-        train, test = np.isin(folds, order[:j + 1]), folds == k
+            progress(j / (len(walk) - 1), f"Heterogeneity test: fold {j + 2} of {len(walk)}")
         # A forest has no callback: it runs in a worker thread, and a cancel stops the wait (see run_cancellable).
         priorities = run_cancellable(lambda train=train, test=test: priority_for(train, test), is_cancelled)
         priorities = np.asarray(priorities, float).reshape(int(test.sum()), -1)
@@ -431,10 +429,10 @@ def sequential_rate_test(scores, folds, priority_for, target="AUTOC", clusters=N
             rates = rerandomized_rates(rates, rerandomized_values(
                 rerandomization, test, np.random.default_rng(seed + 1000 + j), n_draws, priorities, target, q))
         per_fold.append(rates)
+        counts.append(len(np.unique(clusters[test])))
     results = []
     # Few clusters in a fold: its t-statistic has about C_k - 1 degrees of freedom, not a normal law; it is
     # mapped to the normal quantile of the same tail before the folds are combined (no change with many).
-    counts = [len(np.unique(clusters[folds == k])) for k in order[1:]]
     for r in range(len(per_fold[0])):
         rates = tuple(fold[r] for fold in per_fold)
         t_stat = float(np.sum([small_sample_z(_t_stat(rate), count) for rate, count in zip(rates, counts)])
@@ -662,7 +660,7 @@ class Evaluation:
     calibration: [Calibration per rule]; gates: [rows of group_average_effects per rule];
     scores: (n_used,) DR scores; used: (n,) bool; dropped: counts by reason;
     block_size: metres or None; n_clusters: bootstrap clusters; groups: (n_used,) the cluster of each used unit
-    (the groups folds keep whole).
+    (the groups folds keep whole); folds: (n_used,) the folds the scores were cross-fitted on.
     """
 
     names: list
@@ -675,6 +673,7 @@ class Evaluation:
     block_size: object
     n_clusters: int
     groups: np.ndarray = None
+    folds: np.ndarray = None     # (n_used,) the cross-fitting folds of the scores
 
 
 def evaluate_priorities(outcome, treated, priorities, names=None, covariates=None, coords=None,
@@ -798,4 +797,4 @@ def evaluate_priorities(outcome, treated, priorities, names=None, covariates=Non
     if progress:
         progress(1.0, "Done")
     return Evaluation(names=names, rates=rates, calibration=calibration, gates=gates, scores=scores, used=used,
-                      dropped=dropped, block_size=block_size, n_clusters=int(len(np.unique(groups))), groups=groups)
+                      dropped=dropped, block_size=block_size, n_clusters=int(len(np.unique(groups))), groups=groups, folds=folds)

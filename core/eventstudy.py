@@ -15,7 +15,7 @@ panel doubly robust DiD of Sant'Anna & Zhao (2020) in its DML form (Chang
 on the units of cohort g (D = 1) and of the comparison group (D = 0), with
 m0(X) = E[Y_t - Y_b | X, comparison] (the outcome regression) and
 p(X) = P(G = g | X, G = g or comparison) (the propensity), both cross-fitted
-with folds that keep each unit whole (core.learners.location_folds).
+with folds that keep each unit whole (core.crossfit.location_folds).
 
 Choices, each as in CS's ``did`` (R) and DoubleML 0.11's DoubleMLDIDMulti
 (``gt_combinations="standard"``) unless said:
@@ -220,20 +220,18 @@ def _outcome_learner(learner, seed):
 def _outcome_predictions(target, X, controls, folds, learner, seed):
     """(n,) out-of-fold E[target | X, comparison]: fit on the comparison units of the other folds, predicted for
     every unit of the fold; the training units' mean where they are fewer than MIN_UNITS_FOR_MODEL."""
+    from .crossfit import crossfit
     from .scores import MIN_UNITS_FOR_MODEL
 
-    prediction = np.empty(len(target))
-    for fold in np.unique(folds):
-        test = folds == fold
-        train = controls & ~test
+    def fit_predict(train, test):
+        train = controls & train
         if not train.any():                          # every comparison unit in this fold: no out-of-fold model
             train = controls
         if train.sum() < MIN_UNITS_FOR_MODEL:
-            prediction[test] = target[train].mean()
-        else:
-            model = _outcome_learner(learner, seed).fit(X[train], target[train])
-            prediction[test] = model.predict(X[test])
-    return prediction
+            return np.full(int(test.sum()), target[train].mean())
+        return _outcome_learner(learner, seed).fit(X[train], target[train]).predict(X[test])
+
+    return crossfit(fit_predict, folds)
 
 
 def _propensities(cohort, X, folds):
@@ -247,16 +245,17 @@ def _propensities(cohort, X, folds):
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
+    from .crossfit import crossfit
     from .design import PENALTIES, calibration
 
-    n, k = len(cohort), int(cohort.max()) + 1
-    probabilities = np.zeros((n, k))
-    for fold in np.unique(folds):
-        train, test = folds != fold, folds == fold
+    k = int(cohort.max()) + 1
+
+    def fit_predict(train, test):
+        probabilities = np.zeros((int(test.sum()), k))
         present = np.unique(cohort[train])
         if len(present) < 2:
-            probabilities[np.ix_(test, present)] = 1.0
-            continue
+            probabilities[:, present] = 1.0
+            return probabilities
         if np.bincount(cohort[train])[present].min() >= 6:
             model = make_pipeline(StandardScaler(), LogisticRegressionCV(Cs=PENALTIES, cv=3, scoring="neg_log_loss",
                                                                          max_iter=1000))
@@ -265,7 +264,10 @@ def _propensities(cohort, X, folds):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")            # small classes: fewer members than the 3 inner folds
             model.fit(X[train], cohort[train])
-        probabilities[np.ix_(test, model.classes_)] = model.predict_proba(X[test])
+        probabilities[:, model.classes_] = model.predict_proba(X[test])
+        return probabilities
+
+    probabilities = crossfit(fit_predict, folds)
     report = calibration(cohort, probabilities)
     return probabilities, {"model": "multinomial logistic regression of the cohort (L2, penalty by "
                                     "cross-validated log-loss), cross-fitted", **report}
@@ -355,7 +357,7 @@ def event_study(unit, time, treatment, outcome, covariates=None, covariate_names
     "linear"); unused without covariates. progress(fraction, message), is_cancelled(): callbacks; a cancel
     raises core.errors.Cancelled.
     """
-    from .learners import location_folds
+    from .crossfit import location_folds
     from .panel import make_panel
     from .progress import Throttle
     from .scores import zero_noise

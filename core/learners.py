@@ -5,6 +5,7 @@ import time
 
 import numpy as np
 
+from .crossfit import Folds, crossfit, location_folds
 from .errors import Cancelled, GeoCateError, require
 from .scores import Z95
 
@@ -37,46 +38,6 @@ def run_cancellable(work, is_cancelled=None, poll_seconds=0.25):
                     collection.tick()
         finally:
             executor.shutdown(wait=False)
-
-
-def location_folds(locations, n_folds, seed):
-    """Assign each unit a fold 0..n_folds-1 so that units sharing a location share a fold.
-
-    locations: (n,) hashable location ids (e.g. from :func:`location_ids`).
-    Locations are shuffled with ``seed`` and dealt to folds in turn, which keeps
-    fold sizes within one location of each other.
-    """
-    unique, inverse = np.unique(np.asarray(locations), return_inverse=True)
-    if len(unique) < n_folds:
-        raise GeoCateError(
-            f"Only {len(unique)} group(s) of units can be kept apart: units that share a location, a cluster "
-            f"(CLUSTER) or a spatial block stay together, and {n_folds}-fold cross-fitting needs at least "
-            f"{n_folds} such groups.",
-            "Use a cluster field with more clusters, smaller spatial blocks (or auto, -1), or more units at "
-            "distinct places.",
-        )
-    order = np.random.default_rng(seed).permutation(len(unique))
-    fold_of_location = np.empty(len(unique), dtype=int)
-    fold_of_location[order] = np.arange(len(unique)) % n_folds
-    return fold_of_location[inverse]
-
-
-def stratified_folds(groups, strata, n_folds, seed):
-    """Folds that keep each group whole (location_folds) and, with ``strata``, deal each stratum's groups over
-    the folds in turn, so every fold holds every stratum in its proportion."""
-    if strata is None:
-        return location_folds(groups, n_folds, seed)
-    unique, inverse = np.unique(np.asarray(groups), return_inverse=True)
-    stratum_of_group = np.zeros(len(unique), int)
-    stratum_of_group[inverse] = strata            # a group spans one stratum (a unit's group; else its last)
-    order = np.random.default_rng(seed).permutation(len(unique))
-    order = order[np.argsort(stratum_of_group[order], kind="stable")]   # by stratum, shuffled within
-    fold_of_group = np.empty(len(unique), int)
-    fold_of_group[order] = np.arange(len(unique)) % n_folds
-    folds = fold_of_group[inverse]
-    if len(np.unique(folds)) < n_folds:
-        return location_folds(groups, n_folds, seed)   # its message names the problem
-    return folds
 
 
 def location_ids(coords, precision=1e-6):
@@ -314,33 +275,28 @@ class CrossFittedCausalForest:
         self.dr_scores_ = aipw_scores(Y, T, self.mu0_, self.mu1_, e)
         ate = doubly_robust_ate(self.dr_scores_, self.groups_)
         self.ate_, self.ate_se_ = ate.estimate, ate.std_err
-        self.cate_, self.cate_raw_, self.cate_lo_, self.cate_hi_, self.cate_se_ = (np.full(n, np.nan)
-                                                                                   for _ in range(5))
         self.forests_, self.calibrations_, self.fold_seconds_ = [], [], []
         self._data = (Y, T, X, inputs)
-        folds = np.unique(self.fold_)
-        for j, k in enumerate(folds):
-            if is_cancelled is not None and is_cancelled():
-                raise Cancelled()
-            if progress is not None:
-                progress(0.2 + 0.8 * j / len(folds), f"Causal forest: fold {j + 1} of {len(folds)}")
-            fold_started = time.monotonic()
-            train, test = self.fold_ != k, self.fold_ == k
 
-            def fit_fold(train=train, test=test):
+        def fit_fold(train, test):
+            fold_started = time.monotonic()
+
+            def work():
                 forest, scores = self._fold_forest(train, inference=True, with_scores=True)
                 point, var = forest.predict_and_var(X[test])
-                calibration = self._calibration(forest, train, scores)
-                return forest, calibration, np.ravel(point), np.sqrt(np.maximum(np.ravel(var), 0))
+                return forest, self._calibration(forest, train, scores), np.ravel(point), np.ravel(var)
 
-            forest, calibration, point, se = run_cancellable(fit_fold, is_cancelled)
-            self.cate_raw_[test] = point
-            self.cate_[test] = point = calibration(point)
-            self.cate_se_[test] = se
-            self.cate_lo_[test], self.cate_hi_[test] = point - Z95 * se, point + Z95 * se
+            forest, calibration, point, var = run_cancellable(work, is_cancelled)
             self.forests_.append(forest)
             self.calibrations_.append(calibration)
             self.fold_seconds_.append(time.monotonic() - fold_started)
+            return point, calibration(point), np.sqrt(np.maximum(var, 0))
+
+        self.cate_raw_, self.cate_, self.cate_se_ = crossfit(
+            fit_fold, self.fold_, is_cancelled,
+            None if progress is None else
+            lambda j, k: progress(0.2 + 0.8 * j / k, f"Causal forest: fold {j + 1} of {k}"))
+        self.cate_lo_, self.cate_hi_ = self.cate_ - Z95 * self.cate_se_, self.cate_ + Z95 * self.cate_se_
         self.fit_seconds_ = time.monotonic() - started
         if progress is not None:
             progress(1.0, "Causal forest done")
@@ -401,7 +357,7 @@ class CrossFittedCausalForest:
         """
         X = self._data[2]
         train, test = np.asarray(train, bool), np.asarray(test, bool)
-        for forest, k in zip(self.forests_, np.unique(self.fold_)):
+        for forest, k in zip(self.forests_, Folds(self.fold_).ids):
             if np.array_equal(train, self.fold_ != k):
                 return np.ravel(forest.predict(X[test]))
         n_estimators = n_estimators or max(self.n_estimators // 2, 50)

@@ -31,20 +31,21 @@ class AdjustedEffect:
         return normal_interval(self.estimate, self.std_err, alpha)
 
 
-def adjusted_effects(outcome, arms, propensities, inputs=None, folds=None, clusters=None):
+def adjusted_effects(outcome, arms, propensities, inputs=None, folds=None, clusters=None, n_folds=5, seed=42):
     """IPW, Hajek and AIPW estimates of the ATE and the ATT of every arm against the first (the reference,
     e.g. 0 = no programme), and of every pair of the other arms, plus the naive difference in means.
 
     propensities: (n, A) from StudyDesign.propensities (columns in the order of np.unique(arms)), clipped to
-    [CLIP, 1 - CLIP]. Returns a list of AdjustedEffect.
+    [CLIP, 1 - CLIP]; folds: the outcome models' cross-fitting folds (a study passes its own; None: ``n_folds``
+    folds of single units drawn with ``seed``). Returns a list of AdjustedEffect.
     """
-    from .learners import location_folds
+    from .crossfit import location_folds
 
     Y = np.asarray(outcome, float)
     levels, index = np.unique(np.asarray(arms), return_inverse=True)
     n, k = len(Y), len(levels)
     e = np.clip(np.asarray(propensities, float).reshape(n, k), CLIP, 1 - CLIP)
-    folds = location_folds(np.arange(n), 5, 42) if folds is None else np.asarray(folds)
+    folds = location_folds(np.arange(n), n_folds, seed) if folds is None else np.asarray(folds)
     mu = arm_models(Y, index, k, inputs, folds)
     D = np.eye(k)[index]
     ipw = D * Y[:, None] / e

@@ -208,17 +208,21 @@ def _unit_means(values, unit):
 def _partial_out(y, d, inputs, unit, folds, learner, seed, periods=None, period=None):
     """theta and its unit-clustered SE from cross-fitted residuals (DML partialling-out), and the residuals.
     period: (n,) the period of each row, whose effects the nuisance models absorb (PeriodEffects), or None."""
-    ry, rd = np.empty(len(y)), np.empty(len(y))
-    for fold in np.unique(folds):
-        train, test = folds != fold, folds == fold
-        for target, residual in ((y, ry), (d, rd)):
+    from .crossfit import crossfit
+
+    def residuals(train, test):
+        out = []
+        for target in (y, d):
             if period is None:
                 fitted = _learner(learner, seed, periods).fit(inputs[train], target[train])
-                residual[test] = target[test] - fitted.predict(inputs[test])
+                out.append(target[test] - fitted.predict(inputs[test]))
             else:
                 fitted = PeriodEffects(lambda: _learner(learner, seed, periods)).fit(
                     inputs[train], target[train], period[train])
-                residual[test] = target[test] - fitted.predict(inputs[test], period[test])
+                out.append(target[test] - fitted.predict(inputs[test], period[test]))
+        return tuple(out)
+
+    ry, rd = crossfit(residuals, folds)
     theta, se = _theta(ry, rd, unit)
     return theta, se, ry, rd
 
@@ -244,7 +248,7 @@ def panel_effect(panel, approach="mundlak", learner="spline ridge", n_folds=5, s
     additive period effects in the learners of Mundlak and pooled (PeriodEffects), two-way demeaning (unit and
     period) for within, period intercepts in first differences. Without them, shocks that move the treatment
     and the outcome together bias theta (0.91 for 0.5 on the bench's design)."""
-    from .learners import location_folds
+    from .crossfit import location_folds
 
     if approach not in APPROACHES + ("pooled",):
         raise GeoCateError(f"Unknown approach '{approach}'.", f"Choose one of {', '.join(APPROACHES)}.")

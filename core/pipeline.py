@@ -8,6 +8,7 @@ import time
 import numpy as np
 
 from .corrections import ate_by_correction, corrected_outcomes, prediction_powered_ate
+from .crossfit import Folds, location_folds, stratified_folds
 from .errors import GeoCateError
 from .evaluate import (
     auto_block_size,
@@ -18,7 +19,7 @@ from .evaluate import (
     rank_average_treatment_effect,
     sequential_rate_test,
 )
-from .learners import default_learner, design_matrix, effect_groups, location_folds, location_ids, stratified_folds
+from .learners import default_learner, design_matrix, effect_groups, location_ids
 from .observational import suspicious_covariates
 from .patches import extract_patches
 from .progress import stage
@@ -173,7 +174,7 @@ def few_clusters_warning(study, folds):
     if study.clusters is None:
         return None
     clusters = study.clusters[study.used]
-    per_fold = [len(np.unique(clusters[folds == k])) for k in np.unique(folds)]
+    per_fold = [len(np.unique(clusters[test])) for _, _, test in Folds(folds).split()]
     if min(per_fold) >= FEW_CLUSTERS_PER_FOLD:
         return None
     return (f"Each held-out fold holds only {min(per_fold)} to {max(per_fold)} clusters: with so few, the "

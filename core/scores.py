@@ -104,19 +104,21 @@ def arm_models(outcome, arm_index, n_arms, inputs, folds, labels=None):
     Y = np.asarray(outcome, float)
     n = len(Y)
     X = None if inputs is None or np.asarray(inputs).size == 0 else np.asarray(inputs, float).reshape(n, -1)
-    folds = np.asarray(folds)
-    mu = np.empty((n, n_arms))
-    for fold in np.unique(folds):
-        train, test = folds != fold, folds == fold
+    from .crossfit import crossfit
+
+    def fit_predict(train, test):
+        mu = np.empty((int(test.sum()), n_arms))
         for a in range(n_arms):
             rows = train & (arm_index == a)
             if rows.sum() < 2:
                 name = labels[a] if labels else f"arm {a}"
                 raise GeoCateError(f"A cross-fitting fold leaves too few {name} units to learn from.",
                                    "Use more units, or fewer or smaller spatial blocks.")
-            mu[test, a] = Y[rows].mean() if X is None or rows.sum() < MIN_UNITS_FOR_MODEL else \
+            mu[:, a] = Y[rows].mean() if X is None or rows.sum() < MIN_UNITS_FOR_MODEL else \
                 outcome_model().fit(X[rows], Y[rows]).predict(X[test])
-    return mu
+        return mu
+
+    return crossfit(fit_predict, folds)
 
 
 def cross_fitted_scores(outcome, treated, inputs=None, folds=None, n_folds=5, seed=42, design=None):
@@ -126,7 +128,7 @@ def cross_fitted_scores(outcome, treated, inputs=None, folds=None, n_folds=5, se
     observational core.design.StudyDesign each unit's cross-fitted propensity
     from ``inputs`` on the same folds. Returns (scores, mu0, mu1, e).
     """
-    from .learners import location_folds
+    from .crossfit import location_folds
 
     Y, W = np.asarray(outcome, float), np.asarray(treated, int)
     folds = location_folds(np.arange(len(Y)), n_folds, seed) if folds is None else np.asarray(folds)

@@ -277,7 +277,15 @@ def analyse(outcome, arms, design, features, covariates, covariate_names, folds,
                                   names[a - 1] + ("" if estimand == "ATE" else f" ({estimand})"), estimand)
                 for estimand in estimands for a in range(1, k)]
 
-    long = elements_with(features, covariates)
+    long, dropped = [], []
+    for el in elements_with(features, covariates):   # a contrast the weights leave undefined is left out, alone
+        (long if el.nu2 > 0 and el.sigma2 >= 0 else dropped).append(el)
+    if not long:
+        bounds(dropped[0], cf_y, cf_d, rho)   # raises, naming the problem and the fix
+    warnings = [f"No sensitivity analysis of {el.contrast}: the Riesz representer's variance is not positive "
+                f"(nu2 = {el.nu2:.3g}): a few units with extreme weights dominate it. Trim units without overlap "
+                "(geocate:estimateate, TRIM: Crump et al.) and run the analysis there." for el in dropped]
+    kept_contrasts = {el.contrast for el in long}
     groups = [("everything the imagery shows", None, covariates)]
     if covariates is not None and covariates.size:
         for j, name in enumerate(list(covariate_names)[:MAX_BENCHMARKS]):
@@ -290,7 +298,7 @@ def analyse(outcome, arms, design, features, covariates, covariate_names, folds,
             raise Cancelled()
         if tick is not None:
             tick(step / len(groups), f"Sensitivity: benchmark {step + 1} of {len(groups)} ({name})")
-        for el, short in zip(long, elements_with(image, covs)):
+        for el, short in zip(long, [e for e in elements_with(image, covs) if e.contrast in kept_contrasts]):
             benchmarks[el.contrast].append(benchmark(name, el, short))
     grid = np.round(np.linspace(0, 0.3, 16), 3)
     return Sensitivity(cf_y=cf_y, cf_d=cf_d, rho=rho, elements=long,
@@ -298,4 +306,4 @@ def analyse(outcome, arms, design, features, covariates, covariate_names, folds,
                              for el in long},
                        rv={el.contrast: robustness_values(el) for el in long},
                        benchmarks=benchmarks, grid=grid, contour=bound_grid(long[0], grid, rho),
-                       warnings=[w for w in map(unstable_riesz, long) if w])
+                       warnings=warnings + [w for w in map(unstable_riesz, long) if w])

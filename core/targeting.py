@@ -70,6 +70,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .crossfit import Folds, crossfit
 from .errors import GeoCateError
 from .scores import mean_and_se, normal_interval, zero_noise
 
@@ -363,8 +364,8 @@ def budget_rule(priority, budget_share=None, cost=None, budget_total=None, folds
     if len(folds) != n:
         raise GeoCateError(f"{len(folds)} fold ids were given for {n} units.", "Give one fold id per unit.")
     treat = np.zeros(n, bool)
-    for fold in np.unique(folds):
-        rows = np.flatnonzero(folds == fold)
+    for _, _, held_out in Folds(folds).split():
+        rows = np.flatnonzero(held_out)
         if c is None:
             k = int(np.floor(share * len(rows) + 1e-9))
             treat[rows[np.argsort(-priority[rows], kind="stable")[:k]]] = True
@@ -435,14 +436,10 @@ def sequential_gain(scores, folds, priority_for, budget_share=None, cost=None, b
     folds = np.asarray(folds)
     clusters = _check_clusters(clusters, n)
     c = None if cost is None else _check_costs(cost, n)
-    order = np.unique(folds)
-    if len(order) < 2:
-        raise GeoCateError("The sequential gain needs at least 2 folds.", "Use 2 or more cross-fitting folds.")
     per_fold, treat, evaluated = [], np.zeros(n, bool), np.zeros(n, bool)
-    for j, k in enumerate(order[1:]):
+    for _, train, test in Folds(folds).require(2, "The sequential gain").sequential():
         if is_cancelled is not None and is_cancelled():
             raise Cancelled()
-        train, test = np.isin(folds, order[:j + 1]), folds == k
         priority = np.asarray(run_cancellable(lambda train=train, test=test: priority_for(train, test), is_cancelled),
                               float).ravel()
         fold_total = None if budget_total is None else float(budget_total) * int(test.sum()) / n
@@ -970,15 +967,13 @@ def cross_fitted_policy(X, scores, folds, **tree_options):
     if X.ndim == 1:
         X = X[:, None]
     gamma = _check_scores(scores)
-    folds = np.asarray(folds)
-    if len(np.unique(folds)) < 2:
-        raise GeoCateError("Out-of-fold decisions need at least 2 folds.", "Use 2 or more folds.")
-    decisions, trees = np.zeros(len(gamma), int), []
-    for fold in np.unique(folds):
-        test = folds == fold
-        tree = policy_tree(X[~test], gamma[~test], **tree_options)
-        decisions[test] = tree.predict(X[test])
-        trees.append(tree)
+    trees = []
+
+    def fit_predict(train, test):
+        trees.append(policy_tree(X[train], gamma[train], **tree_options))
+        return np.asarray(trees[-1].predict(X[test]), int)
+
+    decisions = crossfit(fit_predict, Folds(folds).require(2, "A policy tree judged out of fold"))
     return decisions, trees
 
 

@@ -204,11 +204,9 @@ class EvaluateAlgorithm(GeoCateAlgorithm):
             used = evaluation.used
             covariate_values = np.array([r[3] for r in rows], float).reshape(n, len(covariates))[used] \
                 if covariates else None
-            from ..core.learners import location_folds
-
             ates = ate_by_correction(correction, np.array([r[2] for r in rows], float)[used],
                                      np.array([r[1] for r in rows], int)[used], covariate_values,
-                                     folds=location_folds(evaluation.groups, 5, seed), clusters=evaluation.groups,
+                                     folds=evaluation.folds, clusters=evaluation.groups,
                                      seed=seed)
             predicted = {"correction": method, "outcome": correction.outcome, "map": correction.map,
                          "outside_range": int(correction.apply(np.array([r[2] for r in rows], float)[used],

@@ -101,7 +101,7 @@ def test_the_shared_flexible_noise_absorbs_a_point_mass_of_zeros():
     'clusters' (the zeros) buy likelihood; the shared flexible noise fits it with one cluster: its K = 1 held-out
     likelihood is far higher, and no K > 1 does better than one SE over it (the likelihood's own rule picks K = 1)."""
     from geocate.core.clusters import choose_n_clusters
-    from geocate.core.learners import location_folds
+    from geocate.core.crossfit import location_folds
 
     for seed in (0, 1):
         features, W, Y = zero_inflated_features_trial(seed)

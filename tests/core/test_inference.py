@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from conftest import unit_table
 
+from geocate.core.crossfit import location_folds
 from geocate.core.errors import GeoCateError
 from geocate.core.evaluate import (
     best_linear_predictor,
@@ -16,7 +17,7 @@ from geocate.core.evaluate import (
     sequential_rate_test,
     toc_and_rate,
 )
-from geocate.core.learners import CrossFittedCausalForest, location_folds
+from geocate.core.learners import CrossFittedCausalForest
 from geocate.core.scores import cross_fitted_scores, doubly_robust_ate, mean_and_se
 
 

@@ -190,6 +190,10 @@ def test_a_confounded_study_on_the_imagery_is_adjusted_by_the_image_propensity(s
     # with Crump's trimming the imagery - the only confounder (the covariates drive the outcome, not treatment) -
     # is the strongest benchmark, in the treatment (CF_D) and in the bias bound it implies.
     assert any("Riesz representer" in w for w in out["warnings"])
+    # A contrast whose weights leave nu2 undefined (here the ATT's, negative) is left out alone, with a warning:
+    # the ATE's analysis is still given.
+    assert [el.contrast for el in out["sensitivity"].elements] == ["1 vs 0"]
+    assert any(w.startswith("No sensitivity analysis of 1 vs 0 (ATT)") for w in out["warnings"])
     _, out = estimate_ate(units, demo_raster, StudyDesign("observational", seed=2, trim="crump"), n_filters=128,
                           sensitivity=(0.03, 0.03, 1.0))
     analysis = out["sensitivity"]
@@ -207,6 +211,9 @@ def test_a_confounded_study_on_the_imagery_is_adjusted_by_the_image_propensity(s
     assert rows[0]["low"] < aipw.estimate < rows[0]["high"] and rows[0]["ci_low"] < rows[0]["low"]
     assert rows[1]["confounder"] == "as strong as everything the imagery shows" and rows[1]["low"] < rows[0]["low"]
     assert out["metadata"]["sensitivity"]["contrasts"]["1 vs 0"]["rv"] == analysis.rv["1 vs 0"][0] > 0
+    att = next(e for e in out["effects"] if (e.estimator, e.estimand) == ("AIPW", "ATT"))
+    assert analysis.elements[1].contrast == "1 vs 0 (ATT)" and analysis.elements[1].theta == pytest.approx(
+        att.estimate, abs=1e-9)
     # Randomized, the same units give the known propensity and no balance warning.
     _, randomized = estimate_ate(unit_table(small_trial), demo_raster, StudyDesign("randomized"), n_filters=128)
     assert np.allclose(randomized["propensity"], 0.5)

@@ -130,8 +130,8 @@ def test_the_ates_interval_covers_in_a_cluster_randomized_trial_with_ten_village
     """200 seeded trials of 10 villages (5 treated) of 20 units, village effects with sd 0.7, one effect (1): the
     DR ATE's 95 % interval with the re-randomization SE (the larger of it and CR1 on t with G - 1 df) covers 1 in at least 90 %
     (here 186 / 200; CR1 alone 184). bench/bench_clustered.py checks it on imagery at full size."""
+    from geocate.core.crossfit import location_folds
     from geocate.core.evaluate import cluster_assignment, rerandomized_ate, small_sample_se
-    from geocate.core.learners import location_folds
     from geocate.core.scores import cross_fitted_scores, doubly_robust_ate
 
     covered = 0

@@ -85,8 +85,8 @@ def confounded(seed, n=2000):
 
 
 def elements_of(Y, W, inputs, seed):
+    from geocate.core.crossfit import location_folds
     from geocate.core.design import StudyDesign
-    from geocate.core.learners import location_folds
     from geocate.core.scores import arm_models
 
     folds = location_folds(np.arange(len(Y)), 5, seed)
@@ -148,7 +148,7 @@ def test_att_elements_are_the_att_estimate_and_reduce_to_the_ates_in_a_trial():
     ate, att = (contrast_elements(Y, index, mu, trial_e, 1, 0, estimand=estimand) for estimand in ("ATE", "ATT"))
     assert att.nu2 == pytest.approx(ate.nu2, rel=1e-12) and att.sigma2 == pytest.approx(ate.sigma2, rel=1e-12)
     # The ATT's theta is the estimate estimateate reports for it (its own nuisance models on the same folds).
-    from geocate.core.learners import location_folds
+    from geocate.core.crossfit import location_folds
 
     x = np.random.default_rng(2).standard_normal((len(Y), 1))
     folds = location_folds(np.arange(len(Y)), 5, 0)
@@ -163,8 +163,8 @@ def test_att_bounds_at_a_withheld_confounders_strength_cover_the_true_att():
     """30 seeded draws with an effect that grows with X (treated units have larger X, so ATT > ATE): without U the
     ATT's interval misses the true ATT in most draws; the ATT's sensitivity interval at U's own strength (its gain
     statistics for the ATT) covers it in at least 90 %."""
+    from geocate.core.crossfit import location_folds
     from geocate.core.design import StudyDesign
-    from geocate.core.learners import location_folds
     from geocate.core.scores import arm_models
 
     def att_of(Y, W, inputs, seed):

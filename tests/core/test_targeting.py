@@ -6,9 +6,9 @@ import itertools
 import numpy as np
 import pytest
 
+from geocate.core.crossfit import location_folds
 from geocate.core.errors import GeoCateError
 from geocate.core.evaluate import toc_and_rate
-from geocate.core.learners import location_folds
 from geocate.core.scores import cross_fitted_scores
 from geocate.core.targeting import (
     Estimate,
