@@ -17,8 +17,8 @@ def plot_toc(rates, path, title="Targeting operator characteristic"):
     axes = figure.add_subplot(1, 1, 1)
     for rate in rates:
         line, = axes.plot(rate.q, rate.toc, marker="o", label=f"{rate.priority} (AUTOC {rate.estimate:.3f} "
-                                                           f"± {1.96 * rate.std_err:.3f})")
-        axes.fill_between(rate.q, rate.toc - 1.96 * rate.toc_se, rate.toc + 1.96 * rate.toc_se,
+                                                           f"± {Z95 * rate.std_err:.3f})")
+        axes.fill_between(rate.q, rate.toc - Z95 * rate.toc_se, rate.toc + Z95 * rate.toc_se,
                           color=line.get_color(), alpha=0.18)
     axes.axhline(0, color="black", linewidth=0.8)
     axes.set_xlabel("fraction treated, by priority (q)")

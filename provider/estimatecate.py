@@ -141,7 +141,9 @@ class EstimateCateAlgorithm(GeoCateAlgorithm):
         if not_ok:
             feedback.pushWarning(f"{not_ok} unit(s) have no usable image window; they keep their row "
                                  "with null effects and patch_ok = 0.")
-        low, high = result.ate - 1.96 * result.ate_se, result.ate + 1.96 * result.ate_se
+        from ..core.scores import Z95
+
+        low, high = result.ate - Z95 * result.ate_se, result.ate + Z95 * result.ate_se
         feedback.pushInfo(f"ATE (doubly robust) = {result.ate:.4f}, SE {result.ate_se:.4f}, "
                           f"95 % interval [{low:.4f}, {high:.4f}].")
         autoc, test = result.autoc, result.heterogeneity

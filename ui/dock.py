@@ -927,11 +927,12 @@ class GeoCateDock(QgsDockWidget):
             self.track_selection(None)
 
     def show_summary(self, metadata):
-        ate, se = metadata["ate"], metadata["ate_se"]
+        from ..core.scores import Z95
         from ..core.study import describe_dropped
 
+        ate, se = metadata["ate"], metadata["ate_se"]
         dropped = metadata.get("dropped") or {}
-        lines = [f"<b>ATE</b> {ate:.3f} (95 % interval {ate - 1.96 * se:.3f} to {ate + 1.96 * se:.3f})",
+        lines = [f"<b>ATE</b> {ate:.3f} (95 % interval {ate - Z95 * se:.3f} to {ate + Z95 * se:.3f})",
                  f"<b>Units</b> {metadata['n_used']} used, {metadata['n_dropped']} dropped"
                  + (f" ({describe_dropped(dropped)})" if metadata["n_dropped"] else "")]
         lines += [f"<span style='color:#b35806'>{warning}</span>" for warning in metadata.get("warnings", [])]
