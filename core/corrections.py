@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from .errors import GeoCateError
-from .scores import AverageEffect, aipw_scores, mean_and_se
+from .scores import aipw_scores, doubly_robust_ate
 
 FORMAT = "geocate-outcome-correction"
 VERSION = 1
@@ -235,7 +235,4 @@ def prediction_powered_ate(prediction, truth, treated, clusters=None, propensity
         rectified[rows] += (y[rows] - f[rows]) / pi
     e = float(W.mean()) if propensity is None else float(propensity)
     mu1, mu0 = rectified[W == 1].mean(), rectified[W == 0].mean()
-    scores = aipw_scores(rectified, W, np.full(len(W), mu0), np.full(len(W), mu1), e)
-    estimate, se = mean_and_se(scores, clusters)
-    n_clusters = len(W) if clusters is None else len(np.unique(np.asarray(clusters)))
-    return AverageEffect(estimate=estimate, std_err=se, n_clusters=int(n_clusters))
+    return doubly_robust_ate(aipw_scores(rectified, W, np.full(len(W), mu0), np.full(len(W), mu1), e), clusters)

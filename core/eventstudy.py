@@ -74,6 +74,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .errors import GeoCateError
+from .scores import linear_score
 
 CONTROLS = ("never", "not_yet")
 LEARNERS = ("spline ridge", "boosting", "linear")
@@ -278,8 +279,6 @@ def _cell_estimate(dY, treated, controls, m0=None, p=None):
     of one cell: the normalised DR-DiD (m0 = 0 and p constant without covariates: the difference of means)."""
     n = len(dY)
     R = dY if m0 is None else dY - m0
-    n_t = treated.sum()
-    theta1 = R[treated].mean()
     if p is None:
         w = np.ones(controls.sum())
         clipped = 0
@@ -288,12 +287,14 @@ def _cell_estimate(dY, treated, controls, m0=None, p=None):
         clipped = int(np.sum((p[treated | controls] < CLIP) | (p[treated | controls] > 1 - CLIP)))
         pc = np.clip(pc, CLIP, 1 - CLIP)
         w = pc / (1 - pc)
-    sum_w = w.sum()
-    theta0 = float(np.dot(w, R[controls]) / sum_w)
-    influence = np.zeros(n)
-    influence[treated] = (R[treated] - theta1) * (n / n_t)
-    influence[controls] = -w * (R[controls] - theta0) * (n / sum_w)
-    return float(theta1 - theta0), influence, clipped
+    # Two linear scores (core.scores.linear_score): the treated mean of R, and the controls' mean weighted by
+    # p / (1 - p); the influence is theirs, n times the mean's scale (did's convention).
+    weight = np.zeros(n)
+    weight[controls] = w
+    treated_mean = linear_score(-treated.astype(float), np.where(treated, R, 0.0))
+    control_mean = linear_score(-weight, np.where(controls, weight * np.where(controls, R, 0.0), 0.0))
+    return (float(treated_mean.estimate - control_mean.estimate), treated_mean.influence - control_mean.influence,
+            clipped)
 
 
 def _aggregate(att, influence, keepers, weights, share_influence=None):

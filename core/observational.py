@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .design import CLIP
-from .scores import arm_models, mean_and_se, normal_interval
+from .scores import arm_models, linear_score, mean_and_se, normal_interval
 
 
 @dataclass(frozen=True)
@@ -50,33 +50,29 @@ def adjusted_effects(outcome, arms, propensities, inputs=None, folds=None, clust
     D = np.eye(k)[index]
     ipw = D * Y[:, None] / e
     aipw = mu + D * (Y[:, None] - mu) / e
-    weights = D / e
-    hajek_mean = (weights * Y[:, None]).sum(axis=0) / weights.sum(axis=0)
-    hajek = weights * (Y[:, None] - hajek_mean) / weights.mean(axis=0)   # influence of each arm's Hajek mean
-    share = D.mean(axis=0)
+    # Every estimator is a linear score (core.scores.linear_score): the arms' means and the ATT.
+    arm_mean = [linear_score(-D[:, a], D[:, a] * Y, clusters) for a in range(k)]              # naive
+    hajek = [linear_score(-D[:, a] / e[:, a], D[:, a] * Y / e[:, a], clusters) for a in range(k)]
     results = []
     pairs = [(a, 0) for a in range(1, k)] + [(a, b) for b in range(1, k) for a in range(b + 1, k)]
+
+    def contrast(means, a, b):
+        return (float(means[a].estimate - means[b].estimate),
+                float(mean_and_se(means[a].influence - means[b].influence, clusters)[1]))
+
     for a, b in pairs:
         name = f"{levels[a]:g} vs {levels[b]:g}" if np.issubdtype(levels.dtype, np.number) else f"{levels[a]} vs {levels[b]}"
         in_pair = (index == a) | (index == b)
-        mean_a, mean_b = Y[index == a].mean(), Y[index == b].mean()
-        naive_influence = D[:, a] * (Y - mean_a) / share[a] - D[:, b] * (Y - mean_b) / share[b]
-        results.append(AdjustedEffect("naive difference in means", "ATE", name, float(mean_a - mean_b),
-                                      float(mean_and_se(naive_influence, clusters)[1]), int(in_pair.sum())))
-        for estimator, scores, centre in (("IPW (Horvitz-Thompson)", ipw, 0.0), ("Hajek", hajek, None),
-                                          ("AIPW", aipw, 0.0)):
-            if centre is None:   # Hajek: the estimate is the difference of normalised means; its SE from the influence
-                estimate = float(hajek_mean[a] - hajek_mean[b])
-                std_err = mean_and_se(scores[:, a] - scores[:, b], clusters)[1]
-            else:
-                estimate, std_err = mean_and_se(scores[:, a] - scores[:, b], clusters)
-            results.append(AdjustedEffect(estimator, "ATE", name, float(estimate), float(std_err), n))
+        results.append(AdjustedEffect("naive difference in means", "ATE", name, *contrast(arm_mean, a, b),
+                                      int(in_pair.sum())))
+        for estimator, scores in (("IPW (Horvitz-Thompson)", ipw), ("AIPW", aipw)):
+            mean = linear_score(-1.0, scores[:, a] - scores[:, b], clusters)
+            results.append(AdjustedEffect(estimator, "ATE", name, float(mean.estimate), float(mean.std_err), n))
+        results.insert(-1, AdjustedEffect("Hajek", "ATE", name, *contrast(hajek, a, b), n))
         # ATT of arm a against b: b's units reweighted by e_a / e_b to look like a's (doubly robust).
         residual = Y - mu[:, b]
-        psi = (D[:, a] * residual - D[:, b] * e[:, a] / e[:, b] * residual) / share[a]
-        att = float(psi.mean())
-        influence = psi - D[:, a] * att / share[a]
-        results.append(AdjustedEffect("AIPW", "ATT", name, att, float(mean_and_se(influence, clusters)[1]), n))
+        att = linear_score(-D[:, a], D[:, a] * residual - D[:, b] * e[:, a] / e[:, b] * residual, clusters)
+        results.append(AdjustedEffect("AIPW", "ATT", name, float(att.estimate), float(att.std_err), n))
     return results
 
 

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import GeoCateError
-from .scores import normal_interval
+from .scores import linear_score, normal_interval
 
 APPROACHES = ("mundlak", "within", "first_difference")
 LEARNERS = ("spline ridge", "boosting")
@@ -232,13 +232,8 @@ def _theta(ry, rd, unit):
     if denominator <= 0:
         raise GeoCateError("The treatment has no variation left once the fixed effects and covariates are removed.",
                            "theta is not identified: the treatment must vary within units over time.")
-    theta = float(np.sum(rd * ry) / denominator)
-    psi = (ry - theta * rd) * rd
-    clusters = np.unique(unit, return_inverse=True)[1].ravel()
-    sums = np.bincount(clusters, weights=psi)
-    c = len(sums)
-    se = float(np.sqrt(c / max(c - 1, 1) * np.sum(sums ** 2)) / denominator)
-    return theta, se
+    partialling_out = linear_score(-rd * rd, ry * rd, unit)   # core.scores' linear score, clustered by unit
+    return float(partialling_out.estimate), float(partialling_out.std_err)
 
 
 def panel_effect(panel, approach="mundlak", learner="spline ridge", n_folds=5, seed=42, time_effects=True):

@@ -185,9 +185,37 @@ def normal_interval(estimate, std_err, alpha=0.05):
     return estimate - z * std_err, estimate + z * std_err
 
 
+@dataclass(frozen=True)
+class LinearScore:
+    """theta solving mean(psi_a theta + psi_b) = 0, its cluster-robust SE and each unit's influence."""
+
+    estimate: float
+    std_err: float
+    influence: np.ndarray
+
+
+def linear_score(psi_a, psi_b, clusters=None):
+    """The one linear score of GeoCATE's estimators (DoubleML's linear score form, issue 20): psi = psi_a theta +
+    psi_b, theta = -mean(psi_b) / mean(psi_a), influence -psi / mean(psi_a), and the cluster-robust (CR1) SE of
+    theta as :func:`mean_and_se` of the influence. A mean of scores (AIPW, IPW, the prediction-powered ATE) has
+    psi_a = -1; a ratio - an arm's Hajek mean (psi_a = -D_a / e_a, psi_b = D_a Y / e_a), the ATT (psi_a = -D_a),
+    the panel's partialling-out (psi_a = -rd^2, psi_b = ry rd) - its own psi_a. A contrast of two thetas on the
+    same units: the difference of their estimates, with :func:`mean_and_se` of the difference of influences."""
+    psi_b = np.asarray(psi_b, float)
+    psi_a = np.broadcast_to(np.asarray(psi_a, float), psi_b.shape)
+    jacobian = float(psi_a.mean())
+    if jacobian == 0:
+        raise GeoCateError("The score's derivative is zero: the effect is not identified.",
+                           "Check that the treatment varies (some units in each arm, residual variation left).")
+    theta = -float(psi_b.mean()) / jacobian
+    influence = -(psi_a * theta + psi_b) / jacobian
+    return LinearScore(zero_noise(theta), mean_and_se(influence, clusters)[1], influence)
+
+
 def doubly_robust_ate(scores, clusters=None):
     """AverageEffect of DR ``scores``; ``clusters`` (the groups the folds keep whole) set the SE."""
-    estimate, se = mean_and_se(scores, clusters)
+    mean = linear_score(-1.0, scores, clusters)
+    estimate, se = mean.estimate, mean.std_err
     n_clusters = len(scores) if clusters is None else len(np.unique(np.asarray(clusters)))
     return AverageEffect(estimate=estimate, std_err=se, n_clusters=int(n_clusters))
 

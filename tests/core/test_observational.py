@@ -144,3 +144,24 @@ def test_the_share_of_weight_on_the_largest_one_percent_is_reported():
     kept = np.arange(200) != 1
     assert overlap_summary(e, W, kept=kept)["top_1pct_weight_share"] == pytest.approx(1 / 99)
     assert overlap_summary(np.full(100, 0.5), np.tile([0, 1], 50))["top_1pct_equal_share"] == pytest.approx(0.02)
+
+
+def test_one_linear_score_gives_the_mean_the_ratio_and_their_clustered_errors():
+    """core.scores.linear_score (issue 20): psi_a = -1 is a mean with mean_and_se's SE; a ratio (Hajek's weighted
+    mean, the panel's partialling-out) its closed form, with the sandwich SE clustered as asked."""
+    from geocate.core.scores import linear_score, mean_and_se
+
+    rng = np.random.default_rng(4)
+    n = 400
+    y, w, rd = rng.normal(size=n), rng.uniform(0.5, 2, n), rng.normal(size=n)
+    village = np.repeat(np.arange(40), 10)
+    mean = linear_score(-1.0, y, village)
+    assert (mean.estimate, mean.std_err) == pytest.approx(mean_and_se(y, village), rel=1e-12)
+    ratio = linear_score(-w, w * y, village)
+    theta = np.sum(w * y) / np.sum(w)
+    assert ratio.estimate == pytest.approx(theta, rel=1e-12)
+    sums = np.bincount(village, weights=w * (y - theta))
+    assert ratio.std_err == pytest.approx(np.sqrt(40 / 39 * np.sum(sums ** 2)) / np.sum(w), rel=1e-10)
+    ry = 0.5 * rd + rng.normal(size=n)
+    slope = linear_score(-rd * rd, ry * rd)
+    assert slope.estimate == pytest.approx(np.sum(ry * rd) / np.sum(rd * rd), rel=1e-12)
