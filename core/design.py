@@ -52,7 +52,7 @@ class StudyDesign:
                 raise GeoCateError(f"Trimming bounds ({low}, {high}) are not 0 <= low < high <= 1.",
                                    "Give bounds such as 0.05 and 0.95.")
 
-    def propensities(self, arms, inputs=None, folds=None):
+    def propensities(self, arms, inputs=None, folds=None, is_cancelled=None):
         """(n, A) probabilities of each arm (columns in the order of ``np.unique(arms)``) and a fit report.
 
         Randomized: each arm's share, the same for every unit. Observational:
@@ -89,7 +89,7 @@ class StudyDesign:
                                                                          max_iter=1000))
             return model.fit(X[train], index[train]).predict_proba(X[test])
 
-        probabilities = crossfit(fit_predict, folds)
+        probabilities = crossfit(fit_predict, folds, is_cancelled)
         return probabilities, {"model": "multinomial logistic regression (L2, penalty by cross-validated "
                                         "log-loss), cross-fitted", **calibration(index, probabilities)}
 

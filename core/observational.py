@@ -31,7 +31,8 @@ class AdjustedEffect:
         return normal_interval(self.estimate, self.std_err, alpha)
 
 
-def adjusted_effects(outcome, arms, propensities, inputs=None, folds=None, clusters=None, n_folds=5, seed=42):
+def adjusted_effects(outcome, arms, propensities, inputs=None, folds=None, clusters=None, n_folds=5, seed=42,
+                     is_cancelled=None):
     """IPW, Hajek and AIPW estimates of the ATE and the ATT of every arm against the first (the reference,
     e.g. 0 = no programme), and of every pair of the other arms, plus the naive difference in means.
 
@@ -46,7 +47,7 @@ def adjusted_effects(outcome, arms, propensities, inputs=None, folds=None, clust
     n, k = len(Y), len(levels)
     e = np.clip(np.asarray(propensities, float).reshape(n, k), CLIP, 1 - CLIP)
     folds = location_folds(np.arange(n), n_folds, seed) if folds is None else np.asarray(folds)
-    mu = arm_models(Y, index, k, inputs, folds)
+    mu = arm_models(Y, index, k, inputs, folds, is_cancelled=is_cancelled)
     D = np.eye(k)[index]
     ipw = D * Y[:, None] / e
     aipw = mu + D * (Y[:, None] - mu) / e

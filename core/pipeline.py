@@ -267,7 +267,7 @@ def with_strata(study, inputs):
     return np.column_stack([inputs, np.eye(len(study.stratum_labels))[study.strata[study.used]]])
 
 
-def trial_design(study, design, inputs, groups, n_folds, seed, study_design=None):
+def trial_design(study, design, inputs, groups, n_folds, seed, study_design=None, is_cancelled=None):
     """The one place a study's design becomes folds, outcome inputs and a propensity (estimate_cate,
     compare_sources, map_effects): randomized (the treated share); block-randomized (STRATA: each stratum's
     treated share, strata indicators in the outcome models, folds that spread each stratum) or with known
@@ -283,7 +283,7 @@ def trial_design(study, design, inputs, groups, n_folds, seed, study_design=None
         return TrialDesign(folds, inputs, known, {"model": known_from}, known_from, "randomized", check)
     folds = location_folds(groups, n_folds, seed)
     if not randomized:
-        probabilities, fit = study_design.propensities(study.treated[used].astype(int), design, folds)
+        probabilities, fit = study_design.propensities(study.treated[used].astype(int), design, folds, is_cancelled)
         return TrialDesign(folds, inputs, probabilities[:, 1], fit, None, study_design.kind, None)
     return TrialDesign(folds, inputs, None, None, None, "randomized", check)
 
@@ -359,7 +359,7 @@ def estimate_cate(units, raster_path, bands=None, window_size_px=33, nodata=None
                                               n_estimators, seed)
     # The observational propensity always sees every image feature and covariate (core.design.propensity_inputs);
     # without covariates as effect modifiers only the forest's design drops them.
-    trial = trial_design(study, design, inputs, groups, n_folds, seed, study_design)
+    trial = trial_design(study, design, inputs, groups, n_folds, seed, study_design, is_cancelled)
     if not covariates_modify:
         design = design_matrix(features, None)[0]
     check, inputs, propensity = trial.check, trial.inputs, trial.propensity
@@ -606,7 +606,7 @@ def compare_sources(units, raster_path, bands=None, window_size_px=33, nodata=No
 
     # One design for every source: folds (strata spread over them), a propensity (known, or estimated once).
     trial = trial_design(study, propensity_inputs(features, covariates), outcome_inputs(features, covariates, seed),
-                         groups, n_folds, seed, study_design)
+                         groups, n_folds, seed, study_design, is_cancelled)
     folds, inputs_all = trial.folds, trial.inputs
     propensity = None if trial.propensity is None else np.clip(trial.propensity, CLIP, 1 - CLIP)
     cate, learners = {}, {}
@@ -618,7 +618,7 @@ def compare_sources(units, raster_path, bands=None, window_size_px=33, nodata=No
                     progress=stage(progress, 0.2 + 0.4 * k / len(sources), 0.2 + 0.4 * (k + 1) / len(sources)),
                     propensity=propensity)
         cate[source], learners[source] = learner.cate_, learner
-    scores, mu0, mu1, e = cross_fitted_scores(Y, W, inputs_all, folds, seed=seed)
+    scores, mu0, mu1, e = cross_fitted_scores(Y, W, inputs_all, folds, seed=seed, is_cancelled=is_cancelled)
     if propensity is not None:
         scores, e = aipw_scores(Y, W, mu0, mu1, propensity), propensity
     rerandomization = None
@@ -765,7 +765,7 @@ def find_clusters(units, raster_path, bands=None, window_size_px=33, nodata=None
     options = dict(epochs=epochs, device=device, is_cancelled=is_cancelled,
                    noise_components=NOISE_COMPONENTS if noise_components is None else int(noise_components))
     # The same DR scores and ATE as estimatecate's (same outcome-model inputs, folds and seed): one ATE per study.
-    scores, mu0, mu1, _ = cross_fitted_scores(Y, W, trial.inputs, folds, seed=seed)
+    scores, mu0, mu1, _ = cross_fitted_scores(Y, W, trial.inputs, folds, seed=seed, is_cancelled=is_cancelled)
     if trial.propensity is not None:   # strata or known probabilities: the design's own propensity
         scores = aipw_scores(Y, W, mu0, mu1, trial.propensity)
     ate = doubly_robust_ate(scores, groups)
@@ -922,7 +922,7 @@ def estimate_ate(units, raster_path, design, bands=None, window_size_px=33, noda
     arms = study.treated[used]
     if progress is not None:
         progress(0.6, "Propensity model (cross-fitted)")
-    propensities, fit = design.propensities(arms, propensity_inputs(features, covariates), folds)
+    propensities, fit = design.propensities(arms, propensity_inputs(features, covariates), folds, is_cancelled)
     binary = propensities.shape[1] == 2
     kept, bounds = design.keep(propensities[:, 1]) if binary else (np.ones(len(arms), bool), None)
     if binary and kept.sum() < len(kept):
@@ -933,7 +933,7 @@ def estimate_ate(units, raster_path, design, bands=None, window_size_px=33, noda
     if progress is not None:
         progress(0.75, "Outcome models and estimates")
     effects = adjusted_effects(study.outcome[used][kept], arms[kept], propensities[kept], inputs[kept], folds[kept],
-                               groups[kept])
+                               groups[kept], is_cancelled=is_cancelled)
     warnings = [w for w in (overlap_warning(study, window_size_px, block_size),) if w]
     analysis = None
     if sensitivity is not None and design.kind != RANDOMIZED:

@@ -82,14 +82,14 @@ def _ridge_cv():
     return SafeRidgeCV
 
 
-def arm_outcome_models(outcome, treated, inputs, folds):
+def arm_outcome_models(outcome, treated, inputs, folds, is_cancelled=None):
     """Cross-fitted mu_w(x) = E[Y | X = x, W = w]: for each fold and arm, :func:`outcome_model` fit on
     the other folds' units of that arm.
 
     inputs: (n, p) outcome-model inputs, or None (then mu_w is the arm mean of
     the other folds). Returns (mu0, mu1), each (n,) and out-of-fold.
     """
-    mu = arm_models(outcome, np.asarray(treated, int), 2, inputs, folds, ("control", "treated"))
+    mu = arm_models(outcome, np.asarray(treated, int), 2, inputs, folds, ("control", "treated"), is_cancelled)
     return mu[:, 0], mu[:, 1]
 
 
@@ -97,10 +97,10 @@ def arm_outcome_models(outcome, treated, inputs, folds):
 MIN_UNITS_FOR_MODEL = 10
 
 
-def arm_models(outcome, arm_index, n_arms, inputs, folds, labels=None):
+def arm_models(outcome, arm_index, n_arms, inputs, folds, labels=None, is_cancelled=None):
     """(n, A) cross-fitted E[Y | X, arm a] for every unit and arm a = 0..A-1 (``arm_index``): :func:`outcome_model`
     on each arm's units of the other folds; the arm mean when ``inputs`` is None or the arm has fewer than
-    MIN_UNITS_FOR_MODEL units there. labels: how messages name the arms."""
+    MIN_UNITS_FOR_MODEL units there. labels: how messages name the arms; is_cancelled: polled between folds."""
     Y = np.asarray(outcome, float)
     n = len(Y)
     X = None if inputs is None or np.asarray(inputs).size == 0 else np.asarray(inputs, float).reshape(n, -1)
@@ -118,25 +118,26 @@ def arm_models(outcome, arm_index, n_arms, inputs, folds, labels=None):
                 outcome_model().fit(X[rows], Y[rows]).predict(X[test])
         return mu
 
-    return crossfit(fit_predict, folds)
+    return crossfit(fit_predict, folds, is_cancelled)
 
 
-def cross_fitted_scores(outcome, treated, inputs=None, folds=None, n_folds=5, seed=42, design=None):
+def cross_fitted_scores(outcome, treated, inputs=None, folds=None, n_folds=5, seed=42, design=None,
+                        is_cancelled=None):
     """AIPW scores whose outcome models did not see the unit (arm_outcome_models on ``folds``).
 
     The propensity is the treated share (known in a trial), or with an
     observational core.design.StudyDesign each unit's cross-fitted propensity
-    from ``inputs`` on the same folds. Returns (scores, mu0, mu1, e).
+    from ``inputs`` on the same folds. is_cancelled: polled between folds. Returns (scores, mu0, mu1, e).
     """
     from .crossfit import location_folds
 
     Y, W = np.asarray(outcome, float), np.asarray(treated, int)
     folds = location_folds(np.arange(len(Y)), n_folds, seed) if folds is None else np.asarray(folds)
-    mu0, mu1 = arm_outcome_models(Y, W, inputs, folds)
+    mu0, mu1 = arm_outcome_models(Y, W, inputs, folds, is_cancelled)
     if design is not None and design.kind != "randomized":
         from .design import CLIP
 
-        e = np.clip(design.propensities(W, inputs, folds)[0][:, 1], CLIP, 1 - CLIP)
+        e = np.clip(design.propensities(W, inputs, folds, is_cancelled)[0][:, 1], CLIP, 1 - CLIP)
     else:
         e = float(W.mean())
     return aipw_scores(Y, W, mu0, mu1, e), mu0, mu1, e

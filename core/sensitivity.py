@@ -269,9 +269,10 @@ def analyse(outcome, arms, design, features, covariates, covariate_names, folds,
     def elements_with(image, covs):
         covs = covs if covs is not None and covs.size and covs.shape[1] else None
         e, _ = design.propensities(arms, propensity_inputs(image, covs) if image is not None or covs is not None
-                                   else None, folds)
+                                   else None, folds, is_cancelled)
         inputs = outcome_inputs(image, covs, seed, n_components) if image is not None or covs is not None else None
-        mu = arm_models(Y[kept], index[kept], k, None if inputs is None else inputs[kept], folds[kept])
+        mu = arm_models(Y[kept], index[kept], k, None if inputs is None else inputs[kept], folds[kept],
+                        is_cancelled=is_cancelled)
         e = np.clip(e[kept], CLIP, 1 - CLIP)
         return [contrast_elements(Y[kept], index[kept], mu, e, a, 0, None if clusters is None else clusters[kept],
                                   names[a - 1] + ("" if estimand == "ATE" else f" ({estimand})"), estimand)

@@ -165,3 +165,24 @@ def test_one_linear_score_gives_the_mean_the_ratio_and_their_clustered_errors():
     ry = 0.5 * rd + rng.normal(size=n)
     slope = linear_score(-rd * rd, ry * rd)
     assert slope.estimate == pytest.approx(np.sum(ry * rd) / np.sum(rd * rd), rel=1e-12)
+
+
+def test_the_propensity_and_outcome_models_stop_between_folds_when_cancelled():
+    """Issue 20: estimateate's nuisance models (and comparesources' DR scores) are cancellable: each cross-fitted
+    model polls between folds (core.crossfit), so a cancel stops it after the fold in progress."""
+    from geocate.core.design import StudyDesign
+    from geocate.core.errors import Cancelled
+    from geocate.core.scores import arm_models, cross_fitted_scores
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(200, 3))
+    W = rng.integers(0, 2, 200)
+    Y = X[:, 0] + W + rng.normal(size=200)
+    folds = np.arange(200) % 5
+    for run in (lambda c: StudyDesign("observational").propensities(W, X, folds, is_cancelled=c),
+                lambda c: arm_models(Y, W, 2, X, folds, is_cancelled=c),
+                lambda c: cross_fitted_scores(Y, W, X, folds, is_cancelled=c)):
+        polls = []
+        with pytest.raises(Cancelled):
+            run(lambda: polls.append(1) or len(polls) >= 3)
+        assert len(polls) == 3      # stopped before the third fold, not after the fifth
