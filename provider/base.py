@@ -46,6 +46,17 @@ def add_report_parameter(algorithm, name="OUTPUT_REPORT"):
         name, "Report (HTML)", "HTML files (*.html)", optional=True, createByDefault=True))
 
 
+def progress_to(feedback, start=0.0, span=100.0):
+    """The core's progress(fraction, message) onto a Processing feedback: its bar from ``start`` over ``span``
+    percent, and its text (an empty message leaves the text as it is)."""
+    def progress(fraction, message=""):
+        feedback.setProgress(start + span * fraction)
+        if message:
+            feedback.setProgressText(message)
+
+    return progress
+
+
 def sidecar_path(destination):
     """Where a file output's run metadata goes: result.gpkg -> result.run.json (None for memory layers)."""
     from .outputs import is_plain_file

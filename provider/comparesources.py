@@ -13,7 +13,7 @@ from qgis.core import (
     QgsProcessingParameterNumber,
 )
 
-from .base import GeoCateAlgorithm, add_report_parameter, run_metadata
+from .base import GeoCateAlgorithm, add_report_parameter, progress_to, run_metadata
 from .convert import read_units, write_table
 from .study_parameters import (
     add_design_parameters,
@@ -98,7 +98,7 @@ class CompareSourcesAlgorithm(GeoCateAlgorithm):
         study, comparison = compare_sources(
             units, study_values["raster"], study_values["bands"], study_values["window"], study_values["nodata"],
             study_values["seed"], n_draws=n_draws, spatial_block=study_values["spatial_block"],
-            progress=lambda f, m: (feedback.setProgress(100 * f), feedback.setProgressText(m)),
+            progress=progress_to(feedback),
             is_cancelled=feedback.isCanceled, study_design=StudyDesign(design_kind, seed=study_values["seed"]),
             imagery=imagery, compare=compare)
         for warning in comparison.get("warnings", []):

@@ -12,7 +12,7 @@ from qgis.core import (
 )
 from qgis.PyQt.QtCore import QVariant
 
-from .base import GeoCateAlgorithm, add_report_parameter
+from .base import GeoCateAlgorithm, add_report_parameter, progress_to
 from .convert import read_units, write_table
 from .predicted import add_outcome_correction_parameters, read_outcome_correction, report_predicted_outcome
 from .study_parameters import (
@@ -118,7 +118,7 @@ class EstimateAteAlgorithm(GeoCateAlgorithm):
         study_data, out = estimate_ate(
             units, study["raster"], design, study["bands"], study["window"], study["nodata"], study["seed"],
             spatial_block=study["spatial_block"],
-            progress=lambda f, m: (feedback.setProgress(100 * f), feedback.setProgressText(m)),
+            progress=progress_to(feedback),
             is_cancelled=feedback.isCanceled, outcome_correction=correction, correction=method, imagery=imagery,
             sensitivity=strengths)
         metadata = out["metadata"]

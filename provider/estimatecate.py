@@ -12,7 +12,7 @@ from qgis.core import (
     QgsProcessingParameterNumber,
 )
 
-from .base import GeoCateAlgorithm, add_report_parameter
+from .base import GeoCateAlgorithm, add_report_parameter, progress_to
 from .convert import output_fields, read_units, result_features
 from .predicted import (
     add_outcome_correction_parameters,
@@ -120,11 +120,7 @@ class EstimateCateAlgorithm(GeoCateAlgorithm):
         correction, method, truth = read_outcome_correction(self, parameters, context, source, features)
         from ..core.design import StudyDesign
 
-
-        def progress(fraction, message):
-            feedback.setProgress(5 + 95 * fraction)
-            if message:
-                feedback.setProgressText(message)
+        progress = progress_to(feedback, 5, 95)
 
         study, result = estimate_cate(units, path, bands, window, nodata, seed, n_groups,
                                       spatial_block=spatial_block, progress=progress,

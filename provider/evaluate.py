@@ -18,7 +18,7 @@ from qgis.core import (
     QgsWkbTypes,
 )
 
-from .base import GeoCateAlgorithm, add_report_parameter, run_metadata
+from .base import GeoCateAlgorithm, add_report_parameter, progress_to, run_metadata
 from .convert import as_label, as_number, check_numeric_field, unit_point, write_table
 from .predicted import add_outcome_correction_parameters, read_outcome_correction, report_predicted_outcome
 from .study_parameters import add_design_parameters, read_design_parameters
@@ -191,7 +191,7 @@ class EvaluateAlgorithm(GeoCateAlgorithm):
             covariates=np.array([r[3] for r in rows], float).reshape(n, len(covariates)) if covariates else None,
             coords=coords, locations=[r[5] for r in rows] if cluster else None, spatial_block=spatial_block,
             n_groups=n_groups, n_draws=n_draws, seed=seed, treatment_name=treatment,
-            progress=lambda f, m: (feedback.setProgress(100 * f), feedback.setProgressText(m)),
+            progress=progress_to(feedback),
             is_cancelled=feedback.isCanceled, design=StudyDesign(design_kind, seed=seed),
             strata=[r[6] for r in rows] if strata else None,
             known=np.array([r[7] for r in rows], float) if known else None)

@@ -13,7 +13,7 @@ from qgis.core import (
 )
 from qgis.PyQt.QtCore import QVariant
 
-from .base import GeoCateAlgorithm, add_report_parameter, run_metadata
+from .base import GeoCateAlgorithm, add_report_parameter, progress_to, run_metadata
 from .convert import write_table
 from .paneleffects import add_panel_parameters, read_panel_parameters, read_panel_rows
 
@@ -107,7 +107,7 @@ class EventStudyAlgorithm(GeoCateAlgorithm):
         study = event_study(
             [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows], [r[3] for r in rows], X, names,
             control=control, anticipation=anticipation, seed=seed,
-            progress=lambda f, m: (feedback.setProgress(30 + 70 * f), feedback.setProgressText(m)),
+            progress=progress_to(feedback, 30, 70),
             is_cancelled=feedback.isCanceled, unit_name=values["unit"], time_name=values["time"],
             treatment_name=values["treatment"], outcome_name=values["outcome"])
         self.log(study, feedback)

@@ -18,7 +18,7 @@ from qgis.core import (
 )
 from qgis.PyQt.QtCore import QVariant
 
-from .base import GeoCateAlgorithm, add_report_parameter
+from .base import GeoCateAlgorithm, add_report_parameter, progress_to
 from .convert import RESULT_FIELDS, output_fields, read_units, result_features, write_table
 from .study_parameters import (
     add_design_parameters,
@@ -135,7 +135,7 @@ class ImageClustersAlgorithm(GeoCateAlgorithm):
             units, study_values["raster"], study_values["bands"], study_values["window"], study_values["nodata"],
             study_values["seed"], n_clusters, max_clusters, epochs, device,
             spatial_block=study_values["spatial_block"],
-            progress=lambda f, m: (feedback.setProgress(5 + 90 * f), feedback.setProgressText(m)),
+            progress=progress_to(feedback, 5, 90),
             is_cancelled=feedback.isCanceled, imagery=imagery, noise_components=NOISE_COMPONENTS_OF[noise],
             forest_check=forest_check)
 

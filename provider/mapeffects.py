@@ -23,7 +23,7 @@ from qgis.core import (
     QgsWkbTypes,
 )
 
-from .base import GeoCateAlgorithm, add_report_parameter, run_metadata
+from .base import GeoCateAlgorithm, add_report_parameter, progress_to, run_metadata
 from .convert import read_units
 from .study_parameters import (
     add_design_parameters,
@@ -252,7 +252,7 @@ class MapEffectsAlgorithm(GeoCateAlgorithm):
             n_clusters=self.parameterAsInt(parameters, "CLUSTERS", context),
             max_clusters=self.parameterAsInt(parameters, "MAX_CLUSTERS", context),
             epochs=self.parameterAsInt(parameters, "EPOCHS", context), spatial_block=study["spatial_block"],
-            progress=lambda f, m: (feedback.setProgress(100 * f), feedback.setProgressText(m)),
+            progress=progress_to(feedback),
             is_cancelled=feedback.isCanceled, study_design=StudyDesign(design_kind, seed=study["seed"]))
         feedback.pushInfo(f"Trial units used: {study_out.n_used}; device {summary['device']}.")
         feedback.pushInfo(summary_line(summary))
@@ -321,8 +321,7 @@ class ApplyClustersAlgorithm(GeoCateAlgorithm):
         final = self.parameterAsOutputLayer(parameters, OUTPUT, context)
         path = self._files.partial(final)
         summary = apply_cluster_model(model, raster, path, extent, mask, stride, scheduler,
-                                      progress=lambda f, m: (feedback.setProgress(100 * f),
-                                                             feedback.setProgressText(m)),
+                                      progress=progress_to(feedback),
                                       is_cancelled=feedback.isCanceled)
         feedback.pushInfo(f"Model run with {summary['provider']}.")
         feedback.pushInfo(summary_line(summary))

@@ -22,7 +22,7 @@ from qgis.core import (
 )
 from qgis.PyQt.QtCore import QVariant
 
-from .base import GeoCateAlgorithm, add_report_parameter, run_metadata
+from .base import GeoCateAlgorithm, add_report_parameter, progress_to, run_metadata
 from .convert import as_number, check_numeric_field, output_fields, read_units, result_features, unit_point
 from .predicted import add_outcome_correction_parameters, read_outcome_correction
 from .study_parameters import (
@@ -206,10 +206,7 @@ class TargetingAlgorithm(GeoCateAlgorithm):
             raise QgsProcessingException("An output for the candidates was asked for, but no CANDIDATES layer was "
                                          "given. Give the layer of units to rank, or leave that output empty.")
 
-        def progress(fraction, message):
-            feedback.setProgress(5 + 95 * fraction)
-            if message:
-                feedback.setProgressText(message)
+        progress = progress_to(feedback, 5, 95)
 
         study_out, result, plan = plan_targeting(
             units, study["raster"], budget, study["bands"], study["window"], study["nodata"], study["seed"],

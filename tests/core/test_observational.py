@@ -184,5 +184,5 @@ def test_the_propensity_and_outcome_models_stop_between_folds_when_cancelled():
                 lambda c: cross_fitted_scores(Y, W, X, folds, is_cancelled=c)):
         polls = []
         with pytest.raises(Cancelled):
-            run(lambda: polls.append(1) or len(polls) >= 3)
+            run(lambda polls=polls: polls.append(1) or len(polls) >= 3)
         assert len(polls) == 3      # stopped before the third fold, not after the fifth
