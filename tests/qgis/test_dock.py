@@ -411,9 +411,11 @@ def test_dock_offers_the_cluster_model_and_shows_its_clusters(plugin, project_la
     assert layers["Clusters (effects)"].featureCount() == 2
     assert "K = 2" in dock.summary.text() and "ATE" in dock.summary.text()
     assert "held-out test of the 2 clusters' effects: p = " in dock.summary.text()   # given K: tested, flagged if not
+    assert "causal forest's heterogeneity test: p = " in dock.summary.text()   # and checked against the forest
     assert dock.canvas.figure.axes and dock.report_button.isEnabled()
     report = open(dock.last_results["OUTPUT_REPORT"], encoding="utf-8").read()
-    for part in ("How to read this", "cluster 1", "share of units", "most typical unit", "Settings"):
+    for part in ("How to read this", "cluster 1", "share of units", "most typical unit", "Settings",
+                 "heterogeneity test on the same units and folds", "Outcome noise: per arm, a mixture of 3"):
         assert part in report
     assert not re.search(r"\bnan\b", re.sub(r"base64,[^\"]*", "", report.split("Run metadata")[0]))
     assert os.path.exists(os.path.join(dock.run_dir, "clusters.onnx"))
