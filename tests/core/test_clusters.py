@@ -184,11 +184,40 @@ def test_salience_and_occlusion_point_at_the_image(separated):
     from geocate.core.clusters import occlusion_sensitivity, salience
 
     trial, (study, result, extras) = separated
-    unit = int(np.argmax(result.probabilities[:, -1]))
-    gradient = salience(extras["model"], study.patches[unit], study.covariates[unit], result.group[unit] - 1)
+    # A unit the model is unsure about (its probabilities near a half): where a certain unit's saturate, the
+    # gradient is zero to 1e-11 and any check of it passes.
+    unit = int(np.argmin(np.abs(result.probabilities[:, -1] - 0.5)))
+    model, window, covariates, cluster = extras["model"], study.patches[unit], study.covariates[unit], \
+        result.group[unit] - 1
+    gradient = salience(model, window, covariates, cluster)
     assert gradient.shape == (33, 33) and gradient.max() > 0 and np.isfinite(gradient).all()
-    moves = occlusion_sensitivity(extras["model"], study.patches[unit], study.covariates[unit], result.group[unit] - 1)
+    # The salience is the model's own derivative: at the most salient pixel, the summed |change| of the cluster's
+    # probability per unit change of each band, by central finite differences, is the gradient's value.
+    import torch
+
+    row, col = np.unravel_index(np.argmax(gradient), gradient.shape)
+    c = torch.as_tensor(np.asarray(covariates, np.float32).reshape(1, -1))
+    step = 1e-3 * float(np.abs(window).max())
+
+    def probability(image):
+        with torch.no_grad():
+            return float(model(torch.as_tensor(image[None].astype(np.float64)).float(), c)[0, cluster])
+
+    total = 0.0
+    for band in range(window.shape[0]):
+        up, down = window.astype(np.float64), window.astype(np.float64)
+        up[band, row, col] += step
+        down[band, row, col] -= step
+        total += abs(probability(up) - probability(down)) / (2 * step)
+    assert gradient[row, col] > 1e-6     # 2.8e-5 per raw unit when measured: a probability that moves
+    assert total == pytest.approx(gradient[row, col], rel=0.05)
+    # Occlusion: masking a cell moves the probability by exactly base - masked, which the model confirms.
+    moves = occlusion_sensitivity(model, window, covariates, cluster)
     assert moves.shape == (3, 3) and np.abs(moves).max() > 0
+    i, j = np.unravel_index(np.argmax(np.abs(moves)), moves.shape)
+    masked = window.astype(np.float64)
+    masked[:, 11 * i:11 * (i + 1), 11 * j:11 * (j + 1)] = model.median.numpy().reshape(-1)[:, None, None]
+    assert probability(window.astype(np.float64)) - probability(masked) == pytest.approx(moves[i, j], abs=1e-5)
 
 
 def test_refusals_name_the_problem(small_trial, demo_raster):

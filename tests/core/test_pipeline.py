@@ -146,6 +146,11 @@ def test_the_smallest_accepted_study_runs(small_trial, demo_raster):
                       covariates=small_trial.covariates[keep])
     study, result = estimate_cate(units, demo_raster, n_estimators=40)
     assert result.n_used == 40 and np.isfinite(result.cate).all() and np.isfinite(result.ate_se)
+    # ... and estimates that mean something: the ATE within 3 SEs of these 40 units' true mean effect, an SE of
+    # the size 40 units give (outcome sd about 2: near 2 * 2 / sqrt(40)), intervals around every unit's CATE.
+    truth = small_trial.true_cate[keep].mean()
+    assert abs(result.ate - truth) < 3 * result.ate_se and 0.3 < result.ate_se < 1.5
+    assert np.all(result.cate_lo <= result.cate) and np.all(result.cate <= result.cate_hi)
 
 
 def test_overlapping_windows_without_blocks_are_warned_about(small_trial, demo_raster, estimated):
