@@ -80,7 +80,7 @@ def run(design, effects, args):
     from sklearn.metrics import adjusted_rand_score
 
     from geocate.core.crossfit import location_folds
-    from geocate.core.learners import design_matrix
+    from geocate.core.inputs import design_matrix
     from geocate.core.pipeline import estimate_cate, find_clusters, image_features
     from geocate.core.simulate import simulate_trial
 

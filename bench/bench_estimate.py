@@ -64,7 +64,7 @@ def previous_construction(features, covariates, Y, W, seed):
 
     from geocate.core.crossfit import location_folds
     from geocate.core.evaluate import rank_average_treatment_effect
-    from geocate.core.learners import design_matrix
+    from geocate.core.inputs import design_matrix
 
     X, n_image = design_matrix(features, covariates)
     n, p = X.shape

@@ -52,10 +52,10 @@ def record(effects, truth, errors, covered, estimand="ATE"):
 
 
 def run_causalimages(reps):
-    from geocate.core.design import StudyDesign, propensity_inputs
+    from geocate.core.design import StudyDesign
     from geocate.core.embed import BandScaler, RandomConvFeatures
+    from geocate.core.inputs import outcome_inputs, propensity_inputs
     from geocate.core.observational import adjusted_effects
-    from geocate.core.scores import outcome_inputs
 
     errors, covered = {}, {}
     for rep in range(reps):
@@ -77,11 +77,11 @@ def run_causalimages(reps):
 
 
 def run_scene(reps):
-    from geocate.core.design import StudyDesign, propensity_inputs
+    from geocate.core.design import StudyDesign
     from geocate.core.embed import BandScaler, RandomConvFeatures
+    from geocate.core.inputs import outcome_inputs, propensity_inputs
     from geocate.core.observational import adjusted_effects
     from geocate.core.patches import extract_patches
-    from geocate.core.scores import outcome_inputs
     from geocate.core.simulate import confound, simulate_trial
 
     trial = simulate_trial(DEMO_RASTER, n_units=600, seed=7)

@@ -146,7 +146,8 @@ def cached_priorities(learner):
 def judge_trial(trial, features, seed, budget, jobs, extras):
     """One trial: forest, rules, values against the truth."""
     from geocate.core.evaluate import sequential_rate_test
-    from geocate.core.learners import CrossFittedCausalForest, default_learner, design_matrix
+    from geocate.core.inputs import design_matrix
+    from geocate.core.learners import CrossFittedCausalForest, default_learner
     from geocate.core.targeting import (
         budget_rule,
         compare_rules,

@@ -70,8 +70,7 @@ def grf_null(n, rng):
 def image_design(n_units=500, seed=3):
     """Features and true scores of a fixed set of units on the demo imagery (outcomes redrawn per rep)."""
     from geocate.core.embed import BandScaler, RandomConvFeatures
-    from geocate.core.learners import design_matrix
-    from geocate.core.scores import outcome_inputs
+    from geocate.core.inputs import design_matrix, outcome_inputs
     from geocate.core.simulate import _window_statistics, _z, simulate_trial
 
     trial = simulate_trial(DEMO_RASTER, n_units=n_units, seed=seed)

@@ -18,7 +18,7 @@ from .errors import Cancelled, GeoCateError
 def location_folds(locations, n_folds, seed):
     """Assign each unit a fold 0..n_folds-1 so that units sharing a location share a fold.
 
-    locations: (n,) hashable location ids (e.g. from core.learners.location_ids).
+    locations: (n,) hashable location ids (e.g. from location_ids).
     Locations are shuffled with ``seed`` and dealt to folds in turn, which keeps
     fold sizes within one location of each other.
     """
@@ -53,6 +53,12 @@ def stratified_folds(groups, strata, n_folds, seed):
     if len(Folds(folds)) < n_folds:
         return location_folds(groups, n_folds, seed)   # its message names the problem
     return folds
+
+
+def location_ids(coords, precision=1e-6):
+    """(n, 2) coordinates -> (n,) int ids; units with the same coordinates share an id."""
+    rounded = np.round(np.asarray(coords, dtype=float) / precision).astype(np.int64)
+    return np.unique(rounded, axis=0, return_inverse=True)[1].ravel()
 
 
 class Folds:

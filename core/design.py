@@ -22,17 +22,6 @@ CLIP = 0.01
 PENALTIES = np.logspace(-4, 1, 11)
 
 
-def propensity_inputs(features, covariates=None):
-    """The propensity model's inputs: every standardised image feature and covariate
-    (core.learners.design_matrix), so the regularised classifier, not a fixed number of principal components,
-    decides what the image says about who was treated. Tried and not kept: choosing per fold between these and
-    the outcome models' leading components by cross-validated log-loss (bench_observational, causalimages'
-    simulation: AIPW coverage 0.80 over 40 repetitions)."""
-    from .learners import design_matrix
-
-    return design_matrix(features, covariates)[0]
-
-
 @dataclass(frozen=True)
 class StudyDesign:
     """kind: "randomized" or "observational"; trim: None, "crump", or (low, high) propensity bounds (binary

@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .crossfit import Folds, location_folds, stratified_folds
+from .crossfit import Folds, location_folds, location_ids, stratified_folds
 from .errors import GeoCateError, require
-from .learners import location_ids, run_cancellable
+from .progress import run_cancellable
 from .scores import Z95, aipw_scores, cross_fitted_scores, mean_and_se, zero_noise
 
 DEFAULT_Q = np.round(np.arange(1, 11) / 10, 10)
@@ -82,6 +82,19 @@ def check_q(q):
         raise GeoCateError("The q grid of treated fractions must be increasing, within (0, 1], and contain 1.",
                            "Use for example 0.1, 0.2, ..., 1.0.")
     return q
+
+
+
+def effect_groups(cate, n_groups=3):
+    """1-based effect group of each unit by quantile of ``cate`` (1 = smallest effects).
+
+    Ranks are used, so groups have equal sizes (to within one unit) even with ties.
+    """
+    cate = np.asarray(cate, dtype=float)
+    order = np.argsort(cate, kind="stable")
+    ranks = np.empty(len(cate), dtype=int)
+    ranks[order] = np.arange(len(cate))
+    return (ranks * n_groups) // max(len(cate), 1) + 1
 
 
 @dataclass(frozen=True)
@@ -504,7 +517,6 @@ def group_average_effects(scores, cate, n_groups=5, clusters=None):
     group g; its SE is robust to ``clusters`` (core.scores.mean_and_se;
     sd / sqrt(n_g) when every unit is its own cluster).
     """
-    from .learners import effect_groups
 
     scores = np.asarray(scores, float)
     groups = effect_groups(cate, n_groups)

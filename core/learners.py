@@ -6,70 +6,9 @@ import time
 import numpy as np
 
 from .crossfit import Folds, crossfit, location_folds
-from .errors import Cancelled, GeoCateError, require
+from .errors import GeoCateError, require
+from .progress import run_cancellable
 from .scores import Z95
-
-
-def run_cancellable(work, is_cancelled=None, poll_seconds=0.25):
-    """Run ``work()`` in a worker thread, polling ``is_cancelled`` every ``poll_seconds``.
-
-    econml's forests offer no callback, so a fold cannot be interrupted from
-    inside; instead the caller stops waiting at once on cancel (raising
-    Cancelled) and the abandoned fold finishes in the background, its result
-    discarded.
-    """
-    if is_cancelled is None:
-        return work()
-    from concurrent.futures import ThreadPoolExecutor
-    from concurrent.futures import TimeoutError as FutureTimeout
-
-    from .progress import collection_here
-
-    executor = ThreadPoolExecutor(max_workers=1)
-    with collection_here() as collection:   # cycles are collected here, never in the worker (core/progress.py)
-        future = executor.submit(work)
-        try:
-            while True:
-                try:
-                    return future.result(timeout=poll_seconds)
-                except FutureTimeout:  # not the built-in TimeoutError before Python 3.11
-                    if is_cancelled():
-                        raise Cancelled() from None
-                    collection.tick()
-        finally:
-            executor.shutdown(wait=False)
-
-
-def location_ids(coords, precision=1e-6):
-    """(n, 2) coordinates -> (n,) int ids; units with the same coordinates share an id."""
-    rounded = np.round(np.asarray(coords, dtype=float) / precision).astype(np.int64)
-    return np.unique(rounded, axis=0, return_inverse=True)[1].ravel()
-
-
-def design_matrix(features, covariates=None):
-    """Image features (n, d) and covariates (n, p) -> the forest's effect modifiers (n, d + p).
-
-    The image features are the feature pipeline's output (core.represent: log1p of
-    MOSAIKS responses, or an encoder's embeddings); every column is standardised;
-    covariates are appended after the d image columns. Returns (matrix, d).
-    """
-    has_image = features is not None and np.asarray(features).size
-    has_covariates = covariates is not None and np.asarray(covariates).size
-    if not has_image and not has_covariates:
-        raise GeoCateError("There is nothing to learn effects from.", "Give imagery or covariates.")
-    n = len(features) if has_image else len(covariates)
-    n_image = np.asarray(features).shape[1] if has_image else 0
-    n_covariates = np.asarray(covariates).reshape(n, -1).shape[1] if has_covariates else 0
-    # Filled and scaled in place: at 100,000 units each copy of this matrix is 400 MB.
-    matrix = np.empty((n, n_image + n_covariates))
-    if has_image:
-        matrix[:, :n_image] = features
-    if has_covariates:
-        matrix[:, n_image:] = np.asarray(covariates, dtype=float).reshape(n, -1)
-    mean, sd = matrix.mean(axis=0), matrix.std(axis=0)
-    matrix -= mean
-    matrix /= np.where(sd > 0, sd, 1.0)
-    return matrix, n_image
 
 
 def forest_max_features(p):
@@ -81,18 +20,6 @@ def forest_max_features(p):
     RMSE and Spearman (bench/bench_estimate.py), so it is the default.
     """
     return int(min(p, max(math.ceil(math.sqrt(p)), 20)))
-
-
-def effect_groups(cate, n_groups=3):
-    """1-based effect group of each unit by quantile of ``cate`` (1 = smallest effects).
-
-    Ranks are used, so groups have equal sizes (to within one unit) even with ties.
-    """
-    cate = np.asarray(cate, dtype=float)
-    order = np.argsort(cate, kind="stable")
-    ranks = np.empty(len(cate), dtype=int)
-    ranks[order] = np.arange(len(cate))
-    return (ranks * n_groups) // max(len(cate), 1) + 1
 
 
 class EffectCalibration:
@@ -409,9 +336,9 @@ def default_learner(features, covariates=None, n_components=20, n_folds=5, n_est
 
     The causal forest's effect modifiers are the scaled image features and
     covariates (design_matrix); the outcome models work on the features'
-    leading principal components and the covariates (core.scores.outcome_inputs).
+    leading principal components and the covariates (core.inputs.outcome_inputs).
     """
-    from .scores import outcome_inputs
+    from .inputs import design_matrix, outcome_inputs
 
     design, _ = design_matrix(features, covariates)
     inputs = outcome_inputs(features, covariates, seed, n_components, design=design)

@@ -483,12 +483,11 @@ def map_effects(units, raster_path, path, bands=None, window_size_px=33, nodata=
     unit_cate is the units' out-of-fold CATE (forest) or probabilities (clusters).
     """
     from .clusters import feature_scaling
-    from .design import propensity_inputs
+    from .inputs import outcome_inputs, propensity_inputs
     from .learners import default_learner
     from .pipeline import find_clusters, fold_groups, trial_design
     from .progress import stage
     from .represent import ImageryOptions, study_features
-    from .scores import outcome_inputs
     from .study import build_study
 
     if method not in METHODS:

@@ -8,10 +8,11 @@ import time
 import numpy as np
 
 from .corrections import ate_by_correction, corrected_outcomes, prediction_powered_ate
-from .crossfit import Folds, location_folds, stratified_folds
+from .crossfit import Folds, location_folds, location_ids, stratified_folds
 from .errors import GeoCateError
 from .evaluate import (
     auto_block_size,
+    effect_groups,
     group_average_effects,
     honest_fold_groups,
     merge_groups,
@@ -19,12 +20,13 @@ from .evaluate import (
     rank_average_treatment_effect,
     sequential_rate_test,
 )
-from .learners import default_learner, design_matrix, effect_groups, location_ids
+from .inputs import design_matrix, outcome_inputs
+from .learners import default_learner
 from .observational import suspicious_covariates
 from .patches import extract_patches
 from .progress import stage
 from .represent import ImageryOptions, RandomConvolutions, study_features
-from .scores import aipw_scores, cross_fitted_scores, doubly_robust_ate, outcome_inputs
+from .scores import aipw_scores, cross_fitted_scores, doubly_robust_ate
 from .study import Result, build_study, spread_over
 
 
@@ -357,7 +359,7 @@ def estimate_cate(units, raster_path, bands=None, window_size_px=33, nodata=None
     groups, block_size = fold_groups(study, spatial_block, window_size_px)
     design, inputs, learner = default_learner(features, study.covariates[used], n_components, n_folds,
                                               n_estimators, seed)
-    # The observational propensity always sees every image feature and covariate (core.design.propensity_inputs);
+    # The observational propensity always sees every image feature and covariate (core.inputs.propensity_inputs);
     # without covariates as effect modifiers only the forest's design drops them.
     trial = trial_design(study, design, inputs, groups, n_folds, seed, study_design, is_cancelled)
     if not covariates_modify:
@@ -602,7 +604,8 @@ def compare_sources(units, raster_path, bands=None, window_size_px=33, nodata=No
     sources = list(rules)
     groups, block_size = fold_groups(study, spatial_block, window_size_px)
     Y, W = study.outcome[used], study.treated[used].astype(int)
-    from .design import CLIP, propensity_inputs
+    from .design import CLIP
+    from .inputs import propensity_inputs
 
     # One design for every source: folds (strata spread over them), a propensity (known, or estimated once).
     trial = trial_design(study, propensity_inputs(features, covariates), outcome_inputs(features, covariates, seed),
@@ -887,7 +890,7 @@ def estimate_ate(units, raster_path, design, bands=None, window_size_px=33, noda
 
     design: a core.design.StudyDesign. The image windows are embedded as in
     estimate_cate; the propensity model (observational designs) sees every
-    feature and covariate (core.design.propensity_inputs), the outcome models
+    feature and covariate (core.inputs.propensity_inputs), the outcome models
     the features' leading principal components and the covariates; both
     cross-fitted on folds that keep groups whole. With a binary treatment,
     units outside the design's trimming bounds are left out of the
@@ -899,7 +902,8 @@ def estimate_ate(units, raster_path, design, bands=None, window_size_px=33, noda
     ``sensitivity``: (CF_Y, CF_D, RHO) for the omitted-variable analysis of each AIPW contrast
     (core.sensitivity.analyse, observational designs; None: none); the result's "sensitivity".
     """
-    from .design import RANDOMIZED, overlap_summary, propensity_inputs
+    from .design import RANDOMIZED, overlap_summary
+    from .inputs import propensity_inputs
     from .observational import adjusted_effects, balance_table
 
     started = time.monotonic()

@@ -248,7 +248,8 @@ def plan_targeting(units, raster_path, budget, bands=None, window_size_px=33, no
     :class:`Candidates`; map_request: a :class:`MapRequest`; outside_support: candidates and cells outside
     the trial's support may be chosen. Every bad input is refused before the fit.
     """
-    from .learners import CrossFittedCausalForest, design_matrix
+    from .inputs import design_matrix
+    from .learners import CrossFittedCausalForest
 
     check_budget(budget, cost, cost_name)
     check_fold_budget(budget, cost, len(units.outcome))

@@ -18,7 +18,7 @@ def collect_due():
 
 
 class collection_here:  # noqa: N801 - used as a context manager
-    """While a block of the main thread waits for a worker thread (core.learners.run_cancellable), automatic
+    """While a block of the main thread waits for a worker thread (run_cancellable, below), automatic
     collection is off and ``tick()`` collects in this thread instead: a collection that fires in the worker
     deletes main-thread Qt objects caught in cycles and crashes QGIS (provider/collector.py does the same for a
     run in a background task). Outside the main thread, or when collection is already off, it does nothing."""
@@ -67,3 +67,31 @@ def stage(progress, start, end):
     if progress is None:
         return None
     return lambda fraction, message="": progress(start + (end - start) * fraction, message)
+
+
+def run_cancellable(work, is_cancelled=None, poll_seconds=0.25):
+    """Run ``work()`` in a worker thread, polling ``is_cancelled`` every ``poll_seconds``.
+
+    econml's forests offer no callback, so a fold cannot be interrupted from
+    inside; instead the caller stops waiting at once on cancel (raising
+    Cancelled) and the abandoned fold finishes in the background, its result
+    discarded.
+    """
+    if is_cancelled is None:
+        return work()
+    from concurrent.futures import ThreadPoolExecutor
+    from concurrent.futures import TimeoutError as FutureTimeout
+
+    executor = ThreadPoolExecutor(max_workers=1)
+    with collection_here() as collection:   # cycles are collected here, never in the worker (core/progress.py)
+        future = executor.submit(work)
+        try:
+            while True:
+                try:
+                    return future.result(timeout=poll_seconds)
+                except FutureTimeout:  # not the built-in TimeoutError before Python 3.11
+                    if is_cancelled():
+                        raise Cancelled() from None
+                    collection.tick()
+        finally:
+            executor.shutdown(wait=False)

@@ -21,7 +21,7 @@ embeddings of each date are concatenated; ``difference``: mean over time and
 mean first difference; ``variance``: mean and variance over time, as
 causalimages' ``temporalAggregation``) and concatenates the views. Its output is on the
 modelling scale (log1p of MOSAIKS features; an encoder's embeddings as they
-come), ready for the forest's standardisation (learners.design_matrix). It is
+come), ready for the forest's standardisation (inputs.design_matrix). It is
 fit once per run, stored with the result, and reused unchanged by the forest,
 the cluster model and the evaluation.
 """

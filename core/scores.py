@@ -221,24 +221,3 @@ def doubly_robust_ate(scores, clusters=None):
     return AverageEffect(estimate=estimate, std_err=se, n_clusters=int(n_clusters))
 
 
-def outcome_inputs(features, covariates, seed=42, n_components=20, design=None):
-    """The outcome models' input: leading principal components of the scaled image features, plus covariates.
-
-    PCA is unsupervised (it never sees an outcome), so fitting it once on all
-    units keeps the cross-fitting honest. features None: covariates only.
-    design: the forest's design_matrix(features, covariates) when already made
-    (its image columns are the scaled features; saves a copy at 100,000 units).
-    """
-    from sklearn.decomposition import PCA
-
-    from .learners import design_matrix
-
-    parts = []
-    if features is not None and np.asarray(features).size:
-        n_image = np.asarray(features).shape[1]
-        scaled = design[:, :n_image] if design is not None else design_matrix(features, None)[0]
-        k = max(min(n_components, scaled.shape[1], len(scaled) // 10), 1)
-        parts.append(PCA(n_components=k, random_state=seed).fit_transform(scaled))
-    if covariates is not None and np.asarray(covariates).size:
-        parts.append(np.asarray(covariates, float).reshape(-1, np.asarray(covariates).shape[-1]))
-    return np.column_stack(parts) if parts else None

@@ -252,11 +252,12 @@ def analyse(outcome, arms, design, features, covariates, covariate_names, folds,
     first the reference), for each of ``estimands`` ("ATE", "ATT": the effect on the arm's units; the ATE's
     contrasts first, named "1 vs 0", the ATT's "1 vs 0 (ATT)"), with benchmarks: everything the imagery shows, and
     each covariate (the first MAX_BENCHMARKS), each refit without it on the same folds. The nuisance models are
-    estimateate's own (core.design.propensity_inputs for the propensity, core.scores.outcome_inputs with
+    estimateate's own (core.inputs.propensity_inputs for the propensity, core.inputs.outcome_inputs with
     ``n_components`` for the outcome models), refit here on the same folds, so theta is its AIPW estimate of the
     ATE or the ATT (tested)."""
-    from .design import CLIP, propensity_inputs
-    from .scores import arm_models, outcome_inputs
+    from .design import CLIP
+    from .inputs import outcome_inputs, propensity_inputs
+    from .scores import arm_models
 
     check_strengths(cf_y, cf_d, rho)
     Y = np.asarray(outcome, float)

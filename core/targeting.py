@@ -429,7 +429,7 @@ def sequential_gain(scores, folds, priority_for, budget_share=None, cost=None, b
     from scipy.stats import norm
 
     from .errors import Cancelled
-    from .learners import run_cancellable
+    from .progress import run_cancellable
 
     gamma = _check_scores(scores)
     n = len(gamma)

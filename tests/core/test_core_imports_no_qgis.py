@@ -41,3 +41,40 @@ def test_importing_every_core_module_loads_no_qgis_or_pyqt():
                           env={"PYTHONPATH": plugins + ":" + ":".join(p for p in sys.path if "site-packages" in p)})
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "ok"
+
+
+def core_imports():
+    """{module: the core modules it imports}, imports inside functions counted."""
+    names = {p.stem for p in CORE.glob("*.py") if p.stem != "__init__"}
+    graph = {}
+    for path in CORE.glob("*.py"):
+        if path.stem == "__init__":
+            continue
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                found |= {node.module.split(".")[0]} if node.module else {alias.name for alias in node.names}
+        graph[path.stem] = found & names - {path.stem}
+    return graph
+
+
+def test_no_circle_among_core_modules_counting_imports_inside_functions():
+    """Issue 20: the modules of core/ form a hierarchy (a circle hidden in function-level imports was how
+    design, evaluate, learners and scores depended on each other)."""
+    graph = core_imports()
+    done, path = set(), []
+
+    def visit(module):
+        if module in path:
+            raise AssertionError("import circle: " + " -> ".join(path[path.index(module):] + [module]))
+        if module in done:
+            return
+        path.append(module)
+        for dependency in sorted(graph[module]):
+            visit(dependency)
+        path.pop()
+        done.add(module)
+
+    for module in sorted(graph):
+        visit(module)
+    assert len(done) == len(graph) >= 20

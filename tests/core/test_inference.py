@@ -139,7 +139,7 @@ def test_cluster_robust_standard_errors_by_hand_and_against_statsmodels():
     # GATEs and the BLP use the same clusters.
     cate = rng.normal(size=n)
     rows = group_average_effects(Y, cate, n_groups=2, clusters=village)
-    from geocate.core.learners import effect_groups
+    from geocate.core.evaluate import effect_groups
 
     low_group = effect_groups(cate, 2) == 1
     assert rows[0][3] == pytest.approx(mean_and_se(Y[low_group], village[low_group])[1])

@@ -4,14 +4,10 @@ import numpy as np
 import pytest
 from scipy.stats import spearmanr
 
-from geocate.core.crossfit import location_folds
+from geocate.core.crossfit import location_folds, location_ids
 from geocate.core.errors import Cancelled, GeoCateError
-from geocate.core.learners import (
-    CrossFittedCausalForest,
-    effect_groups,
-    forest_max_features,
-    location_ids,
-)
+from geocate.core.evaluate import effect_groups
+from geocate.core.learners import CrossFittedCausalForest, forest_max_features
 
 
 def tabular_trial(n=1500, seed=0, heterogeneous=True):
@@ -140,7 +136,7 @@ def test_cancel_during_a_fold_stops_waiting_at_the_next_poll():
     import threading
 
     from geocate.core.errors import Cancelled
-    from geocate.core.learners import run_cancellable
+    from geocate.core.progress import run_cancellable
 
     release = threading.Event()
     polls = []
@@ -190,7 +186,7 @@ def test_a_fit_waited_on_from_the_main_thread_collects_cycles_only_there():
     import threading
     import time
 
-    from geocate.core.learners import run_cancellable
+    from geocate.core.progress import run_cancellable
 
     class Node:
         pass
