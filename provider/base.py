@@ -89,6 +89,16 @@ def write_json_atomically(path, payload):
     os.replace(tmp, path)
 
 
+#: The version of the run record's layout (``<output>.run.json``): raised when a key changes meaning or goes away,
+#: so that a reader (the dock, a script, a later GeoCATE) can tell what it holds.
+RUN_RECORD_SCHEMA_VERSION = 1
+
+
+def run_record(metadata):
+    """The run record as written: ``schema_version`` first, then the run's metadata."""
+    return {"schema_version": RUN_RECORD_SCHEMA_VERSION, **metadata}
+
+
 def run_metadata(algorithm, parameters, started, **figures):
     """The run metadata every algorithm writes: algorithm, parameters, package versions, timings, figures."""
     import time
@@ -497,13 +507,13 @@ class GeoCateAlgorithm(QgsProcessingAlgorithm):
         written = self._written_file(dest_id)
         sidecar = sidecar_path(self.final_path(written.split("|")[0])) if written else None
         if sidecar:
-            write_json_atomically(self._files.partial(sidecar), metadata)
+            write_json_atomically(self._files.partial(sidecar), run_record(metadata))
             feedback.pushInfo(f"Run metadata: {sidecar}.")
 
     def write_run_metadata_beside(self, partial_path, metadata, feedback):
         """The run metadata beside a file output (a .json, a report): x.json -> x.run.json."""
         sidecar = os.path.splitext(self.final_path(partial_path))[0] + ".run.json"
-        write_json_atomically(self._files.partial(sidecar), metadata)
+        write_json_atomically(self._files.partial(sidecar), run_record(metadata))
         feedback.pushInfo(f"Run metadata: {sidecar}.")
 
     def commit_outputs(self, context, results):
