@@ -39,6 +39,36 @@ class collection_here:  # noqa: N801 - used as a context manager
         return False
 
 
+def time_left(elapsed, fraction, min_elapsed=5.0, min_fraction=0.02):
+    """The remaining time of a run ``fraction`` done after ``elapsed`` seconds, in words ("about 3 min left"), or
+    "" while too little is done to tell. Linear in the fraction done, so as rough as the fractions the run's stages
+    were given: "about"."""
+    if elapsed < min_elapsed or fraction < min_fraction or fraction >= 1:
+        return ""
+    seconds = elapsed * (1 - fraction) / fraction
+    if seconds < 60:
+        return f"about {max(int(round(seconds / 10.0)) * 10, 10)} s left"
+    minutes = int(round(seconds / 60.0))
+    if minutes < 60:
+        return f"about {minutes} min left"
+    return f"about {minutes // 60} h {minutes % 60:02d} min left"
+
+
+class ProgressClock:
+    """Progress with the time left: ``report(fraction, message)`` gives the message to show, the last non-empty
+    message followed by :func:`time_left` (issue 26: at 10^5 to 10^6 units a run takes minutes to hours)."""
+
+    def __init__(self, clock=time.monotonic):
+        self.clock = clock
+        self.began = clock()
+        self.message = ""
+
+    def report(self, fraction, message=""):
+        self.message = message or self.message
+        left = time_left(self.clock() - self.began, fraction)
+        return f"{self.message} ({left})" if left and self.message else (self.message or left)
+
+
 class Throttle:
     """``tick(fraction, message)`` reports progress and polls cancellation at most every ``interval`` seconds.
 

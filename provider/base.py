@@ -48,11 +48,17 @@ def add_report_parameter(algorithm, name="OUTPUT_REPORT"):
 
 def progress_to(feedback, start=0.0, span=100.0):
     """The core's progress(fraction, message) onto a Processing feedback: its bar from ``start`` over ``span``
-    percent, and its text (an empty message leaves the text as it is)."""
+    percent, and its text: the step, and once enough is done, the time left (core.progress.ProgressClock; an
+    empty message keeps the step's)."""
+    from ..core.progress import ProgressClock
+
+    clock = ProgressClock()
+
     def progress(fraction, message=""):
         feedback.setProgress(start + span * fraction)
-        if message:
-            feedback.setProgressText(message)
+        text = clock.report(fraction, message)
+        if text:
+            feedback.setProgressText(text)
 
     return progress
 
