@@ -13,12 +13,12 @@ AUTOC is not all real).
 """
 
 import argparse
-import json
 import os
 import sys
 import tempfile
 
 import numpy as np
+from bench_common import save_figures
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -86,9 +86,7 @@ def main(argv=None):
         efficiency = (rows["none (0)"]["autoc_se"] / rows["auto (-1)"]["autoc_se"]) ** 2
         print(f"|  | efficiency of the held-out AUTOC (SE ratio squared) | | | | {efficiency:.2f} | | |", flush=True)
         out[name] = dict(rows, efficiency=efficiency)
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as handle:
-            json.dump(out, handle, indent=2, default=str)
+    save_figures(args.json, out)
 
 
 if __name__ == "__main__":

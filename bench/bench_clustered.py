@@ -20,6 +20,7 @@ import sys
 import time
 
 import numpy as np
+from bench_common import save_figures
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -108,9 +109,7 @@ def main(argv=None):
                     json.dump(results, handle, indent=1)
     results["seconds"] = round(time.perf_counter() - started, 1)
     print(f"total {results['seconds']} s", flush=True)
-    if args.json:
-        with open(args.json, "w") as handle:
-            json.dump(results, handle, indent=1)
+    save_figures(args.json, results)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ import sys
 import time
 
 import numpy as np
+from bench_common import save_figures
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEMO_RASTER = os.path.join(os.path.dirname(HERE), "resources", "demo", "landsat8_demo_b234.tif")
@@ -206,9 +207,7 @@ def main(argv=None):
     else:
         figures = {"well-separated": run("well-separated", (-1.0, 3.0), args),
                    "no heterogeneity": run("no heterogeneity", (1.0,), args)}
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as handle:
-            json.dump(figures, handle, indent=2)
+    save_figures(args.json, figures)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ import sys
 import time
 
 import numpy as np
+from bench_common import save_figures
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), ".qgis-profile", "profiles", "default", "python", "plugins"))
@@ -67,10 +68,7 @@ def main(argv=None):
             "mean_abs_error": round(error, 4), "error_reduction": round(1 - error / naive_error, 3),
             "coverage_95": round(float(np.mean(covered[name])), 3)}
         print(name, json.dumps(figures["by_correction"][name]), flush=True)
-    figures["seconds"] = round(time.perf_counter() - started, 1)
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as handle:
-            json.dump(figures, handle, indent=2)
+    save_figures(args.json, figures, started)
     return figures
 
 

@@ -26,7 +26,6 @@ and the ratios; the machine's noise cancels in the ratios.
 """
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -34,6 +33,7 @@ import time
 import warnings
 
 import numpy as np
+from bench_common import save_figures
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -186,9 +186,7 @@ def main(argv=None):
               f"{5 * one_fit_s:.0f} s; RMSE on fold 1 {figures['econml_defaults_rmse_fold1']:.4f} vs ours "
               f"{figures['now_rmse_fold1']:.4f} (ratio {figures['rmse_ratio_vs_econml_defaults']:.3f}); speed ratio "
               f"(five fits / our whole job after features) {figures['speed_ratio_vs_econml_defaults']:.0f}x")
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as handle:
-            json.dump(figures, handle, indent=2)
+    save_figures(args.json, figures)
     return figures
 
 

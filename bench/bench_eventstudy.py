@@ -35,6 +35,7 @@ import tempfile
 import time
 
 import numpy as np
+from bench_common import save_figures
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -250,10 +251,7 @@ def main(argv=None):
         figures["timing"] = timing(sim, args.timing_units, args.timing_periods)
     if not args.no_doubleml:
         figures["doubleml"] = doubleml_check(panel, args.doubleml_venv, args.seed)
-    figures["seconds"] = round(time.perf_counter() - started, 1)
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as handle:
-            json.dump(figures, handle, indent=2)
+    save_figures(args.json, figures, started)
     return figures
 
 

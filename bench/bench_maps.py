@@ -30,6 +30,7 @@ import tempfile
 import time
 
 import numpy as np
+from bench_common import save_figures
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -173,9 +174,7 @@ def main():
               f"({memory['scene']['cells']} cells), {memory['mosaic 20 x 20']['peak_traced_mb']:.0f} MB for the "
               f"20 x 20 mosaic ({memory['mosaic 20 x 20']['cells']} cells, "
               f"{memory['mosaic 20 x 20']['seconds']:.0f} s; 9 GB if read whole)")
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as handle:
-            json.dump(out, handle, indent=2)
+    save_figures(args.json, out)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ import sys
 import time
 
 import numpy as np
+from bench_common import save_figures
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -142,10 +143,7 @@ def main(argv=None):
     causalimages_reps = args.causalimages_reps or max(args.reps // 4, 1)
     figures = {"causalimages": run_causalimages(causalimages_reps), "scene": run_scene(args.reps),
                "overlap": run_overlap(max(args.reps // 4, 1))}
-    figures["seconds"] = round(time.perf_counter() - started, 1)
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as handle:
-            json.dump(figures, handle, indent=2)
+    save_figures(args.json, figures, started)
     return figures
 
 

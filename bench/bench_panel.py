@@ -31,6 +31,7 @@ import sys
 import time
 
 import numpy as np
+from bench_common import save_figures
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), ".qgis-profile", "profiles", "default", "python", "plugins"))
@@ -84,10 +85,7 @@ def main(argv=None):
         figures["two-way"] = study("smooth", 800, args.two_way_reps, "spline ridge",
                                    ("mundlak", "within", "first_difference"), 300, n_periods=8, n_covariates=10,
                                    year_shocks=args.year_shocks, time_effects=(True, False))
-    figures["seconds"] = round(time.perf_counter() - started, 1)
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as handle:
-            json.dump(figures, handle, indent=2)
+    save_figures(args.json, figures, started)
     return figures
 
 

@@ -21,6 +21,7 @@ import tempfile
 import time
 
 import numpy as np
+from bench_common import save_figures
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -85,9 +86,7 @@ def main(argv=None):
             row = dict(json.loads(done.stdout.strip().splitlines()[-1]), units=n, simulate_s=round(simulated_s, 1))
             figures.append(row)
             print(json.dumps(row), flush=True)
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as handle:
-            json.dump(figures, handle, indent=2)
+    save_figures(args.json, figures)
     return figures
 
 

@@ -25,6 +25,7 @@ import tempfile
 import time
 
 import numpy as np
+from bench_common import save_figures
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -144,9 +145,7 @@ def main(argv=None):
         results["doubleml"] = doubleml(args.units, args.doubleml_venv)
     results["seconds"] = round(time.perf_counter() - started, 1)
     print(f"total {results['seconds']} s", flush=True)
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as handle:
-            json.dump(results, handle, indent=1)
+    save_figures(args.json, results)
 
 
 if __name__ == "__main__":

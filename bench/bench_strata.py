@@ -20,6 +20,7 @@ import os
 import sys
 
 import numpy as np
+from bench_common import save_figures
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -82,9 +83,7 @@ def main(argv=None):
                       "randomization_check_warns": float(np.mean([v[3] for v in values])), "draws": len(values)}
                for name, values in rows.items()}
     print(json.dumps(figures, indent=2))
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as handle:
-            json.dump(figures, handle, indent=2)
+    save_figures(args.json, figures)
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ import sys
 import time
 
 import numpy as np
+from bench_common import save_figures
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -375,9 +376,7 @@ def main(argv=None):
         results["plan"] = run_plan(parse_seeds(args.seeds), args.units, args.budget)
     results["seconds"] = round(time.perf_counter() - started, 1)
     print(f"total {results['seconds']} s", flush=True)
-    if args.json:
-        with open(args.json, "w") as handle:
-            json.dump(results, handle, indent=1, default=float)
+    save_figures(args.json, results)
 
 
 if __name__ == "__main__":

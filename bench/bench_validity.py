@@ -32,6 +32,7 @@ import sys
 import time
 
 import numpy as np
+from bench_common import save_figures
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -241,9 +242,7 @@ def main(argv=None):
         figures["clusters"] = run_clusters(args.reps)
     if args.study in ("coverage", "all"):
         figures["coverage"] = run_coverage(tuple(args.coverage_seeds))
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as handle:
-            json.dump(figures, handle, indent=2)
+    save_figures(args.json, figures)
     return figures
 
 
