@@ -27,6 +27,7 @@ from .study_parameters import (
     read_design_parameters,
     read_imagery_parameters,
     read_study_parameters,
+    study_record,
 )
 from .styles import GROUP_STYLE
 
@@ -39,6 +40,36 @@ CLUSTER_COLUMNS = (("cluster", QVariant.Int), ("effect", QVariant.Double), ("ci_
                    ("ci_high", QVariant.Double), ("share", QVariant.Double), ("sigma_control", QVariant.Double),
                    ("sigma_treated", QVariant.Double), ("dr_effect", QVariant.Double), ("dr_se", QVariant.Double),
                    ("n_assigned", QVariant.Int))
+
+
+def log_clusters(feedback, n_features, study, result, extras):
+    """The run's log: warnings, units, the held-out likelihood of each K, the tests that chose K, the noise model
+    and each cluster's model and held-out effects."""
+    from ..core.study import describe_dropped
+
+    metadata = result.metadata
+    for warning in metadata.get("warnings", []):
+        feedback.pushWarning(warning)
+    feedback.pushInfo(f"Units: {n_features}, {result.n_used} used ({describe_dropped(study.dropped)}); "
+                      f"device {metadata['device']}.")
+    for kk, ll, se in extras["k_table"] or []:
+        feedback.pushInfo(f"K = {kk}: held-out log-likelihood per unit {ll:.4f} (SE {se:.4f})")
+    test = metadata.get("effect_test")
+    if test:
+        feedback.pushInfo(f"Held-out test of the {test['clusters']} clusters' effects (sequential cross-fold "
+                          f"AUTOC): {test['estimate']:.4f} (SE {test['std_err']:.4f}), p = {test['p_value']:.4f}.")
+    feedback.pushInfo(f"{metadata['k_rule']}.")
+    forest = metadata.get("forest_test")
+    if forest:
+        feedback.pushInfo(f"Causal forest's heterogeneity test on the same units and folds: held-out AUTOC "
+                          f"{forest['estimate']:.4f} (SE {forest['std_err']:.4f}), p = {forest['p_value']:.4f}"
+                          + (": it supports heterogeneity." if forest["supports_clusters"] else
+                             ": it does not support the clusters (see the warning)."))
+    feedback.pushInfo(f"Outcome noise: {metadata['noise']}.")
+    for row in extras["clusters"]:
+        feedback.pushInfo(f"Cluster {row[0]}: model effect {row[1]:.3f} [{row[2]:.3f}, {row[3]:.3f}], "
+                          f"share {row[4]:.2f}, sigma control {row[5]:.3f}, treated {row[6]:.3f}; held-out "
+                          f"effect of its {row[9]} units {row[7]:.3f} (SE {row[8]:.3f})")
 
 
 class ImageClustersAlgorithm(GeoCateAlgorithm):
@@ -114,9 +145,7 @@ class ImageClustersAlgorithm(GeoCateAlgorithm):
             self.addOutput(QgsProcessingOutputNumber(name, label))
 
     def processAlgorithm(self, parameters, context, feedback):  # noqa: N802 - QGIS's name
-        from ..core.clusters import export_onnx
         from ..core.pipeline import find_clusters
-        from ..core.study import describe_dropped
 
         source, study_values = read_study_parameters(self, parameters, context)
         n_clusters = self.parameterAsInt(parameters, self.CLUSTERS, context)
@@ -139,32 +168,34 @@ class ImageClustersAlgorithm(GeoCateAlgorithm):
             is_cancelled=feedback.isCanceled, imagery=imagery, noise_components=NOISE_COMPONENTS_OF[noise],
             forest_check=forest_check)
 
-        for warning in result.metadata.get("warnings", []):
-            feedback.pushWarning(warning)
-        k = result.metadata["n_clusters"]
-        feedback.pushInfo(f"Units: {len(features)}, {result.n_used} used ({describe_dropped(study.dropped)}); "
-                          f"device {result.metadata['device']}.")
-        if extras["k_table"]:
-            for kk, ll, se in extras["k_table"]:
-                feedback.pushInfo(f"K = {kk}: held-out log-likelihood per unit {ll:.4f} (SE {se:.4f})")
-        test = result.metadata.get("effect_test")
-        if test:
-            feedback.pushInfo(f"Held-out test of the {test['clusters']} clusters' effects (sequential cross-fold "
-                              f"AUTOC): {test['estimate']:.4f} (SE {test['std_err']:.4f}), p = {test['p_value']:.4f}.")
-        feedback.pushInfo(f"{result.metadata['k_rule']}.")
-        forest = result.metadata.get("forest_test")
-        if forest:
-            feedback.pushInfo(f"Causal forest's heterogeneity test on the same units and folds: held-out AUTOC "
-                              f"{forest['estimate']:.4f} (SE {forest['std_err']:.4f}), p = {forest['p_value']:.4f}"
-                              + (": it supports heterogeneity." if forest["supports_clusters"] else
-                                 ": it does not support the clusters (see the warning)."))
-        feedback.pushInfo(f"Outcome noise: {result.metadata['noise']}.")
-        for row in extras["clusters"]:
-            feedback.pushInfo(f"Cluster {row[0]}: model effect {row[1]:.3f} [{row[2]:.3f}, {row[3]:.3f}], "
-                              f"share {row[4]:.2f}, sigma control {row[5]:.3f}, treated {row[6]:.3f}; held-out "
-                              f"effect of its {row[9]} units {row[7]:.3f} (SE {row[8]:.3f})")
-
+        log_clusters(feedback, len(features), study, result, extras)
         # Every number is in hand: the outputs are written only now.
+        k = result.metadata["n_clusters"]
+        dest_id = self._write_units(parameters, context, source, features, study, result)
+        table_id = write_table(self, parameters, context, extras["clusters"], self.OUTPUT_CLUSTERS, CLUSTER_COLUMNS) \
+            if parameters.get(self.OUTPUT_CLUSTERS) else None   # optional: qgis_process runs without it
+        model_path, salience_dir = self._write_model(parameters, context, feedback, salience_dir, study, result,
+                                                     extras, study_values)
+        results = self.keep_result(context, dest_id, {
+            self.OUTPUT: dest_id, self.OUTPUT_CLUSTERS: table_id, self.OUTPUT_MODEL: model_path or None,
+            self.OUTPUT_SALIENCE: salience_dir, "N_CLUSTERS": k, "ATE": result.ate, "ATE_SE": result.ate_se,
+            "N_USED": result.n_used, "N_DROPPED": result.n_dropped},
+            dict(result.metadata, algorithm="geocate:imageclusters", parameters=dict(
+                study_record(source, study_values), CLUSTER=cluster, STRATA=strata, PROPENSITY=known,
+                CLUSTERS=n_clusters, MAX_CLUSTERS=max_clusters, EPOCHS=epochs, DEVICE=device,
+                NOISE=NOISE_MODELS[noise], FOREST_CHECK=forest_check, **imagery_values),
+                 n_units=len(features), n_used=result.n_used, n_dropped=result.n_dropped, ate=result.ate,
+                 ate_se=result.ate_se), feedback)
+        report = self.output_file(parameters, self.OUTPUT_REPORT, context)
+        if report:
+            self._write_report(report, study, result, extras, study_values)
+            results[self.OUTPUT_REPORT] = report
+            feedback.pushInfo(f"Report: {self.final_path(report)}.")
+        return results
+
+    def _write_units(self, parameters, context, source, features, study, result):
+        """The units with their out-of-fold effects and cluster probabilities: the sink, checked; its id."""
+        k = result.metadata["n_clusters"]
         extra_fields = RESULT_FIELDS + tuple((f"p_{j + 1}", QVariant.Double) for j in range(k))
         fields, kept = output_fields(source.fields(), extra_fields)
         sink, dest_id = self.create_sink(parameters, self.OUTPUT, context, fields, source.wkbType(),
@@ -177,48 +208,32 @@ class ImageClustersAlgorithm(GeoCateAlgorithm):
             raise QgsProcessingException(f"Writing the output failed: {sink.lastError()}. Nothing was written.")
         del sink
         self.verify_written(dest_id, len(features))
-        table_id = None
-        if parameters.get(self.OUTPUT_CLUSTERS):  # optional: qgis_process runs without it
-            table_id = write_table(self, parameters, context, extras["clusters"], self.OUTPUT_CLUSTERS,
-                                   CLUSTER_COLUMNS)
+        return dest_id
+
+    def _write_model(self, parameters, context, feedback, salience_dir, study, result, extras, study_values):
+        """The ONNX model (with its .onnx.json) and the salience rasters, when asked for and possible:
+        (model path or None, salience folder or None)."""
+        from ..core.clusters import export_onnx
+
         model_path = self.output_file(parameters, self.OUTPUT_MODEL, context)  # its .json travels with it
         if extras["model"] is None and (model_path or salience_dir):
             feedback.pushWarning("The cluster model file and the salience rasters cover one window at one date seen "
                                  "through random convolutions; this run used wider scales, later dates or an ONNX "
                                  "encoder, so neither is written.")
-            model_path = salience_dir = None
+            return None, None
         if model_path:
             export_onnx(extras["model"], model_path, len(study.bands), study_values["window"],
                         len(result.metadata["covariates"]),   # with STRATA, the strata's indicators too
-                        {"algorithm": "geocate:imageclusters", "n_clusters": k, "bands_used": list(study.bands),
-                         "covariates": result.metadata["covariates"], "band_scaling": result.metadata["band_scaling"],
-                         "clusters": extras["clusters"], "seed": study_values["seed"],
-                         "covariate_means": extras["covariate_means"], "pixel_size_m": study.pixel_size_m})
+                        {"algorithm": "geocate:imageclusters", "n_clusters": result.metadata["n_clusters"],
+                         "bands_used": list(study.bands), "covariates": result.metadata["covariates"],
+                         "band_scaling": result.metadata["band_scaling"], "clusters": extras["clusters"],
+                         "seed": study_values["seed"], "covariate_means": extras["covariate_means"],
+                         "pixel_size_m": study.pixel_size_m})
             feedback.pushInfo(f"Model: {self.final_path(model_path)} (with its description, .onnx.json).")
         if salience_dir:
             written = self._write_salience(salience_dir, study, result, extras, study_values)
             feedback.pushInfo(f"{written} salience raster(s) written to {salience_dir}.")
-        results = self.keep_result(context, dest_id, {
-            self.OUTPUT: dest_id, self.OUTPUT_CLUSTERS: table_id, self.OUTPUT_MODEL: model_path or None,
-            self.OUTPUT_SALIENCE: salience_dir, "N_CLUSTERS": k, "ATE": result.ate, "ATE_SE": result.ate_se,
-            "N_USED": result.n_used, "N_DROPPED": result.n_dropped},
-            dict(result.metadata, algorithm="geocate:imageclusters", parameters={
-                "INPUT": source.sourceName(), "TREATMENT": study_values["treatment"],
-                "OUTCOME": study_values["outcome"], "COVARIATES": study_values["covariates"],
-                "RASTER": study_values["raster"], "BANDS": study_values["bands"], "PATCH_SIZE": study_values["window"],
-                "NODATA": study_values["nodata"], "SEED": study_values["seed"],
-                "SPATIAL_BLOCK": study_values["spatial_block"], "CLUSTER": cluster, "STRATA": strata,
-                "PROPENSITY": known, "CLUSTERS": n_clusters,
-                "MAX_CLUSTERS": max_clusters, "EPOCHS": epochs, "DEVICE": device,
-                "NOISE": NOISE_MODELS[noise], "FOREST_CHECK": forest_check, **imagery_values},
-                 n_units=len(features), n_used=result.n_used, n_dropped=result.n_dropped, ate=result.ate,
-                 ate_se=result.ate_se), feedback)
-        report = self.output_file(parameters, self.OUTPUT_REPORT, context)
-        if report:
-            self._write_report(report, study, result, extras, study_values)
-            results[self.OUTPUT_REPORT] = report
-            feedback.pushInfo(f"Report: {self.final_path(report)}.")
-        return results
+        return model_path, salience_dir
 
     def _write_report(self, report, study, result, extras, study_values):
         """The cluster report, with each cluster's most typical unit and where the model looks in its window."""

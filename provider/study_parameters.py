@@ -99,6 +99,16 @@ def read_study_parameters(algorithm, parameters, context):
     return source, values
 
 
+def study_record(source, values):
+    """The shared parameters as the run record keeps them (read_study_parameters' values under their names):
+    written once here, not retyped by each algorithm."""
+    record = {INPUT: source.sourceName(), TREATMENT: values["treatment"], OUTCOME: values["outcome"],
+              COVARIATES: values["covariates"], RASTER: values["raster"], BANDS: values["bands"],
+              PATCH_SIZE: values["window"], NODATA: values["nodata"], SEED: values["seed"]}
+    record[SPATIAL_BLOCK] = values["spatial_block"]
+    return record
+
+
 def raster_path(layer, given=None):
     """The file behind a raster layer, or a clear error if it is not a GDAL raster (``given``: what the user
     gave, to tell a file that cannot be read from no raster at all)."""
