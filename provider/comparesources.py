@@ -22,6 +22,7 @@ from .study_parameters import (
     read_design_parameters,
     read_imagery_parameters,
     read_study_parameters,
+    study_record,
 )
 
 
@@ -118,10 +119,7 @@ class CompareSourcesAlgorithm(GeoCateAlgorithm):
         autoc = {test.priority: test.estimate for test in comparison["tests"]["AUTOC"]}
         adds = [t.p_value for t in comparison["test_differences"]["AUTOC"] if t.priority == "imagery + covariates - covariates"]
         metadata = run_metadata("geocate:comparesources", {
-            "INPUT": source.sourceName(), "TREATMENT": study_values["treatment"], "OUTCOME": study_values["outcome"],
-            "COVARIATES": study_values["covariates"], "RASTER": study_values["raster"], "BANDS": study_values["bands"],
-            "PATCH_SIZE": study_values["window"], "NODATA": study_values["nodata"], "SEED": study_values["seed"],
-            "SPATIAL_BLOCK": study_values["spatial_block"], "BOOTSTRAP": n_draws, "DESIGN": design_kind,
+            **study_record(source, study_values), "BOOTSTRAP": n_draws, "DESIGN": design_kind,
             "CLUSTER": cluster, "STRATA": strata, "PROPENSITY": known,
             "COMPARE": compare, **imagery_values}, started, feature_pipeline=comparison["feature_pipeline"],
             study_design=comparison["study_design"], propensity=comparison["propensity"],

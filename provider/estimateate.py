@@ -24,6 +24,7 @@ from .study_parameters import (
     read_sensitivity_parameters,
     read_study_parameters,
     report_sensitivity,
+    study_record,
 )
 
 DESIGNS = ("observational", "randomized")
@@ -149,10 +150,7 @@ class EstimateAteAlgorithm(GeoCateAlgorithm):
                               f"({worst[0]}).")
         dest_id = write_table(self, parameters, context, rows, columns=EFFECT_COLUMNS)
         metadata = dict(metadata, algorithm="geocate:estimateate", balance=out["balance"], parameters={
-            "INPUT": source.sourceName(), "TREATMENT": study["treatment"], "OUTCOME": study["outcome"],
-            "COVARIATES": study["covariates"], "RASTER": study["raster"], "BANDS": study["bands"],
-            "PATCH_SIZE": study["window"], "NODATA": study["nodata"], "SEED": study["seed"], "DESIGN": kind,
-            "TRIM": TRIMS[trim_choice], "CLUSTER": cluster, "SPATIAL_BLOCK": study["spatial_block"],
+            **study_record(source, study), "DESIGN": kind, "TRIM": TRIMS[trim_choice], "CLUSTER": cluster,
             "CF_Y": strengths[0], "CF_D": strengths[1], "RHO": strengths[2],
             **imagery_values},
             timings={"total_s": round(time.monotonic() - started, 3)})

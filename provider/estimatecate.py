@@ -31,6 +31,7 @@ from .study_parameters import (
     read_sensitivity_parameters,
     read_study_parameters,
     report_sensitivity,
+    study_record,
 )
 
 
@@ -108,6 +109,7 @@ class EstimateCateAlgorithm(GeoCateAlgorithm):
         from ..core.study import describe_dropped
 
         source, study = read_study_parameters(self, parameters, context)
+        shared = study_record(source, study)   # the shared parameters' record ("study" becomes the Study below)
         treatment, outcome, covariates = study["treatment"], study["outcome"], study["covariates"]
         path, bands, window, nodata, seed = study["raster"], study["bands"], study["window"], study["nodata"], study["seed"]
         n_groups = self.parameterAsInt(parameters, self.GROUPS, context)
@@ -180,9 +182,7 @@ class EstimateCateAlgorithm(GeoCateAlgorithm):
         self.verify_written(dest_id, len(features))
 
         metadata = dict(result.metadata, algorithm="geocate:estimatecate", parameters={
-            "INPUT": source.sourceName(), "TREATMENT": treatment, "OUTCOME": outcome,
-            "COVARIATES": covariates, "RASTER": path, "BANDS": bands, "PATCH_SIZE": window,
-            "NODATA": nodata, "SEED": seed, "GROUPS": n_groups, "CLUSTER": cluster, "SPATIAL_BLOCK": spatial_block,
+            **shared, "GROUPS": n_groups, "CLUSTER": cluster,
             "OUTCOME_CORRECTION": self.parameterAsFile(parameters, self.OUTCOME_CORRECTION, context) or None,
             "CORRECTION": method if correction is not None else None,
             "OUTCOME_TRUTH": self.parameterAsString(parameters, self.OUTCOME_TRUTH, context) or None,

@@ -33,6 +33,7 @@ from .study_parameters import (
     read_design_parameters,
     read_imagery_parameters,
     read_study_parameters,
+    study_record,
 )
 
 EXTENT, MASK, STRIDE, METHOD, DASK_SCHEDULER, OUTPUT = "EXTENT", "MASK", "STRIDE", "METHOD", "DASK_SCHEDULER", "OUTPUT"
@@ -260,10 +261,7 @@ class MapEffectsAlgorithm(GeoCateAlgorithm):
             feedback.pushWarning(f"{summary['share_outside_support']:.0%} of the mapped area lies outside the trial's "
                                  "support: read effects there as extrapolations, not estimates.")
         metadata = run_metadata("geocate:mapeffects", {
-            "INPUT": source.sourceName(), "TREATMENT": study["treatment"], "OUTCOME": study["outcome"],
-            "COVARIATES": study["covariates"], "RASTER": study["raster"], "BANDS": study["bands"],
-            "PATCH_SIZE": study["window"], "NODATA": study["nodata"], "SEED": study["seed"],
-            "SPATIAL_BLOCK": study["spatial_block"], "CLUSTER": cluster, "STRATA": strata, "PROPENSITY": known,
+            **study_record(source, study), "CLUSTER": cluster, "STRATA": strata, "PROPENSITY": known,
             "DESIGN": design_kind, "METHOD": method, "EXTENT": extent, "STRIDE": stride,
             "MASK": bool(mask), "DASK_SCHEDULER": scheduler, **imagery_values}, started,
             **{k: v for k, v in summary.items() if k != "unit_support"})

@@ -32,6 +32,7 @@ from .study_parameters import (
     read_design_parameters,
     read_imagery_parameters,
     read_study_parameters,
+    study_record,
 )
 from .styles import TREAT_STYLE
 
@@ -285,10 +286,7 @@ class TargetingAlgorithm(GeoCateAlgorithm):
                                   f"Cells to treat ({study['outcome']})", study["raster"])
 
         metadata = run_metadata("geocate:targeting", {
-            "INPUT": source.sourceName(), "TREATMENT": study["treatment"], "OUTCOME": study["outcome"],
-            "COVARIATES": study["covariates"], "RASTER": study["raster"], "BANDS": study["bands"],
-            "PATCH_SIZE": study["window"], "NODATA": study["nodata"], "SEED": study["seed"],
-            "SPATIAL_BLOCK": study["spatial_block"], "CLUSTER": cluster, "STRATA": strata, "PROPENSITY": known,
+            **study_record(source, study), "CLUSTER": cluster, "STRATA": strata, "PROPENSITY": known,
             "DESIGN": design_kind, "BUDGET": budget_value, "COST": cost_field, "PRIORITY_FIELD": priority_field,
             "TREE_DEPTH": depth, "CANDIDATES": candidate_source.sourceName() if candidate_source else None,
             "OUTSIDE_SUPPORT": outside, **imagery_values}, started,
