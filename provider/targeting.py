@@ -71,6 +71,34 @@ def field_values(features, name):
     return np.array([as_number(f[name]) for f in features], float)
 
 
+
+def log_plan(feedback, n_features, result, plan, depth):
+    """The run's log: warnings, units, the rule and its budget, the GAIN (pooled, in total, fold by fold), the rules
+    compared, the policy tree, and the plain sentence (a warning without detected heterogeneity)."""
+    record = plan.metadata
+    for warning in result.metadata.get("warnings", []):
+        feedback.pushWarning(warning)
+    feedback.pushInfo(f"Units: {n_features} in the layer, {result.n_used} used, {result.n_dropped} dropped.")
+    feedback.pushInfo(f"Rule: {record['rule']}; budget {record['budget']['described']}: {record['n_treat']} "
+                      f"units treated ({record['treated_share']:.0%}).")
+    feedback.pushInfo(plan.value.describe())
+    total = record["totals"]["vs_random"]
+    feedback.pushInfo(f"In total over the {record['n_units']} units: {total['estimate']:.4g} more than a random set "
+                      f"of the same size (SE {total['std_err']:.3g}; the outcome's units).")
+    sequential = record["sequential_gain"]
+    feedback.pushInfo(f"GAIN judged fold by fold: {sequential['estimate']:.4g} (SE {sequential['std_err']:.3g}; "
+                      f"one-sided p {sequential['p_value']:.3g}).")
+    if plan.comparison is not None:
+        for row in record["comparison"]["rules"]:
+            feedback.pushInfo(f"Rule '{row['rule']}': GAIN {row['gain']:.4g} (SE {row['std_err']:.3g}), "
+                              f"{row['n_treat']} treated.")
+        for d in record["comparison"]["differences"]:
+            feedback.pushInfo(f"{d['first']} - {d['second']}: GAIN {d['estimate']:+.4g} (SE {d['std_err']:.3g}, "
+                              f"p {d['p_value']:.3g}).")
+    if plan.tree is not None:
+        feedback.pushInfo(f"Policy tree (depth {depth}), learnt on every unit:\n{plan.tree.describe()}")
+    (feedback.pushInfo if result.heterogeneity.p_value < 0.05 else feedback.pushWarning)(plan.message)
+
 class TargetingAlgorithm(GeoCateAlgorithm):
     result_style = TREAT_STYLE
     short_description = ("Where the programme should go next: ranks units (and new candidates, and map cells) by "
@@ -158,7 +186,7 @@ class TargetingAlgorithm(GeoCateAlgorithm):
 
     def processAlgorithm(self, parameters, context, feedback):  # noqa: N802 - QGIS's name
         from ..core.design import StudyDesign
-        from ..core.plan import Budget, MapRequest, plan_targeting
+        from ..core.plan import Budget, plan_targeting
 
         started = time.monotonic()
         source, study = read_study_parameters(self, parameters, context)
@@ -174,73 +202,88 @@ class TargetingAlgorithm(GeoCateAlgorithm):
         features, units = read_units(source, study["treatment"], study["outcome"], study["covariates"], feedback,
                                      cluster, strata, known)
         correction, method, _ = read_outcome_correction(self, parameters, context, source, features)
-        cost = None
-        if cost_field:
-            check_numeric_field(source.fields(), cost_field, "cost")
-            cost = field_values(features, cost_field)
-        priorities = {}
-        if priority_field:
-            check_numeric_field(source.fields(), priority_field, "priority")
-            priorities[priority_field] = field_values(features, priority_field)
-
-        candidate_features, candidates = [], None
-        candidate_source = self.parameterAsSource(parameters, CANDIDATES, context) if parameters.get(CANDIDATES) \
-            else None
-        if candidate_source is not None:
-            candidate_features, candidates = read_candidates(candidate_source, cost_field)
-        map_request, map_final = None, None
-        if parameters.get(EXTENT) not in (None, ""):
-            from .mapeffects import read_map_parameters
-
-            raster_layer = self.parameterAsRasterLayer(parameters, "RASTER", context)
-            extent, _, stride, _ = read_map_parameters(self, parameters, context, raster_layer)
-            if parameters.get(OUTPUT_MAP):
-                map_final = self.parameterAsOutputLayer(parameters, OUTPUT_MAP, context)
-                map_path = self._files.partial(map_final)
-            else:   # for the report alone: a scratch folder, removed when the run ends, failed or not
-                map_path = os.path.join(self.scratch_folder(), "targeting_map.tif")
-            map_request = MapRequest(map_path, extent=extent, stride=stride)
-        elif parameters.get(OUTPUT_MAP):
-            raise QgsProcessingException("A map of cells to treat needs an extent to map (EXTENT). Give one, or "
-                                         "leave the map output empty.")
-        if candidates is None and parameters.get(OUTPUT_CANDIDATES):
-            raise QgsProcessingException("An output for the candidates was asked for, but no CANDIDATES layer was "
-                                         "given. Give the layer of units to rank, or leave that output empty.")
-
-        progress = progress_to(feedback, 5, 95)
-
+        cost, priorities = self._unit_fields(source, features, cost_field, priority_field)
+        candidate_source, candidate_features, candidates = self._candidates(parameters, context, cost_field)
+        map_request, map_final = self._map_request(parameters, context)
         study_out, result, plan = plan_targeting(
             units, study["raster"], budget, study["bands"], study["window"], study["nodata"], study["seed"],
             cost=cost, cost_name=cost_field or "cost", priorities=priorities, tree_depth=depth,
             candidates=candidates, map_request=map_request, outside_support=outside,
             spatial_block=study["spatial_block"], study_design=StudyDesign(design_kind, seed=study["seed"]),
-            imagery=imagery, outcome_correction=correction, correction=method, progress=progress,
+            imagery=imagery, outcome_correction=correction, correction=method, progress=progress_to(feedback, 5, 95),
             is_cancelled=feedback.isCanceled)
+        log_plan(feedback, len(features), result, plan, depth)
+        dest_id = self._write_units(parameters, context, source, features, study_out, result, plan, depth)
+        results = self._outputs(parameters, context, feedback, dest_id, study, result, plan, candidate_source,
+                                candidate_features, map_final, outside)
+        metadata = run_metadata("geocate:targeting", {
+            **study_record(source, study), "CLUSTER": cluster, "STRATA": strata, "PROPENSITY": known,
+            "DESIGN": design_kind, "BUDGET": budget_value, "COST": cost_field, "PRIORITY_FIELD": priority_field,
+            "TREE_DEPTH": depth, "CANDIDATES": candidate_source.sourceName() if candidate_source else None,
+            "OUTSIDE_SUPPORT": outside, **imagery_values}, started,
+            **{k: v for k, v in result.metadata.items() if k not in ("timings",)},
+            n_units=len(features), n_used=result.n_used, n_dropped=result.n_dropped)
+        results = self.keep_result(context, dest_id, results, metadata, feedback)
+        report = self.output_file(parameters, OUTPUT_REPORT, context)
+        if report:
+            import tempfile
 
-        record = plan.metadata
-        for warning in result.metadata.get("warnings", []):
-            feedback.pushWarning(warning)
-        feedback.pushInfo(f"Units: {len(features)} in the layer, {result.n_used} used, {result.n_dropped} dropped.")
-        feedback.pushInfo(f"Rule: {record['rule']}; budget {record['budget']['described']}: {record['n_treat']} "
-                          f"units treated ({record['treated_share']:.0%}).")
-        feedback.pushInfo(plan.value.describe())
-        total = record["totals"]["vs_random"]
-        feedback.pushInfo(f"In total over the {record['n_units']} units: {total['estimate']:.4g} more than a random set "
-                          f"of the same size (SE {total['std_err']:.3g}; the outcome's units).")
-        sequential = record["sequential_gain"]
-        feedback.pushInfo(f"GAIN judged fold by fold: {sequential['estimate']:.4g} (SE {sequential['std_err']:.3g}; "
-                          f"one-sided p {sequential['p_value']:.3g}).")
-        if plan.comparison is not None:
-            for row in record["comparison"]["rules"]:
-                feedback.pushInfo(f"Rule '{row['rule']}': GAIN {row['gain']:.4g} (SE {row['std_err']:.3g}), "
-                                  f"{row['n_treat']} treated.")
-            for d in record["comparison"]["differences"]:
-                feedback.pushInfo(f"{d['first']} - {d['second']}: GAIN {d['estimate']:+.4g} (SE {d['std_err']:.3g}, "
-                                  f"p {d['p_value']:.3g}).")
-        if plan.tree is not None:
-            feedback.pushInfo(f"Policy tree (depth {depth}), learnt on every unit:\n{plan.tree.describe()}")
-        (feedback.pushInfo if result.heterogeneity.p_value < 0.05 else feedback.pushWarning)(plan.message)
+            from ..core.report import targeting_report
 
+            with tempfile.TemporaryDirectory(prefix="geocate-") as folder:
+                targeting_report(metadata, report, folder, map_request.path if map_request else None)
+            results[OUTPUT_REPORT] = report
+            feedback.pushInfo(f"Report: {self.final_path(report)}.")
+        return results
+
+    def _unit_fields(self, source, features, cost_field, priority_field):
+        """(the units' costs or None, {PRIORITY_FIELD: its values}), each field checked to be numeric."""
+        cost, priorities = None, {}
+        if cost_field:
+            check_numeric_field(source.fields(), cost_field, "cost")
+            cost = field_values(features, cost_field)
+        if priority_field:
+            check_numeric_field(source.fields(), priority_field, "priority")
+            priorities[priority_field] = field_values(features, priority_field)
+        return cost, priorities
+
+    def _candidates(self, parameters, context, cost_field):
+        """(CANDIDATES' source or None, its features, core.plan candidates or None); an output for candidates
+        without a CANDIDATES layer is refused."""
+        source = self.parameterAsSource(parameters, CANDIDATES, context) if parameters.get(CANDIDATES) else None
+        if source is None:
+            if parameters.get(OUTPUT_CANDIDATES):
+                raise QgsProcessingException("An output for the candidates was asked for, but no CANDIDATES layer "
+                                             "was given. Give the layer of units to rank, or leave that output "
+                                             "empty.")
+            return None, [], None
+        features, candidates = read_candidates(source, cost_field)
+        return source, features, candidates
+
+    def _map_request(self, parameters, context):
+        """(core.plan.MapRequest or None, the map output's final path or None); a map output without EXTENT is
+        refused."""
+        from ..core.plan import MapRequest
+
+        if parameters.get(EXTENT) in (None, ""):
+            if parameters.get(OUTPUT_MAP):
+                raise QgsProcessingException("A map of cells to treat needs an extent to map (EXTENT). Give one, "
+                                             "or leave the map output empty.")
+            return None, None
+        from .mapeffects import read_map_parameters
+
+        raster_layer = self.parameterAsRasterLayer(parameters, "RASTER", context)
+        extent, _, stride, _ = read_map_parameters(self, parameters, context, raster_layer)
+        map_final = None
+        if parameters.get(OUTPUT_MAP):
+            map_final = self.parameterAsOutputLayer(parameters, OUTPUT_MAP, context)
+            map_path = self._files.partial(map_final)
+        else:   # for the report alone: a scratch folder, removed when the run ends, failed or not
+            map_path = os.path.join(self.scratch_folder(), "targeting_map.tif")
+        return MapRequest(map_path, extent=extent, stride=stride), map_final
+
+    def _write_units(self, parameters, context, source, features, study_out, result, plan, depth):
+        """The units with priority, treat, cate and its interval, support (and tree_treat): the sink; its id."""
         fields, kept = output_fields(source.fields(), UNIT_FIELDS + (TREE_FIELD if depth else ()))
         sink, dest_id = self.create_sink(parameters, OUTPUT, context, fields, source.wkbType(), source.sourceCrs())
         columns = {"priority": np.where(plan.priority > 0, plan.priority, np.nan),
@@ -252,7 +295,12 @@ class TargetingAlgorithm(GeoCateAlgorithm):
             raise QgsProcessingException(f"Writing the output failed: {sink.lastError()}")
         del sink
         self.verify_written(dest_id, len(features))
+        return dest_id
 
+    def _outputs(self, parameters, context, feedback, dest_id, study, result, plan, candidate_source,
+                 candidate_features, map_final, outside):
+        """The output numbers, the candidates layer and the map (logged): the results dict."""
+        record, sequential = plan.metadata, plan.metadata["sequential_gain"]
         results = {OUTPUT: dest_id, "GAIN": plan.value.gain.estimate, "GAIN_SE": plan.value.gain.std_err,
                    "GAIN_SEQUENTIAL": sequential["estimate"], "GAIN_SEQUENTIAL_SE": sequential["std_err"],
                    "VS_RANDOM": plan.value.vs_random.estimate, "VS_RANDOM_SE": plan.value.vs_random.std_err,
@@ -284,25 +332,6 @@ class TargetingAlgorithm(GeoCateAlgorithm):
                 results[OUTPUT_MAP] = map_final
                 style_map_on_load(self, map_final, dict(m, window_size_px=study["window"]),
                                   f"Cells to treat ({study['outcome']})", study["raster"])
-
-        metadata = run_metadata("geocate:targeting", {
-            **study_record(source, study), "CLUSTER": cluster, "STRATA": strata, "PROPENSITY": known,
-            "DESIGN": design_kind, "BUDGET": budget_value, "COST": cost_field, "PRIORITY_FIELD": priority_field,
-            "TREE_DEPTH": depth, "CANDIDATES": candidate_source.sourceName() if candidate_source else None,
-            "OUTSIDE_SUPPORT": outside, **imagery_values}, started,
-            **{k: v for k, v in result.metadata.items() if k not in ("timings",)},
-            n_units=len(features), n_used=result.n_used, n_dropped=result.n_dropped)
-        results = self.keep_result(context, dest_id, results, metadata, feedback)
-        report = self.output_file(parameters, OUTPUT_REPORT, context)
-        if report:
-            import tempfile
-
-            from ..core.report import targeting_report
-
-            with tempfile.TemporaryDirectory(prefix="geocate-") as folder:
-                targeting_report(metadata, report, folder, map_request.path if map_request else None)
-            results[OUTPUT_REPORT] = report
-            feedback.pushInfo(f"Report: {self.final_path(report)}.")
         return results
 
     def _write_candidates(self, parameters, context, source, features, ranked):
