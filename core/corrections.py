@@ -203,6 +203,17 @@ def ate_by_correction(correction, prediction, treated, inputs=None, folds=None, 
             for method, (values, _) in corrected_outcomes(correction, prediction).items()}
 
 
+def correction_record(correction, method, prediction, treated, inputs=None, folds=None, clusters=None, seed=42):
+    """What the run record says of an outcome taken from a map (estimatecate, evaluate): the correction used
+    (``method``), the map, the units outside the range the correction was fit on, and the DR ATE under every
+    correction on the same inputs, folds and clusters (ate_by_correction). ``prediction``: the map's values."""
+    ates = ate_by_correction(correction, prediction, treated, inputs, folds, clusters, seed)
+    return {"correction": method, "outcome": correction.outcome, "map": correction.map,
+            "outside_range": int(correction.apply(prediction, "none")[1].sum()),
+            "validation_range": [correction.low, correction.high],
+            "ate_by_correction": {m: {"estimate": a.estimate, "std_err": a.std_err} for m, a in ates.items()}}
+
+
 def prediction_powered_ate(prediction, truth, treated, clusters=None, propensity=None):
     """The prediction-powered (rectified) ATE of a trial whose outcome is a model's prediction everywhere and
     the truth on a random subset of units (Angelopoulos et al. 2023, Science).

@@ -7,7 +7,7 @@ import time
 
 import numpy as np
 
-from .corrections import ate_by_correction, corrected_outcomes, prediction_powered_ate
+from .corrections import corrected_outcomes, correction_record, prediction_powered_ate
 from .crossfit import Folds, location_folds, location_ids, stratified_folds
 from .errors import GeoCateError
 from .evaluate import (
@@ -506,11 +506,8 @@ def predicted_outcome_record(study, learner, inputs, groups, versions, correctio
     used, W = study.used, study.treated[study.used].astype(int)
     record = {}
     if versions is not None:
-        ates = {method: {"estimate": ate.estimate, "std_err": ate.std_err} for method, ate in ate_by_correction(
-            outcome_correction, versions["none"][0][used], W, inputs, learner.fold_, groups).items()}
-        record.update(correction=correction, outcome=outcome_correction.outcome, map=outcome_correction.map,
-                      outside_range=int(versions["none"][1][used].sum()),
-                      validation_range=[outcome_correction.low, outcome_correction.high], ate_by_correction=ates)
+        record.update(correction_record(outcome_correction, correction, versions["none"][0][used], W, inputs,
+                                        learner.fold_, groups))
     if outcome_truth is not None:
         truth = np.asarray(outcome_truth, float)[used]
         ppi = prediction_powered_ate(study.outcome[used], truth, W, groups)

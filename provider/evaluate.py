@@ -25,6 +25,38 @@ from .study_parameters import add_design_parameters, read_design_parameters
 from .widgets import field_role
 
 
+def read_rows(source, rules, treatment, outcome, covariates, spatial, cluster, strata, known, feedback):
+    """One row per feature: (priorities, treatment, outcome, covariates, point, cluster, stratum, probability)."""
+    rows = []
+    for feature in source.getFeatures():
+        if feedback.isCanceled():
+            raise QgsProcessingException("The run was cancelled. Nothing was written.")
+        rows.append(([as_number(feature[r]) for r in rules], as_number(feature[treatment]),
+                     as_number(feature[outcome]), [as_number(feature[c]) for c in covariates],
+                     unit_point(feature.geometry()) if spatial else (np.nan, np.nan),
+                     as_label(feature[cluster]) if cluster else None,
+                     as_label(feature[strata]) if strata else None,
+                     as_number(feature[known]) if known else np.nan))
+    return rows
+
+
+def log_evaluation(feedback, n, evaluation, design_kind):
+    """The run's log: units, bootstrap clusters and blocks, the few-clusters warning, every RATE."""
+    from ..core.study import describe_dropped
+
+    feedback.pushInfo(f"Units: {n} in the layer, {int(evaluation.used.sum())} used "
+                      f"({describe_dropped(evaluation.dropped)}); {evaluation.n_clusters} bootstrap clusters"
+                      + (f", spatial blocks of {evaluation.block_size:.0f} m" if evaluation.block_size else "") + ".")
+    if evaluation.n_clusters < 40 and design_kind == "randomized":
+        feedback.pushWarning(f"Only {evaluation.n_clusters} clusters: the half-sample bootstrap understates the "
+                             "uncertainty with so few, so each standard error is also taken from assigning "
+                             "treatment again as the design did (whole clusters when clusters were assigned "
+                             "whole), and the larger is used.")
+    for rate in evaluation.rates["AUTOC"] + evaluation.rates["QINI"]:
+        feedback.pushInfo(f"{rate.target} {rate.priority}: {rate.estimate:.4f} (SE {rate.std_err:.4f}, "
+                          f"95 % [{rate.ci[0]:.4f}, {rate.ci[1]:.4f}], p = {rate.p_value:.3g})")
+
+
 class EvaluateAlgorithm(GeoCateAlgorithm):
     INPUT, PRIORITY, PRIORITY_2, TREATMENT, OUTCOME = "INPUT", "PRIORITY", "PRIORITY_2", "TREATMENT", "OUTCOME"
     COVARIATES, CLUSTER, SPATIAL_BLOCK, GROUPS = "COVARIATES", "CLUSTER", "SPATIAL_BLOCK", "GROUPS"
@@ -122,28 +154,8 @@ class EvaluateAlgorithm(GeoCateAlgorithm):
         n_draws = self.parameterAsInt(parameters, self.BOOTSTRAP, context)
         seed = self.parameterAsInt(parameters, self.SEED, context)
 
-        fields = source.fields()
         rules = [priority] + ([priority_2] if priority_2 else [])
-        if "cate" in rules and fields.lookupField("cate_se") >= 0:   # GeoCATE's own cross-fitted CATE
-            feedback.pushWarning(
-                "The priority 'cate' is GeoCATE's own estimate, cross-fitted on these same units: its AUTOC here "
-                "describes the ranking but is not a valid test. The test of heterogeneity for it is the "
-                "sequential cross-fold test that 'Estimate treatment effects from imagery' reports (AUTOC_P).")
-        for name, role in [(treatment, "treatment"), (outcome, "outcome")] + [(r, "priority") for r in rules] + [
-                (c, "covariate") for c in covariates]:
-            check_numeric_field(fields, name, role)
-        for rule in rules:
-            if rule in (outcome, treatment):
-                raise QgsProcessingException(
-                    f"The priority '{rule}' is the {'outcome' if rule == outcome else 'treatment'} being evaluated: "
-                    "a priority must be built without these units' outcomes (e.g. a CATE from a model that did not "
-                    "see them, or a poverty score). Choose another priority field.")
-        if cluster and fields.lookupField(cluster) < 0:
-            raise QgsProcessingException(f"The cluster field '{cluster}' does not exist. Choose one of the layer's fields.")
-        if strata and fields.lookupField(strata) < 0:
-            raise QgsProcessingException(f"The strata field '{strata}' does not exist. Choose one of the layer's fields.")
-        if known:
-            check_numeric_field(fields, known, "assignment probability")
+        self._check_fields(source.fields(), rules, treatment, outcome, covariates, cluster, strata, known, feedback)
         spatial = source.wkbType() != QgsWkbTypes.NoGeometry
         if spatial_block < 0 and not spatial:   # auto, on a table: no geometry to make blocks of
             feedback.pushInfo("The layer has no geometries: no spatial blocks (folds keep clusters and units whole).")
@@ -151,16 +163,7 @@ class EvaluateAlgorithm(GeoCateAlgorithm):
         if spatial_block and not spatial:
             raise QgsProcessingException("Spatial blocks need geometries, and this layer has none. Set 'Spatial blocks' to 0.")
 
-        rows = []
-        for feature in source.getFeatures():
-            if feedback.isCanceled():
-                raise QgsProcessingException("The run was cancelled. Nothing was written.")
-            rows.append(([as_number(feature[r]) for r in rules], as_number(feature[treatment]),
-                         as_number(feature[outcome]), [as_number(feature[c]) for c in covariates],
-                         unit_point(feature.geometry()) if spatial else (np.nan, np.nan),
-                         as_label(feature[cluster]) if cluster else None,
-                         as_label(feature[strata]) if strata else None,
-                         as_number(feature[known]) if known else np.nan))
+        rows = read_rows(source, rules, treatment, outcome, covariates, spatial, cluster, strata, known, feedback)
         n = len(rows)
         for j, rule in enumerate(rules):
             ranks = np.array([r[0][j] for r in rows], float)
@@ -198,35 +201,17 @@ class EvaluateAlgorithm(GeoCateAlgorithm):
 
         autoc, qini = evaluation.rates["AUTOC"][0], evaluation.rates["QINI"][0]
         predicted = None
-        if correction is not None:
-            from ..core.corrections import ate_by_correction
+        if correction is not None:   # the ATE under every correction, on the evaluation's own folds
+            from ..core.corrections import correction_record
 
             used = evaluation.used
-            covariate_values = np.array([r[3] for r in rows], float).reshape(n, len(covariates))[used] \
-                if covariates else None
-            ates = ate_by_correction(correction, np.array([r[2] for r in rows], float)[used],
-                                     np.array([r[1] for r in rows], int)[used], covariate_values,
-                                     folds=evaluation.folds, clusters=evaluation.groups,
-                                     seed=seed)
-            predicted = {"correction": method, "outcome": correction.outcome, "map": correction.map,
-                         "outside_range": int(correction.apply(np.array([r[2] for r in rows], float)[used],
-                                                               "none")[1].sum()),
-                         "validation_range": [correction.low, correction.high],
-                         "ate_by_correction": {m: {"estimate": a.estimate, "std_err": a.std_err}
-                                               for m, a in ates.items()}}
+            predicted = correction_record(
+                correction, method, np.array([r[2] for r in rows], float)[used],
+                np.array([r[1] for r in rows], int)[used],
+                np.array([r[3] for r in rows], float).reshape(n, len(covariates))[used] if covariates else None,
+                evaluation.folds, evaluation.groups, seed)
             report_predicted_outcome(predicted, feedback)
-        feedback.pushInfo(f"Units: {n} in the layer, {int(evaluation.used.sum())} used "
-                          f"({describe_dropped(evaluation.dropped)}); {evaluation.n_clusters} bootstrap clusters"
-                          + (f", spatial blocks of {evaluation.block_size:.0f} m" if evaluation.block_size else "") + ".")
-        if evaluation.n_clusters < 40 and design_kind == "randomized":
-            feedback.pushWarning(f"Only {evaluation.n_clusters} clusters: the half-sample bootstrap understates the "
-                                 "uncertainty with so few, so each standard error is also taken from assigning "
-                                 "treatment again as the design did (whole clusters when clusters were assigned "
-                                 "whole), and the larger is used.")
-        for rate in evaluation.rates["AUTOC"] + evaluation.rates["QINI"]:
-            feedback.pushInfo(f"{rate.target} {rate.priority}: {rate.estimate:.4f} (SE {rate.std_err:.4f}, "
-                              f"95 % [{rate.ci[0]:.4f}, {rate.ci[1]:.4f}], p = {rate.p_value:.3g})")
-
+        log_evaluation(feedback, n, evaluation, design_kind)
         inputs = {"layer": source.sourceName(), "priority": priority, "second priority": priority_2 or "-",
                   "treatment": treatment, "outcome": outcome, "covariates": ", ".join(covariates) or "-",
                   "cluster": cluster or "-", "units used": int(evaluation.used.sum()),
@@ -262,3 +247,27 @@ class EvaluateAlgorithm(GeoCateAlgorithm):
         return {self.OUTPUT: dest_id, self.OUTPUT_PLOT: plot_path or None, self.OUTPUT_REPORT: report_path or None,
                 "AUTOC": autoc.estimate, "AUTOC_SE": autoc.std_err, "AUTOC_P": autoc.p_value,
                 "QINI": qini.estimate, "QINI_SE": qini.std_err, "N_USED": int(evaluation.used.sum())}
+
+    def _check_fields(self, fields, rules, treatment, outcome, covariates, cluster, strata, known, feedback):
+        """Refuse fields that are missing, not numeric, or a priority that is the outcome or the treatment; warn
+        that GeoCATE's own cate is no valid test here."""
+        if "cate" in rules and fields.lookupField("cate_se") >= 0:   # GeoCATE's own cross-fitted CATE
+            feedback.pushWarning(
+                "The priority 'cate' is GeoCATE's own estimate, cross-fitted on these same units: its AUTOC here "
+                "describes the ranking but is not a valid test. The test of heterogeneity for it is the "
+                "sequential cross-fold test that 'Estimate treatment effects from imagery' reports (AUTOC_P).")
+        for name, role in [(treatment, "treatment"), (outcome, "outcome")] + [(r, "priority") for r in rules] + [
+                (c, "covariate") for c in covariates]:
+            check_numeric_field(fields, name, role)
+        for rule in rules:
+            if rule in (outcome, treatment):
+                raise QgsProcessingException(
+                    f"The priority '{rule}' is the {'outcome' if rule == outcome else 'treatment'} being evaluated: "
+                    "a priority must be built without these units' outcomes (e.g. a CATE from a model that did not "
+                    "see them, or a poverty score). Choose another priority field.")
+        if cluster and fields.lookupField(cluster) < 0:
+            raise QgsProcessingException(f"The cluster field '{cluster}' does not exist. Choose one of the layer's fields.")
+        if strata and fields.lookupField(strata) < 0:
+            raise QgsProcessingException(f"The strata field '{strata}' does not exist. Choose one of the layer's fields.")
+        if known:
+            check_numeric_field(fields, known, "assignment probability")
