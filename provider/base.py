@@ -469,6 +469,22 @@ class GeoCateAlgorithm(QgsProcessingAlgorithm):
                                          "writable. Nothing was written.")
         return sink, dest_id
 
+    def write_units(self, parameters, context, name, source, features, extra_fields, columns):
+        """The input's features with the run's columns added, into the sink ``name`` (created now, with every
+        number in hand), closed and checked; its id. extra_fields: (name, QVariant type) pairs (None: the
+        CATE's); columns: {field: values per feature}."""
+        from qgis.core import QgsFeatureSink, QgsProcessingException
+
+        from .convert import output_fields, result_features
+
+        fields, kept = output_fields(source.fields(), *(() if extra_fields is None else (extra_fields,)))
+        sink, dest_id = self.create_sink(parameters, name, context, fields, source.wkbType(), source.sourceCrs())
+        if not sink.addFeatures(result_features(features, kept, fields, columns), QgsFeatureSink.FastInsert):
+            raise QgsProcessingException(f"Writing the output failed: {sink.lastError()}. Nothing was written.")
+        del sink   # closes the file, so it can be checked and styled
+        self.verify_written(dest_id, len(features))
+        return dest_id
+
     def verify_written(self, dest_id, n_features):
         """After the sink is closed: the file holds every feature (a full disk leaves a GeoPackage without its
         layer while the writer reported success)."""

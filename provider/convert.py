@@ -189,3 +189,10 @@ def write_table(algorithm, parameters, context, rows, output="OUTPUT", columns=T
     del sink
     algorithm.verify_written(dest_id, len(rows))
     return dest_id
+
+
+def unit_columns(study, result):
+    """The CATE's columns of a result layer (RESULT_FIELDS): out-of-fold cate with its interval and SE, the effect
+    group or cluster (null where the unit was not used), patch_ok."""
+    return {"cate": result.cate, "cate_lo": result.cate_lo, "cate_hi": result.cate_hi, "cate_se": result.cate_se,
+            "group": np.where(result.group > 0, result.group, np.nan), "patch_ok": study.patch_ok.astype(int)}

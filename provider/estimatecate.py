@@ -2,10 +2,7 @@
 
 import os
 
-import numpy as np
 from qgis.core import (
-    QgsFeatureSink,
-    QgsProcessingException,
     QgsProcessingOutputNumber,
     QgsProcessingParameterDefinition,
     QgsProcessingParameterFeatureSink,
@@ -13,7 +10,7 @@ from qgis.core import (
 )
 
 from .base import GeoCateAlgorithm, add_report_parameter, progress_to
-from .convert import output_fields, read_units, result_features
+from .convert import read_units, unit_columns
 from .predicted import (
     add_outcome_correction_parameters,
     ppi_outputs,
@@ -33,6 +30,45 @@ from .study_parameters import (
     report_sensitivity,
     study_record,
 )
+
+
+def log_estimate(feedback, n_features, study, result):
+    """The run's log: warnings, units, the ATE, the heterogeneity test and the pooled AUTOC, the clusters of the
+    standard errors, an outcome from a map, the design's propensity."""
+    from ..core.scores import Z95
+    from ..core.study import describe_dropped
+
+    for warning in result.metadata.get("warnings", []):
+        feedback.pushWarning(warning)
+    not_ok = int((~study.patch_ok).sum())
+    feedback.pushInfo(f"Units: {n_features} in the layer, {result.n_used} used, {result.n_dropped} dropped"
+                      f" ({describe_dropped(study.dropped)}).")
+    if not_ok:
+        feedback.pushWarning(f"{not_ok} unit(s) have no usable image window; they keep their row "
+                             "with null effects and patch_ok = 0.")
+    low, high = result.ate - Z95 * result.ate_se, result.ate + Z95 * result.ate_se
+    feedback.pushInfo(f"ATE (doubly robust) = {result.ate:.4f}, SE {result.ate_se:.4f}, "
+                      f"95 % interval [{low:.4f}, {high:.4f}].")
+    autoc, test = result.autoc, result.heterogeneity
+    feedback.pushInfo(f"Heterogeneity: {test.describe()}; held-out AUTOC {test.estimate:.4f}, SE {test.std_err:.4f}.")
+    feedback.pushInfo(f"AUTOC of the pooled out-of-fold CATE (descriptive, not a test) = {autoc.estimate:.4f}.")
+    feedback.pushInfo(f"Standard errors are robust to {result.metadata['fold_groups']} clusters "
+                      f"({result.metadata['clustered_by']}"
+                      + (", spatial blocks" if result.metadata["spatial_block_m"] else "") + ").")
+    if result.metadata["spatial_block_m"]:
+        feedback.pushInfo(f"Folds and bootstrap clusters: spatial blocks of {result.metadata['spatial_block_m']:.0f} m "
+                          f"({result.metadata['fold_groups']} groups).")
+    report_predicted_outcome(result.metadata["predicted_outcome"], feedback)
+    if result.metadata.get("propensity_model") and result.metadata["study_design"] == "randomized":
+        feedback.pushInfo(f"Randomized design: the propensity of each unit is "
+                          f"{result.metadata['propensity_model']['model']}"
+                          + (f" ({result.metadata['strata']} strata; they also join the outcome models, and the "
+                             "folds spread each stratum over every fold)." if result.metadata.get("strata")
+                             else "."))
+    elif result.metadata.get("propensity_model"):
+        fit = result.metadata["propensity_model"]
+        feedback.pushInfo(f"Observational design: propensity from {fit['model']}; calibration slope "
+                          f"{fit.get('calibration_slope', float('nan')):.2f} (1 = calibrated).")
 
 
 class EstimateCateAlgorithm(GeoCateAlgorithm):
@@ -106,7 +142,6 @@ class EstimateCateAlgorithm(GeoCateAlgorithm):
 
     def processAlgorithm(self, parameters, context, feedback):  # noqa: N802 - QGIS's name
         from ..core.pipeline import estimate_cate
-        from ..core.study import describe_dropped
 
         source, study = read_study_parameters(self, parameters, context)
         shared = study_record(source, study)   # the shared parameters' record ("study" becomes the Study below)
@@ -131,55 +166,12 @@ class EstimateCateAlgorithm(GeoCateAlgorithm):
                                       study_design=StudyDesign(design_kind, seed=seed), imagery=imagery,
                                       sensitivity=strengths)
 
-        for warning in result.metadata.get("warnings", []):
-            feedback.pushWarning(warning)
-        not_ok = int((~study.patch_ok).sum())
-        feedback.pushInfo(f"Units: {len(features)} in the layer, {result.n_used} used, {result.n_dropped} dropped"
-                          f" ({describe_dropped(study.dropped)}).")
-        if not_ok:
-            feedback.pushWarning(f"{not_ok} unit(s) have no usable image window; they keep their row "
-                                 "with null effects and patch_ok = 0.")
-        from ..core.scores import Z95
-
-        low, high = result.ate - Z95 * result.ate_se, result.ate + Z95 * result.ate_se
-        feedback.pushInfo(f"ATE (doubly robust) = {result.ate:.4f}, SE {result.ate_se:.4f}, "
-                          f"95 % interval [{low:.4f}, {high:.4f}].")
+        log_estimate(feedback, len(features), study, result)
         autoc, test = result.autoc, result.heterogeneity
-        feedback.pushInfo(f"Heterogeneity: {test.describe()}; held-out AUTOC {test.estimate:.4f}, SE {test.std_err:.4f}.")
-        feedback.pushInfo(f"AUTOC of the pooled out-of-fold CATE (descriptive, not a test) = {autoc.estimate:.4f}.")
-        feedback.pushInfo(f"Standard errors are robust to {result.metadata['fold_groups']} clusters "
-                          f"({result.metadata['clustered_by']}"
-                          + (", spatial blocks" if result.metadata["spatial_block_m"] else "") + ").")
-        if result.metadata["spatial_block_m"]:
-            feedback.pushInfo(f"Folds and bootstrap clusters: spatial blocks of {result.metadata['spatial_block_m']:.0f} m "
-                              f"({result.metadata['fold_groups']} groups).")
-        report_predicted_outcome(result.metadata["predicted_outcome"], feedback)
-        if result.metadata.get("propensity_model") and result.metadata["study_design"] == "randomized":
-            feedback.pushInfo(f"Randomized design: the propensity of each unit is "
-                              f"{result.metadata['propensity_model']['model']}"
-                              + (f" ({result.metadata['strata']} strata; they also join the outcome models, and the "
-                                 "folds spread each stratum over every fold)." if result.metadata.get("strata")
-                                 else "."))
-        elif result.metadata.get("propensity_model"):
-            fit = result.metadata["propensity_model"]
-            feedback.pushInfo(f"Observational design: propensity from {fit['model']}; calibration slope "
-                              f"{fit.get('calibration_slope', float('nan')):.2f} (1 = calibrated).")
         sensitivity_outputs = report_sensitivity(result.sensitivity, strengths, feedback)
         feedback.pushInfo(f"Device: {result.metadata['device']}; timings: {result.metadata['timings']}.")
-
         # Only now, with every number in hand, is the output created: a failed run writes nothing.
-        fields, kept = output_fields(source.fields())
-        sink, dest_id = self.create_sink(parameters, self.OUTPUT, context, fields, source.wkbType(),
-                                         source.sourceCrs())
-        columns = {
-            "cate": result.cate, "cate_lo": result.cate_lo, "cate_hi": result.cate_hi,
-            "cate_se": result.cate_se, "group": np.where(result.group > 0, result.group, np.nan),
-            "patch_ok": study.patch_ok.astype(int),
-        }
-        if not sink.addFeatures(result_features(features, kept, fields, columns), QgsFeatureSink.FastInsert):
-            raise QgsProcessingException(f"Writing the output failed: {sink.lastError()}")
-        del sink  # closes the file, so it can be checked and styled
-        self.verify_written(dest_id, len(features))
+        dest_id = self.write_units(parameters, context, self.OUTPUT, source, features, None, unit_columns(study, result))
 
         metadata = dict(result.metadata, algorithm="geocate:estimatecate", parameters={
             **shared, "GROUPS": n_groups, "CLUSTER": cluster,

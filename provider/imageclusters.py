@@ -4,9 +4,7 @@ import os
 
 import numpy as np
 from qgis.core import (
-    QgsFeatureSink,
     QgsProcessing,
-    QgsProcessingException,
     QgsProcessingOutputNumber,
     QgsProcessingParameterBoolean,
     QgsProcessingParameterDefinition,
@@ -19,7 +17,7 @@ from qgis.core import (
 from qgis.PyQt.QtCore import QVariant
 
 from .base import GeoCateAlgorithm, add_report_parameter, progress_to
-from .convert import RESULT_FIELDS, output_fields, read_units, result_features, write_table
+from .convert import RESULT_FIELDS, read_units, unit_columns, write_table
 from .study_parameters import (
     add_design_parameters,
     add_imagery_parameters,
@@ -196,19 +194,9 @@ class ImageClustersAlgorithm(GeoCateAlgorithm):
     def _write_units(self, parameters, context, source, features, study, result):
         """The units with their out-of-fold effects and cluster probabilities: the sink, checked; its id."""
         k = result.metadata["n_clusters"]
-        extra_fields = RESULT_FIELDS + tuple((f"p_{j + 1}", QVariant.Double) for j in range(k))
-        fields, kept = output_fields(source.fields(), extra_fields)
-        sink, dest_id = self.create_sink(parameters, self.OUTPUT, context, fields, source.wkbType(),
-                                         source.sourceCrs())
-        columns = {"cate": result.cate, "cate_lo": result.cate_lo, "cate_hi": result.cate_hi,
-                   "cate_se": result.cate_se, "group": np.where(result.group > 0, result.group, np.nan),
-                   "patch_ok": study.patch_ok.astype(int)}
-        columns.update({f"p_{j + 1}": result.probabilities[:, j] for j in range(k)})
-        if not sink.addFeatures(result_features(features, kept, fields, columns), QgsFeatureSink.FastInsert):
-            raise QgsProcessingException(f"Writing the output failed: {sink.lastError()}. Nothing was written.")
-        del sink
-        self.verify_written(dest_id, len(features))
-        return dest_id
+        columns = dict(unit_columns(study, result), **{f"p_{j + 1}": result.probabilities[:, j] for j in range(k)})
+        return self.write_units(parameters, context, self.OUTPUT, source, features,
+                                RESULT_FIELDS + tuple((f"p_{j + 1}", QVariant.Double) for j in range(k)), columns)
 
     def _write_model(self, parameters, context, feedback, salience_dir, study, result, extras, study_values):
         """The ONNX model (with its .onnx.json) and the salience rasters, when asked for and possible:

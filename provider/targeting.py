@@ -7,7 +7,6 @@ import time
 import numpy as np
 from qgis.core import (
     QgsCoordinateReferenceSystem,
-    QgsFeatureSink,
     QgsProcessing,
     QgsProcessingException,
     QgsProcessingOutputNumber,
@@ -23,7 +22,7 @@ from qgis.core import (
 from qgis.PyQt.QtCore import QVariant
 
 from .base import GeoCateAlgorithm, add_report_parameter, progress_to, run_metadata
-from .convert import as_number, check_numeric_field, output_fields, read_units, result_features, unit_point
+from .convert import as_number, check_numeric_field, read_units, unit_point
 from .predicted import add_outcome_correction_parameters, read_outcome_correction
 from .study_parameters import (
     add_design_parameters,
@@ -284,18 +283,13 @@ class TargetingAlgorithm(GeoCateAlgorithm):
 
     def _write_units(self, parameters, context, source, features, study_out, result, plan, depth):
         """The units with priority, treat, cate and its interval, support (and tree_treat): the sink; its id."""
-        fields, kept = output_fields(source.fields(), UNIT_FIELDS + (TREE_FIELD if depth else ()))
-        sink, dest_id = self.create_sink(parameters, OUTPUT, context, fields, source.wkbType(), source.sourceCrs())
         columns = {"priority": np.where(plan.priority > 0, plan.priority, np.nan),
                    "treat": np.where(study_out.used, plan.treat.astype(float), np.nan),
                    "cate": result.cate, "cate_lo": result.cate_lo, "cate_hi": result.cate_hi,
                    "support": plan.support,
                    "tree_treat": np.where(plan.tree_treat >= 0, plan.tree_treat, np.nan)}
-        if not sink.addFeatures(result_features(features, kept, fields, columns), QgsFeatureSink.FastInsert):
-            raise QgsProcessingException(f"Writing the output failed: {sink.lastError()}")
-        del sink
-        self.verify_written(dest_id, len(features))
-        return dest_id
+        return self.write_units(parameters, context, OUTPUT, source, features,
+                                UNIT_FIELDS + (TREE_FIELD if depth else ()), columns)
 
     def _outputs(self, parameters, context, feedback, dest_id, study, result, plan, candidate_source,
                  candidate_features, map_final, outside):
@@ -336,17 +330,11 @@ class TargetingAlgorithm(GeoCateAlgorithm):
 
     def _write_candidates(self, parameters, context, source, features, ranked):
         """The candidates layer with priority, treat, cate, cate_lo, cate_hi, support (nulls without a window)."""
-        fields, kept = output_fields(source.fields(), UNIT_FIELDS)
-        sink, dest_id = self.create_sink(parameters, OUTPUT_CANDIDATES, context, fields, source.wkbType(),
-                                         source.sourceCrs())
         ok = ranked["ok"]
         columns = {"priority": np.where(ranked["priority"] > 0, ranked["priority"], np.nan),
                    "treat": np.where(ok, ranked["treat"].astype(float), np.nan), "cate": ranked["cate"],
                    "cate_lo": ranked["cate_lo"], "cate_hi": ranked["cate_hi"], "support": ranked["support"]}
-        if not sink.addFeatures(result_features(features, kept, fields, columns), QgsFeatureSink.FastInsert):
-            raise QgsProcessingException(f"Writing the candidates failed: {sink.lastError()}")
-        del sink
-        self.verify_written(dest_id, len(features))
-        self._candidates_dest = dest_id
+        dest_id = self._candidates_dest = self.write_units(parameters, context, OUTPUT_CANDIDATES, source, features,
+                                                           UNIT_FIELDS, columns)
         self.keep_layer(context, dest_id, self.result_style)
 
