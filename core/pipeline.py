@@ -433,6 +433,7 @@ def estimate_cate(units, raster_path, bands=None, window_size_px=33, nodata=None
         "propensity_model": trial.propensity_fit,
         "band_scaling": feature_pipeline.describe()["representation"][0].get("band_scaling"),
         "device": feature_pipeline.device_,
+        "ran_on": where_parts_ran(feature_pipeline.device_),
         "spatial_block_m": block_size,
         "clustered_by": "cluster field and shared locations" if study.clusters is not None else "shared locations",
         "fold_groups": int(len(np.unique(groups))),
@@ -679,6 +680,17 @@ def compare_sources(units, raster_path, bands=None, window_size_px=33, nodata=No
 MIN_UNITS_PER_CLUSTER = 20
 
 
+def where_parts_ran(image_device, cluster_device=None):
+    """Which parts of a run ran where (issue 26, point 3), for the run record: the image features on the feature
+    pipeline's device, the outcome and propensity models (scikit-learn) and the causal forest (econml) on the
+    processor, the cluster model (torch) on its device."""
+    parts = {"image features": image_device, "outcome and propensity models": "cpu (scikit-learn)",
+             "causal forest": "cpu (econml)"}
+    if cluster_device is not None:
+        parts["cluster model"] = cluster_device
+    return parts
+
+
 def forest_heterogeneity_test(study, features, trial, groups, n_folds, seed, is_cancelled=None):
     """estimatecate's heterogeneity test (the sequential cross-fold AUTOC of its causal forest, default settings)
     on a study's used units, with the given trial design's folds, outcome-model inputs and propensity: the check
@@ -845,6 +857,7 @@ def find_clusters(units, raster_path, bands=None, window_size_px=33, nodata=None
     metadata = {
         "seed": seed, "window_size_px": int(window_size_px), "window_size_m": float(window_size_px * study.pixel_size_m),
         "bands": list(study.bands), "nodata": nodata, "n_folds": n_folds, "epochs": epochs, "device": device,
+        "ran_on": where_parts_ran(feature_pipeline.device_, device),
         "n_clusters": int(n_clusters), "max_clusters": int(max_clusters), "k_table": k_table, "k_rule": k_rule,
         "noise": final.noise_description(),
         "effect_test": None if effect_test is None else {

@@ -83,6 +83,7 @@ def test_clusters_are_checked_against_the_forest_and_the_noise_is_estimated(sepa
     assert forest["supports_clusters"] and forest["p_value"] < 0.01
     assert not any("causal forest's heterogeneity test" in w for w in result.metadata["warnings"])
     assert result.metadata["noise"].startswith("per arm, a mixture of 3")
+    assert result.metadata["ran_on"]["cluster model"] == result.metadata["device"]   # issue 26: where parts ran
     for row in extras["clusters"]:
         assert 0.75 < row[5] < 1.3 and 0.75 < row[6] < 1.3, row
 

@@ -262,3 +262,11 @@ def test_estimatecate_in_an_observational_design_uses_the_image_propensity(small
     raw = outcome[treated == 1].mean() - outcome[treated == 0].mean()
     assert raw - 1.0 > 1.0
     assert abs(adjusted.ate - 1.0) < abs(naive.ate - 1.0) and abs(adjusted.ate - 1.0) < 0.35 * (raw - 1.0)
+
+
+def test_the_run_record_says_where_each_part_ran(estimated):
+    """Issue 26, point 3: the image features on the pipeline's device, the models and the forest on the processor."""
+    study, result = estimated
+    ran_on = result.metadata["ran_on"]
+    assert ran_on["image features"] == result.metadata["device"] in ("cpu", "cuda")
+    assert ran_on["causal forest"] == "cpu (econml)" and ran_on["outcome and propensity models"].startswith("cpu")
