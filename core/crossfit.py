@@ -92,11 +92,6 @@ class Folds:
         return self
 
 
-def as_folds(folds):
-    """A Folds from Folds or an array of fold ids."""
-    return folds if isinstance(folds, Folds) else Folds(folds)
-
-
 def crossfit(fit_predict, folds, is_cancelled=None, progress=None):
     """Out-of-fold predictions. For each fold (``folds``: Folds or fold ids), in order, ``fit_predict(train,
     test)`` (boolean masks) fits on the training units and returns the held-out units' predictions: an array whose
@@ -104,7 +99,7 @@ def crossfit(fit_predict, folds, is_cancelled=None, progress=None):
     row from the model that did not see its fold (float arrays start as NaN). ``is_cancelled()`` is polled before
     each fold (raising Cancelled); ``progress(j, n_folds)`` is called before fold j (0-based). Fits a caller keeps
     (forests, trees) are appended by ``fit_predict`` itself."""
-    folds = as_folds(folds)
+    folds = folds if isinstance(folds, Folds) else Folds(folds)
     n = len(folds.fold)
     out, single = None, True
     for j, (_, train, test) in enumerate(folds.split()):

@@ -191,8 +191,10 @@ def randomization_check(treated, inputs, folds, groups=None, strata=None, n_perm
         groups = None if groups is None else np.asarray(groups)[keep]
         strata = None if strata is None else np.asarray(strata)[keep]
 
+    walk = Folds(folds)   # made once: the permutations below reuse it
+
     def cross_fitted_auc(w):
-        if any(len(np.unique(w[train])) < 2 for _, train, _ in Folds(folds).split()):
+        if any(len(np.unique(w[train])) < 2 for _, train, _ in walk.split()):
             return 0.5
 
         def fit_predict(train, test):
@@ -200,7 +202,7 @@ def randomization_check(treated, inputs, folds, groups=None, strata=None, n_perm
                 warnings.simplefilter("ignore")
                 return LogisticRegression(C=0.1, max_iter=200).fit(X[train], w[train]).decision_function(X[test])
 
-        prediction = crossfit(fit_predict, folds)
+        prediction = crossfit(fit_predict, walk)
         return float(roc_auc_score(w, prediction)) if len(np.unique(w)) == 2 else 0.5
 
     groups = np.arange(len(W)) if groups is None else np.unique(np.asarray(groups), return_inverse=True)[1].ravel()
