@@ -95,24 +95,60 @@ def write_json_atomically(path, payload):
     os.replace(tmp, path)
 
 
-#: The version of the run record's layout (``<output>.run.json``): raised when a key changes meaning or goes away,
-#: so that a reader (the dock, a script, a later GeoCATE) can tell what it holds.
-RUN_RECORD_SCHEMA_VERSION = 1
+def parameter_value(algorithm, definition, parameters, context):
+    """The plain value of input parameter ``definition`` as the run record keeps it: a layer by its name (a
+    raster by its file), a field or a list of fields by name, an enum by its option, an extent as QGIS writes it
+    ("xmin,xmax,ymin,ymax [CRS]"), a number, a flag, a path or a text; None when an optional one was not given."""
+    name, kind = definition.name(), definition.type()
+    if parameters.get(name) in (None, "", []) and kind not in ("boolean", "enum", "number"):
+        return [] if kind == "multilayer" or (kind == "field" and definition.allowMultiple()) else None
+    if kind in ("source", "vector"):
+        source = algorithm.parameterAsSource(parameters, name, context)
+        return source.sourceName() if source is not None else None
+    if kind == "raster":
+        layer = algorithm.parameterAsRasterLayer(parameters, name, context)
+        return layer.source().split("|")[0] if layer is not None else None
+    if kind == "multilayer":
+        return [layer.source().split("|")[0] for layer in algorithm.parameterAsLayerList(parameters, name, context)]
+    if kind == "field":
+        fields = algorithm.parameterAsFields(parameters, name, context)
+        return list(fields) if definition.allowMultiple() else (fields[0] if fields else None)
+    if kind == "band":
+        return algorithm.parameterAsInts(parameters, name, context) if definition.allowMultiple() \
+            else algorithm.parameterAsInt(parameters, name, context)
+    if kind == "enum":
+        return definition.options()[algorithm.parameterAsEnum(parameters, name, context)]
+    if kind == "boolean":
+        return algorithm.parameterAsBoolean(parameters, name, context)
+    if kind == "number":
+        if parameters.get(name) in (None, "") and definition.defaultValue() is None:
+            return None
+        from qgis.core import QgsProcessingParameterNumber
+
+        if definition.dataType() == QgsProcessingParameterNumber.Integer:
+            return algorithm.parameterAsInt(parameters, name, context)
+        return algorithm.parameterAsDouble(parameters, name, context)
+    if kind == "extent":
+        rectangle = algorithm.parameterAsExtent(parameters, name, context)
+        if rectangle.isNull():
+            return None
+        crs = algorithm.parameterAsExtentCrs(parameters, name, context)
+        return (f"{rectangle.xMinimum()!r},{rectangle.xMaximum()!r},{rectangle.yMinimum()!r},"
+                f"{rectangle.yMaximum()!r}" + (f" [{crs.authid()}]" if crs.isValid() and crs.authid() else ""))
+    if kind == "file":
+        return algorithm.parameterAsFile(parameters, name, context) or None
+    return algorithm.parameterAsString(parameters, name, context).strip() or None
 
 
-def run_record(metadata):
-    """The run record as written: ``schema_version`` first, then the run's metadata."""
-    return {"schema_version": RUN_RECORD_SCHEMA_VERSION, **metadata}
+def parameter_record(algorithm, parameters, context):
+    """Every input parameter of ``algorithm`` by its Processing name (parameter_value), in the order the
+    algorithm declares them: the run record's parameters come from the definitions, not from a dict each
+    algorithm types again."""
+    from qgis.core import QgsProcessingDestinationParameter
 
-
-def run_metadata(algorithm, parameters, started, **figures):
-    """The run metadata every algorithm writes: algorithm, parameters, package versions, timings, figures."""
-    import time
-
-    from ..core.pipeline import package_versions
-
-    return dict(figures, algorithm=algorithm, parameters=parameters, versions=package_versions(),
-                timings={"total_s": round(time.monotonic() - started, 3)})
+    return {definition.name(): parameter_value(algorithm, definition, parameters, context)
+            for definition in algorithm.parameterDefinitions()
+            if not isinstance(definition, QgsProcessingDestinationParameter)}
 
 
 #: The Processing Toolbox's groups: (id, name) by algorithm.
@@ -334,12 +370,15 @@ def guarded(process):
 
 def run_guarded(algorithm, process, parameters, context, feedback):
     """``process`` run as ``guarded`` describes."""
+    import time
+
     from qgis.core import QgsProcessingException
 
     from ..core.errors import GeoCateError, MissingDependency
     from .outputs import RunFiles
 
     algorithm._files, algorithm._dest_id, algorithm._on_load, algorithm._scratch = RunFiles(), None, [], []
+    algorithm._run = (parameters, context, time.monotonic())   # for GeoCateAlgorithm.record
     check_destinations(algorithm, parameters, context, algorithm._files)
     try:
         with quiet_libraries():
@@ -445,6 +484,21 @@ class GeoCateAlgorithm(QgsProcessingAlgorithm):
     def createInstance(self):  # noqa: N802 - QGIS's name
         return type(self)()
 
+    def record(self, timings=None, versions=None, **figures):
+        """This run's record (core.record.RunRecord): every input parameter read from the algorithm's own
+        definitions (parameter_record), the packages' versions (the core's ``versions`` are the same), the run's
+        time (with the core's ``timings`` by step) and the ``figures`` it found."""
+        import time
+
+        from ..core.pipeline import package_versions
+        from ..core.record import RunRecord
+
+        parameters, context, started = self._run
+        return RunRecord(algorithm=self.id() if self.provider() else f"geocate:{self.name()}",
+                         parameters=parameter_record(self, parameters, context), figures=figures,
+                         versions=package_versions(),
+                         timings={**(timings or {}), "total_s": round(time.monotonic() - started, 3)})
+
     # -- outputs: written under partial names (provider.outputs), moved into place when all succeeded ----------
     def create_sink(self, parameters, name, context, fields, geometry_type, crs):
         """parameterAsSink, writing a file destination under its partial name. Returns (sink, dest_id)."""
@@ -520,6 +574,16 @@ class GeoCateAlgorithm(QgsProcessingAlgorithm):
         final = self.parameterAsFileOutput(parameters, name, context) if parameters.get(name) else ""
         return self._files.partial(final) if final else None
 
+    def write_report(self, parameters, context, results, feedback, write, name="OUTPUT_REPORT"):
+        """``results`` with the report, when one was asked for: ``write(path)`` writes it (under its partial
+        name), and the log says where it goes."""
+        report = self.output_file(parameters, name, context)
+        if report:
+            write(report)
+            results[name] = report
+            feedback.pushInfo(f"Report: {self.final_path(report)}.")
+        return results
+
     def final_path(self, path):
         """The destination a partial path will be moved to."""
         return self._files.final_of(path) if path else path
@@ -529,13 +593,13 @@ class GeoCateAlgorithm(QgsProcessingAlgorithm):
         written = self._written_file(dest_id)
         sidecar = sidecar_path(self.final_path(written.split("|")[0])) if written else None
         if sidecar:
-            write_json_atomically(self._files.partial(sidecar), run_record(metadata))
+            write_json_atomically(self._files.partial(sidecar), metadata.to_json())
             feedback.pushInfo(f"Run metadata: {sidecar}.")
 
     def write_run_metadata_beside(self, partial_path, metadata, feedback):
         """The run metadata beside a file output (a .json, a report): x.json -> x.run.json."""
         sidecar = os.path.splitext(self.final_path(partial_path))[0] + ".run.json"
-        write_json_atomically(self._files.partial(sidecar), run_record(metadata))
+        write_json_atomically(self._files.partial(sidecar), metadata.to_json())
         feedback.pushInfo(f"Run metadata: {sidecar}.")
 
     def commit_outputs(self, context, results):

@@ -1,7 +1,6 @@
 """geocate:calibratemap - the correction of a predicted-outcome map, from its makers' validation units."""
 
 import os
-import time
 
 import numpy as np
 from qgis.core import (
@@ -17,7 +16,7 @@ from qgis.core import (
     QgsProcessingParameterString,
 )
 
-from .base import GeoCateAlgorithm, add_report_parameter, run_metadata
+from .base import GeoCateAlgorithm, add_report_parameter
 from .convert import as_number, check_numeric_field, unit_point
 from .widgets import field_role
 
@@ -79,8 +78,8 @@ class CalibrateMapAlgorithm(GeoCateAlgorithm):
 
     def processAlgorithm(self, parameters, context, feedback):  # noqa: N802 - QGIS's name
         from ..core.corrections import fit_correction
+        from ..core.report import correction_report
 
-        started = time.monotonic()
         source = self.parameterAsSource(parameters, self.INPUT, context)
         if source is None:
             raise QgsProcessingException("The validation layer could not be read. Choose a layer in INPUT.")
@@ -89,6 +88,25 @@ class CalibrateMapAlgorithm(GeoCateAlgorithm):
         raster = self.parameterAsRasterLayer(parameters, self.PREDICTION_RASTER, context)
         band = self.parameterAsInt(parameters, self.PREDICTION_BAND, context) or 1
         outcome = self.parameterAsString(parameters, self.OUTCOME_NAME, context).strip() or truth_field
+        truth, prediction, map_info = self._read(source, truth_field, prediction_field, raster, band, feedback)
+        correction = fit_correction(truth, prediction, outcome, map_info)
+        v = correction.validation
+        feedback.pushInfo(f"{correction.n_validation} validation units. Slope of the prediction on the truth "
+                          f"{v['slope']:.3f} (1 = no shrinkage), sigma {v['sigma']:.3f}.")
+        for method in ("none", "linear", "tweedie"):
+            feedback.pushInfo(f"{method}: slope on the truth {v[method]['slope_on_truth']:.3f}, RMSE "
+                              f"{v[method]['rmse']:.3f}, sd ratio {v[method]['sd_ratio']:.3f}")
+        path = self.output_file(parameters, self.OUTPUT, context)
+        correction.save(path)
+        self.write_run_metadata_beside(path, self.record(validation=correction.validation), feedback)
+        return self.write_report(parameters, context, {
+            self.OUTPUT: path, self.OUTPUT_REPORT: None, "SLOPE": v["slope"], "SIGMA": v["sigma"],
+            "N_VALIDATION": correction.n_validation}, feedback, lambda report: correction_report(
+                correction, report, np.asarray(truth, float), np.asarray(prediction, float)))
+
+    def _read(self, source, truth_field, prediction_field, raster, band, feedback):
+        """(truth, prediction, the map's description) at every validation unit: the prediction from its field,
+        or sampled from the map raster."""
         if bool(prediction_field) == (raster is not None):
             raise QgsProcessingException("Give the prediction either as a field of the validation layer or as the map "
                                          "raster, not both and not neither.")
@@ -106,26 +124,7 @@ class CalibrateMapAlgorithm(GeoCateAlgorithm):
         if raster is not None:
             prediction = self._sample(raster, band, np.asarray(xy, float).reshape(-1, 2), source.sourceCrs())
             map_info = {"name": os.path.basename(raster.source()), "bands": raster.bandCount(), "band": band}
-        correction = fit_correction(truth, prediction, outcome, map_info)
-        v = correction.validation
-        feedback.pushInfo(f"{correction.n_validation} validation units. Slope of the prediction on the truth "
-                          f"{v['slope']:.3f} (1 = no shrinkage), sigma {v['sigma']:.3f}.")
-        for method in ("none", "linear", "tweedie"):
-            feedback.pushInfo(f"{method}: slope on the truth {v[method]['slope_on_truth']:.3f}, RMSE "
-                              f"{v[method]['rmse']:.3f}, sd ratio {v[method]['sd_ratio']:.3f}")
-        path = self.output_file(parameters, self.OUTPUT, context)
-        correction.save(path)
-        report = self.output_file(parameters, self.OUTPUT_REPORT, context)
-        if report:
-            from ..core.report import correction_report
-
-            correction_report(correction, report, np.asarray(truth, float), np.asarray(prediction, float))
-        self.write_run_metadata_beside(path, run_metadata("geocate:calibratemap", {
-            "INPUT": source.sourceName(), "TRUTH": truth_field, "PREDICTION": prediction_field or None,
-            "PREDICTION_RASTER": raster.source() if raster is not None else None, "PREDICTION_BAND": band,
-            "OUTCOME_NAME": outcome}, started, validation=correction.validation), feedback)
-        return {self.OUTPUT: path, self.OUTPUT_REPORT: report, "SLOPE": v["slope"], "SIGMA": v["sigma"],
-                "N_VALIDATION": correction.n_validation}
+        return truth, prediction, map_info
 
     @staticmethod
     def _sample(raster, band, xy, crs):

@@ -1,7 +1,6 @@
 """geocate:comparesources - what the imagery adds: RATE of CATEs from imagery, covariates and both, on the same folds."""
 
 import os
-import time
 
 from qgis.core import (
     QgsProcessing,
@@ -13,16 +12,13 @@ from qgis.core import (
     QgsProcessingParameterNumber,
 )
 
-from .base import GeoCateAlgorithm, add_report_parameter, progress_to, run_metadata
-from .convert import read_units, write_table
+from .base import GeoCateAlgorithm, add_report_parameter, progress_to
+from .convert import write_table
 from .study_parameters import (
     add_design_parameters,
     add_imagery_parameters,
     add_study_parameters,
-    read_design_parameters,
-    read_imagery_parameters,
     read_study_parameters,
-    study_record,
 )
 
 
@@ -80,75 +76,79 @@ class CompareSourcesAlgorithm(GeoCateAlgorithm):
             self.addOutput(QgsProcessingOutputNumber(name, label))
 
     def processAlgorithm(self, parameters, context, feedback):  # noqa: N802 - QGIS's name
-        from ..core.pipeline import compare_sources
-        from ..core.report import comparison_report, comparison_rows
-        from ..core.study import describe_dropped
+        from ..core.pipeline import COMPARE_MODES, compare_sources
+        from ..core.report import comparison_rows
 
-        started = time.monotonic()
-        from ..core.design import StudyDesign
-
-        source, study_values = read_study_parameters(self, parameters, context)
-        n_draws = self.parameterAsInt(parameters, self.BOOTSTRAP, context)
-        cluster, strata, known, design_kind = read_design_parameters(self, parameters, context)
-        from ..core.pipeline import COMPARE_MODES
-
+        chosen = read_study_parameters(self, parameters, context)
         compare = COMPARE_MODES[self.parameterAsEnum(parameters, "COMPARE", context)]
-        imagery, imagery_values = read_imagery_parameters(self, parameters, context)
-        features, units = read_units(source, study_values["treatment"], study_values["outcome"],
-                                     study_values["covariates"], feedback, cluster, strata, known)
+        features, units = chosen.read_units(feedback)
         study, comparison = compare_sources(
-            units, study_values["raster"], study_values["bands"], study_values["window"], study_values["nodata"],
-            study_values["seed"], n_draws=n_draws, spatial_block=study_values["spatial_block"],
-            progress=progress_to(feedback),
-            is_cancelled=feedback.isCanceled, study_design=StudyDesign(design_kind, seed=study_values["seed"]),
-            imagery=imagery, compare=compare)
-        for warning in comparison.get("warnings", []):
-            feedback.pushWarning(warning)
-        if not study_values["covariates"]:
-            feedback.pushWarning("No covariates were given: only the imagery can be judged, nothing compared.")
-        feedback.pushInfo(f"Units: {len(features)}, {study.n_used} used ({describe_dropped(study.dropped)}); "
-                          f"{comparison['n_clusters']} fold groups.")
+            units, **chosen.imagery_arguments(), n_draws=self.parameterAsInt(parameters, self.BOOTSTRAP, context),
+            progress=progress_to(feedback), is_cancelled=feedback.isCanceled, study_design=chosen.study_design(),
+            compare=compare)
         rows = comparison_rows(comparison)
-        for row in rows:
-            feedback.pushInfo(f"{row[0]} {row[1]}: {row[2]:.4f} (SE {row[3]:.4f}, 95 % [{row[4]:.4f}, {row[5]:.4f}])")
-        inputs = {"layer": source.sourceName(), "treatment": study_values["treatment"],
-                  "outcome": study_values["outcome"], "covariates": ", ".join(study_values["covariates"]) or "-",
-                  "raster": study_values["raster"], "window (pixels)": study_values["window"],
-                  "units used": study.n_used, "bootstrap draws": n_draws,
-                  "spatial block (m)": comparison["block_size"] or "-", "seed": study_values["seed"]}
-        autoc = {test.priority: test.estimate for test in comparison["tests"]["AUTOC"]}
-        adds = [t.p_value for t in comparison["test_differences"]["AUTOC"] if t.priority == "imagery + covariates - covariates"]
-        metadata = run_metadata("geocate:comparesources", {
-            **study_record(source, study_values), "BOOTSTRAP": n_draws, "DESIGN": design_kind,
-            "CLUSTER": cluster, "STRATA": strata, "PROPENSITY": known,
-            "COMPARE": compare, **imagery_values}, started, feature_pipeline=comparison["feature_pipeline"],
-            study_design=comparison["study_design"], propensity=comparison["propensity"],
-            strata=comparison["strata"], randomization_check=comparison["randomization_check"],
-            n_units=len(features), n_used=study.n_used, dropped=study.dropped, fold_groups=comparison["n_clusters"],
-            spatial_block_m=comparison["block_size"], ate=comparison["ate"].estimate,
-            ate_se=comparison["ate"].std_err,
-            tests=[{"target": t.target, "rule": t.priority, "estimate": t.estimate, "std_err": t.std_err,
-                    "t_stat": t.t_stat, "p_value": t.p_value}
-                   for target in ("AUTOC", "QINI")
-                   for t in comparison["tests"][target] + comparison["test_differences"][target]])
+        log_comparison(feedback, chosen, len(features), study, comparison, rows)
+        metadata = self.record(**comparison_figures(comparison), n_units=len(features), n_used=study.n_used,
+                               dropped=study.dropped)
         # Every number is in hand: the outputs are written only now, under partial names until all succeeded.
         dest_id = write_table(self, parameters, context, rows)
         plot_path = self.output_file(parameters, self.OUTPUT_PLOT, context)
         report_path = self.output_file(parameters, self.OUTPUT_REPORT, context)
-        if report_path or plot_path:
-            import tempfile
-
-            with tempfile.TemporaryDirectory(prefix="geocate-") as folder:
-                png = plot_path or os.path.join(folder, "toc.png")
-                if report_path:
-                    comparison_report(comparison, report_path, png, inputs, metadata)
-                else:
-                    from ..core.report import plot_toc
-
-                    plot_toc(comparison["rates"]["AUTOC"], png,
-                             "TOC by source of the pooled out-of-fold CATE (descriptive)")
+        self._write_figures(plot_path, report_path, comparison, metadata, chosen, study)
         self.write_run_metadata(dest_id, metadata, feedback)
+        autoc = {test.priority: test.estimate for test in comparison["tests"]["AUTOC"]}
+        adds = [t.p_value for t in comparison["test_differences"]["AUTOC"]
+                if t.priority == "imagery + covariates - covariates"]
         richer = [t.p_value for t in comparison["test_differences"]["AUTOC"] if compare != "sources"]
-        return {"P_IMAGERY_ADDS": adds[0] if adds else None, "P_RICHER_BETTER": richer[0] if richer else None, self.OUTPUT: dest_id, self.OUTPUT_PLOT: plot_path, self.OUTPUT_REPORT: report_path,
+        return {"P_IMAGERY_ADDS": adds[0] if adds else None, "P_RICHER_BETTER": richer[0] if richer else None,
+                self.OUTPUT: dest_id, self.OUTPUT_PLOT: plot_path, self.OUTPUT_REPORT: report_path,
                 "AUTOC_IMAGERY": autoc.get("imagery"), "AUTOC_COVARIATES": autoc.get("covariates"),
                 "AUTOC_BOTH": autoc.get("imagery + covariates"), "N_USED": study.n_used}
+
+    @staticmethod
+    def _write_figures(plot_path, report_path, comparison, metadata, chosen, study):
+        """The TOC plot and the report, where asked for."""
+        import tempfile
+
+        from ..core.report import comparison_report, plot_toc
+
+        if not (report_path or plot_path):
+            return
+        inputs = {"layer": chosen.source.sourceName(), "treatment": chosen.treatment, "outcome": chosen.outcome,
+                  "covariates": ", ".join(chosen.covariates) or "-", "raster": chosen.raster,
+                  "window (pixels)": chosen.window, "units used": study.n_used,
+                  "bootstrap draws": metadata["parameters"][CompareSourcesAlgorithm.BOOTSTRAP],
+                  "spatial block (m)": comparison["block_size"] or "-", "seed": chosen.seed}
+        with tempfile.TemporaryDirectory(prefix="geocate-") as folder:
+            png = plot_path or os.path.join(folder, "toc.png")
+            if report_path:
+                comparison_report(comparison, report_path, png, inputs, metadata)
+            else:
+                plot_toc(comparison["rates"]["AUTOC"], png, "TOC by source of the pooled out-of-fold CATE (descriptive)")
+
+
+def log_comparison(feedback, chosen, n_features, study, comparison, rows):
+    """The run's log: warnings, units and fold groups, every RATE."""
+    from ..core.study import describe_dropped
+
+    for warning in comparison.get("warnings", []):
+        feedback.pushWarning(warning)
+    if not chosen.covariates:
+        feedback.pushWarning("No covariates were given: only the imagery can be judged, nothing compared.")
+    feedback.pushInfo(f"Units: {n_features}, {study.n_used} used ({describe_dropped(study.dropped)}); "
+                      f"{comparison['n_clusters']} fold groups.")
+    for row in rows:
+        feedback.pushInfo(f"{row[0]} {row[1]}: {row[2]:.4f} (SE {row[3]:.4f}, 95 % [{row[4]:.4f}, {row[5]:.4f}])")
+
+
+def comparison_figures(comparison):
+    """What the run record keeps of a comparison (core.pipeline.compare_sources)."""
+    return dict(feature_pipeline=comparison["feature_pipeline"], study_design=comparison["study_design"],
+                propensity=comparison["propensity"], strata=comparison["strata"],
+                randomization_check=comparison["randomization_check"], fold_groups=comparison["n_clusters"],
+                spatial_block_m=comparison["block_size"], ate=comparison["ate"].estimate,
+                ate_se=comparison["ate"].std_err,
+                tests=[{"target": t.target, "rule": t.priority, "estimate": t.estimate, "std_err": t.std_err,
+                        "t_stat": t.t_stat, "p_value": t.p_value}
+                       for target in ("AUTOC", "QINI")
+                       for t in comparison["tests"][target] + comparison["test_differences"][target]])

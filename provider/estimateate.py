@@ -1,7 +1,5 @@
 """geocate:estimateate - average effects with a confounding adjustment from the imagery (observational studies)."""
 
-import time
-
 from qgis.core import (
     QgsProcessingOutputNumber,
     QgsProcessingParameterDefinition,
@@ -13,18 +11,15 @@ from qgis.core import (
 from qgis.PyQt.QtCore import QVariant
 
 from .base import GeoCateAlgorithm, add_report_parameter, progress_to
-from .convert import read_units, write_table
+from .convert import write_table
 from .predicted import add_outcome_correction_parameters, read_outcome_correction, report_predicted_outcome
 from .study_parameters import (
     add_imagery_parameters,
     add_sensitivity_parameters,
     add_spatial_block_parameter,
     add_study_parameters,
-    read_imagery_parameters,
-    read_sensitivity_parameters,
     read_study_parameters,
     report_sensitivity,
-    study_record,
 )
 
 DESIGNS = ("observational", "randomized")
@@ -100,69 +95,61 @@ class EstimateAteAlgorithm(GeoCateAlgorithm):
             self.addOutput(QgsProcessingOutputNumber(name, label))
 
     def processAlgorithm(self, parameters, context, feedback):  # noqa: N802 - QGIS's name
-        from ..core.design import StudyDesign
         from ..core.pipeline import estimate_ate
+        from ..core.report import observational_report
 
-        started = time.monotonic()
-        source, study = read_study_parameters(self, parameters, context)
-        imagery, imagery_values = read_imagery_parameters(self, parameters, context)
-        cluster = self.parameterAsString(parameters, self.CLUSTER, context) or None
-        kind = DESIGNS[self.parameterAsEnum(parameters, self.DESIGN, context)]
-        trim_choice = self.parameterAsEnum(parameters, self.TRIM, context)
+        chosen = read_study_parameters(self, parameters, context)
         trim = (None, "crump", (self.parameterAsDouble(parameters, self.TRIM_LOW, context),
-                                self.parameterAsDouble(parameters, self.TRIM_HIGH, context)))[trim_choice]
-        features, units = read_units(source, study["treatment"], study["outcome"], study["covariates"], feedback,
-                                     cluster)
-        correction, method, _ = read_outcome_correction(self, parameters, context, source, features)
-        design = StudyDesign(kind, trim=trim, seed=study["seed"])
-        strengths = read_sensitivity_parameters(self, parameters, context)
-        study_data, out = estimate_ate(
-            units, study["raster"], design, study["bands"], study["window"], study["nodata"], study["seed"],
-            spatial_block=study["spatial_block"],
-            progress=progress_to(feedback),
-            is_cancelled=feedback.isCanceled, outcome_correction=correction, correction=method, imagery=imagery,
-            sensitivity=strengths)
-        metadata = out["metadata"]
-        feedback.pushInfo(f"Design: {kind}; propensity: {metadata['propensity_model']['model']}.")
-        if out["overlap"]:
-            feedback.pushInfo(f"Overlap: {out['overlap']['share_outside']:.1%} of the units have a propensity outside "
-                              f"[0.05, 0.95]; the 1 % largest weights carry {out['overlap']['top_1pct_weight_share']:.1%} "
-                              f"of their arm's weight ({out['overlap']['top_1pct_equal_share']:.1%} if all were "
-                              "equal).")
-        if metadata["n_trimmed"]:
-            low, high = metadata["trim_bounds"]
-            feedback.pushWarning(f"{metadata['n_trimmed']} unit(s) trimmed (propensity outside [{low:.3f}, "
-                                 f"{high:.3f}]): the estimates describe the units kept, not the whole study.")
-        for warning in out["warnings"]:
-            feedback.pushWarning(warning)
-        report_predicted_outcome(metadata["predicted_outcome"], feedback)
-        rows = []
-        for effect in out["effects"]:
-            low, high = effect.interval()
-            rows.append((effect.estimator, effect.estimand, effect.contrast, effect.estimate, effect.std_err, low,
-                         high, effect.n))
-            feedback.pushInfo(f"{effect.estimator} {effect.estimand} {effect.contrast}: {effect.estimate:.4f} "
-                              f"(SE {effect.std_err:.4f}, 95 % [{low:.4f}, {high:.4f}])")
-        sensitivity_outputs = report_sensitivity(out["sensitivity"], strengths, feedback)
-        if out["balance"]:
-            worst = max(out["balance"], key=lambda row: abs(row[2]))
-            feedback.pushInfo(f"Balance after weighting: largest |standardized difference| {abs(worst[2]):.3f} "
-                              f"({worst[0]}).")
-        dest_id = write_table(self, parameters, context, rows, columns=EFFECT_COLUMNS)
-        metadata = dict(metadata, algorithm="geocate:estimateate", balance=out["balance"], parameters={
-            **study_record(source, study), "DESIGN": kind, "TRIM": TRIMS[trim_choice], "CLUSTER": cluster,
-            "CF_Y": strengths[0], "CF_D": strengths[1], "RHO": strengths[2],
-            **imagery_values},
-            timings={"total_s": round(time.monotonic() - started, 3)})
-        report = self.output_file(parameters, self.OUTPUT_REPORT, context)
-        if report:
-            from ..core.report import observational_report
-
-            observational_report(metadata, out, report)
-            feedback.pushInfo(f"Report: {self.final_path(report)}.")
+                                self.parameterAsDouble(parameters, self.TRIM_HIGH, context))
+                )[self.parameterAsEnum(parameters, self.TRIM, context)]
+        features, units = chosen.read_units(feedback)
+        correction, method, _ = read_outcome_correction(self, parameters, context, chosen.source, features)
+        arguments = chosen.imagery_arguments()
+        study, out = estimate_ate(
+            units, arguments.pop("raster_path"), chosen.study_design(trim=trim), **arguments,
+            progress=progress_to(feedback), is_cancelled=feedback.isCanceled, outcome_correction=correction,
+            correction=method, sensitivity=chosen.sensitivity)
+        log_ate(feedback, chosen.design, out)
+        sensitivity_outputs = report_sensitivity(out["sensitivity"], chosen.sensitivity, feedback)
+        dest_id = write_table(self, parameters, context, effect_rows(out["effects"]), columns=EFFECT_COLUMNS)
+        metadata = self.record(**{**out["metadata"], "balance": out["balance"]})
         self.write_run_metadata(dest_id, metadata, feedback)
         first = {(e.estimator, e.estimand): e for e in out["effects"] if e.contrast == out["effects"][0].contrast}
-        return {self.OUTPUT: dest_id, self.OUTPUT_REPORT: report, "ATE": first[("AIPW", "ATE")].estimate,
-                "ATE_SE": first[("AIPW", "ATE")].std_err, "ATT": first[("AIPW", "ATT")].estimate,
-                "SHARE_OUTSIDE": out["overlap"]["share_outside"] if out["overlap"] else None,
-                "N_TRIMMED": metadata["n_trimmed"], "N_USED": metadata["n_used"], **sensitivity_outputs}
+        return self.write_report(parameters, context, {
+            self.OUTPUT: dest_id, self.OUTPUT_REPORT: None, "ATE": first[("AIPW", "ATE")].estimate,
+            "ATE_SE": first[("AIPW", "ATE")].std_err, "ATT": first[("AIPW", "ATT")].estimate,
+            "SHARE_OUTSIDE": out["overlap"]["share_outside"] if out["overlap"] else None,
+            "N_TRIMMED": metadata["n_trimmed"], "N_USED": metadata["n_used"], **sensitivity_outputs}, feedback,
+            lambda report: observational_report(metadata, out, report))
+
+
+def effect_rows(effects):
+    """The effects table's rows: (estimator, estimand, contrast, estimate, std_err, ci_low, ci_high, n)."""
+    return [(e.estimator, e.estimand, e.contrast, e.estimate, e.std_err, *e.interval(), e.n) for e in effects]
+
+
+def log_ate(feedback, design, out):
+    """The run's log: the design and propensity model, overlap, trimming, warnings, an outcome from a map, every
+    effect, the balance after weighting."""
+    metadata = out["metadata"]
+    feedback.pushInfo(f"Design: {design}; propensity: {metadata['propensity_model']['model']}.")
+    if out["overlap"]:
+        feedback.pushInfo(f"Overlap: {out['overlap']['share_outside']:.1%} of the units have a propensity outside "
+                          f"[0.05, 0.95]; the 1 % largest weights carry {out['overlap']['top_1pct_weight_share']:.1%} "
+                          f"of their arm's weight ({out['overlap']['top_1pct_equal_share']:.1%} if all were "
+                          "equal).")
+    if metadata["n_trimmed"]:
+        low, high = metadata["trim_bounds"]
+        feedback.pushWarning(f"{metadata['n_trimmed']} unit(s) trimmed (propensity outside [{low:.3f}, "
+                             f"{high:.3f}]): the estimates describe the units kept, not the whole study.")
+    for warning in out["warnings"]:
+        feedback.pushWarning(warning)
+    report_predicted_outcome(metadata["predicted_outcome"], feedback)
+    for effect in out["effects"]:
+        low, high = effect.interval()
+        feedback.pushInfo(f"{effect.estimator} {effect.estimand} {effect.contrast}: {effect.estimate:.4f} "
+                          f"(SE {effect.std_err:.4f}, 95 % [{low:.4f}, {high:.4f}])")
+    if out["balance"]:
+        worst = max(out["balance"], key=lambda row: abs(row[2]))
+        feedback.pushInfo(f"Balance after weighting: largest |standardized difference| {abs(worst[2]):.3f} "
+                          f"({worst[0]}).")

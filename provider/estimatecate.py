@@ -10,7 +10,7 @@ from qgis.core import (
 )
 
 from .base import GeoCateAlgorithm, add_report_parameter, progress_to
-from .convert import read_units, unit_columns
+from .convert import unit_columns
 from .predicted import (
     add_outcome_correction_parameters,
     ppi_outputs,
@@ -23,12 +23,8 @@ from .study_parameters import (
     add_imagery_parameters,
     add_sensitivity_parameters,
     add_study_parameters,
-    read_design_parameters,
-    read_imagery_parameters,
-    read_sensitivity_parameters,
     read_study_parameters,
     report_sensitivity,
-    study_record,
 )
 
 
@@ -143,60 +139,39 @@ class EstimateCateAlgorithm(GeoCateAlgorithm):
     def processAlgorithm(self, parameters, context, feedback):  # noqa: N802 - QGIS's name
         from ..core.pipeline import estimate_cate
 
-        source, study = read_study_parameters(self, parameters, context)
-        shared = study_record(source, study)   # the shared parameters' record ("study" becomes the Study below)
-        treatment, outcome, covariates = study["treatment"], study["outcome"], study["covariates"]
-        path, bands, window, nodata, seed = study["raster"], study["bands"], study["window"], study["nodata"], study["seed"]
-        n_groups = self.parameterAsInt(parameters, self.GROUPS, context)
-        spatial_block = study["spatial_block"]
-        cluster, strata, known, design_kind = read_design_parameters(self, parameters, context)
-        imagery, imagery_values = read_imagery_parameters(self, parameters, context)
-        strengths = read_sensitivity_parameters(self, parameters, context)
-
-        features, units = read_units(source, treatment, outcome, covariates, feedback, cluster, strata, known)
-        correction, method, truth = read_outcome_correction(self, parameters, context, source, features)
-        from ..core.design import StudyDesign
-
-        progress = progress_to(feedback, 5, 95)
-
-        study, result = estimate_cate(units, path, bands, window, nodata, seed, n_groups,
-                                      spatial_block=spatial_block, progress=progress,
-                                      is_cancelled=feedback.isCanceled, outcome_correction=correction,
-                                      correction=method, outcome_truth=truth,
-                                      study_design=StudyDesign(design_kind, seed=seed), imagery=imagery,
-                                      sensitivity=strengths)
+        chosen = read_study_parameters(self, parameters, context)
+        features, units = chosen.read_units(feedback)
+        correction, method, truth = read_outcome_correction(self, parameters, context, chosen.source, features)
+        study, result = estimate_cate(
+            units, **chosen.imagery_arguments(), n_groups=self.parameterAsInt(parameters, self.GROUPS, context),
+            progress=progress_to(feedback, 5, 95), is_cancelled=feedback.isCanceled, outcome_correction=correction,
+            correction=method, outcome_truth=truth, study_design=chosen.study_design(),
+            sensitivity=chosen.sensitivity)
 
         log_estimate(feedback, len(features), study, result)
         autoc, test = result.autoc, result.heterogeneity
-        sensitivity_outputs = report_sensitivity(result.sensitivity, strengths, feedback)
+        sensitivity_outputs = report_sensitivity(result.sensitivity, chosen.sensitivity, feedback)
         feedback.pushInfo(f"Device: {result.metadata['device']}; timings: {result.metadata['timings']}.")
         # Only now, with every number in hand, is the output created: a failed run writes nothing.
-        dest_id = self.write_units(parameters, context, self.OUTPUT, source, features, None, unit_columns(study, result))
-
-        metadata = dict(result.metadata, algorithm="geocate:estimatecate", parameters={
-            **shared, "GROUPS": n_groups, "CLUSTER": cluster,
-            "OUTCOME_CORRECTION": self.parameterAsFile(parameters, self.OUTCOME_CORRECTION, context) or None,
-            "CORRECTION": method if correction is not None else None,
-            "OUTCOME_TRUTH": self.parameterAsString(parameters, self.OUTCOME_TRUTH, context) or None,
-            "DESIGN": design_kind, "STRATA": strata, "PROPENSITY": known, **imagery_values,
-            **({"CF_Y": strengths[0], "CF_D": strengths[1], "RHO": strengths[2]} if result.sensitivity else {}),
-        }, n_units=len(features), n_used=result.n_used, n_dropped=result.n_dropped,
-            ate=result.ate, ate_se=result.ate_se)
+        dest_id = self.write_units(parameters, context, self.OUTPUT, chosen.source, features, None,
+                                   unit_columns(study, result))
+        metadata = self.record(**{**result.metadata, "n_units": len(features), "n_used": result.n_used,
+                                  "n_dropped": result.n_dropped, "ate": result.ate, "ate_se": result.ate_se})
         results = self.keep_result(context, dest_id, {
             self.OUTPUT: dest_id, "ATE": result.ate, "ATE_SE": result.ate_se, "N_USED": result.n_used,
             "N_DROPPED": result.n_dropped, "AUTOC": test.estimate, "AUTOC_SE": test.std_err, "AUTOC_T": test.t_stat,
             "AUTOC_P": test.p_value, "AUTOC_POOLED": autoc.estimate,
             **ppi_outputs(result.metadata["predicted_outcome"]), **sensitivity_outputs}, metadata, feedback)
-        report = self.output_file(parameters, self.OUTPUT_REPORT, context)
-        if report:
-            import tempfile
+        return self.write_report(parameters, context, results, feedback, lambda report: self._report(
+            report, metadata, chosen, study, result))
 
-            from ..core.report import estimate_report, plot_effect_map
+    @staticmethod
+    def _report(report, metadata, chosen, study, result):
+        import tempfile
 
-            with tempfile.TemporaryDirectory(prefix="geocate-") as folder:  # the report embeds its figures
-                map_png = plot_effect_map(path, study.coords, result.cate, os.path.join(folder, "map.png"),
-                                          bands=bands)
-                estimate_report(metadata, report, map_png, figures=folder, sensitivity=result.sensitivity)
-            results[self.OUTPUT_REPORT] = report
-            feedback.pushInfo(f"Report: {self.final_path(report)}.")
-        return results
+        from ..core.report import estimate_report, plot_effect_map
+
+        with tempfile.TemporaryDirectory(prefix="geocate-") as folder:  # the report embeds its figures
+            map_png = plot_effect_map(chosen.raster, study.coords, result.cate, os.path.join(folder, "map.png"),
+                                      bands=chosen.bands)
+            estimate_report(metadata, report, map_png, figures=folder, sensitivity=result.sensitivity)

@@ -1,7 +1,6 @@
 """geocate:evaluate - is the heterogeneity a priority (e.g. a CATE) claims real? RATE, TOC, calibration."""
 
 import os
-import time
 
 import numpy as np
 from qgis.core import (
@@ -18,7 +17,7 @@ from qgis.core import (
     QgsWkbTypes,
 )
 
-from .base import GeoCateAlgorithm, add_report_parameter, progress_to, run_metadata
+from .base import GeoCateAlgorithm, add_report_parameter, progress_to
 from .convert import as_label, as_number, check_numeric_field, unit_point, write_table
 from .predicted import add_outcome_correction_parameters, read_outcome_correction, report_predicted_outcome
 from .study_parameters import add_design_parameters, read_design_parameters
@@ -135,26 +134,59 @@ class EvaluateAlgorithm(GeoCateAlgorithm):
             self.addOutput(QgsProcessingOutputNumber(name, label))
 
     def processAlgorithm(self, parameters, context, feedback):  # noqa: N802 - QGIS's name
-        from ..core.evaluate import evaluate_priorities, metric_coords
-        from ..core.report import evaluation_report, plot_toc, rate_rows
-        from ..core.study import describe_dropped
+        from ..core.evaluate import evaluate_priorities
+        from ..core.report import rate_rows
 
-        started = time.monotonic()
+        source, arguments, raw = self._read(parameters, context, feedback)
+        seed, n_draws = arguments["seed"], self.parameterAsInt(parameters, self.BOOTSTRAP, context)
+        design_kind = arguments["design"].kind
+        evaluation = evaluate_priorities(**arguments, n_groups=self.parameterAsInt(parameters, self.GROUPS, context),
+                                         n_draws=n_draws, progress=progress_to(feedback),
+                                         is_cancelled=feedback.isCanceled)
+        autoc, qini = evaluation.rates["AUTOC"][0], evaluation.rates["QINI"][0]
+        predicted = None
+        if raw["correction"] is not None:   # the ATE under every correction, on the evaluation's own folds
+            from ..core.corrections import correction_record
+
+            used = evaluation.used
+            covariates = arguments["covariates"]
+            predicted = correction_record(
+                raw["correction"], raw["method"], raw["outcome"][used], arguments["treated"][used].astype(int),
+                covariates[used] if covariates is not None else None, evaluation.folds, evaluation.groups, seed)
+            report_predicted_outcome(predicted, feedback)
+        log_evaluation(feedback, len(arguments["treated"]), evaluation, design_kind)
+        metadata = self.record(
+            n_units=len(arguments["treated"]), n_used=int(evaluation.used.sum()), dropped=evaluation.dropped,
+            bootstrap_clusters=evaluation.n_clusters, spatial_block_m=evaluation.block_size,
+            predicted_outcome=predicted,
+            rates=[{"target": r.target, "priority": r.priority, "estimate": r.estimate, "std_err": r.std_err,
+                    "ci": list(r.ci), "p_value": r.p_value}
+                   for r in evaluation.rates["AUTOC"] + evaluation.rates["QINI"]])
+        # All numbers are in hand: only now are the outputs created (under partial names until all succeeded).
+        dest_id = write_table(self, parameters, context, rate_rows(evaluation))
+        plot_path, report_path = self._figures(parameters, context, feedback, evaluation, metadata, source)
+        self.write_run_metadata(dest_id, metadata, feedback)
+        return {self.OUTPUT: dest_id, self.OUTPUT_PLOT: plot_path or None, self.OUTPUT_REPORT: report_path or None,
+                "AUTOC": autoc.estimate, "AUTOC_SE": autoc.std_err, "AUTOC_P": autoc.p_value,
+                "QINI": qini.estimate, "QINI_SE": qini.std_err, "N_USED": int(evaluation.used.sum())}
+
+    def _read(self, parameters, context, feedback):
+        """(source, evaluate_priorities' arguments, {outcome (as measured), correction, method}): the fields
+        checked, every unit read, the outcome corrected where it comes from a map."""
+        from ..core.design import StudyDesign
+        from ..core.evaluate import metric_coords
+
         source = self.parameterAsSource(parameters, self.INPUT, context)
         if source is None:
             raise QgsProcessingException("The units layer could not be read. Choose a layer in INPUT.")
-        priority = self.parameterAsString(parameters, self.PRIORITY, context)
         priority_2 = self.parameterAsString(parameters, self.PRIORITY_2, context)
+        rules = [self.parameterAsString(parameters, self.PRIORITY, context)] + ([priority_2] if priority_2 else [])
         treatment = self.parameterAsString(parameters, self.TREATMENT, context)
         outcome = self.parameterAsString(parameters, self.OUTCOME, context)
         covariates = self.parameterAsFields(parameters, self.COVARIATES, context)
         cluster, strata, known, _ = read_design_parameters(self, parameters, context)
         spatial_block = self.parameterAsDouble(parameters, self.SPATIAL_BLOCK, context)
-        n_groups = self.parameterAsInt(parameters, self.GROUPS, context)
-        n_draws = self.parameterAsInt(parameters, self.BOOTSTRAP, context)
         seed = self.parameterAsInt(parameters, self.SEED, context)
-
-        rules = [priority] + ([priority_2] if priority_2 else [])
         self._check_fields(source.fields(), rules, treatment, outcome, covariates, cluster, strata, known, feedback)
         spatial = source.wkbType() != QgsWkbTypes.NoGeometry
         if spatial_block < 0 and not spatial:   # auto, on a table: no geometry to make blocks of
@@ -162,7 +194,6 @@ class EvaluateAlgorithm(GeoCateAlgorithm):
             spatial_block = 0
         if spatial_block and not spatial:
             raise QgsProcessingException("Spatial blocks need geometries, and this layer has none. Set 'Spatial blocks' to 0.")
-
         rows = read_rows(source, rules, treatment, outcome, covariates, spatial, cluster, strata, known, feedback)
         n = len(rows)
         for j, rule in enumerate(rules):
@@ -171,70 +202,50 @@ class EvaluateAlgorithm(GeoCateAlgorithm):
                 raise QgsProcessingException(
                     f"The priority '{rule}' takes a single value on every unit: it ranks nobody before anybody, so "
                     "there is nothing to evaluate. Choose a field that orders the units.")
-        from ..core.design import StudyDesign
-
         design_kind = ("randomized", "observational")[self.parameterAsEnum(parameters, "DESIGN", context)]
         if design_kind == "observational" and not covariates:
             raise QgsProcessingException("An observational design estimates the propensity from the covariates, and "
                                          "none were given. Choose the covariates that decided treatment.")
         correction, method, _ = read_outcome_correction(self, parameters, context, source, [])
-        outcomes = np.array([r[2] for r in rows], float)
+        measured = np.array([r[2] for r in rows], float)
+        outcomes = measured
         if correction is not None:
             correction.check_compatible(outcome)
-            outcomes = correction.apply(outcomes, method)[0]
+            outcomes = correction.apply(measured, method)[0]
         coords = None
         if spatial:
             crs = source.sourceCrs()
             if not crs.isValid():
                 raise QgsProcessingException("The layer has no CRS. Set it (Layer Properties > Source) first.")
             coords = metric_coords(np.array([r[4] for r in rows], float).reshape(n, 2), crs.toWkt())
-        evaluation = evaluate_priorities(
+        arguments = dict(
             outcome=outcomes, treated=np.array([r[1] for r in rows], float),
             priorities=np.array([r[0] for r in rows], float).reshape(n, len(rules)), names=rules,
             covariates=np.array([r[3] for r in rows], float).reshape(n, len(covariates)) if covariates else None,
             coords=coords, locations=[r[5] for r in rows] if cluster else None, spatial_block=spatial_block,
-            n_groups=n_groups, n_draws=n_draws, seed=seed, treatment_name=treatment,
-            progress=progress_to(feedback),
-            is_cancelled=feedback.isCanceled, design=StudyDesign(design_kind, seed=seed),
+            seed=seed, treatment_name=treatment, design=StudyDesign(design_kind, seed=seed),
             strata=[r[6] for r in rows] if strata else None,
             known=np.array([r[7] for r in rows], float) if known else None)
+        return source, arguments, {"outcome": measured, "correction": correction, "method": method}
 
-        autoc, qini = evaluation.rates["AUTOC"][0], evaluation.rates["QINI"][0]
-        predicted = None
-        if correction is not None:   # the ATE under every correction, on the evaluation's own folds
-            from ..core.corrections import correction_record
+    def _figures(self, parameters, context, feedback, evaluation, metadata, source):
+        """The TOC plot and the report, where asked for: (plot path or None, report path or None)."""
+        import tempfile
 
-            used = evaluation.used
-            predicted = correction_record(
-                correction, method, np.array([r[2] for r in rows], float)[used],
-                np.array([r[1] for r in rows], int)[used],
-                np.array([r[3] for r in rows], float).reshape(n, len(covariates))[used] if covariates else None,
-                evaluation.folds, evaluation.groups, seed)
-            report_predicted_outcome(predicted, feedback)
-        log_evaluation(feedback, n, evaluation, design_kind)
-        inputs = {"layer": source.sourceName(), "priority": priority, "second priority": priority_2 or "-",
-                  "treatment": treatment, "outcome": outcome, "covariates": ", ".join(covariates) or "-",
-                  "cluster": cluster or "-", "units used": int(evaluation.used.sum()),
-                  "units dropped": describe_dropped(evaluation.dropped), "bootstrap draws": n_draws,
-                  "bootstrap clusters": evaluation.n_clusters, "spatial block (m)": evaluation.block_size or "-",
-                  "seed": seed}
-        metadata = run_metadata("geocate:evaluate", {
-            "INPUT": source.sourceName(), "PRIORITY": priority, "PRIORITY_2": priority_2 or None,
-            "TREATMENT": treatment, "OUTCOME": outcome, "COVARIATES": covariates, "CLUSTER": cluster or None,
-            "STRATA": strata, "PROPENSITY": known,
-            "SPATIAL_BLOCK": spatial_block, "GROUPS": n_groups, "BOOTSTRAP": n_draws, "SEED": seed,
-            "DESIGN": design_kind},
-            started, n_units=n, n_used=int(evaluation.used.sum()), dropped=evaluation.dropped,
-            bootstrap_clusters=evaluation.n_clusters, spatial_block_m=evaluation.block_size,
-            predicted_outcome=predicted, rates=[{"target": r.target, "priority": r.priority, "estimate": r.estimate, "std_err": r.std_err,
-                    "ci": list(r.ci), "p_value": r.p_value} for r in evaluation.rates["AUTOC"] + evaluation.rates["QINI"]])
-        # All numbers are in hand: only now are the outputs created (under partial names until all succeeded).
-        dest_id = write_table(self, parameters, context, rate_rows(evaluation))
+        from ..core.report import evaluation_report, plot_toc
+        from ..core.study import describe_dropped
+
         plot_path = self.output_file(parameters, self.OUTPUT_PLOT, context)
         report_path = self.output_file(parameters, self.OUTPUT_REPORT, context)
         if report_path:
-            import tempfile
-
+            chosen = metadata["parameters"]
+            inputs = {"layer": source.sourceName(), "priority": chosen["PRIORITY"],
+                      "second priority": chosen["PRIORITY_2"] or "-", "treatment": chosen["TREATMENT"],
+                      "outcome": chosen["OUTCOME"], "covariates": ", ".join(chosen["COVARIATES"]) or "-",
+                      "cluster": chosen["CLUSTER"] or "-", "units used": int(evaluation.used.sum()),
+                      "units dropped": describe_dropped(evaluation.dropped), "bootstrap draws": chosen["BOOTSTRAP"],
+                      "bootstrap clusters": evaluation.n_clusters,
+                      "spatial block (m)": evaluation.block_size or "-", "seed": chosen["SEED"]}
             with tempfile.TemporaryDirectory(prefix="geocate-") as folder:  # the report embeds the TOC plot
                 evaluation_report(evaluation, report_path, plot_path or os.path.join(folder, "toc.png"), inputs,
                                   metadata)
@@ -243,10 +254,7 @@ class EvaluateAlgorithm(GeoCateAlgorithm):
             plot_toc([r for r in evaluation.rates["AUTOC"] if " - " not in r.priority], plot_path)
         if plot_path:
             feedback.pushInfo(f"TOC plot: {self.final_path(plot_path)}.")
-        self.write_run_metadata(dest_id, metadata, feedback)
-        return {self.OUTPUT: dest_id, self.OUTPUT_PLOT: plot_path or None, self.OUTPUT_REPORT: report_path or None,
-                "AUTOC": autoc.estimate, "AUTOC_SE": autoc.std_err, "AUTOC_P": autoc.p_value,
-                "QINI": qini.estimate, "QINI_SE": qini.std_err, "N_USED": int(evaluation.used.sum())}
+        return plot_path, report_path
 
     def _check_fields(self, fields, rules, treatment, outcome, covariates, cluster, strata, known, feedback):
         """Refuse fields that are missing, not numeric, or a priority that is the outcome or the treatment; warn

@@ -1,7 +1,5 @@
 """geocate:eventstudy - effects of a programme rolled out in waves (staggered adoption), by periods since adoption."""
 
-import time
-
 from qgis.core import (
     QgsProcessing,
     QgsProcessingOutputNumber,
@@ -13,7 +11,7 @@ from qgis.core import (
 )
 from qgis.PyQt.QtCore import QVariant
 
-from .base import GeoCateAlgorithm, add_report_parameter, progress_to, run_metadata
+from .base import GeoCateAlgorithm, add_report_parameter, progress_to
 from .convert import write_table
 from .paneleffects import add_panel_parameters, read_panel_parameters, read_panel_rows
 
@@ -98,48 +96,45 @@ class EventStudyAlgorithm(GeoCateAlgorithm):
     def processAlgorithm(self, parameters, context, feedback):  # noqa: N802 - QGIS's name
         from ..core.eventstudy import event_study
 
-        started = time.monotonic()
         source, values = read_panel_parameters(self, parameters, context)
-        control = CONTROLS[self.parameterAsEnum(parameters, self.CONTROL_GROUP, context)][1]
-        anticipation = self.parameterAsInt(parameters, self.ANTICIPATION, context)
         seed = self.parameterAsInt(parameters, self.SEED, context)
         rows, X, names = read_panel_rows(source, values, seed, feedback, progress_share=30)
         study = event_study(
             [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows], [r[3] for r in rows], X, names,
-            control=control, anticipation=anticipation, seed=seed,
-            progress=progress_to(feedback, 30, 70),
-            is_cancelled=feedback.isCanceled, unit_name=values["unit"], time_name=values["time"],
-            treatment_name=values["treatment"], outcome_name=values["outcome"])
+            control=CONTROLS[self.parameterAsEnum(parameters, self.CONTROL_GROUP, context)][1],
+            anticipation=self.parameterAsInt(parameters, self.ANTICIPATION, context), seed=seed,
+            progress=progress_to(feedback, 30, 70), is_cancelled=feedback.isCanceled, unit_name=values["unit"],
+            time_name=values["time"], treatment_name=values["treatment"], outcome_name=values["outcome"])
         self.log(study, feedback)
         table = table_rows(study)
         dest_id = write_table(self, parameters, context, table, columns=EVENT_COLUMNS)
-        metadata = run_metadata("geocate:eventstudy", {
-            "INPUT": source.sourceName(), "UNIT_ID": values["unit"], "TIME": values["time"],
-            "TREATMENT": values["treatment"], "OUTCOME": values["outcome"], "COVARIATES": values["covariates"],
-            "RASTERS_BY_TIME": [r.source() for r in values["rasters"]], "PATCH_SIZE": values["window"],
-            "CONTROL_GROUP": control, "ANTICIPATION": anticipation, "SEED": seed}, started,
+        metadata = self.record(
             overall=study.overall.__dict__, pre_trend=study.pre_trend.__dict__, control=study.control,
             n_units=study.n_units, n_treated_units=int(sum(study.cohorts.values())),
             cohorts={f"{g:g}": n for g, n in study.cohorts.items()}, dropped=study.dropped,
             not_estimable=[list(x) for x in study.not_estimable], learner=study.learner, overlap=study.overlap,
-            critical_value=study.critical_value, covariates_used=names,
-            warnings=list(study.notes))
+            critical_value=study.critical_value, covariates_used=names, warnings=list(study.notes))
         self.write_run_metadata(dest_id, metadata, feedback)
         plot = self.output_file(parameters, self.OUTPUT_PLOT, context)
         report = self.output_file(parameters, "OUTPUT_REPORT", context)
+        self._figures(study, metadata, table, plot, report)
+        return {self.OUTPUT: dest_id, self.OUTPUT_PLOT: plot or None, "OUTPUT_REPORT": report or None,
+                "ATT": study.overall.att, "ATT_SE": study.overall.std_err, "PRETREND_P": study.pre_trend.p_value,
+                "N_UNITS": study.n_units}
+
+    @staticmethod
+    def _figures(study, metadata, table, plot, report):
+        """The event-study plot and the report, where asked for."""
+        import os
+        import tempfile
+
+        from ..core.report import event_study_report, plot_event_study
+
         if plot or report:
-            import os
-            import tempfile
-
-            from ..core.report import event_study_report, plot_event_study
-
             with tempfile.TemporaryDirectory(prefix="geocate-") as folder:
                 png = plot_event_study(study, plot or os.path.join(folder, "event_study.png"))
                 if report:
                     event_study_report(metadata, table, report, png)
-        return {self.OUTPUT: dest_id, self.OUTPUT_PLOT: plot or None, "OUTPUT_REPORT": report or None,
-                "ATT": study.overall.att, "ATT_SE": study.overall.std_err, "PRETREND_P": study.pre_trend.p_value,
-                "N_UNITS": study.n_units}
 
     @staticmethod
     def log(study, feedback):

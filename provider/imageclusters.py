@@ -17,15 +17,12 @@ from qgis.core import (
 from qgis.PyQt.QtCore import QVariant
 
 from .base import GeoCateAlgorithm, add_report_parameter, progress_to
-from .convert import RESULT_FIELDS, read_units, unit_columns, write_table
+from .convert import RESULT_FIELDS, unit_columns, write_table
 from .study_parameters import (
     add_design_parameters,
     add_imagery_parameters,
     add_study_parameters,
-    read_design_parameters,
-    read_imagery_parameters,
     read_study_parameters,
-    study_record,
 )
 from .styles import GROUP_STYLE
 
@@ -145,51 +142,34 @@ class ImageClustersAlgorithm(GeoCateAlgorithm):
     def processAlgorithm(self, parameters, context, feedback):  # noqa: N802 - QGIS's name
         from ..core.pipeline import find_clusters
 
-        source, study_values = read_study_parameters(self, parameters, context)
-        n_clusters = self.parameterAsInt(parameters, self.CLUSTERS, context)
-        max_clusters = self.parameterAsInt(parameters, self.MAX_CLUSTERS, context)
-        epochs = self.parameterAsInt(parameters, self.EPOCHS, context)
-        device = DEVICES[self.parameterAsEnum(parameters, self.DEVICE, context)]
-        noise = self.parameterAsEnum(parameters, self.NOISE, context)
-        forest_check = self.parameterAsBoolean(parameters, self.FOREST_CHECK, context)
+        chosen = read_study_parameters(self, parameters, context)
         salience_dir = (self.parameterAsString(parameters, self.OUTPUT_SALIENCE, context)
                         if parameters.get(self.OUTPUT_SALIENCE) else None)
-        imagery, imagery_values = read_imagery_parameters(self, parameters, context)
-        cluster, strata, known, _ = read_design_parameters(self, parameters, context)
-        features, units = read_units(source, study_values["treatment"], study_values["outcome"],
-                                     study_values["covariates"], feedback, cluster, strata, known)
+        features, units = chosen.read_units(feedback)
         study, result, extras = find_clusters(
-            units, study_values["raster"], study_values["bands"], study_values["window"], study_values["nodata"],
-            study_values["seed"], n_clusters, max_clusters, epochs, device,
-            spatial_block=study_values["spatial_block"],
-            progress=progress_to(feedback, 5, 90),
-            is_cancelled=feedback.isCanceled, imagery=imagery, noise_components=NOISE_COMPONENTS_OF[noise],
-            forest_check=forest_check)
+            units, **chosen.imagery_arguments(), n_clusters=self.parameterAsInt(parameters, self.CLUSTERS, context),
+            max_clusters=self.parameterAsInt(parameters, self.MAX_CLUSTERS, context),
+            epochs=self.parameterAsInt(parameters, self.EPOCHS, context),
+            device=DEVICES[self.parameterAsEnum(parameters, self.DEVICE, context)],
+            progress=progress_to(feedback, 5, 90), is_cancelled=feedback.isCanceled,
+            noise_components=NOISE_COMPONENTS_OF[self.parameterAsEnum(parameters, self.NOISE, context)],
+            forest_check=self.parameterAsBoolean(parameters, self.FOREST_CHECK, context))
 
         log_clusters(feedback, len(features), study, result, extras)
         # Every number is in hand: the outputs are written only now.
-        k = result.metadata["n_clusters"]
-        dest_id = self._write_units(parameters, context, source, features, study, result)
+        dest_id = self._write_units(parameters, context, chosen.source, features, study, result)
         table_id = write_table(self, parameters, context, extras["clusters"], self.OUTPUT_CLUSTERS, CLUSTER_COLUMNS) \
             if parameters.get(self.OUTPUT_CLUSTERS) else None   # optional: qgis_process runs without it
         model_path, salience_dir = self._write_model(parameters, context, feedback, salience_dir, study, result,
-                                                     extras, study_values)
+                                                     extras, chosen)
         results = self.keep_result(context, dest_id, {
             self.OUTPUT: dest_id, self.OUTPUT_CLUSTERS: table_id, self.OUTPUT_MODEL: model_path or None,
-            self.OUTPUT_SALIENCE: salience_dir, "N_CLUSTERS": k, "ATE": result.ate, "ATE_SE": result.ate_se,
-            "N_USED": result.n_used, "N_DROPPED": result.n_dropped},
-            dict(result.metadata, algorithm="geocate:imageclusters", parameters=dict(
-                study_record(source, study_values), CLUSTER=cluster, STRATA=strata, PROPENSITY=known,
-                CLUSTERS=n_clusters, MAX_CLUSTERS=max_clusters, EPOCHS=epochs, DEVICE=device,
-                NOISE=NOISE_MODELS[noise], FOREST_CHECK=forest_check, **imagery_values),
-                 n_units=len(features), n_used=result.n_used, n_dropped=result.n_dropped, ate=result.ate,
-                 ate_se=result.ate_se), feedback)
-        report = self.output_file(parameters, self.OUTPUT_REPORT, context)
-        if report:
-            self._write_report(report, study, result, extras, study_values)
-            results[self.OUTPUT_REPORT] = report
-            feedback.pushInfo(f"Report: {self.final_path(report)}.")
-        return results
+            self.OUTPUT_SALIENCE: salience_dir, "N_CLUSTERS": result.metadata["n_clusters"], "ATE": result.ate,
+            "ATE_SE": result.ate_se, "N_USED": result.n_used, "N_DROPPED": result.n_dropped},
+            self.record(**{**result.metadata, "n_units": len(features), "n_used": result.n_used,
+                           "n_dropped": result.n_dropped, "ate": result.ate, "ate_se": result.ate_se}), feedback)
+        return self.write_report(parameters, context, results, feedback,
+                                 lambda report: self._write_report(report, study, result, extras, chosen))
 
     def _write_units(self, parameters, context, source, features, study, result):
         """The units with their out-of-fold effects and cluster probabilities: the sink, checked; its id."""
@@ -198,7 +178,7 @@ class ImageClustersAlgorithm(GeoCateAlgorithm):
         return self.write_units(parameters, context, self.OUTPUT, source, features,
                                 RESULT_FIELDS + tuple((f"p_{j + 1}", QVariant.Double) for j in range(k)), columns)
 
-    def _write_model(self, parameters, context, feedback, salience_dir, study, result, extras, study_values):
+    def _write_model(self, parameters, context, feedback, salience_dir, study, result, extras, chosen):
         """The ONNX model (with its .onnx.json) and the salience rasters, when asked for and possible:
         (model path or None, salience folder or None)."""
         from ..core.clusters import export_onnx
@@ -210,20 +190,20 @@ class ImageClustersAlgorithm(GeoCateAlgorithm):
                                  "encoder, so neither is written.")
             return None, None
         if model_path:
-            export_onnx(extras["model"], model_path, len(study.bands), study_values["window"],
+            export_onnx(extras["model"], model_path, len(study.bands), chosen.window,
                         len(result.metadata["covariates"]),   # with STRATA, the strata's indicators too
                         {"algorithm": "geocate:imageclusters", "n_clusters": result.metadata["n_clusters"],
                          "bands_used": list(study.bands), "covariates": result.metadata["covariates"],
                          "band_scaling": result.metadata["band_scaling"], "clusters": extras["clusters"],
-                         "seed": study_values["seed"], "covariate_means": extras["covariate_means"],
+                         "seed": chosen.seed, "covariate_means": extras["covariate_means"],
                          "pixel_size_m": study.pixel_size_m})
             feedback.pushInfo(f"Model: {self.final_path(model_path)} (with its description, .onnx.json).")
         if salience_dir:
-            written = self._write_salience(salience_dir, study, result, extras, study_values)
+            written = self._write_salience(salience_dir, study, result, extras, chosen)
             feedback.pushInfo(f"{written} salience raster(s) written to {salience_dir}.")
         return model_path, salience_dir
 
-    def _write_report(self, report, study, result, extras, study_values):
+    def _write_report(self, report, study, result, extras, chosen):
         """The cluster report, with each cluster's most typical unit and where the model looks in its window."""
         import tempfile
 
@@ -238,13 +218,13 @@ class ImageClustersAlgorithm(GeoCateAlgorithm):
             if probabilities[unit, cluster] >= 0 and extras["model"] is not None:
                 typical.append((cluster + 1, study.patches[unit],
                                 salience(extras["model"], study.patches[unit], study.covariates[unit], cluster)))
-        rgb = rgb_bands(study_values["raster"], list(study.bands))
+        rgb = rgb_bands(chosen.raster, list(study.bands))
         order = [list(study.bands).index(b) for b in rgb] if rgb else [0]
         with tempfile.TemporaryDirectory(prefix="geocate-") as folder:
             cluster_report(self._metadata, report, folder, typical, order)
 
     @staticmethod
-    def _write_salience(folder, study, result, extras, study_values, per_cluster=3):
+    def _write_salience(folder, study, result, extras, chosen, per_cluster=3):
         """Salience rasters for the ``per_cluster`` units with the highest probability of each cluster."""
         from ..core.clusters import occlusion_sensitivity, salience, write_salience
 
@@ -259,7 +239,7 @@ class ImageClustersAlgorithm(GeoCateAlgorithm):
                 occlusion = occlusion_sensitivity(extras["model"], study.patches[unit], study.covariates[unit],
                                                   cluster)
                 write_salience(os.path.join(folder, f"cluster{cluster + 1}_unit{unit + 1}.tif"),
-                               study_values["raster"], study.coords[unit], study_values["window"], gradient,
+                               chosen.raster, study.coords[unit], chosen.window, gradient,
                                occlusion)
                 written += 1
         return written

@@ -1,7 +1,6 @@
 """geocate:mapeffects and geocate:applyclusters - effects and clusters mapped over whole rasters (core.maps)."""
 
 import os
-import time
 
 from qgis.core import (
     QgsCoordinateTransform,
@@ -23,17 +22,13 @@ from qgis.core import (
     QgsWkbTypes,
 )
 
-from .base import GeoCateAlgorithm, add_report_parameter, progress_to, run_metadata
-from .convert import read_units
+from .base import GeoCateAlgorithm, add_report_parameter, progress_to
 from .study_parameters import (
     add_design_parameters,
     add_imagery_parameters,
     add_study_parameters,
     raster_path,
-    read_design_parameters,
-    read_imagery_parameters,
     read_study_parameters,
-    study_record,
 )
 
 EXTENT, MASK, STRIDE, METHOD, DASK_SCHEDULER, OUTPUT = "EXTENT", "MASK", "STRIDE", "METHOD", "DASK_SCHEDULER", "OUTPUT"
@@ -44,15 +39,13 @@ def write_map_report(algorithm, parameters, context, metadata, map_path, results
     """The optional HTML report, written under its partial name like every output."""
     import tempfile
 
-    report = algorithm.output_file(parameters, OUTPUT_REPORT, context)
-    if report:
-        from ..core.report import map_report
+    from ..core.report import map_report
 
+    def write(report):
         with tempfile.TemporaryDirectory(prefix="geocate-") as folder:
             map_report(metadata, report, map_path, folder)
-        results[OUTPUT_REPORT] = report
-        feedback.pushInfo(f"Report: {algorithm.final_path(report)}.")
-    return results
+
+    return algorithm.write_report(parameters, context, results, feedback, write, name=OUTPUT_REPORT)
 METHODS = (("causal forest", "forest"), ("cluster model", "clusters"))
 
 
@@ -230,43 +223,33 @@ class MapEffectsAlgorithm(GeoCateAlgorithm):
         self.addOutput(QgsProcessingOutputNumber("N_USED", "Trial units used"))
 
     def processAlgorithm(self, parameters, context, feedback):  # noqa: N802 - QGIS's name
-        from ..core.design import StudyDesign
         from ..core.maps import map_effects
 
-        started = time.monotonic()
-        source, study = read_study_parameters(self, parameters, context)
-        imagery, imagery_values = read_imagery_parameters(self, parameters, context)
+        chosen = read_study_parameters(self, parameters, context)
         raster_layer = self.parameterAsRasterLayer(parameters, "RASTER", context)
         extent, mask, stride, scheduler = read_map_parameters(self, parameters, context, raster_layer)
         method = METHODS[self.parameterAsEnum(parameters, METHOD, context)][1]
-        cluster, strata, known, design_kind = read_design_parameters(self, parameters, context)
-        if method == "clusters" and design_kind != "randomized":
+        if method == "clusters" and chosen.design != "randomized":
             raise QgsProcessingException("The cluster model assumes a randomized trial. Choose the causal forest for "
                                          "an observational study, or the randomized design.")
         final = self.parameterAsOutputLayer(parameters, OUTPUT, context)
-        features, units = read_units(source, study["treatment"], study["outcome"], study["covariates"], feedback,
-                                     cluster, strata, known)
+        features, units = chosen.read_units(feedback)
         path = self._files.partial(final)
         study_out, summary, _, _ = map_effects(
-            units, study["raster"], path, study["bands"], study["window"], study["nodata"], study["seed"],
-            imagery, method, stride, extent, mask, scheduler,
-            n_clusters=self.parameterAsInt(parameters, "CLUSTERS", context),
+            units, path=path, **chosen.imagery_arguments(), method=method, stride=stride, extent=extent, mask=mask,
+            scheduler=scheduler, n_clusters=self.parameterAsInt(parameters, "CLUSTERS", context),
             max_clusters=self.parameterAsInt(parameters, "MAX_CLUSTERS", context),
-            epochs=self.parameterAsInt(parameters, "EPOCHS", context), spatial_block=study["spatial_block"],
-            progress=progress_to(feedback),
-            is_cancelled=feedback.isCanceled, study_design=StudyDesign(design_kind, seed=study["seed"]))
+            epochs=self.parameterAsInt(parameters, "EPOCHS", context), progress=progress_to(feedback),
+            is_cancelled=feedback.isCanceled, study_design=chosen.study_design())
         feedback.pushInfo(f"Trial units used: {study_out.n_used}; device {summary['device']}.")
         feedback.pushInfo(summary_line(summary))
         if summary["share_outside_support"] > 0.25:
             feedback.pushWarning(f"{summary['share_outside_support']:.0%} of the mapped area lies outside the trial's "
                                  "support: read effects there as extrapolations, not estimates.")
-        metadata = run_metadata("geocate:mapeffects", {
-            **study_record(source, study), "CLUSTER": cluster, "STRATA": strata, "PROPENSITY": known,
-            "DESIGN": design_kind, "METHOD": method, "EXTENT": extent, "STRIDE": stride,
-            "MASK": bool(mask), "DASK_SCHEDULER": scheduler, **imagery_values}, started,
-            **{k: v for k, v in summary.items() if k != "unit_support"})
+        metadata = self.record(**{k: v for k, v in summary.items() if k != "unit_support"},
+                               extent_in_raster_crs=extent)
         self.write_run_metadata_beside(path, metadata, feedback)
-        style_map_on_load(self, final, summary, f"Effects map ({study['outcome']})", study["raster"])
+        style_map_on_load(self, final, summary, f"Effects map ({chosen.outcome})", chosen.raster)
         return write_map_report(self, parameters, context, metadata, path, {
             OUTPUT: final, "SHARE_OUTSIDE_SUPPORT": summary["share_outside_support"], "CELLS": summary["usable"],
             "N_USED": study_out.n_used}, feedback)
@@ -311,7 +294,6 @@ class ApplyClustersAlgorithm(GeoCateAlgorithm):
     def processAlgorithm(self, parameters, context, feedback):  # noqa: N802 - QGIS's name
         from ..core.maps import apply_cluster_model
 
-        started = time.monotonic()
         model = self.parameterAsFile(parameters, "MODEL", context)
         raster_layer = self.parameterAsRasterLayer(parameters, "RASTER", context)
         raster = raster_path(raster_layer)
@@ -326,9 +308,7 @@ class ApplyClustersAlgorithm(GeoCateAlgorithm):
         for row in summary.get("clusters") or []:   # as the map's legend labels them, from the trial's table
             share = f", {float(row[4]):.0%}" if len(row) > 4 else ""
             feedback.pushInfo(f"cluster {int(row[0])}: {float(row[1]):+.2f}{share} of the trial's units")
-        metadata = run_metadata("geocate:applyclusters", {
-            "MODEL": model, "RASTER": raster, "EXTENT": extent, "STRIDE": stride, "MASK": bool(mask),
-            "DASK_SCHEDULER": scheduler}, started, **summary)
+        metadata = self.record(**summary, extent_in_raster_crs=extent)
         self.write_run_metadata_beside(path, metadata, feedback)
         style_map_on_load(self, final, summary,
                                            f"Clusters map ({os.path.splitext(os.path.basename(model))[0]})", raster)

@@ -1,7 +1,5 @@
 """geocate:paneleffects - the effect of a treatment on units observed over years, with unit fixed effects."""
 
-import time
-
 import numpy as np
 from qgis.core import (
     QgsProcessing,
@@ -20,7 +18,7 @@ from qgis.core import (
 from qgis.PyQt.QtCore import QDate, QDateTime, QVariant
 
 from ..core.scores import Z95
-from .base import GeoCateAlgorithm, add_report_parameter, run_metadata
+from .base import GeoCateAlgorithm, add_report_parameter
 from .convert import as_label, as_number, check_numeric_field, unit_point, write_table
 from .widgets import field_role
 
@@ -183,68 +181,67 @@ class PanelEffectsAlgorithm(GeoCateAlgorithm):
 
     def processAlgorithm(self, parameters, context, feedback):  # noqa: N802 - QGIS's name
         from ..core.panel import make_panel, panel_effect
+        from ..core.report import panel_report
 
-        started = time.monotonic()
         source, values = read_panel_parameters(self, parameters, context)
-        unit_field, time_field, treatment, outcome = (values[k] for k in ("unit", "time", "treatment", "outcome"))
-        covariates, rasters, window = values["covariates"], values["rasters"], values["window"]
         choice = APPROACH_CHOICES[self.parameterAsEnum(parameters, self.APPROACH, context)]
         learner = ("spline ridge", "boosting")[self.parameterAsEnum(parameters, self.LEARNER, context)]
         seed = self.parameterAsInt(parameters, self.SEED, context)
         time_effects = self.parameterAsBoolean(parameters, self.TIME_EFFECTS, context)
         rows, X, names = read_panel_rows(source, values, seed, feedback)
         panel = make_panel([r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows],
-                           [r[3] for r in rows], X, names, unit_field, time_field, treatment, outcome)
+                           [r[3] for r in rows], X, names, values["unit"], values["time"], values["treatment"],
+                           values["outcome"])
         approaches = ("mundlak", "within", "first_difference") if choice == "all three" else (choice,)
         estimates = []
         for k, approach in enumerate(approaches):
+            if feedback.isCanceled():
+                raise QgsProcessingException("The run was cancelled. Nothing was written.")
             feedback.setProgressText(f"{approach}: cross-fitted nuisance models")
             feedback.setProgress(40 + 60 * k / len(approaches))
             estimates.append(panel_effect(panel, approach, learner, seed=seed, time_effects=time_effects))
-        if time_effects:
-            feedback.pushInfo(f"Year effects: shocks common to every unit in a period ({len(np.unique(panel.time))} "
-                              "periods) are absorbed (period effects in Mundlak's nuisance models, two-way demeaning "
-                              "for within, a period intercept in first differences).")
-        else:
-            feedback.pushWarning("Year effects are ignored (TIME_EFFECTS off): a shock common to every unit in a year "
-                                 "that moves treatment and outcome together biases theta.")
-        table = []
-        for estimate in estimates:
-            low, high = estimate.interval()
-            table.append((estimate.approach, "all", estimate.theta, estimate.std_err, low, high, estimate.n_units,
-                          estimate.n_obs))
-            feedback.pushInfo(f"{estimate.approach}: theta {estimate.theta:.4f} (SE {estimate.std_err:.4f}, 95 % "
-                              f"[{low:.4f}, {high:.4f}]), {estimate.n_units} units, {estimate.n_obs} rows.")
-            if estimate.units_observed_once:
-                feedback.pushWarning(f"{estimate.approach}: {estimate.units_observed_once} unit(s) observed once "
-                                     "were dropped (they carry no change over time).")
-            for period, theta_t, se_t, n_t in estimate.by_period:
-                table.append((estimate.approach, f"{period:g}", theta_t, se_t, theta_t - Z95 * se_t,
-                              theta_t + Z95 * se_t, float("nan"), n_t))
-            for period, reason in estimate.not_estimable:   # listed with nulls, not a number that cannot exist
-                table.append((estimate.approach, f"{period:g}", float("nan"), float("nan"), float("nan"),
-                              float("nan"), float("nan"), 0))
-                feedback.pushInfo(f"{estimate.approach}, {period:g}: not estimable ({reason}).")
-        if panel.dropped["a value is null"]:
-            feedback.pushInfo(f"{panel.dropped['a value is null']} row(s) with a null were dropped.")
+        table = log_panel(feedback, panel, estimates, time_effects)
         dest_id = write_table(self, parameters, context, table, columns=PANEL_COLUMNS)
-        metadata = run_metadata("geocate:paneleffects", {
-            "INPUT": source.sourceName(), "UNIT_ID": unit_field, "TIME": time_field, "TREATMENT": treatment,
-            "OUTCOME": outcome, "COVARIATES": covariates, "RASTERS_BY_TIME": [r.source() for r in rasters],
-            "PATCH_SIZE": window, "APPROACH": choice, "LEARNER": learner, "SEED": seed,
-            "TIME_EFFECTS": time_effects}, started,
+        metadata = self.record(
             estimates=[{"approach": e.approach, "theta": e.theta, "std_err": e.std_err, "n_units": e.n_units,
                         "n_obs": e.n_obs, "units_observed_once": e.units_observed_once, "by_period": e.by_period,
                         "not_estimable": [list(x) for x in e.not_estimable], "time_effects": e.time_effects}
                        for e in estimates], covariates_used=names, dropped=panel.dropped)
         self.write_run_metadata(dest_id, metadata, feedback)
-        report = self.output_file(parameters, "OUTPUT_REPORT", context)
-        if report:
-            from ..core.report import panel_report
-
-            panel_report(metadata, table, report)
-            feedback.pushInfo(f"Report: {self.final_path(report)}.")
         first = estimates[0]
-        return {self.OUTPUT: dest_id, "OUTPUT_REPORT": report or None, "THETA": first.theta,
-                "THETA_SE": first.std_err, "N_UNITS": first.n_units,
-                "N_OBS": first.n_obs}
+        return self.write_report(parameters, context, {
+            self.OUTPUT: dest_id, "OUTPUT_REPORT": None, "THETA": first.theta, "THETA_SE": first.std_err,
+            "N_UNITS": first.n_units, "N_OBS": first.n_obs}, feedback,
+            lambda report: panel_report(metadata, table, report))
+
+
+def log_panel(feedback, panel, estimates, time_effects):
+    """The run's log (year effects, each approach's theta, units observed once, periods not estimable, rows
+    with a null) and the table's rows: one per approach, then one per approach and period."""
+    if time_effects:
+        feedback.pushInfo(f"Year effects: shocks common to every unit in a period ({len(np.unique(panel.time))} "
+                          "periods) are absorbed (period effects in Mundlak's nuisance models, two-way demeaning "
+                          "for within, a period intercept in first differences).")
+    else:
+        feedback.pushWarning("Year effects are ignored (TIME_EFFECTS off): a shock common to every unit in a year "
+                             "that moves treatment and outcome together biases theta.")
+    table = []
+    for estimate in estimates:
+        low, high = estimate.interval()
+        table.append((estimate.approach, "all", estimate.theta, estimate.std_err, low, high, estimate.n_units,
+                      estimate.n_obs))
+        feedback.pushInfo(f"{estimate.approach}: theta {estimate.theta:.4f} (SE {estimate.std_err:.4f}, 95 % "
+                          f"[{low:.4f}, {high:.4f}]), {estimate.n_units} units, {estimate.n_obs} rows.")
+        if estimate.units_observed_once:
+            feedback.pushWarning(f"{estimate.approach}: {estimate.units_observed_once} unit(s) observed once "
+                                 "were dropped (they carry no change over time).")
+        for period, theta_t, se_t, n_t in estimate.by_period:
+            table.append((estimate.approach, f"{period:g}", theta_t, se_t, theta_t - Z95 * se_t,
+                          theta_t + Z95 * se_t, float("nan"), n_t))
+        for period, reason in estimate.not_estimable:   # listed with nulls, not a number that cannot exist
+            table.append((estimate.approach, f"{period:g}", float("nan"), float("nan"), float("nan"),
+                          float("nan"), float("nan"), 0))
+            feedback.pushInfo(f"{estimate.approach}, {period:g}: not estimable ({reason}).")
+    if panel.dropped["a value is null"]:
+        feedback.pushInfo(f"{panel.dropped['a value is null']} row(s) with a null were dropped.")
+    return table

@@ -1,5 +1,8 @@
 """The parameters every algorithm that reads a trial and its imagery shares (names fixed by ARCHITECTURE.md)."""
 
+from dataclasses import dataclass
+from typing import Any, Optional
+
 from qgis.core import (
     QgsApplication,
     QgsProcessing,
@@ -24,6 +27,8 @@ INPUT, TREATMENT, OUTCOME, COVARIATES = "INPUT", "TREATMENT", "OUTCOME", "COVARI
 RASTER, BANDS, PATCH_SIZE, NODATA, SEED, SPATIAL_BLOCK = "RASTER", "BANDS", "PATCH_SIZE", "NODATA", "SEED", "SPATIAL_BLOCK"
 SCALES, RASTERS_TIME, TIME_POOLING, ENCODER, FEATURE_CACHE = (
     "SCALES", "RASTERS_TIME", "TIME_POOLING", "ENCODER", "FEATURE_CACHE")
+CLUSTER, STRATA, PROPENSITY, DESIGN = "CLUSTER", "STRATA", "PROPENSITY", "DESIGN"
+DESIGNS = ("randomized", "observational")
 
 
 def add_study_parameters(algorithm):
@@ -64,8 +69,54 @@ def add_spatial_block_parameter(algorithm, advanced=True):
     algorithm.addParameter(block)
 
 
+@dataclass(frozen=True)
+class StudyParameters:
+    """The parameters of a study, read once (read_study_parameters) and typed: the units' layer and fields, the
+    imagery and its windows, the seed; how the trial was run (CLUSTER, STRATA, PROPENSITY, DESIGN) and how the
+    imagery is seen (the imagery parameters) where the algorithm has them; the sensitivity strengths (CF_Y,
+    CF_D, RHO) where it has them. The run record's parameters are read from the definitions
+    (provider.base.parameter_record), not from this object."""
+
+    source: Any                                 # the units' QgsProcessingFeatureSource
+    treatment: str
+    outcome: str
+    covariates: list[str]
+    raster: str
+    bands: Optional[list[int]]
+    window: int
+    nodata: Optional[float]
+    seed: int
+    spatial_block: float = 0.0
+    cluster: Optional[str] = None
+    strata: Optional[str] = None
+    known: Optional[str] = None
+    design: str = "randomized"
+    imagery: Any = None                         # core.represent.ImageryOptions, or None (the default imagery)
+    sensitivity: Optional[tuple[float, float, float]] = None
+
+    def study_design(self, **options):
+        """The core's StudyDesign of this study (``options``: e.g. trim)."""
+        from ..core.design import StudyDesign
+
+        return StudyDesign(self.design, seed=self.seed, **options)
+
+    def imagery_arguments(self):
+        """The keyword arguments every core entry point takes for the units' imagery: raster_path, bands,
+        window_size_px, nodata, seed, spatial_block, imagery."""
+        return dict(raster_path=self.raster, bands=self.bands, window_size_px=self.window, nodata=self.nodata,
+                    seed=self.seed, spatial_block=self.spatial_block, imagery=self.imagery)
+
+    def read_units(self, feedback):
+        """(features, core.study.UnitTable) of the units layer (provider.convert.read_units)."""
+        from .convert import read_units
+
+        return read_units(self.source, self.treatment, self.outcome, self.covariates, feedback, self.cluster,
+                          self.strata, self.known)
+
+
 def read_study_parameters(algorithm, parameters, context):
-    """(feature source, dict of plain values) for the shared parameters; SPATIAL_BLOCK where present."""
+    """The StudyParameters of a run: the shared parameters, checked; the design, imagery and sensitivity
+    parameters where the algorithm declares them."""
     source = algorithm.parameterAsSource(parameters, INPUT, context)
     if source is None:
         raise QgsProcessingException("The units layer could not be read. Choose a point or polygon layer in INPUT.")
@@ -76,37 +127,32 @@ def read_study_parameters(algorithm, parameters, context):
             f"The units layer '{source.sourceName()}' holds {kind}: each unit needs a point or a polygon, around "
             "which its image window is read. Use a point or polygon layer (e.g. Vector > Geometry Tools > "
             "Centroids for lines, or Create points layer from table for a table with coordinates).")
-    values = {
-        "treatment": algorithm.parameterAsString(parameters, TREATMENT, context),
-        "outcome": algorithm.parameterAsString(parameters, OUTCOME, context),
-        "covariates": algorithm.parameterAsFields(parameters, COVARIATES, context),
-        "raster": raster_path(algorithm.parameterAsRasterLayer(parameters, RASTER, context),
-                              algorithm.parameterAsString(parameters, RASTER, context)),
-        "bands": algorithm.parameterAsInts(parameters, BANDS, context) if parameters.get(BANDS) else None,
-        "window": algorithm.parameterAsInt(parameters, PATCH_SIZE, context),
-        "nodata": (algorithm.parameterAsDouble(parameters, NODATA, context)
-                   if parameters.get(NODATA) not in (None, "") else None),
-        "seed": algorithm.parameterAsInt(parameters, SEED, context),
-        "spatial_block": 0.0,
-    }
-    if values["bands"] and len(set(values["bands"])) != len(values["bands"]):
+    bands = algorithm.parameterAsInts(parameters, BANDS, context) if parameters.get(BANDS) else None
+    if bands and len(set(bands)) != len(bands):
         raise QgsProcessingException(
-            f"BANDS lists a band twice ({', '.join(map(str, values['bands']))}): each band is one input of the image "
+            f"BANDS lists a band twice ({', '.join(map(str, bands))}): each band is one input of the image "
             "model. List each band once.")
+    values = dict(
+        source=source, treatment=algorithm.parameterAsString(parameters, TREATMENT, context),
+        outcome=algorithm.parameterAsString(parameters, OUTCOME, context),
+        covariates=algorithm.parameterAsFields(parameters, COVARIATES, context),
+        raster=raster_path(algorithm.parameterAsRasterLayer(parameters, RASTER, context),
+                           algorithm.parameterAsString(parameters, RASTER, context)),
+        bands=bands, window=algorithm.parameterAsInt(parameters, PATCH_SIZE, context),
+        nodata=(algorithm.parameterAsDouble(parameters, NODATA, context)
+                if parameters.get(NODATA) not in (None, "") else None),
+        seed=algorithm.parameterAsInt(parameters, SEED, context))
     if algorithm.parameterDefinition(SPATIAL_BLOCK) is not None:
         block = algorithm.parameterAsDouble(parameters, SPATIAL_BLOCK, context)
         values["spatial_block"] = -1.0 if -1 < block < 0 else block
-    return source, values
-
-
-def study_record(source, values):
-    """The shared parameters as the run record keeps them (read_study_parameters' values under their names):
-    written once here, not retyped by each algorithm."""
-    record = {INPUT: source.sourceName(), TREATMENT: values["treatment"], OUTCOME: values["outcome"],
-              COVARIATES: values["covariates"], RASTER: values["raster"], BANDS: values["bands"],
-              PATCH_SIZE: values["window"], NODATA: values["nodata"], SEED: values["seed"]}
-    record[SPATIAL_BLOCK] = values["spatial_block"]
-    return record
+    if algorithm.parameterDefinition(CLUSTER) is not None:
+        values.update(zip(("cluster", "strata", "known", "design"),
+                          read_design_parameters(algorithm, parameters, context)))
+    if algorithm.parameterDefinition(SCALES) is not None:
+        values["imagery"] = read_imagery_parameters(algorithm, parameters, context)
+    if algorithm.parameterDefinition(SENSITIVITY_PARAMETERS[0][0]) is not None:
+        values["sensitivity"] = read_sensitivity_parameters(algorithm, parameters, context)
+    return StudyParameters(**values)
 
 
 def raster_path(layer, given=None):
@@ -162,7 +208,7 @@ def feature_cache_folder():
 
 
 def read_imagery_parameters(algorithm, parameters, context):
-    """(core.represent.ImageryOptions, plain values for the run metadata) from the imagery parameters."""
+    """The core.represent.ImageryOptions of the imagery parameters."""
     from ..core.represent import POOLINGS, FeatureCache, ImageryOptions
 
     scales = algorithm.parameterAsString(parameters, SCALES, context).strip() or None
@@ -171,14 +217,8 @@ def read_imagery_parameters(algorithm, parameters, context):
     pooling = POOLINGS[algorithm.parameterAsEnum(parameters, TIME_POOLING, context)]
     encoder = algorithm.parameterAsFile(parameters, ENCODER, context) or None
     use_cache = algorithm.parameterAsBoolean(parameters, FEATURE_CACHE, context)
-    options = ImageryOptions(scales=scales, rasters_time=tuple(later), time_pooling=pooling, encoder=encoder,
-                             cache=FeatureCache(feature_cache_folder()) if use_cache else None)
-    return options, {SCALES: scales, RASTERS_TIME: later, TIME_POOLING: pooling, ENCODER: encoder,
-                     FEATURE_CACHE: use_cache}
-
-
-CLUSTER, STRATA, PROPENSITY, DESIGN = "CLUSTER", "STRATA", "PROPENSITY", "DESIGN"
-DESIGNS = ("randomized", "observational")
+    return ImageryOptions(scales=scales, rasters_time=tuple(later), time_pooling=pooling, encoder=encoder,
+                          cache=FeatureCache(feature_cache_folder()) if use_cache else None)
 
 
 def add_design_parameters(algorithm, design=True, spatial_block=True):
@@ -214,8 +254,9 @@ def read_design_parameters(algorithm, parameters, context):
     if strata and known:
         raise QgsProcessingException("Give the strata or the known assignment probabilities, not both: with "
                                      "strata, each stratum's treated share is the probability.")
-    design_kind = DESIGNS[algorithm.parameterAsEnum(parameters, DESIGN, context)] \
-        if algorithm.parameterDefinition(DESIGN) is not None else "randomized"
+    definition = algorithm.parameterDefinition(DESIGN)   # its options name the designs, in its own order
+    design_kind = definition.options()[algorithm.parameterAsEnum(parameters, DESIGN, context)] \
+        if definition is not None else "randomized"
     if design_kind != "randomized" and (strata or known):
         raise QgsProcessingException(
             "STRATA and PROPENSITY describe how a randomized trial assigned treatment; the observational design "

@@ -2,7 +2,6 @@
 it gains (core.plan)."""
 
 import os
-import time
 
 import numpy as np
 from qgis.core import (
@@ -21,17 +20,14 @@ from qgis.core import (
 )
 from qgis.PyQt.QtCore import QVariant
 
-from .base import GeoCateAlgorithm, add_report_parameter, progress_to, run_metadata
-from .convert import as_number, check_numeric_field, read_units, unit_point
+from .base import GeoCateAlgorithm, add_report_parameter, progress_to
+from .convert import as_number, check_numeric_field, unit_point
 from .predicted import add_outcome_correction_parameters, read_outcome_correction
 from .study_parameters import (
     add_design_parameters,
     add_imagery_parameters,
     add_study_parameters,
-    read_design_parameters,
-    read_imagery_parameters,
     read_study_parameters,
-    study_record,
 )
 from .styles import TREAT_STYLE
 
@@ -184,56 +180,44 @@ class TargetingAlgorithm(GeoCateAlgorithm):
             self.addOutput(QgsProcessingOutputNumber(name, label))
 
     def processAlgorithm(self, parameters, context, feedback):  # noqa: N802 - QGIS's name
-        from ..core.design import StudyDesign
         from ..core.plan import Budget, plan_targeting
 
-        started = time.monotonic()
-        source, study = read_study_parameters(self, parameters, context)
-        imagery, imagery_values = read_imagery_parameters(self, parameters, context)
-        cluster, strata, known, design_kind = read_design_parameters(self, parameters, context)
+        chosen = read_study_parameters(self, parameters, context)
         budget_value = self.parameterAsDouble(parameters, BUDGET, context)
         cost_field = self.parameterAsString(parameters, COST, context) or None
         priority_field = self.parameterAsString(parameters, PRIORITY_FIELD, context) or None
         depth = self.parameterAsInt(parameters, TREE_DEPTH, context)
         outside = self.parameterAsBool(parameters, OUTSIDE_SUPPORT, context)
-        budget = Budget(total=budget_value) if cost_field else Budget(share=budget_value)
-
-        features, units = read_units(source, study["treatment"], study["outcome"], study["covariates"], feedback,
-                                     cluster, strata, known)
-        correction, method, _ = read_outcome_correction(self, parameters, context, source, features)
-        cost, priorities = self._unit_fields(source, features, cost_field, priority_field)
+        features, units = chosen.read_units(feedback)
+        correction, method, _ = read_outcome_correction(self, parameters, context, chosen.source, features)
+        cost, priorities = self._unit_fields(chosen.source, features, cost_field, priority_field)
         candidate_source, candidate_features, candidates = self._candidates(parameters, context, cost_field)
         map_request, map_final = self._map_request(parameters, context)
+        arguments = chosen.imagery_arguments()
         study_out, result, plan = plan_targeting(
-            units, study["raster"], budget, study["bands"], study["window"], study["nodata"], study["seed"],
-            cost=cost, cost_name=cost_field or "cost", priorities=priorities, tree_depth=depth,
+            units, arguments.pop("raster_path"), Budget(total=budget_value) if cost_field else Budget(share=budget_value),
+            **arguments, cost=cost, cost_name=cost_field or "cost", priorities=priorities, tree_depth=depth,
             candidates=candidates, map_request=map_request, outside_support=outside,
-            spatial_block=study["spatial_block"], study_design=StudyDesign(design_kind, seed=study["seed"]),
-            imagery=imagery, outcome_correction=correction, correction=method, progress=progress_to(feedback, 5, 95),
-            is_cancelled=feedback.isCanceled)
+            study_design=chosen.study_design(), outcome_correction=correction, correction=method,
+            progress=progress_to(feedback, 5, 95), is_cancelled=feedback.isCanceled)
         log_plan(feedback, len(features), result, plan, depth)
-        dest_id = self._write_units(parameters, context, source, features, study_out, result, plan, depth)
-        results = self._outputs(parameters, context, feedback, dest_id, study, result, plan, candidate_source,
+        dest_id = self._write_units(parameters, context, chosen.source, features, study_out, result, plan, depth)
+        results = self._outputs(parameters, context, feedback, dest_id, chosen, result, plan, candidate_source,
                                 candidate_features, map_final, outside)
-        metadata = run_metadata("geocate:targeting", {
-            **study_record(source, study), "CLUSTER": cluster, "STRATA": strata, "PROPENSITY": known,
-            "DESIGN": design_kind, "BUDGET": budget_value, "COST": cost_field, "PRIORITY_FIELD": priority_field,
-            "TREE_DEPTH": depth, "CANDIDATES": candidate_source.sourceName() if candidate_source else None,
-            "OUTSIDE_SUPPORT": outside, **imagery_values}, started,
-            **{k: v for k, v in result.metadata.items() if k not in ("timings",)},
-            n_units=len(features), n_used=result.n_used, n_dropped=result.n_dropped)
+        metadata = self.record(**{**result.metadata, "n_units": len(features), "n_used": result.n_used,
+                                  "n_dropped": result.n_dropped})
         results = self.keep_result(context, dest_id, results, metadata, feedback)
-        report = self.output_file(parameters, OUTPUT_REPORT, context)
-        if report:
-            import tempfile
+        return self.write_report(parameters, context, results, feedback, lambda report: self._report(
+            report, metadata, map_request), name=OUTPUT_REPORT)
 
-            from ..core.report import targeting_report
+    @staticmethod
+    def _report(report, metadata, map_request):
+        import tempfile
 
-            with tempfile.TemporaryDirectory(prefix="geocate-") as folder:
-                targeting_report(metadata, report, folder, map_request.path if map_request else None)
-            results[OUTPUT_REPORT] = report
-            feedback.pushInfo(f"Report: {self.final_path(report)}.")
-        return results
+        from ..core.report import targeting_report
+
+        with tempfile.TemporaryDirectory(prefix="geocate-") as folder:
+            targeting_report(metadata, report, folder, map_request.path if map_request else None)
 
     def _unit_fields(self, source, features, cost_field, priority_field):
         """(the units' costs or None, {PRIORITY_FIELD: its values}), each field checked to be numeric."""
@@ -291,7 +275,7 @@ class TargetingAlgorithm(GeoCateAlgorithm):
         return self.write_units(parameters, context, OUTPUT, source, features,
                                 UNIT_FIELDS + (TREE_FIELD if depth else ()), columns)
 
-    def _outputs(self, parameters, context, feedback, dest_id, study, result, plan, candidate_source,
+    def _outputs(self, parameters, context, feedback, dest_id, chosen, result, plan, candidate_source,
                  candidate_features, map_final, outside):
         """The output numbers, the candidates layer and the map (logged): the results dict."""
         record, sequential = plan.metadata, plan.metadata["sequential_gain"]
@@ -324,8 +308,8 @@ class TargetingAlgorithm(GeoCateAlgorithm):
                 from .mapeffects import style_map_on_load
 
                 results[OUTPUT_MAP] = map_final
-                style_map_on_load(self, map_final, dict(m, window_size_px=study["window"]),
-                                  f"Cells to treat ({study['outcome']})", study["raster"])
+                style_map_on_load(self, map_final, dict(m, window_size_px=chosen.window),
+                                  f"Cells to treat ({chosen.outcome})", chosen.raster)
         return results
 
     def _write_candidates(self, parameters, context, source, features, ranked):

@@ -7,7 +7,6 @@ and Cancel stops the run between two checks (a quarter of a second while
 windows are read, at most one cross-fitting fold in the forest).
 """
 
-import json
 import os
 import shutil
 import time
@@ -54,6 +53,7 @@ from qgis.PyQt.QtWidgets import (
     QWidget,
 )
 
+from ..core.record import RunRecord
 from ..paths import HELP_DIR
 from ..provider import collector
 
@@ -735,9 +735,7 @@ class GeoCateDock(QgsDockWidget):
         group.setExpanded(True)
         self.expand_in_layers_panel(group)
         self.result_layer_id = layer.id()
-        metadata_path = os.path.join(self.run_dir, "result.run.json")
-        with open(metadata_path, encoding="utf-8") as handle:
-            self.metadata = json.load(handle)
+        self.metadata = RunRecord.read(os.path.join(self.run_dir, "result.run.json"))
         self.show_summary(self.metadata)
         self.report_button.setEnabled(bool(self.last_results.get("OUTPUT_REPORT")))
         self.zoom_button.setEnabled(True)

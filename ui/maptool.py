@@ -2,7 +2,6 @@
 popup shows its image window(s), its CATE with the 95 % interval, its effect group or cluster, and whether it
 lies within the trial's support (patch_ok for a unit, the support band for a map cell)."""
 
-import json
 import os
 
 import numpy as np
@@ -19,6 +18,8 @@ from qgis.PyQt.QtCore import Qt
 from qgis.PyQt.QtGui import QImage, QPixmap
 from qgis.PyQt.QtWidgets import QDialog, QHBoxLayout, QLabel, QVBoxLayout
 
+from ..core.errors import GeoCateError
+from ..core.record import RunRecord
 from ..core.scores import Z95
 
 #: Layer properties GeoCATE sets when it loads a result: the imagery and window the run used.
@@ -34,11 +35,10 @@ def run_inputs(layer):
     sidecar = os.path.splitext(path)[0] + ".run.json"
     if os.path.exists(sidecar):
         try:
-            with open(sidecar, encoding="utf-8") as handle:
-                parameters = json.load(handle).get("parameters", {})
+            parameters = RunRecord.read(sidecar).parameters
             if parameters.get("RASTER") and parameters.get("PATCH_SIZE"):
                 return str(parameters["RASTER"]), int(parameters["PATCH_SIZE"])
-        except (OSError, ValueError, TypeError):
+        except (OSError, ValueError, TypeError, GeoCateError):
             pass
     return None, None
 

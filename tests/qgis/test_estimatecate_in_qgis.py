@@ -148,6 +148,13 @@ def test_geopackage_output_loads_styled_and_has_its_run_metadata(plugin, demo_un
     assert reloaded.isValid() and isinstance(reloaded.renderer(), QgsGraduatedSymbolRenderer)
     metadata = json.loads((tmp_path / "effects.run.json").read_text())
     assert metadata["algorithm"] == "geocate:estimatecate" and metadata["parameters"]["SEED"] == 42
+    assert list(metadata)[:3] == ["schema_version", "algorithm", "parameters"]
+    # The record's parameters come from the algorithm's definitions: every input, by its Processing name.
+    algorithm = QgsApplication.processingRegistry().algorithmById("geocate:estimatecate")
+    inputs = [d.name() for d in algorithm.parameterDefinitions() if not d.isDestination()]
+    assert list(metadata["parameters"]) == inputs
+    assert metadata["parameters"]["DESIGN"] == "randomized" and metadata["parameters"]["COVARIATES"] == []
+    assert metadata["parameters"]["RASTER"] == str(demo_raster) and metadata["parameters"]["NODATA"] is None
     assert metadata["device"] == "cpu" and metadata["n_used"] == results["N_USED"]
     assert "econml" in metadata["versions"] and metadata["timings"]["total_s"] > 0
     assert [row["group"] for row in metadata["group_effects"]] == [1, 2, 3]

@@ -60,7 +60,8 @@ def test_mapeffects_writes_a_cog_its_record_and_the_support_share(plugin, demo_u
     # The mask (given in degrees, reprojected to the raster's UTM) covers 9 km = about 4.5 cells of 66 px.
     assert 12 <= inside.sum() <= 30 and results["CELLS"] == inside.sum()
     record = json.loads((tmp_path / "effects.run.json").read_text())
-    assert record["algorithm"] == "geocate:mapeffects" and record["parameters"]["MASK"] is True
+    assert record["algorithm"] == "geocate:mapeffects" and record["parameters"]["MASK"] == "mask"
+    assert record["parameters"]["EXTENT"] is None and record["parameters"]["STRIDE"] == 66
     assert 0 <= results["SHARE_OUTSIDE_SUPPORT"] <= 1
     assert results["SHARE_OUTSIDE_SUPPORT"] == pytest.approx(record["share_outside_support"])
     assert not [p for p in tmp_path.iterdir() if "partial" in p.name or "tiles" in p.name]
