@@ -103,13 +103,9 @@ def main(argv=None):
                        "draws": [{k: r[k] for k in ("seed", "p", "t", "ate", "ate_se", "covers")} for r in rows]}
             results["designs"][f"{villages} villages, sd {sd}"] = summary
             print(f"{villages} villages, sd {sd}: {json.dumps(summary)}", flush=True)
-            if args.json:   # written after each design: a long run leaves what it has measured
-                results["seconds"] = round(time.perf_counter() - started, 1)
-                with open(args.json, "w") as handle:
-                    json.dump(results, handle, indent=1)
-    results["seconds"] = round(time.perf_counter() - started, 1)
+            save_figures(args.json, results, started)   # after each design: a long run leaves what it measured
+    save_figures(args.json, results, started)
     print(f"total {results['seconds']} s", flush=True)
-    save_figures(args.json, results)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@ Usage: python bench/bench_same_numbers.py --before REF [--after REF] [--json out
 Each version (a git commit of this repository; --after defaults to the working tree) is checked out into a
 temporary worktree and run in its own process on the same small studies: estimatecate (randomized, 400 units on
 the demo imagery; and observational), estimateate with the sensitivity analysis, comparesources, imageclusters
-(K = 2, 30 epochs), evaluate, the four panel estimators and the event study (without and with covariates). The
+(K = 2, 30 epochs), evaluate, the four panel estimators, the event study (without and with covariates),
+targeting (30 % of the units) and mapeffects (the forest's map over the scene, every 66 pixels). The
 figures compared are every per-unit effect, standard error, score and probability, the tests' estimates and
 p-values, and the ATEs. Prints the largest absolute difference of each; exits 1 when one exceeds --tolerance.
 """
@@ -77,6 +78,15 @@ for covariates in (None, X):
     out["eventstudy" + (" with covariates" if covariates is not None else "")] = flat(
         [g.att for g in study.group_time], [g.std_err for g in study.group_time], study.overall.att,
         study.overall.std_err)
+from geocate.core.maps import map_effects
+from geocate.core.plan import Budget, plan_targeting
+from osgeo import gdal
+import tempfile
+_, result, plan = plan_targeting(units, raster, Budget(share=0.3), seed=1)
+out["targeting"] = flat(result.cate, plan.priority, plan.treat, plan.value.gain.estimate, plan.value.gain.std_err)
+with tempfile.TemporaryDirectory() as folder:
+    map_effects(units, raster, folder + "/map.tif", seed=1, stride=66)
+    out["mapeffects"] = flat(gdal.Open(folder + "/map.tif").ReadAsArray())
 json.dump(out, open(sys.argv[2], "w"))
 '''
 

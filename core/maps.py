@@ -485,10 +485,9 @@ def map_effects(units, raster_path, path, bands=None, window_size_px=33, nodata=
     from .clusters import feature_scaling
     from .inputs import outcome_inputs, propensity_inputs
     from .learners import default_learner
-    from .pipeline import find_clusters, fold_groups, trial_design
+    from .pipeline import find_clusters, prepare_study, trial_design
     from .progress import stage
-    from .represent import ImageryOptions, study_features
-    from .study import build_study
+    from .represent import ImageryOptions
 
     if method not in METHODS:
         raise GeoCateError(f"Unknown method '{method}'.", f"Choose one of {', '.join(METHODS)}.")
@@ -497,13 +496,12 @@ def map_effects(units, raster_path, path, bands=None, window_size_px=33, nodata=
     cells = mask_cells(grid, mask) if mask else None
     if method == "forest":
         feature_pipeline = imagery.pipeline(seed=seed, device=device)
-        study = build_study(units, raster_path, bands, window_size_px, nodata, stage(progress, 0.0, 0.05),
-                            is_cancelled, **imagery.study_kwargs())
+        prepared = prepare_study(units, raster_path, bands, window_size_px, nodata, feature_pipeline, imagery,
+                                 spatial_block, stage(progress, 0.0, 0.1), is_cancelled)
+        study, features, feature_pipeline, groups = (prepared.study, prepared.features, prepared.pipeline,
+                                                     prepared.groups)
         used = study.used
-        features, feature_pipeline = study_features(study, study.source, feature_pipeline, imagery.cache,
-                                                    stage(progress, 0.05, 0.1), is_cancelled)[:2]
         covariates = study.covariates[used] if study.covariates.shape[1] else None
-        groups, _ = fold_groups(study, spatial_block, window_size_px)
         design, _, learner = default_learner(features, None, n_folds=n_folds, n_estimators=n_estimators, seed=seed)
         trial = trial_design(study, propensity_inputs(features, covariates), outcome_inputs(features, covariates, seed),
                              groups, n_folds, seed, study_design)   # strata, known or estimated propensities

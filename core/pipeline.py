@@ -128,6 +128,46 @@ def fold_groups(study, spatial_block=0, window_size_px=33, n_folds=5):
     return groups, float(spatial_block)
 
 
+@dataclasses.dataclass
+class PreparedStudy:
+    """A study ready for an estimator (prepare_study): the checked ``study`` (its windows released unless kept),
+    the used units' image ``features`` and the fitted feature ``pipeline`` that made them (``cached``: read from
+    the feature cache), the fold ``groups`` every estimator keeps whole (and the bootstrap's and standard errors'
+    clusters) with the spatial ``block_size`` in metres or None, and the ``timings`` of the two steps."""
+
+    study: object
+    features: np.ndarray
+    pipeline: object
+    cached: bool
+    groups: np.ndarray
+    block_size: object
+    timings: dict
+
+
+def prepare_study(units, raster_path, bands, window_size_px, nodata, feature_pipeline, imagery, spatial_block,
+                  progress=None, is_cancelled=None, read_share=0.5, keep_windows=False, arms=False, check=None):
+    """The one orchestration every algorithm (and maps) starts with: the units' windows read and checked
+    (core.study.build_study) -> ``check(study)`` (an algorithm's own refusal, before the features are computed)
+    -> the image features through ``feature_pipeline`` (core.represent.study_features, with ``imagery``'s cache)
+    -> the windows released (unless ``keep_windows``: the cluster model's salience and the comparison of
+    representations read them again) -> the fold groups (fold_groups). ``progress`` covers the whole step,
+    ``read_share`` of it for the windows."""
+    timings, started = {}, time.monotonic()
+    study = build_study(units, raster_path, bands, window_size_px, nodata, stage(progress, 0.0, read_share),
+                        is_cancelled, arms=arms, **imagery.study_kwargs())
+    timings["read_windows_s"] = time.monotonic() - started
+    if check is not None:
+        check(study)
+    t = time.monotonic()
+    features, feature_pipeline, _, cached = study_features(study, study.source, feature_pipeline, imagery.cache,
+                                                           stage(progress, read_share, 1.0), is_cancelled)
+    timings["image_features_s"] = time.monotonic() - t
+    if not keep_windows:
+        study = dataclasses.replace(study, patches=None, views=None)  # the windows are no longer needed: free them
+    groups, block_size = fold_groups(study, spatial_block, window_size_px)
+    return PreparedStudy(study, features, feature_pipeline, cached, groups, block_size, timings)
+
+
 def known_propensity(study):
     """(P(treated) of each used unit, where it comes from) when the design fixes it: given per unit
     (PROPENSITY), or the treated share of each stratum of a block-randomized trial (STRATA); (None, None)
@@ -344,19 +384,13 @@ def estimate_cate(units, raster_path, bands=None, window_size_px=33, nodata=None
         outcome_correction.check_compatible(units.outcome_name)
         versions = corrected_outcomes(outcome_correction, units.outcome)
         units = dataclasses.replace(units, outcome=versions[correction][0])
-    study = build_study(units, raster_path, bands, window_size_px, nodata,
-                        stage(progress, 0.0, 0.12), is_cancelled, **imagery.study_kwargs())
-    timings["read_windows_s"] = time.monotonic() - started
-
+    prepared = prepare_study(units, raster_path, bands, window_size_px, nodata, feature_pipeline, imagery,
+                             spatial_block, stage(progress, 0.0, 0.22), is_cancelled, read_share=0.12 / 0.22)
+    study, features, feature_pipeline, cached = prepared.study, prepared.features, prepared.pipeline, prepared.cached
+    groups, block_size = prepared.groups, prepared.block_size
+    timings.update(prepared.timings)
     used = study.used
     t = time.monotonic()
-    features, feature_pipeline, _, cached = study_features(study, study.source, feature_pipeline, imagery.cache,
-                                                           stage(progress, 0.12, 0.22), is_cancelled)
-    study = dataclasses.replace(study, patches=None, views=None)  # the windows are no longer needed: free them
-    timings["image_features_s"] = time.monotonic() - t
-
-    t = time.monotonic()
-    groups, block_size = fold_groups(study, spatial_block, window_size_px)
     design, inputs, learner = default_learner(features, study.covariates[used], n_components, n_folds,
                                               n_estimators, seed)
     # The observational propensity always sees every image feature and covariate (core.inputs.propensity_inputs);
@@ -581,11 +615,10 @@ def compare_sources(units, raster_path, bands=None, window_size_px=33, nodata=No
         raise GeoCateError(f"Unknown comparison '{compare}'.", f"Choose one of {', '.join(COMPARE_MODES)}.")
     imagery = imagery or ImageryOptions()
     feature_pipeline = imagery.pipeline(seed=seed, device=device)
-    study = build_study(units, raster_path, bands, window_size_px, nodata, stage(progress, 0.0, 0.1), is_cancelled,
-                        **imagery.study_kwargs())
-    used = study.used
-    features, feature_pipeline = study_features(study, study.source, feature_pipeline, imagery.cache,
-                                                stage(progress, 0.1, 0.2), is_cancelled)[:2]
+    prepared = prepare_study(units, raster_path, bands, window_size_px, nodata, feature_pipeline, imagery,
+                             spatial_block, stage(progress, 0.0, 0.2), is_cancelled, keep_windows=compare != "sources")
+    study, features, feature_pipeline = prepared.study, prepared.features, prepared.pipeline
+    groups, block_size, used = prepared.groups, prepared.block_size, prepared.study.used
     covariates = study.covariates[used] if study.covariates.shape[1] else None
     if compare == "sources":
         rules = {s: (features if "imagery" in s else None, covariates if "covariates" in s else None)
@@ -600,7 +633,6 @@ def compare_sources(units, raster_path, bands=None, window_size_px=33, nodata=No
         del views
     study = dataclasses.replace(study, patches=None, views=None)
     sources = list(rules)
-    groups, block_size = fold_groups(study, spatial_block, window_size_px)
     Y, W = study.outcome[used], study.treated[used].astype(int)
     from .design import CLIP
     from .inputs import propensity_inputs
@@ -745,21 +777,24 @@ def find_clusters(units, raster_path, bands=None, window_size_px=33, nodata=None
     imagery = imagery or ImageryOptions()
     feature_pipeline = imagery.pipeline(seed=seed, device=device)
     timings, started = {}, time.monotonic()
-    study = build_study(units, raster_path, bands, window_size_px, nodata, stage(progress, 0.0, 0.1), is_cancelled,
-                        **imagery.study_kwargs())
-    used = study.used
-    if study.n_used / max(n_clusters or max_clusters, 1) < MIN_UNITS_PER_CLUSTER:
-        raise GeoCateError(
-            f"{study.n_used} units are too few for {n_clusters or max_clusters} clusters: each cluster needs about "
-            f"{MIN_UNITS_PER_CLUSTER} units or more.",
-            f"Use at most {max(study.n_used // MIN_UNITS_PER_CLUSTER, 1)} clusters, or more units.")
-    features, feature_pipeline = study_features(study, study.source, feature_pipeline, imagery.cache,
-                                                stage(progress, 0.1, 0.2), is_cancelled)[:2]
+
+    def enough_units(study):
+        if study.n_used / max(n_clusters or max_clusters, 1) < MIN_UNITS_PER_CLUSTER:
+            raise GeoCateError(
+                f"{study.n_used} units are too few for {n_clusters or max_clusters} clusters: each cluster needs "
+                f"about {MIN_UNITS_PER_CLUSTER} units or more.",
+                f"Use at most {max(study.n_used // MIN_UNITS_PER_CLUSTER, 1)} clusters, or more units.")
+
+    # The windows are kept: the report's typical windows and the salience rasters read them.
+    prepared = prepare_study(units, raster_path, bands, window_size_px, nodata, feature_pipeline, imagery,
+                             spatial_block, stage(progress, 0.0, 0.2), is_cancelled, keep_windows=True,
+                             check=enough_units)
+    study, features, feature_pipeline = prepared.study, prepared.features, prepared.pipeline
+    groups, block_size, used = prepared.groups, prepared.block_size, prepared.study.used
     # A block-randomized trial: the strata join the cluster model's covariates (as estimatecate's outcome models).
     covariates = with_strata(study, study.covariates[used])
     design, n_image = design_matrix(features, covariates)
     image_part, covariate_part = design[:, :n_image], design[:, n_image:]
-    groups, block_size = fold_groups(study, spatial_block, window_size_px)
     trial = trial_design(study, design, outcome_inputs(features, study.covariates[used], seed), groups, n_folds, seed)
     folds = trial.folds
     Y, W = study.outcome[used], study.treated[used].astype(int)
@@ -923,15 +958,13 @@ def estimate_ate(units, raster_path, design, bands=None, window_size_px=33, noda
         versions = corrected_outcomes(outcome_correction, units.outcome)
         units = dataclasses.replace(units, outcome=versions[correction][0])
     imagery = imagery or ImageryOptions()
-    study = build_study(units, raster_path, bands, window_size_px, nodata, stage(progress, 0.0, 0.3),
-                        is_cancelled, arms=True, **imagery.study_kwargs())
-    used = study.used
-    features, feature_pipeline = image_features(study, seed, n_filters, device, stage(progress, 0.3, 0.5),
-                                                is_cancelled, imagery)
-    study = dataclasses.replace(study, patches=None, views=None)
+    prepared = prepare_study(units, raster_path, bands, window_size_px, nodata,
+                             imagery.pipeline(n_filters, seed, device), imagery, spatial_block,
+                             stage(progress, 0.0, 0.5), is_cancelled, read_share=0.6, arms=True)
+    study, features, feature_pipeline = prepared.study, prepared.features, prepared.pipeline
+    groups, block_size, used = prepared.groups, prepared.block_size, prepared.study.used
     covariates = study.covariates[used] if study.covariates.shape[1] else None
     inputs = outcome_inputs(features, covariates, seed)
-    groups, block_size = fold_groups(study, spatial_block, window_size_px)
     folds = location_folds(groups, n_folds, seed)
     arms = study.treated[used]
     if progress is not None:

@@ -270,3 +270,66 @@ def test_the_run_record_says_where_each_part_ran(estimated):
     ran_on = result.metadata["ran_on"]
     assert ran_on["image features"] == result.metadata["device"] in ("cpu", "cuda")
     assert ran_on["causal forest"] == "cpu (econml)" and ran_on["outcome and propensity models"].startswith("cpu")
+
+
+def test_prepare_study_is_the_one_path_study_features_groups(small_trial, demo_raster, monkeypatch):
+    """core.pipeline.prepare_study (issue 20, point 4): windows read and checked -> the algorithm's own check ->
+    features -> windows released unless kept -> fold groups; every algorithm starts here."""
+    from geocate.core import pipeline
+    from geocate.core.pipeline import fold_groups, prepare_study
+    from geocate.core.represent import ImageryOptions
+
+    steps, features_of = [], pipeline.study_features
+    monkeypatch.setattr(pipeline, "study_features", lambda *a, **k: steps.append("features") or features_of(*a, **k))
+    imagery = ImageryOptions()
+    units = unit_table(small_trial)
+    prepared = prepare_study(units, demo_raster, None, 33, None, imagery.pipeline(64, 1, "cpu"), imagery, 2000.0,
+                             check=lambda study: steps.append(("check", study.patches is not None)))
+    assert steps == [("check", True), "features"]   # checked on the read windows, before the features
+    study = prepared.study
+    assert study.patches is None and study.views is None and prepared.features.shape == (600, 128)
+    groups, block = fold_groups(study, 2000.0, 33)
+    assert np.array_equal(prepared.groups, groups) and prepared.block_size == block == 2000.0
+    assert set(prepared.timings) == {"read_windows_s", "image_features_s"}
+    kept = prepare_study(units, demo_raster, None, 33, None, imagery.pipeline(64, 1, "cpu"), imagery, 0,
+                         keep_windows=True)
+    assert kept.study.patches is not None and kept.block_size is None
+    np.testing.assert_array_equal(kept.features, prepared.features)   # the same pipeline and seed
+
+    def refuse(study):
+        raise GeoCateError("Refused by the algorithm.", "Fix it.")
+
+    steps.clear()
+    with pytest.raises(GeoCateError, match="Refused by the algorithm"):
+        prepare_study(units, demo_raster, None, 33, None, imagery.pipeline(64, 1, "cpu"), imagery, 0, check=refuse)
+    assert steps == []   # refused before any feature was computed
+
+
+def test_estimate_ate_stops_during_the_propensity_fit_when_cancelled(small_trial, demo_raster):
+    """Issue 20, point 7: a cancel pressed while estimateate fits its propensity model stops the run there (the
+    propensity polls between its folds, core.crossfit), before the outcome models start."""
+    import dataclasses
+
+    from geocate.core.design import StudyDesign
+    from geocate.core.pipeline import estimate_ate
+    from geocate.core.simulate import confound
+
+    treated, outcome, _ = confound(small_trial, seed=2)
+    units = dataclasses.replace(unit_table(small_trial), treated=treated.astype(float), outcome=outcome)
+    messages, polls_in_propensity = [], []
+
+    def progress(fraction, message=""):
+        messages.append(message)
+
+    def is_cancelled():
+        if any(m.startswith("Propensity") for m in messages):
+            polls_in_propensity.append(1)
+            return len(polls_in_propensity) >= 2   # pressed during the propensity fit, after its first fold
+        return False
+
+    with pytest.raises(Cancelled):
+        estimate_ate(units, demo_raster, StudyDesign("observational", seed=2), n_filters=64, progress=progress,
+                     is_cancelled=is_cancelled)
+    assert any(m.startswith("Propensity") for m in messages)
+    assert not any(m.startswith("Outcome models") for m in messages)   # stopped before the outcome models
+    assert len(polls_in_propensity) == 2                               # at the next poll, not at the end
