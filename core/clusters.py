@@ -38,6 +38,7 @@ import numpy as np
 
 from .encoders import file_digest
 from .errors import GeoCateError, require
+from .estimate import Estimator
 from .scores import Z95
 
 PRIOR_TAU_SD = 3.0
@@ -126,8 +127,12 @@ def _mixture_log_likelihood(torch, network, outputs, treated, outcome, tau, log_
 
 
 @dataclass
-class ClusterFit:
-    """One trained model, with the scalings it needs (outcome and features standardised)."""
+class ClusterFit(Estimator):
+    """One trained model, with the scalings it needs (outcome and features standardised). As core.estimate's
+    estimator: ``effect(features, covariates)``, each unit's effect from its cluster probabilities; the average
+    effect is the pipeline's (the held-out DR effect of the units)."""
+
+    name = "image cluster model"
 
     network: object
     n_clusters: int
@@ -160,6 +165,20 @@ class ClusterFit:
         mean = self.network.tau_mean.detach().cpu().numpy()[self.order] * self.y_sd
         sd = self.network.tau_log_sd.detach().exp().cpu().numpy()[self.order] * self.y_sd
         return mean, sd
+
+    def effect_of(self, probabilities):
+        """Each unit's effect under cluster ``probabilities`` (n, K): the clusters' effects weighted by them."""
+        return probabilities @ self.effects()[0]
+
+    def effect(self, features, covariates):
+        """Each unit's effect from its image and covariates: its cluster probabilities times the clusters'
+        effects (core.estimate's interface; the held-out DR effect of each cluster is the pipeline's)."""
+        return self.effect_of(self.probabilities(features, covariates))
+
+    def describe(self):
+        """The run record's description of the model."""
+        return {"estimator": self.name, "n_clusters": int(self.n_clusters),
+                "noise": self.noise_description()}
 
     def sigmas(self, features, covariates):
         """Outcome noise sd by cluster and arm, on the outcome's scale: (K, 2). The paper's model: each cluster's

@@ -7,6 +7,7 @@ import numpy as np
 
 from .crossfit import Folds, crossfit, location_folds
 from .errors import GeoCateError, require
+from .estimate import Estimator
 from .progress import run_cancellable
 from .scores import Z95
 
@@ -105,7 +106,23 @@ def out_of_bag(forest, X_rows, rows, n_train):
     return estimate
 
 
-class CrossFittedCausalForest:
+class FoldForests:
+    """The fitted fold forests of a CrossFittedCausalForest, each with its calibration: the model of the effect
+    at new points (map cells, targeting's candidates; picklable, for Dask's workers)."""
+
+    def __init__(self, forests, calibrations):
+        self.forests, self.calibrations = list(forests), list(calibrations)
+
+    def effect_and_se(self, X):
+        """(effect, standard error) at the rows of ``X``: each fold forest's point calibrated as its units' were,
+        averaged; the forests' variances averaged. One pass over the trees for both."""
+        both = [(calibration, forest.predict_and_var(np.asarray(X, dtype=float)))
+                for forest, calibration in zip(self.forests, self.calibrations)]
+        point = np.mean([calibration(np.ravel(p)) for calibration, (p, _) in both], axis=0)
+        return point, np.sqrt(np.maximum(np.mean([np.ravel(v) for _, (_, v) in both], axis=0), 0))
+
+
+class CrossFittedCausalForest(Estimator):
     """Out-of-fold CATE from a generalized random forest, and the doubly robust ATE, on honest folds.
 
     Units are split into ``n_folds`` folds that keep each group (units sharing
@@ -142,6 +159,8 @@ class CrossFittedCausalForest:
     ``propensity_``, ``ate_``, ``ate_se_``, ``forests_``, ``calibrations_`` and
     ``fold_seconds_`` (one per fold).
     """
+
+    name = "cross-fitted causal forest"
 
     def __init__(self, n_folds=5, n_estimators=100, min_samples_leaf=3, max_features="auto", seed=42, n_jobs=-1,
                  calibrate=True):
@@ -318,17 +337,30 @@ class CrossFittedCausalForest:
                                     names=list(names), n_draws=n_draws, seed=self.seed, progress=progress,
                                     is_cancelled=is_cancelled, rerandomization=rerandomization)[0]
 
-    def ate_interval(self, alpha=0.05):
-        """Normal-approximation (1 - alpha) interval for the DR ATE (cluster-robust SE)."""
-        from .scores import normal_interval
+    # -- core.estimate's interface -------------------------------------------------------------------------
+    def effect_model(self, n_jobs=None):
+        """The fold forests with their calibrations (FoldForests): the effect at new points. ``n_jobs``: the
+        forests' threads when they predict (map tiles run one thread each)."""
+        if n_jobs is not None:
+            for forest in self.forests_:
+                forest.n_jobs = n_jobs
+        return FoldForests(self.forests_, self.calibrations_)
 
-        return normal_interval(self.ate_, self.ate_se_, alpha)
+    def effect(self, X=None):
+        """Each unit's CATE: out of fold for the fitted units (X None), else at new points (FoldForests)."""
+        return self.cate_ if X is None else self.effect_model().effect_and_se(X)[0]
 
-    def effect(self, X):
-        """CATE at new points: the mean of the fold forests' calibrated predictions (for units not in the trial)."""
-        X = np.asarray(X, dtype=float)
-        return np.mean([calibration(np.ravel(forest.predict(X)))
-                        for forest, calibration in zip(self.forests_, self.calibrations_)], axis=0)
+    def effect_se(self, X=None):
+        """The forest's standard error of each effect (its sampling noise; see the class docstring)."""
+        return self.cate_se_ if X is None else self.effect_model().effect_and_se(X)[1]
+
+    def ate(self):
+        """The doubly robust ATE (the mean of the DR scores)."""
+        return self.ate_
+
+    def ate_se(self):
+        """Its standard error, robust to the fold groups (locations, clusters, spatial blocks)."""
+        return self.ate_se_
 
 
 def default_learner(features, covariates=None, n_components=20, n_folds=5, n_estimators=100, seed=42):

@@ -155,7 +155,7 @@ class SupportScore:
 class MapSpec:
     """Everything a tile needs, picklable for Dask workers: the grid, how windows are read (rasters of every date,
     bands, scales, nodata), the fitted feature pipeline, the standardisation of its features, the fitted model
-    (``method`` "forest": a list of (econml causal forest, its EffectCalibration), averaged; "clusters": a
+    (``method`` "forest": core.learners.FoldForests, the fold forests with their calibrations; "clusters": a
     core.clusters.ClusterFit with its cluster effects; "onnx": a saved cluster model: {"path", "n_clusters", "effects", "covariate_means"}), the
     support score and an optional mask ((n_rows, n_cols) bool over the grid: cells to map, mask_cells)."""
 
@@ -238,21 +238,20 @@ def predict_at(spec, centres, crs_wkt, inside=None):
                 raw = spec.pipeline.transform(views, np.flatnonzero(ok_inside))
                 features = (raw - spec.feature_mean) / spec.feature_sd
         if ok.any():
-            if spec.method == "forest":
-                # One pass over the trees for point and variance; each fold forest's point calibrated as the units'.
-                both = [(calibration, f.predict_and_var(features)) for f, calibration in spec.model]
-                out[0, ok] = np.mean([calibration(np.ravel(point)) for calibration, (point, _) in both], axis=0)
-                out[1, ok] = np.sqrt(np.maximum(np.mean([np.ravel(var) for _, (_, var) in both], axis=0), 0))
+            if spec.method == "forest":   # the estimator's own effect at new points (core.learners.FoldForests)
+                out[0, ok], out[1, ok] = spec.model.effect_and_se(features)
             else:
-                if spec.method == "clusters":
+                if spec.method == "clusters":   # the cluster model's own probabilities and effect (ClusterFit)
                     covariates = np.zeros((len(features), 0)) if spec.covariates is None else \
                         np.tile(spec.covariates, (len(features), 1))
                     probabilities = spec.model.probabilities(features, covariates)
+                    effect = spec.model.effect_of(probabilities)
+                else:
+                    effect = probabilities @ np.asarray(spec.model["effects"])
                 k = probabilities.shape[1]
-                effects = spec.model.effects()[0] if spec.method == "clusters" else np.asarray(spec.model["effects"])
                 out[:k, ok] = probabilities.T
                 out[k, ok] = probabilities.argmax(axis=1) + 1
-                out[k + 1, ok] = probabilities @ effects
+                out[k + 1, ok] = effect
             if spec.support is not None and features is not None:
                 out[2 if spec.method == "forest" else n_bands - 1, ok] = spec.support.score(features)
             if spec.method == "forest" and spec.treat_cut is not None:
@@ -441,12 +440,10 @@ METHODS = ("forest", "clusters")
 
 
 def forest_model(learner):
-    """A fitted CrossFittedCausalForest as a MapSpec's "forest" model: its (fold forest, calibration) pairs."""
-    for forest in learner.forests_:
-        # Tiles are the unit of parallel work (Dask workers); inside a tile of 1024 cells joblib's threads
-        # cost more than they give: 0.23 s per tile on one thread, 0.37 s with two (bench_maps.py machine).
-        forest.n_jobs = 1
-    return list(zip(learner.forests_, learner.calibrations_))
+    """A fitted CrossFittedCausalForest as a MapSpec's "forest" model: its effect at new points (FoldForests).
+    Tiles are the unit of parallel work (Dask workers); inside a tile of 1024 cells joblib's threads cost more
+    than they give (0.23 s per tile on one thread, 0.37 s with two, bench_maps.py machine): one thread each."""
+    return learner.effect_model(n_jobs=1)
 
 
 def forest_spec(grid, study, features, feature_pipeline, learner, nodata=None, mask=None, treat_cut=None,

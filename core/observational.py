@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .design import CLIP
+from .estimate import Estimator
 from .scores import arm_models, linear_score, mean_and_se, normal_interval
 
 
@@ -75,6 +76,35 @@ def adjusted_effects(outcome, arms, propensities, inputs=None, folds=None, clust
         att = linear_score(-D[:, a], D[:, a] * residual - D[:, b] * e[:, a] / e[:, b] * residual, clusters)
         results.append(AdjustedEffect("AIPW", "ATT", name, float(att.estimate), float(att.std_err), n))
     return results
+
+
+class AdjustedContrasts(Estimator):
+    """The observational study's estimators as one object (core.estimate): fit on the outcome, the arms, the
+    cross-fitted propensities, the outcome models' inputs, folds and clusters (adjusted_effects); ``effects_``
+    every estimate (IPW, Hajek, AIPW; ATE and ATT of every contrast; the naive difference); ``ate()`` and
+    ``ate_se()`` the AIPW ATE of the first contrast (the first arm against the reference)."""
+
+    name = "observational contrasts (IPW, Hajek, AIPW)"
+
+    def __init__(self, n_folds=5, seed=42):
+        self.n_folds, self.seed = n_folds, seed
+
+    def fit(self, outcome, arms, propensities, inputs=None, folds=None, clusters=None, is_cancelled=None):
+        self.effects_ = adjusted_effects(outcome, arms, propensities, inputs, folds, clusters, self.n_folds,
+                                         self.seed, is_cancelled)
+        return self
+
+    def first(self, estimator="AIPW", estimand="ATE"):
+        """The ``estimator``'s ``estimand`` of the first contrast."""
+        contrast = self.effects_[0].contrast
+        return next(e for e in self.effects_
+                    if (e.estimator, e.estimand, e.contrast) == (estimator, estimand, contrast))
+
+    def ate(self):
+        return self.first().estimate
+
+    def ate_se(self):
+        return self.first().std_err
 
 
 def standardized_differences(covariates, treated, weights=None):

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import GeoCateError
+from .estimate import Estimator
 from .scores import linear_score, normal_interval
 
 APPROACHES = ("mundlak", "within", "first_difference")
@@ -234,6 +235,29 @@ def _theta(ry, rd, unit):
                            "theta is not identified: the treatment must vary within units over time.")
     partialling_out = linear_score(-rd * rd, ry * rd, unit)   # core.scores' linear score, clustered by unit
     return float(partialling_out.estimate), float(partialling_out.std_err)
+
+
+class PanelDML(Estimator):
+    """A panel's theta by one ``approach`` (panel_effect) as core.estimate's object: ``fit(panel)``, then
+    ``ate()`` / ``ate_se()`` / ``ate_interval()`` (theta, its unit-clustered SE), ``estimate_`` the whole
+    PanelEstimate (per period, units observed once, periods not estimable). theta is one effect for every unit:
+    no per-unit effect is claimed."""
+
+    name = "panel double machine learning"
+
+    def __init__(self, approach="mundlak", learner="spline ridge", n_folds=5, seed=42, time_effects=True):
+        self.approach, self.learner, self.n_folds = approach, learner, n_folds
+        self.seed, self.time_effects = seed, time_effects
+
+    def fit(self, panel):
+        self.estimate_ = panel_effect(panel, self.approach, self.learner, self.n_folds, self.seed, self.time_effects)
+        return self
+
+    def ate(self):
+        return self.estimate_.theta
+
+    def ate_se(self):
+        return self.estimate_.std_err
 
 
 def panel_effect(panel, approach="mundlak", learner="spline ridge", n_folds=5, seed=42, time_effects=True):

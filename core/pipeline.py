@@ -457,6 +457,7 @@ def estimate_cate(units, raster_path, bands=None, window_size_px=33, nodata=None
         "outcome_model_inputs": int(inputs.shape[1]),
         "covariates": list(study.covariate_names),
         "n_estimators": n_estimators,
+        "estimator": learner.describe(),
         "cate_calibration": "per fold: monotone spline of E[DR score | out-of-bag forest prediction] on the "
                             "fold's training units" if learner.calibrate else None,
         "propensity": learner.propensity_ if propensity is None else
@@ -894,7 +895,7 @@ def find_clusters(units, raster_path, bands=None, window_size_px=33, nodata=None
         "bands": list(study.bands), "nodata": nodata, "n_folds": n_folds, "epochs": epochs, "device": device,
         "ran_on": where_parts_ran(feature_pipeline.device_, device),
         "n_clusters": int(n_clusters), "max_clusters": int(max_clusters), "k_table": k_table, "k_rule": k_rule,
-        "noise": final.noise_description(),
+        "noise": final.noise_description(), "estimator": final.describe(),
         "effect_test": None if effect_test is None else {
             "method": "sequential cross-fold AUTOC test of the cluster model's CATE (each fold ranked by a model fit "
                       "on the earlier folds; one-sided)", "clusters": int(tested_k),
@@ -949,7 +950,7 @@ def estimate_ate(units, raster_path, design, bands=None, window_size_px=33, noda
     """
     from .design import RANDOMIZED, overlap_summary
     from .inputs import propensity_inputs
-    from .observational import adjusted_effects, balance_table
+    from .observational import AdjustedContrasts, adjusted_effects, balance_table
 
     started = time.monotonic()
     versions = None
@@ -979,8 +980,9 @@ def estimate_ate(units, raster_path, design, bands=None, window_size_px=33, noda
                                    f"20 units in arm {arm}.", "Trim less, or use a design with more overlap.")
     if progress is not None:
         progress(0.75, "Outcome models and estimates")
-    effects = adjusted_effects(study.outcome[used][kept], arms[kept], propensities[kept], inputs[kept], folds[kept],
-                               groups[kept], is_cancelled=is_cancelled)
+    contrasts = AdjustedContrasts(n_folds, seed).fit(study.outcome[used][kept], arms[kept], propensities[kept],
+                                                     inputs[kept], folds[kept], groups[kept], is_cancelled)
+    effects = contrasts.effects_
     warnings = [w for w in (overlap_warning(study, window_size_px, block_size),) if w]
     analysis = None
     if sensitivity is not None and design.kind != RANDOMIZED:
@@ -1025,7 +1027,8 @@ def estimate_ate(units, raster_path, design, bands=None, window_size_px=33, noda
                 "window_size_px": int(window_size_px), "fold_groups": int(len(np.unique(groups))),
                 "spatial_block_m": block_size, "dropped": study.dropped, "n_used": int(used.sum()),
                 "n_dropped": int(n - used.sum()), "arms": [float(a) for a in np.unique(arms)],
-                "effects": [dataclasses.asdict(e) for e in effects], "versions": package_versions(),
+                "effects": [dataclasses.asdict(e) for e in effects], "estimator": contrasts.describe(),
+                "versions": package_versions(),
                 "sensitivity": analysis.record() if analysis is not None else None,
                 "timings": {"total_s": round(time.monotonic() - started, 3)}}
     if progress is not None:

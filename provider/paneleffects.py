@@ -180,7 +180,7 @@ class PanelEffectsAlgorithm(GeoCateAlgorithm):
             self.addOutput(QgsProcessingOutputNumber(name, label))
 
     def processAlgorithm(self, parameters, context, feedback):  # noqa: N802 - QGIS's name
-        from ..core.panel import make_panel, panel_effect
+        from ..core.panel import PanelDML, make_panel
         from ..core.report import panel_report
 
         source, values = read_panel_parameters(self, parameters, context)
@@ -199,7 +199,7 @@ class PanelEffectsAlgorithm(GeoCateAlgorithm):
                 raise QgsProcessingException("The run was cancelled. Nothing was written.")
             feedback.setProgressText(f"{approach}: cross-fitted nuisance models")
             feedback.setProgress(40 + 60 * k / len(approaches))
-            estimates.append(panel_effect(panel, approach, learner, seed=seed, time_effects=time_effects))
+            estimates.append(PanelDML(approach, learner, seed=seed, time_effects=time_effects).fit(panel).estimate_)
         table = log_panel(feedback, panel, estimates, time_effects)
         dest_id = write_table(self, parameters, context, table, columns=PANEL_COLUMNS)
         metadata = self.record(

@@ -72,7 +72,7 @@ def test_a_cell_centred_on_a_trial_unit_gives_that_units_prediction(forest_map, 
         assert (grid.n_rows, grid.n_cols) == (1, 1)
         tile = predict_tile(type(spec)(**dict(spec.__dict__, grid=grid)), (0, 1, 0, 1))
         expected = np.mean([calibration(f.predict(standardised[unit:unit + 1]).ravel())[0]
-                            for f, calibration in spec.model])
+                            for f, calibration in zip(spec.model.forests, spec.model.calibrations)])
         assert tile[0, 0, 0] == pytest.approx(expected, abs=1e-5)
         assert tile[2, 0, 0] == pytest.approx(0, abs=1e-5)  # a trial unit is at distance 0 from the trial
 
