@@ -29,7 +29,10 @@ warnings.simplefilter("ignore")
 sys.path.insert(0, sys.argv[1])
 sys.path.insert(1, sys.argv[3])
 sys.path.insert(2, sys.argv[3] + "/core")
+import os
 import numpy as np
+import geocate   # the version under test, imported before the tests' conftest puts the installed plugin first
+assert os.path.realpath(geocate.__file__).startswith(os.path.realpath(sys.argv[1] + "/geocate")), geocate.__file__
 from conftest import unit_table
 from test_eventstudy import simulate_staggered
 raster = sys.argv[4]
@@ -87,6 +90,9 @@ out["targeting"] = flat(result.cate, plan.priority, plan.treat, plan.value.gain.
 with tempfile.TemporaryDirectory() as folder:
     map_effects(units, raster, folder + "/map.tif", seed=1, stride=66)
     out["mapeffects"] = flat(gdal.Open(folder + "/map.tif").ReadAsArray())
+for name in ("core.pipeline", "core.maps", "core.panel", "core.eventstudy", "core.evaluate", "core.plan"):
+    module = sys.modules["geocate." + name]
+    assert os.path.realpath(module.__file__).startswith(os.path.realpath(sys.argv[1] + "/geocate")), module.__file__
 json.dump(out, open(sys.argv[2], "w"))
 '''
 

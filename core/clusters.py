@@ -410,7 +410,8 @@ def cross_fitted_clusters(features, covariates, treated, outcome, n_clusters, fo
         tau_draws = tau_mean + tau_sd * rng.standard_normal((samples, n_clusters))                # (S, K)
         cate_draws = np.einsum("smk,sk->sm", draws, tau_draws)
         low, high = np.percentile(cate_draws, [2.5, 97.5], axis=0)
-        return draws.mean(axis=0), draws.mean(axis=0) @ tau_mean, low, high, cate_draws.std(axis=0, ddof=1)
+        probabilities = draws.mean(axis=0).astype(float)   # the CATE in double precision, as before issue 20
+        return probabilities, probabilities @ tau_mean, low, high, cate_draws.std(axis=0, ddof=1)
 
     probabilities, cate, low, high, se = crossfit(
         fit_predict, folds, progress=None if tick is None else lambda j, n_folds: tick(f"Cluster model: fold {j + 1}"))
