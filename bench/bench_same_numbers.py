@@ -97,18 +97,26 @@ json.dump(out, open(sys.argv[2], "w"))
 '''
 
 
-def fingerprint(checkout, path):
-    """Run FINGERPRINT on the GeoCATE in ``checkout`` (imported as package geocate), results to ``path``."""
+DEMO_RASTER = os.path.join(ROOT, "resources", "demo", "landsat8_demo_b234.tif")
+
+
+def run_version(checkout, code, *arguments):
+    """Run the script ``code`` on the GeoCATE in ``checkout`` (importable as package geocate from the script's
+    first argument, the installed plugin kept off the path): its standard output."""
     with tempfile.TemporaryDirectory() as folder:
         os.symlink(checkout, os.path.join(folder, "geocate"))
-        script = os.path.join(folder, "fingerprint.py")
+        script = os.path.join(folder, "version.py")
         with open(script, "w", encoding="utf-8") as handle:
-            handle.write(FINGERPRINT)
+            handle.write(code)
         environment = dict(os.environ, PYTHONPATH=os.pathsep.join(
             p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if "plugins" not in p))
-        subprocess.run([sys.executable, script, folder, path, os.path.join(ROOT, "tests"),
-                        os.path.join(ROOT, "resources", "demo", "landsat8_demo_b234.tif")], check=True,
-                       env=environment)
+        return subprocess.run([sys.executable, script, folder, *map(str, arguments)], check=True, env=environment,
+                              stdout=subprocess.PIPE, text=True).stdout
+
+
+def fingerprint(checkout, path):
+    """Run FINGERPRINT on the GeoCATE in ``checkout``, results to ``path``."""
+    run_version(checkout, FINGERPRINT, path, os.path.join(ROOT, "tests"), DEMO_RASTER)
     with open(path, encoding="utf-8") as handle:
         return json.load(handle)
 

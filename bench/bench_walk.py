@@ -13,10 +13,9 @@ import argparse
 import json
 import os
 import subprocess
-import sys
 import tempfile
 
-from bench_same_numbers import ROOT, checkout_of
+from bench_same_numbers import DEMO_RASTER, ROOT, checkout_of, run_version
 
 WALK = r'''
 import json, os, sys, warnings
@@ -61,16 +60,7 @@ print(json.dumps({"calls": len(seq), "stops": len(stops), "files": len(set(seq) 
 
 
 def walk(checkout, depth):
-    with tempfile.TemporaryDirectory() as folder:
-        os.symlink(checkout, os.path.join(folder, "geocate"))
-        script = os.path.join(folder, "walk.py")
-        with open(script, "w", encoding="utf-8") as handle:
-            handle.write(WALK)
-        environment = dict(os.environ, PYTHONPATH=os.pathsep.join(
-            p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if "plugins" not in p))
-        out = subprocess.run([sys.executable, script, folder, os.path.join(ROOT, "tests"),
-                              os.path.join(ROOT, "resources", "demo", "landsat8_demo_b234.tif"), str(depth)],
-                             check=True, env=environment, capture_output=True, text=True).stdout
+    out = run_version(checkout, WALK, os.path.join(ROOT, "tests"), DEMO_RASTER, depth)
     return json.loads(out.strip().splitlines()[-1])
 
 

@@ -29,6 +29,7 @@ from qgis.core import (
 )
 from qgis.PyQt.QtGui import QFont
 
+from geocate.core.record import RunRecord
 from geocate.provider.convert import as_number
 from geocate.provider.maps import set_view_extent, true_color
 from geocate.provider.styles import apply_result_styles
@@ -111,7 +112,7 @@ def main(argv=None):
     rmse = float(np.sqrt(np.mean((cate[estimated] - truth[estimated]) ** 2)))
     true_ate = float(np.mean(truth[estimated]))
 
-    metadata = json.load(open(os.path.join(out, "result.run.json"), encoding="utf-8"))
+    metadata = RunRecord.read(os.path.join(out, "result.run.json"))
     results = json.load(open(os.path.join(out, "qgis_process.json"), encoding="utf-8"))["results"]
     title = (f"GeoCATE demo: ATE {results['ATE']:.2f} (SE {results['ATE_SE']:.2f}), "
              f"Spearman with truth {rho:.2f}")
@@ -119,13 +120,13 @@ def main(argv=None):
     app.exitQgis()
 
     elapsed = time.time() - args.started
-    metadata["demo"] = {
+    metadata = metadata.with_figures(demo={
         "true_ate": true_ate, "spearman_cate_truth": rho, "rmse_cate_truth": rmse,
         "n_compared": int(estimated.sum()), "wall_time_s": round(elapsed, 2),
         "qgis_process_results": results,
-    }
+    })
     with open(os.path.join(out, "run.json"), "w", encoding="utf-8") as handle:
-        json.dump(metadata, handle, indent=2, default=str)
+        json.dump(metadata.to_json(), handle, indent=2, default=str)
     low, high = results["ATE"] - 1.96 * results["ATE_SE"], results["ATE"] + 1.96 * results["ATE_SE"]
     print(f"Units used: {results['N_USED']}, dropped: {results['N_DROPPED']} "
           f"({'; '.join(f'{v} {k}' for k, v in metadata['dropped'].items() if v)})")
