@@ -4,7 +4,7 @@ Usage: python bench/bench_same_numbers.py --before REF [--after REF] [--json out
 
 Each version (a git commit of this repository; --after defaults to the working tree) is checked out into a
 temporary worktree and run in its own process on the same small studies: estimatecate (randomized, 400 units on
-the demo imagery; and observational), estimateate with the sensitivity analysis, comparesources, imageclusters
+the demo imagery; the demo study's 1200-unit trial with the default settings; and observational), estimateate with the sensitivity analysis, comparesources, imageclusters
 (K = 2, 30 epochs), evaluate, the four panel estimators, the event study (without and with covariates),
 targeting (30 % of the units) and mapeffects (the forest's map over the scene, every 66 pixels). The
 figures compared are every per-unit effect, standard error, score and probability, the tests' estimates and
@@ -53,6 +53,10 @@ _, cate = estimate_cate(units, raster, seed=1, n_filters=64)
 test = cate.metadata["heterogeneity_test"]
 out["estimatecate"] = flat(cate.cate, cate.cate_se, cate.dr_scores, cate.ate, cate.ate_se, test["estimate"],
                            test["std_err"], test["p_value"])
+demo = simulate_trial(raster, n_units=1200, seed=2020)   # the demo study's trial (core.demo), default settings
+_, on_demo = estimate_cate(unit_table(demo), raster)
+out["estimatecate, demo study"] = flat(on_demo.cate, on_demo.cate_se, on_demo.ate, on_demo.ate_se,
+                                       on_demo.metadata["heterogeneity_test"]["p_value"])
 treated, outcome, _ = confound(trial, seed=2)
 observational = dataclasses.replace(units, treated=treated.astype(float), outcome=outcome)
 _, ate = estimate_ate(observational, raster, StudyDesign("observational", seed=2), n_filters=64,

@@ -46,3 +46,21 @@ def test_the_provider_does_not_import_the_plugin_module():
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             if isinstance(node, ast.ImportFrom):
                 assert node.module != "plugin" and not (node.module or "").endswith(".plugin"), path.name
+
+
+def test_no_fold_loop_is_written_by_hand_outside_crossfit():
+    """Issue 20: folds are assigned and walked in core/crossfit.py (Folds, crossfit); elsewhere a loop over folds
+    goes through Folds (split, sequential), never np.unique(folds) or a mask folds == k written again."""
+    import re
+
+    hand_written = re.compile(r"np\.unique\(\s*folds?\b|\bfolds? [!=]= |for \w+ in range\(\s*n_folds\s*\)")
+    offenders = []
+    for path in sorted((ROOT / "core").glob("*.py")) + PROVIDER:
+        if path.name == "crossfit.py":
+            continue
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if hand_written.search(line.split("#")[0]):
+                offenders.append(f"{path.name}:{number}")
+    assert offenders == []
+    crossfit = (ROOT / "core" / "crossfit.py").read_text(encoding="utf-8")
+    assert hand_written.search(crossfit)   # the pattern finds the one home's own loop
