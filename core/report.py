@@ -110,7 +110,15 @@ SETTING_LABELS = {
     "STRIDE": "Stride (pixels)", "MASK": "Mask", "DASK_SCHEDULER": "Dask scheduler", "MODEL": "Saved model",
     "STRATA": "Strata", "PROPENSITY": "Known assignment probability", "BUDGET": "Budget", "COST": "Cost field",
     "PRIORITY_FIELD": "Priority field compared", "TREE_DEPTH": "Policy tree depth", "CANDIDATES": "Candidates",
-    "OUTSIDE_SUPPORT": "Choose outside the trial's support"}
+    "OUTSIDE_SUPPORT": "Choose outside the trial's support", "TRUTH": "True outcome field",
+    "PREDICTION": "Predicted outcome field", "PREDICTION_RASTER": "Map raster", "PREDICTION_BAND": "Band of the map",
+    "OUTCOME_NAME": "What the map predicts", "TRIM_LOW": "Lower propensity bound",
+    "TRIM_HIGH": "Upper propensity bound", "CF_Y": "Confounder's share of the outcome's variation (CF_Y)",
+    "CF_D": "Confounder's gain in the weights' variation (CF_D)", "RHO": "Correlation of the two parts (RHO)",
+    "UNIT_ID": "Unit id field", "TIME": "Time field", "RASTERS_BY_TIME": "Imagery by year",
+    "CONTROL_GROUP": "Comparison group", "ANTICIPATION": "Anticipation (periods)", "NOISE": "Outcome noise",
+    "FOREST_CHECK": "Checked against the forest's test", "APPROACH": "Approach",
+    "TIME_EFFECTS": "Year effects absorbed", "LEARNER": "Nuisance learner"}
 
 
 def readable_setting(name, value):

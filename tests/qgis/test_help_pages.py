@@ -110,3 +110,13 @@ def test_pages_are_plain_self_contained_html_for_readers_not_programmers():
             assert (HELP / target.split("#")[0]).is_file(), (name, target)
         assert text.count("<table") == text.count("</table>"), name
         assert text.count("<pre>") == text.count("</pre>"), name
+
+
+def test_every_input_parameter_has_a_label_in_the_reports_settings_table(algorithms):
+    """The run record keeps every input parameter (its definitions); the report's settings table shows each with a
+    label a reader knows, never the bare Processing name."""
+    from geocate.core.report import SETTING_LABELS
+
+    missing = sorted({d.name() for algorithm in algorithms.values() for d in algorithm.parameterDefinitions()
+                      if not d.isDestination() and d.name() not in SETTING_LABELS})
+    assert missing == []
