@@ -170,10 +170,15 @@ class ClusterFit(Estimator):
         """Each unit's effect under cluster ``probabilities`` (n, K): the clusters' effects weighted by them."""
         return probabilities @ self.effects()[0]
 
-    def effect(self, features, covariates):
-        """Each unit's effect from its image and covariates: its cluster probabilities times the clusters'
-        effects (core.estimate's interface; the held-out DR effect of each cluster is the pipeline's)."""
-        return self.effect_of(self.probabilities(features, covariates))
+    def effect(self, X=None, covariates=None):
+        """Each unit's effect from its image features ``X`` and ``covariates`` (None: none): its cluster
+        probabilities times the clusters' effects (core.estimate's interface; the fitted units' out-of-fold
+        effects and each cluster's held-out DR effect are the pipeline's)."""
+        if X is None:
+            raise GeoCateError("The cluster model's effects are read at given features.",
+                               "Pass the units' image features (and covariates).")
+        X = np.asarray(X, float)
+        return self.effect_of(self.probabilities(X, np.zeros((len(X), 0)) if covariates is None else covariates))
 
     def describe(self):
         """The run record's description of the model."""

@@ -72,5 +72,6 @@ class Estimator:
 
     def describe(self):
         """The run record's description: the estimator's name and settings."""
-        return {"estimator": self.name, **{k: v for k, v in self.get_params().items()
+        plain = {k: v.item() if isinstance(v, np.generic) else v for k, v in self.get_params().items()}
+        return {"estimator": self.name, **{k: v for k, v in plain.items()
                                            if isinstance(v, (int, float, str, bool, type(None)))}}

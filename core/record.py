@@ -16,11 +16,19 @@ from typing import Any
 
 #: The version of the layout: raised when a key changes meaning or goes away, so that a reader (the dock, a
 #: script, a later GeoCATE) can tell what a file holds.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+#: What each layout changed (the readers of GeoCATE read every layout up to SCHEMA_VERSION).
+LAYOUTS = {
+    1: "the first layout: each algorithm's parameters as it typed them",
+    2: "every input parameter read from the algorithm's definitions: enums by their option's label (METHOD "
+       "'causal forest', COMPARE, CONTROL_GROUP as the dialog shows them), layers by name (MASK, CANDIDATES), "
+       "an extent as QGIS writes it (mapeffects' extent in the raster's CRS is the figure extent_in_raster_crs); "
+       "the figure 'estimator' describes the estimator",
+}
 FIXED = ("schema_version", "algorithm", "parameters", "versions", "timings")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)   # compared as a mapping: a record equals its dict
 class RunRecord(Mapping):
     """``algorithm``: its Processing id; ``parameters``: every input parameter's value by its Processing name (read
     from the algorithm's own definitions, provider.base.GeoCateAlgorithm.record); ``figures``: what the run found;

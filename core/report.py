@@ -74,6 +74,11 @@ def run_warnings(metadata):
     return out
 
 
+def plain_record(metadata):
+    """The run record as plain JSON values: a core.record.RunRecord in its file layout, a dict as it is."""
+    return metadata.to_json() if hasattr(metadata, "to_json") else metadata
+
+
 def write_html(path, title, sections, metadata=None):
     """A self-contained HTML page: ``sections`` is a list of (heading, html body); metadata goes at the end."""
     parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
@@ -87,7 +92,8 @@ def write_html(path, title, sections, metadata=None):
         parts.append(f"<h2>{html.escape(heading)}</h2>{body}")
     if metadata is not None:   # for reproducing the run, folded away
         parts.append("<h2>Run metadata</h2><details><summary>Everything this run used and measured (JSON)</summary>"
-                     "<pre>" + html.escape(json.dumps(metadata, indent=2, default=str)) + "</pre></details>")
+                     "<pre>" + html.escape(json.dumps(plain_record(metadata), indent=2, default=str))
+                     + "</pre></details>")
     parts.append("</body></html>")
     tmp = path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as handle:

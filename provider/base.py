@@ -100,7 +100,8 @@ def parameter_value(algorithm, definition, parameters, context):
     raster by its file), a field or a list of fields by name, an enum by its option, an extent as QGIS writes it
     ("xmin,xmax,ymin,ymax [CRS]"), a number, a flag, a path or a text; None when an optional one was not given."""
     name, kind = definition.name(), definition.type()
-    if parameters.get(name) in (None, "", []) and kind not in ("boolean", "enum", "number"):
+    if parameters.get(name) in (None, "", []) and definition.defaultValue() in (None, "", []) \
+            and kind not in ("boolean", "enum", "number"):   # not given, and no default the run falls back on
         return [] if kind == "multilayer" or (kind == "field" and definition.allowMultiple()) else None
     if kind in ("source", "vector"):
         source = algorithm.parameterAsSource(parameters, name, context)
@@ -127,14 +128,18 @@ def parameter_value(algorithm, definition, parameters, context):
 
         if definition.dataType() == QgsProcessingParameterNumber.Integer:
             return algorithm.parameterAsInt(parameters, name, context)
-        return algorithm.parameterAsDouble(parameters, name, context)
+        value = algorithm.parameterAsDouble(parameters, name, context)
+        return -1.0 if name == "SPATIAL_BLOCK" and -1 < value < 0 else value   # as the run reads it: auto
     if kind == "extent":
         rectangle = algorithm.parameterAsExtent(parameters, name, context)
         if rectangle.isNull():
             return None
-        crs = algorithm.parameterAsExtentCrs(parameters, name, context)
+        # A CRS only where the value names one: without, QGIS's answer is the project's, which the run did not use.
+        given = parameters.get(name)
+        named = "[" in given if isinstance(given, str) else type(given).__name__ == "QgsReferencedRectangle"
+        crs = algorithm.parameterAsExtentCrs(parameters, name, context) if named else None
         return (f"{rectangle.xMinimum()!r},{rectangle.xMaximum()!r},{rectangle.yMinimum()!r},"
-                f"{rectangle.yMaximum()!r}" + (f" [{crs.authid()}]" if crs.isValid() and crs.authid() else ""))
+                f"{rectangle.yMaximum()!r}" + (f" [{crs.authid()}]" if crs and crs.isValid() and crs.authid() else ""))
     if kind == "file":
         return algorithm.parameterAsFile(parameters, name, context) or None
     return algorithm.parameterAsString(parameters, name, context).strip() or None
@@ -484,18 +489,23 @@ class GeoCateAlgorithm(QgsProcessingAlgorithm):
     def createInstance(self):  # noqa: N802 - QGIS's name
         return type(self)()
 
-    def record(self, timings=None, versions=None, **figures):
+    def record(self, timings=None, versions=None, used=None, **figures):
         """This run's record (core.record.RunRecord): every input parameter read from the algorithm's own
-        definitions (parameter_record), the packages' versions (the core's ``versions`` are the same), the run's
-        time (with the core's ``timings`` by step) and the ``figures`` it found."""
+        definitions (parameter_record; ``used``: values the run used instead of the one given, e.g. no spatial
+        blocks on a table without geometries), the packages' versions (the core's ``versions`` are the same), the
+        run's time (with the core's ``timings`` by step) and the ``figures`` it found."""
         import time
 
         from ..core.pipeline import package_versions
         from ..core.record import RunRecord
 
         parameters, context, started = self._run
+        recorded = parameter_record(self, parameters, context)
+        if "CORRECTION" in recorded and not recorded.get("OUTCOME_CORRECTION"):
+            recorded["CORRECTION"] = None   # a correction method applies only with a correction file
+        recorded.update(used or {})
         return RunRecord(algorithm=self.id() if self.provider() else f"geocate:{self.name()}",
-                         parameters=parameter_record(self, parameters, context), figures=figures,
+                         parameters=recorded, figures=figures,
                          versions=package_versions(),
                          timings={**(timings or {}), "total_s": round(time.monotonic() - started, 3)})
 

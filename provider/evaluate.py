@@ -156,7 +156,7 @@ class EvaluateAlgorithm(GeoCateAlgorithm):
             report_predicted_outcome(predicted, feedback)
         log_evaluation(feedback, len(arguments["treated"]), evaluation, design_kind)
         metadata = self.record(
-            n_units=len(arguments["treated"]), n_used=int(evaluation.used.sum()), dropped=evaluation.dropped,
+            used={self.SPATIAL_BLOCK: arguments["spatial_block"]}, n_units=len(arguments["treated"]), n_used=int(evaluation.used.sum()), dropped=evaluation.dropped,
             bootstrap_clusters=evaluation.n_clusters, spatial_block_m=evaluation.block_size,
             predicted_outcome=predicted,
             rates=[{"target": r.target, "priority": r.priority, "estimate": r.estimate, "std_err": r.std_err,

@@ -96,6 +96,9 @@ def test_the_cluster_model_effect_is_its_probabilities_times_its_cluster_effects
     fit = fit_clusters(features, covariates, W, Y, n_clusters=2, epochs=60, seed=4)
     probabilities = fit.probabilities(features, covariates)
     np.testing.assert_allclose(fit.effect(features, covariates), probabilities @ fit.effects()[0], atol=1e-12)
+    np.testing.assert_allclose(fit.effect(features), fit.effect(features, covariates), atol=1e-12)
+    with pytest.raises(GeoCateError, match="no per-unit standard error"):
+        fit.effect_interval(features)
     assert fit.describe()["estimator"] == "image cluster model" and fit.describe()["n_clusters"] == 2
     with pytest.raises(GeoCateError, match="no average effect"):
         fit.ate()

@@ -50,7 +50,7 @@ def test_estimateate_adjusts_for_what_the_image_shows_and_reports_overlap_and_ba
     assert abs(aipw - 1.0) < 0.5 * (naive - 1.0)               # the image propensity removes most of it
     assert results["ATE"] == pytest.approx(aipw) and 0 <= results["SHARE_OUTSIDE"] <= 1
     metadata = json.loads((tmp_path / "ate.run.json").read_text())
-    assert metadata["schema_version"] == 1 and next(iter(metadata)) == "schema_version"   # the record's layout
+    assert metadata["schema_version"] == 2 and next(iter(metadata)) == "schema_version"   # the record's layout
     assert metadata["design"] == "observational" and metadata["trim"] == "crump"
     assert metadata["balance"][0][0] == "image component 1"
     report = (tmp_path / "ate.html").read_text()
