@@ -70,6 +70,38 @@ class Folds:
         self.fold = np.asarray(fold).ravel()
         self.ids = np.unique(self.fold)
 
+    @classmethod
+    def of_groups(cls, groups, n_folds, seed, strata=None):
+        """The folds of a study: ``groups`` (locations, clusters, spatial blocks) kept whole, dealt over
+        ``n_folds`` with ``seed`` (location_folds); with ``strata``, each stratum spread over every fold
+        (stratified_folds). Checked (check)."""
+        fold = location_folds(groups, n_folds, seed) if strata is None else \
+            stratified_folds(groups, strata, n_folds, seed)
+        return cls(fold).check(groups)
+
+    def inner(self, train, groups, n_folds, seed):
+        """Folds within the training units ``train`` (a mask) that keep their ``groups`` whole: a model's own
+        cross-fitting inside one fold's training set, so that no held-out unit reaches it."""
+        return Folds.of_groups(np.asarray(groups)[np.asarray(train, bool)], n_folds, seed)
+
+    def check(self, groups=None):
+        """The folds as a cross-fitting needs them: every unit held out once (one fold id each, none missing) and,
+        with ``groups``, no group split between folds (a unit's neighbours or cluster held out with it)."""
+        if len(self.fold) == 0 or (self.fold.dtype.kind == "f" and np.isnan(self.fold).any()):
+            raise GeoCateError("Some units have no cross-fitting fold.", "Assign every unit a fold.")
+        if groups is not None:
+            groups = np.asarray(groups).ravel()
+            if len(groups) != len(self.fold):
+                raise GeoCateError("The folds and the groups describe different units.",
+                                   "Give one group id per unit.")
+            pairs = np.unique(np.column_stack([np.unique(groups, return_inverse=True)[1].ravel(),
+                                               np.unique(self.fold, return_inverse=True)[1].ravel()]), axis=0)
+            if len(pairs) != len(np.unique(pairs[:, 0])):
+                raise GeoCateError("A group of units (a location, cluster or spatial block) is split between "
+                                   "cross-fitting folds: a model would see a held-out unit's neighbours.",
+                                   "Make the folds from the groups (Folds.of_groups).")
+        return self
+
     def __len__(self):
         return len(self.ids)
 

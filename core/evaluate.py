@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .crossfit import Folds, location_folds, location_ids, stratified_folds
+from .crossfit import Folds, location_folds, location_ids
 from .errors import GeoCateError, require
 from .progress import run_cancellable
 from .scores import Z95, aipw_scores, cross_fitted_scores, mean_and_se, zero_noise
@@ -782,7 +782,7 @@ def evaluate_priorities(outcome, treated, priorities, names=None, covariates=Non
         inputs = indicators if inputs is None else np.column_stack([inputs, indicators])
     elif known is not None and randomized:
         e_design = known[used]
-    folds = stratified_folds(groups, codes, n_folds, seed)
+    folds = Folds.of_groups(groups, n_folds, seed, codes).fold
     if progress:
         progress(0.1, "Doubly robust scores")
     scores, mu0, mu1, e = cross_fitted_scores(Y[used], W[used].astype(int), inputs, folds, seed=seed, design=design)

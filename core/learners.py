@@ -278,7 +278,7 @@ class CrossFittedCausalForest(Estimator):
         # A trial's propensity is its training units' treated share; an observational one, each unit's own.
         e = float(T[train].mean()) if np.ndim(self.propensity_) == 0 else self.propensity_[train]
         try:
-            inner = location_folds(self.groups_[train], 2, self.seed)
+            inner = Folds(self.fold_).inner(train, self.groups_, 2, self.seed).fold
             mu0, mu1 = arm_outcome_models(Y[train], T[train], inputs[train], inner)
             m = e * mu1 + (1 - e) * mu0
             scores = aipw_scores(Y[train], T[train], mu0, mu1, e)

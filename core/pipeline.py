@@ -8,7 +8,7 @@ import time
 import numpy as np
 
 from .corrections import corrected_outcomes, correction_record, prediction_powered_ate
-from .crossfit import Folds, location_folds, location_ids, stratified_folds
+from .crossfit import Folds, location_folds, location_ids
 from .errors import GeoCateError
 from .evaluate import (
     auto_block_size,
@@ -320,10 +320,10 @@ def trial_design(study, design, inputs, groups, n_folds, seed, study_design=None
     known, known_from = known_propensity(study)
     check = check_randomization(study, inputs, groups, n_folds, seed, known is not None) if randomized else None
     if known is not None and randomized:
-        folds = stratified_folds(groups, None if study.strata is None else study.strata[used], n_folds, seed)
+        folds = Folds.of_groups(groups, n_folds, seed, None if study.strata is None else study.strata[used]).fold
         inputs = with_strata(study, inputs)
         return TrialDesign(folds, inputs, known, {"model": known_from}, known_from, "randomized", check)
-    folds = location_folds(groups, n_folds, seed)
+    folds = Folds.of_groups(groups, n_folds, seed).fold
     if not randomized:
         probabilities, fit = study_design.propensities(study.treated[used].astype(int), design, folds, is_cancelled)
         return TrialDesign(folds, inputs, probabilities[:, 1], fit, None, study_design.kind, None)
@@ -966,7 +966,7 @@ def estimate_ate(units, raster_path, design, bands=None, window_size_px=33, noda
     groups, block_size, used = prepared.groups, prepared.block_size, prepared.study.used
     covariates = study.covariates[used] if study.covariates.shape[1] else None
     inputs = outcome_inputs(features, covariates, seed)
-    folds = location_folds(groups, n_folds, seed)
+    folds = Folds.of_groups(groups, n_folds, seed).fold
     arms = study.treated[used]
     if progress is not None:
         progress(0.6, "Propensity model (cross-fitted)")
