@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 from conftest import unit_table
 
+from geocate.core.crossfit import stratified_folds
 from geocate.core.errors import GeoCateError
-from geocate.core.pipeline import estimate_cate, propensity_check, stratified_folds
+from geocate.core.pipeline import estimate_cate, propensity_check
 
 
 @pytest.fixture(scope="module")
