@@ -194,6 +194,18 @@ def corrected_outcomes(correction, prediction):
     return {method: correction.apply(prediction, method) for method in METHODS}
 
 
+def corrected_units(units, correction, method):
+    """(units with the outcome ``method`` corrects, every correction's (values, outside flags) or None): the one
+    prologue of an algorithm whose outcome may be a map's prediction (``correction`` None: as they are)."""
+    if correction is None:
+        return units, None
+    import dataclasses
+
+    correction.check_compatible(units.outcome_name)
+    versions = corrected_outcomes(correction, units.outcome)
+    return dataclasses.replace(units, outcome=versions[method][0]), versions
+
+
 def ate_by_correction(correction, prediction, treated, inputs=None, folds=None, clusters=None, seed=42):
     """{method: AverageEffect}: the doubly robust ATE of the outcome under each correction, side by side, with the
     same outcome-model inputs, folds and clusters (core.scores)."""

@@ -7,7 +7,7 @@ import time
 
 import numpy as np
 
-from .corrections import corrected_outcomes, correction_record, prediction_powered_ate
+from .corrections import corrected_units, correction_record, prediction_powered_ate
 from .crossfit import Folds, location_folds, location_ids
 from .errors import GeoCateError
 from .evaluate import (
@@ -379,11 +379,7 @@ def estimate_cate(units, raster_path, bands=None, window_size_px=33, nodata=None
     feature_pipeline = imagery.pipeline(n_filters, seed, device)
     timings = {}
     started = time.monotonic()
-    versions = None
-    if outcome_correction is not None:
-        outcome_correction.check_compatible(units.outcome_name)
-        versions = corrected_outcomes(outcome_correction, units.outcome)
-        units = dataclasses.replace(units, outcome=versions[correction][0])
+    units, versions = corrected_units(units, outcome_correction, correction)
     prepared = prepare_study(units, raster_path, bands, window_size_px, nodata, feature_pipeline, imagery,
                              spatial_block, stage(progress, 0.0, 0.22), is_cancelled, read_share=0.12 / 0.22)
     study, features, feature_pipeline, cached = prepared.study, prepared.features, prepared.pipeline, prepared.cached
@@ -953,11 +949,7 @@ def estimate_ate(units, raster_path, design, bands=None, window_size_px=33, noda
     from .observational import AdjustedContrasts, adjusted_effects, balance_table
 
     started = time.monotonic()
-    versions = None
-    if outcome_correction is not None:
-        outcome_correction.check_compatible(units.outcome_name)
-        versions = corrected_outcomes(outcome_correction, units.outcome)
-        units = dataclasses.replace(units, outcome=versions[correction][0])
+    units, versions = corrected_units(units, outcome_correction, correction)
     imagery = imagery or ImageryOptions()
     prepared = prepare_study(units, raster_path, bands, window_size_px, nodata,
                              imagery.pipeline(n_filters, seed, device), imagery, spatial_block,
