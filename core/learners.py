@@ -354,6 +354,16 @@ class CrossFittedCausalForest(Estimator):
         """The forest's standard error of each effect (its sampling noise; see the class docstring)."""
         return self.cate_se_ if X is None else self.effect_model().effect_and_se(X)[1]
 
+    def effect_interval(self, X=None, alpha=0.05):
+        """Each effect's (1 - alpha) interval; at new points, one pass over the trees gives point and SE."""
+        if X is None:
+            return super().effect_interval(None, alpha)
+        from .estimate import z_value
+
+        point, se = self.effect_model().effect_and_se(X)
+        z = z_value(alpha)
+        return point - z * se, point + z * se
+
     def ate(self):
         """The doubly robust ATE (the mean of the DR scores)."""
         return self.ate_
