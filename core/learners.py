@@ -197,32 +197,8 @@ class CrossFittedCausalForest(Estimator):
         models (default X); folds: (n,) fold ids, to share folds with another learner (default from groups);
         propensity: (n,) P(treated | x), cross-fitted (an observational core.design.StudyDesign), used by the
         DR scores and the forests' treatment residuals (default: the treated share, known in a trial)."""
-        from .scores import aipw_scores, arm_outcome_models, doubly_robust_ate
-
-        Y = np.asarray(Y, dtype=float)
-        T = np.asarray(T, dtype=int)
-        X = np.asarray(X, dtype=float)
-        n, p = X.shape
-        self.groups_ = np.arange(n) if groups is None else np.asarray(groups)
-        self.fold_ = location_folds(self.groups_, self.n_folds, self.seed) if folds is None else np.asarray(folds)
-        inputs = X if outcome_inputs is None else outcome_inputs
         started = time.monotonic()
-        if progress is not None:
-            progress(0.0, "Outcome models (cross-fitted)")
-        self.mu0_, self.mu1_ = run_cancellable(
-            lambda: arm_outcome_models(Y, T, inputs, self.fold_), is_cancelled)
-        if propensity is None:
-            e = self.propensity_ = float(T.mean())
-        else:
-            from .design import CLIP
-
-            e = self.propensity_ = np.clip(np.asarray(propensity, float), CLIP, 1 - CLIP)
-        self.outcome_hat_ = e * self.mu1_ + (1 - e) * self.mu0_  # the DR scores' m(x); each forest has its own
-        self.dr_scores_ = aipw_scores(Y, T, self.mu0_, self.mu1_, e)
-        ate = doubly_robust_ate(self.dr_scores_, self.groups_)
-        self.ate_, self.ate_se_ = ate.estimate, ate.std_err
-        self.forests_, self.calibrations_, self.fold_seconds_ = [], [], []
-        self._data = (Y, T, X, inputs)
+        Y, T, X = self._nuisances(Y, T, X, groups, outcome_inputs, folds, progress, is_cancelled, propensity)
 
         def fit_fold(train, test):
             fold_started = time.monotonic()
@@ -247,6 +223,34 @@ class CrossFittedCausalForest(Estimator):
         if progress is not None:
             progress(1.0, "Causal forest done")
         return self
+
+    def _nuisances(self, Y, T, X, groups, outcome_inputs, folds, progress, is_cancelled, propensity):
+        """The stage before the forest, shared by both forests: folds from the groups, the outcome models
+        cross-fitted on them, the propensity, the DR scores and the ATE. Returns (Y, T, X) as arrays."""
+        from .scores import aipw_scores, arm_outcome_models, doubly_robust_ate
+
+        Y, T, X = np.asarray(Y, dtype=float), np.asarray(T, dtype=int), np.asarray(X, dtype=float)
+        n = len(X)
+        self.groups_ = np.arange(n) if groups is None else np.asarray(groups)
+        self.fold_ = location_folds(self.groups_, self.n_folds, self.seed) if folds is None else np.asarray(folds)
+        inputs = X if outcome_inputs is None else outcome_inputs
+        if progress is not None:
+            progress(0.0, "Outcome models (cross-fitted)")
+        self.mu0_, self.mu1_ = run_cancellable(
+            lambda: arm_outcome_models(Y, T, inputs, self.fold_), is_cancelled)
+        if propensity is None:
+            e = self.propensity_ = float(T.mean())
+        else:
+            from .design import CLIP
+
+            e = self.propensity_ = np.clip(np.asarray(propensity, float), CLIP, 1 - CLIP)
+        self.outcome_hat_ = e * self.mu1_ + (1 - e) * self.mu0_  # the DR scores' m(x); each forest has its own
+        self.dr_scores_ = aipw_scores(Y, T, self.mu0_, self.mu1_, e)
+        ate = doubly_robust_ate(self.dr_scores_, self.groups_)
+        self.ate_, self.ate_se_ = ate.estimate, ate.std_err
+        self.forests_, self.calibrations_, self.fold_seconds_ = [], [], []
+        self._data = (Y, T, X, inputs)
+        return Y, T, X
 
     def _calibration(self, forest, train, scores):
         """The fold forest's EffectCalibration, from its out-of-bag predictions on (at most MAX_UNITS of) its
@@ -373,16 +377,221 @@ class CrossFittedCausalForest(Estimator):
         return self.ate_se_
 
 
-def default_learner(features, covariates=None, n_components=20, n_folds=5, n_estimators=100, seed=42):
+#: Rows predicted at once by a bagged forest's trees (a copy of that many rows of X is made per bag).
+PREDICT_CHUNK = 20000
+
+
+def little_bag_variance(moment_sum, moment_sq_sum, tree_sq_sum, counts, jac, trees_per_bag):
+    """The variance of a forest's estimate theta(x) from its little bags (Athey, Tibshirani & Wager 2019, section
+    4; econml's ``_predict_point_and_var`` with its objective-Bayes debiasing), for units whose estimate averages
+    a different number of bags each (out-of-bag predictions).
+
+    Per unit, over the ``counts`` bags that predict it: ``moment_sum`` (n, k) the sum of the bags' mean moments
+    M_b = J_b theta - alpha_b at the unit's theta, ``moment_sq_sum`` (n, k, k) the sum of M_b M_b', ``tree_sq_sum``
+    (n, k, k) the sum over bags of the mean over the bag's trees of the tree moments' M_t M_t'; ``jac`` (n, k, k)
+    the forest's mean Jacobian. Returns (n,) the variance of the first coordinate of theta."""
+    from scipy.special import erfc
+
+    c = np.maximum(counts, 1).astype(float)
+    mean = moment_sum / c[:, None]
+    sq_between = moment_sq_sum / c[:, None, None]
+    var_between = sq_between - mean[:, :, None] * mean[:, None, :]
+    correction = (tree_sq_sum / c[:, None, None] - sq_between) / (trees_per_bag - 1)
+    inverse = np.linalg.pinv(jac)
+    first = inverse[:, 0, :]
+    pred_var = np.einsum("ij,ijk,ik->i", first, var_between, first)
+    pred_correction = np.einsum("ij,ijk,ik->i", first, correction, first)
+    naive = pred_var - pred_correction
+    spread = np.maximum(pred_var, pred_correction) * np.sqrt(2.0 / c)
+    z = naive / np.clip(spread, 1e-10, np.inf)
+    return naive + spread * (np.exp(-z ** 2 / 2) / np.sqrt(2 * np.pi)) / (0.5 * erfc(-z / np.sqrt(2)))
+
+
+class BaggedForest:
+    """A causal forest grown as grf grows one: little bags of trees, each bag on half of the groups (locations,
+    clusters, spatial blocks), its trees honest. Predicts at new points with every bag, and each training unit
+    out of bag with the bags that did not draw its group. Picklable (the maps' workers)."""
+
+    def __init__(self, bags, drawn, trees_per_bag, calibration=None):
+        self.bags = bags                  # list of econml forests, one per bag
+        self.drawn = drawn                # (n_bags, n_groups) bool: the groups each bag was grown on
+        self.trees_per_bag = trees_per_bag
+        self.calibration = calibration or EffectCalibration.identity()
+
+    def _passes(self, X, rows_of_bag):
+        """theta (n,) and its little-bag variance (n,) at the rows of X, each from the bags rows_of_bag(b) names
+        (an index array into X)."""
+        n, k = len(X), self.bags[0].n_outputs_
+        alpha, jac, counts = np.zeros((n, k)), np.zeros((n, k * k)), np.zeros(n)
+        for b, bag in enumerate(self.bags):
+            rows = rows_of_bag(b)
+            for start in range(0, len(rows), PREDICT_CHUNK):
+                chunk = rows[start:start + PREDICT_CHUNK]
+                part = X[chunk]
+                for tree in bag.estimators_:
+                    a, j = tree.predict_alpha_and_jac(part)
+                    alpha[chunk] += a / self.trees_per_bag
+                    jac[chunk] += j / self.trees_per_bag
+                counts[chunk] += 1
+        seen = counts > 0
+        jac_mean = (jac / np.maximum(counts, 1)[:, None]).reshape(n, k, k)
+        theta = np.einsum("ijk,ik->ij", np.linalg.pinv(jac_mean), alpha / np.maximum(counts, 1)[:, None])
+        moment_sum, moment_sq, tree_sq = np.zeros((n, k)), np.zeros((n, k, k)), np.zeros((n, k, k))
+        for b, bag in enumerate(self.bags):
+            rows = rows_of_bag(b)
+            for start in range(0, len(rows), PREDICT_CHUNK):
+                chunk = rows[start:start + PREDICT_CHUNK]
+                part, parameter = X[chunk], theta[chunk]
+                bag_moment = np.zeros((len(chunk), k))
+                for tree in bag.estimators_:
+                    moment = tree.predict_moment(part, parameter)
+                    bag_moment += moment / self.trees_per_bag
+                    tree_sq[chunk] += moment[:, :, None] * moment[:, None, :] / self.trees_per_bag
+                moment_sum[chunk] += bag_moment
+                moment_sq[chunk] += bag_moment[:, :, None] * bag_moment[:, None, :]
+        var = little_bag_variance(moment_sum, moment_sq, tree_sq, counts, jac_mean, self.trees_per_bag)
+        point = theta[:, 0]
+        point[~seen], var[~seen] = np.nan, np.nan
+        return point, var
+
+    def out_of_bag(self, X, group_index):
+        """(raw theta, variance) of the training units (rows of X, groups ``group_index`` into drawn's columns),
+        each from the bags that did not draw its group."""
+        X = np.asarray(X, dtype=np.float64)
+        return self._passes(X, lambda b: np.flatnonzero(~self.drawn[b][group_index]))
+
+    def effect_and_se(self, X):
+        """(calibrated effect, standard error) at new points: every bag (core.estimate's effect model)."""
+        X = np.asarray(X, dtype=np.float64)
+        everyone = np.arange(len(X))
+        point, var = self._passes(X, lambda b: everyone)
+        return self.calibration(point), np.sqrt(np.maximum(var, 0))
+
+
+def grow_bagged_forest(X, T_res, Y_res, group_index, n_estimators=200, trees_per_bag=2, bag_sample=0.5,
+                       min_samples_leaf=3, max_features=20, seed=42, n_jobs=-1, progress=None, is_cancelled=None):
+    """A BaggedForest on residuals: ``n_estimators`` trees in bags of ``trees_per_bag``, each bag an econml
+    CausalForest of honest trees grown on the units of a random half of the groups (``group_index``: each unit's
+    group, 0..G-1), each tree on ``bag_sample`` of its bag's units. econml draws each tree's units one by one and
+    cannot keep a group whole, so the halves are drawn here. progress(fraction, message) from 0.2 to 0.8."""
+    grf = require("econml.grf", "econml==0.16.0")
+    from .errors import Cancelled
+
+    group_index = np.asarray(group_index)
+    n_groups = int(group_index.max()) + 1
+    if n_groups < 4:
+        raise GeoCateError(f"An out-of-bag forest needs at least 4 groups; the study has {n_groups}.",
+                           "Use the fold forests (FOREST), or smaller spatial blocks.")
+    n_bags = max(2, int(round(n_estimators / trees_per_bag)))
+    rng = np.random.default_rng(seed)
+    drawn = np.zeros((n_bags, n_groups), bool)
+    for b in range(n_bags):
+        drawn[b, rng.choice(n_groups, n_groups // 2, replace=False)] = True
+    for g in np.flatnonzero(drawn.all(axis=0)):   # every group is left out of some bag: each unit gets a prediction
+        drawn[rng.integers(n_bags), g] = False
+    states = rng.integers(2 ** 31 - 1, size=n_bags)
+
+    def grow(b):
+        rows = np.flatnonzero(drawn[b][group_index])
+        forest = grf.CausalForest(n_estimators=trees_per_bag, min_samples_leaf=min_samples_leaf,
+                                  max_features=max_features, honest=True, inference=False, max_samples=bag_sample,
+                                  n_jobs=n_jobs, random_state=int(states[b]))
+        return CrossFittedCausalForest._grow(forest, X[rows], T_res[rows], Y_res[rows])
+
+    bags = []
+    for b in range(n_bags):
+        if is_cancelled is not None and is_cancelled():
+            raise Cancelled()
+        bags.append(run_cancellable(lambda b=b: grow(b), is_cancelled))
+        if progress is not None and b % 5 == 0:
+            progress(0.2 + 0.6 * b / n_bags, f"Causal forest: bag {b + 1} of {n_bags}")
+    return BaggedForest(bags, drawn, trees_per_bag)
+
+
+class GroupBaggedCausalForest(CrossFittedCausalForest):
+    """One causal forest for the per-unit effects, grown as grf grows one (issue 26): out-of-bag predictions
+    instead of five fold forests.
+
+    The nuisances are cross-fitted on the study's folds as in CrossFittedCausalForest (so each unit's residuals
+    Y - m(x), W - e come from models that did not see its fold). The forest is ``n_estimators`` trees in little
+    bags of ``trees_per_bag``: each bag is grown on the units of a random half of the **groups** (locations,
+    clusters, spatial blocks; econml draws units, so the bags are drawn here and each is an econml forest of
+    ``trees_per_bag`` honest trees on its half), and each unit is predicted by the bags that did not draw its
+    group - no tree that saw a unit's group predicts for it. The variance is the little bags' (between-bag
+    variance of the bags' moments less the within-bag part, debiased as econml does: little_bag_variance), over
+    the unit's own out-of-bag bags. The calibration (EffectCalibration) is cross-fitted on the study's folds: fold
+    k's units get a curve fitted on the other folds' out-of-bag predictions and DR scores. Effects at new points
+    use every bag and a calibration fitted on all units.
+
+    The heterogeneity test is CrossFittedCausalForest's (fold k ranked by a forest grown on the earlier folds
+    alone): the out-of-bag forest saw every fold's outcomes, so its ranking never enters the test.
+    """
+
+    name = "causal forest, out-of-bag by groups"
+
+    def __init__(self, n_folds=5, n_estimators=200, trees_per_bag=2, bag_sample=0.5, min_samples_leaf=3,
+                 max_features="auto", seed=42, n_jobs=-1, calibrate=True):
+        super().__init__(n_folds=n_folds, n_estimators=n_estimators, min_samples_leaf=min_samples_leaf,
+                         max_features=max_features, seed=seed, n_jobs=n_jobs, calibrate=calibrate)
+        if trees_per_bag < 2:
+            raise GeoCateError("A little bag needs at least 2 trees.", "Set trees_per_bag to 2 or more.")
+        self.trees_per_bag = trees_per_bag
+        self.bag_sample = bag_sample
+
+    def fit(self, Y, T, X, groups=None, outcome_inputs=None, folds=None, progress=None, is_cancelled=None,
+            propensity=None):
+        """As CrossFittedCausalForest.fit; the forest stage is one out-of-bag forest (see the class docstring)."""
+        started = time.monotonic()
+        Y, T, X = self._nuisances(Y, T, X, groups, outcome_inputs, folds, progress, is_cancelled, propensity)
+        e, p = self.propensity_, X.shape[1]
+
+        group_index = np.unique(self.groups_, return_inverse=True)[1]
+        max_features = forest_max_features(p) if self.max_features == "auto" else self.max_features
+        model = grow_bagged_forest(X, T - e, Y - self.outcome_hat_, group_index, self.n_estimators,
+                                   self.trees_per_bag, self.bag_sample, self.min_samples_leaf, max_features,
+                                   self.seed, self.n_jobs, progress, is_cancelled)
+        if progress is not None:
+            progress(0.8, "Causal forest: out-of-bag predictions")
+        raw, var = run_cancellable(lambda: model.out_of_bag(X, group_index), is_cancelled)
+        self.cate_raw_, self.cate_se_ = raw, np.sqrt(np.maximum(var, 0))
+        self.cate_ = raw.copy()
+        if self.calibrate:
+            for k in Folds(self.fold_).ids:
+                held = self.fold_ == k
+                self.cate_[held] = EffectCalibration.fit(raw[~held], self.dr_scores_[~held])(raw[held])
+            model.calibration = EffectCalibration.fit(raw, self.dr_scores_)
+        self.model_ = model
+        self.cate_lo_, self.cate_hi_ = self.cate_ - Z95 * self.cate_se_, self.cate_ + Z95 * self.cate_se_
+        self.fit_seconds_ = time.monotonic() - started
+        if progress is not None:
+            progress(1.0, "Causal forest done")
+        return self
+
+    def effect_model(self, n_jobs=None):
+        """The bagged forest with its calibration (BaggedForest): the effect at new points."""
+        return self.model_
+
+
+#: The forests geocate:estimatecate can grow (FOREST): five fold forests, or one out-of-bag forest (issue 26).
+FORESTS = ("folds", "out-of-bag")
+
+
+def default_learner(features, covariates=None, n_components=20, n_folds=5, n_estimators=100, seed=42,
+                    forest="folds"):
     """The learner of geocate:estimatecate, unfitted, with its inputs: (design, outcome inputs, learner).
 
     The causal forest's effect modifiers are the scaled image features and
     covariates (design_matrix); the outcome models work on the features'
     leading principal components and the covariates (core.inputs.outcome_inputs).
+    forest "folds": CrossFittedCausalForest with ``n_estimators`` trees per fold forest; "out-of-bag":
+    GroupBaggedCausalForest, one forest of 2 ``n_estimators`` trees in bags of 2 (grf's ci.group.size).
     """
+    if forest not in FORESTS:
+        raise GeoCateError(f"Unknown forest '{forest}'.", f"Choose one of {', '.join(FORESTS)}.")
     from .inputs import design_matrix, outcome_inputs
 
     design, _ = design_matrix(features, covariates)
     inputs = outcome_inputs(features, covariates, seed, n_components, design=design)
-    learner = CrossFittedCausalForest(n_folds=n_folds, n_estimators=n_estimators, seed=seed)
+    learner = (CrossFittedCausalForest(n_folds=n_folds, n_estimators=n_estimators, seed=seed) if forest == "folds"
+               else GroupBaggedCausalForest(n_folds=n_folds, n_estimators=2 * n_estimators, seed=seed))
     return design, inputs, learner

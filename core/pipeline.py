@@ -334,7 +334,7 @@ def estimate_cate(units, raster_path, bands=None, window_size_px=33, nodata=None
                   n_groups=3, n_folds=5, n_filters=256, n_components=20, n_estimators=100,
                   device="auto", spatial_block=0, n_draws=200, progress=None, is_cancelled=None,
                   outcome_correction=None, correction="linear", outcome_truth=None, study_design=None,
-                  imagery=None, covariates_modify=True, keep_fit=False, sensitivity=None):
+                  imagery=None, covariates_modify=True, keep_fit=False, sensitivity=None, forest="folds"):
     """Estimate each unit's CATE from its image window (and covariates), and test for heterogeneity.
 
     units: a :class:`UnitTable`. Returns (Study, Result). Steps: read and check
@@ -374,6 +374,10 @@ def estimate_cate(units, raster_path, bands=None, window_size_px=33, nodata=None
     candidates and map cells, as map_effects). keep_fit: ``result.fitted`` is
     a :class:`FittedForest` (the learner, its inputs and the feature pipeline)
     for the steps that reuse the fit (core.plan).
+
+    forest: "folds" (five fold forests, each unit predicted by the forest grown without its fold) or
+    "out-of-bag" (one forest, each unit predicted by the bags of trees grown without its group:
+    core.learners.GroupBaggedCausalForest); the heterogeneity test is the same for both.
     """
     imagery = imagery or ImageryOptions()
     feature_pipeline = imagery.pipeline(n_filters, seed, device)
@@ -388,7 +392,7 @@ def estimate_cate(units, raster_path, bands=None, window_size_px=33, nodata=None
     used = study.used
     t = time.monotonic()
     design, inputs, learner = default_learner(features, study.covariates[used], n_components, n_folds,
-                                              n_estimators, seed)
+                                              n_estimators, seed, forest)
     # The observational propensity always sees every image feature and covariate (core.inputs.propensity_inputs);
     # without covariates as effect modifiers only the forest's design drops them.
     trial = trial_design(study, design, inputs, groups, n_folds, seed, study_design, is_cancelled)
@@ -454,8 +458,11 @@ def estimate_cate(units, raster_path, bands=None, window_size_px=33, nodata=None
         "covariates": list(study.covariate_names),
         "n_estimators": n_estimators,
         "estimator": learner.describe(),
-        "cate_calibration": "per fold: monotone spline of E[DR score | out-of-bag forest prediction] on the "
-                            "fold's training units" if learner.calibrate else None,
+        "forest": forest,
+        "cate_calibration": None if not learner.calibrate else (
+            "per fold: monotone spline of E[DR score | out-of-bag forest prediction] on the fold's training units"
+            if forest == "folds" else "per fold: monotone spline of E[DR score | out-of-bag prediction] on the other "
+                                      "folds' units"),
         "propensity": learner.propensity_ if propensity is None else
         ("cross-fitted per unit" if trial.known_from is None else trial.known_from),
         "study_design": trial.kind,

@@ -106,7 +106,7 @@ def write_html(path, title, sections, metadata=None):
 SETTING_LABELS = {
     "INPUT": "Units layer", "TREATMENT": "Treatment", "OUTCOME": "Outcome", "COVARIATES": "Covariates",
     "RASTER": "Imagery", "BANDS": "Bands", "PATCH_SIZE": "Window size (pixels)", "NODATA": "Extra nodata value",
-    "SEED": "Seed", "GROUPS": "Effect groups", "CLUSTER": "Cluster field", "SPATIAL_BLOCK": "Spatial blocks",
+    "SEED": "Seed", "GROUPS": "Effect groups", "FOREST": "Causal forest", "CLUSTER": "Cluster field", "SPATIAL_BLOCK": "Spatial blocks",
     "CLUSTERS": "Clusters", "MAX_CLUSTERS": "Largest K tried", "EPOCHS": "Training epochs", "DEVICE": "Device",
     "PRIORITY": "Priority", "PRIORITY_2": "Second priority", "BOOTSTRAP": "Bootstrap draws", "DESIGN": "Study design",
     "TRIM": "Trimming", "OUTCOME_CORRECTION": "Outcome correction file", "CORRECTION": "Correction",

@@ -5,10 +5,12 @@ import os
 from qgis.core import (
     QgsProcessingOutputNumber,
     QgsProcessingParameterDefinition,
+    QgsProcessingParameterEnum,
     QgsProcessingParameterFeatureSink,
     QgsProcessingParameterNumber,
 )
 
+from ..core.learners import FORESTS
 from .base import GeoCateAlgorithm, add_report_parameter, progress_to
 from .convert import unit_columns
 from .predicted import (
@@ -26,6 +28,10 @@ from .study_parameters import (
     read_study_parameters,
     report_sensitivity,
 )
+
+#: FOREST's choices, in the order of core.learners.FORESTS.
+FOREST_CHOICES = ["Five fold forests (each unit predicted by the forest grown without its fold)",
+                  "One forest, out of bag by groups (grf's construction; faster)"]
 
 
 def log_estimate(feedback, n_features, study, result):
@@ -69,6 +75,7 @@ def log_estimate(feedback, n_features, study, result):
 
 class EstimateCateAlgorithm(GeoCateAlgorithm):
     GROUPS, CLUSTER, OUTPUT, OUTPUT_REPORT = "GROUPS", "CLUSTER", "OUTPUT", "OUTPUT_REPORT"
+    FOREST = "FOREST"
     OUTCOME_CORRECTION, CORRECTION, OUTCOME_TRUTH = "OUTCOME_CORRECTION", "CORRECTION", "OUTCOME_TRUTH"
     DESIGN, STRATA, PROPENSITY = "DESIGN", "STRATA", "PROPENSITY"
     DESIGNS = DESIGNS
@@ -118,6 +125,9 @@ class EstimateCateAlgorithm(GeoCateAlgorithm):
             defaultValue=3, minValue=2, maxValue=10)
         groups.setFlags(groups.flags() | QgsProcessingParameterDefinition.FlagAdvanced)
         self.addParameter(groups)
+        forest = QgsProcessingParameterEnum(self.FOREST, "Causal forest", FOREST_CHOICES, defaultValue=0)
+        forest.setFlags(forest.flags() | QgsProcessingParameterDefinition.FlagAdvanced)
+        self.addParameter(forest)
         add_design_parameters(self)
         add_sensitivity_parameters(self)
         add_outcome_correction_parameters(self, truth=True)
@@ -146,7 +156,7 @@ class EstimateCateAlgorithm(GeoCateAlgorithm):
             units, **chosen.imagery_arguments(), n_groups=self.parameterAsInt(parameters, self.GROUPS, context),
             progress=progress_to(feedback, 5, 95), is_cancelled=feedback.isCanceled, outcome_correction=correction,
             correction=method, outcome_truth=truth, study_design=chosen.study_design(),
-            sensitivity=chosen.sensitivity)
+            sensitivity=chosen.sensitivity, forest=FORESTS[self.parameterAsEnum(parameters, self.FOREST, context)])
 
         log_estimate(feedback, len(features), study, result)
         autoc, test = result.autoc, result.heterogeneity

@@ -333,3 +333,17 @@ def test_estimate_ate_stops_during_the_propensity_fit_when_cancelled(small_trial
     assert any(m.startswith("Propensity") for m in messages)
     assert not any(m.startswith("Outcome models") for m in messages)   # stopped before the outcome models
     assert len(polls_in_propensity) == 2                               # at the next poll, not at the end
+
+
+def test_the_out_of_bag_forest_runs_the_same_study(small_trial, demo_raster, estimated):
+    """FOREST "out-of-bag" (issue 26): one forest, each unit predicted by the bags grown without its group; the
+    nuisances, DR scores and ATE are the fold forests' own, and the effects recover the truth as well."""
+    study, result = estimate_cate(unit_table(small_trial), demo_raster, seed=3, forest="out-of-bag")
+    truth = small_trial.true_cate
+    assert result.metadata["forest"] == "out-of-bag"
+    assert result.metadata["estimator"]["estimator"] == "causal forest, out-of-bag by groups"
+    assert spearmanr(result.cate, truth).correlation > 0.75
+    folds_rmse = np.sqrt(np.mean((estimated[1].cate - truth) ** 2))
+    assert np.sqrt(np.mean((result.cate - truth) ** 2)) < 1.1 * folds_rmse
+    assert result.ate == pytest.approx(estimated[1].ate)
+    assert result.heterogeneity.p_value < 0.05

@@ -258,6 +258,25 @@ def test_qgis_process_runs_the_algorithm_from_the_command_line(demo_units_gpkg, 
     assert (tmp_path / "cli.run.json").exists()
 
 
+def test_qgis_process_runs_the_out_of_bag_forest(demo_units_gpkg, demo_raster, tmp_path):
+    """FOREST=1 (one forest, out of bag by groups; issue 26) from the command line: the record names it."""
+    out = tmp_path / "oob.gpkg"
+    done = subprocess.run(
+        ["qgis_process.bin", "--json", "run", "geocate:estimatecate", "--",
+         f"INPUT={demo_units_gpkg}", "TREATMENT=treated", "OUTCOME=outcome", "COVARIATES=assets",
+         f"RASTER={demo_raster}", "SEED=7", "FOREST=1", f"OUTPUT={out}"],
+        env=qgis_process_env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    results = json.loads(done.stdout)["results"]
+    assert results["N_USED"] == 294 and math.isfinite(results["ATE"]) and results["ATE_SE"] > 0
+    layer = QgsVectorLayer(str(out), "oob", "ogr")
+    cate = [f["cate"] for f in layer.getFeatures() if isinstance(f["cate"], float)]
+    assert len(cate) == 294 and all(math.isfinite(value) for value in cate)
+    record = json.loads((tmp_path / "oob.run.json").read_text())
+    assert record["forest"] == "out-of-bag"
+    assert record["parameters"]["FOREST"].startswith("One forest, out of bag")
+
+
 def test_qgis_process_reports_bad_input_without_writing(demo_units_gpkg, demo_raster, tmp_path):
     out = tmp_path / "bad.gpkg"
     done = subprocess.run(

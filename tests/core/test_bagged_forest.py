@@ -1,0 +1,113 @@
+"""One causal forest with out-of-bag predictions by groups (issue 26): grf's construction beside the fold forests.
+
+Known truth: the tabular trial of test_learners (tau = 1 or 3). The arithmetic of the little bags' variance is
+checked against econml's own; "no tree that saw a unit's group predicts for it" is checked by changing one group's
+data and seeing that group's predictions stay the same to the last bit.
+"""
+
+import numpy as np
+import pytest
+from scipy.stats import spearmanr
+
+from geocate.core.errors import GeoCateError
+from geocate.core.learners import (
+    BaggedForest,
+    CrossFittedCausalForest,
+    GroupBaggedCausalForest,
+    default_learner,
+    grow_bagged_forest,
+    little_bag_variance,
+)
+
+from test_learners import tabular_trial
+
+
+@pytest.fixture(scope="module")
+def bagged():
+    X, T, Y, tau = tabular_trial()
+    return GroupBaggedCausalForest(n_estimators=200, seed=1).fit(Y, T, X), X, T, Y, tau
+
+
+def test_out_of_bag_forest_recovers_a_known_heterogeneous_effect(bagged):
+    model, X, T, Y, tau = bagged
+    assert np.all(np.isfinite(model.cate_)) and np.all(np.isfinite(model.cate_se_))
+    assert spearmanr(model.cate_, tau).correlation > 0.75
+    assert np.sqrt(np.mean((model.cate_ - tau) ** 2)) < 0.6       # a constant guess scores 1.0
+    assert abs(model.cate_[tau == 3].mean() - model.cate_[tau == 1].mean() - 2) < 0.5
+
+
+def test_out_of_bag_intervals_cover_without_being_wide(bagged):
+    model, X, T, Y, tau = bagged
+    coverage = np.mean((model.cate_lo_ <= tau) & (tau <= model.cate_hi_))
+    width = np.mean(model.cate_hi_ - model.cate_lo_)
+    assert coverage > 0.85 and width < 1.5, (coverage, width)
+
+
+def test_out_of_bag_forest_is_as_accurate_as_the_fold_forests(bagged):
+    model, X, T, Y, tau = bagged
+    folds = CrossFittedCausalForest(n_estimators=100, seed=1).fit(Y, T, X, folds=model.fold_)
+    rmse = lambda cate: np.sqrt(np.mean((cate - tau) ** 2))   # noqa: E731
+    assert rmse(model.cate_) < 1.1 * rmse(folds.cate_)
+    # Both share the DR scores and the ATE: only the forest stage differs.
+    np.testing.assert_allclose(model.dr_scores_, folds.dr_scores_)
+    assert model.ate_ == pytest.approx(folds.ate_)
+
+
+def test_little_bag_variance_is_econml_arithmetic():
+    """Given econml's own forest (bags of 4 trees), the variance from the bags' moments equals econml's."""
+    from econml.grf import CausalForest
+
+    X, T, Y, tau = tabular_trial(n=800, seed=3)
+    forest = CausalForest(n_estimators=40, subforest_size=4, inference=True, max_samples=0.4, honest=True,
+                          random_state=0).fit(X, T - 0.5, Y - Y.mean())
+    new = np.random.default_rng(4).standard_normal((50, X.shape[1]))
+    expected = np.ravel(forest.predict_var(new))
+    alpha, jac = forest.predict_alpha_and_jac(new)
+    theta = np.einsum("ijk,ik->ij", np.linalg.pinv(jac), alpha)
+    k = forest.n_outputs_
+    moment_sum, moment_sq, tree_sq = np.zeros((50, k)), np.zeros((50, k, k)), np.zeros((50, k, k))
+    for bag in forest.slices_:
+        moments = np.array([forest.estimators_[t].predict_moment(new, theta) for t in bag])
+        mean = moments.mean(axis=0)
+        moment_sum += mean
+        moment_sq += mean[:, :, None] * mean[:, None, :]
+        tree_sq += np.einsum("tij,tik->ijk", moments, moments) / len(bag)
+    counts = np.full(50, len(forest.slices_))
+    np.testing.assert_allclose(little_bag_variance(moment_sum, moment_sq, tree_sq, counts, jac, 4), expected,
+                               rtol=1e-8, atol=1e-12)
+
+
+def test_no_tree_that_saw_a_units_group_predicts_for_it():
+    X, T, Y, tau = tabular_trial(n=600, seed=5)
+    group = np.repeat(np.arange(60), 10)                     # villages of 10 units
+    T_res, Y_res = T - 0.5, Y - Y.mean()
+    before = grow_bagged_forest(X, T_res, Y_res, group, n_estimators=40, max_features=3, seed=2)
+    changed = Y_res.copy()
+    village = group == 7
+    changed[village] += 50.0 * np.random.default_rng(0).standard_normal(village.sum())   # its outcomes, wrecked
+    after = grow_bagged_forest(X, T_res, changed, group, n_estimators=40, max_features=3, seed=2)
+    first, second = before.out_of_bag(X, group)[0], after.out_of_bag(X, group)[0]
+    np.testing.assert_array_equal(first[village], second[village])
+    assert not np.allclose(first[~village], second[~village])   # other villages' bags did see village 7
+    # every unit is out of some bag, and the bags hold half of the groups
+    assert np.all(np.isfinite(first)) and np.all(before.drawn.sum(axis=1) <= 30)
+
+
+def test_effect_at_new_points_uses_every_bag_and_the_calibration(bagged):
+    model, X, T, Y, tau = bagged
+    forest = model.effect_model()
+    assert isinstance(forest, BaggedForest)
+    point, se = forest.effect_and_se(X[:200])
+    assert np.all(np.isfinite(point)) and np.all(se > 0)
+    # In-sample predictions with every bag rank the units as the out-of-bag ones do.
+    assert spearmanr(point, model.cate_[:200]).correlation > 0.8
+    low, high = model.effect_interval(X[:200])
+    np.testing.assert_allclose(high - low, 2 * 1.959964 * se, rtol=1e-5)
+
+
+def test_too_few_groups_are_refused_with_the_fix():
+    X, T, Y, tau = tabular_trial(n=200, seed=6)
+    with pytest.raises(GeoCateError, match="at least 4 groups"):
+        grow_bagged_forest(X, T - 0.5, Y, np.repeat(np.arange(3), [70, 70, 60]), n_estimators=10)
+    with pytest.raises(GeoCateError, match="Unknown forest"):
+        default_learner(X, None, forest="one")
