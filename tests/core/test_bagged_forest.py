@@ -8,6 +8,7 @@ data and seeing that group's predictions stay the same to the last bit.
 import numpy as np
 import pytest
 from scipy.stats import spearmanr
+from test_learners import tabular_trial
 
 from geocate.core.errors import GeoCateError
 from geocate.core.learners import (
@@ -18,8 +19,6 @@ from geocate.core.learners import (
     grow_bagged_forest,
     little_bag_variance,
 )
-
-from test_learners import tabular_trial
 
 
 @pytest.fixture(scope="module")
