@@ -1,6 +1,6 @@
 """Scaling of geocate:estimatecate's core: wall time and peak memory at 1k, 10k and 100k units.
 
-Usage: python bench/bench_scaling.py [--sizes 1000 10000 100000] [--json out.json]
+Usage: python bench/bench_scaling.py [--sizes 1000 10000 100000] [--forest folds out-of-bag] [--json out.json]
 
 For each size, a trial is simulated on the demo imagery (core/simulate.py,
 effects 0, 1, 2.5 by image) and saved; then a fresh Python process runs
@@ -9,7 +9,8 @@ features, the cross-fitted forest, the sequential heterogeneity test, the
 pooled AUTOC) and reports its wall time, its CPU time (user + system, to see
 both cores at work) and its peak resident memory (VmHWM of that process
 alone, imports of torch, econml and GDAL included; not ru_maxrss, which on
-Linux keeps the parent's peak across fork and exec).
+Linux keeps the parent's peak across fork and exec). --forest: estimatecate's FOREST, each in its own process on
+the same trial (issue 26: the five fold forests, or one forest out of bag by groups).
 """
 
 import argparse
@@ -48,7 +49,7 @@ data = np.load({path!r}, allow_pickle=False)
 units = UnitTable(xy=data["xy"], crs_wkt=str(data["crs"]), treated=data["treated"].astype(float),
                   outcome=data["outcome"], covariates=data["covariates"], covariate_names=("assets", "distance"))
 started, cpu = time.perf_counter(), time.process_time()
-study, result = estimate_cate(units, {raster!r}, seed=11)
+study, result = estimate_cate(units, {raster!r}, seed=11, forest={forest!r})
 wall = time.perf_counter() - started
 cate = result.cate[study.used]
 truth = data["true_cate"][study.used]
@@ -63,6 +64,7 @@ print(json.dumps({{"wall_s": wall, "cpu_s": time.process_time() - cpu,
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000, 100000])
+    parser.add_argument("--forest", nargs="+", default=["folds"], choices=["folds", "out-of-bag"])
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     sys.path.insert(0, PLUGINS)
@@ -78,14 +80,16 @@ def main(argv=None):
                      covariates=trial.covariates, true_cate=trial.true_cate)
             del trial
             simulated_s = time.perf_counter() - started
-            code = CHILD.format(plugins=PLUGINS, path=path, raster=DEMO_RASTER)
-            done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-            if done.returncode != 0:
-                print(done.stderr[-3000:], file=sys.stderr)
-                raise SystemExit(f"estimate_cate failed at {n} units")
-            row = dict(json.loads(done.stdout.strip().splitlines()[-1]), units=n, simulate_s=round(simulated_s, 1))
-            figures.append(row)
-            print(json.dumps(row), flush=True)
+            for forest in args.forest:
+                code = CHILD.format(plugins=PLUGINS, path=path, raster=DEMO_RASTER, forest=forest)
+                done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+                if done.returncode != 0:
+                    print(done.stderr[-3000:], file=sys.stderr)
+                    raise SystemExit(f"estimate_cate failed at {n} units")
+                row = dict(json.loads(done.stdout.strip().splitlines()[-1]), units=n, forest=forest,
+                           simulate_s=round(simulated_s, 1))
+                figures.append(row)
+                print(json.dumps(row), flush=True)
     save_figures(args.json, figures)
     return figures
 

@@ -46,16 +46,22 @@ def rate_with_se(hits, reps):
     return {"rate": round(p, 4), "mc_se": round(float(np.sqrt(p * (1 - p) / reps)), 4), "reps": reps}
 
 
+#: The forest the level runs use (--forest): estimatecate's FOREST, "folds" or "out-of-bag".
+FOREST = ["folds"]
+
+
 def both_tests(Y, W, X, seed, inputs=None, n_estimators=100, n_draws=200):
     """(sequential test, previous pooled test) on one trial, as estimatecate runs them.
 
     inputs: the outcome models' inputs (estimatecate's: the image features'
-    leading principal components and the covariates); default X.
+    leading principal components and the covariates); default X. The forest is FOREST[0] (default_learner's
+    classes with n_estimators trees per fold forest, twice that in the out-of-bag forest).
     """
     from geocate.core.evaluate import rank_average_treatment_effect
-    from geocate.core.learners import CrossFittedCausalForest
+    from geocate.core.learners import CrossFittedCausalForest, GroupBaggedCausalForest
 
-    model = CrossFittedCausalForest(n_estimators=n_estimators, seed=seed).fit(Y, W, X, outcome_inputs=inputs)
+    model = (CrossFittedCausalForest(n_estimators=n_estimators, seed=seed) if FOREST[0] == "folds" else
+             GroupBaggedCausalForest(n_estimators=2 * n_estimators, seed=seed)).fit(Y, W, X, outcome_inputs=inputs)
     test = model.heterogeneity_test(n_draws=n_draws)
     pooled = rank_average_treatment_effect(model.dr_scores_, model.cate_, n_draws=n_draws, seed=seed)[0]
     return test, pooled
@@ -231,9 +237,12 @@ def main(argv=None):
     parser.add_argument("--grf-only", action="store_true", help="null: grf's design only, not the imagery")
     parser.add_argument("--coverage-seeds", type=int, nargs="+", default=[11, 12, 13],
                         help="coverage: trials (every forest setting on the first, the default on all)")
+    parser.add_argument("--forest", default="folds", choices=["folds", "out-of-bag"],
+                        help="null: estimatecate's FOREST (the fold forests or the out-of-bag forest)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
-    figures = {}
+    FOREST[0] = args.forest
+    figures = {"forest": args.forest}
     if args.study in ("null", "all"):
         figures["null"] = run_null(args.reps, args.seed, image=not args.grf_only)
     if args.study in ("power", "all"):

@@ -567,6 +567,13 @@ class GroupBaggedCausalForest(CrossFittedCausalForest):
             progress(1.0, "Causal forest done")
         return self
 
+    def priority_for(self, train, test, n_estimators=None):
+        """The heterogeneity test's ranking of the ``test`` units by a forest grown on the ``train`` units alone
+        (CrossFittedCausalForest.priority_for): the out-of-bag forest saw every fold, so it never ranks. Its
+        forests have a quarter of this forest's trees (at least 50), as many as the fold forests' test grows
+        for its earlier folds."""
+        return super().priority_for(train, test, n_estimators or max(self.n_estimators // 4, 50))
+
     def effect_model(self, n_jobs=None):
         """The bagged forest with its calibration (BaggedForest): the effect at new points."""
         return self.model_

@@ -165,6 +165,7 @@ def extract_patches(
     progress=None,
     is_cancelled=None,
     output_size_px=None,
+    out=None,
 ):
     """Read the ``window_size_px`` square window around each unit.
 
@@ -172,7 +173,8 @@ def extract_patches(
     bands: 1-based band numbers (default all); nodata: an extra value treated
     as missing in every band; output_size_px: each window is averaged down (or
     interpolated up) to this many pixels per side after its pixels were checked
-    at full resolution (default: kept as read). Returns a :class:`PatchSet`.
+    at full resolution (default: kept as read). out: a zeroed (n, bands, size, size) float32 array the windows
+    are written into (a view of a window_store; default a new array in memory). Returns a :class:`PatchSet`.
     """
     info = raster_info(raster_path)
     bands = _check_bands(bands, info)
@@ -193,7 +195,7 @@ def extract_patches(
     origin = window_origin(coords, info.geotransform, window_size_px)
     out_size = int(output_size_px or window_size_px)
     resize = None if out_size == window_size_px else resize_matrix(window_size_px, out_size)
-    patches = np.zeros((n, len(bands), out_size, out_size), dtype=np.float32)
+    patches = np.zeros((n, len(bands), out_size, out_size), dtype=np.float32) if out is None else out
     reason = np.full(n, OUTSIDE, dtype=object)
 
     centre = origin + window_size_px // 2
@@ -250,6 +252,27 @@ def extract_patches(
         progress(1.0, f"Read {len(todo)} image windows")
     ok = reason == ""
     return PatchSet(patches=patches, ok=ok, reason=reason.astype(str), coords=coords, bands=tuple(bands))
+
+
+#: Image windows larger than this (all units, views and dates together) are kept in a file on disk, memory-mapped,
+#: instead of in memory (issue 26): at 33 x 33 pixels and 3 bands, about 80,000 windows. Memory then holds only the
+#: pages being read, whatever the number of windows.
+WINDOW_MEMORY_MB = 1024
+
+
+def window_store(shape, memory_mb=None):
+    """A zeroed float32 array of ``shape`` for image windows: in memory when it fits in ``memory_mb`` (default
+    WINDOW_MEMORY_MB), else memory-mapped on an anonymous temporary file (removed by the system when the array is
+    released or the process ends: a cancelled or refused run leaves no file behind)."""
+    import tempfile
+
+    budget = WINDOW_MEMORY_MB if memory_mb is None else memory_mb
+    size = int(np.prod(shape)) * 4
+    if size <= budget * 2 ** 20:
+        return np.zeros(shape, dtype=np.float32)
+    handle = tempfile.TemporaryFile(prefix="geocate-windows-")
+    handle.truncate(size)      # a sparse file of zeros
+    return np.memmap(handle, dtype=np.float32, mode="r+", shape=tuple(shape))
 
 
 def resize_matrix(size_in, size_out):

@@ -37,7 +37,7 @@ import numpy as np
 
 from .embed import BandScaler, RandomConvFeatures
 from .errors import GeoCateError
-from .patches import extract_patches, raster_info
+from .patches import WINDOW_MEMORY_MB, extract_patches, raster_info, window_store
 
 #: The representation's filters and band scaling are fit on at most this many used windows (per date).
 FIT_WINDOWS = 5000
@@ -95,9 +95,11 @@ def parse_scales(scales, window_size_px):
 class WindowSource:
     """Where a study's views come from: rasters (one per date, the first is RASTER), the units' coordinates, the
     bands, the base window and the scales. ``read`` returns the views; ``identity`` is what a cache keys on (each
-    raster's path, size and modification time, so a changed file is read again)."""
+    raster's path, size and modification time, so a changed file is read again). memory_mb: the windows beyond
+    this many MB are kept in a memory-mapped file (core.patches.window_store; default WINDOW_MEMORY_MB)."""
 
-    def __init__(self, raster_paths, xy, crs_wkt, bands=None, window_size_px=33, scales=None, nodata=None):
+    def __init__(self, raster_paths, xy, crs_wkt, bands=None, window_size_px=33, scales=None, nodata=None,
+                 memory_mb=None):
         self.raster_paths = tuple(str(p) for p in ([raster_paths] if isinstance(raster_paths, str) else raster_paths))
         self.xy = np.asarray(xy, float).reshape(-1, 2)
         self.crs_wkt = crs_wkt
@@ -105,6 +107,7 @@ class WindowSource:
         self.window_size_px = int(window_size_px)
         self.scales = parse_scales(scales, self.window_size_px)
         self.nodata = nodata
+        self.memory_mb = memory_mb
         self.infos = [raster_info(p) for p in self.raster_paths]
         base = self.infos[0]
         wanted = self.bands or tuple(range(1, base.band_count + 1))
@@ -147,15 +150,19 @@ class WindowSource:
         ok = np.ones(len(self.xy), bool)
         reason = np.full(len(self.xy), "", dtype=object)
         step = 0
+        n, n_bands, side = len(self.xy), len(self.bands or range(base.band_count)), self.window_size_px
+        budget = WINDOW_MEMORY_MB if self.memory_mb is None else self.memory_mb
         for k, size in enumerate(self.scales):
             footprint = size * base.pixel_size_m
-            stack, view_ok, view_reason = [], np.ones(len(self.xy), bool), np.full(len(self.xy), "", dtype=object)
+            view_ok, view_reason = np.ones(n, bool), np.full(n, "", dtype=object)
+            # every view's windows together decide whether they stay in memory or go to a file (window_store)
+            windows = window_store((n, self.n_dates, n_bands, side, side), budget / len(self.scales))
             for d, (path, info) in enumerate(zip(self.raster_paths, self.infos)):
                 read_px = size if d == 0 else max(int(round(footprint / info.pixel_size_m)), 1)
                 stage = None if progress is None else (
                     lambda f, m="", s=step: progress((s + f) / n_reads, m))
                 found = extract_patches(path, self.xy, self.crs_wkt, self.bands, read_px, self.nodata, stage,
-                                        is_cancelled, output_size_px=self.window_size_px)
+                                        is_cancelled, output_size_px=self.window_size_px, out=windows[:, d])
                 step += 1
                 if coords is None:
                     coords = found.coords
@@ -163,9 +170,6 @@ class WindowSource:
                 bad = ~found.ok & view_ok
                 view_reason[bad] = [r + ("@" + ", ".join(where) if where else "") for r in found.reason[bad]]
                 view_ok &= found.ok
-                stack.append(found.patches)
-            windows = np.stack(stack, axis=1)
-            del stack
             views.append(View(name=self.view_names()[k], windows=windows, ok=view_ok, reason=view_reason.astype(str),
                               pixel_size_m=footprint / self.window_size_px, footprint_m=footprint, size_px=size,
                               dates=self.raster_paths))

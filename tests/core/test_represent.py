@@ -331,3 +331,28 @@ def test_export_encoder_script_writes_a_checked_encoder(tmp_path):
                           "--module", f"{module}:build", "--bands", "4", "--mean", "0.1", "--std", "0.2"],
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode != 0 and "one per band" in bad.stderr
+
+
+def test_windows_beyond_the_memory_budget_go_to_a_file_and_give_the_same_features(small_trial, demo_raster):
+    """Issue 26, point 2: windows over WindowSource's memory budget are memory-mapped on an anonymous temporary file
+    (core.patches.window_store); the features are the same to the last bit, and no file is left behind."""
+    import glob
+    import tempfile
+
+    from geocate.core.patches import window_store
+
+    def features_of(memory_mb):
+        views, _, ok, _ = WindowSource(demo_raster, small_trial.coords, small_trial.crs_wkt, scales=(33, 99),
+                                       memory_mb=memory_mb).read()
+        pipeline = FeaturePipeline(lambda: RandomConvolutions(seed=5, device="cpu"), seed=5)
+        return views, pipeline.fit_transform(views, ok)
+
+    in_memory, expected = features_of(None)
+    on_disk, features = features_of(1)           # 600 units x 2 views x 13 KB: over 1 MB
+    assert not isinstance(in_memory[0].windows, np.memmap) and isinstance(on_disk[0].windows, np.memmap)
+    for a, b in zip(in_memory, on_disk):
+        assert np.array_equal(a.windows, b.windows) and np.array_equal(a.ok, b.ok)
+    assert np.array_equal(features, expected)
+    store = window_store((10, 1, 3, 33, 33), memory_mb=0.01)
+    assert isinstance(store, np.memmap) and not store.any()
+    assert not glob.glob(os.path.join(tempfile.gettempdir(), "geocate-windows-*"))   # anonymous: no name to leave
