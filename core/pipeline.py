@@ -133,7 +133,9 @@ class PreparedStudy:
     """A study ready for an estimator (prepare_study): the checked ``study`` (its windows released unless kept),
     the used units' image ``features`` and the fitted feature ``pipeline`` that made them (``cached``: read from
     the feature cache), the fold ``groups`` every estimator keeps whole (and the bootstrap's and standard errors'
-    clusters) with the spatial ``block_size`` in metres or None, and the ``timings`` of the two steps."""
+    clusters) with the spatial ``block_size`` in metres or None, the ``timings`` of the two steps, and where the
+    windows were held (``windows_held``: "memory", "a memory-mapped temporary file" beyond WindowSource's budget,
+    or "not read" when the features came from the cache)."""
 
     study: object
     features: np.ndarray
@@ -142,6 +144,7 @@ class PreparedStudy:
     groups: np.ndarray
     block_size: object
     timings: dict
+    windows_held: str = "memory"
 
 
 def prepare_study(units, raster_path, bands, window_size_px, nodata, feature_pipeline, imagery, spatial_block,
@@ -162,10 +165,12 @@ def prepare_study(units, raster_path, bands, window_size_px, nodata, feature_pip
     features, feature_pipeline, _, cached = study_features(study, study.source, feature_pipeline, imagery.cache,
                                                            stage(progress, read_share, 1.0), is_cancelled)
     timings["image_features_s"] = time.monotonic() - t
+    held = "not read" if study.views is None else (
+        "a memory-mapped temporary file" if isinstance(study.views[0].windows, np.memmap) else "memory")
     if not keep_windows:
         study = dataclasses.replace(study, patches=None, views=None)  # the windows are no longer needed: free them
     groups, block_size = fold_groups(study, spatial_block, window_size_px)
-    return PreparedStudy(study, features, feature_pipeline, cached, groups, block_size, timings)
+    return PreparedStudy(study, features, feature_pipeline, cached, groups, block_size, timings, held)
 
 
 def known_propensity(study):
@@ -471,7 +476,7 @@ def estimate_cate(units, raster_path, bands=None, window_size_px=33, nodata=None
         "propensity_model": trial.propensity_fit,
         "band_scaling": feature_pipeline.describe()["representation"][0].get("band_scaling"),
         "device": feature_pipeline.device_,
-        "ran_on": where_parts_ran(feature_pipeline.device_),
+        "ran_on": where_parts_ran(feature_pipeline.device_, windows_held=prepared.windows_held),
         "spatial_block_m": block_size,
         "clustered_by": "cluster field and shared locations" if study.clusters is not None else "shared locations",
         "fold_groups": int(len(np.unique(groups))),
@@ -716,12 +721,13 @@ def compare_sources(units, raster_path, bands=None, window_size_px=33, nodata=No
 MIN_UNITS_PER_CLUSTER = 20
 
 
-def where_parts_ran(image_device, cluster_device=None):
-    """Which parts of a run ran where (issue 26, point 3), for the run record: the image features on the feature
-    pipeline's device, the outcome and propensity models (scikit-learn) and the causal forest (econml) on the
-    processor, the cluster model (torch) on its device."""
-    parts = {"image features": image_device, "outcome and propensity models": "cpu (scikit-learn)",
-             "causal forest": "cpu (econml)"}
+def where_parts_ran(image_device, cluster_device=None, windows_held="memory"):
+    """Which parts of a run ran where (issue 26, point 3), for the run record: the image windows in memory or in a
+    memory-mapped file (PreparedStudy.windows_held), the image features on the feature pipeline's device, the
+    outcome and propensity models (scikit-learn) and the causal forest (econml) on the processor, the cluster
+    model (torch) on its device."""
+    parts = {"image windows": windows_held, "image features": image_device,
+             "outcome and propensity models": "cpu (scikit-learn)", "causal forest": "cpu (econml)"}
     if cluster_device is not None:
         parts["cluster model"] = cluster_device
     return parts
@@ -896,7 +902,7 @@ def find_clusters(units, raster_path, bands=None, window_size_px=33, nodata=None
     metadata = {
         "seed": seed, "window_size_px": int(window_size_px), "window_size_m": float(window_size_px * study.pixel_size_m),
         "bands": list(study.bands), "nodata": nodata, "n_folds": n_folds, "epochs": epochs, "device": device,
-        "ran_on": where_parts_ran(feature_pipeline.device_, device),
+        "ran_on": where_parts_ran(feature_pipeline.device_, device, prepared.windows_held),
         "n_clusters": int(n_clusters), "max_clusters": int(max_clusters), "k_table": k_table, "k_rule": k_rule,
         "noise": final.noise_description(), "estimator": final.describe(),
         "effect_test": None if effect_test is None else {

@@ -270,6 +270,7 @@ def test_the_run_record_says_where_each_part_ran(estimated):
     ran_on = result.metadata["ran_on"]
     assert ran_on["image features"] == result.metadata["device"] in ("cpu", "cuda")
     assert ran_on["causal forest"] == "cpu (econml)" and ran_on["outcome and propensity models"].startswith("cpu")
+    assert ran_on["image windows"] == "memory"   # 600 windows: within WindowSource's memory budget
 
 
 def test_prepare_study_is_the_one_path_study_features_groups(small_trial, demo_raster, monkeypatch):
@@ -295,6 +296,14 @@ def test_prepare_study_is_the_one_path_study_features_groups(small_trial, demo_r
                          keep_windows=True)
     assert kept.study.patches is not None and kept.block_size is None
     np.testing.assert_array_equal(kept.features, prepared.features)   # the same pipeline and seed
+    assert prepared.windows_held == kept.windows_held == "memory"
+    from geocate.core import represent
+
+    monkeypatch.setattr(represent, "WINDOW_MEMORY_MB", 1)   # 600 windows of 13 KB: over the budget, to a file
+    on_disk = prepare_study(units, demo_raster, None, 33, None, imagery.pipeline(64, 1, "cpu"), imagery, 0,
+                            keep_windows=True)
+    assert on_disk.windows_held == "a memory-mapped temporary file" and isinstance(on_disk.study.patches, np.memmap)
+    np.testing.assert_array_equal(on_disk.features, prepared.features)
 
     def refuse(study):
         raise GeoCateError("Refused by the algorithm.", "Fix it.")
