@@ -9,7 +9,9 @@ features, the cross-fitted forest, the sequential heterogeneity test, the
 pooled AUTOC) and reports its wall time, its CPU time (user + system, to see
 both cores at work) and its peak resident memory (VmHWM of that process
 alone, imports of torch, econml and GDAL included; not ru_maxrss, which on
-Linux keeps the parent's peak across fork and exec). --forest: estimatecate's FOREST, each in its own process on
+Linux keeps the parent's peak across fork and exec), and the peak of its anonymous memory (RssAnon sampled every
+0.1 s: what the process itself holds, without file pages such as memory-mapped windows, which the kernel can write
+back and drop). --forest: estimatecate's FOREST, each in its own process on
 the same trial (issue 26: the five fold forests, or one forest out of bag by groups).
 """
 
@@ -42,6 +44,29 @@ def peak_rss_mb():
                 return int(line.split()[1]) / 1024
 
 
+import threading
+
+
+def status_mb(field):
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+PEAK_ANON = [0.0]
+
+
+def sample_anonymous():
+    # RssAnon: memory only this process holds (not file pages the kernel can drop, such as memory-mapped windows)
+    while True:
+        PEAK_ANON[0] = max(PEAK_ANON[0], status_mb("RssAnon"))
+        time.sleep(0.1)
+
+
+threading.Thread(target=sample_anonymous, daemon=True).start()
+
 import numpy as np
 from geocate.core.pipeline import estimate_cate
 from geocate.core.study import UnitTable
@@ -54,7 +79,8 @@ wall = time.perf_counter() - started
 cate = result.cate[study.used]
 truth = data["true_cate"][study.used]
 print(json.dumps({{"wall_s": wall, "cpu_s": time.process_time() - cpu,
-                  "peak_rss_mb": peak_rss_mb(),
+                  "peak_rss_mb": peak_rss_mb(), "peak_anonymous_mb": PEAK_ANON[0],
+                  "ran_on": result.metadata["ran_on"],
                   "timings": result.metadata["timings"], "n_used": int(study.n_used),
                   "rmse": float(np.sqrt(np.mean((cate - truth) ** 2))),
                   "test_t": result.heterogeneity.t_stat}}))

@@ -163,24 +163,37 @@ def check_estimable(treated, outcome, covariates, covariate_names=(), treatment_
 
 
 def check_window_memory(source, n_units, share=0.6):
-    """Refuse, before reading, windows that would not fit in memory (a window of 999 pixels reached 14 GB before
-    anything said so): units x bands x window^2 x 4 bytes for each scale and date, against the memory free."""
-    bands = len(source.bands) if source.bands else source.infos[0].band_count
-    per_unit = bands * source.window_size_px ** 2 * 4 * max(len(source.scales), 1) * len(source.raster_paths)
-    need = n_units * per_unit
-    try:
-        import psutil
+    """Refuse, before reading, windows that would not fit (a window of 999 pixels reached 14 GB before anything
+    said so): units x bands x window^2 x 4 bytes for each scale and date, against the memory free - or, beyond
+    WindowSource's memory budget (core.patches.window_store: those windows go to a memory-mapped temporary file),
+    against the disk space free where temporary files go."""
+    import shutil
+    import tempfile
 
-        free = psutil.virtual_memory().available
-    except ImportError:  # without psutil: only the plainly impossible is refused
-        free = 64 * 2 ** 30
+    from .patches import WINDOW_MEMORY_MB
+
+    bands = len(source.bands) if source.bands else source.infos[0].band_count
+    per_pixel = n_units * bands * 4 * max(len(source.scales), 1) * len(source.raster_paths)
+    need = per_pixel * source.window_size_px ** 2
+    budget = (WINDOW_MEMORY_MB if getattr(source, "memory_mb", None) is None else source.memory_mb) * 2 ** 20
+    if need > budget:
+        where, free = f"disk space in {tempfile.gettempdir()}", shutil.disk_usage(tempfile.gettempdir()).free
+        fix_place = "free disk space there (or point TMPDIR elsewhere)"
+    else:
+        where, fix_place = "memory", "close other programs"
+        try:
+            import psutil
+
+            free = psutil.virtual_memory().available
+        except ImportError:  # without psutil: only the plainly impossible is refused
+            free = 64 * 2 ** 30
     if need > share * free:
-        fits = int((share * free / (n_units * bands * 4 * max(len(source.scales), 1) * len(source.raster_paths)))
-                   ** 0.5)
+        fits = int((share * free / per_pixel) ** 0.5)
         raise GeoCateError(
-            f"The image windows would need {need / 2 ** 30:.1f} GB of memory ({n_units} units x {bands} band(s) x "
+            f"The image windows would need {need / 2 ** 30:.1f} GB of {where} ({n_units} units x {bands} band(s) x "
             f"{source.window_size_px} x {source.window_size_px} pixels), and {free / 2 ** 30:.1f} GB are free.",
-            f"Use a smaller window size (at most about {max(fits, 3)} pixels here), fewer bands, or fewer units.")
+            f"Use a smaller window size (at most about {max(fits, 3)} pixels here), fewer bands, or fewer units; "
+            f"or {fix_place}.")
 
 
 def build_study(units, raster_path, bands=None, window_size_px=33, nodata=None,

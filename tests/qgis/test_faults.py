@@ -195,10 +195,20 @@ def test_windows_too_large_for_memory_are_refused_before_reading(monkeypatch):
     class Memory:
         available = 8 * 2 ** 30
 
+    class Disk:
+        free = 8 * 2 ** 30
+
+    import shutil
+
     monkeypatch.setattr(psutil, "virtual_memory", lambda: Memory())
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: Disk())
     source = WindowSource.__new__(WindowSource)
     source.bands, source.window_size_px, source.scales, source.raster_paths = (1, 2, 3), 999, (999,), ("a.tif",)
-    with pytest.raises(GeoCateError, match=r"would need 13\.4 GB .*at most about \d+ pixels"):
+    source.memory_mb = 64 * 1024          # a budget this large keeps the windows in memory: memory is the limit
+    with pytest.raises(GeoCateError, match=r"would need 13\.4 GB of memory .*at most about \d+ pixels"):
+        check_window_memory(source, 1200)
+    source.memory_mb = None               # the default budget (1 GB): beyond it the windows go to a file on disk
+    with pytest.raises(GeoCateError, match=r"would need 13\.4 GB of disk space in .*free disk space there"):
         check_window_memory(source, 1200)
     source.window_size_px = 33
     check_window_memory(source, 1200)   # 15 MB: fine
