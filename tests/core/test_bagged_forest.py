@@ -110,3 +110,17 @@ def test_too_few_groups_are_refused_with_the_fix():
         grow_bagged_forest(X, T - 0.5, Y, np.repeat(np.arange(3), [70, 70, 60]), n_estimators=10)
     with pytest.raises(GeoCateError, match="Unknown forest"):
         default_learner(X, None, forest="one")
+
+
+def test_cancelling_stops_between_bags_and_progress_reaches_the_end():
+    from geocate.core.errors import Cancelled
+
+    X, T, Y, tau = tabular_trial(n=400, seed=7)
+    calls, seen = [], []
+    with pytest.raises(Cancelled):
+        GroupBaggedCausalForest(n_estimators=40, seed=1).fit(Y, T, X, is_cancelled=lambda: calls.append(1) or
+                                                             len(calls) > 3)
+    GroupBaggedCausalForest(n_estimators=40, seed=1).fit(Y, T, X, progress=lambda f, m: seen.append((f, m)))
+    fractions = [f for f, _ in seen]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0
+    assert any(m.startswith("Causal forest: bag") for _, m in seen)
