@@ -412,43 +412,60 @@ class BaggedForest:
     clusters, spatial blocks), its trees honest. Predicts at new points with every bag, and each training unit
     out of bag with the bags that did not draw its group. Picklable (the maps' workers)."""
 
-    def __init__(self, bags, drawn, trees_per_bag, calibration=None):
+    def __init__(self, bags, drawn, trees_per_bag, calibration=None, n_jobs=-1):
         self.bags = bags                  # list of econml forests, one per bag
         self.drawn = drawn                # (n_bags, n_groups) bool: the groups each bag was grown on
         self.trees_per_bag = trees_per_bag
         self.calibration = calibration or EffectCalibration.identity()
+        self.n_jobs = n_jobs              # threads that predict (the maps' tiles set 1)
 
     def _passes(self, X, rows_of_bag):
         """theta (n,) and its little-bag variance (n,) at the rows of X, each from the bags rows_of_bag(b) names
         (an index array into X)."""
+        import threading
+
         n, k = len(X), self.bags[0].n_outputs_
         alpha, jac, counts = np.zeros((n, k)), np.zeros((n, k * k)), np.zeros(n)
-        for b, bag in enumerate(self.bags):
+        lock = threading.Lock()
+
+        def first_pass(b):
             rows = rows_of_bag(b)
             for start in range(0, len(rows), PREDICT_CHUNK):
                 chunk = rows[start:start + PREDICT_CHUNK]
                 part = X[chunk]
-                for tree in bag.estimators_:
+                bag_alpha, bag_jac = np.zeros((len(chunk), k)), np.zeros((len(chunk), k * k))
+                for tree in self.bags[b].estimators_:
                     a, j = tree.predict_alpha_and_jac(part)
-                    alpha[chunk] += a / self.trees_per_bag
-                    jac[chunk] += j / self.trees_per_bag
-                counts[chunk] += 1
+                    bag_alpha += a / self.trees_per_bag
+                    bag_jac += j / self.trees_per_bag
+                with lock:
+                    alpha[chunk] += bag_alpha
+                    jac[chunk] += bag_jac
+                    counts[chunk] += 1
+
+        threads = _threads(self.n_jobs)
+        _in_threads(first_pass, range(len(self.bags)), threads)
         seen = counts > 0
         jac_mean = (jac / np.maximum(counts, 1)[:, None]).reshape(n, k, k)
         theta = np.einsum("ijk,ik->ij", np.linalg.pinv(jac_mean), alpha / np.maximum(counts, 1)[:, None])
         moment_sum, moment_sq, tree_sq = np.zeros((n, k)), np.zeros((n, k, k)), np.zeros((n, k, k))
-        for b, bag in enumerate(self.bags):
+
+        def second_pass(b):
             rows = rows_of_bag(b)
             for start in range(0, len(rows), PREDICT_CHUNK):
                 chunk = rows[start:start + PREDICT_CHUNK]
                 part, parameter = X[chunk], theta[chunk]
-                bag_moment = np.zeros((len(chunk), k))
-                for tree in bag.estimators_:
+                bag_moment, bag_tree_sq = np.zeros((len(chunk), k)), np.zeros((len(chunk), k, k))
+                for tree in self.bags[b].estimators_:
                     moment = tree.predict_moment(part, parameter)
                     bag_moment += moment / self.trees_per_bag
-                    tree_sq[chunk] += moment[:, :, None] * moment[:, None, :] / self.trees_per_bag
-                moment_sum[chunk] += bag_moment
-                moment_sq[chunk] += bag_moment[:, :, None] * bag_moment[:, None, :]
+                    bag_tree_sq += moment[:, :, None] * moment[:, None, :] / self.trees_per_bag
+                with lock:
+                    tree_sq[chunk] += bag_tree_sq
+                    moment_sum[chunk] += bag_moment
+                    moment_sq[chunk] += bag_moment[:, :, None] * bag_moment[:, None, :]
+
+        _in_threads(second_pass, range(len(self.bags)), threads)
         var = little_bag_variance(moment_sum, moment_sq, tree_sq, counts, jac_mean, self.trees_per_bag)
         point = theta[:, 0]
         point[~seen], var[~seen] = np.nan, np.nan
@@ -468,6 +485,23 @@ class BaggedForest:
         return self.calibration(point), np.sqrt(np.maximum(var, 0))
 
 
+def _threads(n_jobs):
+    import os
+
+    return max(1, os.cpu_count() or 1) if n_jobs is None or n_jobs < 0 else max(1, int(n_jobs))
+
+
+def _in_threads(work, items, threads):
+    """[work(item) for item in items], run in ``threads`` threads (in order)."""
+    items = list(items)
+    if threads == 1 or len(items) == 1:
+        return [work(item) for item in items]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        return list(pool.map(work, items))
+
+
 def grow_bagged_forest(X, T_res, Y_res, group_index, n_estimators=200, trees_per_bag=2, bag_sample=0.5,
                        min_samples_leaf=3, max_features=20, seed=42, n_jobs=-1, progress=None, is_cancelled=None):
     """A BaggedForest on residuals: ``n_estimators`` trees in bags of ``trees_per_bag``, each bag an econml
@@ -477,6 +511,9 @@ def grow_bagged_forest(X, T_res, Y_res, group_index, n_estimators=200, trees_per
     grf = require("econml.grf", "econml==0.16.0")
     from .errors import Cancelled
 
+    if trees_per_bag < 2:
+        raise GeoCateError("A little bag needs at least 2 trees (its variance compares trees within a bag).",
+                           "Set trees_per_bag to 2 or more.")
     group_index = np.asarray(group_index)
     n_groups = int(group_index.max()) + 1
     if n_groups < 4:
@@ -495,17 +532,22 @@ def grow_bagged_forest(X, T_res, Y_res, group_index, n_estimators=200, trees_per
         rows = np.flatnonzero(drawn[b][group_index])
         forest = grf.CausalForest(n_estimators=trees_per_bag, min_samples_leaf=min_samples_leaf,
                                   max_features=max_features, honest=True, inference=False, max_samples=bag_sample,
-                                  n_jobs=n_jobs, random_state=int(states[b]))
+                                  n_jobs=1, random_state=int(states[b]))
         return CrossFittedCausalForest._grow(forest, X[rows], T_res[rows], Y_res[rows])
 
+    # Bags are grown side by side, one thread each (econml's tree building releases the GIL), a round of as many
+    # bags as threads at a time: each bag's draw and seed were fixed above, so the forest is the same whatever
+    # the number of threads.
+    threads = _threads(n_jobs)
     bags = []
-    for b in range(n_bags):
+    for start in range(0, n_bags, threads):
         if is_cancelled is not None and is_cancelled():
             raise Cancelled()
-        bags.append(run_cancellable(lambda b=b: grow(b), is_cancelled))
-        if progress is not None and b % 5 == 0:
-            progress(0.2 + 0.6 * b / n_bags, f"Causal forest: bag {b + 1} of {n_bags}")
-    return BaggedForest(bags, drawn, trees_per_bag)
+        batch = range(start, min(start + threads, n_bags))
+        bags.extend(run_cancellable(lambda batch=batch: _in_threads(grow, batch, threads), is_cancelled))
+        if progress is not None:
+            progress(0.2 + 0.6 * len(bags) / n_bags, f"Causal forest: bag {len(bags)} of {n_bags}")
+    return BaggedForest(bags, drawn, trees_per_bag, n_jobs=n_jobs)
 
 
 class GroupBaggedCausalForest(CrossFittedCausalForest):
@@ -520,7 +562,10 @@ class GroupBaggedCausalForest(CrossFittedCausalForest):
     group - no tree that saw a unit's group predicts for it. The variance is the little bags' (between-bag
     variance of the bags' moments less the within-bag part, debiased as econml does: little_bag_variance), over
     the unit's own out-of-bag bags. The calibration (EffectCalibration) is cross-fitted on the study's folds: fold
-    k's units get a curve fitted on the other folds' out-of-bag predictions and DR scores. Effects at new points
+    k's units get a curve fitted on the other folds' out-of-bag predictions and DR scores. Unlike a fold forest's,
+    those predictions come from bags that may have grown on fold k's outcomes (and the scores' outcome models saw
+    fold k): a weak path (one unit among thousands behind a one-dimensional monotone curve), documented rather
+    than closed. Effects at new points
     use every bag and a calibration fitted on all units.
 
     The heterogeneity test is CrossFittedCausalForest's (fold k ranked by a forest grown on the earlier folds
@@ -533,8 +578,6 @@ class GroupBaggedCausalForest(CrossFittedCausalForest):
                  max_features="auto", seed=42, n_jobs=-1, calibrate=True):
         super().__init__(n_folds=n_folds, n_estimators=n_estimators, min_samples_leaf=min_samples_leaf,
                          max_features=max_features, seed=seed, n_jobs=n_jobs, calibrate=calibrate)
-        if trees_per_bag < 2:
-            raise GeoCateError("A little bag needs at least 2 trees.", "Set trees_per_bag to 2 or more.")
         self.trees_per_bag = trees_per_bag
         self.bag_sample = bag_sample
 
@@ -575,7 +618,10 @@ class GroupBaggedCausalForest(CrossFittedCausalForest):
         return super().priority_for(train, test, n_estimators or max(self.n_estimators // 4, 50))
 
     def effect_model(self, n_jobs=None):
-        """The bagged forest with its calibration (BaggedForest): the effect at new points."""
+        """The bagged forest with its calibration (BaggedForest): the effect at new points. ``n_jobs``: its
+        threads when it predicts (map tiles run one thread each)."""
+        if n_jobs is not None:
+            self.model_.n_jobs = n_jobs
         return self.model_
 
 

@@ -165,8 +165,7 @@ def prepare_study(units, raster_path, bands, window_size_px, nodata, feature_pip
     features, feature_pipeline, _, cached = study_features(study, study.source, feature_pipeline, imagery.cache,
                                                            stage(progress, read_share, 1.0), is_cancelled)
     timings["image_features_s"] = time.monotonic() - t
-    held = "not read" if study.views is None else (
-        "a memory-mapped temporary file" if isinstance(study.views[0].windows, np.memmap) else "memory")
+    held = "not read (features from the cache)" if cached else study.source.windows_held()
     if not keep_windows:
         study = dataclasses.replace(study, patches=None, views=None)  # the windows are no longer needed: free them
     groups, block_size = fold_groups(study, spatial_block, window_size_px)
@@ -382,7 +381,9 @@ def estimate_cate(units, raster_path, bands=None, window_size_px=33, nodata=None
 
     forest: "folds" (five fold forests, each unit predicted by the forest grown without its fold) or
     "out-of-bag" (one forest, each unit predicted by the bags of trees grown without its group:
-    core.learners.GroupBaggedCausalForest); the heterogeneity test is the same for both.
+    core.learners.GroupBaggedCausalForest); the heterogeneity test is the same procedure for both (each fold ranked
+    by a forest grown on the earlier folds; the out-of-bag learner grows 50-tree ranking forests for every step,
+    the fold learner reuses its last fold forest for the last one).
     """
     imagery = imagery or ImageryOptions()
     feature_pipeline = imagery.pipeline(n_filters, seed, device)
@@ -461,7 +462,7 @@ def estimate_cate(units, raster_path, bands=None, window_size_px=33, nodata=None
         "features_from_cache": bool(cached),
         "outcome_model_inputs": int(inputs.shape[1]),
         "covariates": list(study.covariate_names),
-        "n_estimators": n_estimators,
+        "n_estimators": int(learner.n_estimators),
         "estimator": learner.describe(),
         "forest": forest,
         "cate_calibration": None if not learner.calibrate else (

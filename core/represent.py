@@ -142,6 +142,17 @@ class WindowSource:
                 "scales": list(self.scales), "nodata": self.nodata, "crs": self.crs_wkt,
                 "xy": hashlib.sha256(np.ascontiguousarray(self.xy).tobytes()).hexdigest()}
 
+    def _budget_mb(self):
+        return WINDOW_MEMORY_MB if self.memory_mb is None else self.memory_mb
+
+    def windows_held(self, n_units=None):
+        """Where read() keeps the windows: "memory", or "a memory-mapped temporary file" when all of them (every
+        view and date) are over the memory budget (core.patches.window_store's rule)."""
+        n = len(self.xy) if n_units is None else n_units
+        bands = len(self.bands) if self.bands else self.infos[0].band_count
+        size = n * self.n_dates * bands * self.window_size_px ** 2 * 4 * len(self.scales)
+        return "a memory-mapped temporary file" if size > self._budget_mb() * 2 ** 20 else "memory"
+
     def read(self, progress=None, is_cancelled=None):
         """(views, coords (n, 2) in the first raster's CRS, ok (n,), reason (n,)) over every view and date."""
         base = self.infos[0]
@@ -151,12 +162,10 @@ class WindowSource:
         reason = np.full(len(self.xy), "", dtype=object)
         step = 0
         n, n_bands, side = len(self.xy), len(self.bands or range(base.band_count)), self.window_size_px
-        budget = WINDOW_MEMORY_MB if self.memory_mb is None else self.memory_mb
         for k, size in enumerate(self.scales):
             footprint = size * base.pixel_size_m
             view_ok, view_reason = np.ones(n, bool), np.full(n, "", dtype=object)
-            # every view's windows together decide whether they stay in memory or go to a file (window_store)
-            windows = window_store((n, self.n_dates, n_bands, side, side), budget / len(self.scales))
+            windows = window_store((n, self.n_dates, n_bands, side, side), self._budget_mb() / len(self.scales))
             for d, (path, info) in enumerate(zip(self.raster_paths, self.infos)):
                 read_px = size if d == 0 else max(int(round(footprint / info.pixel_size_m)), 1)
                 stage = None if progress is None else (

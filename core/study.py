@@ -170,13 +170,10 @@ def check_window_memory(source, n_units, share=0.6):
     import shutil
     import tempfile
 
-    from .patches import WINDOW_MEMORY_MB
-
     bands = len(source.bands) if source.bands else source.infos[0].band_count
     per_pixel = n_units * bands * 4 * max(len(source.scales), 1) * len(source.raster_paths)
     need = per_pixel * source.window_size_px ** 2
-    budget = (WINDOW_MEMORY_MB if getattr(source, "memory_mb", None) is None else source.memory_mb) * 2 ** 20
-    if need > budget:
+    if source.windows_held(n_units) != "memory":
         where, free = f"disk space in {tempfile.gettempdir()}", shutil.disk_usage(tempfile.gettempdir()).free
         fix_place = "free disk space there (or point TMPDIR elsewhere)"
     else:

@@ -116,10 +116,16 @@ def test_cancelling_stops_between_bags_and_progress_reaches_the_end():
     from geocate.core.errors import Cancelled
 
     X, T, Y, tau = tabular_trial(n=400, seed=7)
-    calls, seen = [], []
+    bags, seen = [], []
+
+    def progress(fraction, message):      # cancel pressed once the first round of bags is grown
+        if message.startswith("Causal forest: bag"):
+            bags.append(message)
+
     with pytest.raises(Cancelled):
-        GroupBaggedCausalForest(n_estimators=40, seed=1).fit(Y, T, X, is_cancelled=lambda: calls.append(1) or
-                                                             len(calls) > 3)
+        GroupBaggedCausalForest(n_estimators=40, seed=1).fit(Y, T, X, progress=progress,
+                                                             is_cancelled=lambda: bool(bags))
+    assert len(bags) == 1                   # stopped between bags, at the first check after the first round
     GroupBaggedCausalForest(n_estimators=40, seed=1).fit(Y, T, X, progress=lambda f, m: seen.append((f, m)))
     fractions = [f for f, _ in seen]
     assert fractions == sorted(fractions) and fractions[-1] == 1.0

@@ -355,4 +355,8 @@ def test_windows_beyond_the_memory_budget_go_to_a_file_and_give_the_same_feature
     assert np.array_equal(features, expected)
     store = window_store((10, 1, 3, 33, 33), memory_mb=0.01)
     assert isinstance(store, np.memmap) and not store.any()
+    del store, on_disk
+    import gc
+
+    gc.collect()
     assert not glob.glob(os.path.join(tempfile.gettempdir(), "geocate-windows-*"))   # anonymous: no name to leave
