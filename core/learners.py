@@ -421,51 +421,65 @@ class BaggedForest:
 
     def _passes(self, X, rows_of_bag):
         """theta (n,) and its little-bag variance (n,) at the rows of X, each from the bags rows_of_bag(b) names
-        (an index array into X)."""
-        import threading
-
+        (an index array into X). Bags predict in threads, a round at a time; their sums are added in bag order,
+        so the numbers do not depend on the threads."""
         n, k = len(X), self.bags[0].n_outputs_
-        alpha, jac, counts = np.zeros((n, k)), np.zeros((n, k * k)), np.zeros(n)
-        lock = threading.Lock()
+        threads = _threads(self.n_jobs)
+
+        def in_rounds(predict, add):
+            for start in range(0, len(self.bags), threads):
+                for parts in _in_threads(predict, range(start, min(start + threads, len(self.bags))), threads):
+                    for part in parts:
+                        add(*part)
+
+        def chunks(b):
+            rows = rows_of_bag(b)
+            return [rows[start:start + PREDICT_CHUNK] for start in range(0, len(rows), PREDICT_CHUNK)]
 
         def first_pass(b):
-            rows = rows_of_bag(b)
-            for start in range(0, len(rows), PREDICT_CHUNK):
-                chunk = rows[start:start + PREDICT_CHUNK]
+            parts = []
+            for chunk in chunks(b):
                 part = X[chunk]
                 bag_alpha, bag_jac = np.zeros((len(chunk), k)), np.zeros((len(chunk), k * k))
                 for tree in self.bags[b].estimators_:
                     a, j = tree.predict_alpha_and_jac(part)
                     bag_alpha += a / self.trees_per_bag
                     bag_jac += j / self.trees_per_bag
-                with lock:
-                    alpha[chunk] += bag_alpha
-                    jac[chunk] += bag_jac
-                    counts[chunk] += 1
+                parts.append((chunk, bag_alpha, bag_jac))
+            return parts
 
-        threads = _threads(self.n_jobs)
-        _in_threads(first_pass, range(len(self.bags)), threads)
+        alpha, jac, counts = np.zeros((n, k)), np.zeros((n, k * k)), np.zeros(n)
+
+        def add_first(chunk, bag_alpha, bag_jac):
+            alpha[chunk] += bag_alpha
+            jac[chunk] += bag_jac
+            counts[chunk] += 1
+
+        in_rounds(first_pass, add_first)
         seen = counts > 0
         jac_mean = (jac / np.maximum(counts, 1)[:, None]).reshape(n, k, k)
         theta = np.einsum("ijk,ik->ij", np.linalg.pinv(jac_mean), alpha / np.maximum(counts, 1)[:, None])
-        moment_sum, moment_sq, tree_sq = np.zeros((n, k)), np.zeros((n, k, k)), np.zeros((n, k, k))
 
         def second_pass(b):
-            rows = rows_of_bag(b)
-            for start in range(0, len(rows), PREDICT_CHUNK):
-                chunk = rows[start:start + PREDICT_CHUNK]
+            parts = []
+            for chunk in chunks(b):
                 part, parameter = X[chunk], theta[chunk]
                 bag_moment, bag_tree_sq = np.zeros((len(chunk), k)), np.zeros((len(chunk), k, k))
                 for tree in self.bags[b].estimators_:
                     moment = tree.predict_moment(part, parameter)
                     bag_moment += moment / self.trees_per_bag
                     bag_tree_sq += moment[:, :, None] * moment[:, None, :] / self.trees_per_bag
-                with lock:
-                    tree_sq[chunk] += bag_tree_sq
-                    moment_sum[chunk] += bag_moment
-                    moment_sq[chunk] += bag_moment[:, :, None] * bag_moment[:, None, :]
+                parts.append((chunk, bag_moment, bag_tree_sq))
+            return parts
 
-        _in_threads(second_pass, range(len(self.bags)), threads)
+        moment_sum, moment_sq, tree_sq = np.zeros((n, k)), np.zeros((n, k, k)), np.zeros((n, k, k))
+
+        def add_second(chunk, bag_moment, bag_tree_sq):
+            tree_sq[chunk] += bag_tree_sq
+            moment_sum[chunk] += bag_moment
+            moment_sq[chunk] += bag_moment[:, :, None] * bag_moment[:, None, :]
+
+        in_rounds(second_pass, add_second)
         var = little_bag_variance(moment_sum, moment_sq, tree_sq, counts, jac_mean, self.trees_per_bag)
         point = theta[:, 0]
         point[~seen], var[~seen] = np.nan, np.nan
