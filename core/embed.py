@@ -159,10 +159,11 @@ class RandomConvFeatures:
                 batch = torch.from_numpy(prepare(windows) if prepare is not None else windows).to(device)
                 response = torch.nn.functional.conv2d(batch, weight)
                 if self.bias == 0:
-                    # ReLU(r) = (|r| + r) / 2 and ReLU(-r) = (|r| - r) / 2: one pass, not two.
-                    response = response - offset
-                    magnitude = response.abs().mean(dim=(2, 3))
+                    # ReLU(r) = (|r| + r) / 2 and ReLU(-r) = (|r| - r) / 2: one pass, not two; in place, as the
+                    # response maps are the largest arrays of the feature step (the same numbers as new arrays).
+                    response.sub_(offset)
                     signed = response.mean(dim=(2, 3))
+                    magnitude = response.abs_().mean(dim=(2, 3))
                     pos, neg = (magnitude + signed) / 2, (magnitude - signed) / 2
                 else:
                     pos = torch.relu(response - offset).mean(dim=(2, 3))

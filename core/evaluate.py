@@ -145,12 +145,18 @@ def half_samples(clusters, n_draws, seed):
         raise GeoCateError(
             f"Only {len(ids)} distinct clusters: the half-sample bootstrap needs at least 4.",
             "Use more units or locations.")
-    members = np.split(np.argsort(inverse, kind="stable"), np.cumsum(np.bincount(inverse))[:-1])
+    order = np.argsort(inverse, kind="stable")          # units cluster by cluster, in their order
+    sizes = np.bincount(inverse)
+    starts = np.cumsum(sizes) - sizes
     rng = np.random.default_rng(seed)
     half = len(ids) // 2
     for _ in range(n_draws):
         chosen = rng.choice(len(ids), half, replace=False)
-        yield np.concatenate([members[c] for c in chosen])
+        # The chosen clusters' members, cluster after cluster (vectorised: at 100,000 clusters a list of arrays
+        # took most of the bootstrap's time).
+        counts = sizes[chosen]
+        ends = np.cumsum(counts)
+        yield order[np.repeat(starts[chosen] - (ends - counts), counts) + np.arange(ends[-1] if len(ends) else 0)]
 
 
 def rank_average_treatment_effect(scores, priorities, target="AUTOC", q=DEFAULT_Q, n_draws=200,

@@ -405,13 +405,19 @@ def estimate_cate(units, raster_path, bands=None, window_size_px=33, nodata=None
     if not covariates_modify:
         design = design_matrix(features, None)[0]
     check, inputs, propensity = trial.check, trial.inputs, trial.propensity
+    randomized = study_design is None or study_design.kind == "randomized"
+    n_features = int(features.shape[1])
+    if not keep_fit and (randomized or sensitivity is None):
+        # Nothing below reads the features (the design matrix holds them, scaled): at 100,000 units they are
+        # 400 MB beside the forest's copies of its rows (issue 26).
+        features = prepared.features = None
     learner.fit(study.outcome[used], study.treated[used].astype(int), design, groups=groups, outcome_inputs=inputs,
                 folds=trial.folds, progress=stage(progress, 0.22, 0.75), is_cancelled=is_cancelled,
                 propensity=propensity)
     timings["causal_forest_s"] = time.monotonic() - t
+    timings.update(learner.timings_)   # the forest stage's parts (outcome models; fold forests, or growth and OOB)
 
     t = time.monotonic()
-    randomized = study_design is None or study_design.kind == "randomized"
     rerandomization = design_rerandomization(study, learner) if randomized else None
     test = learner.heterogeneity_test("AUTOC", n_draws, progress=stage(progress, 0.75, 0.98),
                                       is_cancelled=is_cancelled, rerandomization=rerandomization)
@@ -457,7 +463,7 @@ def estimate_cate(units, raster_path, bands=None, window_size_px=33, nodata=None
         "n_groups": n_groups,
         "n_folds": n_folds,
         "n_filters": n_filters,
-        "n_features": int(features.shape[1]),
+        "n_features": n_features,
         "feature_pipeline": feature_pipeline.describe(),
         "features_from_cache": bool(cached),
         "outcome_model_inputs": int(inputs.shape[1]),

@@ -130,3 +130,28 @@ def test_cancelling_stops_between_bags_and_progress_reaches_the_end():
     fractions = [f for f, _ in seen]
     assert fractions == sorted(fractions) and fractions[-1] == 1.0
     assert any(m.startswith("Causal forest: bag") for _, m in seen)
+
+
+def test_ranking_forests_grow_on_whole_groups_of_the_earlier_folds_at_most_rank_units():
+    """Issue 26: the test's ranking forests are capped at rank_units units, whole groups drawn from the units they
+    may see (a subset of the earlier folds, so the ranking still never sees the fold it ranks)."""
+    X, T, Y, tau = tabular_trial(n=1200, seed=8)
+    group = np.repeat(np.arange(240), 5)                      # villages of 5 units
+    model = GroupBaggedCausalForest(n_estimators=40, seed=3, rank_units=300).fit(Y, T, X, groups=group)
+    grown_on = []
+    fold_forest = model._fold_forest
+    model._fold_forest = lambda train, **kw: grown_on.append(train.copy()) or fold_forest(train, **kw)
+    test = model.heterogeneity_test(n_draws=50)
+    assert len(grown_on) == 4
+    for k, train in zip(np.unique(model.fold_)[1:], grown_on):
+        earlier = model.fold_ < k
+        assert not np.any(train & ~earlier)                    # only units of the earlier folds
+        if earlier.sum() <= 300:
+            assert np.array_equal(train, earlier)              # under the cap: every earlier unit
+        else:
+            assert 300 - 5 < train.sum() <= 300                # as many as the cap allows, in whole villages
+        villages = np.unique(group[train])
+        assert np.all(np.isin(group, villages) == train)       # every drawn village whole
+    assert test.p_value < 0.01                                  # tau 1 or 3: a ranking on 300 units finds it
+    model.rank_units = None                                    # no cap: every earlier unit
+    assert np.array_equal(model._ranking_units(model.fold_ < 3), model.fold_ < 3)

@@ -37,8 +37,9 @@ def test_run_metadata_records_what_reproduces_the_run(estimated):
     meta = result.metadata
     assert meta["seed"] == 3 and meta["device"] == "cpu" and meta["window_size_m"] == pytest.approx(990.0)
     assert {"numpy", "econml", "torch", "sklearn", "gdal"} <= set(meta["versions"])
-    assert set(meta["timings"]) == {"read_windows_s", "image_features_s", "causal_forest_s", "heterogeneity_test_s",
-                                   "autoc_s", "total_s"}
+    assert set(meta["timings"]) == {"read_windows_s", "image_features_s", "causal_forest_s", "outcome_models_s",
+                                   "fold_forests_s", "heterogeneity_test_s", "autoc_s", "total_s"}
+    assert meta["timings"]["outcome_models_s"] + meta["timings"]["fold_forests_s"] <= meta["timings"]["causal_forest_s"]
 
 
 def test_autoc_of_the_out_of_fold_cate_is_reported_and_clearly_positive(estimated):
@@ -356,3 +357,6 @@ def test_the_out_of_bag_forest_runs_the_same_study(small_trial, demo_raster, est
     assert np.sqrt(np.mean((result.cate - truth) ** 2)) < 1.1 * folds_rmse
     assert result.ate == pytest.approx(estimated[1].ate)
     assert result.heterogeneity.p_value < 0.05
+    parts = result.metadata["timings"]         # the forest stage's parts, in the run record (issue 26, point 3)
+    assert {"outcome_models_s", "forest_growth_s", "out_of_bag_s"} <= set(parts)
+    assert parts["outcome_models_s"] + parts["forest_growth_s"] + parts["out_of_bag_s"] <= parts["causal_forest_s"]
