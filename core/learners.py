@@ -8,7 +8,7 @@ import numpy as np
 from .crossfit import Folds, crossfit, location_folds
 from .errors import GeoCateError, require
 from .estimate import Estimator
-from .progress import run_cancellable
+from .progress import map_cancellable, run_cancellable
 from .scores import Z95
 
 
@@ -446,11 +446,9 @@ class BaggedForest:
         n, k = len(X), self.bags[0].n_outputs_
         threads = _threads(self.n_jobs)
 
-        def in_rounds(predict, add):
-            for start in range(0, len(self.bags), threads):
-                for parts in _in_threads(predict, range(start, min(start + threads, len(self.bags))), threads):
-                    for part in parts:
-                        add(*part)
+        def in_rounds(predict, add):   # bags predict in threads; their parts are added in bag order
+            map_cancellable(predict, range(len(self.bags)), threads,
+                            each=lambda b, parts: [add(*part) for part in parts])
 
         def chunks(b):
             rows = rows_of_bag(b)
@@ -525,17 +523,6 @@ def _threads(n_jobs):
     return max(1, os.cpu_count() or 1) if n_jobs is None or n_jobs < 0 else max(1, int(n_jobs))
 
 
-def _in_threads(work, items, threads):
-    """[work(item) for item in items], run in ``threads`` threads (in order)."""
-    items = list(items)
-    if threads == 1 or len(items) == 1:
-        return [work(item) for item in items]
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(max_workers=threads) as pool:
-        return list(pool.map(work, items))
-
-
 def grow_bagged_forest(X, T_res, Y_res, group_index, n_estimators=200, trees_per_bag=2, bag_sample=0.5,
                        min_samples_leaf=3, max_features=20, seed=42, n_jobs=-1, progress=None, is_cancelled=None):
     """A BaggedForest on residuals: ``n_estimators`` trees in bags of ``trees_per_bag``, each bag an econml
@@ -543,7 +530,6 @@ def grow_bagged_forest(X, T_res, Y_res, group_index, n_estimators=200, trees_per
     group, 0..G-1), each tree on ``bag_sample`` of its bag's units. econml draws each tree's units one by one and
     cannot keep a group whole, so the halves are drawn here. progress(fraction, message) from 0.2 to 0.8."""
     grf = require("econml.grf", "econml==0.16.0")
-    from .errors import Cancelled
 
     if trees_per_bag < 2:
         raise GeoCateError("A little bag needs at least 2 trees (its variance compares trees within a bag).",
@@ -569,18 +555,14 @@ def grow_bagged_forest(X, T_res, Y_res, group_index, n_estimators=200, trees_per
                                   n_jobs=1, random_state=int(states[b]))
         return CrossFittedCausalForest._grow(forest, X[rows], T_res[rows], Y_res[rows])
 
-    # Bags are grown side by side, one thread each (econml's tree building releases the GIL), a round of as many
-    # bags as threads at a time: each bag's draw and seed were fixed above, so the forest is the same whatever
+    # Bags are grown side by side, one thread each (econml's tree building releases the GIL), each thread taking
+    # the next bag when it is free: each bag's draw and seed were fixed above, so the forest is the same whatever
     # the number of threads.
-    threads = _threads(n_jobs)
-    bags = []
-    for start in range(0, n_bags, threads):
-        if is_cancelled is not None and is_cancelled():
-            raise Cancelled()
-        batch = range(start, min(start + threads, n_bags))
-        bags.extend(run_cancellable(lambda batch=batch: _in_threads(grow, batch, threads), is_cancelled))
+    def grown(b, bag):
         if progress is not None:
-            progress(0.2 + 0.6 * len(bags) / n_bags, f"Causal forest: bag {len(bags)} of {n_bags}")
+            progress(0.2 + 0.6 * (b + 1) / n_bags, f"Causal forest: bag {b + 1} of {n_bags}")
+
+    bags = map_cancellable(grow, range(n_bags), _threads(n_jobs), is_cancelled, grown)
     return BaggedForest(bags, drawn, trees_per_bag, n_jobs=n_jobs)
 
 

@@ -109,19 +109,51 @@ def run_cancellable(work, is_cancelled=None, poll_seconds=0.25):
     """
     if is_cancelled is None:
         return work()
+    return map_cancellable(lambda _: work(), [None], 1, is_cancelled, poll_seconds=poll_seconds)[0]
+
+
+def map_cancellable(work, items, threads, is_cancelled=None, each=None, poll_seconds=0.25):
+    """[work(item) for item in items], run in ``threads`` worker threads, as one pool (a thread takes the next item
+    as soon as it is free). The calling thread takes the results in the items' order, calls ``each(index, result)``
+    for each (progress, sums added in a fixed order) and polls ``is_cancelled`` before each result and every
+    ``poll_seconds`` while it waits: on cancel no further item starts, the running ones finish in the background
+    (their results discarded) and Cancelled is raised. One thread and no is_cancelled: a plain loop."""
+    items = list(items)
+    if threads <= 1 and is_cancelled is None:
+        results = []
+        for index, item in enumerate(items):
+            results.append(work(item))
+            if each is not None:
+                each(index, results[-1])
+        return results
     from concurrent.futures import ThreadPoolExecutor
     from concurrent.futures import TimeoutError as FutureTimeout
 
-    executor = ThreadPoolExecutor(max_workers=1)
-    with collection_here() as collection:   # cycles are collected here, never in the worker (core/progress.py)
-        future = executor.submit(work)
+    stop = threading.Event()
+
+    def unless_stopped(item):
+        if stop.is_set():
+            return None
+        return work(item)
+
+    executor = ThreadPoolExecutor(max_workers=max(1, threads))
+    results = []
+    with collection_here() as collection:   # cycles are collected here, never in a worker (collection_here)
         try:
-            while True:
-                try:
-                    return future.result(timeout=poll_seconds)
-                except FutureTimeout:  # not the built-in TimeoutError before Python 3.11
-                    if is_cancelled():
-                        raise Cancelled() from None
-                    collection.tick()
+            futures = [executor.submit(unless_stopped, item) for item in items]
+            for index, future in enumerate(futures):
+                while True:
+                    if is_cancelled is not None and is_cancelled():
+                        stop.set()
+                        raise Cancelled()
+                    try:
+                        results.append(future.result(timeout=poll_seconds))
+                        break
+                    except FutureTimeout:  # not the built-in TimeoutError before Python 3.11
+                        collection.tick()
+                if each is not None:
+                    each(index, results[-1])
         finally:
+            stop.set()
             executor.shutdown(wait=False)
+    return results

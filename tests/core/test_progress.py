@@ -20,3 +20,40 @@ def test_the_clock_keeps_the_step_and_adds_the_time_left():
     assert clock.report(0.5, "") == "Image features (about 2 min left)"
     now[0] = 180.0
     assert clock.report(0.75, "Causal forest: fold 3 of 5") == "Causal forest: fold 3 of 5 (about 1 min left)"
+
+
+def test_map_cancellable_keeps_the_items_order_and_stops_starting_items_on_cancel():
+    """map_cancellable (the out-of-bag forest's bags): results and each() in the items' order, each() in the
+    calling thread, whatever order the threads finish in; a cancel raises Cancelled and no further item starts."""
+    import threading
+    import time
+
+    import pytest
+
+    from geocate.core.errors import Cancelled
+    from geocate.core.progress import map_cancellable
+
+    caller, calls = threading.current_thread(), []
+
+    def work(item):
+        time.sleep(0.02 * (5 - item % 5))        # later items finish first
+        return item * item
+
+    results = map_cancellable(work, range(10), 2, lambda: False,
+                              lambda i, r: calls.append((i, r, threading.current_thread() is caller)))
+    assert results == [i * i for i in range(10)]
+    assert calls == [(i, i * i, True) for i in range(10)]
+    assert map_cancellable(work, range(3), 1) == [0, 1, 4]     # one thread, no cancel: a plain loop
+
+    started, done = [], []
+
+    def slow(item):
+        started.append(item)
+        time.sleep(0.05)
+        return item
+
+    with pytest.raises(Cancelled):
+        map_cancellable(slow, range(40), 2, lambda: len(done) >= 2, lambda i, r: done.append(i),
+                        poll_seconds=0.01)
+    time.sleep(0.3)                                  # the running items finish in the background
+    assert len(started) <= 6                         # of 40: items stop starting once cancelled
