@@ -321,15 +321,22 @@ class CrossFittedCausalForest(Estimator):
 
     def _ranking_units(self, train):
         """The ``train`` units a ranking forest grows on: all of them, or (``rank_units`` set and exceeded) whole
-        groups of them drawn at random until ``rank_units`` units are reached - a subset of the same units, so the
-        ranking still never sees the units it ranks."""
+        groups of them drawn in random order, each taken while it still fits, up to ``rank_units`` units (one group
+        alone when every group is larger) - a subset of the same units, so the ranking still never sees the units
+        it ranks."""
         limit = self.rank_units
         if limit is None or int(np.sum(train)) <= limit:
             return train
         ids, index, sizes = np.unique(self.groups_[train], return_inverse=True, return_counts=True)
         order = np.random.default_rng(self.seed).permutation(len(ids))
-        keep = np.zeros(len(ids), bool)
-        keep[order[:max(1, int(np.searchsorted(np.cumsum(sizes[order]), limit, side="right")))]] = True
+        keep, room = np.zeros(len(ids), bool), limit
+        for g in order:                 # groups in random order, each taken when it still fits (a large one is
+            if sizes[g] <= room:        # skipped, not allowed to end the draw)
+                keep[g], room = True, room - sizes[g]
+                if room == 0:
+                    break
+        if not keep.any():              # every group is larger than the limit: the smallest, whole
+            keep[np.argmin(sizes)] = True
         subset = np.zeros_like(train)
         subset[np.flatnonzero(train)[keep[np.ravel(index)]]] = True
         return subset
@@ -441,14 +448,14 @@ class BaggedForest:
 
     def _passes(self, X, rows_of_bag):
         """theta (n,) and its little-bag variance (n,) at the rows of X, each from the bags rows_of_bag(b) names
-        (an index array into X). Bags predict in threads, a round at a time; their sums are added in bag order,
+        (an index array into X). Bags predict in threads (map_cancellable); their sums are added in bag order,
         so the numbers do not depend on the threads."""
         n, k = len(X), self.bags[0].n_outputs_
         threads = _threads(self.n_jobs)
 
-        def in_rounds(predict, add):   # bags predict in threads; their parts are added in bag order
+        def in_rounds(predict, add):   # bags predict in threads; their parts are added in bag order, then let go
             map_cancellable(predict, range(len(self.bags)), threads,
-                            each=lambda b, parts: [add(*part) for part in parts])
+                            each=lambda b, parts: [add(*part) for part in parts], keep=False)
 
         def chunks(b):
             rows = rows_of_bag(b)
@@ -523,6 +530,46 @@ def _threads(n_jobs):
     return max(1, os.cpu_count() or 1) if n_jobs is None or n_jobs < 0 else max(1, int(n_jobs))
 
 
+def fit_on_rows(forest, X, T, y, rows):
+    """econml's ``BaseGRF.fit`` for a forest of ``forest``'s settings (econml 0.16, no inference, no warm start, no
+    weights) on the units ``rows`` of (X, T, y), without copying those rows of X: each tree gets X[rows[s]] for its
+    subsample s, which is econml's X[rows][s]. Same random draws in the same order as econml's, so the same trees,
+    bit for bit (tests/core/test_bagged_forest.py). Written here because econml's fit takes only the rows to grow
+    on, and a bag's copy of its half of the design matrix is 200 MB per thread at 100,000 units, 2 GB at a
+    million (issue 26); econml copies each tree's subsample anyway."""
+    from econml._ensemble import _get_n_samples_subsample
+    from econml.grf._base_grf import MAX_INT
+    from sklearn.utils import check_random_state
+
+    if forest.inference or forest.warm_start or forest.min_var_fraction_leaf is not None:
+        raise ValueError("fit_on_rows grows forests without inference, warm start or min_var_fraction_leaf")
+    rows = np.asarray(rows)
+    T = np.asarray(T, dtype=np.float64)[rows].reshape(-1, 1)
+    y = np.asarray(y, dtype=np.float64)[rows].reshape(-1, 1)
+    n_samples = len(rows)
+    forest.n_features_, forest.n_y_ = X.shape[1], 1
+    alpha, pointJ = forest._get_alpha_and_pointJ(None, T, y)
+    forest.n_outputs_, forest.n_relevant_outputs_ = forest._get_n_outputs_decomposition(None, T, y)
+    yaug = np.ascontiguousarray(np.hstack([y, alpha, pointJ]), dtype=np.float64)
+    n_subsample = _get_n_samples_subsample(n_samples=n_samples, max_samples=forest.max_samples)
+    forest.min_var_leaf = None
+    forest._validate_estimator()
+    random_state = check_random_state(forest.random_state)
+    forest.subsample_random_seed_ = random_state.randint(MAX_INT)
+    subsample_random_state = check_random_state(forest.subsample_random_seed_)
+    forest.inference_, forest.warm_start_ = False, False
+    trees = [forest._make_estimator(append=False, random_state=random_state).init()
+             for _ in range(forest.n_estimators)]
+    draws = [subsample_random_state.choice(n_samples, n_subsample, replace=False) for _ in trees]
+    X = np.asarray(X, dtype=np.float64)
+    forest.estimators_ = [tree.fit(X[rows[s]], yaug[s], forest.n_y_, forest.n_outputs_, forest.n_relevant_outputs_,
+                                   sample_weight=None, check_input=False) for tree, s in zip(trees, draws)]
+    forest.slices_, forest.slices_n_samples_, forest.slices_n_samples_subsample_ = [], [], []
+    forest.n_samples_ = [n_samples] * len(trees)
+    forest.n_samples_subsample_ = [n_subsample] * len(trees)
+    return forest
+
+
 def grow_bagged_forest(X, T_res, Y_res, group_index, n_estimators=200, trees_per_bag=2, bag_sample=0.5,
                        min_samples_leaf=3, max_features=20, seed=42, n_jobs=-1, progress=None, is_cancelled=None):
     """A BaggedForest on residuals: ``n_estimators`` trees in bags of ``trees_per_bag``, each bag an econml
@@ -547,13 +594,14 @@ def grow_bagged_forest(X, T_res, Y_res, group_index, n_estimators=200, trees_per
     for g in np.flatnonzero(drawn.all(axis=0)):   # every group is left out of some bag: each unit gets a prediction
         drawn[rng.integers(n_bags), g] = False
     states = rng.integers(2 ** 31 - 1, size=n_bags)
+    X = np.asarray(X, dtype=np.float64)          # once: each bag's trees take their rows from this matrix
 
     def grow(b):
         rows = np.flatnonzero(drawn[b][group_index])
         forest = grf.CausalForest(n_estimators=trees_per_bag, min_samples_leaf=min_samples_leaf,
                                   max_features=max_features, honest=True, inference=False, max_samples=bag_sample,
                                   n_jobs=1, random_state=int(states[b]))
-        return CrossFittedCausalForest._grow(forest, X[rows], T_res[rows], Y_res[rows])
+        return fit_on_rows(forest, X, T_res, Y_res, rows)
 
     # Bags are grown side by side, one thread each (econml's tree building releases the GIL), each thread taking
     # the next bag when it is free: each bag's draw and seed were fixed above, so the forest is the same whatever
@@ -568,7 +616,8 @@ def grow_bagged_forest(X, T_res, Y_res, group_index, n_estimators=200, trees_per
 
 #: Units a ranking forest of the out-of-bag learner's heterogeneity test grows on at most (whole groups drawn from
 #: the earlier folds; issue 26). At 100,000 units its four ranking forests on 20,000 to 80,000 units took as long
-#: as the forest itself; a ranking needs far fewer units than an estimate, and no study under 25,000 units is cut.
+#: as the forest itself; a ranking needs far fewer units than an estimate, and no study under about 25,000 units
+#: (with equal folds) is cut.
 RANK_UNITS = 20000
 
 

@@ -112,19 +112,24 @@ def run_cancellable(work, is_cancelled=None, poll_seconds=0.25):
     return map_cancellable(lambda _: work(), [None], 1, is_cancelled, poll_seconds=poll_seconds)[0]
 
 
-def map_cancellable(work, items, threads, is_cancelled=None, each=None, poll_seconds=0.25):
+def map_cancellable(work, items, threads, is_cancelled=None, each=None, poll_seconds=0.25, keep=True):
     """[work(item) for item in items], run in ``threads`` worker threads, as one pool (a thread takes the next item
-    as soon as it is free). The calling thread takes the results in the items' order, calls ``each(index, result)``
-    for each (progress, sums added in a fixed order) and polls ``is_cancelled`` before each result and every
-    ``poll_seconds`` while it waits: on cancel no further item starts, the running ones finish in the background
-    (their results discarded) and Cancelled is raised. One thread and no is_cancelled: a plain loop."""
+    as soon as it is free; at most 2 ``threads`` items run or wait ahead of the one the caller takes next). The
+    calling thread takes the results in the items' order, calls ``each(index, result)`` for each (progress, sums
+    added in a fixed order) and polls ``is_cancelled`` before each result and every ``poll_seconds`` while it
+    waits: on cancel no further item starts, the running ones finish in the background (their results discarded)
+    and Cancelled is raised. A worker's exception is raised here. ``keep`` False: results are let go once ``each``
+    has seen them (returns None), so memory holds a few items' results, not all. One thread and no is_cancelled: a
+    plain loop."""
     items = list(items)
+    results = [] if keep else None
     if threads <= 1 and is_cancelled is None:
-        results = []
         for index, item in enumerate(items):
-            results.append(work(item))
+            result = work(item)
             if each is not None:
-                each(index, results[-1])
+                each(index, result)
+            if keep:
+                results.append(result)
         return results
     from concurrent.futures import ThreadPoolExecutor
     from concurrent.futures import TimeoutError as FutureTimeout
@@ -137,22 +142,31 @@ def map_cancellable(work, items, threads, is_cancelled=None, each=None, poll_sec
         return work(item)
 
     executor = ThreadPoolExecutor(max_workers=max(1, threads))
-    results = []
+    ahead = 2 * max(1, threads)
     with collection_here() as collection:   # cycles are collected here, never in a worker (collection_here)
         try:
-            futures = [executor.submit(unless_stopped, item) for item in items]
-            for index, future in enumerate(futures):
+            futures = {}
+            for index in range(len(items)):
+                for later in range(index, min(index + ahead + 1, len(items))):
+                    if later not in futures:
+                        futures[later] = executor.submit(unless_stopped, items[later])
+                future = futures.pop(index)
                 while True:
                     if is_cancelled is not None and is_cancelled():
                         stop.set()
                         raise Cancelled()
                     try:
-                        results.append(future.result(timeout=poll_seconds))
+                        result = future.result(timeout=poll_seconds)
                         break
                     except FutureTimeout:  # not the built-in TimeoutError before Python 3.11
                         collection.tick()
+                del future
                 if each is not None:
-                    each(index, results[-1])
+                    each(index, result)
+                if keep:
+                    results.append(result)
+                del result
+                collection.tick()
         finally:
             stop.set()
             executor.shutdown(wait=False)

@@ -76,6 +76,28 @@ def test_little_bag_variance_is_econml_arithmetic():
                                rtol=1e-8, atol=1e-12)
 
 
+def test_bags_grown_on_row_indices_are_econml_forests_grown_on_copied_rows():
+    """fit_on_rows (no copy of a bag's rows) grows the trees econml's fit grows on X[rows], bit for bit."""
+    from econml.grf import CausalForest
+
+    from geocate.core.learners import fit_on_rows
+
+    X, T, Y, tau = tabular_trial(n=900, seed=9)
+    rows = np.sort(np.random.default_rng(1).choice(900, 450, replace=False))
+    T_res, Y_res = T - 0.5, Y - Y.mean()
+    settings = dict(n_estimators=2, min_samples_leaf=3, max_features=3, honest=True, inference=False,
+                    max_samples=0.5, n_jobs=1, random_state=12345)
+    copied = CausalForest(**settings).fit(X[rows], T_res[rows], Y_res[rows])
+    indexed = fit_on_rows(CausalForest(**settings), X, T_res, Y_res, rows)
+    assert indexed.n_outputs_ == copied.n_outputs_ and len(indexed.estimators_) == 2
+    for ours, theirs in zip(indexed.estimators_, copied.estimators_):
+        for a, b in zip(ours.predict_alpha_and_jac(X), theirs.predict_alpha_and_jac(X)):
+            np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(indexed.predict(X), copied.predict(X))
+    with pytest.raises(ValueError, match="without inference"):
+        fit_on_rows(CausalForest(**dict(settings, inference=True, n_estimators=4)), X, T_res, Y_res, rows)
+
+
 def test_no_tree_that_saw_a_units_group_predicts_for_it():
     X, T, Y, tau = tabular_trial(n=600, seed=5)
     group = np.repeat(np.arange(60), 10)                     # villages of 10 units
@@ -155,3 +177,12 @@ def test_ranking_forests_grow_on_whole_groups_of_the_earlier_folds_at_most_rank_
     assert test.p_value < 0.01                                  # tau 1 or 3: a ranking on 300 units finds it
     model.rank_units = None                                    # no cap: every earlier unit
     assert np.array_equal(model._ranking_units(model.fold_ < 3), model.fold_ < 3)
+    # Groups of unequal sizes: one village larger than the cap is skipped, not allowed to end the draw.
+    model.groups_ = np.where(np.arange(1200) < 400, 0, group)  # village 0: 400 units
+    model.rank_units = 300
+    for seed in range(10):
+        model.seed = seed
+        subset = model._ranking_units(np.ones(1200, bool))
+        assert 300 - 5 < subset.sum() <= 300 and not subset[:400].any()
+    model.groups_ = np.repeat(np.arange(3), 400)               # every village larger than the cap: one, whole
+    assert model._ranking_units(np.ones(1200, bool)).sum() == 400

@@ -24,9 +24,10 @@ def test_the_clock_keeps_the_step_and_adds_the_time_left():
 
 def test_map_cancellable_keeps_the_items_order_and_stops_starting_items_on_cancel():
     """map_cancellable (the out-of-bag forest's bags): results and each() in the items' order, each() in the
-    calling thread, whatever order the threads finish in; a cancel raises Cancelled and no further item starts."""
+    calling thread, whatever order the threads finish in; a cancel raises Cancelled and no further item starts; a
+    worker's error reaches the caller; keep=False lets each result go once each() has seen it."""
     import threading
-    import time
+    import weakref
 
     import pytest
 
@@ -34,26 +35,44 @@ def test_map_cancellable_keeps_the_items_order_and_stops_starting_items_on_cance
     from geocate.core.progress import map_cancellable
 
     caller, calls = threading.current_thread(), []
+    gates = [threading.Event() for _ in range(10)]
 
-    def work(item):
-        time.sleep(0.02 * (5 - item % 5))        # later items finish first
+    def work(item):                               # item i waits for item i + 1: later items finish first
+        if item < 9:
+            gates[item + 1].wait(5)
+        gates[item].set()
         return item * item
 
-    results = map_cancellable(work, range(10), 2, lambda: False,
+    results = map_cancellable(work, range(10), 10, lambda: False,
                               lambda i, r: calls.append((i, r, threading.current_thread() is caller)))
     assert results == [i * i for i in range(10)]
     assert calls == [(i, i * i, True) for i in range(10)]
-    assert map_cancellable(work, range(3), 1) == [0, 1, 4]     # one thread, no cancel: a plain loop
+    assert map_cancellable(lambda i: i * i, range(3), 1) == [0, 1, 4]     # one thread, no cancel: a plain loop
 
-    started, done = [], []
+    started, cancel = [], threading.Event()
 
-    def slow(item):
+    def quick(item):
         started.append(item)
-        time.sleep(0.05)
         return item
 
-    with pytest.raises(Cancelled):
-        map_cancellable(slow, range(40), 2, lambda: len(done) >= 2, lambda i, r: done.append(i),
-                        poll_seconds=0.01)
-    time.sleep(0.3)                                  # the running items finish in the background
-    assert len(started) <= 6                         # of 40: items stop starting once cancelled
+    with pytest.raises(Cancelled):                # cancel pressed when the first result is taken
+        map_cancellable(quick, range(40), 2, cancel.is_set, lambda i, r: cancel.set(), poll_seconds=0.01)
+    assert len(started) <= 6                      # of 40: at most the first item and its look-ahead ever start
+
+    def broken(item):
+        if item == 3:
+            raise ValueError("bag 3 failed")
+        return item
+
+    with pytest.raises(ValueError, match="bag 3 failed"):
+        map_cancellable(broken, range(8), 2, lambda: False)
+
+    class Part:
+        pass
+
+    alive, seen = [], []
+    kept = map_cancellable(lambda i: Part(), range(6), 1, None, lambda i, part: alive.append(weakref.ref(part)),
+                           keep=False)
+    assert kept is None and len(alive) == 6 and all(ref() is None for ref in alive)   # each let go after each()
+    assert map_cancellable(lambda i: i, range(6), 2, None, lambda i, r: seen.append(r), keep=False) is None
+    assert seen == list(range(6))
