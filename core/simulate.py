@@ -40,6 +40,10 @@ class SimulatedTrial:
     window_size_px: int
 
 
+#: Candidate windows a simulation reads at once.
+SIMULATION_BATCH = 50000
+
+
 def _window_statistics(patches):
     logs = np.log(np.maximum(patches.astype(np.float64), 1.0))
     pixel_brightness = logs.mean(axis=1)                       # (n, h, w)
@@ -66,7 +70,7 @@ def simulate_trial(raster_path, n_units=1000, window_size_px=33, effects=(0.0, 1
     info = raster_info(raster_path)
     half = window_size_px // 2
     gt = info.geotransform
-    chosen_xy, chosen_patches = [], []
+    chosen_xy, chosen_stats = [], []
     taken = set()
     attempts = 0
     while sum(len(c) for c in chosen_xy) < n_units:
@@ -81,20 +85,24 @@ def simulate_trial(raster_path, n_units=1000, window_size_px=33, effects=(0.0, 1
         row = rng.integers(half, info.height - half, m)
         x = gt[0] + (col + 0.5) * gt[1] + (row + 0.5) * gt[2]
         y = gt[3] + (col + 0.5) * gt[4] + (row + 0.5) * gt[5]
-        found = extract_patches(raster_path, np.column_stack([x, y]), info.crs_wkt, bands, window_size_px)
-        keep = []
-        for i in np.flatnonzero(found.ok):
-            cell = (int(col[i]) // max(min_spacing_px, 1), int(row[i]) // max(min_spacing_px, 1))
-            if cell in taken:
-                continue
-            taken.add(cell)
-            keep.append(i)
-        chosen_xy.append(found.coords[keep])
-        chosen_patches.append(found.patches[keep])
+        # Candidates are read a batch at a time and only their coordinates and window statistics kept: at 300,000
+        # units all 600,000 candidate windows at once took 24 GB (bench_scaling.py).
+        for start in range(0, m, SIMULATION_BATCH):
+            part = slice(start, min(start + SIMULATION_BATCH, m))
+            found = extract_patches(raster_path, np.column_stack([x[part], y[part]]), info.crs_wkt, bands,
+                                    window_size_px)
+            keep = []
+            for i in np.flatnonzero(found.ok):
+                cell = (int(col[part][i]) // max(min_spacing_px, 1), int(row[part][i]) // max(min_spacing_px, 1))
+                if cell in taken:
+                    continue
+                taken.add(cell)
+                keep.append(i)
+            chosen_xy.append(found.coords[keep])
+            chosen_stats.append(np.column_stack(_window_statistics(found.patches[keep])))
+            del found
     coords = np.concatenate(chosen_xy)[:n_units]
-    patches = np.concatenate(chosen_patches)[:n_units]
-
-    brightness, texture = _window_statistics(patches)
+    brightness, texture = np.concatenate(chosen_stats)[:n_units].T
     score = _z(brightness) + 0.5 * _z(texture)
     effects = np.atleast_1d(np.asarray(effects, dtype=float))
     edges = np.quantile(score, np.linspace(0, 1, len(effects) + 1)[1:-1])
