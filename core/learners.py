@@ -453,7 +453,7 @@ class BaggedForest:
         n, k = len(X), self.bags[0].n_outputs_
         threads = _threads(self.n_jobs)
 
-        def in_rounds(predict, add):   # bags predict in threads; their parts are added in bag order, then let go
+        def in_bag_order(predict, add):   # bags predict in threads; their parts are added in bag order, then let go
             map_cancellable(predict, range(len(self.bags)), threads,
                             each=lambda b, parts: [add(*part) for part in parts], keep=False)
 
@@ -480,7 +480,7 @@ class BaggedForest:
             jac[chunk] += bag_jac
             counts[chunk] += 1
 
-        in_rounds(first_pass, add_first)
+        in_bag_order(first_pass, add_first)
         seen = counts > 0
         jac_mean = (jac / np.maximum(counts, 1)[:, None]).reshape(n, k, k)
         theta = np.einsum("ijk,ik->ij", np.linalg.pinv(jac_mean), alpha / np.maximum(counts, 1)[:, None])
@@ -504,7 +504,7 @@ class BaggedForest:
             moment_sum[chunk] += bag_moment
             moment_sq[chunk] += bag_moment[:, :, None] * bag_moment[:, None, :]
 
-        in_rounds(second_pass, add_second)
+        in_bag_order(second_pass, add_second)
         var = little_bag_variance(moment_sum, moment_sq, tree_sq, counts, jac_mean, self.trees_per_bag)
         point = theta[:, 0]
         point[~seen], var[~seen] = np.nan, np.nan
@@ -641,7 +641,8 @@ class GroupBaggedCausalForest(CrossFittedCausalForest):
 
     The heterogeneity test is CrossFittedCausalForest's (fold k ranked by a forest grown on the earlier folds
     alone): the out-of-bag forest saw every fold's outcomes, so its ranking never enters the test. Each ranking
-    forest grows on at most ``rank_units`` of those units (whole groups drawn at random; None: all of them).
+    forest grows on at most ``rank_units`` of those units (whole groups in random order, one that does not fit
+    skipped; None: all of them).
     """
 
     name = "causal forest, out-of-bag by groups"
