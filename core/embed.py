@@ -135,12 +135,14 @@ class RandomConvFeatures:
         self.device_ = resolve_device(self.device)
         return self
 
-    def transform(self, patches, progress=None, is_cancelled=None, prepare=None, rows=None):
+    def transform(self, patches, progress=None, is_cancelled=None, prepare=None, rows=None, out=None):
         """(n, bands, h, w) scaled windows -> (n, 2 * n_filters) features, float32.
 
         prepare: applied to each batch of windows first (e.g. BandScaler.transform,
         so unscaled windows are scaled batch by batch, never all at once);
-        rows: indices of the windows to use (default all), read batch by batch."""
+        rows: indices of the windows to use (default all), read batch by batch;
+        out: a float32 (len(rows), 2 * n_filters) array to write into (e.g. a memory-mapped
+        core.patches.float32_store), returned; default a new array."""
         torch = require("torch", "torch==2.13.0")
         if prepare is None and rows is None:
             patches = np.asarray(patches, dtype=np.float32)
@@ -149,7 +151,8 @@ class RandomConvFeatures:
         weight = torch.from_numpy(self.weight_).to(device)
         offset = torch.from_numpy(self.offset_ + self.bias).to(device)[None, :, None, None]
         offset_neg = torch.from_numpy(-self.offset_ + self.bias).to(device)[None, :, None, None]
-        out = np.empty((len(rows), 2 * self.n_filters), dtype=np.float32)
+        if out is None:
+            out = np.empty((len(rows), 2 * self.n_filters), dtype=np.float32)
         throttle = Throttle(progress, is_cancelled)
         # Small batches keep the response maps in cache on a CPU; a GPU wants large ones.
         batch_size = self.batch_size or (512 if device.type == "cuda" else 16)

@@ -6,6 +6,9 @@ import numpy as np
 
 from .errors import GeoCateError
 
+#: Columns of the design matrix scaled at a time (design_matrix).
+SCALE_COLUMNS = 32
+
 
 def design_matrix(features, covariates=None):
     """Image features (n, d) and covariates (n, p) -> the forest's effect modifiers (n, d + p).
@@ -27,9 +30,13 @@ def design_matrix(features, covariates=None):
         matrix[:, :n_image] = features
     if has_covariates:
         matrix[:, n_image:] = np.asarray(covariates, dtype=float).reshape(n, -1)
-    mean, sd = matrix.mean(axis=0), matrix.std(axis=0)
-    matrix -= mean
-    matrix /= np.where(sd > 0, sd, 1.0)
+    # Scaled a block of columns at a time: std's temporary is then one block, not another copy of the matrix
+    # (4.1 GB at a million units); the numbers are those of the whole matrix's mean and std, bit for bit.
+    for start in range(0, matrix.shape[1], SCALE_COLUMNS):
+        block = matrix[:, start:start + SCALE_COLUMNS]
+        mean, sd = block.mean(axis=0), block.std(axis=0)
+        block -= mean
+        block /= np.where(sd > 0, sd, 1.0)
     return matrix, n_image
 
 

@@ -570,12 +570,22 @@ def fit_on_rows(forest, X, T, y, rows):
     return forest
 
 
+#: Units a tree of the out-of-bag forest grows on at most (issue 26). Each tree takes half of its bag's units, a
+#: quarter of the study's, up to this: studies under about 400,000 units are not cut; at a million units the trees
+#: grow on 100,000 units instead of 250,000 (subsamples that grow more slowly than the study, as the theory of
+#: random forests asks; grf's sample.fraction is the same knob), which took the forest's growth from an
+#: estimated ~22 minutes to about 9.
+TREE_UNITS = 100000
+
+
 def grow_bagged_forest(X, T_res, Y_res, group_index, n_estimators=200, trees_per_bag=2, bag_sample=0.5,
-                       min_samples_leaf=3, max_features=20, seed=42, n_jobs=-1, progress=None, is_cancelled=None):
+                       min_samples_leaf=3, max_features=20, seed=42, n_jobs=-1, progress=None, is_cancelled=None,
+                       tree_units=TREE_UNITS):
     """A BaggedForest on residuals: ``n_estimators`` trees in bags of ``trees_per_bag``, each bag an econml
     CausalForest of honest trees grown on the units of a random half of the groups (``group_index``: each unit's
-    group, 0..G-1), each tree on ``bag_sample`` of its bag's units. econml draws each tree's units one by one and
-    cannot keep a group whole, so the halves are drawn here. progress(fraction, message) from 0.2 to 0.8."""
+    group, 0..G-1), each tree on ``bag_sample`` of its bag's units, at most ``tree_units``. econml draws each
+    tree's units one by one and cannot keep a group whole, so the halves are drawn here. progress(fraction,
+    message) from 0.2 to 0.8."""
     grf = require("econml.grf", "econml==0.16.0")
 
     if trees_per_bag < 2:
@@ -598,8 +608,10 @@ def grow_bagged_forest(X, T_res, Y_res, group_index, n_estimators=200, trees_per
 
     def grow(b):
         rows = np.flatnonzero(drawn[b][group_index])
+        # Each tree on bag_sample of its bag's units, or on tree_units of them when that is fewer (a million units).
+        max_samples = bag_sample if int(np.floor(len(rows) * bag_sample)) <= tree_units else int(tree_units)
         forest = grf.CausalForest(n_estimators=trees_per_bag, min_samples_leaf=min_samples_leaf,
-                                  max_features=max_features, honest=True, inference=False, max_samples=bag_sample,
+                                  max_features=max_features, honest=True, inference=False, max_samples=max_samples,
                                   n_jobs=1, random_state=int(states[b]))
         return fit_on_rows(forest, X, T_res, Y_res, rows)
 
@@ -629,7 +641,8 @@ class GroupBaggedCausalForest(CrossFittedCausalForest):
     Y - m(x), W - e come from models that did not see its fold). The forest is ``n_estimators`` trees in little
     bags of ``trees_per_bag``: each bag is grown on the units of a random half of the **groups** (locations,
     clusters, spatial blocks; econml draws units, so the bags are drawn here and each is an econml forest of
-    ``trees_per_bag`` honest trees on its half), and each unit is predicted by the bags that did not draw its
+    ``trees_per_bag`` honest trees on its half, each tree on at most ``tree_units`` units), and each unit is
+    predicted by the bags that did not draw its
     group - no tree that saw a unit's group predicts for it. The variance is the little bags' (between-bag
     variance of the bags' moments less the within-bag part, debiased as econml does: little_bag_variance), over
     the unit's own out-of-bag bags. The calibration (EffectCalibration) is cross-fitted on the study's folds: fold
@@ -648,12 +661,14 @@ class GroupBaggedCausalForest(CrossFittedCausalForest):
     name = "causal forest, out-of-bag by groups"
 
     def __init__(self, n_folds=5, n_estimators=200, trees_per_bag=2, bag_sample=0.5, min_samples_leaf=3,
-                 max_features="auto", seed=42, n_jobs=-1, calibrate=True, rank_units=RANK_UNITS):
+                 max_features="auto", seed=42, n_jobs=-1, calibrate=True, rank_units=RANK_UNITS,
+                 tree_units=TREE_UNITS):
         super().__init__(n_folds=n_folds, n_estimators=n_estimators, min_samples_leaf=min_samples_leaf,
                          max_features=max_features, seed=seed, n_jobs=n_jobs, calibrate=calibrate)
         self.trees_per_bag = trees_per_bag
         self.bag_sample = bag_sample
         self.rank_units = rank_units
+        self.tree_units = tree_units
 
     def fit(self, Y, T, X, groups=None, outcome_inputs=None, folds=None, progress=None, is_cancelled=None,
             propensity=None):
@@ -667,7 +682,7 @@ class GroupBaggedCausalForest(CrossFittedCausalForest):
         max_features = forest_max_features(p) if self.max_features == "auto" else self.max_features
         model = grow_bagged_forest(X, T - e, Y - self.outcome_hat_, group_index, self.n_estimators,
                                    self.trees_per_bag, self.bag_sample, self.min_samples_leaf, max_features,
-                                   self.seed, self.n_jobs, progress, is_cancelled)
+                                   self.seed, self.n_jobs, progress, is_cancelled, self.tree_units)
         self.timings_["forest_growth_s"] = time.monotonic() - started - self.timings_["outcome_models_s"]
         if progress is not None:
             progress(0.8, "Causal forest: out-of-bag predictions")

@@ -260,19 +260,24 @@ def extract_patches(
 WINDOW_MEMORY_MB = 1024
 
 
-def window_store(shape, memory_mb=None):
-    """A zeroed float32 array of ``shape`` for image windows: in memory when it fits in ``memory_mb`` (default
-    WINDOW_MEMORY_MB), else memory-mapped on an anonymous temporary file (removed by the system when the array is
-    released or the process ends: a cancelled or refused run leaves no file behind)."""
+def float32_store(shape, memory_mb, prefix="geocate-"):
+    """A zeroed float32 array of ``shape``: in memory when it fits in ``memory_mb``, else memory-mapped on an
+    anonymous temporary file (removed by the system when the array is released or the process ends: a cancelled
+    or refused run leaves no file behind). Memory then holds only the pages being read or written (issue 26:
+    image windows, and the image features of studies of hundreds of thousands of units)."""
     import tempfile
 
-    budget = WINDOW_MEMORY_MB if memory_mb is None else memory_mb
     size = int(np.prod(shape)) * 4
-    if size <= budget * 2 ** 20:
+    if size <= memory_mb * 2 ** 20:
         return np.zeros(shape, dtype=np.float32)
-    handle = tempfile.TemporaryFile(prefix="geocate-windows-")
-    handle.truncate(size)      # a sparse file of zeros
-    return np.memmap(handle, dtype=np.float32, mode="r+", shape=tuple(shape))
+    with tempfile.TemporaryFile(prefix=prefix) as handle:   # the mapping keeps its own descriptor
+        handle.truncate(size)      # a sparse file of zeros
+        return np.memmap(handle, dtype=np.float32, mode="r+", shape=tuple(shape))
+
+
+def window_store(shape, memory_mb=None):
+    """float32_store for image windows, with the windows' budget (default WINDOW_MEMORY_MB)."""
+    return float32_store(shape, WINDOW_MEMORY_MB if memory_mb is None else memory_mb, "geocate-windows-")
 
 
 def resize_matrix(size_in, size_out):

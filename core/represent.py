@@ -37,10 +37,16 @@ import numpy as np
 
 from .embed import BandScaler, RandomConvFeatures
 from .errors import GeoCateError
-from .patches import WINDOW_MEMORY_MB, extract_patches, raster_info, window_store
+from .patches import WINDOW_MEMORY_MB, extract_patches, float32_store, raster_info, window_store
 
 #: The representation's filters and band scaling are fit on at most this many used windows (per date).
 FIT_WINDOWS = 5000
+#: Random convolution features larger than this in double precision are kept in single precision in a
+#: memory-mapped temporary file (issue 26: 4.1 GB in double at a million units, beside the forest's design matrix
+#: of the same size). Smaller ones stay in memory in double, so their numbers are the same as before.
+FEATURE_MEMORY_MB = 1024
+#: Rows of the feature store taken through the logarithm at a time.
+FEATURE_BLOCK = 65536
 POOLINGS = ("concatenate", "difference", "variance")
 #: Version of what a cached entry holds; bump it when the features for the same key would change.
 CACHE_VERSION = 1
@@ -222,10 +228,24 @@ class RandomConvolutions:
         return self.embedder_.device_
 
     def transform(self, windows, rows=None, progress=None, is_cancelled=None):
+        """Windows -> log1p of the pooled responses, (n, 2 n_filters): in double precision in memory, or, beyond
+        FEATURE_MEMORY_MB in double, in single precision in a memory-mapped temporary file (each block's
+        logarithm taken in double, then stored)."""
+        n = len(windows) if rows is None else len(rows)
+        store = None
+        if n * 2 * self.n_filters * 8 > FEATURE_MEMORY_MB * 2 ** 20:
+            store = float32_store((n, 2 * self.n_filters), 0, "geocate-features-")
         features = self.embedder_.transform(windows, progress, is_cancelled, prepare=self.scaler_.transform,
-                                            rows=rows).astype(np.float64)  # the log in double, as the forest sees it
-        np.maximum(features, 0, out=features)
-        return np.log1p(features, out=features)
+                                            rows=rows, out=store)
+        if store is None:
+            features = features.astype(np.float64)   # the log in double, as the forest sees it
+            np.maximum(features, 0, out=features)
+            return np.log1p(features, out=features)
+        for start in range(0, n, FEATURE_BLOCK):
+            block = store[start:start + FEATURE_BLOCK].astype(np.float64)
+            np.maximum(block, 0, out=block)
+            store[start:start + FEATURE_BLOCK] = np.log1p(block, out=block)
+        return store
 
     def describe(self):
         return dict(self.params(), zca_eps=self.embedder_.zca_eps, filter_size=self.embedder_.filter_size, n_features=2 * self.n_filters,

@@ -186,3 +186,22 @@ def test_ranking_forests_grow_on_whole_groups_of_the_earlier_folds_at_most_rank_
         assert 300 - 5 < subset.sum() <= 300 and not subset[:400].any()
     model.groups_ = np.repeat(np.arange(3), 400)               # every village larger than the cap: one, whole
     assert model._ranking_units(np.ones(1200, bool)).sum() == 400
+
+
+def test_trees_grow_on_at_most_tree_units_and_smaller_studies_are_unchanged():
+    """Issue 26: each tree of the out-of-bag forest grows on bag_sample of its bag, at most tree_units units; where
+    the cap does not bind the forest is the same bit for bit, and a capped forest still finds the effect."""
+    X, T, Y, tau = tabular_trial(n=1200, seed=8)
+    group = np.arange(1200)
+    T_res, Y_res = T - 0.5, Y - Y.mean()
+    settings = dict(n_estimators=40, max_features=3, seed=4)
+    default = grow_bagged_forest(X, T_res, Y_res, group, **settings)
+    loose = grow_bagged_forest(X, T_res, Y_res, group, tree_units=300, **settings)   # a bag's half: exactly 300
+    capped = grow_bagged_forest(X, T_res, Y_res, group, tree_units=120, **settings)
+    assert {n for bag in default.bags for n in bag.n_samples_subsample_} == {300}
+    assert {n for bag in capped.bags for n in bag.n_samples_subsample_} == {120}
+    np.testing.assert_array_equal(default.out_of_bag(X, group)[0], loose.out_of_bag(X, group)[0])
+    point = capped.out_of_bag(X, group)[0]
+    assert not np.allclose(point, default.out_of_bag(X, group)[0])
+    assert spearmanr(point, tau).correlation > 0.6
+    assert GroupBaggedCausalForest(tree_units=5).tree_units == 5

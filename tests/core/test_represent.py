@@ -360,3 +360,32 @@ def test_windows_beyond_the_memory_budget_go_to_a_file_and_give_the_same_feature
 
     gc.collect()
     assert not glob.glob(os.path.join(tempfile.gettempdir(), "geocate-windows-*"))   # anonymous: no name to leave
+
+
+def test_features_beyond_the_memory_budget_are_float32_in_a_file(small_trial, demo_raster, monkeypatch):
+    """Issue 26, point 2: random convolution features over FEATURE_MEMORY_MB (in double precision) are kept in
+    single precision in a memory-mapped anonymous temporary file: each one the in-memory feature rounded to float32,
+    written a block at a time; the forest's design matrix is built from them; no file is left behind."""
+    import gc
+    import glob
+    import tempfile
+
+    import geocate.core.represent as represent
+    from geocate.core.inputs import design_matrix
+
+    views, _, ok, _ = WindowSource(demo_raster, small_trial.coords, small_trial.crs_wkt).read()
+
+    def features_of():
+        return FeaturePipeline(lambda: RandomConvolutions(seed=5, device="cpu"), seed=5).fit_transform(views, ok)
+
+    expected = features_of()
+    monkeypatch.setattr(represent, "FEATURE_MEMORY_MB", 1)     # 600 units x 512 features x 8 bytes: over 1 MB
+    monkeypatch.setattr(represent, "FEATURE_BLOCK", 128)       # several blocks, the last one short
+    stored = features_of()
+    assert isinstance(expected, np.ndarray) and expected.dtype == np.float64 and not isinstance(expected, np.memmap)
+    assert isinstance(stored, np.memmap) and stored.dtype == np.float32 and stored.shape == expected.shape
+    np.testing.assert_array_equal(stored, expected.astype(np.float32))
+    np.testing.assert_allclose(design_matrix(stored)[0], design_matrix(expected)[0], atol=1e-4)
+    del stored
+    gc.collect()
+    assert not glob.glob(os.path.join(tempfile.gettempdir(), "geocate-features-*"))
