@@ -1,8 +1,10 @@
 """Scaling of geocate:estimatecate's core: wall time and peak memory at 1k, 10k and 100k units.
 
-Usage: python bench/bench_scaling.py [--sizes 1000 10000 100000] [--forest folds out-of-bag] [--json out.json]
+Usage: python bench/bench_scaling.py [--sizes 1000 10000 100000] [--forest folds out-of-bag] [--raster demo|scene|PATH]
+[--json out.json]
 
-For each size, a trial is simulated on the demo imagery (core/simulate.py,
+For each size, a trial is simulated on the demo imagery (--raster scene: the shared data's full Landsat scene, which
+holds a million units; core/simulate.py,
 effects 0, 1, 2.5 by image) and saved; then a fresh Python process runs
 ``core.pipeline.estimate_cate`` on it (windows read through GDAL, MOSAIKS
 features, the cross-fitted forest, the sequential heterogeneity test, the
@@ -29,6 +31,9 @@ from bench_common import save_figures
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 DEMO_RASTER = os.path.join(ROOT, "resources", "demo", "landsat8_demo_b234.tif")
+#: The full Landsat scene of the shared data (2041 x 1860 pixels): the demo crop (1024 x 1024) holds at most 984,064
+#: units at distinct pixels, too few for a million.
+SCENE = os.path.join(ROOT, "..", "shared", "data", "landsat8_224078_20200518_b234.tif")
 PLUGINS = os.path.join(ROOT, ".qgis-profile", "profiles", "default", "python", "plugins")
 
 CHILD = r"""
@@ -91,8 +96,12 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000, 100000])
     parser.add_argument("--forest", nargs="+", default=["folds"], choices=["folds", "out-of-bag"])
+    parser.add_argument("--raster", default="demo",
+                        help="'demo' (the demo crop), 'scene' (the shared data's full Landsat scene, for a million "
+                             "units) or a raster's path")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
+    raster = {"demo": DEMO_RASTER, "scene": SCENE}.get(args.raster, args.raster)
     sys.path.insert(0, PLUGINS)
     from geocate.core.simulate import simulate_trial
 
@@ -100,19 +109,20 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as folder:
         for n in args.sizes:
             started = time.perf_counter()
-            trial = simulate_trial(DEMO_RASTER, n_units=n, seed=11)
+            trial = simulate_trial(raster, n_units=n, seed=11)
             path = os.path.join(folder, f"trial_{n}.npz")
             np.savez(path, xy=trial.coords, crs=trial.crs_wkt, treated=trial.treated, outcome=trial.outcome,
                      covariates=trial.covariates, true_cate=trial.true_cate)
             del trial
             simulated_s = time.perf_counter() - started
             for forest in args.forest:
-                code = CHILD.format(plugins=PLUGINS, path=path, raster=DEMO_RASTER, forest=forest)
+                code = CHILD.format(plugins=PLUGINS, path=path, raster=raster, forest=forest)
                 done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
                 if done.returncode != 0:
                     print(done.stderr[-3000:], file=sys.stderr)
                     raise SystemExit(f"estimate_cate failed at {n} units")
                 row = dict(json.loads(done.stdout.strip().splitlines()[-1]), units=n, forest=forest,
+                           raster=os.path.basename(raster),
                            simulate_s=round(simulated_s, 1))
                 figures.append(row)
                 print(json.dumps(row), flush=True)

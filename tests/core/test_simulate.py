@@ -1,7 +1,9 @@
 """The semi-synthetic trial simulator: determinism and image-driven truth."""
 
 import numpy as np
+import pytest
 
+from geocate.core.errors import GeoCateError
 from geocate.core.patches import extract_patches
 from geocate.core.simulate import simulate_trial
 
@@ -34,3 +36,19 @@ def test_effect_groups_come_from_what_the_windows_show(small_trial, demo_raster)
 def test_no_heterogeneity_when_one_effect_is_given(demo_raster):
     trial = simulate_trial(demo_raster, n_units=100, effects=(1.5,), seed=1)
     assert np.all(trial.true_cate == 1.5) and np.all(trial.true_group == 1)
+
+
+def test_a_trial_larger_than_the_raster_holds_is_refused_at_once(demo_raster, monkeypatch):
+    """The demo crop (1024 x 1024 pixels) holds at most 992 x 992 units 33 pixels wide at distinct pixels: more is
+    refused before any window is read, naming the room and the fix (a million-unit bench once read for an hour)."""
+    import geocate.core.simulate as simulate
+
+    def no_reading(*args, **kwargs):
+        raise AssertionError("a window was read")
+
+    monkeypatch.setattr(simulate, "extract_patches", no_reading)
+    with pytest.raises(GeoCateError, match="room for at most 984,064 units") as refused:
+        simulate_trial(demo_raster, n_units=1_000_000)
+    assert "larger raster" in refused.value.fix
+    with pytest.raises(GeoCateError, match="30 pixels apart"):
+        simulate_trial(demo_raster, n_units=2000, min_spacing_px=30)
