@@ -29,7 +29,8 @@ export.
 K is chosen by the cross-fitted held-out predictive log-likelihood over
 K = 1..max_clusters (K = 1 is the model without heterogeneity), and K > 1 is
 kept only when the held-out test of the clusters' effects rejects
-(cluster_effect_test).
+(cluster_effect_test); neighbouring clusters whose held-out DR effects do not
+differ are then merged (indistinct_neighbours).
 """
 
 from dataclasses import dataclass
@@ -364,6 +365,37 @@ def held_out_cluster_effect(scores, assigned, cluster, groups):
         return (float("nan"), float("nan"), int(inside.sum()))
     estimate, std_err = mean_and_se(np.asarray(scores)[inside], np.asarray(groups)[inside])
     return (float(estimate), float(std_err), int(inside.sum()))
+
+
+def indistinct_neighbours(scores, assigned, n_clusters, groups, alpha=None):
+    """The first pair of neighbouring clusters (j, j + 1, in the order of their effects) whose held-out doubly
+    robust effects do not differ at level ``alpha`` (default CLUSTER_TEST_ALPHA): (j, j + 1, p-value), or None
+    when every neighbour differs (issue 24, point 2). ``assigned``: each unit's most likely cluster (1..K) from
+    the model that did not see it; ``scores``: the cross-fitted DR scores. The difference of the two groups'
+    mean scores has a cluster-robust (CR1, by ``groups``) SE; a two-sided z-test. No unit's assignment was built
+    from its own outcome, so the test is honest. A cluster that no held-out unit is assigned to (or one unit)
+    does not differ from its neighbour."""
+    from scipy.stats import norm
+
+    alpha = CLUSTER_TEST_ALPHA if alpha is None else alpha
+    scores, assigned, groups = np.asarray(scores, float), np.asarray(assigned), np.asarray(groups)
+    for j in range(1, int(n_clusters)):
+        low, high = assigned == j, assigned == j + 1
+        if low.sum() < 2 or high.sum() < 2:
+            return j, j + 1, 1.0
+        influence = np.zeros(len(scores))
+        influence[low] = -(scores[low] - scores[low].mean()) / low.sum()
+        influence[high] = (scores[high] - scores[high].mean()) / high.sum()
+        both = low | high
+        ids = np.unique(groups[both], return_inverse=True)[1].ravel()
+        n_groups = int(ids.max()) + 1
+        sums = np.bincount(ids, weights=influence[both])
+        se = np.sqrt(n_groups / max(n_groups - 1, 1) * np.sum(sums ** 2))
+        difference = scores[high].mean() - scores[low].mean()
+        p_value = float(2 * norm.sf(abs(difference) / se)) if se > 0 else (1.0 if difference == 0 else 0.0)
+        if p_value >= alpha:
+            return j, j + 1, p_value
+    return None
 
 
 #: A cluster holding less than this share of the units (mean probability) is empty: it is dropped.

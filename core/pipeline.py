@@ -783,6 +783,7 @@ def find_clusters(units, raster_path, bands=None, window_size_px=33, nodata=None
         fit_clusters,
         held_out_cluster_effect,
         image_model,
+        indistinct_neighbours,
         without_empty_clusters,
     )
     from .embed import resolve_device
@@ -824,7 +825,7 @@ def find_clusters(units, raster_path, bands=None, window_size_px=33, nodata=None
         if is_cancelled is not None and is_cancelled():
             raise Cancelled()
         if progress is not None:
-            progress(0.2 + 0.75 * n_fits[0] / total_fits, message)
+            progress(0.2 + 0.75 * min(n_fits[0] / total_fits, 1.0), message)   # a merge of clusters refits
 
     options = dict(epochs=epochs, device=device, is_cancelled=is_cancelled,
                    noise_components=NOISE_COMPONENTS if noise_components is None else int(noise_components))
@@ -866,12 +867,28 @@ def find_clusters(units, raster_path, bands=None, window_size_px=33, nodata=None
                        f"{effect_test.p_value:.3f})")
     timings["choose_k_s"] = time.monotonic() - t
     t = time.monotonic()
+
+    def fit_final(k):
+        """(final model on all units, its K, the out-of-fold clusters), K = k less any empty clusters."""
+        fit, k = without_empty_clusters(lambda k: fit_clusters(image_part, covariate_part, W, Y, k, seed=seed,
+                                                               **options),
+                                        k, lambda fit: fit.probabilities(image_part, covariate_part))
+        tick("Final model on all units")
+        return fit, k, cross_fitted_clusters(image_part, covariate_part, W, Y, k, folds, seed=seed, tick=tick,
+                                             **options)
+
     asked = n_clusters
-    final, n_clusters = without_empty_clusters(
-        lambda k: fit_clusters(image_part, covariate_part, W, Y, k, seed=seed, **options), n_clusters,
-        lambda fit: fit.probabilities(image_part, covariate_part))
-    tick("Final model on all units")
-    out = cross_fitted_clusters(image_part, covariate_part, W, Y, n_clusters, folds, seed=seed, tick=tick, **options)
+    final, n_clusters, out = fit_final(n_clusters)
+    # Issue 24, point 2: a K the data chose keeps only clusters whose held-out effects differ from their
+    # neighbours' (a likelihood can split one effect into two clusters to fit a point mass or a tail).
+    while chosen_by_data and n_clusters > 1:
+        pair = indistinct_neighbours(scores, out["group"], n_clusters, groups)
+        if pair is None:
+            break
+        k_rule += (f"; clusters {pair[0]} and {pair[1]} of {n_clusters} had held-out effects that do not differ "
+                   f"(p = {pair[2]:.3f}): K = {n_clusters - 1}")
+        asked = n_clusters - 1
+        final, n_clusters, out = fit_final(n_clusters - 1)
     timings["clusters_s"] = time.monotonic() - t
     forest_test = None
     if forest_check and n_clusters > 1:   # issue 24: does estimatecate's own test support heterogeneity here?

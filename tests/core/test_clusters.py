@@ -264,3 +264,48 @@ def test_empty_clusters_are_dropped_from_the_model_and_the_table(demo_raster):
     study, result, extras = find_clusters(unit_table(trial), demo_raster, n_clusters=4, max_clusters=4, n_folds=3, seed=8)
     assert all(row[4] >= 0.01 for row in extras["clusters"])
     assert len(extras["clusters"]) == result.metadata["n_clusters"] <= 4
+
+
+def test_neighbouring_clusters_whose_held_out_effects_do_not_differ_are_found():
+    """Issue 24, point 2: the z-test of two neighbouring clusters' held-out DR effects, with a cluster-robust SE
+    (CR1 by groups; with every unit its own group, the two-sample SE times sqrt(C / (C - 1)))."""
+    from scipy.stats import norm
+
+    from geocate.core.clusters import indistinct_neighbours
+
+    rng = np.random.default_rng(4)
+    assigned = np.repeat([1, 2, 3], 400)
+    noise = rng.standard_normal(1200)
+    apart = np.repeat([0.0, 1.0, 2.0], 400) + noise
+    assert indistinct_neighbours(apart, assigned, 3, np.arange(1200)) is None
+    close = np.repeat([0.0, 2.0, 2.0], 400) + noise
+    low, high, p_value = indistinct_neighbours(close, assigned, 3, np.arange(1200))
+    a, b = close[400:800], close[800:]
+    se = np.sqrt(800 / 799 * (a.var() / 400 + b.var() / 400))
+    assert (low, high) == (2, 3)
+    np.testing.assert_allclose(p_value, 2 * norm.sf(abs(b.mean() - a.mean()) / se), rtol=1e-10)
+    # Villages of 20 units that share a shock: the SE grows, so a difference that looked real no longer is.
+    village = np.arange(1200) // 20
+    shocked = np.repeat([0.0, 0.2, 2.0], 400) + 0.2 * noise + 0.5 * rng.standard_normal(60)[village]
+    assert indistinct_neighbours(shocked, assigned, 3, np.arange(1200)) is None
+    assert indistinct_neighbours(shocked, assigned, 3, village)[:2] == (1, 2)
+    # A cluster no held-out unit is assigned to does not differ from its neighbour.
+    assert indistinct_neighbours(apart, np.where(assigned == 2, 1, assigned), 3, np.arange(1200)) == (1, 2, 1.0)
+
+
+def test_clusters_the_data_chose_but_whose_held_out_effects_do_not_differ_are_merged(demo_raster, monkeypatch):
+    """Issue 24, point 2: when the likelihood proposes more clusters than there are effects (here forced to
+    K = 3 on a design with two), the neighbours whose held-out effects do not differ are merged, the log says
+    so, and the two effects are found."""
+    import geocate.core.clusters as clusters
+
+    trial = simulate_trial(demo_raster, n_units=800, seed=6, effects=(-1.0, 3.0))
+    monkeypatch.setattr(clusters, "choose_n_clusters", lambda *args, **kwargs: (3, [(1, 0, 0), (2, 0, 0), (3, 0, 0)]))
+    study, result, extras = find_clusters(unit_table(trial), demo_raster, max_clusters=3, n_folds=3, seed=2,
+                                          forest_check=False)
+    assert result.metadata["effect_test"]["clusters"] == 3 and result.metadata["effect_test"]["p_value"] < 0.05
+    assert result.metadata["n_clusters"] == 2, result.metadata["k_rule"]
+    assert "do not differ" in result.metadata["k_rule"] and "K = 2" in result.metadata["k_rule"]
+    assert adjusted_rand_score(trial.true_group, result.group) >= 0.8
+    for truth, row in zip((-1.0, 3.0), extras["clusters"]):
+        assert abs(row[7] - truth) < 3 * row[8] + 0.3
