@@ -79,6 +79,9 @@ data = np.load({path!r}, allow_pickle=False)
 units = UnitTable(xy=data["xy"], crs_wkt=str(data["crs"]), treated=data["treated"].astype(float),
                   outcome=data["outcome"], covariates=data["covariates"], covariate_names=("assets", "distance"))
 started, cpu = time.perf_counter(), time.process_time()
+if {tree_units!r} is not None:
+    import geocate.core.learners
+    geocate.core.learners.TREE_UNITS = {tree_units!r}
 study, result = estimate_cate(units, {raster!r}, seed=11, forest={forest!r})
 wall = time.perf_counter() - started
 cate = result.cate[study.used]
@@ -99,6 +102,8 @@ def main(argv=None):
     parser.add_argument("--raster", default="demo",
                         help="'demo' (the demo crop), 'scene' (the shared data's full Landsat scene, for a million "
                              "units) or a raster's path")
+    parser.add_argument("--tree-units", type=int, default=None,
+                        help="the out-of-bag forest's largest tree (core.learners.TREE_UNITS), to see what the cap costs")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     raster = {"demo": DEMO_RASTER, "scene": SCENE}.get(args.raster, args.raster)
@@ -116,13 +121,13 @@ def main(argv=None):
             del trial
             simulated_s = time.perf_counter() - started
             for forest in args.forest:
-                code = CHILD.format(plugins=PLUGINS, path=path, raster=raster, forest=forest)
+                code = CHILD.format(plugins=PLUGINS, path=path, raster=raster, forest=forest, tree_units=args.tree_units)
                 done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
                 if done.returncode != 0:
                     print(done.stderr[-3000:], file=sys.stderr)
                     raise SystemExit(f"estimate_cate failed at {n} units")
                 row = dict(json.loads(done.stdout.strip().splitlines()[-1]), units=n, forest=forest,
-                           raster=os.path.basename(raster),
+                           raster=os.path.basename(raster), tree_units=args.tree_units,
                            simulate_s=round(simulated_s, 1))
                 figures.append(row)
                 print(json.dumps(row), flush=True)

@@ -371,28 +371,36 @@ def indistinct_neighbours(scores, assigned, n_clusters, groups, alpha=None):
     """The first pair of neighbouring clusters (j, j + 1, in the order of their effects) whose held-out doubly
     robust effects do not differ at level ``alpha`` (default CLUSTER_TEST_ALPHA): (j, j + 1, p-value), or None
     when every neighbour differs (issue 24, point 2). ``assigned``: each unit's most likely cluster (1..K) from
-    the model that did not see it; ``scores``: the cross-fitted DR scores. The difference of the two groups'
-    mean scores has a cluster-robust (CR1, by ``groups``) SE; a two-sided z-test. No unit's assignment was built
-    from its own outcome, so the test is honest. A cluster that no held-out unit is assigned to (or one unit)
-    does not differ from its neighbour."""
+    the model that did not see its fold; ``scores``: the cross-fitted DR scores. The difference of the two
+    groups' mean scores gets a cluster-robust SE (CR1 by ``groups``, core.scores.mean_and_se of its influence),
+    read as a t with C - 1 degrees of freedom (C groups; core.evaluate.small_sample_z), two-sided.
+
+    No unit's assignment comes from its own outcome; the models that assign one fold did see the other folds'
+    outcomes, whose scores enter the same difference, so the SE is approximate (the sequential test,
+    cluster_effect_test, avoids this and remains the test of heterogeneity). The rule only ever lowers K.
+    p-value NaN: a cluster held fewer than 2 held-out units, or spans fewer than 2 groups (nothing to compare)."""
     from scipy.stats import norm
+
+    from .evaluate import small_sample_z
+    from .scores import mean_and_se
 
     alpha = CLUSTER_TEST_ALPHA if alpha is None else alpha
     scores, assigned, groups = np.asarray(scores, float), np.asarray(assigned), np.asarray(groups)
     for j in range(1, int(n_clusters)):
         low, high = assigned == j, assigned == j + 1
-        if low.sum() < 2 or high.sum() < 2:
-            return j, j + 1, 1.0
-        influence = np.zeros(len(scores))
-        influence[low] = -(scores[low] - scores[low].mean()) / low.sum()
-        influence[high] = (scores[high] - scores[high].mean()) / high.sum()
+        if min(len(np.unique(groups[low])), len(np.unique(groups[high])), low.sum(), high.sum()) < 2:
+            return j, j + 1, float("nan")
         both = low | high
-        ids = np.unique(groups[both], return_inverse=True)[1].ravel()
-        n_groups = int(ids.max()) + 1
-        sums = np.bincount(ids, weights=influence[both])
-        se = np.sqrt(n_groups / max(n_groups - 1, 1) * np.sum(sums ** 2))
+        # Each unit's part of (mean of high) - (mean of low), times the units of both: mean_and_se's mean is then
+        # 0 and its SE the difference's CR1 SE (groups that hold units of both clusters included).
+        influence = np.where(high, (scores - scores[high].mean()) / high.sum(),
+                             -(scores - scores[low].mean()) / low.sum())[both] * both.sum()
+        n_groups = len(np.unique(groups[both]))
+        se = mean_and_se(influence, groups[both])[1]
         difference = scores[high].mean() - scores[low].mean()
-        p_value = float(2 * norm.sf(abs(difference) / se)) if se > 0 else (1.0 if difference == 0 else 0.0)
+        if not se > 0:
+            return j, j + 1, float("nan")
+        p_value = float(2 * norm.sf(abs(small_sample_z(difference / se, n_groups))))
         if p_value >= alpha:
             return j, j + 1, p_value
     return None

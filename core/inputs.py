@@ -31,9 +31,13 @@ def design_matrix(features, covariates=None):
     if has_covariates:
         matrix[:, n_image:] = np.asarray(covariates, dtype=float).reshape(n, -1)
     # Scaled a block of columns at a time: std's temporary is then one block, not another copy of the matrix
-    # (4.1 GB at a million units); the numbers are those of the whole matrix's mean and std, bit for bit.
-    for start in range(0, matrix.shape[1], SCALE_COLUMNS):
-        block = matrix[:, start:start + SCALE_COLUMNS]
+    # (4.1 GB at a million units); the numbers are those of the whole matrix's mean and std, bit for bit. (numpy
+    # sums a single strided column pairwise, not row after row: a last block of one column joins the one before.)
+    edges = list(range(0, matrix.shape[1], SCALE_COLUMNS)) + [matrix.shape[1]]
+    if len(edges) > 2 and edges[-1] - edges[-2] == 1:
+        del edges[-2]
+    for start, end in zip(edges[:-1], edges[1:]):
+        block = matrix[:, start:end]
         mean, sd = block.mean(axis=0), block.std(axis=0)
         block -= mean
         block /= np.where(sd > 0, sd, 1.0)

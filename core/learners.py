@@ -573,17 +573,18 @@ def fit_on_rows(forest, X, T, y, rows):
 #: Units a tree of the out-of-bag forest grows on at most (issue 26). Each tree takes half of its bag's units, a
 #: quarter of the study's, up to this: studies under about 400,000 units are not cut; at a million units the trees
 #: grow on 100,000 units instead of 250,000 (subsamples that grow more slowly than the study, as the theory of
-#: random forests asks; grf's sample.fraction is the same knob), which took the forest's growth from an
-#: estimated ~22 minutes to about 9.
+#: random forests asks; grf's sample.fraction is the same knob): the forest's growth took 9.5 minutes on 2 cores
+#: at a million units (about 22 estimated without the cap; bench_scaling.py, docs/benchmarks.md).
 TREE_UNITS = 100000
 
 
 def grow_bagged_forest(X, T_res, Y_res, group_index, n_estimators=200, trees_per_bag=2, bag_sample=0.5,
                        min_samples_leaf=3, max_features=20, seed=42, n_jobs=-1, progress=None, is_cancelled=None,
-                       tree_units=TREE_UNITS):
+                       tree_units=None):
     """A BaggedForest on residuals: ``n_estimators`` trees in bags of ``trees_per_bag``, each bag an econml
     CausalForest of honest trees grown on the units of a random half of the groups (``group_index``: each unit's
-    group, 0..G-1), each tree on ``bag_sample`` of its bag's units, at most ``tree_units``. econml draws each
+    group, 0..G-1), each tree on ``bag_sample`` of its bag's units, at most ``tree_units`` (None: TREE_UNITS, read
+    when called). econml draws each
     tree's units one by one and cannot keep a group whole, so the halves are drawn here. progress(fraction,
     message) from 0.2 to 0.8."""
     grf = require("econml.grf", "econml==0.16.0")
@@ -605,6 +606,7 @@ def grow_bagged_forest(X, T_res, Y_res, group_index, n_estimators=200, trees_per
         drawn[rng.integers(n_bags), g] = False
     states = rng.integers(2 ** 31 - 1, size=n_bags)
     X = np.asarray(X, dtype=np.float64)          # once: each bag's trees take their rows from this matrix
+    tree_units = TREE_UNITS if tree_units is None else tree_units
 
     def grow(b):
         rows = np.flatnonzero(drawn[b][group_index])
@@ -641,16 +643,15 @@ class GroupBaggedCausalForest(CrossFittedCausalForest):
     Y - m(x), W - e come from models that did not see its fold). The forest is ``n_estimators`` trees in little
     bags of ``trees_per_bag``: each bag is grown on the units of a random half of the **groups** (locations,
     clusters, spatial blocks; econml draws units, so the bags are drawn here and each is an econml forest of
-    ``trees_per_bag`` honest trees on its half, each tree on at most ``tree_units`` units), and each unit is
-    predicted by the bags that did not draw its
-    group - no tree that saw a unit's group predicts for it. The variance is the little bags' (between-bag
+    ``trees_per_bag`` honest trees on its half, each tree on at most ``tree_units`` units, None: TREE_UNITS), and
+    each unit is predicted by the bags that did not draw its group - no tree that saw a unit's group predicts for
+    it. The variance is the little bags' (between-bag
     variance of the bags' moments less the within-bag part, debiased as econml does: little_bag_variance), over
     the unit's own out-of-bag bags. The calibration (EffectCalibration) is cross-fitted on the study's folds: fold
     k's units get a curve fitted on the other folds' out-of-bag predictions and DR scores. Unlike a fold forest's,
     those predictions come from bags that may have grown on fold k's outcomes (and the scores' outcome models saw
     fold k): a weak path (one unit among thousands behind a one-dimensional monotone curve), documented rather
-    than closed. Effects at new points
-    use every bag and a calibration fitted on all units.
+    than closed. Effects at new points use every bag and a calibration fitted on all units.
 
     The heterogeneity test is CrossFittedCausalForest's (fold k ranked by a forest grown on the earlier folds
     alone): the out-of-bag forest saw every fold's outcomes, so its ranking never enters the test. Each ranking
@@ -662,7 +663,7 @@ class GroupBaggedCausalForest(CrossFittedCausalForest):
 
     def __init__(self, n_folds=5, n_estimators=200, trees_per_bag=2, bag_sample=0.5, min_samples_leaf=3,
                  max_features="auto", seed=42, n_jobs=-1, calibrate=True, rank_units=RANK_UNITS,
-                 tree_units=TREE_UNITS):
+                 tree_units=None):
         super().__init__(n_folds=n_folds, n_estimators=n_estimators, min_samples_leaf=min_samples_leaf,
                          max_features=max_features, seed=seed, n_jobs=n_jobs, calibrate=calibrate)
         self.trees_per_bag = trees_per_bag

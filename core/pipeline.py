@@ -760,7 +760,8 @@ def find_clusters(units, raster_path, bands=None, window_size_px=33, nodata=None
 
     n_clusters 0: K chosen over 1..max_clusters by cross-fitted held-out
     likelihood, kept above 1 only when the held-out test of the clusters' effects
-    rejects. noise_components: Gaussians in each arm's shared noise mixture (None:
+    rejects; neighbouring clusters whose held-out effects do not differ are then
+    merged (refit with one cluster fewer; core.clusters.indistinct_neighbours). noise_components: Gaussians in each arm's shared noise mixture (None:
     core.clusters.NOISE_COMPONENTS; 0: the paper's Gaussian noise per cluster).
     forest_check: with K > 1, estimatecate's causal forest and its heterogeneity
     test run on the same units and folds (forest_heterogeneity_test); clusters
@@ -877,18 +878,22 @@ def find_clusters(units, raster_path, bands=None, window_size_px=33, nodata=None
         return fit, k, cross_fitted_clusters(image_part, covariate_part, W, Y, k, folds, seed=seed, tick=tick,
                                              **options)
 
-    asked = n_clusters
+    asked, dropped = n_clusters, 0
     final, n_clusters, out = fit_final(n_clusters)
+    dropped += asked - n_clusters
     # Issue 24, point 2: a K the data chose keeps only clusters whose held-out effects differ from their
     # neighbours' (a likelihood can split one effect into two clusters to fit a point mass or a tail).
     while chosen_by_data and n_clusters > 1:
         pair = indistinct_neighbours(scores, out["group"], n_clusters, groups)
         if pair is None:
             break
-        k_rule += (f"; clusters {pair[0]} and {pair[1]} of {n_clusters} had held-out effects that do not differ "
-                   f"(p = {pair[2]:.3f}): K = {n_clusters - 1}")
-        asked = n_clusters - 1
-        final, n_clusters, out = fit_final(n_clusters - 1)
+        why = (f"had held-out effects that do not differ (p = {pair[2]:.3f})" if np.isfinite(pair[2]) else
+               f"could not be compared (cluster {pair[0]} or {pair[1]} held fewer than 2 units or groups out of "
+               "fold)")
+        final, k, out = fit_final(n_clusters - 1)
+        dropped += n_clusters - 1 - k
+        k_rule += f"; clusters {pair[0]} and {pair[1]} of {n_clusters} {why}: refit with K = {k}"
+        n_clusters = k
     timings["clusters_s"] = time.monotonic() - t
     forest_test = None
     if forest_check and n_clusters > 1:   # issue 24: does estimatecate's own test support heterogeneity here?
@@ -939,8 +944,8 @@ def find_clusters(units, raster_path, bands=None, window_size_px=33, nodata=None
                       "folds", "estimate": forest_test.estimate, "std_err": forest_test.std_err,
             "p_value": forest_test.p_value, "supports_clusters": bool(forest_test.p_value < CLUSTER_TEST_ALPHA)},
         "warnings": [w for w in (unsupported, forest_disagrees, overlap_warning(study, window_size_px, block_size),
-                                 f"{asked - n_clusters} of {asked} clusters held (almost) no units and were dropped: "
-                                 f"{n_clusters} remain." if asked > n_clusters else None,
+                                 f"{dropped} of the clusters held (almost) no units and were dropped: "
+                                 f"{n_clusters} remain." if dropped else None,
                                  randomization_warning(trial.check), few_clusters_warning(study, folds)) if w],
         "strata": len(study.stratum_labels) if study.strata is not None else None,
         "propensity": trial.known_from or "the treated share", "randomization_check": trial.check,

@@ -532,8 +532,9 @@ def cluster_report(metadata, html_path, figures, typical=None, rgb_order=(0, 1, 
          "cluster's effect is its posterior 95 % interval; 'share' is the mean probability over the units. K is "
          "proposed by the held-out likelihood of the cross-fitted model (the smallest K within one standard error "
          "of the best) and kept above 1 only when the clusters' effects differ in units the model did not see (a "
-         "held-out test; a mixture can otherwise fit the outcome's shape - zeros, skew - rather than its effect), "
-         "so K = 1 means the images show no heterogeneity. The salience maps show which pixels "
+         "held-out test; a mixture can otherwise fit the outcome's shape - zeros, skew - rather than its effect); "
+         "neighbouring clusters whose held-out effects do not differ are then merged (the model refit with one "
+         "cluster fewer), so K = 1 means the images show no heterogeneity. The salience maps show which pixels "
          "move a unit's cluster probability most (brighter = more). ± and intervals are 95 %.</p>"),
         ("Summary", summary),
         ("Clusters", table(["cluster", "share of units", "effect", "95 % low", "95 % high", "outcome sd, control",

@@ -49,7 +49,7 @@ FEATURE_MEMORY_MB = 1024
 FEATURE_BLOCK = 65536
 POOLINGS = ("concatenate", "difference", "variance")
 #: Version of what a cached entry holds; bump it when the features for the same key would change.
-CACHE_VERSION = 1
+CACHE_VERSION = 2   # 2: features beyond FEATURE_MEMORY_MB are float32 (issue 26)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -230,7 +230,8 @@ class RandomConvolutions:
     def transform(self, windows, rows=None, progress=None, is_cancelled=None):
         """Windows -> log1p of the pooled responses, (n, 2 n_filters): in double precision in memory, or, beyond
         FEATURE_MEMORY_MB in double, in single precision in a memory-mapped temporary file (each block's
-        logarithm taken in double, then stored)."""
+        logarithm taken in double, then stored). The budget is per view and date: several scales or dates are
+        joined (FeaturePipeline) in memory, in single precision; features read back from the cache are in memory."""
         n = len(windows) if rows is None else len(rows)
         store = None
         if n * 2 * self.n_filters * 8 > FEATURE_MEMORY_MB * 2 ** 20:
@@ -438,7 +439,8 @@ def study_features(study, source, pipeline, cache=None, progress=None, is_cancel
         views = source.read(progress, is_cancelled)[0]
     features = pipeline.fit_transform(views, study.used, progress, is_cancelled)
     if cache is not None:
-        cache.store(key, "features", {"features": features, "pipeline": pipeline})
+        # A plain array: a memory-mapped store would be pickled through a copy of all of it (2 GB at a million).
+        cache.store(key, "features", {"features": np.asarray(features), "pipeline": pipeline})
     return features, pipeline, time.monotonic() - started, False
 
 

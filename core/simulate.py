@@ -71,10 +71,12 @@ def simulate_trial(raster_path, n_units=1000, window_size_px=33, effects=(0.0, 1
     half = window_size_px // 2
     gt = info.geotransform
     spacing = max(min_spacing_px, 1)
-    cells = ((info.width - 2 * half + spacing - 1) // spacing) * ((info.height - 2 * half + spacing - 1) // spacing)
+    # Units stand at pixels half..size-half-1 of each axis, in cells (pixel // spacing): the distinct cells per axis.
+    cells = int(np.prod([max((size - half - 1) // spacing - half // spacing + 1, 0) if size > 2 * half else 0
+                         for size in (info.width, info.height)]))
     if n_units > cells:   # units need distinct cells: say so now, not after 50 rounds of reading
         raise GeoCateError(
-            f"'{raster_path}' has room for at most {max(cells, 0):,} units {window_size_px} pixels wide"
+            f"'{raster_path}' has room for at most {cells:,} units {window_size_px} pixels wide"
             f"{f' and {min_spacing_px} pixels apart' if min_spacing_px else ' at distinct pixels'}; "
             f"{n_units:,} were asked for.",
             "Use fewer units, a smaller window or spacing, or a larger raster.")

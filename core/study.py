@@ -166,14 +166,19 @@ def check_window_memory(source, n_units, share=0.6):
     """Refuse, before reading, windows that would not fit (a window of 999 pixels reached 14 GB before anything
     said so): units x bands x window^2 x 4 bytes for each scale and date, against the memory free - or, beyond
     WindowSource's memory budget (core.patches.window_store: those windows go to a memory-mapped temporary file),
-    against the disk space free where temporary files go."""
+    against the disk space free where temporary files go, with their features (which then go to a file too)."""
     import shutil
     import tempfile
 
     bands = len(source.bands) if source.bands else source.infos[0].band_count
     per_pixel = n_units * bands * 4 * max(len(source.scales), 1) * len(source.raster_paths)
     need = per_pixel * source.window_size_px ** 2
+    what = "The image windows"
     if source.windows_held(n_units) != "memory":
+        # Their features go to a temporary file too (core.represent.FEATURE_MEMORY_MB): 512 random convolution
+        # features per window and date in single precision.
+        need += n_units * 512 * 4 * max(len(source.scales), 1) * len(source.raster_paths)
+        what = "The image windows and their features"
         where, free = f"disk space in {tempfile.gettempdir()}", shutil.disk_usage(tempfile.gettempdir()).free
         fix_place = "free disk space there (or point TMPDIR elsewhere)"
     else:
@@ -187,7 +192,7 @@ def check_window_memory(source, n_units, share=0.6):
     if need > share * free:
         fits = int((share * free / per_pixel) ** 0.5)
         raise GeoCateError(
-            f"The image windows would need {need / 2 ** 30:.1f} GB of {where} ({n_units} units x {bands} band(s) x "
+            f"{what} would need {need / 2 ** 30:.1f} GB of {where} ({n_units} units x {bands} band(s) x "
             f"{source.window_size_px} x {source.window_size_px} pixels), and {free / 2 ** 30:.1f} GB are free.",
             f"Use a smaller window size (at most about {max(fits, 3)} pixels here), fewer bands, or fewer units; "
             f"or {fix_place}.")

@@ -188,7 +188,7 @@ def test_ranking_forests_grow_on_whole_groups_of_the_earlier_folds_at_most_rank_
     assert model._ranking_units(np.ones(1200, bool)).sum() == 400
 
 
-def test_trees_grow_on_at_most_tree_units_and_smaller_studies_are_unchanged():
+def test_trees_grow_on_at_most_tree_units_and_smaller_studies_are_unchanged(monkeypatch):
     """Issue 26: each tree of the out-of-bag forest grows on bag_sample of its bag, at most tree_units units; where
     the cap does not bind the forest is the same bit for bit, and a capped forest still finds the effect."""
     X, T, Y, tau = tabular_trial(n=1200, seed=8)
@@ -204,4 +204,11 @@ def test_trees_grow_on_at_most_tree_units_and_smaller_studies_are_unchanged():
     point = capped.out_of_bag(X, group)[0]
     assert not np.allclose(point, default.out_of_bag(X, group)[0])
     assert spearmanr(point, tau).correlation > 0.6
-    assert GroupBaggedCausalForest(tree_units=5).tree_units == 5
+    # None (the default) is core.learners.TREE_UNITS when the forest grows (bench_scaling.py --tree-units sets it).
+    import geocate.core.learners as learners
+
+    monkeypatch.setattr(learners, "TREE_UNITS", 150)
+    assert {n for bag in grow_bagged_forest(X, T_res, Y_res, group, **settings).bags
+            for n in bag.n_samples_subsample_} == {150}
+    model = GroupBaggedCausalForest(n_estimators=20, seed=1).fit(Y, T, X)
+    assert model.tree_units is None and {n for bag in model.model_.bags for n in bag.n_samples_subsample_} == {150}

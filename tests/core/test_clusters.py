@@ -267,9 +267,10 @@ def test_empty_clusters_are_dropped_from_the_model_and_the_table(demo_raster):
 
 
 def test_neighbouring_clusters_whose_held_out_effects_do_not_differ_are_found():
-    """Issue 24, point 2: the z-test of two neighbouring clusters' held-out DR effects, with a cluster-robust SE
-    (CR1 by groups; with every unit its own group, the two-sample SE times sqrt(C / (C - 1)))."""
-    from scipy.stats import norm
+    """Issue 24, point 2: the test of two neighbouring clusters' held-out DR effects, with a cluster-robust SE
+    (CR1 by groups; with every unit its own group, the two-sample SE times sqrt(C / (C - 1))), read as a t with
+    C - 1 degrees of freedom."""
+    from scipy.stats import t as student
 
     from geocate.core.clusters import indistinct_neighbours
 
@@ -283,14 +284,24 @@ def test_neighbouring_clusters_whose_held_out_effects_do_not_differ_are_found():
     a, b = close[400:800], close[800:]
     se = np.sqrt(800 / 799 * (a.var() / 400 + b.var() / 400))
     assert (low, high) == (2, 3)
-    np.testing.assert_allclose(p_value, 2 * norm.sf(abs(b.mean() - a.mean()) / se), rtol=1e-10)
+    np.testing.assert_allclose(p_value, 2 * student.sf(abs(b.mean() - a.mean()) / se, 799), rtol=1e-8)
+    # Groups that hold units of both clusters: the CR1 SE sums each group's parts of the difference first.
+    mixed = np.arange(1200) % 40
+    parts = np.where(assigned == 3, (close - b.mean()) / 400, -(close - a.mean()) / 400)[400:]
+    sums = np.bincount(mixed[400:], weights=parts)
+    se = np.sqrt(40 / 39 * np.sum(sums ** 2))
+    np.testing.assert_allclose(indistinct_neighbours(close, assigned, 3, mixed)[2],
+                               2 * student.sf(abs(b.mean() - a.mean()) / se, 39), rtol=1e-8)
     # Villages of 20 units that share a shock: the SE grows, so a difference that looked real no longer is.
     village = np.arange(1200) // 20
     shocked = np.repeat([0.0, 0.2, 2.0], 400) + 0.2 * noise + 0.5 * rng.standard_normal(60)[village]
     assert indistinct_neighbours(shocked, assigned, 3, np.arange(1200)) is None
     assert indistinct_neighbours(shocked, assigned, 3, village)[:2] == (1, 2)
-    # A cluster no held-out unit is assigned to does not differ from its neighbour.
-    assert indistinct_neighbours(apart, np.where(assigned == 2, 1, assigned), 3, np.arange(1200)) == (1, 2, 1.0)
+    # A cluster no held-out unit is assigned to, or one inside a single group, does not differ from its neighbour.
+    empty = indistinct_neighbours(apart, np.where(assigned == 2, 1, assigned), 3, np.arange(1200))
+    assert empty[:2] == (1, 2) and np.isnan(empty[2])
+    one_group = indistinct_neighbours(apart, assigned, 3, np.repeat([0, 1, 2], 400))
+    assert one_group[:2] == (1, 2) and np.isnan(one_group[2])
 
 
 def test_clusters_the_data_chose_but_whose_held_out_effects_do_not_differ_are_merged(demo_raster, monkeypatch):

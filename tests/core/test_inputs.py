@@ -10,6 +10,10 @@ def test_design_matrix_scales_in_column_blocks_to_the_same_numbers_as_the_whole_
     million units); the numbers are those of the whole matrix's mean and sd, bit for bit, from float32 features as
     from float64 ones; a constant column stays 0; covariates come after the image columns."""
     rng = np.random.default_rng(3)
+    for n_columns in (1, 2, SCALE_COLUMNS + 1, 2 * SCALE_COLUMNS - 1, 2 * SCALE_COLUMNS + 1, 513):  # 1 column alone
+        features = np.exp(rng.standard_normal((3000, n_columns)))
+        np.testing.assert_array_equal(design_matrix(features)[0],
+                                      (features - features.mean(axis=0)) / features.std(axis=0))
     features = np.exp(rng.standard_normal((3000, 2 * SCALE_COLUMNS + 7)))
     features[:, 5] = 2.5
     covariates = rng.standard_normal((3000, 2))

@@ -379,6 +379,7 @@ def test_features_beyond_the_memory_budget_are_float32_in_a_file(small_trial, de
         return FeaturePipeline(lambda: RandomConvolutions(seed=5, device="cpu"), seed=5).fit_transform(views, ok)
 
     expected = features_of()
+    before = len(deleted_files_mapped())
     monkeypatch.setattr(represent, "FEATURE_MEMORY_MB", 1)     # 600 units x 512 features x 8 bytes: over 1 MB
     monkeypatch.setattr(represent, "FEATURE_BLOCK", 128)       # several blocks, the last one short
     stored = features_of()
@@ -386,6 +387,15 @@ def test_features_beyond_the_memory_budget_are_float32_in_a_file(small_trial, de
     assert isinstance(stored, np.memmap) and stored.dtype == np.float32 and stored.shape == expected.shape
     np.testing.assert_array_equal(stored, expected.astype(np.float32))
     np.testing.assert_allclose(design_matrix(stored)[0], design_matrix(expected)[0], atol=1e-4)
+    # The file has no name (nothing to leave behind), and its mapping goes with the array.
+    assert not glob.glob(os.path.join(tempfile.gettempdir(), "geocate-features-*"))
+    assert len(deleted_files_mapped()) > before
     del stored
     gc.collect()
-    assert not glob.glob(os.path.join(tempfile.gettempdir(), "geocate-features-*"))
+    assert len(deleted_files_mapped()) == before
+
+
+def deleted_files_mapped():
+    """This process's memory mappings of deleted files (an anonymous temporary file is one from the start)."""
+    with open("/proc/self/maps") as maps:
+        return [line for line in maps if line.rstrip().endswith("(deleted)")]

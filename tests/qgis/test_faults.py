@@ -208,9 +208,17 @@ def test_windows_too_large_for_memory_are_refused_before_reading(monkeypatch):
     with pytest.raises(GeoCateError, match=r"would need 13\.4 GB of memory .*at most about \d+ pixels"):
         check_window_memory(source, 1200)
     source.memory_mb = None               # the default budget (1 GB): beyond it the windows go to a file on disk
-    with pytest.raises(GeoCateError, match=r"would need 13\.4 GB of disk space in .*free disk space there"):
+    with pytest.raises(GeoCateError, match=r"windows and their features would need 13\.4 GB of disk space in .*free "
+                                           r"disk space there"):
         check_window_memory(source, 1200)
-    source.window_size_px = 33
+    # The features of windows held on disk are counted too: 500,000 units' windows (6.1 GB) fit in 60 % of 11 GB
+    # free, with their features (1.0 GB more) they do not; with 12 GB free they do.
+    source.window_size_px, source.scales = 33, (33,)
+    Disk.free = 11 * 2 ** 30
+    with pytest.raises(GeoCateError, match=r"windows and their features would need 7\.0 GB of disk space"):
+        check_window_memory(source, 500_000)
+    Disk.free = 12 * 2 ** 30
+    check_window_memory(source, 500_000)
     check_window_memory(source, 1200)   # 15 MB: fine
 
 
