@@ -378,7 +378,8 @@ def indistinct_neighbours(scores, assigned, n_clusters, groups, alpha=None):
     No unit's assignment comes from its own outcome; the models that assign one fold did see the other folds'
     outcomes, whose scores enter the same difference, so the SE is approximate (the sequential test,
     cluster_effect_test, avoids this and remains the test of heterogeneity). The rule only ever lowers K.
-    p-value NaN: a cluster held fewer than 2 held-out units, or spans fewer than 2 groups (nothing to compare)."""
+    p-value NaN: a cluster held fewer than 2 held-out units, or spans fewer than 2 groups, or both hold one and
+    the same score (nothing to compare)."""
     from scipy.stats import norm
 
     from .evaluate import small_sample_z
@@ -398,7 +399,9 @@ def indistinct_neighbours(scores, assigned, n_clusters, groups, alpha=None):
         n_groups = len(np.unique(groups[both]))
         se = mean_and_se(influence, groups[both])[1]
         difference = scores[high].mean() - scores[low].mean()
-        if not se > 0:
+        if not se > 0:      # no spread within either cluster: they differ exactly when their means do
+            if difference != 0:
+                continue
             return j, j + 1, float("nan")
         p_value = float(2 * norm.sf(abs(small_sample_z(difference / se, n_groups))))
         if p_value >= alpha:

@@ -761,7 +761,8 @@ def find_clusters(units, raster_path, bands=None, window_size_px=33, nodata=None
     n_clusters 0: K chosen over 1..max_clusters by cross-fitted held-out
     likelihood, kept above 1 only when the held-out test of the clusters' effects
     rejects; neighbouring clusters whose held-out effects do not differ are then
-    merged (refit with one cluster fewer; core.clusters.indistinct_neighbours). noise_components: Gaussians in each arm's shared noise mixture (None:
+    merged (refit with one cluster fewer; core.clusters.indistinct_neighbours).
+    noise_components: Gaussians in each arm's shared noise mixture (None:
     core.clusters.NOISE_COMPONENTS; 0: the paper's Gaussian noise per cluster).
     forest_check: with K > 1, estimatecate's causal forest and its heterogeneity
     test run on the same units and folds (forest_heterogeneity_test); clusters
@@ -889,7 +890,7 @@ def find_clusters(units, raster_path, bands=None, window_size_px=33, nodata=None
             break
         why = (f"had held-out effects that do not differ (p = {pair[2]:.3f})" if np.isfinite(pair[2]) else
                f"could not be compared (cluster {pair[0]} or {pair[1]} held fewer than 2 units or groups out of "
-               "fold)")
+               "fold, or no spread)")
         final, k, out = fit_final(n_clusters - 1)
         dropped += n_clusters - 1 - k
         k_rule += f"; clusters {pair[0]} and {pair[1]} of {n_clusters} {why}: refit with K = {k}"

@@ -173,11 +173,13 @@ def check_window_memory(source, n_units, share=0.6):
     bands = len(source.bands) if source.bands else source.infos[0].band_count
     per_pixel = n_units * bands * 4 * max(len(source.scales), 1) * len(source.raster_paths)
     need = per_pixel * source.window_size_px ** 2
-    what = "The image windows"
+    what, feature_need = "The image windows", 0
     if source.windows_held(n_units) != "memory":
         # Their features go to a temporary file too (core.represent.FEATURE_MEMORY_MB): 512 random convolution
-        # features per window and date in single precision.
-        need += n_units * 512 * 4 * max(len(source.scales), 1) * len(source.raster_paths)
+        # features per window and date in single precision (an estimate: smaller studies keep them in memory, and
+        # an encoder's may be fewer; features over the budget beside windows held in memory are not counted).
+        feature_need = n_units * 512 * 4 * max(len(source.scales), 1) * len(source.raster_paths)
+        need += feature_need
         what = "The image windows and their features"
         where, free = f"disk space in {tempfile.gettempdir()}", shutil.disk_usage(tempfile.gettempdir()).free
         fix_place = "free disk space there (or point TMPDIR elsewhere)"
@@ -190,7 +192,7 @@ def check_window_memory(source, n_units, share=0.6):
         except ImportError:  # without psutil: only the plainly impossible is refused
             free = 64 * 2 ** 30
     if need > share * free:
-        fits = int((share * free / per_pixel) ** 0.5)
+        fits = int((max(share * free - feature_need, 0) / per_pixel) ** 0.5)
         raise GeoCateError(
             f"{what} would need {need / 2 ** 30:.1f} GB of {where} ({n_units} units x {bands} band(s) x "
             f"{source.window_size_px} x {source.window_size_px} pixels), and {free / 2 ** 30:.1f} GB are free.",

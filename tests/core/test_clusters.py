@@ -290,8 +290,13 @@ def test_neighbouring_clusters_whose_held_out_effects_do_not_differ_are_found():
     parts = np.where(assigned == 3, (close - b.mean()) / 400, -(close - a.mean()) / 400)[400:]
     sums = np.bincount(mixed[400:], weights=parts)
     se = np.sqrt(40 / 39 * np.sum(sums ** 2))
-    np.testing.assert_allclose(indistinct_neighbours(close, assigned, 3, mixed)[2],
-                               2 * student.sf(abs(b.mean() - a.mean()) / se, 39), rtol=1e-8)
+    low, high, p_value = indistinct_neighbours(close, assigned, 3, mixed)
+    assert (low, high) == (2, 3)
+    np.testing.assert_allclose(p_value, 2 * student.sf(abs(b.mean() - a.mean()) / se, 39), rtol=1e-8)
+    # No spread within the clusters: different means differ, equal ones cannot be told apart.
+    assert indistinct_neighbours(np.repeat([0.0, 1.0, 2.0], 400), assigned, 3, np.arange(1200)) is None
+    same = indistinct_neighbours(np.repeat([0.0, 1.0, 1.0], 400), assigned, 3, np.arange(1200))
+    assert same[:2] == (2, 3) and np.isnan(same[2])
     # Villages of 20 units that share a shock: the SE grows, so a difference that looked real no longer is.
     village = np.arange(1200) // 20
     shocked = np.repeat([0.0, 0.2, 2.0], 400) + 0.2 * noise + 0.5 * rng.standard_normal(60)[village]

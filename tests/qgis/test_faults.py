@@ -215,8 +215,15 @@ def test_windows_too_large_for_memory_are_refused_before_reading(monkeypatch):
     # free, with their features (1.0 GB more) they do not; with 12 GB free they do.
     source.window_size_px, source.scales = 33, (33,)
     Disk.free = 11 * 2 ** 30
-    with pytest.raises(GeoCateError, match=r"windows and their features would need 7\.0 GB of disk space"):
+    with pytest.raises(GeoCateError, match=r"windows and their features would need 7\.0 GB of disk space") as refused:
         check_window_memory(source, 500_000)
+    import re
+
+    suggested = int(re.search(r"at most about (\d+) pixels", str(refused.value)).group(1))
+    assert suggested < 33
+    source.window_size_px = suggested
+    check_window_memory(source, 500_000)       # the window size the message suggests fits
+    source.window_size_px = 33
     Disk.free = 12 * 2 ** 30
     check_window_memory(source, 500_000)
     check_window_memory(source, 1200)   # 15 MB: fine
