@@ -2,6 +2,7 @@
 
 Usage: python bench/bench_clusters.py [methods|shapes] [--units 3000] [--seed 11] [--draws 20] [--json out.json]
        python bench/bench_clusters.py shapes --units 600 --cluster-units 3000 [--designs 0,1,2,3] [--noise 3]
+       python bench/bench_clusters.py merge-level --units 600 --draws 60   (the neighbours' test's level)
 
 ``shapes`` (issue 24): K chosen on null trials whose outcome is zero-inflated, log-normal, Student-t or has
 image-dependent noise, and on a three-cluster design with Gaussian and zero-inflated noise (see shapes()).
@@ -189,9 +190,43 @@ def shapes(args):
     return figures
 
 
+def merge_level(args):
+    """The level of the neighbours' test (issue 24, point 2; core.clusters.indistinct_neighbours), by repetition: on
+    null trials (the effect 1 for every unit, Gaussian noise, --units units, seeds 700-), find_clusters is made to
+    propose K = 2 and to pass the held-out AUTOC test, so the neighbours' test alone decides whether the two
+    clusters stay. They are the same cluster twice, so keeping them is a false rejection: its rate is the level
+    (goal: about 5 %; the folds' models assign each other, which may push it up)."""
+    import types
+
+    from conftest import unit_table
+
+    import geocate.core.clusters as clusters
+    from geocate.core.pipeline import find_clusters
+    from geocate.core.simulate import simulate_trial
+
+    clusters.choose_n_clusters = lambda *a, **k: (2, [(1, 0.0, 0.0), (2, 0.0, 0.0)])
+    clusters.cluster_effect_test = lambda *a, **k: types.SimpleNamespace(estimate=1.0, std_err=0.1, t_stat=10.0,
+                                                                         p_value=0.0)
+    rows = []
+    for draw in range(args.draws):
+        seed = 700 + draw
+        trial = simulate_trial(DEMO_RASTER, n_units=args.units, seed=seed, effects=(1.0,))
+        started = time.perf_counter()
+        result = find_clusters(unit_table(trial), DEMO_RASTER, max_clusters=2, seed=seed, device=args.device,
+                               forest_check=False)[1]
+        rows.append({"seed": seed, "kept": result.metadata["n_clusters"] == 2, "k_rule": result.metadata["k_rule"],
+                     "seconds": round(time.perf_counter() - started, 1)})
+        print(json.dumps(rows[-1]), flush=True)
+    kept = np.mean([r["kept"] for r in rows])
+    figures = {"draws": len(rows), "units": args.units, "kept_share": float(kept),
+               "monte_carlo_se": float(np.sqrt(kept * (1 - kept) / len(rows))), "rows": rows}
+    print(json.dumps({k: v for k, v in figures.items() if k != "rows"}), flush=True)
+    return figures
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("study", nargs="?", default="methods", choices=["methods", "shapes"])
+    parser.add_argument("study", nargs="?", default="methods", choices=["methods", "shapes", "merge-level"])
     parser.add_argument("--units", type=int, default=3000)
     parser.add_argument("--seed", type=int, default=11)
     parser.add_argument("--draws", type=int, default=20)
@@ -204,6 +239,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.study == "shapes":
         figures = shapes(args)
+    elif args.study == "merge-level":
+        figures = merge_level(args)
     else:
         figures = {"well-separated": run("well-separated", (-1.0, 3.0), args),
                    "no heterogeneity": run("no heterogeneity", (1.0,), args)}
