@@ -584,9 +584,8 @@ def grow_bagged_forest(X, T_res, Y_res, group_index, n_estimators=200, trees_per
     """A BaggedForest on residuals: ``n_estimators`` trees in bags of ``trees_per_bag``, each bag an econml
     CausalForest of honest trees grown on the units of a random half of the groups (``group_index``: each unit's
     group, 0..G-1), each tree on ``bag_sample`` of its bag's units, at most ``tree_units`` (None: TREE_UNITS, read
-    when called). econml draws each
-    tree's units one by one and cannot keep a group whole, so the halves are drawn here. progress(fraction,
-    message) from 0.2 to 0.8."""
+    when called). econml draws each tree's units one by one and cannot keep a group whole, so the halves are drawn
+    here. progress(fraction, message) from 0.2 to 0.8."""
     grf = require("econml.grf", "econml==0.16.0")
 
     if trees_per_bag < 2:
@@ -645,9 +644,8 @@ class GroupBaggedCausalForest(CrossFittedCausalForest):
     clusters, spatial blocks; econml draws units, so the bags are drawn here and each is an econml forest of
     ``trees_per_bag`` honest trees on its half, each tree on at most ``tree_units`` units, None: TREE_UNITS), and
     each unit is predicted by the bags that did not draw its group - no tree that saw a unit's group predicts for
-    it. The variance is the little bags' (between-bag
-    variance of the bags' moments less the within-bag part, debiased as econml does: little_bag_variance), over
-    the unit's own out-of-bag bags. The calibration (EffectCalibration) is cross-fitted on the study's folds: fold
+    it. The variance is the little bags' (between-bag variance of the bags' moments less the within-bag part,
+    debiased as econml does: little_bag_variance), over the unit's own out-of-bag bags. The calibration (EffectCalibration) is cross-fitted on the study's folds: fold
     k's units get a curve fitted on the other folds' out-of-bag predictions and DR scores. Unlike a fold forest's,
     those predictions come from bags that may have grown on fold k's outcomes (and the scores' outcome models saw
     fold k): a weak path (one unit among thousands behind a one-dimensional monotone curve), documented rather

@@ -879,9 +879,9 @@ def find_clusters(units, raster_path, bands=None, window_size_px=33, nodata=None
         return fit, k, cross_fitted_clusters(image_part, covariate_part, W, Y, k, folds, seed=seed, tick=tick,
                                              **options)
 
-    asked, dropped = n_clusters, 0
-    final, n_clusters, out = fit_final(n_clusters)
-    dropped += asked - n_clusters
+    requested = n_clusters
+    final, n_clusters, out = fit_final(requested)
+    dropped = requested - n_clusters
     # Issue 24, point 2: a K the data chose keeps only clusters whose held-out effects differ from their
     # neighbours' (a likelihood can split one effect into two clusters to fit a point mass or a tail).
     while chosen_by_data and n_clusters > 1:
