@@ -348,11 +348,26 @@ def rerandomized_values(rerandomization, test, rng, n_draws, priorities, target,
     """(n_draws, k) the RATE of each of the k rules (``priorities``: (m,) or (m, k)) of the ``test`` units over
     redrawn assignments, streamed CHUNK redraws at a time."""
     priorities = np.asarray(priorities, float).reshape(int(np.sum(test)), -1)
-    values = []
-    for chunk in rerandomization.score_chunks(test, rng, n_draws):
-        values.extend([[toc_and_rate(s, priorities[:, j], q, target)[0] for j in range(priorities.shape[1])]
-                       for s in chunk])
-    return np.array(values).reshape(-1, priorities.shape[1])
+    values = [np.column_stack([rates_of_rows(chunk, priorities[:, j], q, target) for j in range(priorities.shape[1])])
+              for chunk in rerandomization.score_chunks(test, rng, n_draws)]
+    return np.concatenate(values).reshape(-1, priorities.shape[1])
+
+
+def rates_of_rows(score_rows, priority, q=DEFAULT_Q, target="AUTOC"):
+    """(d,) toc_and_rate's RATE of each row of ``score_rows`` (d, n) under one ``priority`` (n,): the units sorted
+    once for all rows (the redrawn assignments of one ranking). The same arithmetic as toc_and_rate, row by row
+    (equal to rounding, tested); a priority with ties goes through toc_and_rate itself, row by row."""
+    score_rows = np.atleast_2d(np.asarray(score_rows, float))
+    ranks = _tie_ranks(priority)
+    n = score_rows.shape[1]
+    if n == 0 or ranks.max() == 0 or len(np.unique(ranks)) < n:
+        return np.array([toc_and_rate(row, priority, q, target)[0] for row in score_rows])
+    if target not in ("AUTOC", "QINI"):
+        raise GeoCateError(f"Unknown RATE target '{target}'.", "Use 'AUTOC' or 'QINI'.")
+    ordered = score_rows[:, np.argsort(-ranks, kind="stable")]
+    k = np.arange(1, n + 1)
+    toc = np.cumsum(ordered, axis=1) / k - ordered.mean(axis=1)[:, None]
+    return toc.mean(axis=1) if target == "AUTOC" else np.mean(k / n * toc, axis=1)
 
 
 def _with_std_err(rate, se):

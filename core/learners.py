@@ -47,8 +47,8 @@ class EffectCalibration:
     #: Fewer training units than this: no calibration (the curve would be noise).
     MIN_UNITS = 100
 
-    def __init__(self, grid=None, values=None):
-        self.grid, self.values = grid, values
+    def __init__(self, grid=None, values=None, variances=None):
+        self.grid, self.values, self.variances = grid, values, variances
 
     @classmethod
     def identity(cls):
@@ -68,13 +68,39 @@ class EffectCalibration:
         curve = outcome_model().fit(x[:, None], y)
         grid = np.unique(np.quantile(x, np.linspace(0.01, 0.99, 99)))   # a spline's ends swing on few units
         values = IsotonicRegression().fit_transform(grid, curve.predict(grid[:, None]))
-        return cls(grid, values)
+        return cls(grid, values, _curve_variance(curve, x, y, grid))
 
     def __call__(self, predictions):
         predictions = np.asarray(predictions, float)
         if self.grid is None:
             return predictions
         return np.interp(predictions, self.grid, self.values)
+
+    def variance(self, predictions):
+        """The curve's own sampling variance at ``predictions`` (0 for the identity): the noise of a curve fitted on
+        a few thousand DR scores, which a forest's variance does not hold and more trees do not shrink."""
+        predictions = np.asarray(predictions, float)
+        if self.grid is None or self.variances is None:
+            return np.zeros(predictions.shape)
+        return np.interp(predictions, self.grid, self.variances)
+
+
+def _curve_variance(curve, x, y, grid):
+    """Heteroscedasticity-robust (HC0) variance of the fitted spline ridge ``curve`` (core.scores.outcome_model,
+    fitted on x, y) at the ``grid`` points: the sandwich of its intercept and centred spline basis, with the ridge
+    penalty it chose on the basis alone (the penalty taken as fixed). The isotonic projection is not in it (it only
+    moves values where the spline decreases)."""
+    spline, ridge = curve.steps[0][1], curve.steps[-1][1]
+    basis = spline.transform(x[:, None])
+    centre = basis.mean(axis=0)
+    design = np.column_stack([np.ones(len(x)), basis - centre])
+    residual = y - curve.predict(x[:, None])
+    penalty = float(ridge.alpha_) * np.eye(design.shape[1])
+    penalty[0, 0] = 0.0
+    bread = np.linalg.pinv(design.T @ design + penalty)
+    cov = bread @ ((design * residual[:, None] ** 2).T @ design) @ bread
+    at = np.column_stack([np.ones(len(grid)), spline.transform(grid[:, None]) - centre])
+    return np.einsum("ij,jk,ik->i", at, cov, at)
 
 
 def out_of_bag(forest, X_rows, rows, n_train):
@@ -408,7 +434,7 @@ class CrossFittedCausalForest(Estimator):
 PREDICT_CHUNK = 20000
 
 
-def little_bag_variance(moment_sum, moment_sq_sum, tree_sq_sum, counts, jac, trees_per_bag):
+def little_bag_variance(moment_sum, moment_sq_sum, tree_sq_sum, counts, jac, trees_per_bag, monte_carlo=False):
     """The variance of a forest's estimate theta(x) from its little bags (Athey, Tibshirani & Wager 2019, section
     4; econml's ``_predict_point_and_var`` with its objective-Bayes debiasing), for units whose estimate averages
     a different number of bags each (out-of-bag predictions).
@@ -416,7 +442,10 @@ def little_bag_variance(moment_sum, moment_sq_sum, tree_sq_sum, counts, jac, tre
     Per unit, over the ``counts`` bags that predict it: ``moment_sum`` (n, k) the sum of the bags' mean moments
     M_b = J_b theta - alpha_b at the unit's theta, ``moment_sq_sum`` (n, k, k) the sum of M_b M_b', ``tree_sq_sum``
     (n, k, k) the sum over bags of the mean over the bag's trees of the tree moments' M_t M_t'; ``jac`` (n, k, k)
-    the forest's mean Jacobian. Returns (n,) the variance of the first coordinate of theta."""
+    the forest's mean Jacobian. Returns (n,) the variance of the first coordinate of theta. ``monte_carlo``: plus
+    the finite forest's own Monte Carlo variance about the forest of infinitely many bags on the same data, the
+    bags' between-bag variance over their number (each bag a draw of the same random construction), which
+    vanishes as bags are added."""
     from scipy.special import erfc
 
     c = np.maximum(counts, 1).astype(float)
@@ -431,7 +460,8 @@ def little_bag_variance(moment_sum, moment_sq_sum, tree_sq_sum, counts, jac, tre
     naive = pred_var - pred_correction
     spread = np.maximum(pred_var, pred_correction) * np.sqrt(2.0 / c)
     z = naive / np.clip(spread, 1e-10, np.inf)
-    return naive + spread * (np.exp(-z ** 2 / 2) / np.sqrt(2 * np.pi)) / (0.5 * erfc(-z / np.sqrt(2)))
+    debiased = naive + spread * (np.exp(-z ** 2 / 2) / np.sqrt(2 * np.pi)) / (0.5 * erfc(-z / np.sqrt(2)))
+    return debiased + np.maximum(pred_var, 0) / c if monte_carlo else debiased
 
 
 class BaggedForest:
@@ -467,7 +497,7 @@ class BaggedForest:
                 part = X[chunk]
                 bag_alpha, bag_jac = np.zeros((len(chunk), k)), np.zeros((len(chunk), k * k))
                 for tree in self.bags[b].estimators_:
-                    a, j = tree.predict_alpha_and_jac(part)
+                    a, j = tree.predict_alpha_and_jac(part, check_input=False)   # X checked once: _checked
                     bag_alpha += a / self.trees_per_bag
                     bag_jac += j / self.trees_per_bag
                 parts.append((chunk, bag_alpha, bag_jac))
@@ -491,7 +521,7 @@ class BaggedForest:
                 part, parameter = X[chunk], theta[chunk]
                 bag_moment, bag_tree_sq = np.zeros((len(chunk), k)), np.zeros((len(chunk), k, k))
                 for tree in self.bags[b].estimators_:
-                    moment = tree.predict_moment(part, parameter)
+                    moment = _tree_moment(tree, part, parameter)
                     bag_moment += moment / self.trees_per_bag
                     bag_tree_sq += moment[:, :, None] * moment[:, None, :] / self.trees_per_bag
                 parts.append((chunk, bag_moment, bag_tree_sq))
@@ -505,7 +535,8 @@ class BaggedForest:
             moment_sq[chunk] += bag_moment[:, :, None] * bag_moment[:, None, :]
 
         in_bag_order(second_pass, add_second)
-        var = little_bag_variance(moment_sum, moment_sq, tree_sq, counts, jac_mean, self.trees_per_bag)
+        var = little_bag_variance(moment_sum, moment_sq, tree_sq, counts, jac_mean, self.trees_per_bag,
+                                  monte_carlo=True)
         point = theta[:, 0]
         point[~seen], var[~seen] = np.nan, np.nan
         return point, var
@@ -513,15 +544,31 @@ class BaggedForest:
     def out_of_bag(self, X, group_index):
         """(raw theta, variance) of the training units (rows of X, groups ``group_index`` into drawn's columns),
         each from the bags that did not draw its group."""
-        X = np.asarray(X, dtype=np.float64)
+        X = _checked(X)
         return self._passes(X, lambda b: np.flatnonzero(~self.drawn[b][group_index]))
 
     def effect_and_se(self, X):
         """(calibrated effect, standard error) at new points: every bag (core.estimate's effect model)."""
-        X = np.asarray(X, dtype=np.float64)
+        X = _checked(X)
         everyone = np.arange(len(X))
         point, var = self._passes(X, lambda b: everyone)
-        return self.calibration(point), np.sqrt(np.maximum(var, 0))
+        return self.calibration(point), np.sqrt(np.maximum(var, 0) + self.calibration.variance(point))
+
+
+def _checked(X):
+    """X as every tree's prediction wants it (float64, finite: what econml's check_input checks), checked once for
+    all trees: econml checks the whole chunk again at each tree's prediction, a quarter of the passes' time at
+    100,000 units (py-spy)."""
+    from sklearn.utils import check_array
+
+    return check_array(X, dtype=np.float64, accept_sparse=False, ensure_min_features=0)
+
+
+def _tree_moment(tree, X, parameter):
+    """econml's GRFTree.predict_moment (E[J | x] theta(x) - E[A | x], its arithmetic) without its check of X."""
+    alpha, jac = tree.predict_alpha_and_jac(X, check_input=False)
+    k = tree.n_outputs_
+    return alpha - np.einsum("ijk,ik->ij", jac.reshape((-1, k, k)), parameter)
 
 
 def _threads(n_jobs):
@@ -645,7 +692,10 @@ class GroupBaggedCausalForest(CrossFittedCausalForest):
     ``trees_per_bag`` honest trees on its half, each tree on at most ``tree_units`` units, None: TREE_UNITS), and
     each unit is predicted by the bags that did not draw its group - no tree that saw a unit's group predicts for
     it. The variance is the little bags' (between-bag variance of the bags' moments less the within-bag part,
-    debiased as econml does: little_bag_variance), over the unit's own out-of-bag bags. The calibration (EffectCalibration) is cross-fitted on the study's folds: fold
+    debiased as econml does: little_bag_variance), over the unit's own out-of-bag bags, plus two parts that
+    variance leaves out: the finite forest's Monte Carlo noise (the bags' spread over their number; it vanishes as
+    trees are added) and the calibration curve's own noise (EffectCalibration.variance; more trees do not shrink
+    it). The calibration (EffectCalibration) is cross-fitted on the study's folds: fold
     k's units get a curve fitted on the other folds' out-of-bag predictions and DR scores. Unlike a fold forest's,
     those predictions come from bags that may have grown on fold k's outcomes (and the scores' outcome models saw
     fold k): a weak path (one unit among thousands behind a one-dimensional monotone curve), documented rather
@@ -688,13 +738,16 @@ class GroupBaggedCausalForest(CrossFittedCausalForest):
         grown = time.monotonic()
         raw, var = run_cancellable(lambda: model.out_of_bag(X, group_index), is_cancelled)
         self.timings_["out_of_bag_s"] = time.monotonic() - grown
-        self.cate_raw_, self.cate_se_ = raw, np.sqrt(np.maximum(var, 0))
+        self.cate_raw_, var = raw, np.maximum(var, 0)
         self.cate_ = raw.copy()
         if self.calibrate:
             for k in Folds(self.fold_).ids:
                 held = self.fold_ == k
-                self.cate_[held] = EffectCalibration.fit(raw[~held], self.dr_scores_[~held])(raw[held])
+                calibration = EffectCalibration.fit(raw[~held], self.dr_scores_[~held])
+                self.cate_[held] = calibration(raw[held])
+                var[held] += calibration.variance(raw[held])
             model.calibration = EffectCalibration.fit(raw, self.dr_scores_)
+        self.cate_se_ = np.sqrt(var)
         self.model_ = model
         self.cate_lo_, self.cate_hi_ = self.cate_ - Z95 * self.cate_se_, self.cate_ + Z95 * self.cate_se_
         self.fit_seconds_ = time.monotonic() - started

@@ -74,6 +74,29 @@ def test_little_bag_variance_is_econml_arithmetic():
     counts = np.full(50, len(forest.slices_))
     np.testing.assert_allclose(little_bag_variance(moment_sum, moment_sq, tree_sq, counts, jac, 4), expected,
                                rtol=1e-8, atol=1e-12)
+    # With the finite forest's Monte Carlo part: plus the spread of the bags' estimates over their number.
+    bag_theta = np.array([np.einsum("ijk,ik->ij", np.linalg.pinv(jac), moment)[:, 0] for moment in (
+        np.mean([forest.estimators_[t].predict_moment(new, theta) for t in bag], axis=0) for bag in forest.slices_)])
+    np.testing.assert_allclose(little_bag_variance(moment_sum, moment_sq, tree_sq, counts, jac, 4, monte_carlo=True),
+                               expected + np.var(bag_theta, axis=0) / len(forest.slices_), rtol=1e-8, atol=1e-12)
+
+
+def test_out_of_bag_standard_error_holds_the_monte_carlo_and_calibration_parts(bagged):
+    """cate_se_^2 = the little bags' variance with the Monte Carlo part + the unit's fold calibration curve's
+    variance (each fold's curve fitted on the other folds' raw predictions and DR scores)."""
+    from geocate.core.crossfit import Folds
+    from geocate.core.learners import EffectCalibration
+
+    model, X, T, Y, tau = bagged
+    group_index = np.unique(model.groups_, return_inverse=True)[1]
+    raw, var = model.model_.out_of_bag(model._data[2], group_index)      # the design the forest grew on
+    np.testing.assert_array_equal(raw, model.cate_raw_)
+    expected = np.maximum(var, 0)
+    for k in Folds(model.fold_).ids:
+        held = model.fold_ == k
+        expected[held] += EffectCalibration.fit(raw[~held], model.dr_scores_[~held]).variance(raw[held])
+    np.testing.assert_allclose(model.cate_se_ ** 2, expected, rtol=1e-12)
+    assert np.all(expected > np.maximum(var, 0))        # every curve's variance is positive
 
 
 def test_bags_grown_on_row_indices_are_econml_forests_grown_on_copied_rows():

@@ -11,6 +11,7 @@ from geocate.core.evaluate import (
     group_average_effects,
     honest_folds,
     rank_average_treatment_effect,
+    rates_of_rows,
     spatial_blocks,
     toc_and_rate,
 )
@@ -45,6 +46,21 @@ def test_toc_at_one_is_zero_and_a_fractional_unit_fills_the_grid():
     order = np.argsort(-priority)
     assert toc[-1] == pytest.approx(0.0, abs=1e-12)
     assert toc[0] == pytest.approx(scores[order[0]] - scores.mean())   # 0.37 of a unit: the top unit's score
+
+
+@pytest.mark.parametrize("target", ["AUTOC", "QINI"])
+def test_rates_of_many_score_rows_equal_one_row_at_a_time(target):
+    # The re-randomization's redraws share one ranking: sorted once, each row's RATE as toc_and_rate gives it.
+    rng = np.random.default_rng(3)
+    rows, priority = rng.normal(size=(7, 501)), rng.normal(size=501)
+    one_by_one = [toc_and_rate(row, priority, target=target)[0] for row in rows]
+    np.testing.assert_allclose(rates_of_rows(rows, priority, target=target), one_by_one, rtol=0, atol=1e-13)
+    tied = np.round(priority)                               # ties: each row through toc_and_rate
+    assert np.array_equal(rates_of_rows(rows, tied, target=target),
+                          [toc_and_rate(row, tied, target=target)[0] for row in rows])
+    assert rates_of_rows(rows[:, :1], priority[:1], target=target).tolist() == [0.0] * 7
+    with pytest.raises(GeoCateError, match="Unknown RATE target"):
+        rates_of_rows(rows, priority, target="AUC")
 
 
 def test_aipw_scores_by_hand():
