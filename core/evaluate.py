@@ -346,25 +346,39 @@ def small_sample_se(std_err, n_clusters):
 
 def rerandomized_values(rerandomization, test, rng, n_draws, priorities, target, q):
     """(n_draws, k) the RATE of each of the k rules (``priorities``: (m,) or (m, k)) of the ``test`` units over
-    redrawn assignments, streamed CHUNK redraws at a time."""
+    redrawn assignments, streamed CHUNK redraws at a time; each rule's units sorted once (rate_order)."""
     priorities = np.asarray(priorities, float).reshape(int(np.sum(test)), -1)
-    values = [np.column_stack([rates_of_rows(chunk, priorities[:, j], q, target) for j in range(priorities.shape[1])])
+    orders = [rate_order(priorities[:, j]) for j in range(priorities.shape[1])]
+    values = [np.column_stack([rates_of_rows(chunk, priorities[:, j], q, target, orders[j])
+                               for j in range(priorities.shape[1])])
               for chunk in rerandomization.score_chunks(test, rng, n_draws)]
-    return np.concatenate(values).reshape(-1, priorities.shape[1])
+    return np.concatenate(values) if values else np.empty((0, priorities.shape[1]))
 
 
-def rates_of_rows(score_rows, priority, q=DEFAULT_Q, target="AUTOC"):
-    """(d,) toc_and_rate's RATE of each row of ``score_rows`` (d, n) under one ``priority`` (n,): the units sorted
-    once for all rows (the redrawn assignments of one ranking). The same arithmetic as toc_and_rate, row by row
-    (equal to rounding, tested); a priority with ties goes through toc_and_rate itself, row by row."""
-    score_rows = np.atleast_2d(np.asarray(score_rows, float))
+def rate_order(priority):
+    """The order rates_of_rows sorts units in (toc_and_rate's: decreasing priority, stable), or None when the
+    priority has ties (or ranks nothing): those rows go through toc_and_rate, which averages tie groups."""
     ranks = _tie_ranks(priority)
-    n = score_rows.shape[1]
-    if n == 0 or ranks.max() == 0 or len(np.unique(ranks)) < n:
+    if len(ranks) == 0 or ranks.max() == 0 or ranks.max() + 1 < len(ranks):
+        return None
+    return np.argsort(-ranks, kind="stable")
+
+
+def rates_of_rows(score_rows, priority, q=DEFAULT_Q, target="AUTOC", order=False):
+    """(d,) toc_and_rate's RATE of each row of ``score_rows`` (d, n) under one ``priority`` (n,): the units sorted
+    once for all rows (the redrawn assignments of one ranking; ``order``: rate_order(priority) when known). The
+    same arithmetic as toc_and_rate, row by row (equal to rounding, tested); a priority with ties goes through
+    toc_and_rate itself, row by row."""
+    check_q(q)
+    score_rows = np.atleast_2d(np.asarray(score_rows, float))
+    if order is False:
+        order = rate_order(priority)
+    if order is None:
         return np.array([toc_and_rate(row, priority, q, target)[0] for row in score_rows])
     if target not in ("AUTOC", "QINI"):
         raise GeoCateError(f"Unknown RATE target '{target}'.", "Use 'AUTOC' or 'QINI'.")
-    ordered = score_rows[:, np.argsort(-ranks, kind="stable")]
+    n = score_rows.shape[1]
+    ordered = score_rows[:, order]
     k = np.arange(1, n + 1)
     toc = np.cumsum(ordered, axis=1) / k - ordered.mean(axis=1)[:, None]
     return toc.mean(axis=1) if target == "AUTOC" else np.mean(k / n * toc, axis=1)

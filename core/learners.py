@@ -55,7 +55,9 @@ class EffectCalibration:
         return cls()
 
     @classmethod
-    def fit(cls, predictions, scores):
+    def fit(cls, predictions, scores, groups=None):
+        """The curve of ``scores`` on ``predictions``; ``groups``: the units' clusters, for the curve's variance
+        (None: every unit its own)."""
         from sklearn.isotonic import IsotonicRegression
 
         from .scores import outcome_model
@@ -63,12 +65,13 @@ class EffectCalibration:
         x, y = np.asarray(predictions, float).ravel(), np.asarray(scores, float).ravel()
         finite = np.isfinite(x) & np.isfinite(y)      # a unit every tree drew has no out-of-bag prediction
         x, y = x[finite], y[finite]
+        groups = np.arange(len(x)) if groups is None else np.asarray(groups).ravel()[finite]
         if len(x) < cls.MIN_UNITS or np.ptp(x) <= 0:
             return cls.identity()
         curve = outcome_model().fit(x[:, None], y)
         grid = np.unique(np.quantile(x, np.linspace(0.01, 0.99, 99)))   # a spline's ends swing on few units
         values = IsotonicRegression().fit_transform(grid, curve.predict(grid[:, None]))
-        return cls(grid, values, _curve_variance(curve, x, y, grid))
+        return cls(grid, values, _curve_variance(curve, x, y, grid, groups))
 
     def __call__(self, predictions):
         predictions = np.asarray(predictions, float)
@@ -78,18 +81,21 @@ class EffectCalibration:
 
     def variance(self, predictions):
         """The curve's own sampling variance at ``predictions`` (0 for the identity): the noise of a curve fitted on
-        a few thousand DR scores, which a forest's variance does not hold and more trees do not shrink."""
+        noisy DR scores, which a forest's variance does not hold and more trees do not shrink. Not in it: the
+        forest's variance carried through the curve's slope (the delta method; with the slope's noise at the ends
+        it lowered coverage, docs/benchmarks.md), nor any dependence between the curve's noise and the forest's."""
         predictions = np.asarray(predictions, float)
         if self.grid is None or self.variances is None:
             return np.zeros(predictions.shape)
         return np.interp(predictions, self.grid, self.variances)
 
 
-def _curve_variance(curve, x, y, grid):
-    """Heteroscedasticity-robust (HC0) variance of the fitted spline ridge ``curve`` (core.scores.outcome_model,
+def _curve_variance(curve, x, y, grid, groups):
+    """Cluster-robust (CR1 by ``groups``) variance of the fitted spline ridge ``curve`` (core.scores.outcome_model,
     fitted on x, y) at the ``grid`` points: the sandwich of its intercept and centred spline basis, with the ridge
-    penalty it chose on the basis alone (the penalty taken as fixed). The isotonic projection is not in it (it only
-    moves values where the spline decreases)."""
+    penalty it chose on the basis alone (the penalty taken as fixed; sklearn's intercept is that unpenalised
+    column). DR scores of one cluster share its shock: with every unit its own group the meat is HC0's times
+    n / (n - 1). The isotonic projection is not in it (it only moves values where the spline decreases)."""
     spline, ridge = curve.steps[0][1], curve.steps[-1][1]
     basis = spline.transform(x[:, None])
     centre = basis.mean(axis=0)
@@ -98,7 +104,12 @@ def _curve_variance(curve, x, y, grid):
     penalty = float(ridge.alpha_) * np.eye(design.shape[1])
     penalty[0, 0] = 0.0
     bread = np.linalg.pinv(design.T @ design + penalty)
-    cov = bread @ ((design * residual[:, None] ** 2).T @ design) @ bread
+    ids, index = np.unique(groups, return_inverse=True)
+    parts = design * residual[:, None]
+    sums = np.column_stack([np.bincount(index.ravel(), weights=parts[:, c], minlength=len(ids))
+                            for c in range(parts.shape[1])])
+    meat = sums.T @ sums * (len(ids) / max(len(ids) - 1, 1))
+    cov = bread @ meat @ bread
     at = np.column_stack([np.ones(len(grid)), spline.transform(grid[:, None]) - centre])
     return np.einsum("ij,jk,ik->i", at, cov, at)
 
@@ -743,10 +754,10 @@ class GroupBaggedCausalForest(CrossFittedCausalForest):
         if self.calibrate:
             for k in Folds(self.fold_).ids:
                 held = self.fold_ == k
-                calibration = EffectCalibration.fit(raw[~held], self.dr_scores_[~held])
+                calibration = EffectCalibration.fit(raw[~held], self.dr_scores_[~held], self.groups_[~held])
                 self.cate_[held] = calibration(raw[held])
                 var[held] += calibration.variance(raw[held])
-            model.calibration = EffectCalibration.fit(raw, self.dr_scores_)
+            model.calibration = EffectCalibration.fit(raw, self.dr_scores_, self.groups_)
         self.cate_se_ = np.sqrt(var)
         self.model_ = model
         self.cate_lo_, self.cate_hi_ = self.cate_ - Z95 * self.cate_se_, self.cate_ + Z95 * self.cate_se_

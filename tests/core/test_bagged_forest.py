@@ -99,6 +99,23 @@ def test_out_of_bag_standard_error_holds_the_monte_carlo_and_calibration_parts(b
     assert np.all(expected > np.maximum(var, 0))        # every curve's variance is positive
 
 
+def test_forest_passes_add_the_monte_carlo_part_and_new_points_the_curves_variance(bagged, monkeypatch):
+    import geocate.core.learners as learners
+
+    model, X, T, Y, tau = bagged
+    forest = model.effect_model()
+    asked = []
+    plain = learners.little_bag_variance
+    monkeypatch.setattr(learners, "little_bag_variance", lambda *args, **kwargs: asked.append(kwargs) or plain(
+        *args, **kwargs))
+    point, se = forest.effect_and_se(X[:200])
+    assert asked == [{"monte_carlo": True}]
+    raw, var = forest._passes(learners._checked(X[:200]), lambda b: np.arange(200))
+    np.testing.assert_array_equal(point, forest.calibration(raw))
+    np.testing.assert_allclose(se ** 2, np.maximum(var, 0) + forest.calibration.variance(raw), rtol=1e-12)
+    assert np.all(forest.calibration.variance(raw) > 0)
+
+
 def test_bags_grown_on_row_indices_are_econml_forests_grown_on_copied_rows():
     """fit_on_rows (no copy of a bag's rows) grows the trees econml's fit grows on X[rows], bit for bit."""
     from econml.grf import CausalForest

@@ -6,12 +6,15 @@ from conftest import unit_table
 
 from geocate.core.errors import GeoCateError
 from geocate.core.evaluate import (
+    DEFAULT_Q,
+    Rerandomization,
     best_linear_predictor,
     correlation_range,
     group_average_effects,
     honest_folds,
     rank_average_treatment_effect,
     rates_of_rows,
+    rerandomized_values,
     spatial_blocks,
     toc_and_rate,
 )
@@ -61,6 +64,12 @@ def test_rates_of_many_score_rows_equal_one_row_at_a_time(target):
     assert rates_of_rows(rows[:, :1], priority[:1], target=target).tolist() == [0.0] * 7
     with pytest.raises(GeoCateError, match="Unknown RATE target"):
         rates_of_rows(rows, priority, target="AUC")
+    with pytest.raises(GeoCateError):
+        rates_of_rows(rows, priority, q=[0.2, 0.5], target=target)     # the grid must end at 1, as toc_and_rate's
+    # No redraws: no values (the re-randomization SE is then not used), not an error.
+    trial = Rerandomization(outcome=rows[0], treated=(priority > 0).astype(float), mu0=np.zeros(501),
+                            mu1=np.zeros(501), propensity=0.5, tau=0.0)
+    assert rerandomized_values(trial, np.ones(501, bool), rng, 0, priority, target, DEFAULT_Q).shape == (0, 1)
 
 
 def test_aipw_scores_by_hand():
