@@ -761,7 +761,8 @@ def find_clusters(units, raster_path, bands=None, window_size_px=33, nodata=None
     n_clusters 0: K chosen over 1..max_clusters by cross-fitted held-out
     likelihood, kept above 1 only when the held-out test of the clusters' effects
     rejects; neighbouring clusters whose held-out effects do not differ are then
-    merged (refit with one cluster fewer; core.clusters.indistinct_neighbours).
+    merged (refit with one cluster fewer; core.clusters.indistinct_neighbours, on the same sequential models as the
+    test, fitted again for each smaller K).
     noise_components: Gaussians in each arm's shared noise mixture (None:
     core.clusters.NOISE_COMPONENTS; 0: the paper's Gaussian noise per cluster).
     forest_check: with K > 1, estimatecate's causal forest and its heterogeneity
@@ -777,6 +778,7 @@ def find_clusters(units, raster_path, bands=None, window_size_px=33, nodata=None
     from .clusters import (
         CLUSTER_TEST_ALPHA,
         NOISE_COMPONENTS,
+        assigned_by_effect,
         choose_n_clusters,
         cluster_effect_test,
         cluster_table,
@@ -786,6 +788,7 @@ def find_clusters(units, raster_path, bands=None, window_size_px=33, nodata=None
         held_out_cluster_effect,
         image_model,
         indistinct_neighbours,
+        sequential_cluster_fits,
         without_empty_clusters,
     )
     from .embed import resolve_device
@@ -856,9 +859,16 @@ def find_clusters(units, raster_path, bands=None, window_size_px=33, nodata=None
                                  f"K = {n_clusters}: the held-out likelihood's choice (the smallest K within one SE "
                                  "of the best)")
     tested_k = n_clusters
+    steps = {}      # K -> the sequential walk's models (sequential_cluster_fits): the test's and the merge rule's
+
+    def walk_for(k):
+        if k not in steps:
+            steps[k] = sequential_cluster_fits(image_part, covariate_part, W, Y, k, folds, seed, tick, **options)
+        return steps[k]
+
     if n_clusters > 1:   # do the clusters' effects differ in units the model did not see? (issue 24)
         effect_test = cluster_effect_test(image_part, covariate_part, W, Y, n_clusters, scores, folds, groups,
-                                          seed, rerandomization, tick, **options)
+                                          seed, rerandomization, tick, steps=walk_for(n_clusters), **options)
         if effect_test.p_value >= CLUSTER_TEST_ALPHA and chosen_by_data:
             k_rule = (f"K = 1: the likelihood preferred K = {n_clusters}, but the held-out test finds no difference "
                       f"between those clusters' effects in units the model did not see (p = {effect_test.p_value:.3f}"
@@ -885,12 +895,15 @@ def find_clusters(units, raster_path, bands=None, window_size_px=33, nodata=None
     # Issue 24, point 2: a K the data chose keeps only clusters whose held-out effects differ from their
     # neighbours' (a likelihood can split one effect into two clusters to fit a point mass or a tail).
     while chosen_by_data and n_clusters > 1:
-        pair = indistinct_neighbours(scores, out["group"], n_clusters, groups)
+        pair = indistinct_neighbours(scores, [(test, assigned_by_effect(probabilities, effects))
+                                              for test, probabilities, effects in walk_for(n_clusters)],
+                                     n_clusters, groups)
         if pair is None:
             break
-        why = (f"had held-out effects that do not differ (p = {pair[2]:.3f})" if np.isfinite(pair[2]) else
-               f"could not be compared (cluster {pair[0]} or {pair[1]} held fewer than 2 units or groups out of "
-               "fold, or no spread)")
+        why = (f"had held-out effects that do not differ (one-sided p = {pair[2]:.3f}, sequential over the folds)"
+               if np.isfinite(pair[2]) else
+               f"could not be compared (in no held-out fold did clusters {pair[0]} and {pair[1]} both hold 2 units "
+               "and 2 groups)")
         final, k, out = fit_final(n_clusters - 1)
         dropped += n_clusters - 1 - k
         k_rule += f"; clusters {pair[0]} and {pair[1]} of {n_clusters} {why}: refit with K = {k}"

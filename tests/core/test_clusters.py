@@ -267,46 +267,66 @@ def test_empty_clusters_are_dropped_from_the_model_and_the_table(demo_raster):
 
 
 def test_neighbouring_clusters_whose_held_out_effects_do_not_differ_are_found():
-    """Issue 24, point 2: the test of two neighbouring clusters' held-out DR effects, with a cluster-robust SE
-    (CR1 by groups; with every unit its own group, the two-sample SE times sqrt(C / (C - 1))), read as a t with
-    C - 1 degrees of freedom."""
+    """Issue 24, point 2: the test of two neighbouring clusters' held-out DR effects, fold by fold (each fold's
+    clusters from a model of the earlier folds), with a cluster-robust SE (CR1 by groups; with every unit its own
+    group, the two-sample SE times sqrt(C / (C - 1))), each fold's t read with C - 1 degrees of freedom, the folds'
+    normal quantiles summed over sqrt(their number), one-sided (the larger cluster's effect must be larger)."""
+    from scipy.stats import norm
     from scipy.stats import t as student
 
-    from geocate.core.clusters import indistinct_neighbours
+    from geocate.core.clusters import assigned_by_effect, indistinct_neighbours
 
     rng = np.random.default_rng(4)
     assigned = np.repeat([1, 2, 3], 400)
+    everyone = [(np.ones(1200, bool), assigned)]                  # one fold holding every unit
     noise = rng.standard_normal(1200)
     apart = np.repeat([0.0, 1.0, 2.0], 400) + noise
-    assert indistinct_neighbours(apart, assigned, 3, np.arange(1200)) is None
+    assert indistinct_neighbours(apart, everyone, 3, np.arange(1200)) is None
     close = np.repeat([0.0, 2.0, 2.0], 400) + noise
-    low, high, p_value = indistinct_neighbours(close, assigned, 3, np.arange(1200))
+    low, high, p_value = indistinct_neighbours(close, everyone, 3, np.arange(1200))
     a, b = close[400:800], close[800:]
     se = np.sqrt(800 / 799 * (a.var() / 400 + b.var() / 400))
     assert (low, high) == (2, 3)
-    np.testing.assert_allclose(p_value, 2 * student.sf(abs(b.mean() - a.mean()) / se, 799), rtol=1e-8)
+    np.testing.assert_allclose(p_value, student.sf((b.mean() - a.mean()) / se, 799), rtol=1e-8)
     # Groups that hold units of both clusters: the CR1 SE sums each group's parts of the difference first.
     mixed = np.arange(1200) % 40
     parts = np.where(assigned == 3, (close - b.mean()) / 400, -(close - a.mean()) / 400)[400:]
     sums = np.bincount(mixed[400:], weights=parts)
     se = np.sqrt(40 / 39 * np.sum(sums ** 2))
-    low, high, p_value = indistinct_neighbours(close, assigned, 3, mixed)
+    low, high, p_value = indistinct_neighbours(close, everyone, 3, mixed)
     assert (low, high) == (2, 3)
-    np.testing.assert_allclose(p_value, 2 * student.sf(abs(b.mean() - a.mean()) / se, 39), rtol=1e-8)
+    np.testing.assert_allclose(p_value, student.sf((b.mean() - a.mean()) / se, 39), rtol=1e-8)
+    # Two folds: each fold's t (as a normal quantile) summed over sqrt(2).
+    first, second = np.arange(1200) % 2 == 0, np.arange(1200) % 2 == 1
+    folds = [(first, assigned[first]), (second, assigned[second])]
+    z = []
+    for held in (first, second):
+        a, b = close[held & (assigned == 2)], close[held & (assigned == 3)]
+        se = np.sqrt(len(a) + len(b)) / np.sqrt(len(a) + len(b) - 1) * np.sqrt(a.var() / len(a) + b.var() / len(b))
+        z.append(norm.isf(student.sf((b.mean() - a.mean()) / se, len(a) + len(b) - 1)))
+    np.testing.assert_allclose(indistinct_neighbours(close, folds, 3, np.arange(1200))[2],
+                               norm.sf(np.sum(z) / np.sqrt(2)), rtol=1e-8)
+    # One-sided: a 'larger' cluster whose held-out effect is clearly smaller is not supported.
+    reversed_ = np.repeat([0.0, 2.0, 1.0], 400) + noise
+    assert indistinct_neighbours(reversed_, everyone, 3, np.arange(1200))[:2] == (2, 3)
     # No spread within the clusters: different means differ, equal ones cannot be told apart.
-    assert indistinct_neighbours(np.repeat([0.0, 1.0, 2.0], 400), assigned, 3, np.arange(1200)) is None
-    same = indistinct_neighbours(np.repeat([0.0, 1.0, 1.0], 400), assigned, 3, np.arange(1200))
+    assert indistinct_neighbours(np.repeat([0.0, 1.0, 2.0], 400), everyone, 3, np.arange(1200)) is None
+    same = indistinct_neighbours(np.repeat([0.0, 1.0, 1.0], 400), everyone, 3, np.arange(1200))
     assert same[:2] == (2, 3) and np.isnan(same[2])
     # Villages of 20 units that share a shock: the SE grows, so a difference that looked real no longer is.
     village = np.arange(1200) // 20
     shocked = np.repeat([0.0, 0.2, 2.0], 400) + 0.2 * noise + 0.5 * rng.standard_normal(60)[village]
-    assert indistinct_neighbours(shocked, assigned, 3, np.arange(1200)) is None
-    assert indistinct_neighbours(shocked, assigned, 3, village)[:2] == (1, 2)
+    assert indistinct_neighbours(shocked, everyone, 3, np.arange(1200)) is None
+    assert indistinct_neighbours(shocked, everyone, 3, village)[:2] == (1, 2)
     # A cluster no held-out unit is assigned to, or one inside a single group, does not differ from its neighbour.
-    empty = indistinct_neighbours(apart, np.where(assigned == 2, 1, assigned), 3, np.arange(1200))
+    empty = indistinct_neighbours(apart, [(np.ones(1200, bool), np.where(assigned == 2, 1, assigned))], 3,
+                                  np.arange(1200))
     assert empty[:2] == (1, 2) and np.isnan(empty[2])
-    one_group = indistinct_neighbours(apart, assigned, 3, np.repeat([0, 1, 2], 400))
+    one_group = indistinct_neighbours(apart, everyone, 3, np.repeat([0, 1, 2], 400))
     assert one_group[:2] == (1, 2) and np.isnan(one_group[2])
+    # Clusters numbered by the model's effects, whatever its internal order.
+    probabilities = np.array([[0.1, 0.7, 0.2], [0.6, 0.3, 0.1], [0.2, 0.2, 0.6]])
+    assert assigned_by_effect(probabilities, [2.0, -1.0, 0.5]).tolist() == [1, 3, 2]
 
 
 def test_clusters_the_data_chose_but_whose_held_out_effects_do_not_differ_are_merged(demo_raster, monkeypatch):
