@@ -195,7 +195,8 @@ def merge_level(args):
     null trials (the effect 1 for every unit, Gaussian noise, --units units, seeds 700-), find_clusters is made to
     propose K = 2 and to pass the held-out AUTOC test, so the neighbours' test alone decides whether the two
     clusters stay. They are the same cluster twice, so keeping them is a false rejection: its rate is the level
-    (goal: about 5 %; the folds' models assign each other, which may push it up)."""
+    (goal: about 5 %). Groups are single units here (spatial_block 0); the level when clusters are whole groups
+    is tested in tests/core/test_clusters.py (test_neighbours_test_keeps_its_level_when_clusters_are_whole_groups)."""
     import types
 
     from conftest import unit_table
