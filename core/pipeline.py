@@ -902,7 +902,7 @@ def find_clusters(units, raster_path, bands=None, window_size_px=33, nodata=None
             break
         why = (f"had held-out effects that do not differ (one-sided p = {pair[2]:.3f}, sequential over the folds)"
                if np.isfinite(pair[2]) else
-               f"could not be compared (no held-out fold where both held 2 units and 2 groups, or folds without "
+               "could not be compared (no held-out fold where both held 2 units and 2 groups, or folds without "
                "spread that disagree)")
         final, k, out = fit_final(n_clusters - 1)
         dropped += n_clusters - 1 - k
