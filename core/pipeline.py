@@ -24,7 +24,7 @@ from .inputs import design_matrix, outcome_inputs
 from .learners import default_learner
 from .observational import suspicious_covariates
 from .patches import extract_patches
-from .progress import stage
+from .progress import FitCount, stage
 from .represent import ImageryOptions, RandomConvolutions, study_features
 from .scores import aipw_scores, cross_fitted_scores, doubly_robust_ate
 from .study import Result, build_study, spread_over
@@ -822,15 +822,17 @@ def find_clusters(units, raster_path, bands=None, window_size_px=33, nodata=None
     folds = trial.folds
     Y, W = study.outcome[used], study.treated[used].astype(int)
     timings["features_s"] = time.monotonic() - started
-    n_fits = [0]
-    total_fits = (max_clusters * n_folds if not n_clusters else 0) + n_folds + 1 + (n_folds - 1) + bool(forest_check)
+    # Fits expected: choosing K, the sequential walk of the test, the final model and its cross-fitted folds, the
+    # forest's check; a merge of clusters adds its refits (fits.more) without moving the bar back.
+    fits = FitCount((max_clusters * n_folds if not n_clusters else 0) + n_folds + 1 + (n_folds - 1)
+                    + bool(forest_check))
 
     def tick(message):
-        n_fits[0] += 1
+        fraction = fits.tick()
         if is_cancelled is not None and is_cancelled():
             raise Cancelled()
         if progress is not None:
-            progress(0.2 + 0.75 * min(n_fits[0] / total_fits, 1.0), message)   # a merge of clusters refits
+            progress(0.2 + 0.75 * fraction, message)
 
     options = dict(epochs=epochs, device=device, is_cancelled=is_cancelled,
                    noise_components=NOISE_COMPONENTS if noise_components is None else int(noise_components))
@@ -890,6 +892,10 @@ def find_clusters(units, raster_path, bands=None, window_size_px=33, nodata=None
                                              **options)
 
     requested = n_clusters
+    # Room on the bar for one merge's refits (the final model, its folds, the walk at the smaller K), kept while a
+    # merge may follow and passed over when none does.
+    reserve = (1 + n_folds + (n_folds - 1) * (n_clusters > 2)) if chosen_by_data and n_clusters > 1 else 0
+    fits.more(reserve)
     final, n_clusters, out = fit_final(requested)
     dropped = requested - n_clusters
     # Issue 24, point 2: a K the data chose keeps only clusters whose held-out effects differ from their
@@ -904,10 +910,15 @@ def find_clusters(units, raster_path, bands=None, window_size_px=33, nodata=None
                if np.isfinite(pair[2]) else
                "could not be compared (no held-out fold where both held 2 units and 2 groups, or folds without "
                "spread that disagree)")
+        # The refit: the final model and its folds, and the sequential walk at the smaller K if it is to be tested.
+        need = 1 + n_folds + (n_folds - 1 if n_clusters - 1 > 1 and n_clusters - 1 not in steps else 0)
+        fits.more(max(need - reserve, 0))
+        reserve = max(reserve - need, 0)
         final, k, out = fit_final(n_clusters - 1)
         dropped += n_clusters - 1 - k
         k_rule += f"; clusters {pair[0]} and {pair[1]} of {n_clusters} {why}: refit with K = {k}"
         n_clusters = k
+    fits.skip(reserve)
     timings["clusters_s"] = time.monotonic() - t
     forest_test = None
     if forest_check and n_clusters > 1:   # issue 24: does estimatecate's own test support heterogeneity here?

@@ -69,6 +69,32 @@ class ProgressClock:
         return f"{self.message} ({left})" if left and self.message else (self.message or left)
 
 
+class FitCount:
+    """Progress as fits done out of fits expected, where more fits can be added on the way (a merge of clusters
+    refits the final model): ``more(n)`` adds n fits without moving the bar back, and what is left of the bar is
+    spread over the fits still to come; ``skip(n)`` moves it on past n expected fits that will not run. ``tick()``
+    counts one fit and returns the fraction done (0..1)."""
+
+    def __init__(self, total):
+        self.base, self.done, self.total = 0.0, 0, max(int(total), 1)
+
+    def fraction(self):
+        return min(self.base + (1.0 - self.base) * self.done / self.total, 1.0)
+
+    def tick(self):
+        self.done += 1
+        return self.fraction()
+
+    def more(self, n):
+        self.base = self.fraction()
+        self.total = max(self.total - self.done, 0) + max(int(n), 0) or 1
+        self.done = 0
+
+    def skip(self, n):
+        """n expected fits that will not run (room kept for refits that were not needed): counted as done."""
+        self.done = min(self.done + max(int(n), 0), self.total)
+
+
 class Throttle:
     """``tick(fraction, message)`` reports progress and polls cancellation at most every ``interval`` seconds.
 

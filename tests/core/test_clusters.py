@@ -358,13 +358,26 @@ def test_neighbours_test_keeps_its_level_when_clusters_are_whole_groups():
 def test_clusters_the_data_chose_but_whose_held_out_effects_do_not_differ_are_merged(demo_raster, monkeypatch):
     """Issue 24, point 2: when the likelihood proposes more clusters than there are effects (here forced to
     K = 3 on a design with two), the neighbours whose held-out effects do not differ are merged, the log says
-    so, and the two effects are found."""
+    so, and the two effects are found. The progress bar counts the merge's refits: it never moves back and is
+    near its end before "Done" (it used to wait near 95 % while the refits ran)."""
     import geocate.core.clusters as clusters
 
     trial = simulate_trial(demo_raster, n_units=800, seed=6, effects=(-1.0, 3.0))
-    monkeypatch.setattr(clusters, "choose_n_clusters", lambda *args, **kwargs: (3, [(1, 0, 0), (2, 0, 0), (3, 0, 0)]))
+    def choose_three(features, covariates, treated, outcome, folds, max_clusters, seed, tick, **options):
+        for k in range(1, max_clusters + 1):      # as many progress ticks as choosing K gives
+            for j in range(len(np.unique(folds))):
+                tick(f"Choosing K: K = {k}, fold {j + 1}")
+        return 3, [(1, 0, 0), (2, 0, 0), (3, 0, 0)]
+
+    monkeypatch.setattr(clusters, "choose_n_clusters", choose_three)
+    reported = []
     study, result, extras = find_clusters(unit_table(trial), demo_raster, max_clusters=3, n_folds=3, seed=2,
-                                          forest_check=False)
+                                          forest_check=False, progress=lambda f, m="": reported.append((f, m)))
+    fractions = [f for f, _ in reported]
+    assert all(b >= a for a, b in zip(fractions, fractions[1:])), fractions
+    refits = [f for f, m in reported if m.startswith("Cluster model: fold")][3:]   # the merge's cross-fitted folds
+    assert len(refits) == 3 and all(b > a for a, b in zip(refits, refits[1:])) and refits[-1] < 0.95, refits
+    assert reported[-1] == (1.0, "Done") and fractions[-2] >= 0.94, reported[-3:]
     assert result.metadata["effect_test"]["clusters"] == 3 and result.metadata["effect_test"]["p_value"] < 0.05
     assert result.metadata["n_clusters"] == 2, result.metadata["k_rule"]
     assert "do not differ" in result.metadata["k_rule"] and "K = 2" in result.metadata["k_rule"]

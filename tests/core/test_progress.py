@@ -1,6 +1,6 @@
 """Progress that tells the time left (issue 26, point 3): core.progress.time_left and ProgressClock."""
 
-from geocate.core.progress import ProgressClock, time_left
+from geocate.core.progress import FitCount, ProgressClock, time_left
 
 
 def test_the_time_left_is_the_rate_so_far_in_words_and_silent_too_early():
@@ -10,6 +10,20 @@ def test_the_time_left_is_the_rate_so_far_in_words_and_silent_too_early():
     assert time_left(60.0, 0.25) == "about 3 min left"
     assert time_left(600.0, 0.1) == "about 1 h 30 min left"
     assert time_left(100.0, 1.0) == ""            # done
+
+
+def test_fit_count_adds_fits_on_the_way_without_moving_the_bar_back():
+    fits = FitCount(4)
+    assert [fits.tick(), fits.tick()] == [0.25, 0.5]
+    fits.more(2)                                  # 2 fits left and 2 more: the other half spread over 4
+    assert [fits.tick() for _ in range(4)] == [0.625, 0.75, 0.875, 1.0]
+    assert fits.tick() == 1.0                     # an uncounted fit stays at the end
+    fits.more(0)
+    assert fits.fraction() == 1.0
+    fits = FitCount(4)
+    fits.tick()
+    fits.skip(2)                                  # two expected fits not needed: passed over
+    assert fits.fraction() == 0.75 and fits.tick() == 1.0
 
 
 def test_the_clock_keeps_the_step_and_adds_the_time_left():
