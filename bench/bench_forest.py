@@ -1,6 +1,6 @@
 """The out-of-bag forest (issue 26) beside the fold forests, on the project's trials and two more designs.
 
-Usage: python bench/bench_forest.py [--units 3000] [--trees 200 400 1000] [--json out.json]
+Usage: python bench/bench_forest.py [--units 3000] [--trees 200 400 1000] [--bag-sample 0.5] [--json out.json]
 
 Designs (3000 units of the demo imagery, core/simulate.py; 512 image features + 2 covariates): the 3000-unit
 trials of bench_validity's ``coverage`` (seeds 11, 12, 13: effects 0, 1, 2.5 by terciles of an image score),
@@ -66,6 +66,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--units", type=int, default=3000)
     parser.add_argument("--trees", type=int, nargs="+", default=[200, 400, 1000])
+    parser.add_argument("--bag-sample", type=float, default=0.5,
+                        help="share of its bag's units each out-of-bag tree grows on (default 0.5, estimatecate's)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
 
@@ -79,7 +81,7 @@ def main(argv=None):
         rows = {"five fold forests, 100 trees each (default)": measure(folds_model, truth,
                                                                       time.perf_counter() - started)}
         for trees in args.trees:
-            model = GroupBaggedCausalForest(n_estimators=trees, seed=11)
+            model = GroupBaggedCausalForest(n_estimators=trees, seed=11, bag_sample=args.bag_sample)
             started = time.perf_counter()
             model.fit(Y, W, design, outcome_inputs=inputs, folds=folds_model.fold_)
             rows[f"out-of-bag forest, {trees} trees"] = measure(model, truth, time.perf_counter() - started)
