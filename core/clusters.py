@@ -265,6 +265,8 @@ def fit_clusters(features, covariates, treated, outcome, n_clusters, epochs=300,
     """
     if noise_starts is None:
         noise_starts = NOISE_STARTS if n_clusters > 1 and noise_components else ("arm",)
+    elif isinstance(noise_starts, str):
+        noise_starts = (noise_starts,)
     unknown = set(noise_starts) - {"arm", "controls"}
     if unknown or not noise_starts:
         raise ValueError(f"noise_starts must be 'arm' and/or 'controls', not {sorted(unknown) or noise_starts}")
@@ -277,6 +279,7 @@ def fit_clusters(features, covariates, treated, outcome, n_clusters, epochs=300,
         if len(noise_starts) == 1:
             return fit
         fitted = float(fit.log_likelihood(features, covariates, treated, outcome).sum())
+        fitted = fitted if np.isfinite(fitted) else -np.inf    # a training that failed never wins
         if best is None or fitted > best[0]:
             best = (fitted, fit)
     return best[1]

@@ -865,6 +865,8 @@ def find_clusters(units, raster_path, bands=None, window_size_px=33, nodata=None
 
     def walk_for(k):
         if k not in steps:
+            if steps:      # the first walk (the test's) is counted in the fits expected; a later one is not
+                fits.more(n_folds - 1)
             steps[k] = sequential_cluster_fits(image_part, covariate_part, W, Y, k, folds, seed, tick, **options)
         return steps[k]
 
@@ -879,6 +881,8 @@ def find_clusters(units, raster_path, bands=None, window_size_px=33, nodata=None
         elif chosen_by_data:
             k_rule += (f"; the held-out test confirms that the clusters' effects differ (p = "
                        f"{effect_test.p_value:.3f})")
+    if not steps:      # K = 1 from the start: no test, so no walk
+        fits.skip(n_folds - 1)
     timings["choose_k_s"] = time.monotonic() - t
     t = time.monotonic()
 
@@ -892,9 +896,9 @@ def find_clusters(units, raster_path, bands=None, window_size_px=33, nodata=None
                                              **options)
 
     requested = n_clusters
-    # Room on the bar for one merge's refits (the final model, its folds, the walk at the smaller K), kept while a
-    # merge may follow and passed over when none does.
-    reserve = (1 + n_folds + (n_folds - 1) * (n_clusters > 2)) if chosen_by_data and n_clusters > 1 else 0
+    # Room on the bar for one merge's refits (the final model and its folds), kept while a merge may follow and
+    # passed over when none does; the walk at a smaller K adds its own fits (walk_for).
+    reserve = (1 + n_folds) if chosen_by_data and n_clusters > 1 else 0
     fits.more(reserve)
     final, n_clusters, out = fit_final(requested)
     dropped = requested - n_clusters
@@ -911,14 +915,13 @@ def find_clusters(units, raster_path, bands=None, window_size_px=33, nodata=None
                "could not be compared (no held-out fold where both held 2 units and 2 groups, or folds without "
                "spread that disagree)")
         # The refit: the final model and its folds, and the sequential walk at the smaller K if it is to be tested.
-        need = 1 + n_folds + (n_folds - 1 if n_clusters - 1 > 1 and n_clusters - 1 not in steps else 0)
-        fits.more(max(need - reserve, 0))
-        reserve = max(reserve - need, 0)
+        fits.more(max(1 + n_folds - reserve, 0))
+        reserve = max(reserve - 1 - n_folds, 0)
         final, k, out = fit_final(n_clusters - 1)
         dropped += n_clusters - 1 - k
         k_rule += f"; clusters {pair[0]} and {pair[1]} of {n_clusters} {why}: refit with K = {k}"
         n_clusters = k
-    fits.skip(reserve)
+    fits.skip(reserve + bool(forest_check and n_clusters == 1))   # unused room, and no forest check at K = 1
     timings["clusters_s"] = time.monotonic() - t
     forest_test = None
     if forest_check and n_clusters > 1:   # issue 24: does estimatecate's own test support heterogeneity here?

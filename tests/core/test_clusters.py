@@ -134,7 +134,7 @@ def test_the_noise_starts_from_both_arms_and_the_controls_and_the_better_fit_is_
     from geocate.core.clusters import fit_clusters
 
     none = np.zeros((1200, 0))
-    kept_ari, arm_ari = [], []
+    kept_ari, arm_ari, winners = [], [], []
     for seed in range(4):
         features, W, Y, group = zero_inflated_three_cluster_trial(seed)
         fits = {start: fit_clusters(features, None, W, Y, 3, seed=seed, noise_starts=(start,))
@@ -142,12 +142,24 @@ def test_the_noise_starts_from_both_arms_and_the_controls_and_the_better_fit_is_
         fitted = {start: fit.log_likelihood(features, none, W, Y).sum() for start, fit in fits.items()}
         kept = fit_clusters(features, None, W, Y, 3, seed=seed)
         assert kept.noise_start == max(fitted, key=fitted.get)
+        winners.append(kept.noise_start)
         assert kept.log_likelihood(features, none, W, Y).sum() == pytest.approx(max(fitted.values()), rel=1e-6)
         kept_ari.append(adjusted_rand_score(group, kept.probabilities(features, none).argmax(axis=1)))
         arm_ari.append(adjusted_rand_score(group, fits["arm"].probabilities(features, none).argmax(axis=1)))
+    assert set(winners) == {"arm", "controls"}, winners          # each start is the better one in some seed
     assert np.mean(kept_ari) >= np.mean(arm_ari) + 0.1, (kept_ari, arm_ari)
     assert min(kept_ari) >= 0.7, kept_ari
-    assert fit_clusters(features, None, W, Y, 1, seed=0, epochs=5).noise_start == "arm"   # K = 1: one start
+    import geocate.core.clusters as clusters
+
+    trained = []
+    original = clusters._train_clusters
+    clusters._train_clusters = lambda *args: trained.append(args[-1]) or original(*args)
+    try:
+        assert fit_clusters(features, None, W, Y, 1, seed=0, epochs=5).noise_start == "arm"   # K = 1: one start
+        assert fit_clusters(features, None, W, Y, 2, seed=0, epochs=5, noise_components=0).noise_start == "arm"
+    finally:
+        clusters._train_clusters = original
+    assert trained == ["arm", "arm"], trained       # nor the paper's noise, which has no mixture to start
     with pytest.raises(ValueError, match="noise_starts"):
         fit_clusters(features, None, W, Y, 2, epochs=5, noise_starts=("treated",))
 
