@@ -863,9 +863,13 @@ def find_clusters(units, raster_path, bands=None, window_size_px=33, nodata=None
     tested_k = n_clusters
     steps = {}      # K -> the sequential walk's models (sequential_cluster_fits): the test's and the merge rule's
 
+    walks_counted = [1]   # walks whose fits the bar counts: the test's, then one per merge to a K > 1
+
     def walk_for(k):
         if k not in steps:
-            if steps:      # the first walk (the test's) is counted in the fits expected; a later one is not
+            if walks_counted[0] > 0:
+                walks_counted[0] -= 1
+            else:          # a walk the bar did not expect
                 fits.more(n_folds - 1)
             steps[k] = sequential_cluster_fits(image_part, covariate_part, W, Y, k, folds, seed, tick, **options)
         return steps[k]
@@ -883,6 +887,7 @@ def find_clusters(units, raster_path, bands=None, window_size_px=33, nodata=None
                        f"{effect_test.p_value:.3f})")
     if not steps:      # K = 1 from the start: no test, so no walk
         fits.skip(n_folds - 1)
+        walks_counted[0] = 0
     timings["choose_k_s"] = time.monotonic() - t
     t = time.monotonic()
 
@@ -896,9 +901,9 @@ def find_clusters(units, raster_path, bands=None, window_size_px=33, nodata=None
                                              **options)
 
     requested = n_clusters
-    # Room on the bar for one merge's refits (the final model and its folds), kept while a merge may follow and
-    # passed over when none does; the walk at a smaller K adds its own fits (walk_for).
-    reserve = (1 + n_folds) if chosen_by_data and n_clusters > 1 else 0
+    # Room on the bar for one merge's refits (the final model, its folds and the walk at the smaller K), kept while
+    # a merge may follow and passed over when none does.
+    reserve = (1 + n_folds + (n_folds - 1) * (n_clusters > 2)) if chosen_by_data and n_clusters > 1 else 0
     fits.more(reserve)
     final, n_clusters, out = fit_final(requested)
     dropped = requested - n_clusters
@@ -915,13 +920,19 @@ def find_clusters(units, raster_path, bands=None, window_size_px=33, nodata=None
                "could not be compared (no held-out fold where both held 2 units and 2 groups, or folds without "
                "spread that disagree)")
         # The refit: the final model and its folds, and the sequential walk at the smaller K if it is to be tested.
-        fits.more(max(1 + n_folds - reserve, 0))
-        reserve = max(reserve - 1 - n_folds, 0)
+        need = 1 + n_folds + (n_folds - 1) * (n_clusters - 1 > 1)
+        fits.more(max(need - reserve, 0))
+        reserve = max(reserve - need, 0)
+        walks_counted[0] += n_clusters - 1 > 1
         final, k, out = fit_final(n_clusters - 1)
+        if k == 1 and n_clusters - 1 > 1:      # empty clusters dropped down to one: no walk follows
+            fits.skip(n_folds - 1)
+            walks_counted[0] -= 1
         dropped += n_clusters - 1 - k
         k_rule += f"; clusters {pair[0]} and {pair[1]} of {n_clusters} {why}: refit with K = {k}"
         n_clusters = k
-    fits.skip(reserve + bool(forest_check and n_clusters == 1))   # unused room, and no forest check at K = 1
+    # Unused room, walks counted that did not run, and no forest check at K = 1.
+    fits.skip(reserve + walks_counted[0] * (n_folds - 1) + bool(forest_check and n_clusters == 1))
     timings["clusters_s"] = time.monotonic() - t
     forest_test = None
     if forest_check and n_clusters > 1:   # issue 24: does estimatecate's own test support heterogeneity here?
