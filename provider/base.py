@@ -655,7 +655,7 @@ class GeoCateAlgorithm(QgsProcessingAlgorithm):
             # reading no features), closed before the file is moved into place.
             writer = QgsVectorLayer(written, "result", "ogr")
             if writer.isValid():
-                save_styles_to_geopackage(apply_result_styles(writer, current=self.result_style))
+                save_styles_to_geopackage(writer, current=self.result_style)
             del writer
         self.write_run_metadata(dest_id, metadata, feedback)
         return results
@@ -668,7 +668,7 @@ class GeoCateAlgorithm(QgsProcessingAlgorithm):
         if written:
             writer = QgsVectorLayer(written, "result", "ogr")
             if writer.isValid():
-                save_styles_to_geopackage(apply_result_styles(writer, current=style))
+                save_styles_to_geopackage(writer, current=style)
             del writer
 
     def postProcessAlgorithm(self, context, feedback):  # noqa: N802 - QGIS's name

@@ -157,20 +157,22 @@ def apply_result_styles(layer, current=CATE_STYLE):
     return layer
 
 
-def save_styles_to_geopackage(layer):
-    """Store the layer's named result styles (the current one as default) in a GeoPackage's layer_styles table."""
-    if layer.providerType() != "ogr" or ".gpkg" not in layer.source().lower():
+def save_styles_to_geopackage(layer, current=CATE_STYLE):
+    """Store every named result style ``layer`` has the fields for in its GeoPackage's layer_styles table,
+    ``current`` as the default (the first such style where it has no such field); False when nothing was saved.
+    Each style is the layer's renderer set in turn and saved, without the layer's style manager: a result file is
+    styled in the Processing task's thread, where the manager's wrapper was once found deleted between two of its
+    calls (the targeting dialog, on a loaded machine), which failed the run after the algorithm had finished."""
+    if layer.providerType() != "ogr" or ".gpkg" not in layer.source().lower() or not layer.isSpatial():
         return False
-    manager = layer.styleManager()
-    current = manager.currentStyle()
+    styles = result_styles_of(layer)
+    names = [name for name, *_ in styles]
+    default = current if current in names else (names[0] if names else None)
     messages = []
-    for name, _, _, description in result_styles_of(layer):
-        if name not in manager.styles():
-            continue
-        manager.setCurrentStyle(name)
-        messages.append(layer.saveStyleToDatabase(name, description, name == current, ""))
-    manager.setCurrentStyle(current)
-    return not any(messages)
+    for name, field, renderer, description in styles:
+        layer.setRenderer(renderer(layer, field))
+        messages.append(layer.saveStyleToDatabase(name, description, name == default, ""))
+    return bool(styles) and not any(messages)
 
 
 def round_up(value):

@@ -146,6 +146,9 @@ def test_geopackage_output_loads_styled_and_has_its_run_metadata(plugin, demo_un
                                   OUTPUT_REPORT=str(tmp_path / "effects.html")))
     reloaded = QgsVectorLayer(str(out), "effects", "ogr")
     assert reloaded.isValid() and isinstance(reloaded.renderer(), QgsGraduatedSymbolRenderer)
+    from geocate.provider.styles import CATE_STYLE, GROUP_STYLE
+
+    assert set(reloaded.listStylesInDatabase()[2]) == {CATE_STYLE, GROUP_STYLE}
     metadata = json.loads((tmp_path / "effects.run.json").read_text())
     assert metadata["algorithm"] == "geocate:estimatecate" and metadata["parameters"]["SEED"] == 42
     assert list(metadata)[:3] == ["schema_version", "algorithm", "parameters"]

@@ -6,7 +6,7 @@ import os
 import subprocess
 
 import pytest
-from qgis.core import QgsProcessingException, QgsVectorLayer
+from qgis.core import QgsCategorizedSymbolRenderer, QgsProcessingException, QgsVectorLayer
 from test_estimatecate_in_qgis import qgis_process_env  # noqa: I001
 
 DEMO_EXTENT = "729945,745000,-2829315,-2814000 [EPSG:32621]"
@@ -47,6 +47,11 @@ def test_targeting_runs_through_qgis_process_with_costs_candidates_and_a_map(cos
     rows = [(f["treat"], f["cost"], f["cate"]) for f in layer.getFeatures() if f["treat"] is not None]
     spent = sum(c for t, c, _ in rows if t == 1)
     assert spent == pytest.approx(results["BUDGET_USED"]) and all(e > 0 for t, _, e in rows if t == 1)
+    # Every named style the layer has the fields for is in the file, the budget's choice as its default.
+    from geocate.provider.styles import CATE_STYLE, TREAT_STYLE
+
+    assert set(layer.listStylesInDatabase()[2]) == {CATE_STYLE, TREAT_STYLE}   # no group field
+    assert isinstance(layer.renderer(), QgsCategorizedSymbolRenderer) and layer.renderer().classAttribute() == "treat"
     del layer
     ranked = QgsVectorLayer(str(cand), "c", "ogr")
     assert ranked.featureCount() == 40 and ranked.fields().lookupField("priority") >= 0
