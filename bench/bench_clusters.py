@@ -1,7 +1,7 @@
 """Benchmark of the image cluster model against the causal forest and the paper's baseline, in one process.
 
 Usage: python bench/bench_clusters.py [methods|shapes] [--units 3000] [--seed 11] [--draws 20] [--json out.json]
-       python bench/bench_clusters.py shapes --units 600 --cluster-units 3000 [--designs 0,1,2,3] [--noise 3]
+       python bench/bench_clusters.py shapes --units 600 --cluster-units 3000 [--designs 0,1,2,3] [--noise 3] [--first-draw 5]
        python bench/bench_clusters.py merge-level --units 600 --draws 60   (the neighbours' test's level)
 
 ``shapes`` (issue 24): K chosen on null trials whose outcome is zero-inflated, log-normal, Student-t or has
@@ -163,7 +163,7 @@ def shapes(args):
     for shape, effects in designs:
         rows = []
         n_units = args.units if len(effects) == 1 else args.cluster_units
-        for draw in range(args.draws):
+        for draw in range(args.first_draw, args.first_draw + args.draws):
             seed = 500 + draw
             trial = simulate_trial(DEMO_RASTER, n_units=n_units, seed=seed, effects=effects)
             outcome = shaped_outcome(trial, shape, np.random.default_rng(seed))
@@ -235,6 +235,8 @@ def main(argv=None):
     parser.add_argument("--json", default=None)
     parser.add_argument("--cluster-units", type=int, default=3000, help="shapes: units of the three-cluster designs")
     parser.add_argument("--designs", default="", help="shapes: indices of the designs to run, e.g. 0,1,2,3")
+    parser.add_argument("--first-draw", type=int, default=0,
+                        help="shapes: the first draw's number (seeds 500 + first draw on), to finish a stopped run")
     parser.add_argument("--noise", type=int, default=None,
                         help="shapes: Gaussians in the shared noise mixture (0: the paper's noise per cluster)")
     args = parser.parse_args(argv)
