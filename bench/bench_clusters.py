@@ -172,7 +172,7 @@ def shapes(args):
             result = find_clusters(units, DEMO_RASTER, max_clusters=4, seed=seed, device=args.device,
                                    noise_components=args.noise)[1]
             test, forest = result.metadata["effect_test"], result.metadata.get("forest_test")
-            rows.append({"k": result.metadata["n_clusters"], "k_likelihood": test["clusters"] if test else 1,
+            rows.append({"seed": seed, "k": result.metadata["n_clusters"], "k_likelihood": test["clusters"] if test else 1,
                          "p": test["p_value"] if test else None,
                          "forest_p": forest["p_value"] if forest else None,
                          "ari": float(adjusted_rand_score(trial.true_group, result.group)),
