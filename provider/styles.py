@@ -127,6 +127,11 @@ def result_styles_of(layer):
     return [style for style in RESULT_STYLES if layer.fields().lookupField(style[1]) >= 0]
 
 
+def style_in_use(names, current):
+    """The style a result layer shows: ``current`` where it is among ``names``, else the first (None: no names)."""
+    return current if current in names else (names[0] if names else None)
+
+
 def apply_result_styles(layer, current=CATE_STYLE):
     """Give ``layer`` every named style it has the fields for (CATE_STYLE, GROUP_STYLE, TREAT_STYLE), ``current``
     in use (CATE_STYLE where it has no such field); returns the layer. A table without geometry (a .csv output)
@@ -152,22 +157,22 @@ def apply_result_styles(layer, current=CATE_STYLE):
     manager.renameStyle(manager.currentStyle(), name)
     for name, style in saved:
         manager.addStyle(name, style)
-    manager.setCurrentStyle(current if current in names else names[0])
+    manager.setCurrentStyle(style_in_use(names, current))
     layer.triggerRepaint()
     return layer
 
 
 def save_styles_to_geopackage(layer, current=CATE_STYLE):
     """Store every named result style ``layer`` has the fields for in its GeoPackage's layer_styles table,
-    ``current`` as the default (the first such style where it has no such field); False when nothing was saved.
+    ``current`` as the default (the first such style where it has no such field); False when there was nothing to
+    save or a save failed.
     Each style is the layer's renderer set in turn and saved, without the layer's style manager: a result file is
     styled in the Processing task's thread, where the manager's wrapper was once found deleted between two of its
     calls (the targeting dialog, on a loaded machine), which failed the run after the algorithm had finished."""
     if layer.providerType() != "ogr" or ".gpkg" not in layer.source().lower() or not layer.isSpatial():
         return False
     styles = result_styles_of(layer)
-    names = [name for name, *_ in styles]
-    default = current if current in names else (names[0] if names else None)
+    default = style_in_use([name for name, *_ in styles], current)
     messages = []
     for name, field, renderer, description in styles:
         layer.setRenderer(renderer(layer, field))
