@@ -1,6 +1,11 @@
 """Observational designs: confounding adjustment from imagery (geocate:estimateate's estimators).
 
-Usage: python bench/bench_observational.py [--reps 200] [--causalimages-reps 50] [--json out.json]
+Usage: python bench/bench_observational.py [--reps 200] [--causalimages-reps 50] [--nuisance penalised]
+       [--designs causalimages,scene,overlap] [--json out.json]
+
+--nuisance: geocate:estimateate's NUISANCE (core.stacking): "penalised" (the default models), "stacked"
+(with gradient boosting) or "stacked with windows" (and a network on the windows for the propensity); the
+stacks' per-fold weights are summarised (the mean share of each learner).
 
 * causalimages: causalimages' own confounding simulation, with images: n = 1000
   windows of 3 x 16 x 16 pixels whose red channel is set by a latent
@@ -52,13 +57,43 @@ def record(effects, truth, errors, covered, estimand="ATE"):
         covered.setdefault(effect.estimator, []).append(low <= truth <= high)
 
 
-def run_causalimages(reps):
+def estimates(Y, W, features, covariates, inputs, seed, nuisance, scaled, shares):
+    """The estimators of geocate:estimateate with ``nuisance`` models (core.pipeline.estimate_ate's steps)."""
+    from geocate.core.crossfit import location_folds
     from geocate.core.design import StudyDesign
-    from geocate.core.embed import BandScaler, RandomConvFeatures
-    from geocate.core.inputs import outcome_inputs, propensity_inputs
+    from geocate.core.inputs import propensity_inputs
     from geocate.core.observational import adjusted_effects
+    from geocate.core.stacking import nuisance_learners, stacked_arm_models, stacked_propensities
 
-    errors, covered = {}, {}
+    every_feature = propensity_inputs(features, covariates)
+    if nuisance == "penalised":
+        propensity, _ = StudyDesign("observational", seed=seed).propensities(W, every_feature)
+        return adjusted_effects(Y, W, propensity, inputs)
+    folds = location_folds(np.arange(len(Y)), 5, seed)
+    p_learners, o_learners = nuisance_learners(nuisance, W, 2, every_feature, inputs, Y, scaled, seed)
+    propensity, fit = stacked_propensities(W, p_learners, folds)
+    mu, outcome_fit = stacked_arm_models(Y, W, 2, o_learners, folds)
+    for row in fit["stack"]:
+        for name, w in row["weights"].items():
+            shares.setdefault("propensity: " + name, []).append(w)
+    for row in outcome_fit["stack"]:
+        for arm, weights in row["weights_by_arm"].items():
+            for name, w in weights.items():
+                shares.setdefault(f"outcome arm {arm}: " + name, []).append(w)
+    return adjusted_effects(Y, W, propensity, inputs, folds, mu=mu)
+
+
+def with_shares(out, shares):
+    if shares:
+        out["mean_weight"] = {name: round(float(np.mean(v)), 3) for name, v in shares.items()}
+    return out
+
+
+def run_causalimages(reps, nuisance="penalised"):
+    from geocate.core.embed import BandScaler, RandomConvFeatures
+    from geocate.core.inputs import outcome_inputs
+
+    errors, covered, shares = {}, {}, {}
     for rep in range(reps):
         rng = np.random.default_rng(300 + rep)
         n = 1000
@@ -70,18 +105,16 @@ def run_causalimages(reps):
         scaled = BandScaler(seed=rep).fit(windows).transform(windows)
         features = np.log1p(RandomConvFeatures(seed=rep, n_filters=64).fit(scaled).transform(scaled))  # core.represent scale
         inputs = outcome_inputs(features, X, seed=rep)
-        propensity, _ = StudyDesign("observational", seed=rep).propensities(W, propensity_inputs(features, X))
-        record(adjusted_effects(Y, W, propensity, inputs), 2.0, errors, covered)
-    out = summarise(errors, covered)
+        record(estimates(Y, W, features, X, inputs, rep, nuisance, scaled, shares), 2.0, errors, covered)
+        print(rep, round(float(np.mean(errors["AIPW"])), 4), flush=True)
+    out = with_shares(summarise(errors, covered), shares)
     print("causalimages", json.dumps(out), flush=True)
     return out
 
 
-def run_scene(reps):
-    from geocate.core.design import StudyDesign
+def run_scene(reps, nuisance="penalised"):
     from geocate.core.embed import BandScaler, RandomConvFeatures
-    from geocate.core.inputs import outcome_inputs, propensity_inputs
-    from geocate.core.observational import adjusted_effects
+    from geocate.core.inputs import outcome_inputs
     from geocate.core.patches import extract_patches
     from geocate.core.simulate import confound, simulate_trial
 
@@ -90,14 +123,14 @@ def run_scene(reps):
     scaled = BandScaler(seed=7).fit(patches).transform(patches)
     features = np.log1p(RandomConvFeatures(seed=7).fit(scaled).transform(scaled))  # core.represent scale
     inputs = outcome_inputs(features, trial.covariates, seed=7)
-    every_feature = propensity_inputs(features, trial.covariates)      # what geocate:estimateate's propensity sees
-    errors, covered, spans = {}, {}, []
+    errors, covered, spans, shares = {}, {}, [], {}
     for rep in range(reps):
         W, Y, true_propensity = confound(trial, seed=rep)
         spans.append(np.quantile(true_propensity, [0.05, 0.95]))
-        propensity, _ = StudyDesign("observational", seed=rep).propensities(W, every_feature)
-        record(adjusted_effects(Y, W, propensity, inputs), 1.0, errors, covered)
-    out = summarise(errors, covered)
+        record(estimates(Y, W, features, trial.covariates, inputs, rep, nuisance, scaled, shares), 1.0, errors,
+               covered)
+        print(rep, round(float(np.mean(errors["AIPW"])), 4), flush=True)
+    out = with_shares(summarise(errors, covered), shares)
     out["true_propensity_5_95_percent"] = np.mean(spans, axis=0).round(3).tolist()
     print("scene", json.dumps(out), flush=True)
     return out
@@ -137,12 +170,16 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=200)
     parser.add_argument("--causalimages-reps", type=int, default=None)
+    parser.add_argument("--nuisance", default="penalised", choices=("penalised", "stacked", "stacked with windows"))
+    parser.add_argument("--designs", default="causalimages,scene,overlap")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     started = time.perf_counter()
     causalimages_reps = args.causalimages_reps or max(args.reps // 4, 1)
-    figures = {"causalimages": run_causalimages(causalimages_reps), "scene": run_scene(args.reps),
-               "overlap": run_overlap(max(args.reps // 4, 1))}
+    runs = {"causalimages": lambda: run_causalimages(causalimages_reps, args.nuisance),
+            "scene": lambda: run_scene(args.reps, args.nuisance), "overlap": lambda: run_overlap(max(args.reps // 4, 1))}
+    figures = {"nuisance": args.nuisance}
+    figures.update({name: runs[name]() for name in args.designs.split(",")})
     save_figures(args.json, figures, started)
     return figures
 

@@ -33,13 +33,14 @@ class AdjustedEffect:
 
 
 def adjusted_effects(outcome, arms, propensities, inputs=None, folds=None, clusters=None, n_folds=5, seed=42,
-                     is_cancelled=None):
+                     is_cancelled=None, mu=None):
     """IPW, Hajek and AIPW estimates of the ATE and the ATT of every arm against the first (the reference,
     e.g. 0 = no programme), and of every pair of the other arms, plus the naive difference in means.
 
     propensities: (n, A) from StudyDesign.propensities (columns in the order of np.unique(arms)), clipped to
     [CLIP, 1 - CLIP]; folds: the outcome models' cross-fitting folds (a study passes its own; None: ``n_folds``
-    folds of single units drawn with ``seed``). Returns a list of AdjustedEffect.
+    folds of single units drawn with ``seed``); mu: (n, A) cross-fitted outcome models already fitted (the
+    stacked ones, core.stacking), else core.scores.arm_models on ``inputs``. Returns a list of AdjustedEffect.
     """
     from .crossfit import location_folds
 
@@ -48,7 +49,8 @@ def adjusted_effects(outcome, arms, propensities, inputs=None, folds=None, clust
     n, k = len(Y), len(levels)
     e = np.clip(np.asarray(propensities, float).reshape(n, k), CLIP, 1 - CLIP)
     folds = location_folds(np.arange(n), n_folds, seed) if folds is None else np.asarray(folds)
-    mu = arm_models(Y, index, k, inputs, folds, is_cancelled=is_cancelled)
+    mu = arm_models(Y, index, k, inputs, folds, is_cancelled=is_cancelled) if mu is None else \
+        np.asarray(mu, float).reshape(n, k)
     D = np.eye(k)[index]
     ipw = D * Y[:, None] / e
     aipw = mu + D * (Y[:, None] - mu) / e
@@ -89,9 +91,9 @@ class AdjustedContrasts(Estimator):
     def __init__(self, n_folds=5, seed=42):
         self.n_folds, self.seed = n_folds, seed
 
-    def fit(self, outcome, arms, propensities, inputs=None, folds=None, clusters=None, is_cancelled=None):
+    def fit(self, outcome, arms, propensities, inputs=None, folds=None, clusters=None, is_cancelled=None, mu=None):
         self.effects_ = adjusted_effects(outcome, arms, propensities, inputs, folds, clusters, self.n_folds,
-                                         self.seed, is_cancelled)
+                                         self.seed, is_cancelled, mu)
         return self
 
     def first(self, estimator="AIPW", estimand="ATE"):

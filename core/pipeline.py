@@ -1008,7 +1008,7 @@ def find_clusters(units, raster_path, bands=None, window_size_px=33, nodata=None
 
 def estimate_ate(units, raster_path, design, bands=None, window_size_px=33, nodata=None, seed=42, n_folds=5,
                  n_filters=256, spatial_block=0, device="auto", progress=None, is_cancelled=None,
-                 outcome_correction=None, correction="linear", imagery=None, sensitivity=None):
+                 outcome_correction=None, correction="linear", imagery=None, sensitivity=None, nuisance="penalised"):
     """Average effects with a confounding adjustment from the imagery (geocate:estimateate).
 
     design: a core.design.StudyDesign. The image windows are embedded as in
@@ -1024,26 +1024,47 @@ def estimate_ate(units, raster_path, design, bands=None, window_size_px=33, noda
     estimate_cate), and the metadata gives the AIPW ATE under every correction.
     ``sensitivity``: (CF_Y, CF_D, RHO) for the omitted-variable analysis of each AIPW contrast
     (core.sensitivity.analyse, observational designs; None: none); the result's "sensitivity".
+    ``nuisance`` (core.stacking.NUISANCE_CHOICES; observational designs): "penalised" (the models above),
+    "stacked" (each model a super learner over them and gradient boosting, its weights chosen in each training
+    fold and reported per fold in the metadata's "propensity_model" and "outcome_models") or "stacked with
+    windows" (a small network on the windows joins the propensity's learners). The sensitivity analysis keeps
+    the penalised models.
     """
     from .design import RANDOMIZED, overlap_summary
     from .inputs import propensity_inputs
     from .observational import AdjustedContrasts, adjusted_effects, balance_table
+    from .stacking import NUISANCE_CHOICES
 
+    if nuisance not in NUISANCE_CHOICES:
+        raise GeoCateError(f"Unknown nuisance models '{nuisance}'.", f"Choose one of {', '.join(NUISANCE_CHOICES)}.")
+    stacked = nuisance != "penalised" and design.kind != RANDOMIZED
     started = time.monotonic()
     units, versions = corrected_units(units, outcome_correction, correction)
     imagery = imagery or ImageryOptions()
     prepared = prepare_study(units, raster_path, bands, window_size_px, nodata,
                              imagery.pipeline(n_filters, seed, device), imagery, spatial_block,
-                             stage(progress, 0.0, 0.5), is_cancelled, read_share=0.6, arms=True)
+                             stage(progress, 0.0, 0.5), is_cancelled, read_share=0.6, arms=True,
+                             keep_windows=stacked and nuisance == "stacked with windows")
     study, features, feature_pipeline = prepared.study, prepared.features, prepared.pipeline
     groups, block_size, used = prepared.groups, prepared.block_size, prepared.study.used
     covariates = study.covariates[used] if study.covariates.shape[1] else None
     inputs = outcome_inputs(features, covariates, seed)
     folds = Folds.of_groups(groups, n_folds, seed).fold
     arms = study.treated[used]
-    if progress is not None:
-        progress(0.6, "Propensity model (cross-fitted)")
-    propensities, fit = design.propensities(arms, propensity_inputs(features, covariates), folds, is_cancelled)
+    learners = None
+    if stacked:
+        from .stacking import nuisance_learners, stacked_propensities
+
+        learners = nuisance_learners(nuisance, np.unique(arms, return_inverse=True)[1], len(np.unique(arms)),
+                                     propensity_inputs(features, covariates), inputs, study.outcome[used],
+                                     scaled_windows(study, seed) if nuisance.endswith("windows") else None,
+                                     seed)
+        propensities, fit = stacked_propensities(arms, learners[0], folds, is_cancelled, stage(progress, 0.5, 0.7))
+        study = dataclasses.replace(study, patches=None, views=None)   # the network's windows are no longer needed
+    else:
+        if progress is not None:
+            progress(0.6, "Propensity model (cross-fitted)")
+        propensities, fit = design.propensities(arms, propensity_inputs(features, covariates), folds, is_cancelled)
     binary = propensities.shape[1] == 2
     kept, bounds = design.keep(propensities[:, 1]) if binary else (np.ones(len(arms), bool), None)
     if binary and kept.sum() < len(kept):
@@ -1051,10 +1072,21 @@ def estimate_ate(units, raster_path, design, bands=None, window_size_px=33, noda
             if (arms[kept] == arm).sum() < 20:
                 raise GeoCateError(f"Trimming to propensities in [{bounds[0]:.2f}, {bounds[1]:.2f}] leaves fewer than "
                                    f"20 units in arm {arm}.", "Trim less, or use a design with more overlap.")
-    if progress is not None:
+    mu, outcome_fit = None, {"model": "additive cubic splines under ridge on the components and covariates, "
+                                      "per arm, cross-fitted"}
+    if stacked:
+        from .stacking import stacked_arm_models
+
+        # The outcome learners were built on every unit; the stack fits them on the kept units' folds alone.
+        index = np.unique(arms, return_inverse=True)[1]
+        rows = np.flatnonzero(kept)
+        mu, outcome_fit = stacked_arm_models(study.outcome[used][kept], index[kept], len(np.unique(arms)),
+                                             {name: _on_rows(f, rows, len(kept)) for name, f in learners[1].items()},
+                                             folds[kept], is_cancelled, stage(progress, 0.7, 0.78))
+    elif progress is not None:
         progress(0.75, "Outcome models and estimates")
     contrasts = AdjustedContrasts(n_folds, seed).fit(study.outcome[used][kept], arms[kept], propensities[kept],
-                                                     inputs[kept], folds[kept], groups[kept], is_cancelled)
+                                                     inputs[kept], folds[kept], groups[kept], is_cancelled, mu)
     effects = contrasts.effects_
     warnings = [w for w in (overlap_warning(study, window_size_px, block_size),) if w]
     analysis = None
@@ -1095,6 +1127,7 @@ def estimate_ate(units, raster_path, design, bands=None, window_size_px=33, noda
     n = len(used)
     metadata = {"design": design.kind, "trim": design.trim if not isinstance(design.trim, tuple) else list(design.trim),
                 "trim_bounds": bounds, "n_trimmed": int((~kept).sum()), "propensity_model": fit,
+                "nuisance": nuisance if stacked else "penalised", "outcome_models": outcome_fit,
                 "overlap": overlap, "warnings": warnings, "seed": seed, "n_folds": n_folds,
                 "predicted_outcome": predicted, "feature_pipeline": feature_pipeline.describe(),
                 "window_size_px": int(window_size_px), "fold_groups": int(len(np.unique(groups))),
@@ -1108,6 +1141,31 @@ def estimate_ate(units, raster_path, design, bands=None, window_size_px=33, noda
         progress(1.0, "Done")
     return study, {"effects": effects, "propensity": propensities, "arms": arms, "kept": kept, "overlap": overlap,
                    "balance": balance, "warnings": warnings, "metadata": metadata, "sensitivity": analysis}
+
+
+def _on_rows(fit_predict, rows, n):
+    """A fit_predict over a subset's masks (``rows``: the subset's indices among the ``n`` units fit_predict
+    knows)."""
+
+    def on_rows(train, test):
+        full_train, full_test = np.zeros(n, bool), np.zeros(n, bool)
+        full_train[rows[train]], full_test[rows[test]] = True, True
+        return fit_predict(full_train, full_test)
+
+    return on_rows
+
+
+def scaled_windows(study, seed):
+    """The used units' windows (the study's first view and date), scaled band by band (core.embed.BandScaler, as
+    the random convolutions scale them), for the network learner of the stacked propensity."""
+    from .embed import BandScaler
+    from .stacking import WINDOW_NETWORK_UNITS
+
+    if int(study.used.sum()) > WINDOW_NETWORK_UNITS:
+        raise GeoCateError(f"The network on the windows is fitted on at most {WINDOW_NETWORK_UNITS} units; this study "
+                           f"uses {int(study.used.sum())}.", "Use NUISANCE = stacked (without the windows).")
+    patches = np.asarray(study.patches[study.used], np.float32)
+    return BandScaler(seed=seed).fit(patches).transform(patches)
 
 
 def panel_image_features(raster_paths, xy, crs_wkt, row_time, window_size_px=33, seed=42, n_components=5,

@@ -109,7 +109,7 @@ SETTING_LABELS = {
     "SEED": "Seed", "GROUPS": "Effect groups", "FOREST": "Causal forest", "CLUSTER": "Cluster field", "SPATIAL_BLOCK": "Spatial blocks",
     "CLUSTERS": "Clusters", "MAX_CLUSTERS": "Largest K tried", "EPOCHS": "Training epochs", "DEVICE": "Device",
     "PRIORITY": "Priority", "PRIORITY_2": "Second priority", "BOOTSTRAP": "Bootstrap draws", "DESIGN": "Study design",
-    "TRIM": "Trimming", "OUTCOME_CORRECTION": "Outcome correction file", "CORRECTION": "Correction",
+    "TRIM": "Trimming", "NUISANCE": "Propensity and outcome models", "OUTCOME_CORRECTION": "Outcome correction file", "CORRECTION": "Correction",
     "OUTCOME_TRUTH": "True outcome field", "SCALES": "Wider context (window sizes, pixels)",
     "RASTERS_TIME": "Imagery of later dates", "TIME_POOLING": "Pooling over dates", "ENCODER": "Image encoder",
     "FEATURE_CACHE": "Feature cache", "COMPARE": "Compare", "METHOD": "Model", "EXTENT": "Extent",
@@ -601,6 +601,29 @@ def correction_report(correction, html_path, truth, prediction):
                       {"algorithm": "geocate:calibratemap", "map": correction.map, "validation": v})
 
 
+def stacked_models_section(metadata):
+    """The stacked propensity's and outcome models' weights by fold (core.stacking), or "" without a stack."""
+    propensity, outcome = metadata.get("propensity_model") or {}, metadata.get("outcome_models") or {}
+    if "stack" not in propensity:
+        return ""
+    names = list(propensity["stack"][0]["weights"])
+    rows = [(row["fold"], *(row["weights"][n] for n in names), row["scale"], row["winner"])
+            for row in propensity["stack"]]
+    part = ("<p class='note'>Each model is a super learner: its learners' weights were chosen by cross-validated "
+            "loss among each fold's training units, so no unit's prediction used its own fold. Propensity: shares "
+            "of the non-negative slopes on the learners' log-odds; scale is their sum (below 1: the learners' "
+            "propensities were pulled toward the middle, i.e. calibrated).</p>"
+            + table(["fold", *names, "scale", "largest"], rows, digits=3))
+    if "stack" in outcome:
+        arm_names = list(outcome["stack"][0]["weights_by_arm"])
+        learner_names = list(outcome["stack"][0]["weights_by_arm"][arm_names[0]])
+        rows = [(row["fold"], arm, *(row["weights_by_arm"][arm][n] for n in learner_names))
+                for row in outcome["stack"] for arm in arm_names]
+        part += ("<p>Outcome models: each arm's weights (non-negative least squares, summing to 1).</p>"
+                 + table(["fold", "arm", *learner_names], rows, digits=3))
+    return part
+
+
 def observational_report(metadata, out, html_path):
     """The HTML report of geocate:estimateate: how to read it, the estimates, overlap (propensities by arm), balance
     before and after weighting, warnings, settings."""
@@ -636,6 +659,9 @@ def observational_report(metadata, out, html_path):
                      f"used. Propensity: {html.escape(metadata['propensity_model']['model'])}.</p>" + trimmed
                      + table(["estimator", "estimand", "contrast", "estimate", "SE", "95 % low", "95 % high", "units"],
                              rows, digits=3)))
+    stack = stacked_models_section(metadata)
+    if stack:
+        sections.append(("Stacked models", stack))
     with tempfile.TemporaryDirectory(prefix="geocate-") as folder:
         if out["overlap"]:
             figure = Figure(figsize=(5.6, 3.2), dpi=110)

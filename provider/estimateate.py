@@ -23,6 +23,8 @@ from .study_parameters import (
 )
 
 DESIGNS = ("observational", "randomized")
+#: NUISANCE's choices, as core.stacking.NUISANCE_CHOICES names them.
+NUISANCES = ("penalised", "stacked", "stacked with windows")
 TRIMS = ("none", "Crump et al. (2009)", "bounds below")
 EFFECT_COLUMNS = (("estimator", QVariant.String), ("estimand", QVariant.String), ("contrast", QVariant.String),
                   ("estimate", QVariant.Double), ("std_err", QVariant.Double), ("ci_low", QVariant.Double),
@@ -31,6 +33,7 @@ EFFECT_COLUMNS = (("estimator", QVariant.String), ("estimand", QVariant.String),
 
 class EstimateAteAlgorithm(GeoCateAlgorithm):
     DESIGN, TRIM, TRIM_LOW, TRIM_HIGH, CLUSTER = "DESIGN", "TRIM", "TRIM_LOW", "TRIM_HIGH", "CLUSTER"
+    NUISANCE = "NUISANCE"
     OUTPUT, OUTPUT_REPORT = "OUTPUT", "OUTPUT_REPORT"
 
     short_description = ("The average effect of a programme that was not randomized, adjusted for what the imagery "
@@ -58,6 +61,11 @@ class EstimateAteAlgorithm(GeoCateAlgorithm):
             "kept). Balance: standardized differences of each covariate and image component before and after "
             "weighting (0.1 marked). Randomized design: the known propensity, and covariates that look affected "
             "by treatment are named.\n\n"
+            "Stacked models (NUISANCE, advanced): each of the propensity and outcome models becomes a super "
+            "learner over the penalised models, gradient boosting and, if asked, a small network on the windows, "
+            "its weights chosen by cross-validated loss within each training fold; the log and the run record "
+            "give each fold's weights. Slower (about three times the fits); not shown to reduce bias on the "
+            "project's benchmarks (docs/benchmarks.md).\n\n"
             "Sensitivity (observational design): how strong a confounder that the imagery and covariates miss "
             "would have to be to change the conclusion (Chernozhukov et al. 2022): the AIPW estimate's bounds and "
             "interval for a confounder of strengths CF_Y (outcome), CF_D (treatment) and RHO, the robustness values "
@@ -80,6 +88,12 @@ class EstimateAteAlgorithm(GeoCateAlgorithm):
                                                  minValue=0, maxValue=1)
             bound.setFlags(bound.flags() | QgsProcessingParameterDefinition.FlagAdvanced)
             self.addParameter(bound)
+        nuisance = QgsProcessingParameterEnum(
+            self.NUISANCE, "Propensity and outcome models (observational design)",
+            ["penalised logistic regression and splines", "stacked: + gradient boosting",
+             "stacked: + gradient boosting + a network on the windows"], defaultValue=0)
+        nuisance.setFlags(nuisance.flags() | QgsProcessingParameterDefinition.FlagAdvanced)
+        self.addParameter(nuisance)
         self.addParameter(QgsProcessingParameterField(
             self.CLUSTER, "Cluster field (e.g. village): folds and standard errors keep clusters together",
             parentLayerParameterName="INPUT", optional=True))
@@ -108,7 +122,8 @@ class EstimateAteAlgorithm(GeoCateAlgorithm):
         study, out = estimate_ate(
             units, arguments.pop("raster_path"), chosen.study_design(trim=trim), **arguments,
             progress=progress_to(feedback), is_cancelled=feedback.isCanceled, outcome_correction=correction,
-            correction=method, sensitivity=chosen.sensitivity)
+            correction=method, sensitivity=chosen.sensitivity,
+            nuisance=NUISANCES[self.parameterAsEnum(parameters, self.NUISANCE, context)])
         log_ate(feedback, chosen.design, out)
         sensitivity_outputs = report_sensitivity(out["sensitivity"], chosen.sensitivity, feedback)
         dest_id = write_table(self, parameters, context, effect_rows(out["effects"]), columns=EFFECT_COLUMNS)
@@ -133,6 +148,11 @@ def log_ate(feedback, design, out):
     effect, the balance after weighting."""
     metadata = out["metadata"]
     feedback.pushInfo(f"Design: {design}; propensity: {metadata['propensity_model']['model']}.")
+    for name, fit in (("Propensity", metadata["propensity_model"]), ("Outcome models", metadata["outcome_models"])):
+        for row in fit.get("stack", []):
+            weights = row.get("weights") or row.get("weights_by_arm")
+            feedback.pushInfo(f"{name}, fold {row['fold']}: weights {weights}"
+                              + (f"; largest: {row['winner']}" if "winner" in row else ""))
     if out["overlap"]:
         feedback.pushInfo(f"Overlap: {out['overlap']['share_outside']:.1%} of the units have a propensity outside "
                           f"[0.05, 0.95]; the 1 % largest weights carry {out['overlap']['top_1pct_weight_share']:.1%} "

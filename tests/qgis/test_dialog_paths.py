@@ -120,7 +120,7 @@ def cases(units, raster, folder):
         ("compare_csv", "geocate:comparesources", dict(trial, BOOTSTRAP=50, OUTPUT=f"{f}/compare.csv",
                                                        OUTPUT_PLOT="TEMPORARY_OUTPUT")),
         ("ate_gpkg", "geocate:estimateate", dict(observational, OUTPUT=f"{f}/ate.gpkg")),
-        ("ate_temporary", "geocate:estimateate", dict(observational, OUTPUT="TEMPORARY_OUTPUT")),
+        ("ate_temporary", "geocate:estimateate", dict(observational, NUISANCE=1, OUTPUT="TEMPORARY_OUTPUT")),
         ("panel_gpkg", "geocate:paneleffects", dict(panel, OUTPUT=f"{f}/panel_effects.gpkg")),
         ("panel_temporary", "geocate:paneleffects", dict(panel, OUTPUT="TEMPORARY_OUTPUT")),
         ("event_csv", "geocate:eventstudy", dict(rollout, OUTPUT=f"{f}/event.csv", OUTPUT_PLOT=f"{f}/event.png")),

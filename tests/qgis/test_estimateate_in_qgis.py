@@ -125,3 +125,34 @@ def test_estimateate_sensitivity_runs_through_qgis_process_and_refuses_a_strengt
                              capture_output=True, text=True, timeout=900)
     assert refused.returncode != 0 and "CF_Y" in refused.stdout + refused.stderr
     assert not (tmp_path / "refused.gpkg").exists() and not (tmp_path / "refused.run.json").exists()
+
+
+def test_qgis_process_runs_the_stacked_models_and_reports_their_weights(demo_units_gpkg, demo_raster, tmp_path):
+    """NUISANCE=1 (issue 23, point 1) from the command line: each fold's weights in the log, the run record and
+    the report; the estimates are written as with the penalised models."""
+    import subprocess
+
+    from test_estimatecate_in_qgis import qgis_process_env
+
+    out = tmp_path / "stacked.gpkg"
+    done = subprocess.run(
+        ["qgis_process.bin", "--json", "run", "geocate:estimateate", "--", f"INPUT={demo_units_gpkg}",
+         "TREATMENT=treated", "OUTCOME=outcome", "COVARIATES=assets", f"RASTER={demo_raster}", "DESIGN=0",
+         "NUISANCE=1", "SEED=7", f"OUTPUT={out}", f"OUTPUT_REPORT={tmp_path / 'stacked.html'}"],
+        env=qgis_process_env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    results = json.loads(done.stdout)["results"]
+    assert np.isfinite(results["ATE"]) and results["ATE_SE"] > 0
+    record = json.loads((tmp_path / "stacked.run.json").read_text())
+    assert record["nuisance"] == "stacked" and record["parameters"]["NUISANCE"].startswith("stacked")
+    folds = record["propensity_model"]["stack"]
+    assert len(folds) == 5
+    for row in folds:   # the demo trial was randomized: no learner may beat the treated share by much
+        assert row["scale"] < 0.5
+        assert sum(row["weights"].values()) == pytest.approx(1, abs=1e-3) and row["winner"] in row["weights"] or \
+            (sum(row["weights"].values()) == 0 and row["winner"].startswith("none"))
+    for row in record["outcome_models"]["stack"]:
+        assert all(sum(w.values()) == pytest.approx(1, abs=1e-3) for w in row["weights_by_arm"].values())
+    assert "Propensity, fold" in done.stdout + done.stderr
+    report = (tmp_path / "stacked.html").read_text()
+    assert "Stacked models" in report and "gradient boosting (components)" in report

@@ -1,0 +1,310 @@
+"""Stacked nuisance models for observational studies (issue 23, point 1): a super learner per training fold.
+
+A super learner (van der Laan, Polley & Hubbard 2007) predicts with a combination of several learners whose
+weights are chosen by cross-validated loss. Inside cross-fitting the weights must be chosen without the held-out
+fold, so for each fold k they are chosen on **inner out-of-fold predictions of fold k's training units**: each
+other fold j is predicted by a model fitted on the folds other than j and k (nested_crossfit). The models on
+every pair's complement are shared by the two folds of the pair, so F folds cost F (F - 1) / 2 inner fits and F
+outer fits per learner, instead of F (F - 1) + F.
+
+- **Propensity** (stacked_propensities): the learners' log-probabilities are combined with non-negative weights
+  and one intercept per arm, then a softmax: for two arms, a logistic regression of the arm on the learners'
+  logits with non-negative slopes, which calibrates the combination as Platt scaling would. The weights
+  minimise the log-loss of the inner predictions (scipy's L-BFGS-B). scikit-learn's StackingClassifier does
+  the same with an unconstrained meta-learner on the whole training set's inner predictions; here the
+  slopes are kept non-negative (a learner is used or not, never reversed) and the inner predictions never
+  include the held-out fold.
+- **Outcome models** (stacked_arm_models): for each arm, non-negative least squares of the arm's outcomes on
+  the learners' inner predictions, normalised to sum to 1 (SuperLearner's NNLS method).
+
+Learners (nuisance_learners): the penalised logistic regression on every image feature and the spline ridge on
+the components (GeoCATE's models, core.design and core.scores), gradient boosting on the components and
+covariates (scikit-learn's HistGradientBoosting), and, when asked, a small convolutional network on the windows
+themselves for the propensity (as causalimages fits its image propensity model; torch). The run record names
+each fold's weights and the learner with the largest.
+"""
+
+import itertools
+
+import numpy as np
+
+from .errors import Cancelled, GeoCateError
+
+#: The nuisance models an observational estimate can use: GeoCATE's single models, their stack with gradient
+#: boosting, and that stack with a network on the windows for the propensity.
+NUISANCE_CHOICES = ("penalised", "stacked", "stacked with windows")
+#: The network on the windows trains on all of a fold's windows at once: above this many units, refused.
+WINDOW_NETWORK_UNITS = 20000
+
+
+def nested_crossfit(fit_predict, folds, is_cancelled=None, progress=None):
+    """Outer and inner cross-fitted predictions.
+
+    ``fit_predict(train, test)`` (boolean masks) fits on ``train`` and returns the ``test`` units' predictions (an
+    array whose first axis is those units). Returns (outer, inner): ``outer`` (n, ...) every unit predicted by the
+    model fitted on the other folds; ``inner`` {fold k: (n, ...)} fold k's training units (every other fold j)
+    predicted by the model fitted on the folds other than j and k (NaN on fold k's rows). Needs at least 3 folds.
+    ``is_cancelled()`` is polled before each fit; ``progress(done, total)`` is called after each."""
+    fold = np.asarray(folds).ravel()
+    ids = np.unique(fold)
+    if len(ids) < 3:
+        raise GeoCateError(f"Stacked nuisance models need at least 3 cross-fitting folds; this study has {len(ids)}.",
+                           "Use 3 or more folds, or the penalised models (NUISANCE = penalised).")
+    pairs = list(itertools.combinations(range(len(ids)), 2))
+    total, done = len(ids) + len(pairs), 0
+    outer, inner = None, {}
+
+    def fit(train, test):
+        nonlocal done
+        if is_cancelled is not None and is_cancelled():
+            raise Cancelled()
+        value = np.asarray(fit_predict(train, test), float)
+        done += 1
+        if progress is not None:
+            progress(done, total)
+        return value
+
+    for k in range(len(ids)):
+        test = fold == ids[k]
+        value = fit(~test, test)
+        if outer is None:
+            outer = np.full((len(fold),) + value.shape[1:], np.nan)
+        outer[test] = value
+        inner[ids[k]] = np.full_like(outer, np.nan)
+    for j, k in pairs:
+        left_out = (fold == ids[j]) | (fold == ids[k])
+        value = np.full_like(outer, np.nan)
+        value[left_out] = fit(~left_out, left_out)
+        for held, other in ((ids[k], ids[j]), (ids[j], ids[k])):
+            rows = fold == other
+            inner[held][rows] = value[rows]
+    return outer, inner
+
+
+def fit_learners(learners, fold, is_cancelled=None, progress=None):
+    """nested_crossfit of every learner ({name: fit_predict}): ({name: outer}, {name: inner}); ``progress(fraction,
+    message)`` over all of them."""
+    outer, inner = {}, {}
+    for i, name in enumerate(learners):
+        tick = None if progress is None else \
+            (lambda d, t, i=i, name=name: progress((i + d / t) / len(learners), f"Stacked models: {name}"))
+        outer[name], inner[name] = nested_crossfit(learners[name], fold, is_cancelled, tick)
+    return outer, inner
+
+
+def _log(p):
+    return np.log(np.clip(p, 1e-6, 1.0))
+
+
+def propensity_weights(predictions, index):
+    """Non-negative weights w (one per learner) and intercepts b (one per arm, the first 0) minimising the
+    log-loss of softmax(sum_l w_l log p_l + b) for arms ``index``; ``predictions`` a list of (n, A)
+    probabilities. Returns (w, b)."""
+    from scipy.optimize import minimize
+
+    logs = np.stack([_log(p) for p in predictions])          # (L, n, A)
+    L, n, A = logs.shape
+    onehot = np.eye(A)[index]
+
+    def loss(theta):
+        w, b = theta[:L], np.concatenate([[0.0], theta[L:]])
+        z = np.tensordot(w, logs, axes=1) + b
+        z -= z.max(axis=1, keepdims=True)
+        logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+        p = np.exp(logp)
+        grad_z = (p - onehot) / n
+        return -np.sum(onehot * logp) / n, np.concatenate([np.einsum("lna,na->l", logs, grad_z),
+                                                            grad_z.sum(axis=0)[1:]])
+
+    start = np.concatenate([np.full(L, 1.0 / L), np.zeros(A - 1)])
+    fit = minimize(loss, start, jac=True, method="L-BFGS-B", bounds=[(0, None)] * L + [(None, None)] * (A - 1))
+    return fit.x[:L], np.concatenate([[0.0], fit.x[L:]])
+
+
+def combine_propensities(predictions, w, b):
+    z = np.tensordot(w, np.stack([_log(p) for p in predictions]), axes=1) + b
+    z -= z.max(axis=1, keepdims=True)
+    p = np.exp(z)
+    return p / p.sum(axis=1, keepdims=True)
+
+
+def outcome_weights(predictions, y):
+    """Non-negative least squares weights of ``y`` on the learners' ``predictions`` (a list of (n,)), summing to 1
+    (equal weights when every weight is 0)."""
+    from scipy.optimize import nnls
+
+    w = nnls(np.column_stack(predictions), np.asarray(y, float))[0]
+    return w / w.sum() if w.sum() > 0 else np.full(len(predictions), 1.0 / len(predictions))
+
+
+def _fold_record(names, folds_ids, weights, extra=None):
+    rows = []
+    for j, k in enumerate(folds_ids):
+        w = np.asarray(weights[j], float)
+        share = w / w.sum() if w.sum() > 0 else w
+        row = {"fold": int(k) if np.issubdtype(type(k), np.integer) else str(k),
+               "weights": {name: round(float(v), 4) for name, v in zip(names, share)},
+               "winner": names[int(np.argmax(w))] if w.sum() > 0 else "none (every weight 0: the intercept alone)"}
+        if extra is not None:
+            row.update(extra[j])
+        rows.append(row)
+    return rows
+
+
+def stacked_propensities(arms, learners, folds, is_cancelled=None, progress=None):
+    """(n, A) cross-fitted propensities from the stack of ``learners`` ({name: fit_predict(train, test) -> (n_test,
+    A) probabilities}), and a fit record: for each fold the learners' weights (shares of the slopes' sum; all 0
+    when no learner beats the arms' shares, as in a randomized trial), the slopes' sum ("scale": 1 is the
+    learners' own spread; below 1 shrinks it), and the learner with the largest weight. Every unit's propensity comes from learners and weights fitted without its fold."""
+    from .design import calibration
+
+    levels, index = np.unique(np.asarray(arms), return_inverse=True)
+    names = list(learners)
+    fold = np.asarray(folds).ravel()
+    ids = np.unique(fold)
+    outer, inner = fit_learners(learners, fold, is_cancelled, progress)
+    out = np.empty_like(outer[names[0]])
+    weights, extra = [], []
+    for k in ids:
+        train, test = fold != k, fold == k
+        w, b = propensity_weights([inner[name][k][train] for name in names], index[train])
+        out[test] = combine_propensities([outer[name][test] for name in names], w, b)
+        weights.append(w)
+        extra.append({"scale": round(float(w.sum()), 4)})
+    record = {"model": "stacked: " + ", ".join(names) + " (weights by inner cross-validated log-loss in each "
+                       "training fold, non-negative, with an intercept: calibrated)",
+              "stack": _fold_record(names, ids, weights, extra),
+              "learners": {name: calibration(index, np.clip(outer[name], 1e-12, 1)) for name in names},
+              **calibration(index, out)}
+    return out, record
+
+
+def stacked_arm_models(outcome, arm_index, n_arms, learners, folds, is_cancelled=None, progress=None):
+    """(n, A) cross-fitted E[Y | X, arm a] from the stack of ``learners`` ({name: fit_predict(train, test) ->
+    (n_test, A)}, each fitting every arm on the training units), weights per arm by non-negative least squares on
+    the inner predictions of the arm's training units; and a record (each fold's weights per arm)."""
+    Y = np.asarray(outcome, float)
+    arm_index = np.asarray(arm_index)
+    names = list(learners)
+    fold = np.asarray(folds).ravel()
+    ids = np.unique(fold)
+    outer, inner = fit_learners(learners, fold, is_cancelled, progress)
+    mu = np.empty((len(Y), n_arms))
+    rows = []
+    for k in ids:
+        train, test = fold != k, fold == k
+        per_arm = {}
+        for a in range(n_arms):
+            own = train & (arm_index == a)
+            w = outcome_weights([inner[name][k][own, a] for name in names], Y[own])
+            mu[test, a] = sum(w_l * outer[name][test, a] for w_l, name in zip(w, names))
+            per_arm[str(a)] = {name: round(float(v), 4) for name, v in zip(names, w)}
+        rows.append({"fold": int(k), "weights_by_arm": per_arm})
+    return mu, {"model": "stacked: " + ", ".join(names) + " (weights per arm by non-negative least squares on "
+                                                          "inner cross-validated predictions in each training fold)",
+                "stack": rows}
+
+
+def boosting_classifier(seed):
+    from sklearn.ensemble import HistGradientBoostingClassifier
+
+    return HistGradientBoostingClassifier(max_iter=150, learning_rate=0.05, max_leaf_nodes=15, min_samples_leaf=20,
+                                          l2_regularization=1.0, early_stopping=False, random_state=seed)
+
+
+def boosting_regressor(seed):
+    from sklearn.ensemble import HistGradientBoostingRegressor
+
+    return HistGradientBoostingRegressor(max_iter=150, learning_rate=0.05, max_leaf_nodes=15, min_samples_leaf=20,
+                                         l2_regularization=1.0, early_stopping=False, random_state=seed)
+
+
+def _probabilities(model, X_test, k):
+    """(n_test, k) probabilities, with columns for arms the training units lacked (as 0)."""
+    p = model.predict_proba(X_test)
+    out = np.zeros((len(X_test), k))
+    out[:, np.asarray(model.classes_, int)] = p
+    return out
+
+
+def window_network_propensity(windows, index, k, seed, epochs=150):
+    """fit_predict for P(arm | window) from a small convolutional network on the scaled ``windows`` (n, bands,
+    rows, columns): two 3 x 3 convolutions (8 and 16 channels, the second with stride 2), the mean and standard
+    deviation of each channel over the window, and a linear layer to the arms' logits; ``epochs`` full-batch
+    steps of Adam (learning rate 0.01, weight decay 1e-3). As causalimages fits its image propensity model, small."""
+    import torch
+
+    images = torch.as_tensor(np.asarray(windows, np.float32))
+    target = torch.as_tensor(np.asarray(index, np.int64))
+
+    def fit_predict(train, test):
+        torch.manual_seed(seed)
+        net = torch.nn.Sequential(torch.nn.Conv2d(images.shape[1], 8, 3), torch.nn.ReLU(),
+                                  torch.nn.Conv2d(8, 16, 3, stride=2), torch.nn.ReLU())
+        head = torch.nn.Linear(32, k)
+        optimiser = torch.optim.Adam(list(net.parameters()) + list(head.parameters()), lr=1e-2, weight_decay=1e-3)
+
+        def logits(x):
+            h = net(x).flatten(2)
+            return head(torch.cat([h.mean(2), h.std(2)], 1))
+
+        rows, held = torch.as_tensor(np.flatnonzero(train)), torch.as_tensor(np.flatnonzero(test))
+        for _ in range(epochs):
+            optimiser.zero_grad()
+            torch.nn.functional.cross_entropy(logits(images[rows]), target[rows]).backward()
+            optimiser.step()
+        with torch.no_grad():
+            return torch.softmax(logits(images[held]), 1).numpy().astype(float)
+
+    return fit_predict
+
+
+def nuisance_learners(kind, index, k, propensity_inputs, outcome_inputs, outcome, windows=None, seed=42):
+    """The propensity and outcome learners of ``kind`` (NUISANCE_CHOICES, not "penalised"): two dicts {name:
+    fit_predict(train, test)}. ``index``: each unit's arm 0..k-1; ``propensity_inputs``: every standardised image
+    feature and covariate (the penalised logistic model's); ``outcome_inputs``: the components and covariates
+    (the spline ridge's and the boosting's); ``windows``: the scaled windows ("stacked with windows")."""
+    from sklearn.linear_model import LogisticRegressionCV
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from .design import PENALTIES
+    from .scores import MIN_UNITS_FOR_MODEL, outcome_model
+
+    if kind not in NUISANCE_CHOICES[1:]:
+        raise GeoCateError(f"Unknown stacked nuisance models '{kind}'.", f"Choose one of {NUISANCE_CHOICES}.")
+    Xp = np.asarray(propensity_inputs, float)
+    Xo = np.asarray(outcome_inputs, float)
+    Y = np.asarray(outcome, float)
+    index = np.asarray(index)
+
+    def logistic(train, test):
+        model = make_pipeline(StandardScaler(), LogisticRegressionCV(Cs=PENALTIES, cv=3, scoring="neg_log_loss",
+                                                                     max_iter=1000))
+        return _probabilities(model.fit(Xp[train], index[train]), Xp[test], k)
+
+    def boosted(train, test):
+        return _probabilities(boosting_classifier(seed).fit(Xo[train], index[train]), Xo[test], k)
+
+    def per_arm(make):
+        def fit_predict(train, test):
+            mu = np.empty((int(test.sum()), k))
+            for a in range(k):
+                rows = train & (index == a)
+                if rows.sum() < 2:
+                    raise GeoCateError("A cross-fitting fold of the stacked outcome models leaves too few units of "
+                                       "an arm to learn from.", "Use more units, or the penalised models.")
+                mu[:, a] = Y[rows].mean() if rows.sum() < MIN_UNITS_FOR_MODEL else \
+                    make().fit(Xo[rows], Y[rows]).predict(Xo[test])
+            return mu
+        return fit_predict
+
+    propensity = {"penalised logistic (image features)": logistic, "gradient boosting (components)": boosted}
+    if kind == "stacked with windows":
+        if windows is None:
+            raise GeoCateError("The stacked models with a window network need the image windows.",
+                               "Use NUISANCE = stacked.")
+        propensity["network on the windows"] = window_network_propensity(windows, index, k, seed)
+    outcome_learners = {"spline ridge (components)": per_arm(outcome_model),
+                        "gradient boosting (components)": per_arm(lambda: boosting_regressor(seed))}
+    return propensity, outcome_learners
