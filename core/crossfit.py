@@ -7,8 +7,11 @@ each stratum of a block-randomized trial over every fold). ``Folds`` walks them:
 (train on every other fold), ``sequential()`` for the heterogeneity test's expanding folds (train on the folds
 before). ``crossfit`` is the loop (econml's ``_crossfit`` is the model): it polls for cancellation and reports
 progress once, and assembles the held-out predictions; every fold loop of core/ is a call to it or a walk over
-``Folds``.
+``Folds``. ``nested_crossfit`` adds the inner predictions a stacked model (core.stacking) chooses its weights on
+within each fold's training units.
 """
+
+import itertools
 
 import numpy as np
 
@@ -148,3 +151,46 @@ def crossfit(fit_predict, folds, is_cancelled=None, progress=None):
         for target, v in zip(out, values):
             target[test] = v
     return out[0] if single else tuple(out)
+
+
+def nested_crossfit(fit_predict, folds, is_cancelled=None, progress=None):
+    """Outer and inner cross-fitted predictions.
+
+    ``fit_predict(train, test)`` (boolean masks) fits on ``train`` and returns the ``test`` units' predictions (an
+    array whose first axis is those units). Returns (outer, inner): ``outer`` (n, ...) every unit predicted by the
+    model fitted on the other folds; ``inner`` {fold k: (n, ...)} fold k's training units (every other fold j)
+    predicted by the model fitted on the folds other than j and k (NaN on fold k's rows). Needs at least 3 folds.
+    ``is_cancelled()`` is polled before each fit; ``progress(done, total)`` is called after each."""
+    walk = folds if isinstance(folds, Folds) else Folds(folds)
+    fold, ids = walk.fold, walk.ids
+    if len(ids) < 3:
+        raise GeoCateError(f"Stacked nuisance models need at least 3 cross-fitting folds; this study has {len(ids)}.",
+                           "Use 3 or more folds, or the penalised models (NUISANCE = penalised).")
+    pairs = list(itertools.combinations(range(len(ids)), 2))
+    total, done = len(ids) + len(pairs), 0
+    outer, inner = None, {}
+
+    def fit(train, test):
+        nonlocal done
+        if is_cancelled is not None and is_cancelled():
+            raise Cancelled()
+        value = np.asarray(fit_predict(train, test), float)
+        done += 1
+        if progress is not None:
+            progress(done, total)
+        return value
+
+    for k, train, test in walk.split():
+        value = fit(train, test)
+        if outer is None:
+            outer = np.full((len(fold),) + value.shape[1:], np.nan)
+        outer[test] = value
+        inner[k] = np.full_like(outer, np.nan)
+    for j, k in pairs:
+        left_out = np.isin(fold, [ids[j], ids[k]])
+        value = np.full_like(outer, np.nan)
+        value[left_out] = fit(~left_out, left_out)
+        for held, other in ((ids[k], ids[j]), (ids[j], ids[k])):
+            rows = np.isin(fold, [other])
+            inner[held][rows] = value[rows]
+    return outer, inner

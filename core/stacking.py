@@ -3,7 +3,7 @@
 A super learner (van der Laan, Polley & Hubbard 2007) predicts with a combination of several learners whose
 weights are chosen by cross-validated loss. Inside cross-fitting the weights must be chosen without the held-out
 fold, so for each fold k they are chosen on **inner out-of-fold predictions of fold k's training units**: each
-other fold j is predicted by a model fitted on the folds other than j and k (nested_crossfit). The models on
+other fold j is predicted by a model fitted on the folds other than j and k (core.crossfit.nested_crossfit). The models on
 every pair's complement are shared by the two folds of the pair, so F folds cost F (F - 1) / 2 inner fits and F
 outer fits per learner, instead of F (F - 1) + F.
 
@@ -24,61 +24,16 @@ themselves for the propensity (as causalimages fits its image propensity model; 
 each fold's weights and the learner with the largest.
 """
 
-import itertools
-
 import numpy as np
 
-from .errors import Cancelled, GeoCateError
+from .crossfit import Folds, nested_crossfit
+from .errors import GeoCateError
 
 #: The nuisance models an observational estimate can use: GeoCATE's single models, their stack with gradient
 #: boosting, and that stack with a network on the windows for the propensity.
 NUISANCE_CHOICES = ("penalised", "stacked", "stacked with windows")
 #: The network on the windows trains on all of a fold's windows at once: above this many units, refused.
 WINDOW_NETWORK_UNITS = 20000
-
-
-def nested_crossfit(fit_predict, folds, is_cancelled=None, progress=None):
-    """Outer and inner cross-fitted predictions.
-
-    ``fit_predict(train, test)`` (boolean masks) fits on ``train`` and returns the ``test`` units' predictions (an
-    array whose first axis is those units). Returns (outer, inner): ``outer`` (n, ...) every unit predicted by the
-    model fitted on the other folds; ``inner`` {fold k: (n, ...)} fold k's training units (every other fold j)
-    predicted by the model fitted on the folds other than j and k (NaN on fold k's rows). Needs at least 3 folds.
-    ``is_cancelled()`` is polled before each fit; ``progress(done, total)`` is called after each."""
-    fold = np.asarray(folds).ravel()
-    ids = np.unique(fold)
-    if len(ids) < 3:
-        raise GeoCateError(f"Stacked nuisance models need at least 3 cross-fitting folds; this study has {len(ids)}.",
-                           "Use 3 or more folds, or the penalised models (NUISANCE = penalised).")
-    pairs = list(itertools.combinations(range(len(ids)), 2))
-    total, done = len(ids) + len(pairs), 0
-    outer, inner = None, {}
-
-    def fit(train, test):
-        nonlocal done
-        if is_cancelled is not None and is_cancelled():
-            raise Cancelled()
-        value = np.asarray(fit_predict(train, test), float)
-        done += 1
-        if progress is not None:
-            progress(done, total)
-        return value
-
-    for k in range(len(ids)):
-        test = fold == ids[k]
-        value = fit(~test, test)
-        if outer is None:
-            outer = np.full((len(fold),) + value.shape[1:], np.nan)
-        outer[test] = value
-        inner[ids[k]] = np.full_like(outer, np.nan)
-    for j, k in pairs:
-        left_out = (fold == ids[j]) | (fold == ids[k])
-        value = np.full_like(outer, np.nan)
-        value[left_out] = fit(~left_out, left_out)
-        for held, other in ((ids[k], ids[j]), (ids[j], ids[k])):
-            rows = fold == other
-            inner[held][rows] = value[rows]
-    return outer, inner
 
 
 def fit_learners(learners, fold, is_cancelled=None, progress=None):
@@ -160,20 +115,18 @@ def stacked_propensities(arms, learners, folds, is_cancelled=None, progress=None
 
     levels, index = np.unique(np.asarray(arms), return_inverse=True)
     names = list(learners)
-    fold = np.asarray(folds).ravel()
-    ids = np.unique(fold)
-    outer, inner = fit_learners(learners, fold, is_cancelled, progress)
+    walk = Folds(folds)
+    outer, inner = fit_learners(learners, walk.fold, is_cancelled, progress)
     out = np.empty_like(outer[names[0]])
     weights, extra = [], []
-    for k in ids:
-        train, test = fold != k, fold == k
+    for k, train, test in walk.split():
         w, b = propensity_weights([inner[name][k][train] for name in names], index[train])
         out[test] = combine_propensities([outer[name][test] for name in names], w, b)
         weights.append(w)
         extra.append({"scale": round(float(w.sum()), 4)})
     record = {"model": "stacked: " + ", ".join(names) + " (weights by inner cross-validated log-loss in each "
                        "training fold, non-negative, with an intercept: calibrated)",
-              "stack": _fold_record(names, ids, weights, extra),
+              "stack": _fold_record(names, walk.ids, weights, extra),
               "learners": {name: calibration(index, np.clip(outer[name], 1e-12, 1)) for name in names},
               **calibration(index, out)}
     return out, record
@@ -186,13 +139,11 @@ def stacked_arm_models(outcome, arm_index, n_arms, learners, folds, is_cancelled
     Y = np.asarray(outcome, float)
     arm_index = np.asarray(arm_index)
     names = list(learners)
-    fold = np.asarray(folds).ravel()
-    ids = np.unique(fold)
-    outer, inner = fit_learners(learners, fold, is_cancelled, progress)
+    walk = Folds(folds)
+    outer, inner = fit_learners(learners, walk.fold, is_cancelled, progress)
     mu = np.empty((len(Y), n_arms))
     rows = []
-    for k in ids:
-        train, test = fold != k, fold == k
+    for k, train, test in walk.split():
         per_arm = {}
         for a in range(n_arms):
             own = train & (arm_index == a)

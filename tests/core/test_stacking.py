@@ -4,11 +4,10 @@ the weights find the right learner and calibrate it, and AIPW with the stacks re
 import numpy as np
 import pytest
 
-from geocate.core.crossfit import location_folds
+from geocate.core.crossfit import location_folds, nested_crossfit
 from geocate.core.errors import GeoCateError
 from geocate.core.observational import adjusted_effects
 from geocate.core.stacking import (
-    nested_crossfit,
     nuisance_learners,
     propensity_weights,
     stacked_arm_models,
