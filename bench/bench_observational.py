@@ -70,7 +70,7 @@ def estimates(Y, W, features, covariates, inputs, seed, nuisance, scaled, shares
         propensity, _ = StudyDesign("observational", seed=seed).propensities(W, every_feature)
         return adjusted_effects(Y, W, propensity, inputs)
     folds = location_folds(np.arange(len(Y)), 5, seed)
-    p_learners, o_learners = nuisance_learners(nuisance, W, 2, every_feature, inputs, Y, scaled, seed)
+    p_learners, o_learners = nuisance_learners(nuisance, W, 2, every_feature, inputs, Y, scaled, seed, covariates)
     propensity, fit = stacked_propensities(W, p_learners, folds)
     mu, outcome_fit = stacked_arm_models(Y, W, 2, o_learners, folds)
     for row in fit["stack"]:

@@ -1058,7 +1058,7 @@ def estimate_ate(units, raster_path, design, bands=None, window_size_px=33, noda
         learners = nuisance_learners(nuisance, np.unique(arms, return_inverse=True)[1], len(np.unique(arms)),
                                      propensity_inputs(features, covariates), inputs, study.outcome[used],
                                      scaled_windows(study, seed) if nuisance.endswith("windows") else None,
-                                     seed)
+                                     seed, covariates)
         propensities, fit = stacked_propensities(arms, learners[0], folds, is_cancelled, stage(progress, 0.5, 0.7))
         study = dataclasses.replace(study, patches=None, views=None)   # the network's windows are no longer needed
     else:

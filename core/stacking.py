@@ -20,7 +20,7 @@ outer fits per learner, instead of F (F - 1) + F.
 Learners (nuisance_learners): the penalised logistic regression on every image feature and the spline ridge on
 the components (GeoCATE's models, core.design and core.scores), gradient boosting on the components and
 covariates (scikit-learn's HistGradientBoosting), and, when asked, a small convolutional network on the windows
-themselves for the propensity (as causalimages fits its image propensity model; torch). The run record names
+themselves (as causalimages fits its image propensity model; torch), for the propensity and for each arm's outcome. The run record names
 each fold's weights and the learner with the largest.
 """
 
@@ -34,6 +34,8 @@ from .errors import GeoCateError
 NUISANCE_CHOICES = ("penalised", "stacked", "stacked with windows")
 #: The network on the windows trains on all of a fold's windows at once: above this many units, refused.
 WINDOW_NETWORK_UNITS = 20000
+#: Its full-batch steps of Adam.
+WINDOW_EPOCHS = 150
 
 
 def fit_learners(learners, fold, is_cancelled=None, progress=None):
@@ -178,43 +180,91 @@ def _probabilities(model, X_test, k):
     return out
 
 
-def window_network_propensity(windows, index, k, seed, epochs=150):
-    """fit_predict for P(arm | window) from a small convolutional network on the scaled ``windows`` (n, bands,
-    rows, columns): two 3 x 3 convolutions (8 and 16 channels, the second with stride 2), the mean and standard
-    deviation of each channel over the window, and a linear layer to the arms' logits; ``epochs`` full-batch
-    steps of Adam (learning rate 0.01, weight decay 1e-3). As causalimages fits its image propensity model, small."""
+def _window_network(images, outputs, seed, epochs, loss, train, extra=None):
+    """A small convolutional network fitted on ``images[train]`` (a tensor, (n, bands, rows, columns)): two 3 x 3
+    convolutions (8 and 16 channels, the second with stride 2), each channel's mean and standard deviation over
+    the window, beside the units' ``extra`` inputs (a tensor (n, q), e.g. covariates, or None), a linear layer to
+    ``outputs``; ``epochs`` full-batch steps of Adam (learning rate 0.01, weight decay 1e-3) on ``loss(output,
+    rows)``. Returns the network as a function of unit indices (without gradients)."""
+    import torch
+
+    torch.manual_seed(seed)
+    net = torch.nn.Sequential(torch.nn.Conv2d(images.shape[1], 8, 3), torch.nn.ReLU(),
+                              torch.nn.Conv2d(8, 16, 3, stride=2), torch.nn.ReLU())
+    head = torch.nn.Linear(32 + (0 if extra is None else extra.shape[1]), outputs)
+    optimiser = torch.optim.Adam(list(net.parameters()) + list(head.parameters()), lr=1e-2, weight_decay=1e-3)
+
+    def forward(units):
+        h = net(images[units]).flatten(2)
+        return head(torch.cat([h.mean(2), h.std(2)] + ([] if extra is None else [extra[units]]), 1))
+
+    rows = torch.as_tensor(np.flatnonzero(train))
+    for _ in range(epochs):
+        optimiser.zero_grad()
+        loss(forward(rows), rows).backward()
+        optimiser.step()
+
+    def predict(units):
+        with torch.no_grad():
+            return forward(torch.as_tensor(np.asarray(units, int).ravel()))
+    return predict
+
+
+def window_network_propensity(windows, index, k, seed, epochs=None):
+    """fit_predict for P(arm | window) from _window_network on the scaled ``windows`` (n, bands, rows, columns),
+    trained by cross-entropy: as causalimages fits its image propensity model, small."""
     import torch
 
     images = torch.as_tensor(np.asarray(windows, np.float32))
     target = torch.as_tensor(np.asarray(index, np.int64))
+    epochs = epochs or WINDOW_EPOCHS
 
     def fit_predict(train, test):
-        torch.manual_seed(seed)
-        net = torch.nn.Sequential(torch.nn.Conv2d(images.shape[1], 8, 3), torch.nn.ReLU(),
-                                  torch.nn.Conv2d(8, 16, 3, stride=2), torch.nn.ReLU())
-        head = torch.nn.Linear(32, k)
-        optimiser = torch.optim.Adam(list(net.parameters()) + list(head.parameters()), lr=1e-2, weight_decay=1e-3)
-
-        def logits(x):
-            h = net(x).flatten(2)
-            return head(torch.cat([h.mean(2), h.std(2)], 1))
-
-        rows, held = torch.as_tensor(np.flatnonzero(train)), torch.as_tensor(np.flatnonzero(test))
-        for _ in range(epochs):
-            optimiser.zero_grad()
-            torch.nn.functional.cross_entropy(logits(images[rows]), target[rows]).backward()
-            optimiser.step()
-        with torch.no_grad():
-            return torch.softmax(logits(images[held]), 1).numpy().astype(float)
+        model = _window_network(images, k, seed, epochs,
+                                lambda out, rows: torch.nn.functional.cross_entropy(out, target[rows]), train)
+        return torch.softmax(model(np.flatnonzero(test)), 1).numpy().astype(float)
 
     return fit_predict
 
 
-def nuisance_learners(kind, index, k, propensity_inputs, outcome_inputs, outcome, windows=None, seed=42):
+def window_network_outcome(windows, seed, extra=None, epochs=None):
+    """An outcome learner on the scaled ``windows`` and the units' standardised ``extra`` inputs (the covariates, or
+    None): a class whose fit(X, y) trains _window_network by squared error on the standardised ``y`` and
+    predict(X) gives the outcome, X holding the units' indices (n, 1)."""
+    import torch
+
+    images = torch.as_tensor(np.asarray(windows, np.float32))
+    epochs = epochs or WINDOW_EPOCHS
+    if extra is not None:
+        extra = np.asarray(extra, float)
+        extra = torch.as_tensor((extra - extra.mean(0)) / np.where(extra.std(0) > 0, extra.std(0), 1.0),
+                                dtype=torch.float32)
+
+    class WindowRegressor:
+        def fit(self, X, y):
+            rows = np.asarray(X, int).ravel()
+            y = np.asarray(y, float)[np.argsort(rows)]   # the network's rows come in the units' order
+            self.centre, self.scale = float(y.mean()), float(y.std()) or 1.0
+            target = torch.as_tensor((y - self.centre) / self.scale, dtype=torch.float32)
+            train = np.zeros(len(images), bool)
+            train[rows] = True
+            self.model = _window_network(images, 1, seed, epochs,
+                                         lambda out, _: torch.mean((out[:, 0] - target) ** 2), train, extra)
+            return self
+
+        def predict(self, X):
+            return self.model(X)[:, 0].numpy().astype(float) * self.scale + self.centre
+
+    return WindowRegressor
+
+
+def nuisance_learners(kind, index, k, propensity_inputs, outcome_inputs, outcome, windows=None, seed=42,
+                      covariates=None):
     """The propensity and outcome learners of ``kind`` (NUISANCE_CHOICES, not "penalised"): two dicts {name:
     fit_predict(train, test)}. ``index``: each unit's arm 0..k-1; ``propensity_inputs``: every standardised image
     feature and covariate (the penalised logistic model's); ``outcome_inputs``: the components and covariates
-    (the spline ridge's and the boosting's); ``windows``: the scaled windows ("stacked with windows")."""
+    (the spline ridge's and the boosting's); ``windows``: the scaled windows ("stacked with windows"), whose outcome
+    network also reads the ``covariates`` (or None)."""
     from sklearn.linear_model import LogisticRegressionCV
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
@@ -237,7 +287,13 @@ def nuisance_learners(kind, index, k, propensity_inputs, outcome_inputs, outcome
     def boosted(train, test):
         return _probabilities(boosting_classifier(seed).fit(Xo[train], index[train]), Xo[test], k)
 
-    def per_arm(make):
+    units = np.arange(len(Y))[:, None]
+
+    def per_arm(make, units_as_inputs=False):
+        """fit_predict of ``make()`` fitted on each arm's training units (the arm mean below MIN_UNITS_FOR_MODEL);
+        its inputs the outcome inputs, or the units' indices (a learner that reads the windows itself)."""
+        X = units if units_as_inputs else Xo
+
         def fit_predict(train, test):
             mu = np.empty((int(test.sum()), k))
             for a in range(k):
@@ -246,16 +302,18 @@ def nuisance_learners(kind, index, k, propensity_inputs, outcome_inputs, outcome
                     raise GeoCateError("A cross-fitting fold of the stacked outcome models leaves too few units of "
                                        "an arm to learn from.", "Use more units, or the penalised models.")
                 mu[:, a] = Y[rows].mean() if rows.sum() < MIN_UNITS_FOR_MODEL else \
-                    make().fit(Xo[rows], Y[rows]).predict(Xo[test])
+                    make().fit(X[rows], Y[rows]).predict(X[test])
             return mu
         return fit_predict
 
     propensity = {"penalised logistic (image features)": logistic, "gradient boosting (components)": boosted}
+    outcome_learners = {"spline ridge (components)": per_arm(outcome_model),
+                        "gradient boosting (components)": per_arm(lambda: boosting_regressor(seed))}
     if kind == "stacked with windows":
         if windows is None:
             raise GeoCateError("The stacked models with a window network need the image windows.",
                                "Use NUISANCE = stacked.")
         propensity["network on the windows"] = window_network_propensity(windows, index, k, seed)
-    outcome_learners = {"spline ridge (components)": per_arm(outcome_model),
-                        "gradient boosting (components)": per_arm(lambda: boosting_regressor(seed))}
+        regressor = window_network_outcome(windows, seed, covariates)
+        outcome_learners["network on the windows"] = per_arm(regressor, units_as_inputs=True)
     return propensity, outcome_learners

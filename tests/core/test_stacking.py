@@ -113,3 +113,18 @@ def test_the_window_network_learns_what_the_windows_show_and_the_stack_reports_i
                                          "noise": fixed_learner(rng.dirichlet([2, 2], n))}, folds)
     assert np.corrcoef(p[:, 1], brightness)[0, 1] > 0.8
     assert [row["winner"] for row in record["stack"]] == ["network"] * 3
+
+
+def test_the_window_network_outcome_model_reads_the_windows_and_the_covariates():
+    from geocate.core.stacking import window_network_outcome
+
+    rng = np.random.default_rng(4)
+    n = 300
+    brightness, covariate = rng.standard_normal(n), rng.standard_normal((n, 1))
+    windows = rng.standard_normal((n, 2, 9, 9)).astype(np.float32) + brightness[:, None, None, None]
+    truth = brightness + covariate[:, 0]
+    Y = truth + 0.3 * rng.standard_normal(n)
+    units = np.arange(n)[:, None]
+    model = window_network_outcome(windows, 0, covariate, epochs=100)().fit(units[:200], Y[:200])
+    held_out = model.predict(units[200:])
+    assert np.corrcoef(held_out, truth[200:])[0, 1] > 0.85    # neither part alone reaches 0.75
