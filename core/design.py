@@ -61,10 +61,6 @@ class StudyDesign:
         if self.kind == RANDOMIZED or inputs is None or np.asarray(inputs).size == 0:
             shares = np.bincount(index, minlength=k) / n
             return np.tile(shares, (n, 1)), {"model": "arm shares (known in a randomized design)"}
-        from sklearn.linear_model import LogisticRegressionCV
-        from sklearn.pipeline import make_pipeline
-        from sklearn.preprocessing import StandardScaler
-
         from .crossfit import crossfit, location_folds
 
         X = np.asarray(inputs, float).reshape(n, -1)
@@ -74,9 +70,7 @@ class StudyDesign:
             if len(np.unique(index[train])) < k:
                 raise GeoCateError("A cross-fitting fold holds no unit of some treatment arm.",
                                    "Use more units, or fewer arms.")
-            model = make_pipeline(StandardScaler(), LogisticRegressionCV(Cs=PENALTIES, cv=3, scoring="neg_log_loss",
-                                                                         max_iter=1000))
-            return model.fit(X[train], index[train]).predict_proba(X[test])
+            return penalised_logistic().fit(X[train], index[train]).predict_proba(X[test])
 
         probabilities = crossfit(fit_predict, folds, is_cancelled)
         return probabilities, {"model": "multinomial logistic regression (L2, penalty by cross-validated "
@@ -89,6 +83,17 @@ class StudyDesign:
             return np.ones(len(e), bool), None
         low, high = crump_bounds(e) if self.trim == "crump" else self.trim
         return (e >= low) & (e <= high), (float(low), float(high))
+
+
+def penalised_logistic():
+    """The observational propensity model: a multinomial logistic regression on standardised inputs, its L2
+    penalty chosen from PENALTIES by 3-fold cross-validated log-loss (scikit-learn)."""
+    from sklearn.linear_model import LogisticRegressionCV
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    return make_pipeline(StandardScaler(), LogisticRegressionCV(Cs=PENALTIES, cv=3, scoring="neg_log_loss",
+                                                                max_iter=1000))
 
 
 def crump_bounds(propensity):

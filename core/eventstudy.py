@@ -242,12 +242,12 @@ def _propensities(cohort, X, folds):
     core.design.PENALTIES by 3-fold cross-validated log-loss; C = 1 in a fold where a cohort has fewer than 6
     training units). A class absent from a fold's training units gets probability 0 there (its cells' propensities
     are then clipped)."""
-    from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
+    from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
     from .crossfit import crossfit
-    from .design import PENALTIES, calibration
+    from .design import calibration, penalised_logistic
 
     k = int(cohort.max()) + 1
 
@@ -258,8 +258,7 @@ def _propensities(cohort, X, folds):
             probabilities[:, present] = 1.0
             return probabilities
         if np.bincount(cohort[train])[present].min() >= 6:
-            model = make_pipeline(StandardScaler(), LogisticRegressionCV(Cs=PENALTIES, cv=3, scoring="neg_log_loss",
-                                                                         max_iter=1000))
+            model = penalised_logistic()
         else:   # a cohort too small for 3 inner folds (one would miss it): scikit-learn's default penalty
             model = make_pipeline(StandardScaler(), LogisticRegression(C=1.0, max_iter=1000))
         with warnings.catch_warnings():

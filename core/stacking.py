@@ -265,11 +265,7 @@ def nuisance_learners(kind, index, k, propensity_inputs, outcome_inputs, outcome
     feature and covariate (the penalised logistic model's); ``outcome_inputs``: the components and covariates
     (the spline ridge's and the boosting's); ``windows``: the scaled windows ("stacked with windows"), whose outcome
     network also reads the ``covariates`` (or None)."""
-    from sklearn.linear_model import LogisticRegressionCV
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
-    from .design import PENALTIES
+    from .design import penalised_logistic
     from .scores import MIN_UNITS_FOR_MODEL, outcome_model
 
     if kind not in NUISANCE_CHOICES[1:]:
@@ -280,9 +276,7 @@ def nuisance_learners(kind, index, k, propensity_inputs, outcome_inputs, outcome
     index = np.asarray(index)
 
     def logistic(train, test):
-        model = make_pipeline(StandardScaler(), LogisticRegressionCV(Cs=PENALTIES, cv=3, scoring="neg_log_loss",
-                                                                     max_iter=1000))
-        return _probabilities(model.fit(Xp[train], index[train]), Xp[test], k)
+        return _probabilities(penalised_logistic().fit(Xp[train], index[train]), Xp[test], k)
 
     def boosted(train, test):
         return _probabilities(boosting_classifier(seed).fit(Xo[train], index[train]), Xo[test], k)
