@@ -4,7 +4,7 @@ Usage: python bench/bench_observational.py [--reps 200] [--causalimages-reps 50]
        [--designs causalimages,scene,overlap] [--json out.json]
 
 --nuisance: geocate:estimateate's NUISANCE (core.stacking): "penalised" (the default models), "stacked"
-(with gradient boosting) or "stacked with windows" (and a network on the windows for the propensity); the
+(with gradient boosting) or "stacked with windows" (and a network on the windows, for both models); the
 stacks' per-fold weights are summarised (the mean share of each learner).
 
 * causalimages: causalimages' own confounding simulation, with images: n = 1000

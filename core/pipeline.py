@@ -1027,8 +1027,9 @@ def estimate_ate(units, raster_path, design, bands=None, window_size_px=33, noda
     ``nuisance`` (core.stacking.NUISANCE_CHOICES; observational designs): "penalised" (the models above),
     "stacked" (each model a super learner over them and gradient boosting, its weights chosen in each training
     fold and reported per fold in the metadata's "propensity_model" and "outcome_models") or "stacked with
-    windows" (a small network on the windows joins the propensity's learners). The sensitivity analysis keeps
-    the penalised models.
+    windows" (a small network on the windows joins the propensity's learners and, with the covariates, each
+    arm's outcome learners). The sensitivity analysis, and the AIPW ATE under each outcome correction
+    (``predicted_outcome``), keep the penalised outcome models.
     """
     from .design import RANDOMIZED, overlap_summary
     from .inputs import propensity_inputs
@@ -1044,7 +1045,9 @@ def estimate_ate(units, raster_path, design, bands=None, window_size_px=33, noda
     prepared = prepare_study(units, raster_path, bands, window_size_px, nodata,
                              imagery.pipeline(n_filters, seed, device), imagery, spatial_block,
                              stage(progress, 0.0, 0.5), is_cancelled, read_share=0.6, arms=True,
-                             keep_windows=stacked and nuisance == "stacked with windows")
+                             keep_windows=stacked and nuisance == "stacked with windows",
+                             check=(lambda s: check_window_network(s, window_size_px))
+                             if stacked and nuisance == "stacked with windows" else None)
     study, features, feature_pipeline = prepared.study, prepared.features, prepared.pipeline
     groups, block_size, used = prepared.groups, prepared.block_size, prepared.study.used
     covariates = study.covariates[used] if study.covariates.shape[1] else None
@@ -1060,7 +1063,7 @@ def estimate_ate(units, raster_path, design, bands=None, window_size_px=33, noda
                                      scaled_windows(study, seed) if nuisance.endswith("windows") else None,
                                      seed, covariates)
         propensities, fit = stacked_propensities(arms, learners[0], folds, is_cancelled, stage(progress, 0.5, 0.7))
-        study = dataclasses.replace(study, patches=None, views=None)   # the network's windows are no longer needed
+        study = dataclasses.replace(study, patches=None, views=None)   # the networks hold their scaled copy
     else:
         if progress is not None:
             progress(0.6, "Propensity model (cross-fitted)")
@@ -1107,6 +1110,7 @@ def estimate_ate(units, raster_path, design, bands=None, window_size_px=33, noda
                                                      folds[kept], groups[kept]) if e.estimator == "AIPW")
             ates[method] = {"estimate": first.estimate, "std_err": first.std_err}
         predicted = {"correction": correction, "outcome": outcome_correction.outcome, "map": outcome_correction.map,
+                     "outcome_models": "penalised (splines), whatever NUISANCE",
                      "outside_range": int(versions["none"][1][used].sum()),
                      "validation_range": [outcome_correction.low, outcome_correction.high],
                      "ate_by_correction": ates}
@@ -1155,16 +1159,28 @@ def _on_rows(fit_predict, rows, n):
     return on_rows
 
 
-def scaled_windows(study, seed):
-    """The used units' windows (the study's first view and date), scaled band by band (core.embed.BandScaler, as
-    the random convolutions scale them), for the network learner of the stacked propensity."""
-    from .embed import BandScaler
+def check_window_network(study, window_size_px):
+    """Refuse, before any feature is computed, a study the network on the windows cannot take (NUISANCE "stacked
+    with windows"): more than WINDOW_NETWORK_UNITS units, or windows under 7 pixels (its two convolutions need
+    a 2 x 2 map at least to pool a standard deviation over)."""
     from .stacking import WINDOW_NETWORK_UNITS
 
     if int(study.used.sum()) > WINDOW_NETWORK_UNITS:
         raise GeoCateError(f"The network on the windows is fitted on at most {WINDOW_NETWORK_UNITS} units; this study "
                            f"uses {int(study.used.sum())}.", "Use NUISANCE = stacked (without the windows).")
-    patches = np.asarray(study.patches[study.used], np.float32)
+    if window_size_px < 7:
+        raise GeoCateError(f"The network on the windows needs windows of at least 7 pixels; these are {window_size_px}.",
+                           "Use a larger window (PATCH_SIZE), or NUISANCE = stacked (without the windows).")
+
+
+def scaled_windows(study, seed):
+    """The used units' windows (the study's first view and date; read again when the feature cache spared
+    reading them), scaled band by band (core.embed.BandScaler, as the random convolutions scale them), for the
+    networks of the stacked models."""
+    from .embed import BandScaler
+
+    windows = study.patches if study.patches is not None else study.source.read()[0][0].windows[:, 0]
+    patches = np.asarray(windows[study.used], np.float32)
     return BandScaler(seed=seed).fit(patches).transform(patches)
 
 

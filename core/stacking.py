@@ -30,7 +30,7 @@ from .crossfit import Folds, nested_crossfit
 from .errors import GeoCateError
 
 #: The nuisance models an observational estimate can use: GeoCATE's single models, their stack with gradient
-#: boosting, and that stack with a network on the windows for the propensity.
+#: boosting, and that stack with a network on the windows (for the propensity and each arm's outcome).
 NUISANCE_CHOICES = ("penalised", "stacked", "stacked with windows")
 #: The network on the windows trains on all of a fold's windows at once: above this many units, refused.
 WINDOW_NETWORK_UNITS = 20000
@@ -60,22 +60,24 @@ def propensity_weights(predictions, index):
     from scipy.optimize import minimize
 
     logs = np.stack([_log(p) for p in predictions])          # (L, n, A)
-    L, n, A = logs.shape
+    L, A = logs.shape[0], logs.shape[2]
     onehot = np.eye(A)[index]
-
-    def loss(theta):
-        w, b = theta[:L], np.concatenate([[0.0], theta[L:]])
-        z = np.tensordot(w, logs, axes=1) + b
-        z -= z.max(axis=1, keepdims=True)
-        logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
-        p = np.exp(logp)
-        grad_z = (p - onehot) / n
-        return -np.sum(onehot * logp) / n, np.concatenate([np.einsum("lna,na->l", logs, grad_z),
-                                                            grad_z.sum(axis=0)[1:]])
-
     start = np.concatenate([np.full(L, 1.0 / L), np.zeros(A - 1)])
-    fit = minimize(loss, start, jac=True, method="L-BFGS-B", bounds=[(0, None)] * L + [(None, None)] * (A - 1))
+    fit = minimize(stack_log_loss, start, args=(logs, onehot), jac=True, method="L-BFGS-B",
+                   bounds=[(0, None)] * L + [(None, None)] * (A - 1))
     return fit.x[:L], np.concatenate([[0.0], fit.x[L:]])
+
+
+def stack_log_loss(theta, logs, onehot):
+    """The mean log-loss of softmax(sum_l w_l logs_l + b) against ``onehot`` (n, A) arms, and its gradient;
+    theta = (w (L,), b_1..b_{A-1}), logs (L, n, A) the learners' log-probabilities."""
+    L, n = logs.shape[:2]
+    w, b = theta[:L], np.concatenate([[0.0], theta[L:]])
+    z = np.tensordot(w, logs, axes=1) + b
+    z -= z.max(axis=1, keepdims=True)
+    logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+    grad_z = (np.exp(logp) - onehot) / n
+    return -np.sum(onehot * logp) / n, np.concatenate([np.einsum("lna,na->l", logs, grad_z), grad_z.sum(axis=0)[1:]])
 
 
 def combine_propensities(predictions, w, b):
@@ -94,12 +96,17 @@ def outcome_weights(predictions, y):
     return w / w.sum() if w.sum() > 0 else np.full(len(predictions), 1.0 / len(predictions))
 
 
+def _fold_id(k):
+    """A fold id as the run record (JSON) holds it."""
+    return int(k) if np.issubdtype(type(k), np.integer) else str(k)
+
+
 def _fold_record(names, folds_ids, weights, extra=None):
     rows = []
     for j, k in enumerate(folds_ids):
         w = np.asarray(weights[j], float)
         share = w / w.sum() if w.sum() > 0 else w
-        row = {"fold": int(k) if np.issubdtype(type(k), np.integer) else str(k),
+        row = {"fold": _fold_id(k),
                "weights": {name: round(float(v), 4) for name, v in zip(names, share)},
                "winner": names[int(np.argmax(w))] if w.sum() > 0 else "none (every weight 0: the intercept alone)"}
         if extra is not None:
@@ -118,6 +125,10 @@ def stacked_propensities(arms, learners, folds, is_cancelled=None, progress=None
     levels, index = np.unique(np.asarray(arms), return_inverse=True)
     names = list(learners)
     walk = Folds(folds)
+    for _, train, _ in walk.split():
+        if len(np.unique(index[train])) < len(levels):
+            raise GeoCateError("A cross-fitting fold holds no unit of some treatment arm.",
+                               "Use more units, or fewer arms.")
     outer, inner = fit_learners(learners, walk.fold, is_cancelled, progress)
     out = np.empty_like(outer[names[0]])
     weights, extra = [], []
@@ -152,7 +163,7 @@ def stacked_arm_models(outcome, arm_index, n_arms, learners, folds, is_cancelled
             w = outcome_weights([inner[name][k][own, a] for name in names], Y[own])
             mu[test, a] = sum(w_l * outer[name][test, a] for w_l, name in zip(w, names))
             per_arm[str(a)] = {name: round(float(v), 4) for name, v in zip(names, w)}
-        rows.append({"fold": int(k), "weights_by_arm": per_arm})
+        rows.append({"fold": _fold_id(k), "weights_by_arm": per_arm})
     return mu, {"model": "stacked: " + ", ".join(names) + " (weights per arm by non-negative least squares on "
                                                           "inner cross-validated predictions in each training fold)",
                 "stack": rows}

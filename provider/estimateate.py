@@ -23,8 +23,6 @@ from .study_parameters import (
 )
 
 DESIGNS = ("observational", "randomized")
-#: NUISANCE's choices, as core.stacking.NUISANCE_CHOICES names them.
-NUISANCES = ("penalised", "stacked", "stacked with windows")
 TRIMS = ("none", "Crump et al. (2009)", "bounds below")
 EFFECT_COLUMNS = (("estimator", QVariant.String), ("estimand", QVariant.String), ("contrast", QVariant.String),
                   ("estimate", QVariant.Double), ("std_err", QVariant.Double), ("ci_low", QVariant.Double),
@@ -64,8 +62,8 @@ class EstimateAteAlgorithm(GeoCateAlgorithm):
             "Stacked models (NUISANCE, advanced): each of the propensity and outcome models becomes a super "
             "learner over the penalised models, gradient boosting and, if asked, a small network on the windows, "
             "its weights chosen by cross-validated loss within each training fold; the log and the run record "
-            "give each fold's weights. Slower (about three times the fits); not shown to reduce bias on the "
-            "project's benchmarks (docs/benchmarks.md).\n\n"
+            "give each fold's weights. Slower (with 5 folds each learner is fitted 15 times instead of 5); on "
+            "the project's benchmarks it did not reduce the bias (docs/benchmarks.md).\n\n"
             "Sensitivity (observational design): how strong a confounder that the imagery and covariates miss "
             "would have to be to change the conclusion (Chernozhukov et al. 2022): the AIPW estimate's bounds and "
             "interval for a confounder of strengths CF_Y (outcome), CF_D (treatment) and RHO, the robustness values "
@@ -111,6 +109,7 @@ class EstimateAteAlgorithm(GeoCateAlgorithm):
     def processAlgorithm(self, parameters, context, feedback):  # noqa: N802 - QGIS's name
         from ..core.pipeline import estimate_ate
         from ..core.report import observational_report
+        from ..core.stacking import NUISANCE_CHOICES
 
         chosen = read_study_parameters(self, parameters, context)
         trim = (None, "crump", (self.parameterAsDouble(parameters, self.TRIM_LOW, context),
@@ -123,7 +122,7 @@ class EstimateAteAlgorithm(GeoCateAlgorithm):
             units, arguments.pop("raster_path"), chosen.study_design(trim=trim), **arguments,
             progress=progress_to(feedback), is_cancelled=feedback.isCanceled, outcome_correction=correction,
             correction=method, sensitivity=chosen.sensitivity,
-            nuisance=NUISANCES[self.parameterAsEnum(parameters, self.NUISANCE, context)])
+            nuisance=NUISANCE_CHOICES[self.parameterAsEnum(parameters, self.NUISANCE, context)])
         log_ate(feedback, chosen.design, out)
         sensitivity_outputs = report_sensitivity(out["sensitivity"], chosen.sensitivity, feedback)
         dest_id = write_table(self, parameters, context, effect_rows(out["effects"]), columns=EFFECT_COLUMNS)

@@ -362,24 +362,30 @@ def test_the_out_of_bag_forest_runs_the_same_study(small_trial, demo_raster, est
     assert parts["outcome_models_s"] + parts["forest_growth_s"] + parts["out_of_bag_s"] <= parts["causal_forest_s"]
 
 
-def test_estimate_ate_with_stacked_models_and_the_window_network(small_trial, demo_raster, monkeypatch):
+def test_estimate_ate_with_stacked_models_and_the_window_network(small_trial, demo_raster, monkeypatch, tmp_path):
     """Issue 23, point 1: NUISANCE "stacked with windows" reads the windows (kept for the networks, then let go),
-    reports each fold's weights for the propensity and both arms' outcome models, refuses a study larger than
-    the networks take, and stops when cancelled inside the stack."""
+    reads them again when the feature cache spared reading them, reports each fold's weights for the propensity
+    and both arms' outcome models (fitted on the units trimming kept), refuses a study larger than the networks
+    take, and stops when cancelled inside the stack."""
     import dataclasses
 
     from geocate.core import stacking
     from geocate.core.design import StudyDesign
     from geocate.core.pipeline import estimate_ate
+    from geocate.core.represent import FeatureCache, ImageryOptions
     from geocate.core.simulate import confound
 
     monkeypatch.setattr(stacking, "WINDOW_EPOCHS", 5)   # the path, not the networks' fit (tests/core/test_stacking)
     treated, outcome, _ = confound(small_trial, seed=2)
     units = dataclasses.replace(unit_table(small_trial), treated=treated.astype(float), outcome=outcome)
-    design = StudyDesign("observational", seed=2)
-    study, out = estimate_ate(units, demo_raster, design, n_filters=64, nuisance="stacked with windows")
+    design = StudyDesign("observational", seed=2, trim=(0.25, 0.75))
+    imagery = ImageryOptions(cache=FeatureCache(tmp_path / "cache"))
+    estimate_ate(units, demo_raster, design, n_filters=64, imagery=imagery)   # fills the cache: no windows kept
+    study, out = estimate_ate(units, demo_raster, design, n_filters=64, nuisance="stacked with windows",
+                              imagery=imagery)
     assert study.patches is None                                  # the windows were let go after the networks
     record = out["metadata"]
+    assert record["n_trimmed"] > 0                                # the outcome stack ran on the kept units
     assert record["nuisance"] == "stacked with windows"
     assert [list(row["weights"]) for row in record["propensity_model"]["stack"]] == [[
         "penalised logistic (image features)", "gradient boosting (components)", "network on the windows"]] * 5
@@ -387,9 +393,15 @@ def test_estimate_ate_with_stacked_models_and_the_window_network(small_trial, de
                for row in record["outcome_models"]["stack"] for w in row["weights_by_arm"].values())
     aipw = next(e for e in out["effects"] if (e.estimator, e.estimand) == ("AIPW", "ATE"))
     assert np.isfinite(aipw.estimate) and aipw.std_err > 0
+    from geocate.core import pipeline
+
+    embedded = []
+    monkeypatch.setattr(pipeline, "study_features", lambda *a, **k: embedded.append(1))
     monkeypatch.setattr(stacking, "WINDOW_NETWORK_UNITS", 50)
     with pytest.raises(GeoCateError, match="at most 50 units"):
         estimate_ate(units, demo_raster, design, n_filters=64, nuisance="stacked with windows")
+    assert embedded == []                                           # refused before any feature was computed
+    monkeypatch.undo()
     with pytest.raises(GeoCateError, match="Unknown nuisance models"):
         estimate_ate(units, demo_raster, design, n_filters=64, nuisance="forest")
     messages = []

@@ -128,3 +128,33 @@ def test_the_window_network_outcome_model_reads_the_windows_and_the_covariates()
     model = window_network_outcome(windows, 0, covariate, epochs=100)().fit(units[:200], Y[:200])
     held_out = model.predict(units[200:])
     assert np.corrcoef(held_out, truth[200:])[0, 1] > 0.85    # neither part alone reaches 0.75
+
+
+def test_three_arms_any_fold_ids_and_the_loss_gradient():
+    from scipy.optimize import check_grad
+
+    from geocate.core.stacking import stack_log_loss
+
+    rng = np.random.default_rng(5)
+    n = 1500
+    x = rng.standard_normal((n, 2))
+    scores = np.column_stack([np.zeros(n), x[:, 0], x[:, 1]])
+    arms = np.array([rng.choice(3, p=np.exp(s) / np.exp(s).sum()) for s in scores]) * 10   # arms 0, 10, 20
+    index = arms // 10
+    logs = np.log(rng.dirichlet([1, 1, 1], (2, n)))
+    theta = np.array([0.7, 0.4, 0.3, -0.2])
+    assert check_grad(lambda t: stack_log_loss(t, logs, np.eye(3)[index])[0],
+                      lambda t: stack_log_loss(t, logs, np.eye(3)[index])[1], theta) < 1e-6
+    folds = 10 * location_folds(np.arange(n), 4, 5) + 10                   # fold ids 10, 20, 30, 40
+    propensity_learners, outcome_learners = nuisance_learners("stacked", index, 3, x, x, x[:, 0] + index, seed=5)
+    p, record = stacked_propensities(arms, propensity_learners, folds)
+    assert p.shape == (n, 3) and np.allclose(p.sum(axis=1), 1)
+    assert [row["fold"] for row in record["stack"]] == [10, 20, 30, 40]
+    truth = np.exp(scores) / np.exp(scores).sum(axis=1, keepdims=True)
+    assert np.mean(np.abs(p - truth)) < 0.05
+    mu, o_record = stacked_arm_models(x[:, 0] + index, index, 3, outcome_learners, folds)
+    assert [sorted(row["weights_by_arm"]) for row in o_record["stack"]] == [["0", "1", "2"]] * 4
+    assert np.abs(mu - (x[:, [0]] + np.arange(3))).mean() < 0.1
+    with pytest.raises(GeoCateError, match="no unit of some treatment arm"):
+        lonely = np.where(np.arange(n) == 0, 20, arms % 20)              # arm 20 only in one fold
+        stacked_propensities(lonely, propensity_learners, folds)
