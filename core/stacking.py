@@ -199,10 +199,11 @@ def _window_network(images, outputs, seed, epochs, loss, train, extra=None):
     rows)``. Returns the network as a function of unit indices (without gradients)."""
     import torch
 
-    torch.manual_seed(seed)
-    net = torch.nn.Sequential(torch.nn.Conv2d(images.shape[1], 8, 3), torch.nn.ReLU(),
-                              torch.nn.Conv2d(8, 16, 3, stride=2), torch.nn.ReLU())
-    head = torch.nn.Linear(32 + (0 if extra is None else extra.shape[1]), outputs)
+    with torch.random.fork_rng():          # the initial weights from ``seed``, torch's own stream left as it was
+        torch.manual_seed(seed)
+        net = torch.nn.Sequential(torch.nn.Conv2d(images.shape[1], 8, 3), torch.nn.ReLU(),
+                                  torch.nn.Conv2d(8, 16, 3, stride=2), torch.nn.ReLU())
+        head = torch.nn.Linear(32 + (0 if extra is None else extra.shape[1]), outputs)
     optimiser = torch.optim.Adam(list(net.parameters()) + list(head.parameters()), lr=1e-2, weight_decay=1e-3)
 
     def forward(units):
