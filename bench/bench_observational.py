@@ -1,7 +1,7 @@
 """Observational designs: confounding adjustment from imagery (geocate:estimateate's estimators).
 
 Usage: python bench/bench_observational.py [--reps 200] [--causalimages-reps 50] [--nuisance penalised]
-       [--designs causalimages,scene,overlap] [--json out.json]
+       [--designs causalimages,scene,overlap] [--first-draw 0] [--json out.json]
 
 --nuisance: geocate:estimateate's NUISANCE (core.stacking): "penalised" (the default models), "stacked"
 (with gradient boosting) or "stacked with windows" (and a network on the windows, for both models); the
@@ -89,12 +89,12 @@ def with_shares(out, shares):
     return out
 
 
-def run_causalimages(reps, nuisance="penalised"):
+def run_causalimages(reps, nuisance="penalised", first=0):
     from geocate.core.embed import BandScaler, RandomConvFeatures
     from geocate.core.inputs import outcome_inputs
 
     errors, covered, shares = {}, {}, {}
-    for rep in range(reps):
+    for rep in range(first, first + reps):
         rng = np.random.default_rng(300 + rep)
         n = 1000
         C, X = rng.standard_normal(n), rng.standard_normal((n, 2))
@@ -112,7 +112,7 @@ def run_causalimages(reps, nuisance="penalised"):
     return out
 
 
-def run_scene(reps, nuisance="penalised"):
+def run_scene(reps, nuisance="penalised", first=0):
     from geocate.core.embed import BandScaler, RandomConvFeatures
     from geocate.core.inputs import outcome_inputs
     from geocate.core.patches import extract_patches
@@ -124,7 +124,7 @@ def run_scene(reps, nuisance="penalised"):
     features = np.log1p(RandomConvFeatures(seed=7).fit(scaled).transform(scaled))  # core.represent scale
     inputs = outcome_inputs(features, trial.covariates, seed=7)
     errors, covered, spans, shares = {}, {}, [], {}
-    for rep in range(reps):
+    for rep in range(first, first + reps):
         W, Y, true_propensity = confound(trial, seed=rep)
         spans.append(np.quantile(true_propensity, [0.05, 0.95]))
         record(estimates(Y, W, features, trial.covariates, inputs, rep, nuisance, scaled, shares), 1.0, errors,
@@ -172,12 +172,13 @@ def main(argv=None):
     parser.add_argument("--causalimages-reps", type=int, default=None)
     parser.add_argument("--nuisance", default="penalised", choices=("penalised", "stacked", "stacked with windows"))
     parser.add_argument("--designs", default="causalimages,scene,overlap")
+    parser.add_argument("--first-draw", type=int, default=0, help="the scene's and causalimages' first draw (seed)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     started = time.perf_counter()
     causalimages_reps = args.causalimages_reps or max(args.reps // 4, 1)
-    runs = {"causalimages": lambda: run_causalimages(causalimages_reps, args.nuisance),
-            "scene": lambda: run_scene(args.reps, args.nuisance), "overlap": lambda: run_overlap(max(args.reps // 4, 1))}
+    runs = {"causalimages": lambda: run_causalimages(causalimages_reps, args.nuisance, args.first_draw),
+            "scene": lambda: run_scene(args.reps, args.nuisance, args.first_draw), "overlap": lambda: run_overlap(max(args.reps // 4, 1))}
     figures = {"nuisance": args.nuisance}
     figures.update({name: runs[name]() for name in args.designs.split(",")})
     save_figures(args.json, figures, started)
