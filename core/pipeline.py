@@ -1039,28 +1039,29 @@ def estimate_ate(units, raster_path, design, bands=None, window_size_px=33, noda
     if nuisance not in NUISANCE_CHOICES:
         raise GeoCateError(f"Unknown nuisance models '{nuisance}'.", f"Choose one of {', '.join(NUISANCE_CHOICES)}.")
     stacked = nuisance != "penalised" and design.kind != RANDOMIZED
+    with_windows = stacked and nuisance == "stacked with windows"
     started = time.monotonic()
     units, versions = corrected_units(units, outcome_correction, correction)
     imagery = imagery or ImageryOptions()
     prepared = prepare_study(units, raster_path, bands, window_size_px, nodata,
                              imagery.pipeline(n_filters, seed, device), imagery, spatial_block,
                              stage(progress, 0.0, 0.5), is_cancelled, read_share=0.6, arms=True,
-                             keep_windows=stacked and nuisance == "stacked with windows",
-                             check=(lambda s: check_window_network(s, window_size_px))
-                             if stacked and nuisance == "stacked with windows" else None)
+                             keep_windows=with_windows,
+                             check=(lambda s: check_window_network(s, window_size_px)) if with_windows else None)
     study, features, feature_pipeline = prepared.study, prepared.features, prepared.pipeline
     groups, block_size, used = prepared.groups, prepared.block_size, prepared.study.used
     covariates = study.covariates[used] if study.covariates.shape[1] else None
     inputs = outcome_inputs(features, covariates, seed)
     folds = Folds.of_groups(groups, n_folds, seed).fold
     arms = study.treated[used]
+    index = np.unique(arms, return_inverse=True)[1]      # each unit's arm, 0..A-1
+    n_arms = int(index.max()) + 1
     learners = None
     if stacked:
         from .stacking import nuisance_learners, stacked_propensities
 
-        learners = nuisance_learners(nuisance, np.unique(arms, return_inverse=True)[1], len(np.unique(arms)),
-                                     propensity_inputs(features, covariates), inputs, study.outcome[used],
-                                     scaled_windows(study, seed) if nuisance.endswith("windows") else None,
+        learners = nuisance_learners(nuisance, index, n_arms, propensity_inputs(features, covariates), inputs,
+                                     study.outcome[used], scaled_windows(study, seed) if with_windows else None,
                                      seed, covariates)
         propensities, fit = stacked_propensities(arms, learners[0], folds, is_cancelled, stage(progress, 0.5, 0.7))
         study = dataclasses.replace(study, patches=None, views=None)   # the networks hold their scaled copy
@@ -1081,9 +1082,8 @@ def estimate_ate(units, raster_path, design, bands=None, window_size_px=33, noda
         from .stacking import stacked_arm_models
 
         # The outcome learners were built on every unit; the stack fits them on the kept units' folds alone.
-        index = np.unique(arms, return_inverse=True)[1]
         rows = np.flatnonzero(kept)
-        mu, outcome_fit = stacked_arm_models(study.outcome[used][kept], index[kept], len(np.unique(arms)),
+        mu, outcome_fit = stacked_arm_models(study.outcome[used][kept], index[kept], n_arms,
                                              {name: _on_rows(f, rows, len(kept)) for name, f in learners[1].items()},
                                              folds[kept], is_cancelled, stage(progress, 0.7, 0.78))
     elif progress is not None:
