@@ -1057,12 +1057,15 @@ def estimate_ate(units, raster_path, design, bands=None, window_size_px=33, noda
     index = np.unique(arms, return_inverse=True)[1]      # each unit's arm, 0..A-1
     n_arms = int(index.max()) + 1
     learners = None
+    from .embed import resolve_device
+
+    network_device = resolve_device(device) if with_windows else None   # the window networks' (torch) device
     if stacked:
         from .stacking import nuisance_learners, stacked_propensities
 
         learners = nuisance_learners(nuisance, index, n_arms, propensity_inputs(features, covariates), inputs,
                                      study.outcome[used], scaled_windows(study, seed) if with_windows else None,
-                                     seed, covariates)
+                                     seed, covariates, network_device)
         propensities, fit = stacked_propensities(arms, learners[0], folds, is_cancelled, stage(progress, 0.5, 0.7))
         study = dataclasses.replace(study, patches=None, views=None)   # the networks hold their scaled copy
     else:
@@ -1134,6 +1137,9 @@ def estimate_ate(units, raster_path, design, bands=None, window_size_px=33, noda
                 "nuisance": nuisance if stacked else "penalised", "outcome_models": outcome_fit,
                 "overlap": overlap, "warnings": warnings, "seed": seed, "n_folds": n_folds,
                 "predicted_outcome": predicted, "feature_pipeline": feature_pipeline.describe(),
+                "ran_on": {"image windows": prepared.windows_held, "image features": feature_pipeline.device_,
+                           "outcome and propensity models": "cpu (scikit-learn)",
+                           **({"window networks": network_device} if with_windows else {})},
                 "window_size_px": int(window_size_px), "fold_groups": int(len(np.unique(groups))),
                 "spatial_block_m": block_size, "dropped": study.dropped, "n_used": int(used.sum()),
                 "n_dropped": int(n - used.sum()), "arms": [float(a) for a in np.unique(arms)],

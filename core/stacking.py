@@ -192,25 +192,29 @@ def _probabilities(model, X_test, k):
 
 
 def _window_network(images, outputs, seed, epochs, loss, train, extra=None):
-    """A small convolutional network fitted on ``images[train]`` (a tensor, (n, bands, rows, columns)): two 3 x 3
-    convolutions (8 and 16 channels, the second with stride 2), each channel's mean and standard deviation over
-    the window, beside the units' ``extra`` inputs (a tensor (n, q), e.g. covariates, or None), a linear layer to
-    ``outputs``; ``epochs`` full-batch steps of Adam (learning rate 0.01, weight decay 1e-3) on ``loss(output,
-    rows)``. Returns the network as a function of unit indices (without gradients)."""
+    """A small convolutional network fitted on ``images[train]`` (a tensor, (n, bands, rows, columns), on the device
+    the network is to run on): two 3 x 3 convolutions (8 and 16 channels, the second with stride 2), each channel's
+    mean and standard deviation over the window, beside the units' ``extra`` inputs (a tensor (n, q) on the same
+    device, e.g. covariates, or None), a linear layer to ``outputs``; ``epochs`` full-batch steps of Adam (learning
+    rate 0.01, weight decay 1e-3) on ``loss(output, rows)``. The initial weights are drawn on the CPU from ``seed``
+    and moved to the images' device, so a GPU starts from the same network. Returns the network as a function of
+    unit indices (without gradients; its output on the CPU)."""
     import torch
 
+    device = images.device
     with torch.random.fork_rng():          # the initial weights from ``seed``, torch's own stream left as it was
         torch.manual_seed(seed)
         net = torch.nn.Sequential(torch.nn.Conv2d(images.shape[1], 8, 3), torch.nn.ReLU(),
                                   torch.nn.Conv2d(8, 16, 3, stride=2), torch.nn.ReLU())
         head = torch.nn.Linear(32 + (0 if extra is None else extra.shape[1]), outputs)
+    net, head = net.to(device), head.to(device)
     optimiser = torch.optim.Adam(list(net.parameters()) + list(head.parameters()), lr=1e-2, weight_decay=1e-3)
 
     def forward(units):
         h = net(images[units]).flatten(2)
         return head(torch.cat([h.mean(2), h.std(2)] + ([] if extra is None else [extra[units]]), 1))
 
-    rows = torch.as_tensor(np.flatnonzero(train))
+    rows = torch.as_tensor(np.flatnonzero(train), device=device)
     for _ in range(epochs):
         optimiser.zero_grad()
         loss(forward(rows), rows).backward()
@@ -218,17 +222,18 @@ def _window_network(images, outputs, seed, epochs, loss, train, extra=None):
 
     def predict(units):
         with torch.no_grad():
-            return forward(torch.as_tensor(np.asarray(units, int).ravel()))
+            return forward(torch.as_tensor(np.asarray(units, int).ravel(), device=device)).cpu()
     return predict
 
 
-def window_network_propensity(windows, index, k, seed, epochs=None):
+def window_network_propensity(windows, index, k, seed, epochs=None, device="cpu"):
     """fit_predict for P(arm | window) from _window_network on the scaled ``windows`` (n, bands, rows, columns),
-    trained by cross-entropy: as causalimages fits its image propensity model, small."""
+    trained by cross-entropy on ``device`` ("cpu" or "cuda", core.embed.resolve_device): as causalimages fits its
+    image propensity model, small."""
     import torch
 
-    images = torch.as_tensor(np.asarray(windows, np.float32))
-    target = torch.as_tensor(np.asarray(index, np.int64))
+    images = torch.as_tensor(np.asarray(windows, np.float32), device=device)
+    target = torch.as_tensor(np.asarray(index, np.int64), device=device)
     epochs = epochs or WINDOW_EPOCHS
 
     def fit_predict(train, test):
@@ -239,25 +244,25 @@ def window_network_propensity(windows, index, k, seed, epochs=None):
     return fit_predict
 
 
-def window_network_outcome(windows, seed, extra=None, epochs=None):
+def window_network_outcome(windows, seed, extra=None, epochs=None, device="cpu"):
     """An outcome learner on the scaled ``windows`` and the units' standardised ``extra`` inputs (the covariates, or
-    None): a class whose fit(X, y) trains _window_network by squared error on the standardised ``y`` and
-    predict(X) gives the outcome, X holding the units' indices (n, 1)."""
+    None): a class whose fit(X, y) trains _window_network on ``device`` by squared error on the standardised ``y``
+    and predict(X) gives the outcome, X holding the units' indices (n, 1)."""
     import torch
 
-    images = torch.as_tensor(np.asarray(windows, np.float32))
+    images = torch.as_tensor(np.asarray(windows, np.float32), device=device)
     epochs = epochs or WINDOW_EPOCHS
     if extra is not None:
         extra = np.asarray(extra, float)
         extra = torch.as_tensor((extra - extra.mean(0)) / np.where(extra.std(0) > 0, extra.std(0), 1.0),
-                                dtype=torch.float32)
+                                dtype=torch.float32, device=device)
 
     class WindowRegressor:
         def fit(self, X, y):
             rows = np.asarray(X, int).ravel()
             y = np.asarray(y, float)[np.argsort(rows)]   # the network's rows come in the units' order
             self.centre, self.scale = float(y.mean()), float(y.std()) or 1.0
-            target = torch.as_tensor((y - self.centre) / self.scale, dtype=torch.float32)
+            target = torch.as_tensor((y - self.centre) / self.scale, dtype=torch.float32, device=device)
             train = np.zeros(len(images), bool)
             train[rows] = True
             self.model = _window_network(images, 1, seed, epochs,
@@ -271,12 +276,13 @@ def window_network_outcome(windows, seed, extra=None, epochs=None):
 
 
 def nuisance_learners(kind, index, k, propensity_inputs, outcome_inputs, outcome, windows=None, seed=42,
-                      covariates=None):
+                      covariates=None, device="cpu"):
     """The propensity and outcome learners of ``kind`` (NUISANCE_CHOICES, not "penalised"): two dicts {name:
     fit_predict(train, test)}. ``index``: each unit's arm 0..k-1; ``propensity_inputs``: every standardised image
     feature and covariate (the penalised logistic model's); ``outcome_inputs``: the components and covariates
     (the spline ridge's and the boosting's); ``windows``: the scaled windows ("stacked with windows"), whose outcome
-    network also reads the ``covariates`` (or None)."""
+    network also reads the ``covariates`` (or None); ``device``: where the window networks train ("cpu" or
+    "cuda": core.embed.resolve_device)."""
     from .design import penalised_logistic
     from .scores import MIN_UNITS_FOR_MODEL, outcome_model
 
@@ -319,7 +325,7 @@ def nuisance_learners(kind, index, k, propensity_inputs, outcome_inputs, outcome
         if windows is None:
             raise GeoCateError("The stacked models with a window network need the image windows.",
                                "Use NUISANCE = stacked.")
-        propensity["network on the windows"] = window_network_propensity(windows, index, k, seed)
-        regressor = window_network_outcome(windows, seed, covariates)
+        propensity["network on the windows"] = window_network_propensity(windows, index, k, seed, device=device)
+        regressor = window_network_outcome(windows, seed, covariates, device=device)
         outcome_learners["network on the windows"] = per_arm(regressor, units_as_inputs=True)
     return propensity, outcome_learners

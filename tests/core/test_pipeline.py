@@ -387,6 +387,7 @@ def test_estimate_ate_with_stacked_models_and_the_window_network(small_trial, de
     record = out["metadata"]
     assert record["n_trimmed"] > 0                                # the outcome stack ran on the kept units
     assert record["nuisance"] == "stacked with windows"
+    assert record["ran_on"]["window networks"] == record["ran_on"]["image features"] in ("cpu", "cuda")
     assert [list(row["weights"]) for row in record["propensity_model"]["stack"]] == [[
         "penalised logistic (image features)", "gradient boosting (components)", "network on the windows"]] * 5
     assert all(set(w) == {"spline ridge (components)", "gradient boosting (components)", "network on the windows"}

@@ -130,6 +130,33 @@ def test_the_window_network_outcome_model_reads_the_windows_and_the_covariates()
     assert np.corrcoef(held_out, truth[200:])[0, 1] > 0.85    # neither part alone reaches 0.75
 
 
+def test_the_window_networks_run_on_the_device_asked_for():
+    """The networks train where their images are (estimateate's device: a GPU when torch sees one), from the same
+    initial weights, and give their predictions back on the CPU. Without a GPU, the CPU's numbers are the default's
+    bit for bit; with one, the GPU's propensities agree with the CPU's to float32 rounding over the epochs."""
+    import torch
+
+    from geocate.core.stacking import window_network_outcome
+
+    rng = np.random.default_rng(5)
+    n = 120
+    brightness = rng.standard_normal(n)
+    windows = rng.standard_normal((n, 2, 9, 9)).astype(np.float32) + brightness[:, None, None, None]
+    W = (brightness + rng.standard_normal(n) > 0).astype(int)
+    train, test = np.arange(n) < 80, np.arange(n) >= 80
+    default = window_network_propensity(windows, W, 2, 0, epochs=20)(train, test)
+    on_cpu = window_network_propensity(windows, W, 2, 0, epochs=20, device="cpu")(train, test)
+    assert np.array_equal(default, on_cpu) and on_cpu.shape == (40, 2)
+    units = np.arange(n)[:, None]
+    cpu_outcome = window_network_outcome(windows, 0, None, 20, "cpu")().fit(units[:80], brightness[:80])
+    assert cpu_outcome.predict(units[80:]).shape == (40,)
+    if torch.cuda.is_available():       # the GPU's numbers, on a machine with one
+        on_gpu = window_network_propensity(windows, W, 2, 0, epochs=20, device="cuda")(train, test)
+        assert np.allclose(on_gpu, on_cpu, atol=1e-3)
+        gpu_outcome = window_network_outcome(windows, 0, None, 20, "cuda")().fit(units[:80], brightness[:80])
+        assert np.allclose(gpu_outcome.predict(units[80:]), cpu_outcome.predict(units[80:]), atol=1e-3)
+
+
 def test_three_arms_any_fold_ids_and_the_loss_gradient():
     from scipy.optimize import check_grad
 
