@@ -343,14 +343,20 @@ class GeoCateDock(QgsDockWidget):
         self.outputs.setWordWrap(True)
         self.outputs.setTextInteractionFlags(Qt.TextSelectableByMouse)
         layout.addWidget(self.outputs)
-        panel_tools = QHBoxLayout()   # panels and roll-outs have their own dialogs: one row per unit and year
+        panel_tools = QHBoxLayout()   # the ATE, panels and roll-outs have their own dialogs
         self.panel_button = QPushButton("Panel effects...")
         self.panel_button.setToolTip("Units observed over years: the effect with unit fixed effects and year effects "
                                      "('Panel effects with fixed effects', its Processing dialog).")
         self.event_button = QPushButton("Event study...")
         self.event_button.setToolTip("A programme rolled out in waves: effects by years since adoption, with placebo "
                                      "checks ('Event study of a staggered roll-out', its Processing dialog).")
-        for button, algorithm in ((self.panel_button, "geocate:paneleffects"), (self.event_button, "geocate:eventstudy")):
+        self.ate_button = QPushButton("Average effects...")
+        self.ate_button.setToolTip("The average effect with a confounding adjustment from the imagery (IPW, Hajek, "
+                                   "AIPW), overlap, balance and sensitivity; under Advanced, stacked propensity and "
+                                   "outcome models ('Average effect with confounding adjustment from imagery', "
+                                   "its Processing dialog).")
+        for button, algorithm in ((self.ate_button, "geocate:estimateate"), (self.panel_button, "geocate:paneleffects"),
+                                  (self.event_button, "geocate:eventstudy")):
             button.clicked.connect(lambda _=False, a=algorithm: self.open_dialog(a))
             panel_tools.addWidget(button)
         layout.addLayout(panel_tools)

@@ -504,14 +504,15 @@ def test_the_map_tool_shows_a_units_window_effect_group_and_support(plugin, proj
 
 
 
-def test_the_panel_tools_are_reachable_from_the_dock(plugin, project_layers, qgis_iface, monkeypatch):
+def test_the_ate_and_panel_tools_are_reachable_from_the_dock(plugin, project_layers, qgis_iface, monkeypatch):
     import processing.tools.general
 
     monkeypatch.setattr(processing.tools.general, "iface", qgis_iface)   # QGIS desktop sets it; pytest-qgis does not
     if not hasattr(qgis_iface, "browserModel"):   # nor does pytest-qgis 2.1's stub have it (the file widgets ask)
         monkeypatch.setattr(qgis_iface, "browserModel", lambda: None, raising=False)
     dock = plugin.toggle_dock(True)
-    for button, algorithm in ((dock.panel_button, "geocate:paneleffects"), (dock.event_button, "geocate:eventstudy")):
+    for button, algorithm in ((dock.ate_button, "geocate:estimateate"), (dock.panel_button, "geocate:paneleffects"),
+                              (dock.event_button, "geocate:eventstudy")):
         button.click()
         assert dock.last_dialog is not None and dock.last_dialog.algorithm().id() == algorithm, dock.message.text()
         dock.last_dialog.close()
