@@ -127,6 +127,41 @@ def test_estimateate_sensitivity_runs_through_qgis_process_and_refuses_a_strengt
     assert not (tmp_path / "refused.gpkg").exists() and not (tmp_path / "refused.run.json").exists()
 
 
+def test_the_stacked_models_run_in_a_graphical_model(plugin, demo_units_gpkg, demo_raster, tmp_path):  # noqa: F811
+    """NUISANCE in a model built as the model builder does (issue 23, point 1): the advanced choice reaches the
+    algorithm as a static value, and the record and report say which models ran."""
+    import processing
+    from qgis.core import (
+        QgsProcessingModelAlgorithm,
+        QgsProcessingModelChildAlgorithm,
+        QgsProcessingModelChildParameterSource,
+        QgsProcessingModelParameter,
+        QgsProcessingParameterRasterLayer,
+        QgsProcessingParameterVectorLayer,
+    )
+
+    model = QgsProcessingModelAlgorithm("Observational ATE with stacked models", "GeoCATE")
+    model.addModelParameter(QgsProcessingParameterVectorLayer("units", "units"), QgsProcessingModelParameter("units"))
+    model.addModelParameter(QgsProcessingParameterRasterLayer("imagery", "imagery"),
+                            QgsProcessingModelParameter("imagery"))
+    step = QgsProcessingModelChildAlgorithm("geocate:estimateate")
+    step.setChildId("ate")
+    static = QgsProcessingModelChildParameterSource.fromStaticValue
+    for name, source in {"INPUT": QgsProcessingModelChildParameterSource.fromModelParameter("units"),
+                         "RASTER": QgsProcessingModelChildParameterSource.fromModelParameter("imagery"),
+                         "TREATMENT": static("treated"), "OUTCOME": static("outcome"), "COVARIATES": static("assets"),
+                         "DESIGN": static(0), "NUISANCE": static(1), "SEED": static(7),
+                         "OUTPUT": static(str(tmp_path / "ate.gpkg")),
+                         "OUTPUT_REPORT": static(str(tmp_path / "ate.html"))}.items():
+        step.addParameterSources(name, [source])
+    model.addChildAlgorithm(step)
+    processing.run(model, {"units": demo_units_gpkg, "imagery": demo_raster})
+    record = json.loads((tmp_path / "ate.run.json").read_text())
+    assert record["nuisance"] == "stacked" and len(record["propensity_model"]["stack"]) == 5
+    assert "Stacked models" in (tmp_path / "ate.html").read_text()
+    assert QgsVectorLayer(str(tmp_path / "ate.gpkg"), "ate", "ogr").featureCount() > 0
+
+
 def test_qgis_process_runs_the_stacked_models_and_reports_their_weights(demo_units_gpkg, demo_raster, tmp_path):
     """NUISANCE=1 (issue 23, point 1) from the command line: each fold's weights in the log, the run record and
     the report; the estimates are written as with the penalised models."""
