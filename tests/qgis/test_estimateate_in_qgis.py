@@ -131,30 +131,14 @@ def test_the_stacked_models_run_in_a_graphical_model(plugin, demo_units_gpkg, de
     """NUISANCE in a model built as the model builder does (issue 23, point 1): the advanced choice reaches the
     algorithm as a static value, and the record and report say which models ran."""
     import processing
-    from qgis.core import (
-        QgsProcessingModelAlgorithm,
-        QgsProcessingModelChildAlgorithm,
-        QgsProcessingModelChildParameterSource,
-        QgsProcessingModelParameter,
-        QgsProcessingParameterRasterLayer,
-        QgsProcessingParameterVectorLayer,
-    )
+    from test_estimatecate_in_qgis import graphical_model, model_sources
 
-    model = QgsProcessingModelAlgorithm("Observational ATE with stacked models", "GeoCATE")
-    model.addModelParameter(QgsProcessingParameterVectorLayer("units", "units"), QgsProcessingModelParameter("units"))
-    model.addModelParameter(QgsProcessingParameterRasterLayer("imagery", "imagery"),
-                            QgsProcessingModelParameter("imagery"))
-    step = QgsProcessingModelChildAlgorithm("geocate:estimateate")
-    step.setChildId("ate")
-    static = QgsProcessingModelChildParameterSource.fromStaticValue
-    for name, source in {"INPUT": QgsProcessingModelChildParameterSource.fromModelParameter("units"),
-                         "RASTER": QgsProcessingModelChildParameterSource.fromModelParameter("imagery"),
-                         "TREATMENT": static("treated"), "OUTCOME": static("outcome"), "COVARIATES": static("assets"),
-                         "DESIGN": static(0), "NUISANCE": static(1), "SEED": static(7),
-                         "OUTPUT": static(str(tmp_path / "ate.gpkg")),
-                         "OUTPUT_REPORT": static(str(tmp_path / "ate.html"))}.items():
-        step.addParameterSources(name, [source])
-    model.addChildAlgorithm(step)
+    static, parameter, _ = model_sources()
+    model = graphical_model("Observational ATE with stacked models", [("geocate:estimateate", "ate", {
+        "INPUT": parameter("units"), "RASTER": parameter("imagery"), "TREATMENT": static("treated"),
+        "OUTCOME": static("outcome"), "COVARIATES": static("assets"), "DESIGN": static(0), "NUISANCE": static(1),
+        "SEED": static(7), "OUTPUT": static(str(tmp_path / "ate.gpkg")),
+        "OUTPUT_REPORT": static(str(tmp_path / "ate.html"))})])
     processing.run(model, {"units": demo_units_gpkg, "imagery": demo_raster})
     record = json.loads((tmp_path / "ate.run.json").read_text())
     assert record["nuisance"] == "stacked" and len(record["propensity_model"]["stack"]) == 5

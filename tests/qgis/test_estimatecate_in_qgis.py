@@ -532,41 +532,52 @@ def test_imageclusters_refuses_more_clusters_than_allowed_and_cuda_without_gpu(p
     assert not (tmp_path / "clusters.onnx").exists()
 
 
-def test_algorithms_chain_in_a_graphical_model(plugin, demo_units_gpkg, demo_raster, tmp_path):
-    """A model built as the model builder does: estimate the CATE, then evaluate it."""
-    import processing
+def graphical_model(name, steps):
+    """A model built as the model builder does: parameters "units" (a vector layer) and "imagery" (a raster), and
+    ``steps`` [(algorithm id, child id, {parameter: source})], sources made with model_sources()."""
     from qgis.core import (
         QgsProcessingModelAlgorithm,
         QgsProcessingModelChildAlgorithm,
-        QgsProcessingModelChildParameterSource,
         QgsProcessingModelParameter,
         QgsProcessingParameterRasterLayer,
         QgsProcessingParameterVectorLayer,
     )
 
-    model = QgsProcessingModelAlgorithm("CATE then its evaluation", "GeoCATE")
+    model = QgsProcessingModelAlgorithm(name, "GeoCATE")
     model.addModelParameter(QgsProcessingParameterVectorLayer("units", "units"), QgsProcessingModelParameter("units"))
     model.addModelParameter(QgsProcessingParameterRasterLayer("imagery", "imagery"),
                             QgsProcessingModelParameter("imagery"))
-
-    def child(algorithm_id, child_id, sources):
+    for algorithm_id, child_id, sources in steps:
         step = QgsProcessingModelChildAlgorithm(algorithm_id)
         step.setChildId(child_id)
-        for name, source in sources.items():
-            step.addParameterSources(name, [source])
+        for parameter, source in sources.items():
+            step.addParameterSources(parameter, [source])
         model.addChildAlgorithm(step)
+    return model
 
-    static = QgsProcessingModelChildParameterSource.fromStaticValue
-    child("geocate:estimatecate", "estimate", {
-        "INPUT": QgsProcessingModelChildParameterSource.fromModelParameter("units"),
-        "RASTER": QgsProcessingModelChildParameterSource.fromModelParameter("imagery"),
-        "TREATMENT": static("treated"), "OUTCOME": static("outcome"), "SEED": static(42),
-        "OUTPUT": static(str(tmp_path / "effects.gpkg"))})
-    child("geocate:evaluate", "evaluate", {
-        "INPUT": QgsProcessingModelChildParameterSource.fromChildOutput("estimate", "OUTPUT"),
-        "PRIORITY": static("cate"), "TREATMENT": static("treated"), "OUTCOME": static("outcome"),
-        "BOOTSTRAP": static(50), "OUTPUT": static(str(tmp_path / "evaluation.gpkg")),
-        "OUTPUT_PLOT": static(str(tmp_path / "toc.png")), "OUTPUT_REPORT": static(str(tmp_path / "report.html"))})
+
+def model_sources():
+    """(static value, model parameter, child output) source makers of a model's steps."""
+    from qgis.core import QgsProcessingModelChildParameterSource as Source
+
+    return Source.fromStaticValue, Source.fromModelParameter, Source.fromChildOutput
+
+
+def test_algorithms_chain_in_a_graphical_model(plugin, demo_units_gpkg, demo_raster, tmp_path):
+    """A model built as the model builder does: estimate the CATE, then evaluate it."""
+    import processing
+
+    static, parameter, child_output = model_sources()
+    model = graphical_model("CATE then its evaluation", [
+        ("geocate:estimatecate", "estimate", {
+            "INPUT": parameter("units"), "RASTER": parameter("imagery"),
+            "TREATMENT": static("treated"), "OUTCOME": static("outcome"), "SEED": static(42),
+            "OUTPUT": static(str(tmp_path / "effects.gpkg"))}),
+        ("geocate:evaluate", "evaluate", {
+            "INPUT": child_output("estimate", "OUTPUT"),
+            "PRIORITY": static("cate"), "TREATMENT": static("treated"), "OUTCOME": static("outcome"),
+            "BOOTSTRAP": static(50), "OUTPUT": static(str(tmp_path / "evaluation.gpkg")),
+            "OUTPUT_PLOT": static(str(tmp_path / "toc.png")), "OUTPUT_REPORT": static(str(tmp_path / "report.html"))})])
     assert model.childAlgorithm("estimate").algorithm().id() == "geocate:estimatecate"
     processing.run(model, {"units": demo_units_gpkg, "imagery": demo_raster})
     assert (tmp_path / "effects.gpkg").exists() and (tmp_path / "report.html").exists()
