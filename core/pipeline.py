@@ -1040,6 +1040,9 @@ def estimate_ate(units, raster_path, design, bands=None, window_size_px=33, noda
         raise GeoCateError(f"Unknown nuisance models '{nuisance}'.", f"Choose one of {', '.join(NUISANCE_CHOICES)}.")
     stacked = nuisance != "penalised" and design.kind != RANDOMIZED
     with_windows = stacked and nuisance == "stacked with windows"
+    from .embed import resolve_device
+
+    network_device = resolve_device(device) if with_windows else None   # the window networks' (torch) device
     started = time.monotonic()
     units, versions = corrected_units(units, outcome_correction, correction)
     imagery = imagery or ImageryOptions()
@@ -1057,9 +1060,6 @@ def estimate_ate(units, raster_path, design, bands=None, window_size_px=33, noda
     index = np.unique(arms, return_inverse=True)[1]      # each unit's arm, 0..A-1
     n_arms = int(index.max()) + 1
     learners = None
-    from .embed import resolve_device
-
-    network_device = resolve_device(device) if with_windows else None   # the window networks' (torch) device
     if stacked:
         from .stacking import nuisance_learners, stacked_propensities
 

@@ -215,15 +215,33 @@ def _window_network(images, outputs, seed, epochs, loss, train, extra=None):
         return head(torch.cat([h.mean(2), h.std(2)] + ([] if extra is None else [extra[units]]), 1))
 
     rows = torch.as_tensor(np.flatnonzero(train), device=device)
-    for _ in range(epochs):
-        optimiser.zero_grad()
-        loss(forward(rows), rows).backward()
-        optimiser.step()
+    # On a GPU: deterministic convolutions without TF32, so that a seed gives the same network on the same device.
+    with torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=True, allow_tf32=False):
+        try:
+            for _ in range(epochs):
+                optimiser.zero_grad()
+                loss(forward(rows), rows).backward()
+                optimiser.step()
+        except torch.cuda.OutOfMemoryError:
+            raise GeoCateError(f"The GPU ran out of memory training the network on {len(rows):,} windows "
+                               "(NUISANCE = stacked with windows).",
+                               "Use NUISANCE = stacked, fewer units or smaller windows, or run on the CPU "
+                               "(start QGIS with CUDA_VISIBLE_DEVICES set to an empty value).") from None
 
     def predict(units):
         with torch.no_grad():
             return forward(torch.as_tensor(np.asarray(units, int).ravel(), device=device)).cpu()
     return predict
+
+
+def _images(windows, device):
+    """The windows as a float32 tensor on ``device``: an array is copied there once, a tensor already there is used
+    as it is (nuisance_learners gives both networks one copy)."""
+    import torch
+
+    if not torch.is_tensor(windows):
+        windows = torch.as_tensor(np.asarray(windows, np.float32))
+    return windows.to(device=device, dtype=torch.float32)
 
 
 def window_network_propensity(windows, index, k, seed, epochs=None, device="cpu"):
@@ -232,7 +250,7 @@ def window_network_propensity(windows, index, k, seed, epochs=None, device="cpu"
     image propensity model, small."""
     import torch
 
-    images = torch.as_tensor(np.asarray(windows, np.float32), device=device)
+    images = _images(windows, device)
     target = torch.as_tensor(np.asarray(index, np.int64), device=device)
     epochs = epochs or WINDOW_EPOCHS
 
@@ -250,7 +268,7 @@ def window_network_outcome(windows, seed, extra=None, epochs=None, device="cpu")
     and predict(X) gives the outcome, X holding the units' indices (n, 1)."""
     import torch
 
-    images = torch.as_tensor(np.asarray(windows, np.float32), device=device)
+    images = _images(windows, device)
     epochs = epochs or WINDOW_EPOCHS
     if extra is not None:
         extra = np.asarray(extra, float)
@@ -325,7 +343,8 @@ def nuisance_learners(kind, index, k, propensity_inputs, outcome_inputs, outcome
         if windows is None:
             raise GeoCateError("The stacked models with a window network need the image windows.",
                                "Use NUISANCE = stacked.")
-        propensity["network on the windows"] = window_network_propensity(windows, index, k, seed, device=device)
-        regressor = window_network_outcome(windows, seed, covariates, device=device)
+        images = _images(windows, device)          # one copy on the device for both networks
+        propensity["network on the windows"] = window_network_propensity(images, index, k, seed, device=device)
+        regressor = window_network_outcome(images, seed, covariates, device=device)
         outcome_learners["network on the windows"] = per_arm(regressor, units_as_inputs=True)
     return propensity, outcome_learners

@@ -376,6 +376,9 @@ def test_estimate_ate_with_stacked_models_and_the_window_network(small_trial, de
     from geocate.core.simulate import confound
 
     monkeypatch.setattr(stacking, "WINDOW_EPOCHS", 5)   # the path, not the networks' fit (tests/core/test_stacking)
+    devices, network = [], stacking.window_network_propensity
+    monkeypatch.setattr(stacking, "window_network_propensity",
+                        lambda *a, **k: devices.append((a[0].device.type, k["device"])) or network(*a, **k))
     treated, outcome, _ = confound(small_trial, seed=2)
     units = dataclasses.replace(unit_table(small_trial), treated=treated.astype(float), outcome=outcome)
     design = StudyDesign("observational", seed=2, trim=(0.25, 0.75))
@@ -388,6 +391,7 @@ def test_estimate_ate_with_stacked_models_and_the_window_network(small_trial, de
     assert record["n_trimmed"] > 0                                # the outcome stack ran on the kept units
     assert record["nuisance"] == "stacked with windows"
     assert record["ran_on"]["window networks"] == record["ran_on"]["image features"] in ("cpu", "cuda")
+    assert devices == [(record["ran_on"]["window networks"],) * 2]   # where the network's windows really were
     assert [list(row["weights"]) for row in record["propensity_model"]["stack"]] == [[
         "penalised logistic (image features)", "gradient boosting (components)", "network on the windows"]] * 5
     assert all(set(w) == {"spline ridge (components)", "gradient boosting (components)", "network on the windows"}
