@@ -149,7 +149,7 @@ def log_ate(feedback, design, out):
     feedback.pushInfo(f"Design: {design}; propensity: {metadata['propensity_model']['model']}.")
     if "window networks" in metadata.get("ran_on", {}):
         feedback.pushInfo(f"The networks on the windows trained on {metadata['ran_on']['window networks']} (a GPU "
-                          "when torch sees one, as the image features).")
+                          "when torch sees one).")
     for name, fit in (("Propensity", metadata["propensity_model"]), ("Outcome models", metadata["outcome_models"])):
         for row in fit.get("stack", []):
             weights = row.get("weights") or row.get("weights_by_arm")
