@@ -61,6 +61,8 @@ MAX_LOG_SCALE = 2.0
 #: cluster); the controls' start has none of them. bench_clusters.py shapes: ARI of zero-inflated three-cluster
 #: designs 0.47 -> 0.58 (K = 3 given, seeds 500-505), Gaussian ones unchanged.
 NOISE_STARTS = ("arm", "controls")
+#: Expectation-maximisation steps of the clusters' centres in forest_informed_assignment.
+ASSIGNMENT_STEPS = 50
 
 
 def _torch():
@@ -434,6 +436,54 @@ def held_out_cluster_effect(scores, assigned, cluster, groups):
     return (float(estimate), float(std_err), int(inside.sum()))
 
 
+def forest_informed_assignment(probabilities, forest_cate, forest_se, folds, effects=None, steps=ASSIGNMENT_STEPS):
+    """Each unit's cluster from both out-of-fold views of it (issue 24): the cluster model's probabilities from its
+    image and covariates (``probabilities`` (n, K), pi_ik, the prior) and the causal forest's estimate of its effect
+    (``forest_cate`` tau_hat_i with its SE s_i, a noisy measurement of its cluster's effect c_k):
+
+        P(Z_i = k | image_i, tau_hat_i) proportional to pi_ik N(tau_hat_i; c_k, s_i^2).
+
+    The centres c_k are fitted by expectation-maximisation within each held-out fold, on that fold's units alone,
+    starting from ``effects`` (n, K: the effects of the cluster model that gave each unit's probabilities; None:
+    from the prior as the responsibilities). A fold's probabilities, effects and forest effects come from models
+    that did not see the fold, so no unit's cluster depends on an outcome of its fold. Clusters keep the model's
+    numbering, 1 = the smallest effect: should a fold's centres change order, its clusters are renumbered by them.
+    Both views read the same image features, so the posterior is an ensemble's assignment, not a probability to
+    quote. Returns (posterior (n, K), group (n,) numbered 1..K, centres (folds, K))."""
+    from .crossfit import Folds
+
+    prior = np.clip(np.asarray(probabilities, float), 1e-12, None)
+    prior = prior / prior.sum(axis=1, keepdims=True)
+    cate = np.asarray(forest_cate, float)
+    se = np.asarray(forest_se, float)
+    spread = float(np.nanstd(cate)) or 1.0
+    se = np.where(np.isfinite(se) & (se > 1e-3 * spread), se, 1e-3 * spread)
+    posterior = prior.copy()
+    fold_ids = Folds(folds)
+    centres = np.full((len(fold_ids), prior.shape[1]), np.nan)
+    for j, fold in enumerate(fold_ids.ids):
+        held = np.flatnonzero((fold_ids.fold == fold) & np.isfinite(cate))
+        if not len(held):
+            continue
+        precision = 1.0 / se[held, None] ** 2
+        centre = np.full(prior.shape[1], cate[held].mean()) if effects is None else \
+            np.asarray(effects, float)[held].mean(axis=0)
+        responsibility = None
+        for _ in range(steps):
+            if responsibility is not None:   # M step; a cluster without units in the fold keeps its centre
+                weight = responsibility * precision
+                total = weight.sum(axis=0)
+                centre = np.where(total > 0, (weight * cate[held, None]).sum(axis=0) / np.maximum(total, 1e-300),
+                                  centre)
+            log_post = np.log(prior[held]) - 0.5 * (cate[held, None] - centre) ** 2 * precision
+            log_post -= log_post.max(axis=1, keepdims=True)
+            responsibility = np.exp(log_post)
+            responsibility /= responsibility.sum(axis=1, keepdims=True)
+        order = np.argsort(centre, kind="stable")
+        posterior[held], centres[j] = responsibility[:, order], centre[order]
+    return posterior, posterior.argmax(axis=1) + 1, centres
+
+
 def assigned_by_effect(probabilities, effects):
     """Each unit's most likely cluster, numbered 1..K in the order of the model's effects (1 = smallest)."""
     rank = np.empty(len(effects), int)
@@ -527,7 +577,8 @@ def cross_fitted_clusters(features, covariates, treated, outcome, n_clusters, fo
     For each fold, a model fit on the other folds gives, for the fold's units,
     pi (posterior mean of S dropout draws) and draws of CATE_i = sum_k pi_ik tau_k
     with tau_k drawn from its posterior; the interval is the 2.5-97.5 % range
-    of the draws and the SE their sd. Returns dict of (n,) / (n, K) arrays.
+    of the draws and the SE their sd; ``effects`` holds the fold model's cluster effects for each of its units.
+    Returns dict of (n,) / (n, K) arrays.
     """
     n = len(outcome)
     if n_clusters < 1:
@@ -546,12 +597,13 @@ def cross_fitted_clusters(features, covariates, treated, outcome, n_clusters, fo
         cate_draws = np.einsum("smk,sk->sm", draws, tau_draws)
         low, high = np.percentile(cate_draws, [2.5, 97.5], axis=0)
         probabilities = draws.mean(axis=0).astype(float)   # the CATE in double precision, as before issue 20
-        return probabilities, probabilities @ tau_mean, low, high, cate_draws.std(axis=0, ddof=1)
+        return (probabilities, probabilities @ tau_mean, low, high, cate_draws.std(axis=0, ddof=1),
+                np.tile(tau_mean, (len(probabilities), 1)))
 
-    probabilities, cate, low, high, se = crossfit(
+    probabilities, cate, low, high, se, effects = crossfit(
         fit_predict, folds, progress=None if tick is None else lambda j, n_folds: tick(f"Cluster model: fold {j + 1}"))
     return {"probabilities": probabilities, "cate": cate, "cate_lo": low, "cate_hi": high, "cate_se": se,
-            "group": probabilities.argmax(axis=1) + 1}
+            "group": probabilities.argmax(axis=1) + 1, "effects": effects}
 
 
 def feature_scaling(features):

@@ -743,14 +743,15 @@ def where_parts_ran(image_device, cluster_device=None, windows_held="memory"):
 def forest_heterogeneity_test(study, features, trial, groups, n_folds, seed, is_cancelled=None):
     """estimatecate's heterogeneity test (the sequential cross-fold AUTOC of its causal forest, default settings)
     on a study's used units, with the given trial design's folds, outcome-model inputs and propensity: the check
-    imageclusters runs on its clusters (issue 24). Returns the HeterogeneityTest."""
+    imageclusters runs on its clusters (issue 24). Returns (the HeterogeneityTest, the fitted learner: its
+    out-of-fold cate_ and cate_se_ inform the clusters' assignment)."""
     used = study.used
     design, _, learner = default_learner(features, study.covariates[used], n_folds=n_folds, seed=seed)
     learner.fit(study.outcome[used], study.treated[used].astype(int), design, groups=groups,
                 outcome_inputs=trial.inputs, folds=trial.folds, is_cancelled=is_cancelled,
                 propensity=trial.propensity)
     return learner.heterogeneity_test("AUTOC", is_cancelled=is_cancelled,
-                                      rerandomization=design_rerandomization(study, learner))
+                                      rerandomization=design_rerandomization(study, learner)), learner
 
 
 def find_clusters(units, raster_path, bands=None, window_size_px=33, nodata=None, seed=42, n_clusters=0,
@@ -767,7 +768,11 @@ def find_clusters(units, raster_path, bands=None, window_size_px=33, nodata=None
     core.clusters.NOISE_COMPONENTS; 0: the paper's Gaussian noise per cluster).
     forest_check: with K > 1, estimatecate's causal forest and its heterogeneity
     test run on the same units and folds (forest_heterogeneity_test); clusters
-    the forest's test does not support are flagged in the warnings. Returns (study, result, extras) where result is a Result whose
+    the forest's test does not support are flagged in the warnings, and each
+    unit's group is its most probable cluster given both the cluster model's
+    out-of-fold probabilities and the forest's out-of-fold effect
+    (core.clusters.forest_informed_assignment; without the check, the model's
+    most probable cluster). Returns (study, result, extras) where result is a Result whose
     cate/interval/group/probabilities are out-of-fold, and extras holds ``fit``
     (the ClusterFit on all units), ``features`` and ``pipeline`` (the fitted
     feature pipeline), ``covariate_means``,
@@ -785,6 +790,7 @@ def find_clusters(units, raster_path, bands=None, window_size_px=33, nodata=None
         cross_fitted_clusters,
         feature_scaling,
         fit_clusters,
+        forest_informed_assignment,
         held_out_cluster_effect,
         image_model,
         indistinct_neighbours,
@@ -934,11 +940,19 @@ def find_clusters(units, raster_path, bands=None, window_size_px=33, nodata=None
     # Unused room, walks counted that did not run, and no forest check at K = 1.
     fits.skip(reserve + walks_counted[0] * (n_folds - 1) + bool(forest_check and n_clusters == 1))
     timings["clusters_s"] = time.monotonic() - t
-    forest_test = None
+    forest_test, assignment = None, "the cluster model's out-of-fold probabilities (the most probable cluster)"
     if forest_check and n_clusters > 1:   # issue 24: does estimatecate's own test support heterogeneity here?
         t = time.monotonic()
-        forest_test = forest_heterogeneity_test(study, features, trial, groups, n_folds, seed, is_cancelled)
+        forest_test, forest = forest_heterogeneity_test(study, features, trial, groups, n_folds, seed, is_cancelled)
         tick("Causal forest's heterogeneity test")
+        # Each unit's cluster from both out-of-fold views of it: the model's probabilities and the forest's effect.
+        model_group = out["group"]
+        out["group"] = forest_informed_assignment(out["probabilities"], forest.cate_, forest.cate_se_, folds,
+                                                  out["effects"])[1]
+        assignment = ("the cluster model's out-of-fold probabilities as the prior and the causal forest's out-of-fold "
+                      "effect (with its SE) as a measurement of the cluster's effect, the clusters' centres fitted "
+                      "in each held-out fold from its model's effects (forest_informed_assignment); "
+                      f"{np.mean(out['group'] == model_group):.0%} of units keep the model's most probable cluster")
         timings["forest_test_s"] = time.monotonic() - t
     table = [row + held_out_cluster_effect(scores, out["group"], row[0], groups)
              for row in cluster_table(final, image_part, covariate_part)]
@@ -972,7 +986,7 @@ def find_clusters(units, raster_path, bands=None, window_size_px=33, nodata=None
         "bands": list(study.bands), "nodata": nodata, "n_folds": n_folds, "epochs": epochs, "device": device,
         "ran_on": where_parts_ran(feature_pipeline.device_, device, prepared.windows_held),
         "n_clusters": int(n_clusters), "max_clusters": int(max_clusters), "k_table": k_table, "k_rule": k_rule,
-        "noise": final.noise_description(), "estimator": final.describe(),
+        "noise": final.noise_description(), "estimator": final.describe(), "assignment": assignment,
         "effect_test": None if effect_test is None else {
             "method": "sequential cross-fold AUTOC test of the cluster model's CATE (each fold ranked by a model fit "
                       "on the earlier folds; one-sided)", "clusters": int(tested_k),

@@ -524,11 +524,15 @@ def cluster_report(metadata, html_path, figures, typical=None, rgb_order=(0, 1, 
                     + "</p>")
     if metadata.get("noise"):
         summary += f"<p>Outcome noise: {html.escape(metadata['noise'])}.</p>"
+    if metadata.get("assignment") and k > 1:
+        summary += f"<p>Each unit's cluster (group in the layer) from {html.escape(metadata['assignment'])}.</p>"
     rows = [(f"cluster {row[0]}", f"{100 * row[4]:.0f} %", row[1], row[2], row[3], row[5], row[6])
             + ((row[7], row[8], row[9]) if len(row) > 9 else ("", "", "")) for row in clusters]
     sections = [
         ("How to read this", "<p class='note'>Each unit belongs to the latent clusters with the probabilities its "
-         "image gives (p_1..p_K in the layer); each cluster has its own treatment effect. The interval of a "
+         "image gives (p_1..p_K in the layer); each cluster has its own treatment effect. A unit's cluster (group) "
+         "is the most probable one given those probabilities and, where the forest's check ran, the causal "
+         "forest's estimate of the unit's effect (both from models that did not see the unit). The interval of a "
          "cluster's effect is its posterior 95 % interval; 'share' is the mean probability over the units. K is "
          "proposed by the held-out likelihood of the cross-fitted model (the smallest K within one standard error "
          "of the best) and kept above 1 only when the clusters' effects differ in units the model did not see (a "

@@ -61,6 +61,8 @@ def log_clusters(feedback, n_features, study, result, extras):
                           + (": it supports heterogeneity." if forest["supports_clusters"] else
                              ": it does not support the clusters (see the warning)."))
     feedback.pushInfo(f"Outcome noise: {metadata['noise']}.")
+    if metadata.get("n_clusters", 1) > 1 and metadata.get("assignment"):
+        feedback.pushInfo(f"Each unit's cluster (group) from {metadata['assignment']}.")
     for row in extras["clusters"]:
         feedback.pushInfo(f"Cluster {row[0]}: model effect {row[1]:.3f} [{row[2]:.3f}, {row[3]:.3f}], "
                           f"share {row[4]:.2f}, sigma control {row[5]:.3f}, treated {row[6]:.3f}; held-out "
@@ -95,8 +97,9 @@ class ImageClustersAlgorithm(GeoCateAlgorithm):
             "when the clusters' effects differ in units the model did not see (neighbouring clusters whose held-out "
             "effects do not differ are merged); the causal forest's heterogeneity "
             "test checks them too. K = 1 means no heterogeneity.\n\n"
-            "Outputs: the units with out-of-fold cate, cate_lo, cate_hi, cate_se, group (most probable cluster, 1 = "
-            "smallest effect), p_1..p_K, patch_ok; a table of clusters (effect, 95 % interval, share, sigmas); the "
+            "Outputs: the units with out-of-fold cate, cate_lo, cate_hi, cate_se, group (the unit's cluster, 1 = "
+            "smallest effect: with the forest's check, the most probable given both the model's probabilities and "
+            "the forest's out-of-fold effect), p_1..p_K (the model's probabilities), patch_ok; a table of clusters (effect, 95 % interval, share, sigmas); the "
             "model as ONNX with its description (.onnx.json); optionally salience rasters for the units most "
             "typical of each cluster (band 1: gradient, band 2: occlusion of 3 x 3 segments), and an HTML report "
             "(the clusters with their effects and shares, the choice of K, each cluster's most typical window "

@@ -675,12 +675,17 @@ def test_imageclusters_runs_without_the_cluster_table_and_model(plugin, demo_uni
     assert any(line.startswith("Outcome noise: per arm, a mixture of 3") for line in log)
     forest = [line for line in log if line.startswith("Causal forest's heterogeneity test")]
     assert len(forest) == 1 and " p = " in forest[0]
+    # The forest's out-of-fold effects inform each unit's cluster (issue 24), and the log says so.
+    assignment = [line for line in log if line.startswith("Each unit's cluster (group) from")]
+    assert len(assignment) == 1 and "causal forest's out-of-fold effect" in assignment[0]
     log.clear()
     processing.run("geocate:imageclusters", {
         "INPUT": demo_units_gpkg, "TREATMENT": "treated", "OUTCOME": "outcome", "RASTER": demo_raster,
         "OUTPUT": "memory:", "CLUSTERS": 2, "EPOCHS": 20, "NOISE": 1, "FOREST_CHECK": False}, feedback=Feedback())
     assert any(line.startswith("Outcome noise: one Gaussian per cluster") for line in log)
     assert not any(line.startswith("Causal forest's") for line in log)
+    assert any(line.startswith("Each unit's cluster (group) from the cluster model's out-of-fold probabilities (the "
+                               "most probable") for line in log)
 
 
 def test_run_metadata_is_strict_json_without_nan(plugin, tmp_path):
