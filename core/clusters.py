@@ -441,47 +441,52 @@ def forest_informed_assignment(probabilities, forest_cate, forest_se, folds, eff
     image and covariates (``probabilities`` (n, K), pi_ik, the prior) and the causal forest's estimate of its effect
     (``forest_cate`` tau_hat_i with its SE s_i, a noisy measurement of its cluster's effect c_k):
 
-        P(Z_i = k | image_i, tau_hat_i) proportional to pi_ik N(tau_hat_i; c_k, s_i^2).
+        P(Z_i = k | image_i, tau_hat_i) proportional to pi_ik N(tau_hat_i; c_k, s_i^2 + omega^2),
 
-    The centres c_k are fitted by expectation-maximisation within each held-out fold, on that fold's units alone,
-    starting from ``effects`` (n, K: the effects of the cluster model that gave each unit's probabilities; None:
-    from the prior as the responsibilities). A fold's probabilities, effects and forest effects come from models
-    that did not see the fold, so no unit's cluster depends on an outcome of its fold. Clusters keep the model's
-    numbering, 1 = the smallest effect: should a fold's centres change order, its clusters are renumbered by them.
-    Both views read the same image features, so the posterior is an ensemble's assignment, not a probability to
-    quote. Returns (posterior (n, K), group (n,) numbered 1..K, centres (folds, K))."""
+    omega^2 the part of the forest's error its SE leaves out (its smoothing bias, its calibration's noise). The
+    centres c_k and omega^2 are fitted by expectation-maximisation within each held-out fold, on that fold's units
+    alone, starting from ``effects`` (n, K: the effects of the cluster model that gave each unit's probabilities;
+    None: from the prior as the responsibilities). A fold's probabilities, effects and forest effects come from
+    models that did not see the fold, so, given K, no unit's cluster depends on an outcome of its fold. Clusters
+    keep the model's numbering (1 = the smallest effect in the model). An SE below half the fold's median is
+    raised to it; a unit whose forest effect or SE is not finite keeps the model's probabilities. Both views read
+    the same image features, so the posterior is an ensemble's assignment, not a probability to quote.
+    Returns (posterior (n, K), group (n,) numbered 1..K, centres (folds, K), omega (folds,))."""
     from .crossfit import Folds
 
     prior = np.clip(np.asarray(probabilities, float), 1e-12, None)
     prior = prior / prior.sum(axis=1, keepdims=True)
-    cate = np.asarray(forest_cate, float)
-    se = np.asarray(forest_se, float)
-    spread = float(np.nanstd(cate)) or 1.0
-    se = np.where(np.isfinite(se) & (se > 1e-3 * spread), se, 1e-3 * spread)
+    cate, se = np.asarray(forest_cate, float), np.asarray(forest_se, float)
     posterior = prior.copy()
     fold_ids = Folds(folds)
     centres = np.full((len(fold_ids), prior.shape[1]), np.nan)
+    omega = np.full(len(fold_ids), np.nan)
     for j, fold in enumerate(fold_ids.ids):
-        held = np.flatnonzero((fold_ids.fold == fold) & np.isfinite(cate))
+        held = np.flatnonzero((fold_ids.fold == fold) & np.isfinite(cate) & np.isfinite(se) & (se >= 0)
+                              & np.isfinite(prior).all(axis=1))
         if not len(held):
             continue
-        precision = 1.0 / se[held, None] ** 2
-        centre = np.full(prior.shape[1], cate[held].mean()) if effects is None else \
+        x, prior_held = cate[held], prior[held]
+        floor = 0.5 * float(np.median(se[held]))
+        noise = np.maximum(se[held], floor if floor > 0 else 1e-12) ** 2
+        centre = np.full(prior.shape[1], x.mean()) if effects is None else \
             np.asarray(effects, float)[held].mean(axis=0)
-        responsibility = None
+        extra, responsibility = 0.0, None
         for _ in range(steps):
+            variance = (noise + extra)[:, None]
             if responsibility is not None:   # M step; a cluster without units in the fold keeps its centre
-                weight = responsibility * precision
+                weight = responsibility / variance
                 total = weight.sum(axis=0)
-                centre = np.where(total > 0, (weight * cate[held, None]).sum(axis=0) / np.maximum(total, 1e-300),
-                                  centre)
-            log_post = np.log(prior[held]) - 0.5 * (cate[held, None] - centre) ** 2 * precision
+                centre = np.where(total > 0, (weight * x[:, None]).sum(axis=0) / np.maximum(total, 1e-300), centre)
+                # omega^2 by its moment: the spread about the centres beyond the forest's own variance
+                extra = max(float(np.mean((responsibility * (x[:, None] - centre) ** 2).sum(axis=1) - noise)), 0.0)
+                variance = (noise + extra)[:, None]
+            log_post = np.log(prior_held) - 0.5 * (x[:, None] - centre) ** 2 / variance
             log_post -= log_post.max(axis=1, keepdims=True)
             responsibility = np.exp(log_post)
             responsibility /= responsibility.sum(axis=1, keepdims=True)
-        order = np.argsort(centre, kind="stable")
-        posterior[held], centres[j] = responsibility[:, order], centre[order]
-    return posterior, posterior.argmax(axis=1) + 1, centres
+        posterior[held], centres[j], omega[j] = responsibility, centre, np.sqrt(extra)
+    return posterior, posterior.argmax(axis=1) + 1, centres, omega
 
 
 def assigned_by_effect(probabilities, effects):

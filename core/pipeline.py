@@ -768,11 +768,11 @@ def find_clusters(units, raster_path, bands=None, window_size_px=33, nodata=None
     core.clusters.NOISE_COMPONENTS; 0: the paper's Gaussian noise per cluster).
     forest_check: with K > 1, estimatecate's causal forest and its heterogeneity
     test run on the same units and folds (forest_heterogeneity_test); clusters
-    the forest's test does not support are flagged in the warnings, and each
-    unit's group is its most probable cluster given both the cluster model's
-    out-of-fold probabilities and the forest's out-of-fold effect
-    (core.clusters.forest_informed_assignment; without the check, the model's
-    most probable cluster). Returns (study, result, extras) where result is a Result whose
+    the forest's test does not support are flagged in the warnings; where the
+    test supports heterogeneity, each unit's group is its most probable cluster
+    given both the cluster model's out-of-fold probabilities and the forest's
+    out-of-fold effect (core.clusters.forest_informed_assignment; otherwise the
+    model's most probable cluster). Returns (study, result, extras) where result is a Result whose
     cate/interval/group/probabilities are out-of-fold, and extras holds ``fit``
     (the ClusterFit on all units), ``features`` and ``pipeline`` (the fitted
     feature pipeline), ``covariate_means``,
@@ -945,14 +945,19 @@ def find_clusters(units, raster_path, bands=None, window_size_px=33, nodata=None
         t = time.monotonic()
         forest_test, forest = forest_heterogeneity_test(study, features, trial, groups, n_folds, seed, is_cancelled)
         tick("Causal forest's heterogeneity test")
-        # Each unit's cluster from both out-of-fold views of it: the model's probabilities and the forest's effect.
-        model_group = out["group"]
-        out["group"] = forest_informed_assignment(out["probabilities"], forest.cate_, forest.cate_se_, folds,
-                                                  out["effects"])[1]
-        assignment = ("the cluster model's out-of-fold probabilities as the prior and the causal forest's out-of-fold "
-                      "effect (with its SE) as a measurement of the cluster's effect, the clusters' centres fitted "
-                      "in each held-out fold from its model's effects (forest_informed_assignment); "
-                      f"{np.mean(out['group'] == model_group):.0%} of units keep the model's most probable cluster")
+        # Each unit's cluster from both out-of-fold views of it: the model's probabilities and the forest's effect,
+        # where the forest (fitted on the same folds) finds heterogeneity at all; otherwise its effects are noise.
+        if forest_test.p_value < CLUSTER_TEST_ALPHA and np.array_equal(np.asarray(forest.fold_), np.asarray(folds)):
+            model_group = out["group"]
+            out["group"] = forest_informed_assignment(out["probabilities"], forest.cate_, forest.cate_se_, folds,
+                                                      out["effects"])[1]
+            assignment = ("the cluster model's out-of-fold probabilities as the prior and the causal forest's "
+                          "out-of-fold effect (with its SE) as a measurement of the cluster's effect, the clusters' "
+                          "centres fitted in each held-out fold from its model's effects "
+                          f"(forest_informed_assignment); {np.mean(out['group'] == model_group):.0%} of units keep "
+                          "the model's most probable cluster")
+        else:
+            assignment += "; the forest's effects were not used, as its test finds no heterogeneity"
         timings["forest_test_s"] = time.monotonic() - t
     table = [row + held_out_cluster_effect(scores, out["group"], row[0], groups)
              for row in cluster_table(final, image_part, covariate_part)]

@@ -84,89 +84,115 @@ def test_clusters_are_checked_against_the_forest_and_the_noise_is_estimated(sepa
     assert not any("causal forest's heterogeneity test" in w for w in result.metadata["warnings"])
     assert result.metadata["noise"].startswith("per arm, a mixture of 3")
     assert result.metadata["ran_on"]["cluster model"] == result.metadata["device"]   # issue 26: where parts ran
+    # The forest supports the clusters, so its out-of-fold effects inform each unit's group (issue 24); the group
+    # stays a cluster of the model, and most units keep the model's choice on this well-separated design.
+    assert "forest_informed_assignment" in result.metadata["assignment"]
+    used = result.group > 0
+    assert set(np.unique(result.group[used])) <= set(range(1, result.metadata["n_clusters"] + 1))
+    assert np.mean(result.group[used] == result.probabilities[used].argmax(axis=1) + 1) > 0.8
     for row in extras["clusters"]:
         assert 0.75 < row[5] < 1.3 and 0.75 < row[6] < 1.3, row
 
 
-def forest_views(seed, n=3000, forest_sd=0.4, prior_right=None):
-    """Three clusters with effects 0, 1.5 and 3 and the two views forest_informed_assignment combines: the forest's
-    effect (the cluster's effect plus noise of sd ``forest_sd``, which it reports as its SE) and the model's
-    probabilities (uniform, or ``prior_right`` on the true cluster and the rest spread)."""
+def forest_views(seed, n=3000, forest_sd=0.4, prior_right=None, effects=(0.0, 1.5, 3.0)):
+    """Clusters with ``effects`` and the two views forest_informed_assignment combines: the forest's effect (the
+    cluster's effect plus noise of sd ``forest_sd``, which it reports as its SE) and the model's probabilities
+    (``prior_right`` on the true cluster and the rest spread over the others)."""
     rng = np.random.default_rng(seed)
-    truth = rng.integers(0, 3, n)
-    cate = np.array([0.0, 1.5, 3.0])[truth] + forest_sd * rng.standard_normal(n)
-    if prior_right is None:
-        prior = np.full((n, 3), 1 / 3)
-    else:   # right with probability prior_right, else a random other cluster
-        said = np.where(rng.random(n) < prior_right, truth, (truth + rng.integers(1, 3, n)) % 3)
-        prior = np.full((n, 3), (1 - prior_right) / 2)
-        prior[np.arange(n), said] = prior_right
+    k = len(effects)
+    truth = rng.integers(0, k, n)
+    cate = np.asarray(effects)[truth] + forest_sd * rng.standard_normal(n)
+    said = np.where(rng.random(n) < prior_right, truth, (truth + rng.integers(1, k, n)) % k)
+    prior = np.full((n, k), (1 - prior_right) / (k - 1))
+    prior[np.arange(n), said] = prior_right
     return truth, cate, np.full(n, forest_sd), prior, np.arange(n) % 5
+
+
+def nearest(cate, centres=(0.0, 1.5, 3.0)):
+    return np.abs(np.asarray(cate)[:, None] - np.asarray(centres)).argmin(axis=1)
 
 
 def test_the_forest_informs_each_units_cluster_with_centres_fitted_per_held_out_fold():
     """Issue 24: each unit's group combines the model's out-of-fold probabilities with the forest's out-of-fold
-    effect. With a prior that says little (right for 40 % of units, 30 % each other cluster), the forest's effect
-    decides: the centres are the true effects and each unit goes to the nearest one."""
+    effect. With a prior that says little (right for 40 % of units, 30 % each other cluster) and a start 0.4 off,
+    the forest's effect decides: the centres are the true effects, the forest's SE is all its error (omega 0) and
+    each unit goes to the nearest centre."""
     from geocate.core.clusters import forest_informed_assignment
 
     truth, cate, se, prior, folds = forest_views(1, prior_right=0.4)
     started = np.tile([0.4, 1.2, 2.6], (len(truth), 1))     # the fold models' effects, off by up to 0.4
-    posterior, group, centres = forest_informed_assignment(prior, cate, se, folds, started)
-    assert centres.shape == (5, 3)
+    posterior, group, centres, omega = forest_informed_assignment(prior, cate, se, folds, started)
     np.testing.assert_allclose(centres, np.tile([0.0, 1.5, 3.0], (5, 1)), atol=0.12)
-    nearest = np.abs(cate[:, None] - np.array([0.0, 1.5, 3.0])).argmin(axis=1)
-    assert np.mean(group - 1 == truth) > 0.9 and np.mean(group - 1 == nearest) > 0.95
+    assert (omega < 0.15).all(), omega
+    assert np.mean(group - 1 == truth) > 0.9 and np.mean(group - 1 == nearest(cate)) > 0.95
     np.testing.assert_allclose(posterior.sum(axis=1), 1)
-    assert (group == posterior.argmax(axis=1) + 1).all()
 
 
 def test_the_two_views_together_assign_better_than_either():
     """A prior right for 60 % of units and a forest with noise of sd 0.8 (clusters 1.5 apart): the posterior beats
-    both the prior's argmax and the forest's nearest centre (0.806 against 0.603 and 0.768; the paired difference's
-    SE is about 0.006), and is as good as the assignment that knows the true centres (0.804)."""
+    both the prior's argmax and the forest's nearest centre (0.806 against 0.603 and 0.768 on the first version;
+    the paired difference's SE is about 0.006), and is as good as the assignment that knows the true centres. With
+    the forest's SE understated by half, omega takes up the rest and the assignment stays as good."""
+    from scipy.stats import norm
+
     from geocate.core.clusters import forest_informed_assignment
 
     truth, cate, se, prior, folds = forest_views(2, forest_sd=0.8, prior_right=0.6)
-    from scipy.stats import norm
-
-    group = forest_informed_assignment(prior, cate, se, folds)[1]
-    combined = np.mean(group - 1 == truth)
-    alone = (np.mean(prior.argmax(axis=1) == truth),
-             np.mean(np.abs(cate[:, None] - np.array([0.0, 1.5, 3.0])).argmin(axis=1) == truth))
-    # The best anyone could do, knowing the true centres: the fitted ones lose almost nothing against it.
+    started = np.tile([0.0, 1.5, 3.0], (len(truth), 1))
     bayes = np.mean((np.log(prior) + norm.logpdf(cate[:, None], [0.0, 1.5, 3.0], se[:, None])).argmax(axis=1)
                     == truth)
-    assert combined > max(alone) + 0.025 and combined > bayes - 0.01, (combined, alone, bayes)
+    alone = (np.mean(prior.argmax(axis=1) == truth), np.mean(nearest(cate) == truth))
+    for reported in (se, se / 2):
+        _, group, _, omega = forest_informed_assignment(prior, cate, reported, folds, started)
+        combined = np.mean(group - 1 == truth)
+        assert combined > max(alone) + 0.025 and combined > bayes - 0.01, (combined, alone, bayes)
+    assert (np.abs(omega - np.sqrt(0.8 ** 2 - 0.4 ** 2)) < 0.15).all(), omega   # the half the SE left out
 
 
-def test_the_clusters_keep_their_numbering_by_effect_in_every_fold():
-    """A prior that barely tells the clusters apart lets a fold's centres swap: its clusters are renumbered so that
-    1 is always the smallest effect, as in the model's table."""
+def test_a_forest_that_sees_no_difference_leaves_the_models_clusters():
+    """Two clusters the forest cannot tell apart (its effects pure noise, honestly reported): each fold keeps the
+    model's clusters, with their numbering, instead of swapping them on noise."""
     from geocate.core.clusters import forest_informed_assignment
 
-    truth, cate, se, _, folds = forest_views(4)
-    prior = np.full((len(truth), 3), 1 / 3)
-    prior[:, 1] += 0.01                                        # cluster 2 a hair more likely for everyone
-    posterior, group, centres = forest_informed_assignment(prior, cate, se, folds,
-                                                           np.tile([1.5, 0.0, 3.0], (len(truth), 1)))
-    assert (np.diff(centres, axis=1) > 0).all(), centres
-    assert np.mean(group - 1 == truth) > 0.9
+    truth, _, se, prior, folds = forest_views(5, forest_sd=0.3, prior_right=0.7, effects=(0.0, 1.0))
+    cate = 0.5 + 0.3 * np.random.default_rng(6).standard_normal(len(truth))
+    group = forest_informed_assignment(prior, cate, se, folds, np.tile([0.0, 1.0], (len(truth), 1)))[1]
+    for fold in range(5):
+        inside = folds == fold
+        assert np.mean(group[inside] == prior[inside].argmax(axis=1) + 1) > 0.85, fold
+
+
+def test_units_without_a_usable_forest_se_neither_decide_nor_are_decided():
+    """A unit whose SE is zero or missing: a zero SE is raised to half the fold's median, so the unit cannot
+    pull its fold's centres to itself; a missing one leaves the unit with the model's probabilities."""
+    from geocate.core.clusters import forest_informed_assignment
+
+    truth, cate, se, prior, folds = forest_views(7, prior_right=0.5)
+    started = np.tile([0.0, 1.5, 3.0], (len(truth), 1))
+    _, _, centres, _ = forest_informed_assignment(prior, cate, se, folds, started)
+    odd_cate, odd_se = cate.copy(), se.copy()
+    odd_cate[0], odd_se[0] = 0.75, 0.0       # fold 0: exact, between two clusters
+    odd_se[1] = np.nan                       # fold 1: no SE
+    posterior, _, odd_centres, _ = forest_informed_assignment(prior, odd_cate, odd_se, folds, started)
+    np.testing.assert_allclose(odd_centres, centres, atol=0.03)
+    np.testing.assert_allclose(posterior[1], prior[1])
 
 
 def test_a_units_cluster_depends_on_no_other_fold_of_the_forest():
     """The centres of a held-out fold are fitted on that fold's units alone: changing another fold's forest effects
-    (whose models saw this fold's outcomes) leaves this fold's groups and centres as they were."""
+    and SEs (whose models saw this fold's outcomes) leaves this fold's groups and centres as they were."""
     from geocate.core.clusters import forest_informed_assignment
 
     truth, cate, se, prior, folds = forest_views(3, prior_right=0.5)
-    _, group, centres = forest_informed_assignment(prior, cate, se, folds)
-    changed = cate.copy()
+    _, group, centres, omega = forest_informed_assignment(prior, cate, se, folds)
+    changed, changed_se = cate.copy(), se.copy()
     changed[folds == 2] += 5.0
-    _, group_after, centres_after = forest_informed_assignment(prior, changed, se, folds)
+    changed_se[folds == 2] *= 10.0
+    _, group_after, centres_after, omega_after = forest_informed_assignment(prior, changed, changed_se, folds)
     others = folds != 2
     assert (group_after[others] == group[others]).all()
     np.testing.assert_array_equal(np.delete(centres_after, 2, axis=0), np.delete(centres, 2, axis=0))
+    np.testing.assert_array_equal(np.delete(omega_after, 2), np.delete(omega, 2))
     assert not np.allclose(centres_after[2], centres[2])
 
 
@@ -257,13 +283,14 @@ def test_a_cluster_solution_the_forest_does_not_support_is_flagged(demo_raster):
     unchecked = find_clusters(unit_table(trial), demo_raster, n_clusters=2, max_clusters=2, n_folds=3, seed=1,
                               forest_check=False)[1]
     assert unchecked.metadata["forest_test"] is None
-    # Without the forest, each unit's group is the model's most probable cluster; with it, the forest's effects
-    # inform the group (issue 24), and the probabilities stay the model's.
+    # Without the forest, or with a forest whose test finds no heterogeneity, each unit's group is the model's
+    # most probable cluster (issue 24: the forest's effects inform it only where they hold heterogeneity).
     used = unchecked.group > 0
     assert (unchecked.group[used] == unchecked.probabilities[used].argmax(axis=1) + 1).all()
     assert unchecked.metadata["assignment"].startswith("the cluster model's out-of-fold probabilities")
-    assert "forest_informed_assignment" in result.metadata["assignment"]
+    assert "were not used, as its test finds no heterogeneity" in result.metadata["assignment"]
     np.testing.assert_allclose(result.probabilities[used], unchecked.probabilities[used])
+    assert (result.group == unchecked.group).all()
 
 
 def test_unit_effects_are_out_of_fold_with_intervals(separated):
