@@ -531,8 +531,8 @@ def cluster_report(metadata, html_path, figures, typical=None, rgb_order=(0, 1, 
     sections = [
         ("How to read this", "<p class='note'>Each unit belongs to the latent clusters with the probabilities its "
          "image gives (p_1..p_K in the layer); each cluster has its own treatment effect. A unit's cluster (group) "
-         "is the most probable one given those probabilities and, where the forest's check ran, the causal "
-         "forest's estimate of the unit's effect (both from models that did not see the unit). The interval of a "
+         "is the most probable one given those probabilities and, where the forest's test found heterogeneity, "
+         "the causal forest's estimate of the unit's effect (both from models that did not see the unit). The interval of a "
          "cluster's effect is its posterior 95 % interval; 'share' is the mean probability over the units. K is "
          "proposed by the held-out likelihood of the cross-fitted model (the smallest K within one standard error "
          "of the best) and kept above 1 only when the clusters' effects differ in units the model did not see (a "
