@@ -452,25 +452,23 @@ def forest_informed_assignment(probabilities, forest_cate, forest_se, folds, eff
     raised to it; a unit whose forest effect or SE is not finite keeps the model's probabilities. Both views read
     the same image features, so the posterior is an ensemble's assignment, not a probability to quote.
     Returns (posterior (n, K), group (n,) numbered 1..K, centres (folds, K), omega (folds,))."""
-    from .crossfit import Folds
+    from .crossfit import Folds, crossfit
 
     prior = np.clip(np.asarray(probabilities, float), 1e-12, None)
     prior = prior / prior.sum(axis=1, keepdims=True)
     cate, se = np.asarray(forest_cate, float), np.asarray(forest_se, float)
-    posterior = prior.copy()
-    fold_ids = Folds(folds)
-    centres = np.full((len(fold_ids), prior.shape[1]), np.nan)
-    omega = np.full(len(fold_ids), np.nan)
-    for j, fold in enumerate(fold_ids.ids):
-        held = np.flatnonzero((fold_ids.fold == fold) & np.isfinite(cate) & np.isfinite(se) & (se >= 0)
-                              & np.isfinite(prior).all(axis=1))
+    usable = np.isfinite(cate) & np.isfinite(se) & (se >= 0) & np.isfinite(prior).all(axis=1)
+    k = prior.shape[1]
+
+    def assign(_, test):   # the held-out fold alone: its centres, omega and posterior
+        held = np.flatnonzero(test & usable)
+        posterior = prior[test].copy()
         if not len(held):
-            continue
+            return posterior, np.full((int(test.sum()), k), np.nan), np.full(int(test.sum()), np.nan)
         x, prior_held = cate[held], prior[held]
         floor = 0.5 * float(np.median(se[held]))
         noise = np.maximum(se[held], floor if floor > 0 else 1e-12) ** 2
-        centre = np.full(prior.shape[1], x.mean()) if effects is None else \
-            np.asarray(effects, float)[held].mean(axis=0)
+        centre = np.full(k, x.mean()) if effects is None else np.asarray(effects, float)[held].mean(axis=0)
         extra, responsibility = 0.0, None
         for _ in range(steps):
             variance = (noise + extra)[:, None]
@@ -485,8 +483,13 @@ def forest_informed_assignment(probabilities, forest_cate, forest_se, folds, eff
             log_post -= log_post.max(axis=1, keepdims=True)
             responsibility = np.exp(log_post)
             responsibility /= responsibility.sum(axis=1, keepdims=True)
-        posterior[held], centres[j], omega[j] = responsibility, centre, np.sqrt(extra)
-    return posterior, posterior.argmax(axis=1) + 1, centres, omega
+        posterior[np.searchsorted(np.flatnonzero(test), held)] = responsibility
+        return posterior, np.tile(centre, (int(test.sum()), 1)), np.full(int(test.sum()), np.sqrt(extra))
+
+    fold_ids = Folds(folds)
+    posterior, centre_rows, omega_rows = crossfit(assign, fold_ids)
+    first = np.unique(fold_ids.fold, return_index=True)[1]       # one row per fold, in the folds' order
+    return posterior, posterior.argmax(axis=1) + 1, centre_rows[first], omega_rows[first]
 
 
 def assigned_by_effect(probabilities, effects):
