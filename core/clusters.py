@@ -492,6 +492,21 @@ def forest_informed_assignment(probabilities, forest_cate, forest_se, folds, eff
     return posterior, posterior.argmax(axis=1) + 1, centre_rows[first], omega_rows[first]
 
 
+def typical_units(probabilities, group, per_cluster=1):
+    """For each cluster k (0-based column of ``probabilities``), the ``per_cluster`` units most typical of it: among
+    the units whose ``group`` is k + 1, those with the highest probability of k (most first). A unit another cluster
+    holds is never shown as this one's (the forest-informed assignment can give a unit a group other than its most
+    probable cluster); a cluster that holds no unit gets none. Units whose probabilities or group are missing
+    (NaN) are skipped. Returns a list of K integer arrays."""
+    probabilities = np.asarray(probabilities, float)
+    group = np.asarray(group, float)
+    chosen = []
+    for k in range(probabilities.shape[1]):
+        inside = np.flatnonzero((group == k + 1) & np.isfinite(probabilities[:, k]))
+        chosen.append(inside[np.argsort(-probabilities[inside, k], kind="stable")][:per_cluster])
+    return chosen
+
+
 def assigned_by_effect(probabilities, effects):
     """Each unit's most likely cluster, numbered 1..K in the order of the model's effects (1 = smallest)."""
     rank = np.empty(len(effects), int)

@@ -2,7 +2,6 @@
 
 import os
 
-import numpy as np
 from qgis.core import (
     QgsProcessing,
     QgsProcessingOutputNumber,
@@ -211,15 +210,13 @@ class ImageClustersAlgorithm(GeoCateAlgorithm):
         """The cluster report, with each cluster's most typical unit and where the model looks in its window."""
         import tempfile
 
-        from ..core.clusters import salience
+        from ..core.clusters import salience, typical_units
         from ..core.patches import rgb_bands
         from ..core.report import cluster_report
 
-        probabilities = np.nan_to_num(result.probabilities, nan=-1.0)
         typical = []
-        for cluster in range(probabilities.shape[1]):
-            unit = int(np.argmax(probabilities[:, cluster]))
-            if probabilities[unit, cluster] >= 0 and extras["model"] is not None:
+        for cluster, units in enumerate(typical_units(result.probabilities, result.group)):
+            for unit in units if extras["model"] is not None else ():
                 typical.append((cluster + 1, study.patches[unit],
                                 salience(extras["model"], study.patches[unit], study.covariates[unit], cluster)))
         rgb = rgb_bands(chosen.raster, list(study.bands))
@@ -229,16 +226,14 @@ class ImageClustersAlgorithm(GeoCateAlgorithm):
 
     @staticmethod
     def _write_salience(folder, study, result, extras, chosen, per_cluster=3):
-        """Salience rasters for the ``per_cluster`` units with the highest probability of each cluster."""
-        from ..core.clusters import occlusion_sensitivity, salience, write_salience
+        """Salience rasters for the ``per_cluster`` units most typical of each cluster (core.clusters.typical_units:
+        the units in the cluster's group with the highest probability of it)."""
+        from ..core.clusters import occlusion_sensitivity, salience, typical_units, write_salience
 
         os.makedirs(folder, exist_ok=True)
         written = 0
-        probabilities = np.nan_to_num(result.probabilities, nan=-1.0)
-        for cluster in range(probabilities.shape[1]):
-            for unit in np.argsort(-probabilities[:, cluster])[:per_cluster]:
-                if probabilities[unit, cluster] < 0:
-                    continue
+        for cluster, units in enumerate(typical_units(result.probabilities, result.group, per_cluster)):
+            for unit in units:
                 gradient = salience(extras["model"], study.patches[unit], study.covariates[unit], cluster)
                 occlusion = occlusion_sensitivity(extras["model"], study.patches[unit], study.covariates[unit],
                                                   cluster)

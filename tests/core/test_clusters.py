@@ -205,6 +205,24 @@ def zero_inflated_features_trial(seed, n=600):
     return rng.normal(size=(n, 8)), W, outcome
 
 
+def test_a_clusters_typical_units_are_its_own_members():
+    """The report's typical window and the salience rasters of cluster k show units whose group is k, the most
+    probable of k first: a unit the forest-informed assignment moved to another group is not shown as k's, and a
+    cluster that holds no unit shows none."""
+    from geocate.core.clusters import typical_units
+
+    probabilities = np.array([[0.9, 0.1, 0.0],    # the most probable for cluster 1, but its group is 2
+                              [0.7, 0.3, 0.0],
+                              [0.6, 0.4, 0.0],
+                              [0.2, 0.8, 0.0],
+                              [np.nan, np.nan, np.nan],
+                              [0.05, 0.05, 0.9]])
+    group = np.array([2, 1, 1, 2, np.nan, 2])
+    chosen = typical_units(probabilities, group, per_cluster=2)
+    assert [list(units) for units in chosen] == [[1, 2], [3, 0], []]
+    assert [list(units) for units in typical_units(probabilities, group)] == [[1], [3], []]
+
+
 def test_the_shared_flexible_noise_absorbs_a_point_mass_of_zeros():
     """The paper's Gaussian-per-cluster noise fits a zero-inflated null outcome badly with one cluster, so more
     'clusters' (the zeros) buy likelihood; the shared flexible noise fits it with one cluster: its K = 1 held-out

@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import re
 import shutil
 import site
 import subprocess
@@ -503,6 +504,11 @@ def test_imageclusters_writes_units_clusters_model_and_salience(plugin, demo_uni
     assert model.description["window_size_px"] == 33 and model.description["n_clusters"] == 2
     rasters = sorted((tmp_path / "salience").glob("*.tif"))
     assert len(rasters) == 6
+    # Each cluster's typical units are its own members (core.clusters.typical_units), the unit numbered in the layer.
+    groups = [f["group"] for f in layer.getFeatures()]
+    for raster in rasters:
+        cluster, unit = (int(part) for part in re.fullmatch(r"cluster(\d+)_unit(\d+)\.tif", raster.name).groups())
+        assert groups[unit - 1] == cluster
     from osgeo import gdal
 
     salience_raster = gdal.Open(str(rasters[0]))
