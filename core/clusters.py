@@ -158,71 +158,88 @@ def _mixture_log_likelihood(torch, network, outputs, treated, outcome, tau, log_
 
 @dataclass
 class PointMasses:
-    """The hurdle part of the shared noise (issue 24): per arm (0 control, 1 treated), the outcome values that are
-    point masses and their probabilities, shared by every cluster, on the outcome's own scale; ``baseline`` is
-    the mean untreated outcome of the continuous part (the network's mu0) over the training units.
+    """The hurdle part of the shared noise (issue 24): the outcome values that are point masses (``values``, the
+    same for both arms) and each arm's probability of each (``shares``: (control shares, treated shares), shared by
+    every cluster), on the outcome's own scale; ``baseline`` (K,), in the network's cluster order, is each
+    cluster's mean untreated outcome of the continuous part (the network's mu0 weighted by the units' probability
+    of the cluster, over the training units).
 
-    Under the model E[Y | k, w] = Q_w v_w + (1 - Q_w) (mu0 + w tau_k), with Q_w the arm's share at its point
-    masses and v_w their mean value, so cluster k's effect on the mean is
-    Q_1 v_1 - Q_0 v_0 + (1 - Q_1) tau_k + (Q_0 - Q_1) mu0, read at the mean mu0 (``effect``)."""
+    Under the model E[Y | k, w] = Q_w v_w + (1 - Q_w) (mu0 + w tau_k), with Q_w the arm's share at the point masses
+    and v_w their mean value, so cluster k's effect on the mean is
+    Q_1 v_1 - Q_0 v_0 + (1 - Q_1) tau_k + (Q_0 - Q_1) E[mu0 | k] (``effect``)."""
 
-    values: tuple          # (control values, treated values), each an array
-    shares: tuple          # their shares of the arm's training units
-    baseline: float = 0.0
+    values: np.ndarray
+    shares: tuple
+    baseline: np.ndarray = None
+
+    @classmethod
+    def fitted(cls, values, outcome, treated):
+        """Each arm's share of each point mass on these (training) units, smoothed by half a unit so that a value
+        an arm never shows in training keeps a finite probability on held-out units."""
+        outcome, arm = np.asarray(outcome, float), np.asarray(treated).astype(int)
+        values = np.asarray(values, float)
+        shares = []
+        for w in (0, 1):
+            held = outcome[arm == w]
+            counts = (held[:, None] == values[None, :]).sum(axis=0)
+            shares.append((counts + 0.5) / (len(held) + 0.5 * (len(values) + 1)))
+        return cls(values=values, shares=tuple(shares))
 
     @property
     def total(self):
         return np.array([float(np.sum(share)) for share in self.shares])
 
-    def tied(self, outcome, treated):
-        """(n,) bool: the units whose outcome is a point mass of their arm."""
-        outcome, arm = np.asarray(outcome, float), np.asarray(treated).astype(int)
-        return np.where(arm == 1, np.isin(outcome, self.values[1]), np.isin(outcome, self.values[0]))
+    def tied(self, outcome, treated=None):
+        """(n,) bool: the units whose outcome is a point mass."""
+        return np.isin(np.asarray(outcome, float), self.values)
 
     def log_probability(self, outcome, treated):
-        """(n,): log P(Y = y_i | arm) for tied units (0 elsewhere), and log(1 - Q_arm), the continuous part's weight,
-        for the others."""
+        """(n,): log P(Y = y_i | arm) for tied units, and log(1 - Q_arm), the continuous part's weight, for the
+        others."""
         outcome, arm = np.asarray(outcome, float), np.asarray(treated).astype(int)
         result = np.log1p(-self.total)[arm]
-        for w in (0, 1):
-            for value, share in zip(self.values[w], self.shares[w]):
-                result = np.where((arm == w) & (outcome == value), np.log(share), result)
+        for j, value in enumerate(self.values):
+            result = np.where(outcome == value, np.log(np.where(arm == 1, self.shares[1][j], self.shares[0][j])),
+                              result)
         return result
 
-    def effect(self, tau_mean, tau_sd):
-        """The clusters' effects on the outcome's mean (and their sds) from the continuous part's effects tau_k."""
+    def effect(self, tau_mean, tau_sd, baseline):
+        """The clusters' effects on the outcome's mean (and their sds) from the continuous part's effects tau_k and
+        the clusters' baselines (all in the same order). The sds carry tau's posterior alone: the shares' and the
+        baselines' sampling error is not in them (the held-out effects' SEs are the ones to quote)."""
         q0, q1 = self.total
-        v0, v1 = (float(np.dot(self.values[w], self.shares[w]) / max(self.total[w], 1e-300)) for w in (0, 1))
-        return (q1 * v1 - q0 * v0 + (1 - q1) * np.asarray(tau_mean) + (q0 - q1) * self.baseline,
+        v0, v1 = (float(np.dot(self.values, self.shares[w]) / self.total[w]) for w in (0, 1))
+        return (q1 * v1 - q0 * v0 + (1 - q1) * np.asarray(tau_mean) + (q0 - q1) * np.asarray(baseline),
                 (1 - q1) * np.asarray(tau_sd))
 
     def describe(self):
         """The point masses in words, for the run record."""
-        def arm(w):
-            return ", ".join(f"{value:g} ({share:.0%})" for value, share in zip(self.values[w], self.shares[w]))
-        return f"controls: {arm(0) or 'none'}; treated: {arm(1) or 'none'}"
+        return ", ".join(f"{value:g} (controls {c:.0%}, treated {t:.0%})"
+                         for value, c, t in zip(self.values, *self.shares))
 
 
-def point_masses(outcome, treated):
-    """The arms' point masses (PointMasses; baseline 0), or None where the outcome has none or is too discrete for a
-    continuous part: values held by at least POINT_MASS_SHARE of an arm's units and POINT_MASS_MIN_UNITS units;
-    the hurdle needs CONTINUOUS_MIN_SHARE and CONTINUOUS_MIN_UNITS of each arm off them."""
+def point_mass_values(outcome, treated):
+    """The study's point masses (issue 24's hurdle part): the outcome values held by at least POINT_MASS_SHARE of
+    either arm's units and by POINT_MASS_MIN_UNITS units, as an array; None where there are none, or where an arm
+    keeps fewer than CONTINUOUS_MIN_UNITS units (or CONTINUOUS_MIN_SHARE) off them (a binary or few-valued
+    outcome, or a small study), which then keeps the mixture alone. Decided once per study, so that every model of
+    a run (each K, fold and sequential step) has the same hurdle."""
     outcome, treated = np.asarray(outcome, float), np.asarray(treated).astype(int)
-    values, shares = [], []
+    finite = np.isfinite(outcome)
+    values = []
     for w in (0, 1):
-        arm = outcome[treated == w]
-        if not len(arm):
-            return None
+        arm = outcome[finite & (treated == w)]
         unique, counts = np.unique(arm, return_counts=True)
-        mass = counts >= max(POINT_MASS_SHARE * len(arm), POINT_MASS_MIN_UNITS)
-        left = len(arm) - counts[mass].sum()
+        values.extend(unique[counts >= max(POINT_MASS_SHARE * len(arm), POINT_MASS_MIN_UNITS)])
+    values = np.unique(values)
+    if not len(values):
+        return None
+    for w in (0, 1):
+        arm = outcome[finite & (treated == w)]
+        left = int((~np.isin(arm, values)).sum())
         if left < max(CONTINUOUS_MIN_SHARE * len(arm), CONTINUOUS_MIN_UNITS):
             return None
-        values.append(unique[mass])
-        shares.append(counts[mass] / len(arm))
-    if not any(len(v) for v in values):
-        return None
-    return PointMasses(values=tuple(values), shares=tuple(shares))
+    return values
 
 
 @dataclass
@@ -266,7 +283,7 @@ class ClusterFit(Estimator):
         mean = self.network.tau_mean.detach().cpu().numpy()[self.order] * self.y_sd
         sd = self.network.tau_log_sd.detach().exp().cpu().numpy()[self.order] * self.y_sd
         if self.point_masses is not None:   # the continuous part's effects carried to the outcome's mean
-            return self.point_masses.effect(mean, sd)
+            return self.point_masses.effect(mean, sd, self.point_masses.baseline[self.order])
         return mean, sd
 
     def effect_of(self, probabilities):
@@ -313,8 +330,8 @@ class ClusterFit(Estimator):
         """The noise model, in words, for the run record."""
         m = self.network.noise_components
         hurdle = ("" if self.point_masses is None else
-                  f"; a hurdle part for the point masses, their probabilities per arm shared by all clusters "
-                  f"({self.point_masses.describe()})")
+                  f"; a hurdle part for the point masses, their probabilities per arm shared by all clusters: "
+                  f"{self.point_masses.describe()}")
         return (f"per arm, a mixture of {m} mean-zero Gaussians shared by all clusters, scaled per unit by the image "
                 f"and covariates{hurdle}" if m else "one Gaussian per cluster and arm (the paper's model)")
 
@@ -354,7 +371,7 @@ def _noise_start(values, components, seed):
 
 def fit_clusters(features, covariates, treated, outcome, n_clusters, epochs=300, hidden=32, dropout=0.2,
                  learning_rate=1e-2, seed=42, device="cpu", is_cancelled=None, noise_components=NOISE_COMPONENTS,
-                 noise_starts=None):
+                 noise_starts=None, point_masses=None):
     """Train the model of the module docstring; returns a ClusterFit.
 
     features: (n, d) standardised image features; covariates: (n, p) standardised (p may be 0).
@@ -362,7 +379,12 @@ def fit_clusters(features, covariates, treated, outcome, n_clusters, epochs=300,
     noise); each start is trained with the same seed and the fit with the highest log-likelihood on these units
     is kept (its start in ClusterFit.noise_start).
     is_cancelled() is polled every 10 epochs (milliseconds each on a CPU); cancelling raises Cancelled.
+    point_masses: the hurdle part's values (point_mass_values of the whole study, so that every model of a run has
+    the same); None: found on these units; False: no hurdle. Only with the shared noise (noise_components > 0).
     """
+    if point_masses is None:
+        point_masses = point_mass_values(outcome, treated)
+    point_masses = None if point_masses is False or not noise_components else point_masses
     if noise_starts is None:
         noise_starts = NOISE_STARTS if n_clusters > 1 and noise_components else ("arm",)
     elif isinstance(noise_starts, str):
@@ -375,7 +397,7 @@ def fit_clusters(features, covariates, treated, outcome, n_clusters, epochs=300,
     best = None
     for start in noise_starts:
         fit = _train_clusters(features, covariates, treated, outcome, n_clusters, epochs, hidden, dropout,
-                              learning_rate, seed, device, is_cancelled, noise_components, start)
+                              learning_rate, seed, device, is_cancelled, noise_components, start, point_masses)
         if len(noise_starts) == 1:
             return fit
         fitted = float(fit.log_likelihood(features, covariates, treated, outcome).sum())
@@ -386,8 +408,9 @@ def fit_clusters(features, covariates, treated, outcome, n_clusters, epochs=300,
 
 
 def _train_clusters(features, covariates, treated, outcome, n_clusters, epochs, hidden, dropout, learning_rate, seed,
-                    device, is_cancelled, noise_components, noise_start):
-    """One training of fit_clusters, its noise started from ``noise_start`` ("arm" or "controls")."""
+                    device, is_cancelled, noise_components, noise_start, point_masses=None):
+    """One training of fit_clusters, its noise started from ``noise_start`` ("arm" or "controls"); ``point_masses``:
+    the hurdle's values, or None."""
     torch = _torch()
     torch.manual_seed(seed)
     n, d = features.shape
@@ -395,7 +418,7 @@ def _train_clusters(features, covariates, treated, outcome, n_clusters, epochs, 
     network = _network(d, covariates.shape[1], n_clusters, hidden, dropout, noise_components).to(device)
     # The hurdle part: ties at a point mass leave the continuous part (their probability is the same constant
     # whatever the parameters), which starts and learns from the other outcomes.
-    masses = point_masses(outcome, treated) if noise_components else None
+    masses = None if point_masses is None else PointMasses.fitted(point_masses, outcome, treated)
     continuous = np.ones(n, bool) if masses is None else ~masses.tied(outcome, treated)
     # Start the effects spread around the difference in means, so that clusters can tell apart.
     difference = (np.mean(outcome[continuous & (treated == 1)]) - np.mean(outcome[continuous & (treated == 0)])) / y_sd
@@ -440,9 +463,14 @@ def _train_clusters(features, covariates, treated, outcome, n_clusters, epochs, 
         optimiser.step()
     network.eval()
     order = np.argsort(network.tau_mean.detach().cpu().numpy(), kind="stable")
-    if masses is not None:   # the continuous part's mean untreated outcome, where the effects are read
+    if masses is not None:   # each cluster's mean untreated outcome of the continuous part, where its effect is read
         with torch.no_grad():
-            masses.baseline = y_mean + y_sd * float(network(x, c)[1].mean())
+            log_pi, mu0, _ = network(x, c)
+        pi, mu0 = log_pi.exp().cpu().numpy().astype(float), y_mean + y_sd * mu0.cpu().numpy().astype(float)
+        masses.baseline = (pi * mu0[:, None]).sum(axis=0) / np.maximum(pi.sum(axis=0), 1e-12)
+        tau = network.tau_mean.detach().cpu().numpy().astype(float) * y_sd
+        # The clusters numbered by their effect on the mean (the order of tau where the baselines are equal).
+        order = np.argsort(masses.effect(tau, np.zeros_like(tau), masses.baseline)[0], kind="stable")
     return ClusterFit(network=network, n_clusters=n_clusters, y_mean=y_mean, y_sd=y_sd, order=order,
                       noise_start=noise_start, point_masses=masses)
 

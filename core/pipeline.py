@@ -794,6 +794,7 @@ def find_clusters(units, raster_path, bands=None, window_size_px=33, nodata=None
         held_out_cluster_effect,
         image_model,
         indistinct_neighbours,
+        point_mass_values,
         sequential_cluster_fits,
         without_empty_clusters,
     )
@@ -840,8 +841,12 @@ def find_clusters(units, raster_path, bands=None, window_size_px=33, nodata=None
         if progress is not None:
             progress(0.2 + 0.75 * fraction, message)
 
+    # The hurdle's point masses, decided once on the study so that every model of the run (each K, fold and
+    # sequential step) has the same; False: none.
+    masses = point_mass_values(Y, W)
     options = dict(epochs=epochs, device=device, is_cancelled=is_cancelled,
-                   noise_components=NOISE_COMPONENTS if noise_components is None else int(noise_components))
+                   noise_components=NOISE_COMPONENTS if noise_components is None else int(noise_components),
+                   point_masses=False if masses is None else masses)
     # The same DR scores and ATE as estimatecate's (same outcome-model inputs, folds and seed): one ATE per study.
     scores, mu0, mu1, _ = cross_fitted_scores(Y, W, trial.inputs, folds, seed=seed, is_cancelled=is_cancelled)
     if trial.propensity is not None:   # strata or known probabilities: the design's own propensity

@@ -239,52 +239,59 @@ def test_the_shared_flexible_noise_absorbs_a_point_mass_of_zeros():
         assert k_flexible == 1, flexible
 
 
-def test_point_masses_are_found_per_arm_and_only_with_a_continuous_part_left():
-    """The hurdle part's point masses: values held by at least 5 % of an arm's units (and 5 units), per arm; none
-    for an outcome without ties, and no hurdle where an arm keeps too little off them (a binary outcome, a small
-    study), which then keeps the mixture alone."""
-    from geocate.core.clusters import CONTINUOUS_MIN_UNITS, point_masses
+def test_point_masses_are_found_once_for_both_arms_and_only_with_a_continuous_part_left():
+    """The hurdle part's point masses: values held by at least 5 % of either arm's units (and 5 units), a point mass
+    in both arms; none for an outcome without ties, and no hurdle where an arm keeps too little off them (a binary
+    outcome, a small study), which then keeps the mixture alone. Each arm's shares are fitted, smoothed so that a
+    value an arm never shows keeps a finite probability."""
+    from geocate.core.clusters import CONTINUOUS_MIN_UNITS, PointMasses, point_mass_values
 
     rng = np.random.default_rng(0)
     n = 4000
     W = np.arange(n) % 2
     Y = rng.normal(size=n)
-    assert point_masses(Y, W) is None                                   # no ties
-    Y[(W == 0) & (rng.random(n) < 0.6)] = 0.0                           # 60 % of controls at 0
-    Y[(W == 1) & (rng.random(n) < 0.2)] = 0.0
-    Y[(W == 1) & (rng.random(n) < 0.03)] = 7.0                          # 3 % of the treated: not a point mass
-    masses = point_masses(Y, W)
-    assert [list(v) for v in masses.values] == [[0.0], [0.0]]
-    np.testing.assert_allclose(masses.shares[0], np.mean(Y[W == 0] == 0))
-    np.testing.assert_allclose(masses.total, [np.mean(Y[W == 0] == 0), np.mean(Y[W == 1] == 0)])
-    tied = masses.tied(Y, W)
-    assert tied.sum() == (Y == 0).sum()
+    assert point_mass_values(Y, W) is None                                # no ties
+    Y[(W == 0) & (rng.random(n) < 0.6)] = 0.0                             # 60 % of controls at 0
+    Y[(W == 1) & (rng.random(n) < 0.03)] = 0.0                            # 3 % of the treated: still a point mass
+    Y[(W == 1) & (rng.random(n) < 0.03)] = 7.0                            # 3 % of the treated only: not one
+    Y[5] = np.nan
+    values = point_mass_values(Y, W)
+    assert list(values) == [0.0]
+    masses = PointMasses.fitted(values, Y, W)
+    for w in (0, 1):
+        assert masses.shares[w][0] == pytest.approx(np.mean(Y[W == w] == 0), abs=1e-3)
+    assert masses.tied(Y).sum() == (Y == 0).sum()
     log_p = masses.log_probability(Y, W)
-    np.testing.assert_allclose(log_p[tied & (W == 0)], np.log(masses.shares[0][0]))
-    np.testing.assert_allclose(log_p[~tied & (W == 1)], np.log1p(-masses.total[1]))
-    assert point_masses(rng.integers(0, 2, n).astype(float), W) is None   # a binary outcome: no continuous part
+    np.testing.assert_allclose(log_p[(Y == 0) & (W == 1)], np.log(masses.shares[1][0]))
+    np.testing.assert_allclose(log_p[(Y != 0) & (W == 0)], np.log1p(-masses.total[0]))
+    unseen = PointMasses.fitted(values, np.ones(10), np.r_[np.zeros(5), np.ones(5)])   # no tie in training
+    assert np.isfinite(unseen.log_probability(np.zeros(2), np.array([0, 1]))).all()
+    assert point_mass_values(rng.integers(0, 2, n).astype(float), W) is None   # a binary outcome
     small = np.r_[np.zeros(300), rng.normal(size=CONTINUOUS_MIN_UNITS - 1)]
-    assert point_masses(np.r_[small, small], np.r_[np.zeros(len(small)), np.ones(len(small))]) is None
+    assert point_mass_values(np.r_[small, small], np.r_[np.zeros(len(small)), np.ones(len(small))]) is None
 
 
 def test_the_hurdle_models_effect_on_the_mean_is_the_effect():
     """With point masses, a cluster's reported effect is the model's effect on the outcome's mean:
-    Q_1 v_1 - Q_0 v_0 + (1 - Q_1) tau + (Q_0 - Q_1) mu0. Checked against the difference in means of a large
-    simulated hurdle outcome (zeros for 70 % of controls and 40 % of treated; among the others, treated outcomes
-    higher by tau)."""
-    from geocate.core.clusters import point_masses
+    Q_1 v_1 - Q_0 v_0 + (1 - Q_1) tau + (Q_0 - Q_1) E[mu0 | k]. Checked against the differences in means of a large
+    simulated hurdle outcome with two clusters whose untreated outcomes differ (zeros for 70 % of controls and 40 %
+    of treated; among the others, treated outcomes higher by tau_k)."""
+    from geocate.core.clusters import PointMasses, point_mass_values
 
     rng = np.random.default_rng(1)
-    n, tau, mu0 = 400_000, 0.8, 2.5
+    n = 400_000
     W = np.arange(n) % 2
+    cluster = rng.integers(0, 2, n)
+    tau, mu0 = np.array([0.8, 0.3]), np.array([2.5, 4.0])
     working = rng.random(n) < np.where(W == 1, 0.6, 0.3)
-    Y = np.where(working, mu0 + W * tau + rng.normal(size=n), 0.0)
-    masses = point_masses(Y, W)
-    masses.baseline = mu0
-    effect, sd = masses.effect(np.array([tau]), np.array([0.1]))
-    assert effect[0] == pytest.approx(Y[W == 1].mean() - Y[W == 0].mean(), abs=0.02)
-    assert effect[0] == pytest.approx(0.6 * (mu0 + tau) - 0.3 * mu0, abs=0.01)
-    assert sd[0] == pytest.approx((1 - masses.total[1]) * 0.1)
+    Y = np.where(working, mu0[cluster] + W * tau[cluster] + rng.normal(size=n), 0.0)
+    masses = PointMasses.fitted(point_mass_values(Y, W), Y, W)
+    effect, sd = masses.effect(tau, np.array([0.1, 0.1]), mu0)
+    for k in (0, 1):
+        inside = cluster == k
+        assert effect[k] == pytest.approx(Y[inside & (W == 1)].mean() - Y[inside & (W == 0)].mean(), abs=0.03)
+    assert effect[1] > effect[0]        # the cluster with the smaller tau gains more on the mean (its baseline)
+    np.testing.assert_allclose(sd, (1 - masses.total[1]) * 0.1)
 
 
 def zeros_stay_zero_three_cluster_trial(seed, n=3000):
@@ -303,7 +310,7 @@ def zeros_stay_zero_three_cluster_trial(seed, n=3000):
     return features, W, outcome, group, 0.4 * np.exp(1.0 + 0.045) + 0.7 * tau
 
 
-def test_the_hurdle_recovers_clusters_that_zeros_in_both_arms_hide(monkeypatch):
+def test_the_hurdle_recovers_clusters_that_zeros_in_both_arms_hide():
     """Issue 24, point 1's hurdle part, on a design it was not tuned on (the bench's zero-inflated design adds the
     effect to the zeros; here zeros stay zero, as hours worked do): with the hurdle, the clusters are recovered and
     their effects on the mean are right; the mixture alone takes the zeros' spike for clusters."""
@@ -313,13 +320,13 @@ def test_the_hurdle_recovers_clusters_that_zeros_in_both_arms_hide(monkeypatch):
     for seed in (0, 1):
         features, W, Y, group, truth = zeros_stay_zero_three_cluster_trial(seed)
         fit = clusters.fit_clusters(features, None, W, Y, 3, seed=seed)
-        assert fit.point_masses is not None and "hurdle" in fit.noise_description()
+        assert list(fit.point_masses.values) == [0.0] and "hurdle" in fit.noise_description()
         assert adjusted_rand_score(group, fit.probabilities(features, none).argmax(axis=1)) >= 0.75
         np.testing.assert_allclose(fit.effects()[0], truth, atol=0.25)
-    monkeypatch.setattr(clusters, "point_masses", lambda outcome, treated: None)
     for seed in (0, 1):
         features, W, Y, group, truth = zeros_stay_zero_three_cluster_trial(seed)
-        fit = clusters.fit_clusters(features, None, W, Y, 3, seed=seed)
+        fit = clusters.fit_clusters(features, None, W, Y, 3, seed=seed, point_masses=False)
+        assert fit.point_masses is None
         assert adjusted_rand_score(group, fit.probabilities(features, none).argmax(axis=1)) < 0.5
 
 
@@ -345,7 +352,7 @@ def test_the_noise_starts_from_both_arms_and_the_controls_and_the_better_fit_is_
     import geocate.core.clusters as clusters
     from geocate.core.clusters import fit_clusters
 
-    monkeypatch.setattr(clusters, "point_masses", lambda outcome, treated: None)
+    monkeypatch.setattr(clusters, "point_mass_values", lambda outcome, treated: None)
 
     none = np.zeros((1200, 0))
     kept_ari, arm_ari, winners = [], [], []
@@ -366,7 +373,7 @@ def test_the_noise_starts_from_both_arms_and_the_controls_and_the_better_fit_is_
 
     trained = []
     original = clusters._train_clusters
-    clusters._train_clusters = lambda *args: trained.append(args[-1]) or original(*args)
+    clusters._train_clusters = lambda *args: trained.append(args[13]) or original(*args)   # the start
     try:
         assert fit_clusters(features, None, W, Y, 1, seed=0, epochs=5).noise_start == "arm"   # K = 1: one start
         assert fit_clusters(features, None, W, Y, 2, seed=0, epochs=5, noise_components=0).noise_start == "arm"
