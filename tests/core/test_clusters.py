@@ -294,22 +294,6 @@ def test_the_hurdle_models_effect_on_the_mean_is_the_effect():
     np.testing.assert_allclose(sd, (1 - masses.total[1]) * 0.1)
 
 
-def zeros_stay_zero_three_cluster_trial(seed, n=3000):
-    """Three clusters (effects 0, 1.5, 3 among the units off zero, by terciles of a feature score) on an outcome
-    shaped like hours worked: zero for 70 % of controls and 30 % of treated units in every cluster, log-normal
-    otherwise. The ties sit at zero in both arms and say nothing about the cluster. Returns the effects on the
-    mean too: 0.7 (E[lognormal] + tau) - 0.3 E[lognormal]."""
-    rng = np.random.default_rng(seed)
-    features = rng.normal(size=(n, 8))
-    score = features[:, 0] + 0.5 * features[:, 1]
-    group = np.searchsorted(np.quantile(score, [1 / 3, 2 / 3]), score)
-    W = rng.integers(0, 2, n)
-    working = rng.random(n) < np.where(W == 1, 0.7, 0.3)
-    tau = np.array([0.0, 1.5, 3.0])
-    outcome = np.where(working, np.exp(1.0 + 0.3 * rng.standard_normal(n)) + W * tau[group], 0.0)
-    return features, W, outcome, group, 0.4 * np.exp(1.0 + 0.045) + 0.7 * tau
-
-
 def test_the_hurdle_recovers_clusters_that_zeros_in_both_arms_hide():
     """Issue 24, point 1's hurdle part, on a design it was not tuned on (the bench's zero-inflated design adds the
     effect to the zeros; here zeros stay zero, as hours worked do): with the hurdle, the clusters are recovered and
@@ -318,29 +302,35 @@ def test_the_hurdle_recovers_clusters_that_zeros_in_both_arms_hide():
 
     none = np.zeros((3000, 0))
     for seed in (0, 1):
-        features, W, Y, group, truth = zeros_stay_zero_three_cluster_trial(seed)
+        features, W, Y, group = zero_inflated_three_cluster_trial(seed, 3000, zeros_stay_zero=True)
         fit = clusters.fit_clusters(features, None, W, Y, 3, seed=seed)
         assert list(fit.point_masses.values) == [0.0] and "hurdle" in fit.noise_description()
         assert adjusted_rand_score(group, fit.probabilities(features, none).argmax(axis=1)) >= 0.75
-        np.testing.assert_allclose(fit.effects()[0], truth, atol=0.25)
+        np.testing.assert_allclose(fit.effects()[0], 0.4 * np.exp(1.045) + 0.7 * np.array([0, 1.5, 3]), atol=0.25)
     for seed in (0, 1):
-        features, W, Y, group, truth = zeros_stay_zero_three_cluster_trial(seed)
+        features, W, Y, group = zero_inflated_three_cluster_trial(seed, 3000, zeros_stay_zero=True)
         fit = clusters.fit_clusters(features, None, W, Y, 3, seed=seed, point_masses=False)
         assert fit.point_masses is None
         assert adjusted_rand_score(group, fit.probabilities(features, none).argmax(axis=1)) < 0.5
 
 
-def zero_inflated_three_cluster_trial(seed, n=1200):
-    """Three clusters (effects 0, 1.5, 3 by terciles of a feature score) on bench_clusters' zero-inflated outcome:
-    the treated units' ties sit at a different value in each cluster."""
+def zero_inflated_three_cluster_trial(seed, n=1200, zeros_stay_zero=False):
+    """Three clusters (effects 0, 1.5, 3 by terciles of a feature score) on bench_clusters' zero-inflated outcome
+    (zero for 70 % of controls and 30 % of treated units, log-normal otherwise): the effect is added to every
+    treated unit, so the treated ties sit at a different value in each cluster. ``zeros_stay_zero``: shaped like
+    hours worked instead, the effects among the units off zero; the ties sit at zero in both arms and say nothing
+    about the cluster (the effects on the mean are then 0.7 (E[lognormal] + tau) - 0.3 E[lognormal])."""
     rng = np.random.default_rng(seed)
     features = rng.normal(size=(n, 8))
     score = features[:, 0] + 0.5 * features[:, 1]
     group = np.searchsorted(np.quantile(score, [1 / 3, 2 / 3]), score)
     W = rng.integers(0, 2, n)
     working = rng.random(n) < np.where(W == 1, 0.7, 0.3)
-    outcome = np.where(working, np.exp(1.0 + 0.3 * rng.standard_normal(n)), 0.0) + W * (np.array([0, 1.5, 3])[group] - 1)
-    return features, W, outcome, group
+    tau = np.array([0.0, 1.5, 3.0])
+    lognormal = np.exp(1.0 + 0.3 * rng.standard_normal(n))
+    if zeros_stay_zero:
+        return features, W, np.where(working, lognormal + W * tau[group], 0.0), group
+    return features, W, np.where(working, lognormal, 0.0) + W * (tau[group] - 1), group
 
 
 def test_the_noise_starts_from_both_arms_and_the_controls_and_the_better_fit_is_kept(monkeypatch):
