@@ -67,12 +67,12 @@ MAX_LOG_SCALE = 2.0
 #: cluster); the controls' start has none of them. bench_clusters.py shapes: ARI of zero-inflated three-cluster
 #: designs 0.47 -> 0.58 (K = 3 given, seeds 500-505), Gaussian ones unchanged.
 NOISE_STARTS = ("arm", "controls")
-#: The hurdle part (issue 24): an outcome value held by at least this share of an arm's units (and by
-#: POINT_MASS_MIN_UNITS) is a point mass of that arm, modelled apart from the continuous noise.
+#: The hurdle part (issue 24): an outcome value held by at least this share of either arm's units (and by
+#: POINT_MASS_MIN_UNITS) is a point mass of both arms, modelled apart from the continuous noise.
 POINT_MASS_SHARE = 0.05
 POINT_MASS_MIN_UNITS = 5
-#: The hurdle is used only where each arm keeps at least this share and CONTINUOUS_MIN_UNITS of its training units
-#: off its point masses; an outcome with less (a binary or few-valued outcome, or a small study) keeps the mixture
+#: The hurdle is used only where each arm keeps at least this share and CONTINUOUS_MIN_UNITS of its units (the
+#: study's, in find_clusters) off the point masses; an outcome with less (a binary or few-valued outcome, or a small study) keeps the mixture
 #: alone. With fewer, the continuous part's baseline and noise scales overfit: 60 such controls of a 600-unit
 #: trial gave held-out log-likelihoods of -200 for some units. 200 is about an arm's training units in the
 #: smallest trials the model is validated on (600 units, bench_clusters.py shapes).
@@ -189,8 +189,8 @@ class PointMasses:
     def total(self):
         return np.array([float(np.sum(share)) for share in self.shares])
 
-    def tied(self, outcome, treated=None):
-        """(n,) bool: the units whose outcome is a point mass."""
+    def tied(self, outcome):
+        """(n,) bool: the units whose outcome is a point mass (the same values in both arms)."""
         return np.isin(np.asarray(outcome, float), self.values)
 
     def log_probability(self, outcome, treated):
@@ -351,7 +351,7 @@ class ClusterFit(Estimator):
             return density
         # The hurdle: a tie's probability mass, or the continuous part's weight times its density.
         hurdle = self.point_masses.log_probability(outcome, treated)
-        return np.where(self.point_masses.tied(outcome, treated), hurdle, hurdle + density)
+        return np.where(self.point_masses.tied(outcome), hurdle, hurdle + density)
 
 
 def _noise_start(values, components, seed):
@@ -419,7 +419,7 @@ def _train_clusters(features, covariates, treated, outcome, n_clusters, epochs, 
     # The hurdle part: ties at a point mass leave the continuous part (their probability is the same constant
     # whatever the parameters), which starts and learns from the other outcomes.
     masses = None if point_masses is None else PointMasses.fitted(point_masses, outcome, treated)
-    continuous = np.ones(n, bool) if masses is None else ~masses.tied(outcome, treated)
+    continuous = np.ones(n, bool) if masses is None else ~masses.tied(outcome)
     # Start the effects spread around the difference in means, so that clusters can tell apart.
     difference = (np.mean(outcome[continuous & (treated == 1)]) - np.mean(outcome[continuous & (treated == 0)])) / y_sd
     with torch.no_grad():

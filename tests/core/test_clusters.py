@@ -75,6 +75,24 @@ def test_a_zero_inflated_null_trial_gets_one_cluster_and_says_why(demo_raster):
         assert any("held-out test finds no difference" in w for w in result.metadata["warnings"])
 
 
+def test_every_model_of_a_run_has_the_studys_point_masses(demo_raster, monkeypatch):
+    """find_clusters decides the hurdle's point masses once on the study: every training of the run (each K, fold
+    and sequential step, however few its units) gets the same values, and the run record says so. The threshold is
+    lowered so that this study (about 90 controls off zero) reaches it while the test's first sequential step (one
+    fold, about 30) would not, had each training decided for itself."""
+    import geocate.core.clusters as clusters
+
+    monkeypatch.setattr(clusters, "CONTINUOUS_MIN_UNITS", 60)
+    given = []
+    original = clusters._train_clusters
+    monkeypatch.setattr(clusters, "_train_clusters", lambda *args: given.append(args[14]) or original(*args))
+    result = find_clusters(zero_inflated_null(demo_raster, 61), demo_raster, n_clusters=2, max_clusters=2, n_folds=3,
+                           epochs=20, seed=0, forest_check=False)[1]
+    assert result.metadata["effect_test"] is not None      # the sequential walk ran
+    assert len(given) >= 2 * (1 + 3 + 2) and all(values is not None and list(values) == [0.0] for values in given), given
+    assert "hurdle part" in result.metadata["noise"] and "0 (controls" in result.metadata["noise"]
+
+
 def test_clusters_are_checked_against_the_forest_and_the_noise_is_estimated(separated):
     """Issue 24, points 1 and 3: the forest's own test (same units and folds) supports the real clusters; the shared
     noise's sd in each cluster and arm is the simulation's (1), where the outcome's sd is about 2."""
