@@ -5,7 +5,8 @@ Usage: python bench/bench_clusters.py [methods|shapes] [--units 3000] [--seed 11
        python bench/bench_clusters.py merge-level --units 600 --draws 60   (the neighbours' test's level)
 
 ``shapes`` (issue 24): K chosen on null trials whose outcome is zero-inflated, log-normal, Student-t or has
-image-dependent noise, and on a three-cluster design with Gaussian and zero-inflated noise (see shapes()).
+image-dependent noise, and on a three-cluster design with Gaussian and zero-inflated noise; designs 6 and 7 are
+the three-cluster design and a null trial shaped like hours worked, whose zeros stay zero (see shaped_outcome()).
 
 On the same simulated studies on the demo imagery (core/simulate.py):
 well-separated (two image-defined clusters, effects -1 and 3) and no
@@ -127,12 +128,18 @@ def run(design, effects, args):
 def shaped_outcome(trial, shape, rng):
     """An outcome of ``shape`` (issue 24) on a simulated trial: the trial's effects (trial.true_cate) added to a
     baseline whose shape has nothing to do with the imagery: 'zero-inflated' (zero for 70 % of controls and 30 % of
-    treated units, log-normal hours otherwise: the effect is in the share working), 'log-normal', 'student-t'
-    (3 df noise), 'image-scaled noise' (noise sd 0.5 to 2 with the image baseline), or 'gaussian'."""
+    treated units, log-normal hours otherwise: the effect is in the share working, and the trial's effects less 1
+    are added to every treated unit, its zeros included), 'zeros stay zero' (shaped like hours worked: the same
+    shares at zero, the trial's effects added to the hours of the treated units off zero, so that the zeros of both
+    arms say nothing of a unit's cluster), 'log-normal', 'student-t' (3 df noise), 'image-scaled noise' (noise sd
+    0.5 to 2 with the image baseline), or 'gaussian'."""
     n, W = len(trial.treated), trial.treated
-    if shape == "zero-inflated":
+    if shape in ("zero-inflated", "zeros stay zero"):
         working = rng.random(n) < np.where(W == 1, 0.7, 0.3)
-        return np.where(working, np.exp(1.0 + 0.3 * rng.standard_normal(n)), 0.0) + W * (trial.true_cate - 1.0)
+        hours = np.exp(1.0 + 0.3 * rng.standard_normal(n))
+        if shape == "zeros stay zero":
+            return np.where(working, hours + W * trial.true_cate, 0.0)
+        return np.where(working, hours, 0.0) + W * (trial.true_cate - 1.0)
     if shape == "log-normal":
         return np.exp(0.8 * rng.standard_normal(n)) + W * trial.true_cate
     if shape == "student-t":
@@ -157,7 +164,8 @@ def shapes(args):
 
     figures = {}
     designs = [(shape, (1.0,)) for shape in ("zero-inflated", "log-normal", "student-t", "image-scaled noise")] + \
-        [("gaussian", (0.0, 1.5, 3.0)), ("zero-inflated", (0.0, 1.5, 3.0))]
+        [("gaussian", (0.0, 1.5, 3.0)), ("zero-inflated", (0.0, 1.5, 3.0)),
+         ("zeros stay zero", (0.0, 1.5, 3.0)), ("zeros stay zero", (1.0,))]
     if args.designs:
         designs = [designs[int(i)] for i in args.designs.split(",")]
     for shape, effects in designs:

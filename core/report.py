@@ -524,6 +524,11 @@ def cluster_report(metadata, html_path, figures, typical=None, rgb_order=(0, 1, 
                     + "</p>")
     if metadata.get("noise"):
         summary += f"<p>Outcome noise: {html.escape(metadata['noise'])}.</p>"
+    masses = (metadata.get("estimator") or {}).get("point_masses")
+    if masses:   # issue 24's hurdle part: the model's own effects are approximate there
+        summary += (f"<p><b>Point masses:</b> {html.escape(masses)}. The clusters share them (a hurdle part), so "
+                    "the model's effects and intervals are approximate and understate differences between clusters "
+                    "in the share at these values: quote each cluster's held-out effect (DR).</p>")
     if metadata.get("assignment") and k > 1:
         summary += f"<p>Each unit's cluster (group in the layer) from {html.escape(metadata['assignment'])}.</p>"
     rows = [(f"cluster {row[0]}", f"{100 * row[4]:.0f} %", row[1], row[2], row[3], row[5], row[6])

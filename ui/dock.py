@@ -7,6 +7,7 @@ and Cancel stops the run between two checks (a quarter of a second while
 windows are read, at most one cross-fitting fold in the forest).
 """
 
+import html
 import os
 import shutil
 import time
@@ -965,6 +966,10 @@ class GeoCateDock(QgsDockWidget):
             if forest:   # the clusters against the causal forest's own test (issue 24)
                 lines.append(f"{'' if forest['supports_clusters'] else '<b>Not supported by the forest:</b> '}"
                              f"causal forest's heterogeneity test: p = {forest['p_value']:.2g}")
+            masses = (metadata.get("estimator") or {}).get("point_masses")
+            if masses:   # the hurdle part (issue 24): the model's effects there are approximate
+                lines.append(f"<b>Point masses</b> {html.escape(masses)}: shared by all clusters; quote the "
+                             "clusters' held-out effects (dr_effect)")
         lines.append(f"<b>Device</b> {metadata['device']}, {metadata['timings']['total_s']:.1f} s")
         self.summary.setText("<br>".join(lines))
         if self.canvas is not None:

@@ -421,6 +421,63 @@ def test_dock_offers_the_cluster_model_and_shows_its_clusters(plugin, project_la
     assert os.path.exists(os.path.join(dock.run_dir, "clusters.onnx"))
 
 
+def hours_worked_gpkg(path, n_units=1500, seed=5):
+    """The demo study at ``n_units`` with an outcome shaped like hours worked (issue 24): zero for 70 % of controls
+    and 30 % of treated units, log-normal hours plus the unit's effect otherwise. Large enough for the cluster
+    model's hurdle part (each arm keeps at least 200 units off zero)."""
+    import numpy as np
+    from osgeo import ogr
+
+    from geocate.core.demo import build
+
+    build(str(path), n_units=n_units, seed=seed)
+    rng = np.random.default_rng(seed)
+    dataset = ogr.Open(str(path), 1)
+    layer = dataset.GetLayer(0)
+    layer.StartTransaction()
+    for feature in layer:
+        if feature.IsFieldNull("outcome"):
+            continue
+        treated, effect = feature["treated"], feature["true_cate"]
+        hours = np.exp(1.0 + 0.3 * rng.standard_normal()) + treated * (effect if np.isfinite(effect or np.nan) else 0)
+        feature["outcome"] = float(hours) if rng.random() < (0.7 if treated else 0.3) else 0.0
+        layer.SetFeature(feature)
+    layer.CommitTransaction()
+    dataset = None
+    return str(path)
+
+
+def test_the_dock_names_the_point_masses_of_an_outcome_like_hours_worked(plugin, qgis_new_project, qgis_processing,
+                                                                          demo_raster, tmp_path):
+    """Issue 24: with an outcome shaped like hours worked, large enough for the hurdle part, the cluster model's run
+    from the dock names the point mass (zero) in the dock and the report, says which effects to quote, and writes
+    finite effects for every cluster."""
+    units = QgsVectorLayer(hours_worked_gpkg(tmp_path / "hours.gpkg"), "hours", "ogr")
+    raster = QgsRasterLayer(demo_raster, "imagery")
+    QgsProject.instance().addMapLayers([units, raster])
+    dock = filled_dock(plugin, units, raster)
+    dock.method.setCurrentIndex(dock.method.findData("geocate:imageclusters"))
+    dock.clusters.setValue(2)
+    assert dock.start_run()
+    assert wait_for_run(dock, timeout=900) is True, dock.message.text()
+    assert re.search(r"<b>Point masses</b> 0 \(controls \d+%, treated \d+%\): shared by all clusters; quote the "
+                     r"clusters' held-out effects \(dr_effect\)", dock.summary.text()), dock.summary.text()
+    assert dock.metadata["estimator"]["point_masses"].startswith("0 (controls ")
+    group = QgsProject.instance().layerTreeRoot().findGroup(dock.run_name)
+    table = {node.layer().name(): node.layer() for node in group.findLayers()}["Clusters (effects)"]
+    rows = list(table.getFeatures())
+    assert len(rows) == 2
+    for row in rows:
+        for name in ("effect", "ci_low", "ci_high", "dr_effect", "dr_se"):
+            assert row[name] is not None and abs(float(row[name])) < 1e6, (name, row.attributes())
+    with open(dock.last_results["OUTPUT_REPORT"], encoding="utf-8") as handle:
+        report = handle.read()
+    for part in ("a hurdle part for the point masses", "<b>Point masses:</b> 0 (controls ",
+                 "quote each cluster's held-out effect (DR)"):
+        assert part in report
+    assert not re.search(r"\bnan\b", re.sub(r"base64,[^\"]*", "", report.split("Run metadata")[0]))
+
+
 def test_the_dock_opens_wide_enough_and_leaves_geocates_own_fields_out_of_the_covariates(plugin, project_layers,
                                                                                         tmp_path):
     import processing
