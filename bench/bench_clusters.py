@@ -2,6 +2,7 @@
 
 Usage: python bench/bench_clusters.py [methods|shapes] [--units 3000] [--seed 11] [--draws 20] [--json out.json]
        python bench/bench_clusters.py shapes --units 600 --cluster-units 3000 [--designs 0,1,2,3] [--noise 3] [--first-draw 5]
+                                     [--no-hurdle]
        python bench/bench_clusters.py merge-level --units 600 --draws 60   (the neighbours' test's level)
 
 ``shapes`` (issue 24): K chosen on null trials whose outcome is zero-inflated, log-normal, Student-t or has
@@ -250,7 +251,13 @@ def main(argv=None):
                         help="shapes: the first draw's number (seeds 500 + first draw on), to finish a stopped run")
     parser.add_argument("--noise", type=int, default=None,
                         help="shapes: Gaussians in the shared noise mixture (0: the paper's noise per cluster)")
+    parser.add_argument("--no-hurdle", action="store_true",
+                        help="shapes: the cluster model without its hurdle part (the model before it; for comparison)")
     args = parser.parse_args(argv)
+    if args.no_hurdle:   # the study-level decision says "no point masses", so every model keeps the mixture alone
+        import geocate.core.clusters as clusters
+
+        clusters.point_mass_values = lambda outcome, treated: None
     if args.study == "shapes":
         figures = shapes(args)
     elif args.study == "merge-level":
