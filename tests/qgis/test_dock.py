@@ -414,7 +414,8 @@ def test_dock_offers_the_cluster_model_and_shows_its_clusters(plugin, project_la
     assert "causal forest's heterogeneity test: p = " in dock.summary.text()   # and checked against the forest
     assert "Point masses" not in dock.summary.text()   # a Gaussian outcome has none (issue 24's hurdle part)
     assert dock.canvas.figure.axes and dock.report_button.isEnabled()
-    report = open(dock.last_results["OUTPUT_REPORT"], encoding="utf-8").read()
+    with open(dock.last_results["OUTPUT_REPORT"], encoding="utf-8") as handle:
+        report = handle.read()
     for part in ("How to read this", "cluster 1", "share of units", "most typical unit", "Settings",
                  "heterogeneity test on the same units and folds", "Outcome noise: per arm, a mixture of 3"):
         assert part in report
