@@ -73,9 +73,9 @@ POINT_MASS_SHARE = 0.05
 POINT_MASS_MIN_UNITS = 5
 #: The hurdle is used only where each arm keeps at least this share and CONTINUOUS_MIN_UNITS of its units (the
 #: study's, in find_clusters) off the point masses; an outcome with less (a binary or few-valued outcome, or a
-#: small study) keeps the mixture alone. With fewer, the continuous part's baseline and noise scales overfit: 60 such controls of a 600-unit
-#: trial gave held-out log-likelihoods of -200 for some units. 200 is about an arm's training units in the
-#: smallest trials the model is validated on (600 units, bench_clusters.py shapes).
+#: small study) keeps the mixture alone. With fewer, the continuous part's baseline and noise scales overfit: 60
+#: such controls of a 600-unit trial gave held-out log-likelihoods of -200 for some units. 200 is about an arm's
+#: training units in the smallest trials the model is validated on (600 units, bench_clusters.py shapes).
 CONTINUOUS_MIN_SHARE = 0.1
 CONTINUOUS_MIN_UNITS = 200
 #: Expectation-maximisation steps of the clusters' centres in forest_informed_assignment.
