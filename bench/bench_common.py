@@ -1,6 +1,7 @@
 """What every benchmark script shares (issue 20: the bench boilerplate in one helper)."""
 
 import json
+import os
 import time
 
 
@@ -15,6 +16,7 @@ def save_figures(path, figures, started=None):
     if started is not None:
         figures["seconds"] = round(time.perf_counter() - started, 1)
     if path:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)   # outputs/ is not in a fresh checkout
         with open(path, "w", encoding="utf-8") as handle:
             json.dump(figures, handle, indent=2, default=_plain)
     return figures

@@ -445,7 +445,8 @@ class CrossFittedCausalForest(Estimator):
 PREDICT_CHUNK = 20000
 
 
-def little_bag_variance(moment_sum, moment_sq_sum, tree_sq_sum, counts, jac, trees_per_bag, monte_carlo=False):
+def little_bag_variance(moment_sum, moment_sq_sum, tree_sq_sum, counts, jac, trees_per_bag, monte_carlo=False,
+                        parts=False):
     """The variance of a forest's estimate theta(x) from its little bags (Athey, Tibshirani & Wager 2019, section
     4; econml's ``_predict_point_and_var`` with its objective-Bayes debiasing), for units whose estimate averages
     a different number of bags each (out-of-bag predictions).
@@ -456,7 +457,9 @@ def little_bag_variance(moment_sum, moment_sq_sum, tree_sq_sum, counts, jac, tre
     the forest's mean Jacobian. Returns (n,) the variance of the first coordinate of theta. ``monte_carlo``: plus
     the finite forest's own Monte Carlo variance about the forest of infinitely many bags on the same data, the
     bags' between-bag variance over their number (each bag a draw of the same random construction), which
-    vanishes as bags are added."""
+    vanishes as bags are added. ``parts``: (variance, {"unbiased": the between-bag less the within-bag part before
+    its debiasing, unbiased but often negative for one unit, "monte_carlo": that part}) - bench_forest's
+    decomposition of the interval."""
     from scipy.special import erfc
 
     c = np.maximum(counts, 1).astype(float)
@@ -472,7 +475,9 @@ def little_bag_variance(moment_sum, moment_sq_sum, tree_sq_sum, counts, jac, tre
     spread = np.maximum(pred_var, pred_correction) * np.sqrt(2.0 / c)
     z = naive / np.clip(spread, 1e-10, np.inf)
     debiased = naive + spread * (np.exp(-z ** 2 / 2) / np.sqrt(2 * np.pi)) / (0.5 * erfc(-z / np.sqrt(2)))
-    return debiased + np.maximum(pred_var, 0) / c if monte_carlo else debiased
+    carlo = np.maximum(pred_var, 0) / c
+    variance = debiased + carlo if monte_carlo else debiased
+    return (variance, {"unbiased": naive, "monte_carlo": carlo}) if parts else variance
 
 
 class BaggedForest:
@@ -487,10 +492,10 @@ class BaggedForest:
         self.calibration = calibration or EffectCalibration.identity()
         self.n_jobs = n_jobs              # threads that predict (the maps' tiles set 1)
 
-    def _passes(self, X, rows_of_bag):
+    def _passes(self, X, rows_of_bag, parts=False):
         """theta (n,) and its little-bag variance (n,) at the rows of X, each from the bags rows_of_bag(b) names
         (an index array into X). Bags predict in threads (map_cancellable); their sums are added in bag order,
-        so the numbers do not depend on the threads."""
+        so the numbers do not depend on the threads. ``parts``: and the variance's parts (little_bag_variance)."""
         n, k = len(X), self.bags[0].n_outputs_
         threads = _threads(self.n_jobs)
 
@@ -546,17 +551,17 @@ class BaggedForest:
             moment_sq[chunk] += bag_moment[:, :, None] * bag_moment[:, None, :]
 
         in_bag_order(second_pass, add_second)
-        var = little_bag_variance(moment_sum, moment_sq, tree_sq, counts, jac_mean, self.trees_per_bag,
-                                  monte_carlo=True)
+        var, var_parts = little_bag_variance(moment_sum, moment_sq, tree_sq, counts, jac_mean, self.trees_per_bag,
+                                             monte_carlo=True, parts=True)
         point = theta[:, 0]
         point[~seen], var[~seen] = np.nan, np.nan
-        return point, var
+        return (point, var, var_parts) if parts else (point, var)
 
-    def out_of_bag(self, X, group_index):
+    def out_of_bag(self, X, group_index, parts=False):
         """(raw theta, variance) of the training units (rows of X, groups ``group_index`` into drawn's columns),
-        each from the bags that did not draw its group."""
+        each from the bags that did not draw its group; ``parts``: and the variance's parts."""
         X = _checked(X)
-        return self._passes(X, lambda b: np.flatnonzero(~self.drawn[b][group_index]))
+        return self._passes(X, lambda b: np.flatnonzero(~self.drawn[b][group_index]), parts)
 
     def effect_and_se(self, X):
         """(calibrated effect, standard error) at new points: every bag (core.estimate's effect model)."""
@@ -747,16 +752,20 @@ class GroupBaggedCausalForest(CrossFittedCausalForest):
         if progress is not None:
             progress(0.8, "Causal forest: out-of-bag predictions")
         grown = time.monotonic()
-        raw, var = run_cancellable(lambda: model.out_of_bag(X, group_index), is_cancelled)
+        raw, var, parts = run_cancellable(lambda: model.out_of_bag(X, group_index, parts=True), is_cancelled)
         self.timings_["out_of_bag_s"] = time.monotonic() - grown
         self.cate_raw_, var = raw, np.maximum(var, 0)
         self.cate_ = raw.copy()
+        # The interval's parts, for bench_forest: the little bags' unbiased part (before its debiasing), the Monte
+        # Carlo part and the calibration curve's.
+        self.variance_parts_ = dict(parts, calibration=np.zeros(len(raw)))
         if self.calibrate:
             for k in Folds(self.fold_).ids:
                 held = self.fold_ == k
                 calibration = EffectCalibration.fit(raw[~held], self.dr_scores_[~held], self.groups_[~held])
                 self.cate_[held] = calibration(raw[held])
-                var[held] += calibration.variance(raw[held])
+                self.variance_parts_["calibration"][held] = calibration.variance(raw[held])
+                var[held] += self.variance_parts_["calibration"][held]
             model.calibration = EffectCalibration.fit(raw, self.dr_scores_, self.groups_)
         self.cate_se_ = np.sqrt(var)
         self.model_ = model

@@ -60,6 +60,10 @@ def log_clusters(feedback, n_features, study, result, extras):
                           + (": it supports heterogeneity." if forest["supports_clusters"] else
                              ": it does not support the clusters (see the warning)."))
     feedback.pushInfo(f"Outcome noise: {metadata['noise']}.")
+    masses = (metadata.get("estimator") or {}).get("point_masses")
+    if masses:   # the hurdle part (issue 24): as the dock and the report say
+        feedback.pushInfo(f"Point masses {masses}: shared by all clusters, so the model's effects and intervals are "
+                          "approximate; quote each cluster's held-out effect (dr_effect).")
     if metadata.get("n_clusters", 1) > 1 and metadata.get("assignment"):
         feedback.pushInfo(f"Each unit's cluster (group) from {metadata['assignment']}.")
     for row in extras["clusters"]:

@@ -97,6 +97,10 @@ def test_out_of_bag_standard_error_holds_the_monte_carlo_and_calibration_parts(b
         expected[held] += EffectCalibration.fit(raw[~held], model.dr_scores_[~held]).variance(raw[held])
     np.testing.assert_allclose(model.cate_se_ ** 2, expected, rtol=1e-12)
     assert np.all(expected > np.maximum(var, 0))        # every curve's variance is positive
+    parts = model.variance_parts_                      # what bench_forest decomposes
+    np.testing.assert_allclose(parts["calibration"], expected - np.maximum(var, 0), rtol=1e-12)
+    assert np.all(np.maximum(var, 0) >= parts["monte_carlo"])                   # the debiased part is positive
+    assert np.mean(parts["unbiased"] < 0) > 0.05 and np.all(np.isfinite(parts["unbiased"]))
 
 
 def test_forest_passes_add_the_monte_carlo_part_and_new_points_the_curves_variance(bagged, monkeypatch):
@@ -109,7 +113,7 @@ def test_forest_passes_add_the_monte_carlo_part_and_new_points_the_curves_varian
     monkeypatch.setattr(learners, "little_bag_variance", lambda *args, **kwargs: asked.append(kwargs) or plain(
         *args, **kwargs))
     point, se = forest.effect_and_se(X[:200])
-    assert asked == [{"monte_carlo": True}]
+    assert asked == [{"monte_carlo": True, "parts": True}]
     raw, var = forest._passes(learners._checked(X[:200]), lambda b: np.arange(200))
     np.testing.assert_array_equal(point, forest.calibration(raw))
     np.testing.assert_allclose(se ** 2, np.maximum(var, 0) + forest.calibration.variance(raw), rtol=1e-12)

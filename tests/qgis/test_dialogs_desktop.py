@@ -22,12 +22,13 @@ ALGORITHMS = ("estimatecate", "imageclusters", "evaluate", "comparesources", "es
 def desktop(demo_units_gpkg, demo_raster, tmp_path_factory):
     if shutil.which("xvfb-run") is None or shutil.which("qgis") is None:
         pytest.skip("needs Debian's xvfb and qgis (make test installs them)")
-    from test_dialog_paths import panel_gpkg, staggered_gpkg, validation_gpkg
+    from test_dialog_paths import hours_worked_gpkg, panel_gpkg, staggered_gpkg, validation_gpkg
 
     out = tmp_path_factory.mktemp("dialogs")
     inputs = tmp_path_factory.mktemp("dialog inputs")
     data = {"panel": panel_gpkg(demo_units_gpkg, inputs / "panel.gpkg"),
-            "rollout": staggered_gpkg(inputs / "rollout.gpkg"), "validation": validation_gpkg(inputs / "v.gpkg")}
+            "rollout": staggered_gpkg(inputs / "rollout.gpkg"), "validation": validation_gpkg(inputs / "v.gpkg"),
+            "hours": hours_worked_gpkg(inputs / "hours.gpkg")}
     env = dict(os.environ, QGIS_CUSTOM_CONFIG_PATH=str(ROOT / ".qgis-profile"),
                PYTHONPATH=os.pathsep.join([str(PLUGINS)] + site.getsitepackages()),
                GEOCATE_UNITS=demo_units_gpkg, GEOCATE_RASTER=demo_raster, GEOCATE_OUT=str(out),
@@ -118,6 +119,34 @@ def test_run_pressed_in_every_other_dialog(desktop, name, loaded):
             assert names == []
     else:
         assert len(names) == 1   # the table
+
+
+def test_run_pressed_with_an_outcome_like_hours_worked_names_its_point_masses(desktop):
+    """Issue 24 from the Processing dialog: an outcome that is zero for 60 % of controls and 30 % of treated units,
+    large enough for the cluster model's hurdle part. The run finishes, the clusters load styled, the log and the
+    report name the point mass and say which effects to quote, and every cluster's effects are finite."""
+    import csv
+    import math
+    import re
+
+    _, summary, out = desktop
+    result = step(summary, "imageclusters_hours")
+    assert result["done"] and result["finished_ok"] and not result["failed"], result["log_tail"]
+    assert not result["not_correctly_generated"], result["log_tail"]
+    assert [x["renderer"] for x in result["layers"] if x["name"] == "Effect clusters"] == ["categorizedSymbol"]
+    noise, masses = result["lines"]
+    assert "a hurdle part for the point masses" in noise, noise
+    assert masses.startswith("Point masses 0 (controls ") and masses.endswith(
+        "quote each cluster's held-out effect (dr_effect)."), masses
+    with open(out / "hours_clusters.csv", newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 2
+    for row in rows:
+        for name in ("effect", "ci_low", "ci_high", "dr_effect", "dr_se"):
+            assert math.isfinite(float(row[name])), (name, row)
+    report = (out / "hours_clusters.html").read_text(encoding="utf-8")
+    assert "<b>Point masses:</b> 0 (controls " in report and "quote each cluster's held-out effect (DR)" in report
+    assert not re.search(r"\bnan\b", re.sub(r"base64,[^\"]*", "", report.split("Run metadata")[0]))
 
 
 def test_a_two_step_model_runs_from_its_dialog(desktop):

@@ -59,8 +59,9 @@ def project_layers():
     return out
 
 
-def run_dialog(name, algorithm, parameters):
-    """Open ``algorithm``'s dialog filled with ``parameters``, press Run, wait for it; record what happened."""
+def run_dialog(name, algorithm, parameters, keep=()):
+    """Open ``algorithm``'s dialog filled with ``parameters``, press Run, wait for it; record what happened (and
+    the log's lines that start with one of ``keep``)."""
     import processing
 
     before = {layer["id"] for layer in project_layers()}
@@ -78,6 +79,7 @@ def run_dialog(name, algorithm, parameters):
     step = {"name": name, "done": done, "finished_ok": bool(finished and finished[0]),
             "not_correctly_generated": "not correctly generated" in text,
             "failed": "Execution failed" in text, "log_tail": text[-1500:],
+            "lines": [line for line in text.splitlines() if keep and line.startswith(tuple(keep))],
             "layers": [layer for layer in project_layers() if layer["id"] not in before]}
     dialog.close()
     state["steps"].append(step)
@@ -284,6 +286,11 @@ def every_other_dialog(trial):
             "OUTCOME": "outcome", "COVARIATES": ["x"], "OUTPUT": out("event.csv")})
         run_dialog("targeting_gpkg", "geocate:targeting", dict(
             trial, BUDGET=0.3, CANDIDATES=UNITS, OUTPUT=out("targeting.gpkg"), OUTPUT_CANDIDATES=out("candidates.gpkg")))
+        run_dialog("imageclusters_hours", "geocate:imageclusters", {   # issue 24: the hurdle part
+            "INPUT": data["hours"], "TREATMENT": "treated", "OUTCOME": "outcome", "COVARIATES": ["assets"],
+            "RASTER": RASTER, "PATCH_SIZE": 33, "SEED": 42, "CLUSTERS": 2, "OUTPUT": out("hours_clusters.gpkg"),
+            "OUTPUT_CLUSTERS": out("hours_clusters.csv"), "OUTPUT_MODEL": out("hours_clusters.onnx"),
+            "OUTPUT_REPORT": out("hours_clusters.html")}, keep=("Outcome noise", "Point masses"))
         run_dialog("calibratemap_json", "geocate:calibratemap", {
             "INPUT": data["validation"], "TRUTH": "wealth", "PREDICTION": "wealth_hat", "OUTPUT": out("wealth.json")})
 
