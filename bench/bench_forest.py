@@ -14,8 +14,8 @@ interval, its mean width, RMSE and Spearman against the true effects, and the fo
 --variance-parts: for the out-of-bag forest, also the interval's parts (means over units): the little bags'
 unbiased variance before its debiasing, the debiased one, the Monte Carlo and calibration parts, and the mean
 squared error they should account for; and the coverage of an interval whose little-bag part is the unbiased one,
-averaged over the 301 units nearest in raw prediction (so it is positive and does not depend on the number of
-bags), with the Monte Carlo and calibration parts.
+averaged over the 301 units nearest in rank of raw prediction (151-300 at either end) and clipped at 0 (the same
+in expectation whatever the number of bags), with the Monte Carlo and calibration parts.
 """
 
 import argparse
@@ -70,7 +70,8 @@ def measure(model, truth, seconds):
 
 
 def smoothed(values, key, width=301):
-    """values averaged over the ``width`` units nearest in ``key`` (a running mean in key order)."""
+    """values averaged over the ``width`` units nearest in rank of ``key`` (a running mean in key order; half of
+    that, plus one, to width - 1 units at either end)."""
     order = np.argsort(key, kind="stable")
     sums = np.concatenate([[0.0], np.cumsum(values[order])])
     n, half = len(values), width // 2
@@ -83,7 +84,7 @@ def smoothed(values, key, width=301):
 def variance_parts(model, truth):
     """The out-of-bag interval's parts and the coverage of its unbiased, smoothed version (see --variance-parts)."""
     parts = model.variance_parts_
-    debiased = model.cate_se_ ** 2 - parts["calibration"] - parts["monte_carlo"]
+    debiased = parts["debiased"]
     se = np.sqrt(np.maximum(smoothed(parts["unbiased"], model.cate_raw_), 0) + parts["monte_carlo"]
                  + parts["calibration"])
     return {"mean_squared_error": round(float(np.mean((model.cate_ - truth) ** 2)), 4),

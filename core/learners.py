@@ -458,8 +458,8 @@ def little_bag_variance(moment_sum, moment_sq_sum, tree_sq_sum, counts, jac, tre
     the finite forest's own Monte Carlo variance about the forest of infinitely many bags on the same data, the
     bags' between-bag variance over their number (each bag a draw of the same random construction), which
     vanishes as bags are added. ``parts``: (variance, {"unbiased": the between-bag less the within-bag part before
-    its debiasing, unbiased but often negative for one unit, "monte_carlo": that part}) - bench_forest's
-    decomposition of the interval."""
+    its debiasing, unbiased but often negative for one unit, "debiased": after it, "monte_carlo": the Monte Carlo
+    variance, returned whether or not ``monte_carlo`` adds it}) - bench_forest's decomposition of the interval."""
     from scipy.special import erfc
 
     c = np.maximum(counts, 1).astype(float)
@@ -477,7 +477,7 @@ def little_bag_variance(moment_sum, moment_sq_sum, tree_sq_sum, counts, jac, tre
     debiased = naive + spread * (np.exp(-z ** 2 / 2) / np.sqrt(2 * np.pi)) / (0.5 * erfc(-z / np.sqrt(2)))
     carlo = np.maximum(pred_var, 0) / c
     variance = debiased + carlo if monte_carlo else debiased
-    return (variance, {"unbiased": naive, "monte_carlo": carlo}) if parts else variance
+    return (variance, {"unbiased": naive, "debiased": debiased, "monte_carlo": carlo}) if parts else variance
 
 
 class BaggedForest:
@@ -492,10 +492,11 @@ class BaggedForest:
         self.calibration = calibration or EffectCalibration.identity()
         self.n_jobs = n_jobs              # threads that predict (the maps' tiles set 1)
 
-    def _passes(self, X, rows_of_bag, parts=False):
+    def _passes(self, X, rows_of_bag, with_parts=False):
         """theta (n,) and its little-bag variance (n,) at the rows of X, each from the bags rows_of_bag(b) names
         (an index array into X). Bags predict in threads (map_cancellable); their sums are added in bag order,
-        so the numbers do not depend on the threads. ``parts``: and the variance's parts (little_bag_variance)."""
+        so the numbers do not depend on the threads. ``with_parts``: and the variance's parts (little_bag_variance;
+        NaN, as the variance, where no bag predicts)."""
         n, k = len(X), self.bags[0].n_outputs_
         threads = _threads(self.n_jobs)
 
@@ -555,13 +556,15 @@ class BaggedForest:
                                              monte_carlo=True, parts=True)
         point = theta[:, 0]
         point[~seen], var[~seen] = np.nan, np.nan
-        return (point, var, var_parts) if parts else (point, var)
+        for part in var_parts.values():
+            part[~seen] = np.nan
+        return (point, var, var_parts) if with_parts else (point, var)
 
     def out_of_bag(self, X, group_index, parts=False):
         """(raw theta, variance) of the training units (rows of X, groups ``group_index`` into drawn's columns),
         each from the bags that did not draw its group; ``parts``: and the variance's parts."""
         X = _checked(X)
-        return self._passes(X, lambda b: np.flatnonzero(~self.drawn[b][group_index]), parts)
+        return self._passes(X, lambda b: np.flatnonzero(~self.drawn[b][group_index]), with_parts=parts)
 
     def effect_and_se(self, X):
         """(calibrated effect, standard error) at new points: every bag (core.estimate's effect model)."""
