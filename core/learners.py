@@ -759,8 +759,8 @@ class GroupBaggedCausalForest(CrossFittedCausalForest):
         self.timings_["out_of_bag_s"] = time.monotonic() - grown
         self.cate_raw_, var = raw, np.maximum(var, 0)
         self.cate_ = raw.copy()
-        # The interval's parts, for bench_forest: the little bags' unbiased part (before its debiasing), the Monte
-        # Carlo part and the calibration curve's.
+        # The interval's parts, for bench_forest: the little bags' unbiased part (before its debiasing), the debiased
+        # one, the Monte Carlo part and the calibration curve's.
         self.variance_parts_ = dict(parts, calibration=np.zeros(len(raw)))
         if self.calibrate:
             for k in Folds(self.fold_).ids:

@@ -86,7 +86,6 @@ def hours_worked_gpkg(path, n_units=1500, seed=5):
     """The demo study at ``n_units`` with an outcome shaped like hours worked (issue 24): zero for 60 % of controls
     and 30 % of treated units, log-normal hours plus the unit's effect otherwise. Large enough for the cluster
     model's hurdle part (each arm keeps about 300 units off zero, where it needs 200; checked)."""
-    import numpy as np
     from osgeo import ogr
 
     from geocate.core.clusters import point_mass_values
