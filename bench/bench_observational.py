@@ -1,11 +1,13 @@
 """Observational designs: confounding adjustment from imagery (geocate:estimateate's estimators).
 
 Usage: python bench/bench_observational.py [--reps 200] [--causalimages-reps 50] [--nuisance penalised]
-       [--designs causalimages,scene,overlap] [--first-draw 0] [--json out.json]
+       [--calibrate on|off] [--designs causalimages,scene,overlap] [--first-draw 0] [--json out.json]
 
 --nuisance: geocate:estimateate's NUISANCE (core.stacking): "penalised" (the default models), "stacked"
 (with gradient boosting) or "stacked with windows" (and a network on the windows, for both models); the
-stacks' per-fold weights are summarised (the mean share of each learner).
+stacks' per-fold weights are summarised (the mean share of each learner). --calibrate: estimateate's CALIBRATE
+(on, its default: the propensities calibrated to balance the outcome models' inputs, core.design.
+balancing_propensities, after trimming; the draws whose balance was only close, or not reached, are counted).
 
 * causalimages: causalimages' own confounding simulation, with images: n = 1000
   windows of 3 x 16 x 16 pixels whose red channel is set by a latent
@@ -20,6 +22,11 @@ stacks' per-fold weights are summarised (the mean share of each learner).
   more likely where the window shows settlement (propensities about 0.1 to
   0.9), the outcome also driven by the image, true effect 1. --reps draws of
   treatment and outcome on the same units.
+* kang-schafer: Kang & Schafer's (2007) design, the classic test of doubly robust estimators when both
+  models are wrong, as an ATE: Z ~ N(0, I4), logit P(W) = -Z1 + 0.5 Z2 - 0.25 Z3 - 0.1 Z4, Y(0) = 210 +
+  27.4 Z1 + 13.7 (Z2 + Z3 + Z4) + noise, Y(1) = Y(0) + 10 + 5 Z1 (ATE 10), n = 1000; the models see only
+  their transformation X = (exp(Z1 / 2), Z2 / (1 + exp(Z1)) + 10, (Z1 Z3 / 25 + 0.6)^3, (Z2 + Z4 + 20)^2)
+  (or Z itself, "correct"), --reps / 4 repetitions: bias and coverage with estimateate's models on X.
 * overlap: x uniform on [-3, 3], logit P(W) = 3 x (no overlap at the ends),
   tau(x) = 1 + x / 2, n = 2000, --reps / 4 repetitions: the share of units
   the diagnostics flag, and the coverage of AIPW's interval for the whole
@@ -57,8 +64,9 @@ def record(effects, truth, errors, covered, estimand="ATE"):
         covered.setdefault(effect.estimator, []).append(low <= truth <= high)
 
 
-def estimates(Y, W, features, covariates, inputs, seed, nuisance, scaled, shares):
-    """The estimators of geocate:estimateate with ``nuisance`` models (core.pipeline.estimate_ate's steps)."""
+def estimates(Y, W, features, covariates, inputs, seed, nuisance, scaled, shares, calibrate=True):
+    """The estimators of geocate:estimateate with ``nuisance`` models and CALIBRATE (core.pipeline.estimate_ate's
+    steps)."""
     from geocate.core.crossfit import location_folds
     from geocate.core.design import StudyDesign
     from geocate.core.inputs import propensity_inputs
@@ -66,9 +74,17 @@ def estimates(Y, W, features, covariates, inputs, seed, nuisance, scaled, shares
     from geocate.core.stacking import nuisance_learners, stacked_arm_models, stacked_propensities
 
     every_feature = propensity_inputs(features, covariates)
+    design = StudyDesign("observational", seed=seed, calibrate=calibrate)
+
+    def calibrated(propensity):
+        propensity, record = design.calibrated(W, propensity, inputs)
+        for state in ("close", "not reached"):
+            shares.setdefault(f"balance {state}", []).append(float(record is not None and record["balance"] == state))
+        return propensity
+
     if nuisance == "penalised":
-        propensity, _ = StudyDesign("observational", seed=seed).propensities(W, every_feature)
-        return adjusted_effects(Y, W, propensity, inputs)
+        propensity, _ = design.propensities(W, every_feature)
+        return adjusted_effects(Y, W, calibrated(propensity), inputs)
     folds = location_folds(np.arange(len(Y)), 5, seed)
     p_learners, o_learners = nuisance_learners(nuisance, W, 2, every_feature, inputs, Y, scaled, seed, covariates)
     propensity, fit = stacked_propensities(W, p_learners, folds)
@@ -80,16 +96,18 @@ def estimates(Y, W, features, covariates, inputs, seed, nuisance, scaled, shares
         for arm, weights in row["weights_by_arm"].items():
             for name, w in weights.items():
                 shares.setdefault(f"outcome arm {arm}: " + name, []).append(w)
-    return adjusted_effects(Y, W, propensity, inputs, folds, mu=mu)
+    return adjusted_effects(Y, W, calibrated(propensity), inputs, folds, mu=mu)
 
 
 def with_shares(out, shares):
+    for state in ("close", "not reached"):
+        out[f"draws_balance_{state.replace(' ', '_')}"] = int(np.sum(shares.pop(f"balance {state}", [])))
     if shares:
         out["mean_weight"] = {name: round(float(np.mean(v)), 3) for name, v in shares.items()}
     return out
 
 
-def run_causalimages(reps, nuisance="penalised", first=0):
+def run_causalimages(reps, nuisance="penalised", first=0, calibrate=True):
     from geocate.core.embed import BandScaler, RandomConvFeatures
     from geocate.core.inputs import outcome_inputs
 
@@ -105,14 +123,14 @@ def run_causalimages(reps, nuisance="penalised", first=0):
         scaled = BandScaler(seed=rep).fit(windows).transform(windows)
         features = np.log1p(RandomConvFeatures(seed=rep, n_filters=64).fit(scaled).transform(scaled))  # core.represent scale
         inputs = outcome_inputs(features, X, seed=rep)
-        record(estimates(Y, W, features, X, inputs, rep, nuisance, scaled, shares), 2.0, errors, covered)
+        record(estimates(Y, W, features, X, inputs, rep, nuisance, scaled, shares, calibrate), 2.0, errors, covered)
         print(rep, round(float(np.mean(errors["AIPW"])), 4), flush=True)
     out = with_shares(summarise(errors, covered), shares)
     print("causalimages", json.dumps(out), flush=True)
     return out
 
 
-def run_scene(reps, nuisance="penalised", first=0):
+def run_scene(reps, nuisance="penalised", first=0, calibrate=True):
     from geocate.core.embed import BandScaler, RandomConvFeatures
     from geocate.core.inputs import outcome_inputs
     from geocate.core.patches import extract_patches
@@ -127,8 +145,8 @@ def run_scene(reps, nuisance="penalised", first=0):
     for rep in range(first, first + reps):
         W, Y, true_propensity = confound(trial, seed=rep)
         spans.append(np.quantile(true_propensity, [0.05, 0.95]))
-        record(estimates(Y, W, features, trial.covariates, inputs, rep, nuisance, scaled, shares), 1.0, errors,
-               covered)
+        record(estimates(Y, W, features, trial.covariates, inputs, rep, nuisance, scaled, shares, calibrate), 1.0,
+               errors, covered)
         print(rep, round(float(np.mean(errors["AIPW"])), 4), flush=True)
     out = with_shares(summarise(errors, covered), shares)
     out["true_propensity_5_95_percent"] = np.mean(spans, axis=0).round(3).tolist()
@@ -136,7 +154,41 @@ def run_scene(reps, nuisance="penalised", first=0):
     return out
 
 
-def run_overlap(reps):
+def kang_schafer(seed, n=1000):
+    """One draw of the Kang & Schafer (2007) design as an ATE: (W, Y, Z, X, the sample's mean effect)."""
+    rng = np.random.default_rng(900 + seed)
+    Z = rng.standard_normal((n, 4))
+    W = (rng.random(n) < 1 / (1 + np.exp(Z[:, 0] - 0.5 * Z[:, 1] + 0.25 * Z[:, 2] + 0.1 * Z[:, 3]))).astype(int)
+    y0 = 210 + 27.4 * Z[:, 0] + 13.7 * (Z[:, 1] + Z[:, 2] + Z[:, 3]) + rng.standard_normal(n)
+    tau = 10 + 5 * Z[:, 0]
+    X = np.column_stack([np.exp(Z[:, 0] / 2), Z[:, 1] / (1 + np.exp(Z[:, 0])) + 10, (Z[:, 0] * Z[:, 2] / 25 + 0.6) ** 3,
+                         (Z[:, 1] + Z[:, 3] + 20) ** 2])
+    return W, y0 + W * tau, Z, X, float(tau.mean())
+
+
+def run_kang_schafer(reps, calibrate=True):
+    from geocate.core.design import StudyDesign
+    from geocate.core.observational import adjusted_effects
+
+    out = {}
+    for inputs_name in ("transformed X (both models wrong)", "Z (both models right)"):
+        errors, covered, shares = {}, {}, {}
+        for rep in range(reps):
+            W, Y, Z, X, ate = kang_schafer(rep)
+            inputs = X if inputs_name.startswith("transformed") else Z
+            design = StudyDesign("observational", seed=rep, calibrate=calibrate)
+            model, _ = design.propensities(W, inputs)
+            propensity, calibration = design.calibrated(W, model, inputs)
+            for state in ("close", "not reached"):
+                shares.setdefault(f"balance {state}", []).append(
+                    float(calibration is not None and calibration["balance"] == state))
+            record(adjusted_effects(Y, W, propensity, inputs), ate, errors, covered)
+        out[inputs_name] = with_shares(summarise(errors, covered), shares)
+    print("kang-schafer", json.dumps(out), flush=True)
+    return out
+
+
+def run_overlap(reps, calibrate=True):
     from geocate.core.design import StudyDesign, overlap_summary
     from geocate.core.observational import adjusted_effects
 
@@ -148,13 +200,15 @@ def run_overlap(reps):
         W = (rng.random(n) < 1 / (1 + np.exp(-3 * x))).astype(int)
         tau = 1 + 0.5 * x
         Y = x + W * tau + rng.standard_normal(n)
-        design = StudyDesign("observational", trim="crump", seed=rep)
-        propensity, _ = design.propensities(W, x[:, None])
-        flagged.append(overlap_summary(propensity[:, 1], W)["share_outside"])
-        keep, _ = design.keep(propensity[:, 1])
+        design = StudyDesign("observational", trim="crump", seed=rep, calibrate=calibrate)
+        model, _ = design.propensities(W, x[:, None])
+        flagged.append(overlap_summary(model[:, 1], W)["share_outside"])
+        keep, _ = design.keep(model[:, 1])
         trimmed.append(1 - keep.mean())
+        propensity = design.calibrated(W, model, x[:, None])[0]
         full = next(e for e in adjusted_effects(Y, W, propensity, x[:, None]) if e.estimator == "AIPW")
-        kept = next(e for e in adjusted_effects(Y[keep], W[keep], propensity[keep], x[keep, None])
+        kept_propensity = design.calibrated(W, model, x[:, None], keep)[0]
+        kept = next(e for e in adjusted_effects(Y[keep], W[keep], kept_propensity[keep], x[keep, None])
                     if e.estimator == "AIPW")
         cover_all.append(full.interval()[0] <= tau.mean() <= full.interval()[1])
         cover_trimmed.append(kept.interval()[0] <= tau[keep].mean() <= kept.interval()[1])
@@ -171,15 +225,19 @@ def main(argv=None):
     parser.add_argument("--reps", type=int, default=200)
     parser.add_argument("--causalimages-reps", type=int, default=None)
     parser.add_argument("--nuisance", default="penalised", choices=("penalised", "stacked", "stacked with windows"))
+    parser.add_argument("--calibrate", default="on", choices=("on", "off"))
     parser.add_argument("--designs", default="causalimages,scene,overlap")
     parser.add_argument("--first-draw", type=int, default=0, help="the scene's and causalimages' first draw (seed)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     started = time.perf_counter()
     causalimages_reps = args.causalimages_reps or max(args.reps // 4, 1)
-    runs = {"causalimages": lambda: run_causalimages(causalimages_reps, args.nuisance, args.first_draw),
-            "scene": lambda: run_scene(args.reps, args.nuisance, args.first_draw), "overlap": lambda: run_overlap(max(args.reps // 4, 1))}
-    figures = {"nuisance": args.nuisance}
+    calibrate = args.calibrate == "on"
+    runs = {"causalimages": lambda: run_causalimages(causalimages_reps, args.nuisance, args.first_draw, calibrate),
+            "scene": lambda: run_scene(args.reps, args.nuisance, args.first_draw, calibrate),
+            "overlap": lambda: run_overlap(max(args.reps // 4, 1), calibrate),
+            "kang-schafer": lambda: run_kang_schafer(max(args.reps // 4, 1), calibrate)}
+    figures = {"nuisance": args.nuisance, "calibrate": args.calibrate}
     figures.update({name: runs[name]() for name in args.designs.split(",")})
     save_figures(args.json, figures, started)
     return figures

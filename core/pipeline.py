@@ -1053,7 +1053,11 @@ def estimate_ate(units, raster_path, design, bands=None, window_size_px=33, noda
     fold and reported per fold in the metadata's "propensity_model" and "outcome_models") or "stacked with
     windows" (a small network on the windows joins the propensity's learners and, with the covariates, each
     arm's outcome learners). The sensitivity analysis, and the AIPW ATE under each outcome correction
-    (``predicted_outcome``), keep the penalised outcome models.
+    (``predicted_outcome``), keep the penalised outcome models. A design with ``calibrate`` (observational)
+    calibrates the propensities, after trimming, to balance the outcome models' inputs exactly
+    (core.design.balancing_propensities; the metadata's "calibration"); every estimate, the balance table, the
+    weights' share and the sensitivity analysis use them, while "propensity" (overlap, trimming, the report's
+    plot) stays the model's, and "calibrated_propensity" gives the calibrated ones (None without calibration).
     """
     from .design import RANDOMIZED, overlap_summary
     from .inputs import propensity_inputs
@@ -1103,6 +1107,8 @@ def estimate_ate(units, raster_path, design, bands=None, window_size_px=33, noda
             if (arms[kept] == arm).sum() < 20:
                 raise GeoCateError(f"Trimming to propensities in [{bounds[0]:.2f}, {bounds[1]:.2f}] leaves fewer than "
                                    f"20 units in arm {arm}.", "Trim less, or use a design with more overlap.")
+    model_propensities = propensities      # the model's: overlap, trimming and its plot describe these
+    propensities, calibration = design.calibrated(arms, propensities, inputs, kept)
     mu, outcome_fit = None, {"model": "additive cubic splines under ridge on the components and covariates, "
                                       "per arm, cross-fitted"}
     if stacked:
@@ -1118,7 +1124,8 @@ def estimate_ate(units, raster_path, design, bands=None, window_size_px=33, noda
     contrasts = AdjustedContrasts(n_folds, seed).fit(study.outcome[used][kept], arms[kept], propensities[kept],
                                                      inputs[kept], folds[kept], groups[kept], is_cancelled, mu)
     effects = contrasts.effects_
-    warnings = [w for w in (overlap_warning(study, window_size_px, block_size),) if w]
+    warnings = [w for w in (overlap_warning(study, window_size_px, block_size),
+                            (calibration or {}).get("warning")) if w]
     analysis = None
     if sensitivity is not None and design.kind != RANDOMIZED:
         from .sensitivity import analyse_or_warn, check_strengths
@@ -1146,7 +1153,7 @@ def estimate_ate(units, raster_path, design, bands=None, window_size_px=33, noda
     names = [f"image component {j + 1}" for j in range(n_pcs)] + list(study.covariate_names)
     balance_inputs = np.column_stack([inputs[:, :n_pcs]] + ([covariates] if covariates is not None else []))
     if binary:
-        overlap = overlap_summary(propensities[:, 1], arms, kept=kept)
+        overlap = overlap_summary(model_propensities[:, 1], arms, kept=kept, weights_from=propensities[:, 1])
         if design.kind != RANDOMIZED and overlap["share_outside"] > 0.1:
             warnings.append(f"Poor overlap: {overlap['share_outside']:.0%} of the units have a propensity outside "
                             "[0.05, 0.95], where some units have almost no comparable units in the other arm; "
@@ -1158,6 +1165,7 @@ def estimate_ate(units, raster_path, design, bands=None, window_size_px=33, noda
     n = len(used)
     metadata = {"design": design.kind, "trim": design.trim if not isinstance(design.trim, tuple) else list(design.trim),
                 "trim_bounds": bounds, "n_trimmed": int((~kept).sum()), "propensity_model": fit,
+                "calibration": calibration,
                 "nuisance": nuisance if stacked else "penalised", "outcome_models": outcome_fit,
                 "overlap": overlap, "warnings": warnings, "seed": seed, "n_folds": n_folds,
                 "predicted_outcome": predicted, "feature_pipeline": feature_pipeline.describe(),
@@ -1173,8 +1181,10 @@ def estimate_ate(units, raster_path, design, bands=None, window_size_px=33, noda
                 "timings": {"total_s": round(time.monotonic() - started, 3)}}
     if progress is not None:
         progress(1.0, "Done")
-    return study, {"effects": effects, "propensity": propensities, "arms": arms, "kept": kept, "overlap": overlap,
-                   "balance": balance, "warnings": warnings, "metadata": metadata, "sensitivity": analysis}
+    return study, {"effects": effects, "propensity": model_propensities,
+                   "calibrated_propensity": propensities if calibration is not None else None, "arms": arms,
+                   "kept": kept, "overlap": overlap, "balance": balance, "warnings": warnings, "metadata": metadata,
+                   "sensitivity": analysis}
 
 
 def _on_rows(fit_predict, rows, n):

@@ -109,7 +109,8 @@ SETTING_LABELS = {
     "SEED": "Seed", "GROUPS": "Effect groups", "FOREST": "Causal forest", "CLUSTER": "Cluster field", "SPATIAL_BLOCK": "Spatial blocks",
     "CLUSTERS": "Clusters", "MAX_CLUSTERS": "Largest K tried", "EPOCHS": "Training epochs", "DEVICE": "Device",
     "PRIORITY": "Priority", "PRIORITY_2": "Second priority", "BOOTSTRAP": "Bootstrap draws", "DESIGN": "Study design",
-    "TRIM": "Trimming", "NUISANCE": "Propensity and outcome models", "OUTCOME_CORRECTION": "Outcome correction file", "CORRECTION": "Correction",
+    "TRIM": "Trimming", "NUISANCE": "Propensity and outcome models",
+    "CALIBRATE": "Calibrate the propensities to balance", "OUTCOME_CORRECTION": "Outcome correction file", "CORRECTION": "Correction",
     "OUTCOME_TRUTH": "True outcome field", "SCALES": "Wider context (window sizes, pixels)",
     "RASTERS_TIME": "Imagery of later dates", "TIME_POOLING": "Pooling over dates", "ENCODER": "Image encoder",
     "FEATURE_CACHE": "Feature cache", "COMPARE": "Compare", "METHOD": "Model", "EXTENT": "Extent",
@@ -633,6 +634,24 @@ def stacked_models_section(metadata):
     return part
 
 
+def calibration_sentence(calibration, before="", after=""):
+    """What calibrating the propensities did (core.design.balancing_propensities' record; "" when it was not
+    asked for): the log's line and the report's paragraph."""
+    if not calibration:
+        return ""
+    if calibration["balance"] == "not reached":
+        return f"{before}Propensities not calibrated: {calibration['warning']}{after}"
+    if calibration["balance"] == "close":
+        return (f"{before}Propensities calibrated so that each arm's weights balance the outcome models' "
+                f"{calibration['inputs']} inputs (image components and covariates) closely, not exactly: some units "
+                "would need less weight than a propensity of 0.99 gives (their arm is over-represented there), and "
+                "are held at it; largest standardized difference left "
+                f"{calibration['largest_standardized_difference']:.3f}.{after}")
+    return (f"{before}Propensities calibrated so that each arm's weights balance the outcome models' "
+            f"{calibration['inputs']} inputs (image components and covariates) exactly: largest standardized "
+            f"difference {calibration['largest_standardized_difference']:.1e}.{after}")
+
+
 def observational_report(metadata, out, html_path):
     """The HTML report of geocate:estimateate: how to read it, the estimates, overlap (propensities by arm), balance
     before and after weighting, warnings, settings."""
@@ -666,6 +685,7 @@ def observational_report(metadata, out, html_path):
         sections.append(("Outcome from a map", predicted_outcome_section(metadata["predicted_outcome"])))
     sections.append(("Estimates", f"<p>Design: <b>{html.escape(metadata['design'])}</b>; {metadata['n_used']} units "
                      f"used. Propensity: {html.escape(metadata['propensity_model']['model'])}.</p>" + trimmed
+                     + calibration_sentence(metadata.get("calibration"), "<p>", "</p>")
                      + table(["estimator", "estimand", "contrast", "estimate", "SE", "95 % low", "95 % high", "units"],
                              rows, digits=3)))
     stack = stacked_models_section(metadata)

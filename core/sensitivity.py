@@ -253,8 +253,9 @@ def analyse(outcome, arms, design, features, covariates, covariate_names, folds,
     contrasts first, named "1 vs 0", the ATT's "1 vs 0 (ATT)"), with benchmarks: everything the imagery shows, and
     each covariate (the first MAX_BENCHMARKS), each refit without it on the same folds. The nuisance models are
     estimateate's own (core.inputs.propensity_inputs for the propensity, core.inputs.outcome_inputs with
-    ``n_components`` for the outcome models), refit here on the same folds, so theta is its AIPW estimate of the
-    ATE or the ATT (tested)."""
+    ``n_components`` for the outcome models), refit here on the same folds, the propensities calibrated to
+    balance each refit's outcome inputs when ``design`` calibrates (core.design.StudyDesign.calibrated), so
+    theta is its AIPW estimate of the ATE or the ATT (tested)."""
     from .design import CLIP
     from .inputs import outcome_inputs, propensity_inputs
     from .scores import arm_models
@@ -272,6 +273,7 @@ def analyse(outcome, arms, design, features, covariates, covariate_names, folds,
         e, _ = design.propensities(arms, propensity_inputs(image, covs) if image is not None or covs is not None
                                    else None, folds, is_cancelled)
         inputs = outcome_inputs(image, covs, seed, n_components) if image is not None or covs is not None else None
+        e, _ = design.calibrated(arms, e, inputs, kept)    # as estimateate's, when its design calibrates
         mu = arm_models(Y[kept], index[kept], k, None if inputs is None else inputs[kept], folds[kept],
                         is_cancelled=is_cancelled)
         e = np.clip(e[kept], CLIP, 1 - CLIP)

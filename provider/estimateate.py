@@ -2,6 +2,7 @@
 
 from qgis.core import (
     QgsProcessingOutputNumber,
+    QgsProcessingParameterBoolean,
     QgsProcessingParameterDefinition,
     QgsProcessingParameterEnum,
     QgsProcessingParameterFeatureSink,
@@ -31,7 +32,7 @@ EFFECT_COLUMNS = (("estimator", QVariant.String), ("estimand", QVariant.String),
 
 class EstimateAteAlgorithm(GeoCateAlgorithm):
     DESIGN, TRIM, TRIM_LOW, TRIM_HIGH, CLUSTER = "DESIGN", "TRIM", "TRIM_LOW", "TRIM_HIGH", "CLUSTER"
-    NUISANCE = "NUISANCE"
+    NUISANCE, CALIBRATE = "NUISANCE", "CALIBRATE"
     OUTPUT, OUTPUT_REPORT = "OUTPUT", "OUTPUT_REPORT"
 
     short_description = ("The average effect of a programme that was not randomized, adjusted for what the imagery "
@@ -64,6 +65,13 @@ class EstimateAteAlgorithm(GeoCateAlgorithm):
             "its weights chosen by cross-validated loss within each training fold; the log and the run record "
             "give each fold's weights. Slower (with 5 folds each learner is fitted 15 times instead of 5); with the "
             "network it lowered the bias on one of the project's two designs (docs/benchmarks.md).\n\n"
+            "Calibrated propensities (CALIBRATE, advanced; on by default): after trimming, the propensities are "
+            "calibrated so that each arm's weights balance the outcome models' inputs (the image's leading "
+            "components and the covariates) exactly - entropy balancing with the model's weights as the base "
+            "(Chan, Yam & Zhang 2016). On the project's image-confounding designs this lowered the AIPW bias and "
+            "brought its interval's coverage to about 95 % (docs/benchmarks.md). The log says whether balance is "
+            "exact or close (propensities stay within [0.01, 0.99]); where no weights balance, it warns and the "
+            "model's propensities are used.\n\n"
             "Sensitivity (observational design): how strong a confounder that the imagery and covariates miss "
             "would have to be to change the conclusion (Chernozhukov et al. 2022): the AIPW estimate's bounds and "
             "interval for a confounder of strengths CF_Y (outcome), CF_D (treatment) and RHO, the robustness values "
@@ -92,6 +100,11 @@ class EstimateAteAlgorithm(GeoCateAlgorithm):
              "stacked: + gradient boosting + a network on the windows"], defaultValue=0)
         nuisance.setFlags(nuisance.flags() | QgsProcessingParameterDefinition.FlagAdvanced)
         self.addParameter(nuisance)
+        calibrate = QgsProcessingParameterBoolean(
+            self.CALIBRATE, "Calibrate the propensities to balance the outcome models' inputs (observational design)",
+            defaultValue=True)
+        calibrate.setFlags(calibrate.flags() | QgsProcessingParameterDefinition.FlagAdvanced)
+        self.addParameter(calibrate)
         self.addParameter(QgsProcessingParameterField(
             self.CLUSTER, "Cluster field (e.g. village): folds and standard errors keep clusters together",
             parentLayerParameterName="INPUT", optional=True))
@@ -119,7 +132,9 @@ class EstimateAteAlgorithm(GeoCateAlgorithm):
         correction, method, _ = read_outcome_correction(self, parameters, context, chosen.source, features)
         arguments = chosen.imagery_arguments()
         study, out = estimate_ate(
-            units, arguments.pop("raster_path"), chosen.study_design(trim=trim), **arguments,
+            units, arguments.pop("raster_path"),
+            chosen.study_design(trim=trim, calibrate=self.parameterAsBool(parameters, self.CALIBRATE, context)),
+            **arguments,
             progress=progress_to(feedback), is_cancelled=feedback.isCanceled, outcome_correction=correction,
             correction=method, sensitivity=chosen.sensitivity,
             nuisance=NUISANCE_CHOICES[self.parameterAsEnum(parameters, self.NUISANCE, context)])
@@ -145,6 +160,8 @@ def effect_rows(effects):
 def log_ate(feedback, design, out):
     """The run's log: the design and propensity model, overlap, trimming, warnings, an outcome from a map, every
     effect, the balance after weighting."""
+    from ..core.report import calibration_sentence
+
     metadata = out["metadata"]
     feedback.pushInfo(f"Design: {design}; propensity: {metadata['propensity_model']['model']}.")
     if "window networks" in metadata.get("ran_on", {}):
@@ -155,6 +172,10 @@ def log_ate(feedback, design, out):
             weights = row.get("weights") or row.get("weights_by_arm")
             feedback.pushInfo(f"{name}, fold {row['fold']}: weights {weights}"
                               + (f"; largest: {row['winner']}" if "winner" in row else ""))
+    calibration = calibration_sentence(metadata.get("calibration"))
+    if calibration:
+        (feedback.pushWarning if metadata["calibration"]["balance"] == "not reached" else feedback.pushInfo)(
+            calibration)
     if out["overlap"]:
         feedback.pushInfo(f"Overlap: {out['overlap']['share_outside']:.1%} of the units have a propensity outside "
                           f"[0.05, 0.95]; the 1 % largest weights carry {out['overlap']['top_1pct_weight_share']:.1%} "

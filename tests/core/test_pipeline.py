@@ -226,6 +226,38 @@ def test_a_confounded_study_on_the_imagery_is_adjusted_by_the_image_propensity(s
     assert not [w for w in randomized["warnings"] if "covariate" in w]
 
 
+@pytest.mark.slow
+def test_calibrated_propensities_balance_and_every_estimate_and_the_sensitivity_use_them(small_trial, demo_raster):
+    """Issue 23, point 1 (CALIBRATE): after Crump's trimming the propensities are calibrated to balance the outcome
+    models' inputs; the balance table is 0 after weighting; the AIPW ATE and ATT are the sensitivity analysis's
+    theta; overlap and trimming stay the model's; the confounding is removed as without calibration."""
+    import dataclasses
+
+    from geocate.core.design import StudyDesign
+    from geocate.core.pipeline import estimate_ate
+    from geocate.core.simulate import confound
+
+    treated, outcome, _ = confound(small_trial, seed=2)
+    units = dataclasses.replace(unit_table(small_trial), treated=treated.astype(float), outcome=outcome)
+    _, out = estimate_ate(units, demo_raster, StudyDesign("observational", seed=2, trim="crump", calibrate=True),
+                          n_filters=128, sensitivity=(0.03, 0.03, 1.0))
+    calibration = out["metadata"]["calibration"]
+    assert calibration["balance"] == "exact" and calibration["largest_standardized_difference"] < 1e-8
+    assert all(abs(row[2]) < 1e-6 for row in out["balance"]) and abs(out["balance"][0][1]) > 0.5
+    kept = out["kept"]
+    assert out["metadata"]["n_trimmed"] == int((~kept).sum()) > 0
+    calibrated, model = out["calibrated_propensity"], out["propensity"]
+    np.testing.assert_array_equal(calibrated[~kept], model[~kept])
+    assert np.abs(calibrated[kept] - model[kept]).max() > 0.01
+    effects = {(e.estimator, e.estimand): e for e in out["effects"]}
+    naive, aipw, att = (effects[key] for key in (("naive difference in means", "ATE"), ("AIPW", "ATE"),
+                                                  ("AIPW", "ATT")))
+    assert abs(aipw.estimate - 1.0) < 0.35 * (naive.estimate - 1.0)    # as the uncalibrated test above
+    theta = {el.contrast: el.theta for el in out["sensitivity"].elements}
+    assert theta["1 vs 0"] == pytest.approx(aipw.estimate, abs=1e-9)
+    assert theta["1 vs 0 (ATT)"] == pytest.approx(att.estimate, abs=1e-9)
+
+
 def test_estimatecate_warns_about_a_covariate_affected_by_treatment(small_trial, demo_raster):
     import dataclasses
 

@@ -53,8 +53,17 @@ def test_estimateate_adjusts_for_what_the_image_shows_and_reports_overlap_and_ba
     assert metadata["schema_version"] == 2 and next(iter(metadata)) == "schema_version"   # the record's layout
     assert metadata["design"] == "observational" and metadata["trim"] == "crump"
     assert metadata["balance"][0][0] == "image component 1"
+    # CALIBRATE (issue 23, point 1; on by default): the weights balance the outcome models' inputs, so the table's
+    # components and covariates are near 0 after weighting, while before they were far apart. Here treatment is
+    # strongly selected on 300 units, so some weights would fall below the clip's bound: balance is close (the
+    # largest difference falls by more than 90 %), and the log and the report say so.
+    calibration = metadata["calibration"]
+    assert calibration["balance"] in ("exact", "close") and metadata["parameters"]["CALIBRATE"] is True
+    before, after = (max(abs(row[column]) for row in metadata["balance"]) for column in (1, 2))
+    assert before > 0.5 and after < 0.1 * before
     report = (tmp_path / "ate.html").read_text()
     for part in ("How to read this", "Overlap", "Balance", "Hajek", "ATT", "Sensitivity to an unmeasured confounder",
+                 "Propensities calibrated so that each arm's weights balance the outcome models",
                  "A confounder as strong as everything the imagery shows would move the estimate",
                  "Sensitivity contours", "of that arm's weight"):
         assert part in report
@@ -121,6 +130,7 @@ def test_estimateate_sensitivity_runs_through_qgis_process_and_refuses_a_strengt
     chosen = record["contrasts"]["1 vs 0"]["bounds"][0]
     assert record["cf_y"] == 0.2 and chosen["low"] < results["ATE"] - 0.1 < results["ATE"] + 0.1 < chosen["high"]
     assert results["RV"] == pytest.approx(record["contrasts"]["1 vs 0"]["rv"])
+    assert "Propensities calibrated so that each arm's weights balance" in done.stdout + done.stderr   # CALIBRATE
     refused = subprocess.run(common + ["CF_Y=1", f"OUTPUT={tmp_path / 'refused.gpkg'}"], env=qgis_process_env(),
                              capture_output=True, text=True, timeout=900)
     assert refused.returncode != 0 and "CF_Y" in refused.stdout + refused.stderr
@@ -148,7 +158,8 @@ def test_the_stacked_models_run_in_a_graphical_model(plugin, demo_units_gpkg, de
 
 def test_qgis_process_runs_the_stacked_models_and_reports_their_weights(demo_units_gpkg, demo_raster, tmp_path):
     """NUISANCE=1 (issue 23, point 1) from the command line: each fold's weights in the log, the run record and
-    the report; the estimates are written as with the penalised models."""
+    the report; the estimates are written as with the penalised models. With CALIBRATE=false the stack's own
+    propensities are used (no calibration in the log or the record)."""
     import subprocess
 
     from test_estimatecate_in_qgis import qgis_process_env
@@ -157,7 +168,7 @@ def test_qgis_process_runs_the_stacked_models_and_reports_their_weights(demo_uni
     done = subprocess.run(
         ["qgis_process.bin", "--json", "run", "geocate:estimateate", "--", f"INPUT={demo_units_gpkg}",
          "TREATMENT=treated", "OUTCOME=outcome", "COVARIATES=assets", f"RASTER={demo_raster}", "DESIGN=0",
-         "NUISANCE=1", "SEED=7", f"OUTPUT={out}", f"OUTPUT_REPORT={tmp_path / 'stacked.html'}"],
+         "NUISANCE=1", "CALIBRATE=false", "SEED=7", f"OUTPUT={out}", f"OUTPUT_REPORT={tmp_path / 'stacked.html'}"],
         env=qgis_process_env(), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     results = json.loads(done.stdout)["results"]
@@ -173,5 +184,7 @@ def test_qgis_process_runs_the_stacked_models_and_reports_their_weights(demo_uni
     for row in record["outcome_models"]["stack"]:
         assert all(sum(w.values()) == pytest.approx(1, abs=1e-3) for w in row["weights_by_arm"].values())
     assert "Propensity, fold" in done.stdout + done.stderr
+    assert record["calibration"] is None and record["parameters"]["CALIBRATE"] is False
+    assert "Propensities calibrated" not in done.stdout + done.stderr
     report = (tmp_path / "stacked.html").read_text()
     assert "Stacked models" in report and "gradient boosting (components)" in report
