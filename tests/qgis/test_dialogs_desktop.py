@@ -121,6 +121,17 @@ def test_run_pressed_in_every_other_dialog(desktop, name, loaded):
         assert len(names) == 1   # the table
 
 
+def test_the_observational_dialog_calibrates_its_propensities_by_default(desktop):
+    """Issue 23, point 1 from the Processing dialog: Run pressed with estimateate's defaults calibrates the
+    propensities (CALIBRATE, advanced, on), and the run record says the balance reached and that it was asked."""
+    _, summary, out = desktop
+    assert step(summary, "estimateate_gpkg")["finished_ok"]
+    record = json.loads((out / "ate.run.json").read_text())
+    assert record["parameters"]["CALIBRATE"] is True and record["calibration"]["inputs"] == 22
+    assert record["calibration"]["balance"] == "exact" and record["calibration"]["largest_standardized_difference"] < 1e-8
+    assert max(abs(row[2]) for row in record["balance"]) < 1e-6
+
+
 def test_run_pressed_with_an_outcome_like_hours_worked_names_its_point_masses(desktop):
     """Issue 24 from the Processing dialog: an outcome that is zero for 60 % of controls and 30 % of treated units,
     large enough for the cluster model's hurdle part. The run finishes, the clusters load styled, the log and the
