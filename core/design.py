@@ -142,6 +142,9 @@ def balancing_propensities(arms, propensities, inputs, kept=None):
     Z = (Z - Z.mean(axis=0)) / np.where(spread > 0, spread, 1)      # standardized, centred on the target
     u, s, _ = np.linalg.svd(Z, full_matrices=False)                 # the same constraints, well conditioned
     directions = u[:, s > 1e-8 * max(s.max(initial=0), 1e-300)] * np.sqrt(len(rows))
+    if not directions.shape[1]:                                     # every input constant: nothing to balance
+        return e, {"method": "none: every input is constant over the units", "inputs": int(Z.shape[1]),
+                   "balance": "exact", "largest_standardized_difference": 0.0}
     calibrated, gap, states = e.copy(), 0.0, set()
     for a in range(k):
         in_arm = index[rows] == a
@@ -175,8 +178,9 @@ def bounded_balance(Z, base, n):
     Within the bounds when they allow it: Newton's method on the dual of the bounded problem, whose weights are
     base_i exp(theta' (1, z_i)) clipped to the bounds (its objective is convex and smooth). Where no weights within
     the bounds balance (some units would need less weight than any propensity gives: the arm is over-represented
-    there), the closer to balance of entropy_balance's unbounded weights clipped to the bounds and the dual's last
-    iterate (within the bounds), which leaves the balance close rather than exact (the caller measures it). Returns (weights, "exact" | "close" | "failed": no weights
+    there), the closer to balance of entropy_balance's unbounded weights and the dual's last iterate, each brought
+    within the bounds and to a sum of 1 (within_bounds), which leaves the balance close rather than exact (the
+    caller measures it). Returns (weights, "exact" | "close" | "failed": no weights
     balance, bounded or not)."""
     low, high = 1 / ((1 - CLIP) * n), 1 / (CLIP * n)
     free = entropy_balance(Z, base)
@@ -202,7 +206,7 @@ def bounded_balance(Z, base, n):
     for _ in range(200):
         w = np.exp(np.clip(s, log_low, log_high))
         gradient = w @ X - target
-        if np.abs(gradient).max() < 1e-10:
+        if np.abs(gradient).max(initial=0) < 1e-10:
             return w, "exact"
         inside = (s > log_low) & (s < log_high)
         hessian = (X[inside] * w[inside, None]).T @ X[inside]
@@ -219,13 +223,25 @@ def bounded_balance(Z, base, n):
         else:
             break
         theta, value, s = theta - t * step, candidate, s_candidate
-    clipped = np.clip(free, low, high)                     # no weights within the bounds balance: the closer of
-    last = np.exp(np.clip(s, log_low, log_high))           # the clipped unbounded weights and the dual's last
+    # No weights within the bounds balance: the closer to balance of the unbounded weights and the dual's last
+    # iterate, each brought within the bounds and to a sum of 1.
+    candidates = [within_bounds(free, low, high), within_bounds(np.exp(np.clip(s, log_low, log_high)), low, high)]
+    return min(candidates, key=lambda w: np.abs(w @ Z / w.sum()).max(initial=0)), "close"
 
-    def left(w):
-        return np.abs(w @ Z / w.sum()).max(initial=0)
 
-    return (last if left(last) < left(clipped) else clipped), "close"
+def within_bounds(weights, low, high):
+    """``weights`` scaled by the one factor c for which clip(c w, low, high) sums to 1 (bisection on log c; the sum
+    grows with c), then clipped: the closest weights of the same shape within the bounds. Where the bounds do not
+    allow a sum of 1 (an arm of over 99 % or under 1 % of the units), the nearest they allow."""
+    w = np.asarray(weights, float)
+    lo, hi = np.log(low / w.max()), np.log(high / w.min())   # at c = e^lo the sum is at most len(w) low, ...
+    for _ in range(200):
+        middle = (lo + hi) / 2
+        if np.clip(np.exp(middle) * w, low, high).sum() < 1:
+            lo = middle
+        else:
+            hi = middle
+    return np.clip(np.exp((lo + hi) / 2) * w, low, high)
 
 
 def entropy_balance(Z, base, max_iter=100, tolerance=1e-10):
@@ -245,7 +261,7 @@ def entropy_balance(Z, base, max_iter=100, tolerance=1e-10):
         w = np.exp(a - a.max())
         w /= w.sum()
         gradient = w @ Z
-        if np.abs(gradient).max() < tolerance:
+        if np.abs(gradient).max(initial=0) < tolerance:
             break
         hessian = (Z * w[:, None]).T @ Z - np.outer(gradient, gradient)
         step = np.linalg.lstsq(hessian, gradient, rcond=None)[0]

@@ -635,21 +635,19 @@ def stacked_models_section(metadata):
 
 
 def calibration_sentence(calibration, before="", after=""):
-    """What calibrating the propensities did (core.design.balancing_propensities' record; "" when it was not
-    asked for): the log's line and the report's paragraph."""
-    if not calibration:
+    """What calibrating the propensities did (core.design.balancing_propensities' record): the log's line and the
+    report's paragraph; "" when it was not asked for, or not reached (the run's warnings then say so)."""
+    if not calibration or calibration["balance"] == "not reached":
         return ""
-    if calibration["balance"] == "not reached":
-        return f"{before}Propensities not calibrated: {calibration['warning']}{after}"
+    left = (f"largest standardized difference of an arm's weighted mean from all units' "
+            f"{calibration['largest_standardized_difference']:.1e}")
     if calibration["balance"] == "close":
         return (f"{before}Propensities calibrated so that each arm's weights balance the outcome models' "
                 f"{calibration['inputs']} inputs (image components and covariates) closely, not exactly: some units "
                 "would need less weight than a propensity of 0.99 gives (their arm is over-represented there), and "
-                "are held at it; largest standardized difference left "
-                f"{calibration['largest_standardized_difference']:.3f}.{after}")
+                f"are held at it; {left}.{after}")
     return (f"{before}Propensities calibrated so that each arm's weights balance the outcome models' "
-            f"{calibration['inputs']} inputs (image components and covariates) exactly: largest standardized "
-            f"difference {calibration['largest_standardized_difference']:.1e}.{after}")
+            f"{calibration['inputs']} inputs (image components and covariates) exactly: {left}.{after}")
 
 
 def observational_report(metadata, out, html_path):

@@ -173,9 +173,8 @@ def log_ate(feedback, design, out):
             feedback.pushInfo(f"{name}, fold {row['fold']}: weights {weights}"
                               + (f"; largest: {row['winner']}" if "winner" in row else ""))
     calibration = calibration_sentence(metadata.get("calibration"))
-    if calibration:
-        (feedback.pushWarning if metadata["calibration"]["balance"] == "not reached" else feedback.pushInfo)(
-            calibration)
+    if calibration:   # when not reached, the run's warnings say so
+        feedback.pushInfo(calibration)
     if out["overlap"]:
         feedback.pushInfo(f"Overlap: {out['overlap']['share_outside']:.1%} of the units have a propensity outside "
                           f"[0.05, 0.95]; the 1 % largest weights carry {out['overlap']['top_1pct_weight_share']:.1%} "

@@ -254,6 +254,9 @@ def test_calibration_that_cannot_balance_says_so_and_keeps_the_models_propensiti
     assert record["balance"] == "not reached" and "could not be calibrated" in record["warning"] and \
         "fewer covariates" in record["warning"]
     np.testing.assert_array_equal(propensities, np.clip(truth, 0.01, 0.99))
+    # Inputs that are all constant leave nothing to balance: the model's propensities, said exact.
+    same, record = balancing_propensities(W, truth, np.ones((len(W), 2)))
+    assert record["balance"] == "exact" and np.array_equal(same, np.clip(truth, 0.01, 0.99))
     # A randomized design, or one that does not ask, leaves the propensities alone.
     for design in (StudyDesign("randomized", calibrate=True), StudyDesign("observational")):
         assert design.calibrated(W, truth, Z) == (truth, None)
@@ -263,8 +266,8 @@ def test_calibration_holds_weights_within_the_clip_and_says_when_balance_is_only
     """An arm over-represented where it was likely (treated units far more common where z is high): exact balance
     would give some units less weight than a propensity of 0.99 allows. Those are held at the bound, every
     propensity stays within [0.01, 0.99], and the record gives the standardized difference the estimators' weights
-    truly leave (under a quarter of the model's). No weights within the bounds balance here (a linear program
-    finds none for the control arm)."""
+    truly leave (under half the model's), with each arm's weights summing to the study's size. No weights within
+    the bounds balance here (a linear program finds none for the control arm)."""
     from geocate.core.design import balancing_propensities
 
     rng = np.random.default_rng(0)
@@ -274,13 +277,15 @@ def test_calibration_holds_weights_within_the_clip_and_says_when_balance_is_only
     share = np.tile([1 - W.mean(), W.mean()], (300, 1))
     calibrated, record = balancing_propensities(W, share, Z)
     assert record["balance"] == "close" and calibrated.min() >= 0.01 - 1e-12 and calibrated.max() <= 0.99 + 1e-12
-    left = 0.0
-    for arm in (0, 1):
-        weights = 1 / calibrated[W == arm, arm]
-        left = max(left, np.abs(np.average(Z[W == arm], axis=0, weights=weights) - Z.mean(axis=0)).max()
-                   / Z.std(axis=0).min())
-    model = max(np.abs(Z[W == arm].mean(axis=0) - Z.mean(axis=0)).max() for arm in (0, 1)) / Z.std(axis=0).min()
-    assert record["largest_standardized_difference"] == pytest.approx(left, rel=0.05) and left < 0.25 * model
+    standardized = (Z - Z.mean(axis=0)) / Z.std(axis=0)
+    left = max(np.abs(np.average(standardized[W == arm], axis=0, weights=1 / calibrated[W == arm, arm])).max()
+               for arm in (0, 1))
+    model = max(np.abs(standardized[W == arm].mean(axis=0)).max() for arm in (0, 1))
+    assert record["largest_standardized_difference"] == pytest.approx(left, rel=1e-6) and left < model / 2
+    for arm in (0, 1):   # each arm's weights still sum to the study's size: a constant outcome's IPW is exact
+        assert np.sum(1 / calibrated[W == arm, arm]) == pytest.approx(300, rel=1e-6)
+    ones = by_name(adjusted_effects(np.ones(300), W, calibrated, mu=np.zeros((300, 2))), "AIPW")
+    assert ones.estimate == pytest.approx(0, abs=1e-6)
 
 
 @pytest.mark.slow

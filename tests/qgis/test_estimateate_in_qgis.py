@@ -152,6 +152,7 @@ def test_the_stacked_models_run_in_a_graphical_model(plugin, demo_units_gpkg, de
     processing.run(model, {"units": demo_units_gpkg, "imagery": demo_raster})
     record = json.loads((tmp_path / "ate.run.json").read_text())
     assert record["nuisance"] == "stacked" and len(record["propensity_model"]["stack"]) == 5
+    assert record["calibration"]["balance"] in ("exact", "close")   # CALIBRATE's default calibrates the stack's too
     assert "Stacked models" in (tmp_path / "ate.html").read_text()
     assert QgsVectorLayer(str(tmp_path / "ate.gpkg"), "ate", "ogr").featureCount() > 0
 
