@@ -193,36 +193,19 @@ def bounded_balance(Z, base, n):
     target[0] = 1
     log_base, log_low, log_high = np.log(base), np.log(low), np.log(high)
 
-    def dual(theta):
+    def dual(theta):   # value, gradient and Hessian of the bounded problem's dual (convex, smooth)
         s = log_base + X @ theta
-        inside = np.exp(np.clip(s, log_low, log_high))
-        value = np.where(s < log_low, low * (s - log_low + 1), np.where(s > log_high, high * (s - log_high + 1),
-                                                                         inside))
-        return value.sum() - theta @ target, s
-
-    theta = np.zeros(X.shape[1])
-    theta[0] = -np.log(base.sum())
-    value, s = dual(theta)
-    for _ in range(200):
         w = np.exp(np.clip(s, log_low, log_high))
-        gradient = w @ X - target
-        if np.abs(gradient).max(initial=0) < 1e-10:
-            return w, "exact"
+        value = np.where(s < log_low, low * (s - log_low + 1), np.where(s > log_high, high * (s - log_high + 1), w))
         inside = (s > log_low) & (s < log_high)
-        hessian = (X[inside] * w[inside, None]).T @ X[inside]
-        step = np.linalg.lstsq(hessian, gradient, rcond=None)[0]
-        slope = float(gradient @ step)
-        if slope <= 0:                                     # no units inside the bounds: a gradient step
-            step, slope = gradient, float(gradient @ gradient)
-        t = 1.0
-        while t > 1e-14:
-            candidate, s_candidate = dual(theta - t * step)
-            if candidate <= value - 1e-4 * t * slope:
-                break
-            t /= 2
-        else:
-            break
-        theta, value, s = theta - t * step, candidate, s_candidate
+        return value.sum() - theta @ target, w @ X - target, (X[inside] * w[inside, None]).T @ X[inside]
+
+    start = np.zeros(X.shape[1])
+    start[0] = -np.log(base.sum())
+    theta, converged = newton_minimize(dual, start, max_iter=200)
+    s = log_base + X @ theta
+    if converged:
+        return np.exp(np.clip(s, log_low, log_high)), "exact"
     # No weights within the bounds balance: the closer to balance of the unbounded weights and the dual's last
     # iterate, each brought within the bounds and to a sum of 1.
     candidates = [within_bounds(free, low, high), within_bounds(np.exp(np.clip(s, log_low, log_high)), low, high)]
@@ -244,38 +227,51 @@ def within_bounds(weights, low, high):
     return np.clip(np.exp((lo + hi) / 2) * w, low, high)
 
 
-def entropy_balance(Z, base, max_iter=100, tolerance=1e-10):
+def entropy_balance(Z, base, max_iter=100):
     """Weights w (summing to 1) proportional to base_i exp(lambda' z_i) with sum_i w_i z_i = 0, by Newton's
-    method on the convex dual log sum_i base_i exp(lambda' z_i) with a backtracking line search. Where no such
-    weights exist (0 outside the inputs' hull), the closest the iterations reach (the caller checks)."""
+    method on the convex dual log sum_i base_i exp(lambda' z_i). Where no such weights exist (0 outside the
+    inputs' hull), the closest the iterations reach (the caller checks)."""
     log_base = np.log(base)
-    lam = np.zeros(Z.shape[1])
+
+    def softmax(lam):
+        a = log_base + Z @ lam
+        w = np.exp(a - a.max())
+        return w / w.sum(), a
 
     def dual(lam):
-        a = log_base + Z @ lam
-        top = a.max()
-        return top + np.log(np.exp(a - top).sum()), a
-
-    value, a = dual(lam)
-    for _ in range(max_iter):
-        w = np.exp(a - a.max())
-        w /= w.sum()
+        w, a = softmax(lam)
         gradient = w @ Z
+        return a.max() + np.log(np.exp(a - a.max()).sum()), gradient, (Z * w[:, None]).T @ Z - np.outer(gradient,
+                                                                                                        gradient)
+
+    return softmax(newton_minimize(dual, np.zeros(Z.shape[1]), max_iter)[0])[0]
+
+
+def newton_minimize(objective, start, max_iter=100, tolerance=1e-10):
+    """Minimise a smooth convex function by Newton's method with a backtracking (Armijo) line search, the dual
+    solver of balancing_propensities. objective(x) gives (value, gradient, Hessian); a singular Hessian takes its
+    least-squares step, one that does not descend a gradient step. Returns (x, whether the gradient reached
+    ``tolerance``)."""
+    x = np.asarray(start, float)
+    value, gradient, hessian = objective(x)
+    for _ in range(max_iter):
         if np.abs(gradient).max(initial=0) < tolerance:
-            break
-        hessian = (Z * w[:, None]).T @ Z - np.outer(gradient, gradient)
+            return x, True
         step = np.linalg.lstsq(hessian, gradient, rcond=None)[0]
-        t, slope = 1.0, float(gradient @ step)
-        while t > 1e-12:
-            candidate, a_candidate = dual(lam - t * step)
-            if candidate <= value - 1e-4 * t * slope:
+        slope = float(gradient @ step)
+        if slope <= 0:
+            step, slope = gradient, float(gradient @ gradient)
+        t = 1.0
+        while t > 1e-14:
+            candidate = objective(x - t * step)
+            if candidate[0] <= value - 1e-4 * t * slope:
                 break
             t /= 2
         else:
-            break
-        lam, value, a = lam - t * step, candidate, a_candidate
-    w = np.exp(a - a.max())
-    return w / w.sum()
+            return x, False
+        x = x - t * step
+        value, gradient, hessian = candidate
+    return x, bool(np.abs(gradient).max(initial=0) < tolerance)
 
 
 def crump_bounds(propensity):
