@@ -2,7 +2,10 @@
 strength, and a cross-check against DoubleML on the same nuisance predictions.
 
 Usage: python bench/bench_sensitivity.py [withheld|doubleml|all] [--draws 100] [--units 2000]
-       [--doubleml-venv outputs/doubleml-venv] [--json out.json]
+       [--calibrate on|off] [--doubleml-venv outputs/doubleml-venv] [--json out.json]
+
+--calibrate: estimateate's CALIBRATE (on, its default: the propensities calibrated to balance the outcome models'
+inputs, core.design.balancing_propensities; off: the model's, as the figures before 2026-12-07's eighteenth session).
 
 * withheld (--draws draws, seeds 0..; for the ATE, then for the ATT with an effect 1 + 0.5 X): treatment and outcome both driven by an observed X and a confounder U the
   user does not have (logit P(W = 1) = 0.5 X + 0.5 U; Y = W + X + 0.6 U + noise; true ATE 1). The nuisance models
@@ -64,13 +67,18 @@ def draw(seed, n):
     return X, U, W, Y
 
 
+CALIBRATE = True   # --calibrate
+
+
 def nuisances(Y, W, inputs, seed):
     from geocate.core.crossfit import location_folds
     from geocate.core.design import CLIP, StudyDesign
     from geocate.core.scores import arm_models
 
     folds = location_folds(np.arange(len(Y)), 5, seed)
-    e, _ = StudyDesign("observational").propensities(W, inputs, folds)
+    design = StudyDesign("observational", calibrate=CALIBRATE)
+    e, _ = design.propensities(W, inputs, folds)
+    e, _ = design.calibrated(W, e, inputs)
     return arm_models(Y, W, 2, inputs, folds), np.clip(e, CLIP, 1 - CLIP)
 
 
@@ -143,11 +151,14 @@ def main(argv=None):
     parser.add_argument("study", nargs="?", default="all", choices=["withheld", "doubleml", "all"])
     parser.add_argument("--draws", type=int, default=100)
     parser.add_argument("--units", type=int, default=2000)
+    parser.add_argument("--calibrate", default="on", choices=("on", "off"))
     parser.add_argument("--doubleml-venv", default=os.path.join(ROOT, "outputs", "doubleml-venv"))
     parser.add_argument("--json")
     args = parser.parse_args(argv)
     started = time.perf_counter()
-    results = {}
+    global CALIBRATE
+    CALIBRATE = args.calibrate == "on"
+    results = {"calibrate": args.calibrate}
     if args.study in ("withheld", "all"):
         results["withheld"] = withheld(args.draws, args.units)
         results["withheld_att"] = withheld(args.draws, args.units, "ATT")
