@@ -180,8 +180,7 @@ def bounded_balance(Z, base, n):
     the bounds balance (some units would need less weight than any propensity gives: the arm is over-represented
     there), the closer to balance of entropy_balance's unbounded weights and the dual's last iterate, each brought
     within the bounds and to a sum of 1 (within_bounds), which leaves the balance close rather than exact (the
-    caller measures it). Returns (weights, "exact" | "close" | "failed": no weights
-    balance, bounded or not)."""
+    caller measures it). Returns (weights, "exact" | "close" | "failed": no weights balance, bounded or not)."""
     low, high = 1 / ((1 - CLIP) * n), 1 / (CLIP * n)
     free = entropy_balance(Z, base)
     if np.abs(free @ Z).max(initial=0) > 1e-8:

@@ -637,6 +637,8 @@ def stacked_models_section(metadata):
 def calibration_sentence(calibration, before="", after=""):
     """What calibrating the propensities did (core.design.balancing_propensities' record): the log's line and the
     report's paragraph; "" when it was not asked for, or not reached (the run's warnings then say so)."""
+    from .design import CLIP
+
     if not calibration or calibration["balance"] == "not reached":
         return ""
     left = (f"largest standardized difference of an arm's weighted mean from all units' "
@@ -644,7 +646,8 @@ def calibration_sentence(calibration, before="", after=""):
     if calibration["balance"] == "close":
         return (f"{before}Propensities calibrated so that each arm's weights balance the outcome models' "
                 f"{calibration['inputs']} inputs (image components and covariates) closely, not exactly: some units "
-                "would need less weight than a propensity of 0.99 gives (their arm is over-represented there), and "
+                f"would need less weight than a propensity of {1 - CLIP:g} gives (their arm is over-represented "
+                "there), and "
                 f"are held at it; {left}.{after}")
     return (f"{before}Propensities calibrated so that each arm's weights balance the outcome models' "
             f"{calibration['inputs']} inputs (image components and covariates) exactly: {left}.{after}")
