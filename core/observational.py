@@ -40,7 +40,8 @@ def adjusted_effects(outcome, arms, propensities, inputs=None, folds=None, clust
     propensities: (n, A) from StudyDesign.propensities (columns in the order of np.unique(arms)), clipped to
     [CLIP, 1 - CLIP]; folds: the outcome models' cross-fitting folds (a study passes its own; None: ``n_folds``
     folds of single units drawn with ``seed``); mu: (n, A) cross-fitted outcome models already fitted (the
-    stacked ones, core.stacking), else core.scores.arm_models on ``inputs``. Returns a list of AdjustedEffect.
+    stacked ones, core.stacking), else core.scores.arm_models on ``inputs``, whose penalty cross-validation keeps
+    the ``clusters`` whole. Returns a list of AdjustedEffect.
     """
     from .crossfit import location_folds
 
@@ -49,7 +50,7 @@ def adjusted_effects(outcome, arms, propensities, inputs=None, folds=None, clust
     n, k = len(Y), len(levels)
     e = np.clip(np.asarray(propensities, float).reshape(n, k), CLIP, 1 - CLIP)
     folds = location_folds(np.arange(n), n_folds, seed) if folds is None else np.asarray(folds)
-    mu = arm_models(Y, index, k, inputs, folds, is_cancelled=is_cancelled) if mu is None else \
+    mu = arm_models(Y, index, k, inputs, folds, is_cancelled=is_cancelled, groups=clusters) if mu is None else \
         np.asarray(mu, float).reshape(n, k)
     D = np.eye(k)[index]
     ipw = D * Y[:, None] / e

@@ -1093,13 +1093,14 @@ def estimate_ate(units, raster_path, design, bands=None, window_size_px=33, noda
 
         learners = nuisance_learners(nuisance, index, n_arms, propensity_inputs(features, covariates), inputs,
                                      study.outcome[used], scaled_windows(study, seed) if with_windows else None,
-                                     seed, covariates, network_device)
+                                     seed, covariates, network_device, groups)
         propensities, fit = stacked_propensities(arms, learners[0], folds, is_cancelled, stage(progress, 0.5, 0.7))
         study = dataclasses.replace(study, patches=None, views=None)   # the networks hold their scaled copy
     else:
         if progress is not None:
             progress(0.6, "Propensity model (cross-fitted)")
-        propensities, fit = design.propensities(arms, propensity_inputs(features, covariates), folds, is_cancelled)
+        propensities, fit = design.propensities(arms, propensity_inputs(features, covariates), folds, is_cancelled,
+                                                groups)
     binary = propensities.shape[1] == 2
     kept, bounds = design.keep(propensities[:, 1]) if binary else (np.ones(len(arms), bool), None)
     if binary and kept.sum() < len(kept):

@@ -47,9 +47,21 @@ def aipw_scores(outcome, treated, mu0, mu1, propensity):
     return mu1 - mu0 + W * (Y - mu1) / e - (1 - W) * (Y - mu0) / (1 - e)
 
 
-def outcome_model():
+#: Folds of the penalty's cross-validation when the training units come in groups (outcome_model).
+PENALTY_FOLDS = 5
+
+
+def outcome_model(groups=None):
     """The outcome model of every DR score and forest residual: an additive cubic spline of each input
     (5 knots) under ridge, its penalty chosen by efficient leave-one-out (RidgeCV).
+
+    groups: the training units' groups (clusters or spatial blocks, the groups the folds keep whole), or None.
+    When some group holds several units, the penalty is chosen instead by cross-validation that keeps the groups
+    whole (PENALTY_FOLDS folds of groups, scikit-learn's GroupKFold; squared error): leaving one unit out while its
+    village stays in rewards a fit that learns each village's shock through inputs that identify the village,
+    so leave-one-out chose the smallest penalty, and the spline's predictions for other villages swung widely
+    (bench_observational's clustered design: AIPW's spread nearly doubled and its coverage fell to 0.87;
+    docs/benchmarks.md).
 
     Why not a random forest: MOSAIKS features are made for linear models, the
     splines catch non-linear covariates, and on the simulated trials its
@@ -60,8 +72,17 @@ def outcome_model():
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import SplineTransformer
 
-    return make_pipeline(SplineTransformer(n_knots=5, degree=3, extrapolation="linear"),
-                         _ridge_cv()(alphas=np.logspace(-2, 4, 13)))
+    alphas = np.logspace(-2, 4, 13)
+    ridge = _ridge_cv()(alphas=alphas)
+    if groups is not None:
+        from sklearn.model_selection import GroupKFold
+
+        groups = np.asarray(groups).ravel()
+        distinct = len(np.unique(groups))
+        if 2 <= distinct < len(groups):     # some group holds several units: folds of whole groups
+            splits = list(GroupKFold(min(PENALTY_FOLDS, distinct)).split(np.zeros((len(groups), 1)), groups=groups))
+            ridge = _ridge_cv()(alphas=alphas, cv=splits, scoring="neg_mean_squared_error")
+    return make_pipeline(SplineTransformer(n_knots=5, degree=3, extrapolation="linear"), ridge)
 
 
 @functools.cache
@@ -82,14 +103,15 @@ def _ridge_cv():
     return SafeRidgeCV
 
 
-def arm_outcome_models(outcome, treated, inputs, folds, is_cancelled=None):
+def arm_outcome_models(outcome, treated, inputs, folds, is_cancelled=None, groups=None):
     """Cross-fitted mu_w(x) = E[Y | X = x, W = w]: for each fold and arm, :func:`outcome_model` fit on
     the other folds' units of that arm.
 
     inputs: (n, p) outcome-model inputs, or None (then mu_w is the arm mean of
-    the other folds). Returns (mu0, mu1), each (n,) and out-of-fold.
+    the other folds); groups: the units' groups (arm_models). Returns (mu0, mu1), each (n,) and out-of-fold.
     """
-    mu = arm_models(outcome, np.asarray(treated, int), 2, inputs, folds, ("control", "treated"), is_cancelled)
+    mu = arm_models(outcome, np.asarray(treated, int), 2, inputs, folds, ("control", "treated"), is_cancelled,
+                    groups)
     return mu[:, 0], mu[:, 1]
 
 
@@ -97,13 +119,16 @@ def arm_outcome_models(outcome, treated, inputs, folds, is_cancelled=None):
 MIN_UNITS_FOR_MODEL = 10
 
 
-def arm_models(outcome, arm_index, n_arms, inputs, folds, labels=None, is_cancelled=None):
+def arm_models(outcome, arm_index, n_arms, inputs, folds, labels=None, is_cancelled=None, groups=None):
     """(n, A) cross-fitted E[Y | X, arm a] for every unit and arm a = 0..A-1 (``arm_index``): :func:`outcome_model`
     on each arm's units of the other folds; the arm mean when ``inputs`` is None or the arm has fewer than
-    MIN_UNITS_FOR_MODEL units there. labels: how messages name the arms; is_cancelled: polled between folds."""
+    MIN_UNITS_FOR_MODEL units there. labels: how messages name the arms; is_cancelled: polled between folds;
+    groups: the units' groups (clusters, spatial blocks; None: none), whose penalty cross-validation keeps them
+    whole (outcome_model)."""
     Y = np.asarray(outcome, float)
     n = len(Y)
     X = None if inputs is None or np.asarray(inputs).size == 0 else np.asarray(inputs, float).reshape(n, -1)
+    groups = None if groups is None else np.asarray(groups).ravel()
     from .crossfit import crossfit
 
     def fit_predict(train, test):
@@ -115,25 +140,26 @@ def arm_models(outcome, arm_index, n_arms, inputs, folds, labels=None, is_cancel
                 raise GeoCateError(f"A cross-fitting fold leaves too few {name} units to learn from.",
                                    "Use more units, or fewer or smaller spatial blocks.")
             mu[:, a] = Y[rows].mean() if X is None or rows.sum() < MIN_UNITS_FOR_MODEL else \
-                outcome_model().fit(X[rows], Y[rows]).predict(X[test])
+                outcome_model(None if groups is None else groups[rows]).fit(X[rows], Y[rows]).predict(X[test])
         return mu
 
     return crossfit(fit_predict, folds, is_cancelled)
 
 
 def cross_fitted_scores(outcome, treated, inputs=None, folds=None, n_folds=5, seed=42, design=None,
-                        is_cancelled=None):
+                        is_cancelled=None, groups=None):
     """AIPW scores whose outcome models did not see the unit (arm_outcome_models on ``folds``).
 
     The propensity is the treated share (known in a trial), or with an
     observational core.design.StudyDesign each unit's cross-fitted propensity
-    from ``inputs`` on the same folds. is_cancelled: polled between folds. Returns (scores, mu0, mu1, e).
+    from ``inputs`` on the same folds. is_cancelled: polled between folds; groups: the units' groups, kept whole
+    by the outcome models' penalty cross-validation (arm_models). Returns (scores, mu0, mu1, e).
     """
     from .crossfit import location_folds
 
     Y, W = np.asarray(outcome, float), np.asarray(treated, int)
     folds = location_folds(np.arange(len(Y)), n_folds, seed) if folds is None else np.asarray(folds)
-    mu0, mu1 = arm_outcome_models(Y, W, inputs, folds, is_cancelled)
+    mu0, mu1 = arm_outcome_models(Y, W, inputs, folds, is_cancelled, groups)
     if design is not None and design.kind != "randomized":
         from .design import CLIP
 

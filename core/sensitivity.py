@@ -255,7 +255,9 @@ def analyse(outcome, arms, design, features, covariates, covariate_names, folds,
     estimateate's own (core.inputs.propensity_inputs for the propensity, core.inputs.outcome_inputs with
     ``n_components`` for the outcome models), refit here on the same folds, the propensities calibrated to
     balance each refit's outcome inputs when ``design`` calibrates (core.design.StudyDesign.calibrated), so
-    theta is its AIPW estimate of the ATE or the ATT (tested)."""
+    theta is its AIPW estimate of the ATE or the ATT (tested). A benchmark's refit balances a subset of the full
+    fit's inputs (the same components, fewer columns); whether some weights balance them depends on the inputs
+    alone (not on the propensity they start from), so its calibration is reached whenever the full fit's is."""
     from .design import CLIP
     from .inputs import outcome_inputs, propensity_inputs
     from .scores import arm_models
@@ -271,11 +273,11 @@ def analyse(outcome, arms, design, features, covariates, covariate_names, folds,
     def elements_with(image, covs):
         covs = covs if covs is not None and covs.size and covs.shape[1] else None
         e, _ = design.propensities(arms, propensity_inputs(image, covs) if image is not None or covs is not None
-                                   else None, folds, is_cancelled)
+                                   else None, folds, is_cancelled, clusters)
         inputs = outcome_inputs(image, covs, seed, n_components) if image is not None or covs is not None else None
         e, _ = design.calibrated(arms, e, inputs, kept)    # as estimateate's, when its design calibrates
         mu = arm_models(Y[kept], index[kept], k, None if inputs is None else inputs[kept], folds[kept],
-                        is_cancelled=is_cancelled)
+                        is_cancelled=is_cancelled, groups=None if clusters is None else clusters[kept])
         e = np.clip(e[kept], CLIP, 1 - CLIP)
         return [contrast_elements(Y[kept], index[kept], mu, e, a, 0, None if clusters is None else clusters[kept],
                                   names[a - 1] + ("" if estimand == "ATE" else f" ({estimand})"), estimand)

@@ -294,13 +294,14 @@ def window_network_outcome(windows, seed, extra=None, epochs=None, device="cpu")
 
 
 def nuisance_learners(kind, index, k, propensity_inputs, outcome_inputs, outcome, windows=None, seed=42,
-                      covariates=None, device="cpu"):
+                      covariates=None, device="cpu", groups=None):
     """The propensity and outcome learners of ``kind`` (NUISANCE_CHOICES, not "penalised"): two dicts {name:
     fit_predict(train, test)}. ``index``: each unit's arm 0..k-1; ``propensity_inputs``: every standardised image
     feature and covariate (the penalised logistic model's); ``outcome_inputs``: the components and covariates
     (the spline ridge's and the boosting's); ``windows``: the scaled windows ("stacked with windows"), whose outcome
     network also reads the ``covariates`` (or None); ``device``: where the window networks train ("cpu" or
-    "cuda": core.embed.resolve_device)."""
+    "cuda": core.embed.resolve_device); ``groups``: the units' groups, kept whole by the penalised models' penalty
+    cross-validation (core.design.penalised_logistic, core.scores.outcome_model)."""
     from .design import penalised_logistic
     from .scores import MIN_UNITS_FOR_MODEL, outcome_model
 
@@ -310,9 +311,13 @@ def nuisance_learners(kind, index, k, propensity_inputs, outcome_inputs, outcome
     Xo = np.asarray(outcome_inputs, float)
     Y = np.asarray(outcome, float)
     index = np.asarray(index)
+    groups = None if groups is None else np.asarray(groups).ravel()
+
+    def of(rows):
+        return None if groups is None else groups[rows]
 
     def logistic(train, test):
-        return _probabilities(penalised_logistic().fit(Xp[train], index[train]), Xp[test], k)
+        return _probabilities(penalised_logistic(of(train)).fit(Xp[train], index[train]), Xp[test], k)
 
     def boosted(train, test):
         return _probabilities(boosting_classifier(seed).fit(Xo[train], index[train]), Xo[test], k)
@@ -320,8 +325,9 @@ def nuisance_learners(kind, index, k, propensity_inputs, outcome_inputs, outcome
     units = np.arange(len(Y))[:, None]
 
     def per_arm(make, units_as_inputs=False):
-        """fit_predict of ``make()`` fitted on each arm's training units (the arm mean below MIN_UNITS_FOR_MODEL);
-        its inputs the outcome inputs, or the units' indices (a learner that reads the windows itself)."""
+        """fit_predict of ``make(groups)`` (the training units' groups) fitted on each arm's training units (the arm
+        mean below MIN_UNITS_FOR_MODEL); its inputs the outcome inputs, or the units' indices (a learner that reads
+        the windows itself)."""
         X = units if units_as_inputs else Xo
 
         def fit_predict(train, test):
@@ -332,13 +338,13 @@ def nuisance_learners(kind, index, k, propensity_inputs, outcome_inputs, outcome
                     raise GeoCateError("A cross-fitting fold of the stacked outcome models leaves too few units of "
                                        "an arm to learn from.", "Use more units, or the penalised models.")
                 mu[:, a] = Y[rows].mean() if rows.sum() < MIN_UNITS_FOR_MODEL else \
-                    make().fit(X[rows], Y[rows]).predict(X[test])
+                    make(of(rows)).fit(X[rows], Y[rows]).predict(X[test])
             return mu
         return fit_predict
 
     propensity = {"penalised logistic (image features)": logistic, "gradient boosting (components)": boosted}
     outcome_learners = {"spline ridge (components)": per_arm(outcome_model),
-                        "gradient boosting (components)": per_arm(lambda: boosting_regressor(seed))}
+                        "gradient boosting (components)": per_arm(lambda _: boosting_regressor(seed))}
     if kind == "stacked with windows":
         if windows is None:
             raise GeoCateError("The stacked models with a window network need the image windows.",
@@ -346,5 +352,5 @@ def nuisance_learners(kind, index, k, propensity_inputs, outcome_inputs, outcome
         images = _images(windows, device)          # one copy on the device for both networks
         propensity["network on the windows"] = window_network_propensity(images, index, k, seed, device=device)
         regressor = window_network_outcome(images, seed, covariates, device=device)
-        outcome_learners["network on the windows"] = per_arm(regressor, units_as_inputs=True)
+        outcome_learners["network on the windows"] = per_arm(lambda _: regressor(), units_as_inputs=True)
     return propensity, outcome_learners
