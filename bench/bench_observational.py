@@ -253,7 +253,7 @@ def run_clustered(reps, calibrate=True):
             Y, W, inputs, village, ate = clustered_study(rep, assignment=assignment)
             folds = Folds.of_groups(village, 5, rep).fold
             design = StudyDesign("observational", seed=rep, calibrate=calibrate)
-            model, _ = design.propensities(W, inputs, folds, groups=village)
+            model, _ = design.propensities(W, inputs, folds)
             propensity, calibration = design.calibrated(W, model, inputs)
             for state in ("close", "not reached"):
                 shares.setdefault(f"balance {state}", []).append(

@@ -45,7 +45,7 @@ class StudyDesign:
                 raise GeoCateError(f"Trimming bounds ({low}, {high}) are not 0 <= low < high <= 1.",
                                    "Give bounds such as 0.05 and 0.95.")
 
-    def propensities(self, arms, inputs=None, folds=None, is_cancelled=None, groups=None):
+    def propensities(self, arms, inputs=None, folds=None, is_cancelled=None):
         """(n, A) probabilities of each arm (columns in the order of ``np.unique(arms)``) and a fit report.
 
         Randomized: each arm's share, the same for every unit. Observational:
@@ -57,8 +57,7 @@ class StudyDesign:
         leading components: on bench_observational's scene the 20 components
         left AIPW 11 % off the effect, every feature 7 %. The penalty grid
         stops at C = 10 (standardised inputs): weaker penalties with hundreds
-        of features only separate the arms and do not converge. ``groups``: the units' groups (clusters, spatial
-        blocks), kept whole by the penalty's cross-validation too (penalised_logistic).
+        of features only separate the arms and do not converge.
         """
         arms = np.asarray(arms)
         levels, index = np.unique(arms, return_inverse=True)
@@ -75,8 +74,7 @@ class StudyDesign:
             if len(np.unique(index[train])) < k:
                 raise GeoCateError("A cross-fitting fold holds no unit of some treatment arm.",
                                    "Use more units, or fewer arms.")
-            return penalised_logistic(None if groups is None else np.asarray(groups).ravel()[train]).fit(
-                X[train], index[train]).predict_proba(X[test])
+            return penalised_logistic().fit(X[train], index[train]).predict_proba(X[test])
 
         probabilities = crossfit(fit_predict, folds, is_cancelled)
         return probabilities, {"model": "multinomial logistic regression (L2, penalty by cross-validated "
@@ -100,23 +98,14 @@ class StudyDesign:
         return (e >= low) & (e <= high), (float(low), float(high))
 
 
-def penalised_logistic(groups=None):
+def penalised_logistic():
     """The observational propensity model: a multinomial logistic regression on standardised inputs, its L2
-    penalty chosen from PENALTIES by 3-fold cross-validated log-loss (scikit-learn). groups: the training units'
-    groups (clusters, spatial blocks) or None; when some group holds several units, the 3 folds keep the groups
-    whole (GroupKFold), as the outcome models' penalty does (core.scores.outcome_model)."""
+    penalty chosen from PENALTIES by 3-fold cross-validated log-loss (scikit-learn)."""
     from sklearn.linear_model import LogisticRegressionCV
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    cv = 3
-    if groups is not None:
-        from sklearn.model_selection import GroupKFold
-
-        distinct = len(np.unique(groups))
-        if 2 <= distinct < len(groups):
-            cv = list(GroupKFold(min(3, distinct)).split(np.zeros((len(groups), 1)), groups=groups))
-    return make_pipeline(StandardScaler(), LogisticRegressionCV(Cs=PENALTIES, cv=cv, scoring="neg_log_loss",
+    return make_pipeline(StandardScaler(), LogisticRegressionCV(Cs=PENALTIES, cv=3, scoring="neg_log_loss",
                                                                 max_iter=1000))
 
 

@@ -1099,8 +1099,7 @@ def estimate_ate(units, raster_path, design, bands=None, window_size_px=33, noda
     else:
         if progress is not None:
             progress(0.6, "Propensity model (cross-fitted)")
-        propensities, fit = design.propensities(arms, propensity_inputs(features, covariates), folds, is_cancelled,
-                                                groups)
+        propensities, fit = design.propensities(arms, propensity_inputs(features, covariates), folds, is_cancelled)
     binary = propensities.shape[1] == 2
     kept, bounds = design.keep(propensities[:, 1]) if binary else (np.ones(len(arms), bool), None)
     if binary and kept.sum() < len(kept):

@@ -273,7 +273,7 @@ def analyse(outcome, arms, design, features, covariates, covariate_names, folds,
     def elements_with(image, covs):
         covs = covs if covs is not None and covs.size and covs.shape[1] else None
         e, _ = design.propensities(arms, propensity_inputs(image, covs) if image is not None or covs is not None
-                                   else None, folds, is_cancelled, clusters)
+                                   else None, folds, is_cancelled)
         inputs = outcome_inputs(image, covs, seed, n_components) if image is not None or covs is not None else None
         e, _ = design.calibrated(arms, e, inputs, kept)    # as estimateate's, when its design calibrates
         mu = arm_models(Y[kept], index[kept], k, None if inputs is None else inputs[kept], folds[kept],

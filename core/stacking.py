@@ -300,8 +300,8 @@ def nuisance_learners(kind, index, k, propensity_inputs, outcome_inputs, outcome
     feature and covariate (the penalised logistic model's); ``outcome_inputs``: the components and covariates
     (the spline ridge's and the boosting's); ``windows``: the scaled windows ("stacked with windows"), whose outcome
     network also reads the ``covariates`` (or None); ``device``: where the window networks train ("cpu" or
-    "cuda": core.embed.resolve_device); ``groups``: the units' groups, kept whole by the penalised models' penalty
-    cross-validation (core.design.penalised_logistic, core.scores.outcome_model)."""
+    "cuda": core.embed.resolve_device); ``groups``: the units' groups, kept whole by the spline ridge's penalty
+    cross-validation (core.scores.outcome_model)."""
     from .design import penalised_logistic
     from .scores import MIN_UNITS_FOR_MODEL, outcome_model
 
@@ -317,7 +317,7 @@ def nuisance_learners(kind, index, k, propensity_inputs, outcome_inputs, outcome
         return None if groups is None else groups[rows]
 
     def logistic(train, test):
-        return _probabilities(penalised_logistic(of(train)).fit(Xp[train], index[train]), Xp[test], k)
+        return _probabilities(penalised_logistic().fit(Xp[train], index[train]), Xp[test], k)
 
     def boosted(train, test):
         return _probabilities(boosting_classifier(seed).fit(Xo[train], index[train]), Xo[test], k)

@@ -348,8 +348,8 @@ def test_the_outcome_models_penalty_keeps_villages_whole_and_predicts_other_vill
 
 
 def test_aipw_with_village_shocks_uses_whole_villages_for_every_penalty():
-    """adjusted_effects passes its clusters to the outcome models (and StudyDesign.propensities its groups to the
-    logistic model): the same estimate as outcome models fitted by hand with the villages' penalty, another without."""
+    """adjusted_effects passes its clusters to the outcome models: the same estimate as outcome models fitted by hand
+    with the villages' penalty, another without."""
     from geocate.core.crossfit import Folds
     from geocate.core.scores import arm_models
 
@@ -357,7 +357,7 @@ def test_aipw_with_village_shocks_uses_whole_villages_for_every_penalty():
     W = (np.random.default_rng(3).random(60) < 0.5).astype(int)[village]
     Y = Y + W
     folds = Folds.of_groups(village, 5, 3).fold
-    e = StudyDesign("observational", seed=3).propensities(W, X, folds, groups=village)[0]
+    e = StudyDesign("observational", seed=3).propensities(W, X, folds)[0]
     aipw = by_name(adjusted_effects(Y, W, e, X, folds, village), "AIPW").estimate
     for groups, same in ((village, True), (None, False)):
         mu = arm_models(Y, W, 2, X, folds, groups=groups)
