@@ -1,7 +1,7 @@
 """Observational designs: confounding adjustment from imagery (geocate:estimateate's estimators).
 
 Usage: python bench/bench_observational.py [--reps 200] [--causalimages-reps 50] [--nuisance penalised]
-       [--calibrate on|off] [--designs causalimages,scene,overlap] [--first-draw 0] [--json out.json]
+       [--calibrate on|off] [--designs causalimages,scene,overlap,clustered] [--first-draw 0] [--json out.json]
 
 --nuisance: geocate:estimateate's NUISANCE (core.stacking): "penalised" (the default models), "stacked"
 (with gradient boosting) or "stacked with windows" (and a network on the windows, for both models); the
@@ -27,6 +27,10 @@ balancing_propensities, after trimming; the draws whose balance was only close, 
   27.4 Z1 + 13.7 (Z2 + Z3 + Z4) + noise, Y(1) = Y(0) + 10 + 5 Z1 (ATE 10), n = 1000; the models see only
   their transformation X = (exp(Z1 / 2), Z2 / (1 + exp(Z1)) + 10, (Z1 Z3 / 25 + 0.6)^3, (Z2 + Z4 + 20)^2)
   (or Z itself, "correct"), --reps / 4 repetitions: bias and coverage with estimateate's models on X.
+* clustered: units in villages (core.simulate.confounded_villages: 80 villages of 8 units, a village trait V
+  confounding treatment and outcome, a village shock in the outcome, true ATE 1), the programme given to whole
+  villages or to units within them; --reps draws: bias and coverage with standard errors clustered by village and,
+  to show what ignoring the villages does, without; folds keep villages whole.
 * overlap: x uniform on [-3, 3], logit P(W) = 3 x (no overlap at the ends),
   tau(x) = 1 + x / 2, n = 2000, --reps / 4 repetitions: the share of units
   the diagnostics flag, and the coverage of AIPW's interval for the whole
@@ -220,24 +224,6 @@ def run_overlap(reps, calibrate=True):
     return out
 
 
-def clustered_study(seed, villages=80, size=8, assignment="village"):
-    """One draw of the clustered design: (Y, W, inputs, village, true ATE = 1). ``villages`` villages of ``size``
-    units; a village trait V (observed) confounds treatment and outcome; a unit covariate X; outcome
-    Y = (1 + V / 2) W + V + V^2 / 2 + X + u_village + noise, u and noise N(0, 1). ``assignment`` "village": the
-    programme reaches whole villages, logit P = V; "unit": units within villages, logit P = V + X / 2."""
-    rng = np.random.default_rng(1100 + seed)
-    village = np.repeat(np.arange(villages), size)
-    V = rng.standard_normal(villages)[village]
-    X = rng.standard_normal(len(village))
-    if assignment == "village":
-        W = (rng.random(villages) < 1 / (1 + np.exp(-V[::size]))).astype(int)[village]
-    else:
-        W = (rng.random(len(village)) < 1 / (1 + np.exp(-(V + X / 2)))).astype(int)
-    u = rng.standard_normal(villages)[village]
-    Y = (1 + V / 2) * W + V + V ** 2 / 2 + X + u + rng.standard_normal(len(village))
-    return Y, W, np.column_stack([V, X]), village, 1.0
-
-
 def run_clustered(reps, calibrate=True):
     """Coverage of the population ATE (1) when units share villages: each estimator's interval with standard errors
     clustered by village (as estimateate's CLUSTER gives them) and, to show what ignoring the villages does,
@@ -245,12 +231,13 @@ def run_clustered(reps, calibrate=True):
     from geocate.core.crossfit import Folds
     from geocate.core.design import StudyDesign
     from geocate.core.observational import adjusted_effects
+    from geocate.core.simulate import confounded_villages
 
     out = {}
     for assignment in ("village", "unit"):
         errors, covered, ignored, shares = {}, {}, {}, {}
         for rep in range(reps):
-            Y, W, inputs, village, ate = clustered_study(rep, assignment=assignment)
+            Y, W, inputs, village, ate = confounded_villages(1100 + rep, assignment=assignment)
             folds = Folds.of_groups(village, 5, rep).fold
             design = StudyDesign("observational", seed=rep, calibrate=calibrate)
             model, _ = design.propensities(W, inputs, folds)
@@ -273,7 +260,7 @@ def main(argv=None):
     parser.add_argument("--causalimages-reps", type=int, default=None)
     parser.add_argument("--nuisance", default="penalised", choices=("penalised", "stacked", "stacked with windows"))
     parser.add_argument("--calibrate", default="on", choices=("on", "off"))
-    parser.add_argument("--designs", default="causalimages,scene,overlap")
+    parser.add_argument("--designs", default="causalimages,scene,overlap,clustered")
     parser.add_argument("--first-draw", type=int, default=0, help="the scene's and causalimages' first draw (seed)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)

@@ -201,6 +201,27 @@ def confound(trial, seed=0, strength=1.2, effect=1.0, baseline=1.5):
     return treated, outcome, propensity
 
 
+def confounded_villages(seed=0, villages=80, size=8, assignment="village"):
+    """An observational study of units in villages: ``villages`` villages of ``size`` units; a village trait V
+    (observed, e.g. market access) confounds treatment and outcome; a unit covariate X; outcome
+    Y = (1 + V / 2) W + V + V^2 / 2 + X + u + noise, u a village shock, u and noise N(0, 1). ``assignment``
+    "village": the programme reaches whole villages, logit P(W) = V; "unit": units within villages,
+    logit P(W) = V + X / 2. Returns (outcome, treated, inputs (V, X), village, true ATE = 1)."""
+    if assignment not in ("village", "unit"):
+        raise GeoCateError(f"Unknown assignment '{assignment}'.", "Use village or unit.")
+    rng = np.random.default_rng(seed)
+    village = np.repeat(np.arange(villages), size)
+    V = rng.standard_normal(villages)[village]
+    X = rng.standard_normal(len(village))
+    if assignment == "village":
+        W = (rng.random(villages) < 1 / (1 + np.exp(-V[::size]))).astype(int)[village]
+    else:
+        W = (rng.random(len(village)) < 1 / (1 + np.exp(-(V + X / 2)))).astype(int)
+    u = rng.standard_normal(villages)[village]
+    Y = (1 + V / 2) * W + V + V ** 2 / 2 + X + u + rng.standard_normal(len(village))
+    return Y, W, np.column_stack([V, X]), village, 1.0
+
+
 def simulate_panel(n_units=500, n_periods=10, n_covariates=30, theta=0.5, design="linear", seed=0,
                    year_shocks=0.0):
     """The partially linear panel designs of Clarke & Polselli (2025), written from their description:
