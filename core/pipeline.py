@@ -1111,6 +1111,9 @@ def estimate_ate(units, raster_path, design, bands=None, window_size_px=33, noda
     propensities, calibration = design.calibrated(arms, propensities, inputs, kept)
     mu, outcome_fit = None, {"model": "additive cubic splines under ridge on the components and covariates, "
                                       "per arm, cross-fitted"}
+    from .scores import penalty_rule
+
+    penalty = {"penalty": "the splines' ridge penalty by " + penalty_rule(groups[kept])}
     if stacked:
         from .stacking import stacked_arm_models
 
@@ -1134,7 +1137,7 @@ def estimate_ate(units, raster_path, design, bands=None, window_size_px=33, noda
         analysis = analyse_or_warn(warnings, study.outcome[used], arms, design, features, covariates,
                                    study.covariate_names, folds, groups, seed, *sensitivity, kept=kept,
                                    tick=stage(progress, 0.8, 0.95), is_cancelled=is_cancelled,
-                                   estimands=("ATE", "ATT"))
+                                   estimands=("ATE", "ATT"), penalty_groups=groups)
         warnings += analysis.warnings if analysis is not None else []
     predicted = None
     if versions is not None:
@@ -1166,7 +1169,7 @@ def estimate_ate(units, raster_path, design, bands=None, window_size_px=33, noda
     metadata = {"design": design.kind, "trim": design.trim if not isinstance(design.trim, tuple) else list(design.trim),
                 "trim_bounds": bounds, "n_trimmed": int((~kept).sum()), "propensity_model": fit,
                 "calibration": calibration,
-                "nuisance": nuisance if stacked else "penalised", "outcome_models": outcome_fit,
+                "nuisance": nuisance if stacked else "penalised", "outcome_models": {**outcome_fit, **penalty},
                 "overlap": overlap, "warnings": warnings, "seed": seed, "n_folds": n_folds,
                 "predicted_outcome": predicted, "feature_pipeline": feature_pipeline.describe(),
                 "ran_on": {"image windows": prepared.windows_held, "image features": feature_pipeline.device_,

@@ -56,12 +56,13 @@ def outcome_model(groups=None):
     (5 knots) under ridge, its penalty chosen by efficient leave-one-out (RidgeCV).
 
     groups: the training units' groups (clusters or spatial blocks, the groups the folds keep whole), or None.
-    When some group holds several units, the penalty is chosen instead by cross-validation that keeps the groups
-    whole (PENALTY_FOLDS folds of groups, scikit-learn's GroupKFold; squared error): leaving one unit out while its
-    village stays in rewards a fit that learns each village's shock through inputs that identify the village,
-    so leave-one-out chose the smallest penalty, and the spline's predictions for other villages swung widely
-    (bench_observational's clustered design: AIPW's spread nearly doubled and its coverage fell to 0.87;
-    docs/benchmarks.md).
+    When there are at least two groups and some group holds several units (penalty_rule), the penalty is chosen
+    instead by cross-validation that keeps the groups whole (up to PENALTY_FOLDS folds of groups, scikit-learn's
+    GroupKFold; squared error): leaving one unit out while its village stays in rewards a fit that learns each
+    village's shock through inputs that identify the village, so leave-one-out often chose the grid's smallest
+    penalty (245 of 600 fits), and the splines' predictions for other villages swung widely (bench_observational's
+    clustered design with whole villages treated: AIPW's sd about 0.7 against 0.55, coverage 0.90 against 0.925;
+    docs/benchmarks.md). estimateate passes its fold groups; the other algorithms' scores keep leave-one-out.
 
     Why not a random forest: MOSAIKS features are made for linear models, the
     splines catch non-linear covariates, and on the simulated trials its
@@ -74,21 +75,32 @@ def outcome_model(groups=None):
 
     alphas = np.logspace(-2, 4, 13)
     ridge = _ridge_cv()(alphas=alphas)
-    if groups is not None:
+    if penalty_rule(groups) != "leave-one-out":     # some group holds several units: folds of whole groups
         from sklearn.model_selection import GroupKFold
 
         groups = np.asarray(groups).ravel()
-        distinct = len(np.unique(groups))
-        if 2 <= distinct < len(groups):     # some group holds several units: folds of whole groups
-            splits = list(GroupKFold(min(PENALTY_FOLDS, distinct)).split(np.zeros((len(groups), 1)), groups=groups))
-            ridge = _ridge_cv()(alphas=alphas, cv=splits, scoring="neg_mean_squared_error")
+        splits = GroupKFold(min(PENALTY_FOLDS, len(np.unique(groups)))).split(np.zeros((len(groups), 1)), groups=groups)
+        ridge = _ridge_cv()(alphas=alphas, cv=list(splits), scoring="neg_mean_squared_error")
     return make_pipeline(SplineTransformer(n_knots=5, degree=3, extrapolation="linear"), ridge)
+
+
+def penalty_rule(groups):
+    """How outcome_model chooses its penalty for units in ``groups`` (None: independent units), as the run record
+    says it: "leave-one-out", or cross-validation over whole groups when some group holds several units (and
+    there are at least two)."""
+    if groups is None:
+        return "leave-one-out"
+    groups = np.asarray(groups).ravel()
+    distinct = len(np.unique(groups))
+    return f"cross-validation over whole groups ({min(PENALTY_FOLDS, distinct)} folds)" \
+        if 2 <= distinct < len(groups) else "leave-one-out"
 
 
 @functools.cache
 def _ridge_cv():
     """RidgeCV that falls back from LAPACK's SVD, which can fail to converge on ill-conditioned spline bases
-    (seen with 16-pixel image features), to the eigen decomposition of the same leave-one-out problem."""
+    (seen with 16-pixel image features), to the eigen decomposition of the same leave-one-out problem (leave-one-out
+    only: with cross-validation splits, scikit-learn fits Ridge on each)."""
     from numpy.linalg import LinAlgError
     from sklearn.linear_model import RidgeCV
 

@@ -247,7 +247,8 @@ class Sensitivity:
 
 
 def analyse(outcome, arms, design, features, covariates, covariate_names, folds, clusters, seed, cf_y=0.03,
-            cf_d=0.03, rho=1.0, kept=None, tick=None, is_cancelled=None, n_components=20, estimands=("ATE",)):
+            cf_d=0.03, rho=1.0, kept=None, tick=None, is_cancelled=None, n_components=20, estimands=("ATE",),
+            penalty_groups=None):
     """The sensitivity analysis of every AIPW contrast of an arm against the reference (arm levels sorted, the
     first the reference), for each of ``estimands`` ("ATE", "ATT": the effect on the arm's units; the ATE's
     contrasts first, named "1 vs 0", the ATT's "1 vs 0 (ATT)"), with benchmarks: everything the imagery shows, and
@@ -257,7 +258,10 @@ def analyse(outcome, arms, design, features, covariates, covariate_names, folds,
     balance each refit's outcome inputs when ``design`` calibrates (core.design.StudyDesign.calibrated), so
     theta is its AIPW estimate of the ATE or the ATT (tested). A benchmark's refit balances a subset of the full
     fit's inputs (the same components, fewer columns); whether some weights balance them depends on the inputs
-    alone (not on the propensity they start from), so its calibration is reached whenever the full fit's is."""
+    alone (not on the propensity they start from), so its calibration is reached whenever the full fit's is.
+    penalty_groups: the groups the outcome models' penalty cross-validation keeps whole (core.scores.arm_models;
+    None: leave-one-out), those of the estimate the analysis describes: estimateate's fold groups, none for
+    estimatecate's forest."""
     from .design import CLIP
     from .inputs import outcome_inputs, propensity_inputs
     from .scores import arm_models
@@ -265,6 +269,7 @@ def analyse(outcome, arms, design, features, covariates, covariate_names, folds,
     check_strengths(cf_y, cf_d, rho)
     Y = np.asarray(outcome, float)
     kept = np.ones(len(Y), bool) if kept is None else np.asarray(kept, bool)
+    penalty_groups = None if penalty_groups is None else np.asarray(penalty_groups).ravel()
     levels, index = np.unique(np.asarray(arms), return_inverse=True)
     k = len(levels)
     names = [f"{levels[a]:g} vs {levels[0]:g}" if np.issubdtype(levels.dtype, np.number) else
@@ -277,7 +282,7 @@ def analyse(outcome, arms, design, features, covariates, covariate_names, folds,
         inputs = outcome_inputs(image, covs, seed, n_components) if image is not None or covs is not None else None
         e, _ = design.calibrated(arms, e, inputs, kept)    # as estimateate's, when its design calibrates
         mu = arm_models(Y[kept], index[kept], k, None if inputs is None else inputs[kept], folds[kept],
-                        is_cancelled=is_cancelled, groups=None if clusters is None else clusters[kept])
+                        is_cancelled=is_cancelled, groups=None if penalty_groups is None else penalty_groups[kept])
         e = np.clip(e[kept], CLIP, 1 - CLIP)
         return [contrast_elements(Y[kept], index[kept], mu, e, a, 0, None if clusters is None else clusters[kept],
                                   names[a - 1] + ("" if estimand == "ATE" else f" ({estimand})"), estimand)

@@ -446,3 +446,29 @@ def test_estimate_ate_with_stacked_models_and_the_window_network(small_trial, de
         estimate_ate(units, demo_raster, design, n_filters=64, nuisance="stacked",
                      progress=lambda f, m="": messages.append(m),
                      is_cancelled=lambda: any(m.startswith("Stacked models") for m in messages))
+
+
+@pytest.mark.slow
+def test_with_spatial_blocks_each_sensitivity_analysis_is_on_its_own_estimate(small_trial, demo_raster):
+    """Blocks of several units: estimateate's outcome models choose their penalty over whole blocks and its
+    sensitivity analysis refits them so (theta = the AIPW ATE); estimatecate's forest keeps leave-one-out, and so
+    does its analysis (theta = its DR ATE)."""
+    import dataclasses
+
+    from geocate.core.design import StudyDesign
+    from geocate.core.pipeline import estimate_ate
+    from geocate.core.simulate import confound
+
+    treated, outcome, _ = confound(small_trial, seed=4)
+    units = dataclasses.replace(unit_table(small_trial), treated=treated.astype(float), outcome=outcome)
+    design = StudyDesign("observational", seed=4, trim="crump", calibrate=True)
+    _, out = estimate_ate(units, demo_raster, design, n_filters=128, spatial_block=4000, sensitivity=(0.03, 0.03, 1.0))
+    assert out["metadata"]["outcome_models"]["penalty"].startswith(
+        "the splines' ridge penalty by cross-validation over whole groups") and out["metadata"]["fold_groups"] < 200
+    aipw = next(e for e in out["effects"] if (e.estimator, e.estimand) == ("AIPW", "ATE"))
+    assert out["sensitivity"].elements[0].theta == pytest.approx(aipw.estimate, abs=1e-9)
+    treated, outcome, _ = confound(small_trial, seed=4, strength=0.6)   # untrimmed: milder, so nu2 > 0
+    units = dataclasses.replace(units, treated=treated.astype(float), outcome=outcome)
+    cate = estimate_cate(units, demo_raster, n_folds=3, n_estimators=40, n_draws=50, spatial_block=4000,
+                         study_design=StudyDesign("observational", seed=4), sensitivity=(0.03, 0.03, 1.0))[1]
+    assert cate.sensitivity.elements[0].theta == pytest.approx(cate.ate, abs=1e-9)

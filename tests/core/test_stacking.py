@@ -223,3 +223,20 @@ def test_three_arms_any_fold_ids_and_the_loss_gradient():
     with pytest.raises(GeoCateError, match="no unit of some treatment arm"):
         lonely = np.where(np.arange(n) == 0, 20, arms % 20)              # arm 20 only in one fold
         stacked_propensities(lonely, propensity_learners, folds)
+
+
+def test_the_stacks_spline_learner_chooses_its_penalty_over_the_units_groups(monkeypatch):
+    """nuisance_learners(groups=...) hands each arm's spline ridge the groups of its training units
+    (core.scores.outcome_model's penalty over whole groups, as estimateate's penalised models)."""
+    import geocate.core.scores as scores
+
+    x, W, Y = confounded(0)
+    groups = np.arange(len(Y)) // 4
+    seen, original = [], scores.outcome_model
+    monkeypatch.setattr(scores, "outcome_model", lambda g=None: seen.append(g) or original(g))
+    _, outcome_learners = nuisance_learners("stacked", W, 2, x, x, Y, seed=0, groups=groups)
+    train = np.arange(len(Y)) % 5 != 0
+    outcome_learners["spline ridge (components)"](train, ~train)
+    assert len(seen) == 2
+    for arm, received in enumerate(seen):
+        np.testing.assert_array_equal(received, groups[train & (W == arm)])

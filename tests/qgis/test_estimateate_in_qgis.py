@@ -53,6 +53,9 @@ def test_estimateate_adjusts_for_what_the_image_shows_and_reports_overlap_and_ba
     assert metadata["schema_version"] == 2 and next(iter(metadata)) == "schema_version"   # the record's layout
     assert metadata["design"] == "observational" and metadata["trim"] == "crump"
     assert metadata["balance"][0][0] == "image component 1"
+    # The default spatial blocks hold several units each: the splines' penalty is chosen over whole blocks.
+    assert metadata["outcome_models"]["penalty"] == "the splines' ridge penalty by cross-validation over whole groups " \
+                                                    "(5 folds)" and metadata["fold_groups"] < 300
     # CALIBRATE (issue 23, point 1; on by default): the weights balance the outcome models' inputs, so the table's
     # components and covariates are near 0 after weighting, while before they were far apart. Here treatment is
     # strongly selected on 300 units, so some weights would fall below the clip's bound: balance is close (the
