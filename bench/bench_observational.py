@@ -1,7 +1,8 @@
 """Observational designs: confounding adjustment from imagery (geocate:estimateate's estimators).
 
 Usage: python bench/bench_observational.py [--reps 200] [--causalimages-reps 50] [--nuisance penalised]
-       [--calibrate on|off] [--designs causalimages,scene,overlap,clustered] [--first-draw 0] [--json out.json]
+       [--calibrate on|off] [--designs causalimages,scene,overlap,clustered] [--first-draw 0]
+       [--villages 80] [--village-size 8] [--json out.json]
 
 --nuisance: geocate:estimateate's NUISANCE (core.stacking): "penalised" (the default models), "stacked"
 (with gradient boosting) or "stacked with windows" (and a network on the windows, for both models); the
@@ -27,7 +28,7 @@ balancing_propensities, after trimming; the draws whose balance was only close, 
   27.4 Z1 + 13.7 (Z2 + Z3 + Z4) + noise, Y(1) = Y(0) + 10 + 5 Z1 (ATE 10), n = 1000; the models see only
   their transformation X = (exp(Z1 / 2), Z2 / (1 + exp(Z1)) + 10, (Z1 Z3 / 25 + 0.6)^3, (Z2 + Z4 + 20)^2)
   (or Z itself, "correct"), --reps / 4 repetitions: bias and coverage with estimateate's models on X.
-* clustered: units in villages (core.simulate.confounded_villages: 80 villages of 8 units, a village trait V
+* clustered: units in villages (core.simulate.confounded_villages: --villages 80 villages of --village-size 8 units, a village trait V
   confounding treatment and outcome, a village shock in the outcome, true ATE 1), the programme given to whole
   villages or to units within them; --reps draws: bias and coverage with standard errors clustered by village and,
   to show what ignoring the villages does, without; folds keep villages whole.
@@ -224,7 +225,7 @@ def run_overlap(reps, calibrate=True):
     return out
 
 
-def run_clustered(reps, calibrate=True):
+def run_clustered(reps, calibrate=True, villages=80, size=8):
     """Coverage of the population ATE (1) when units share villages: each estimator's interval with standard errors
     clustered by village (as estimateate's CLUSTER gives them) and, to show what ignoring the villages does,
     without; folds keep villages whole."""
@@ -237,7 +238,7 @@ def run_clustered(reps, calibrate=True):
     for assignment in ("village", "unit"):
         errors, covered, ignored, shares = {}, {}, {}, {}
         for rep in range(reps):
-            Y, W, inputs, village, ate = confounded_villages(1100 + rep, assignment=assignment)
+            Y, W, inputs, village, ate = confounded_villages(1100 + rep, villages, size, assignment)
             folds = Folds.of_groups(village, 5, rep).fold
             design = StudyDesign("observational", seed=rep, calibrate=calibrate)
             model, _ = design.propensities(W, inputs, folds)
@@ -262,6 +263,8 @@ def main(argv=None):
     parser.add_argument("--calibrate", default="on", choices=("on", "off"))
     parser.add_argument("--designs", default="causalimages,scene,overlap,clustered")
     parser.add_argument("--first-draw", type=int, default=0, help="the scene's and causalimages' first draw (seed)")
+    parser.add_argument("--villages", type=int, default=80, help="the clustered design's villages")
+    parser.add_argument("--village-size", type=int, default=8, help="the clustered design's units per village")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     started = time.perf_counter()
@@ -271,7 +274,7 @@ def main(argv=None):
             "scene": lambda: run_scene(args.reps, args.nuisance, args.first_draw, calibrate),
             "overlap": lambda: run_overlap(max(args.reps // 4, 1), calibrate),
             "kang-schafer": lambda: run_kang_schafer(max(args.reps // 4, 1), calibrate),
-            "clustered": lambda: run_clustered(args.reps, calibrate)}
+            "clustered": lambda: run_clustered(args.reps, calibrate, args.villages, args.village_size)}
     figures = {"nuisance": args.nuisance, "calibrate": args.calibrate}
     figures.update({name: runs[name]() for name in args.designs.split(",")})
     save_figures(args.json, figures, started)
