@@ -192,3 +192,28 @@ def test_qgis_process_runs_the_stacked_models_and_reports_their_weights(demo_uni
     assert "Propensities calibrated" not in done.stdout + done.stderr
     report = (tmp_path / "stacked.html").read_text()
     assert "Stacked models" in report and "gradient boosting (components)" in report
+
+
+def test_a_cluster_field_keeps_villages_whole_in_the_outcome_models_penalty(plugin, demo_units_gpkg, demo_raster,
+                                                                           tmp_path):
+    """CLUSTER through Processing: the villages are the fold groups, and the outcome models choose their penalty over
+    whole villages (the run record says so); without clusters or blocks, every unit its own group, leave-one-out."""
+    import processing
+
+    layer = confounded_layer(demo_units_gpkg)
+    layer.dataProvider().addAttributes([QgsField("village", QVariant.Int)])
+    layer.updateFields()
+    index = layer.fields().indexOf("village")
+    layer.dataProvider().changeAttributeValues({f.id(): {index: int(f.id()) // 6} for f in layer.getFeatures()})
+    records = {}
+    for name, cluster in (("villages", "village"), ("units", None)):
+        processing.run("geocate:estimateate", {
+            "INPUT": layer, "TREATMENT": "programme", "OUTCOME": "income", "COVARIATES": ["assets"],
+            "RASTER": demo_raster, "DESIGN": 0, "TRIM": 1, "SPATIAL_BLOCK": 0,
+            **({"CLUSTER": cluster} if cluster else {}), "OUTPUT": str(tmp_path / f"{name}.gpkg")})
+        records[name] = json.loads((tmp_path / f"{name}.run.json").read_text())
+    villages = len({int(f.id()) // 6 for f in layer.getFeatures()})
+    assert records["villages"]["fold_groups"] <= villages < records["units"]["fold_groups"]
+    assert records["villages"]["outcome_models"]["penalty"].startswith(
+        "the splines' ridge penalty by cross-validation over whole groups")
+    assert records["units"]["outcome_models"]["penalty"] == "the splines' ridge penalty by leave-one-out"
