@@ -115,15 +115,14 @@ def _ridge_cv():
     return SafeRidgeCV
 
 
-def arm_outcome_models(outcome, treated, inputs, folds, is_cancelled=None, groups=None):
+def arm_outcome_models(outcome, treated, inputs, folds, is_cancelled=None):
     """Cross-fitted mu_w(x) = E[Y | X = x, W = w]: for each fold and arm, :func:`outcome_model` fit on
     the other folds' units of that arm.
 
     inputs: (n, p) outcome-model inputs, or None (then mu_w is the arm mean of
-    the other folds); groups: the units' groups (arm_models). Returns (mu0, mu1), each (n,) and out-of-fold.
+    the other folds). Returns (mu0, mu1), each (n,) and out-of-fold.
     """
-    mu = arm_models(outcome, np.asarray(treated, int), 2, inputs, folds, ("control", "treated"), is_cancelled,
-                    groups)
+    mu = arm_models(outcome, np.asarray(treated, int), 2, inputs, folds, ("control", "treated"), is_cancelled)
     return mu[:, 0], mu[:, 1]
 
 
@@ -159,19 +158,18 @@ def arm_models(outcome, arm_index, n_arms, inputs, folds, labels=None, is_cancel
 
 
 def cross_fitted_scores(outcome, treated, inputs=None, folds=None, n_folds=5, seed=42, design=None,
-                        is_cancelled=None, groups=None):
+                        is_cancelled=None):
     """AIPW scores whose outcome models did not see the unit (arm_outcome_models on ``folds``).
 
     The propensity is the treated share (known in a trial), or with an
     observational core.design.StudyDesign each unit's cross-fitted propensity
-    from ``inputs`` on the same folds. is_cancelled: polled between folds; groups: the units' groups, kept whole
-    by the outcome models' penalty cross-validation (arm_models). Returns (scores, mu0, mu1, e).
+    from ``inputs`` on the same folds. is_cancelled: polled between folds. Returns (scores, mu0, mu1, e).
     """
     from .crossfit import location_folds
 
     Y, W = np.asarray(outcome, float), np.asarray(treated, int)
     folds = location_folds(np.arange(len(Y)), n_folds, seed) if folds is None else np.asarray(folds)
-    mu0, mu1 = arm_outcome_models(Y, W, inputs, folds, is_cancelled, groups)
+    mu0, mu1 = arm_outcome_models(Y, W, inputs, folds, is_cancelled)
     if design is not None and design.kind != "randomized":
         from .design import CLIP
 
