@@ -17,7 +17,7 @@ import numpy as np
 from .crossfit import Folds, location_folds, location_ids
 from .errors import GeoCateError, require
 from .progress import run_cancellable
-from .scores import Z95, aipw_scores, cross_fitted_scores, mean_and_se, zero_noise
+from .scores import Z95, aipw_scores, cross_fitted_scores, mean_and_se, small_sample_se, zero_noise
 
 DEFAULT_Q = np.round(np.arange(1, 11) / 10, 10)
 
@@ -332,16 +332,6 @@ def rerandomized_ate(ate, rerandomization, n_draws=ATE_REDRAWS, seed=42):
                             rerandomization.score_chunks(everyone, np.random.default_rng(seed), n_draws)])
     spread = zero_noise(float(np.std(means, ddof=1))) if len(means) > 1 else 0.0
     return dataclasses.replace(ate, std_err=max(spread, std_err))
-
-
-def small_sample_se(std_err, n_clusters):
-    """A cluster-robust standard error over ``n_clusters`` clusters scaled by t_{G-1, 0.975} / z_{0.975}: the normal
-    interval +/- 1.96 SE becomes the t interval with G - 1 degrees of freedom."""
-    from scipy.stats import t as student
-
-    if not np.isfinite(std_err) or n_clusters < 2:
-        return std_err
-    return float(std_err * student.ppf(0.975, n_clusters - 1) / Z95)
 
 
 def rerandomized_values(rerandomization, test, rng, n_draws, priorities, target, q):

@@ -4,17 +4,18 @@ arms; balance of covariates before and after weighting; covariates that look aff
 Every estimator takes the propensities of a core.design.StudyDesign and the
 cross-fitted outcome models of core.scores, and its standard error is the
 cluster-robust SE of the mean of its influence function (core.scores.mean_and_se),
-clustered by the groups the folds keep whole. With several arms, each unit
+clustered by the groups the folds keep whole and, when the units come in groups, read on Student's t with G - 1
+degrees of freedom (core.scores.small_sample_se). With several arms, each unit
 gets one score per arm; a contrast is a difference of two arms' scores.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from .design import CLIP
 from .estimate import Estimator
-from .scores import arm_models, linear_score, mean_and_se, normal_interval
+from .scores import arm_models, grouped_clusters, linear_score, mean_and_se, normal_interval, small_sample_se
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,12 @@ def adjusted_effects(outcome, arms, propensities, inputs=None, folds=None, clust
     folds of single units drawn with ``seed``); mu: (n, A) cross-fitted outcome models already fitted (the
     stacked ones, core.stacking), else core.scores.arm_models on ``inputs``, whose penalty cross-validation keeps
     the ``clusters`` whole. Returns a list of AdjustedEffect.
+
+    Standard errors are cluster-robust (CR1) over ``clusters``; when they group the units (G clusters, fewer
+    than the units) each is scaled by t_{G-1} / z, so the reported interval +/- 1.96 SE is the t interval with
+    G - 1 degrees of freedom (Cameron & Miller 2015). On bench_observational's clustered design (40 villages of
+    16 units, treatment within villages, 200 draws) the normal reading covered the ATE in 0.91 of draws: the CR1
+    errors' root mean square was 0.188 against the estimates' sd of 0.203.
     """
     from .crossfit import location_folds
 
@@ -78,6 +85,9 @@ def adjusted_effects(outcome, arms, propensities, inputs=None, folds=None, clust
         residual = Y - mu[:, b]
         att = linear_score(-D[:, a], D[:, a] * residual - D[:, b] * e[:, a] / e[:, b] * residual, clusters)
         results.append(AdjustedEffect("AIPW", "ATT", name, float(att.estimate), float(att.std_err), n))
+    n_clusters = grouped_clusters(clusters, n)
+    if n_clusters is not None:
+        results = [replace(r, std_err=small_sample_se(r.std_err, n_clusters)) for r in results]
     return results
 
 

@@ -1176,6 +1176,7 @@ def estimate_ate(units, raster_path, design, bands=None, window_size_px=33, noda
                            "outcome and propensity models": "cpu (scikit-learn)",
                            **({"window networks": network_device} if with_windows else {})},
                 "window_size_px": int(window_size_px), "fold_groups": int(len(np.unique(groups))),
+                "standard_errors": standard_errors_rule(groups[kept]),
                 "spatial_block_m": block_size, "dropped": study.dropped, "n_used": int(used.sum()),
                 "n_dropped": int(n - used.sum()), "arms": [float(a) for a in np.unique(arms)],
                 "effects": [dataclasses.asdict(e) for e in effects], "estimator": contrasts.describe(),
@@ -1188,6 +1189,17 @@ def estimate_ate(units, raster_path, design, bands=None, window_size_px=33, noda
                    "calibrated_propensity": propensities if calibration is not None else None, "arms": arms,
                    "kept": kept, "overlap": overlap, "balance": balance, "warnings": warnings, "metadata": metadata,
                    "sensitivity": analysis}
+
+
+def standard_errors_rule(groups):
+    """The run record's words for estimateate's standard errors (core.observational.adjusted_effects)."""
+    from .scores import grouped_clusters
+
+    n_groups = grouped_clusters(groups, len(groups))
+    if n_groups is None:
+        return "robust (every unit its own cluster), read on the normal distribution"
+    return (f"cluster-robust (CR1) over the {n_groups} fold groups (clusters or spatial blocks), read on Student's t "
+            f"with {n_groups - 1} degrees of freedom (each SE scaled by t / z)")
 
 
 def _on_rows(fit_predict, rows, n):

@@ -202,6 +202,26 @@ def mean_and_se(values, clusters=None):
     return zero_noise(mean), zero_noise(se)
 
 
+def small_sample_se(std_err, n_clusters):
+    """A cluster-robust standard error over ``n_clusters`` clusters scaled by t_{G-1, 0.975} / z_{0.975}: the normal
+    interval +/- 1.96 SE becomes the t interval with G - 1 degrees of freedom, as Cameron & Miller (2015) advise
+    with few clusters (and as Stata reads every clustered regression)."""
+    from scipy.stats import t as student
+
+    if not np.isfinite(std_err) or n_clusters < 2:
+        return std_err
+    return float(std_err * student.ppf(0.975, n_clusters - 1) / Z95)
+
+
+def grouped_clusters(clusters, n):
+    """The number of ``clusters`` G when the ``n`` units come in groups (fewer groups than units), else None: where
+    :func:`small_sample_se` applies to an estimate clustered over them."""
+    if clusters is None:
+        return None
+    n_clusters = len(np.unique(np.asarray(clusters)))
+    return n_clusters if n_clusters < n else None
+
+
 @dataclass(frozen=True)
 class AverageEffect:
     """The doubly robust ATE: mean of AIPW scores, with a cluster-robust SE over ``n_clusters`` clusters."""

@@ -10,8 +10,9 @@ representer's second moment (alpha = D_a / e_a - D_b / e_b for the contrast of a
 the outcome's residual variation the confounder would explain, CF_D its relative gain in the Riesz representer's
 variation, and RHO the correlation of the two confounding parts (1: the worst case). The three elements are
 estimated from the same cross-fitted nuisance predictions as the AIPW estimate (orthogonal scores: nu2's is
-2 (1 / e_a + 1 / e_b) - alpha^2), their joint covariance is cluster-robust over the groups the folds keep whole,
-and the bounds on the estimate and its confidence interval, and the robustness values RV (the equal strength
+2 (1 / e_a + 1 / e_b) - alpha^2), their joint covariance is cluster-robust over the groups the folds keep whole
+(and, when the units come in G groups, scaled by (t_{G-1} / z)^2, so that the interval at zero strength is the
+estimate's own t interval), and the bounds on the estimate and its confidence interval, and the robustness values RV (the equal strength
 CF_Y = CF_D that brings the estimate to 0) and RV_a (its interval), are econml's own arithmetic
 (econml.validate.sensitivity_analysis: sensitivity_interval, RV), called here, not copied; the elements equal
 econml's dr_sensitivity_values on the same nuisance predictions when every unit is its own cluster (tested).
@@ -28,6 +29,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .errors import GeoCateError
+from .scores import grouped_clusters, small_sample_se
 
 
 @dataclass(frozen=True)
@@ -101,6 +103,8 @@ def contrast_elements(outcome, index, mu, e, a, b, clusters=None, contrast="", e
     cov = centred.T @ centred / n / n
     if clusters is not None and len(centred) > 1:   # CR1, as the estimate's own SE (core.scores.mean_and_se)
         cov = cov * len(centred) / (len(centred) - 1)
+    if grouped_clusters(clusters, n) is not None:   # read on t with G - 1 degrees of freedom, as the estimate's own
+        cov = cov * small_sample_se(1.0, len(centred)) ** 2   # interval (core.observational.adjusted_effects)
     return SensitivityElements(contrast=contrast, theta=float(means[0]), sigma2=float(means[1]),
                                nu2=float(means[2]), cov=cov, var_y=float(np.var(Y[in_pair])),
                                nu2_plugin=nu2_plugin)

@@ -389,3 +389,39 @@ def test_aipw_covers_when_whole_villages_are_treated_and_only_with_village_clust
                 errors.append(aipw.estimate - ate)
     assert np.mean(clustered) >= 0.85 and np.mean(ignored) <= 0.65, (np.mean(clustered), np.mean(ignored))
     assert abs(np.mean(errors)) < 0.2      # the draws' sd is about 0.55: the mean of 40 within 0.17 of the truth
+
+
+def test_clustered_errors_are_read_on_t_with_g_minus_one_degrees_of_freedom():
+    """Every estimate's SE over 40 villages is the CR1 one scaled by t_39 / z (2.0227 / 1.96), so +/- 1.96 SE is the
+    t interval (bench_observational.py clustered, 40 villages of 16 units treated within them: coverage 0.91 on
+    the normal, docs/benchmarks.md); with every unit its own group nothing is scaled; the sensitivity analysis's
+    interval at zero strength is the estimate's own."""
+    from scipy.stats import t as student
+
+    from geocate.core.crossfit import Folds
+    from geocate.core.scores import arm_models, linear_score, mean_and_se
+    from geocate.core.sensitivity import bounds, contrast_elements
+
+    Y, W, inputs, village, _ = confounded_villages_for_test(7)
+    folds = Folds.of_groups(village, 5, 7).fold
+    e = StudyDesign("observational", seed=7).propensities(W, inputs, folds)[0]
+    mu = arm_models(Y, W, 2, inputs, folds, groups=village)
+    scale = student.ppf(0.975, 39) / 1.959964
+    aipw = mu[:, 1] - mu[:, 0] + W * (Y - mu[:, 1]) / e[:, 1] - (1 - W) * (Y - mu[:, 0]) / e[:, 0]
+    for clusters, factor in ((village, scale), (np.arange(len(Y)), 1.0), (None, 1.0)):
+        effects = adjusted_effects(Y, W, e, mu=mu, clusters=clusters)
+        cr1 = linear_score(-1.0, aipw, clusters)
+        assert by_name(effects, "AIPW").estimate == pytest.approx(cr1.estimate, abs=1e-12)
+        assert by_name(effects, "AIPW").std_err == pytest.approx(factor * cr1.std_err, rel=1e-9)
+        naive = linear_score(-W, W * Y, clusters).influence - linear_score(-(1 - W), (1 - W) * Y, clusters).influence
+        assert by_name(effects, "naive").std_err == pytest.approx(factor * mean_and_se(naive, clusters)[1], rel=1e-9)
+    assert scale == pytest.approx(1.0320, abs=1e-4)
+    clustered = by_name(adjusted_effects(Y, W, e, mu=mu, clusters=village), "AIPW")
+    at_zero = bounds(contrast_elements(Y, W, mu, np.clip(e, 0.01, 0.99), 1, 0, village), 0.0, 0.0)
+    assert at_zero[2:] == pytest.approx(clustered.interval(), abs=1e-9)
+
+
+def confounded_villages_for_test(seed):
+    from geocate.core.simulate import confounded_villages
+
+    return confounded_villages(seed, villages=40, size=16, assignment="unit")

@@ -131,8 +131,8 @@ def test_the_ates_interval_covers_in_a_cluster_randomized_trial_with_ten_village
     DR ATE's 95 % interval with the re-randomization SE (the larger of it and CR1 on t with G - 1 df) covers 1 in at least 90 %
     (here 186 / 200; CR1 alone 184). bench/bench_clustered.py checks it on imagery at full size."""
     from geocate.core.crossfit import location_folds
-    from geocate.core.evaluate import cluster_assignment, rerandomized_ate, small_sample_se
-    from geocate.core.scores import cross_fitted_scores, doubly_robust_ate
+    from geocate.core.evaluate import cluster_assignment, rerandomized_ate
+    from geocate.core.scores import cross_fitted_scores, doubly_robust_ate, small_sample_se
 
     covered = 0
     for rep in range(200):
@@ -148,7 +148,7 @@ def test_the_ates_interval_covers_in_a_cluster_randomized_trial_with_ten_village
 
 
 def test_the_small_sample_correction_is_students_t_with_g_minus_one_degrees_of_freedom():
-    from geocate.core.evaluate import small_sample_se
+    from geocate.core.scores import small_sample_se
 
     assert small_sample_se(1.0, 2) == pytest.approx(12.706205 / 1.959964, rel=1e-6)
     assert small_sample_se(1.0, 26) == pytest.approx(2.059539 / 1.959964, rel=1e-6)

@@ -1,6 +1,7 @@
 """geocate:estimateate through Processing: a confounded study on the demo imagery, its table, report and warnings."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -217,3 +218,13 @@ def test_a_cluster_field_keeps_villages_whole_in_the_outcome_models_penalty(plug
     assert records["villages"]["outcome_models"]["penalty"].startswith(
         "the splines' ridge penalty by cross-validation over whole groups")
     assert records["units"]["outcome_models"]["penalty"] == "the splines' ridge penalty by leave-one-out"
+    # The standard errors over the villages kept are read on Student's t with G - 1 degrees of freedom; every unit
+    # its own group, on the normal; the table's interval is +/- 1.96 of its SE either way.
+    assert re.search(r"over the (\d+) fold groups .* with (\d+) degrees", records["villages"]["standard_errors"])
+    g, df = map(int, re.search(r"over the (\d+) fold groups .* with (\d+) degrees",
+                               records["villages"]["standard_errors"]).groups())
+    assert df == g - 1 and g <= records["villages"]["fold_groups"]
+    assert records["units"]["standard_errors"].endswith("read on the normal distribution")
+    table = QgsVectorLayer(str(tmp_path / "villages.gpkg"), "villages", "ogr")
+    for f in table.getFeatures():
+        assert f["ci_high"] - f["ci_low"] == pytest.approx(2 * 1.959964 * f["std_err"], rel=1e-5)
