@@ -1,7 +1,7 @@
 """Observational designs: confounding adjustment from imagery (geocate:estimateate's estimators).
 
 Usage: python bench/bench_observational.py [--reps 200] [--causalimages-reps 50] [--nuisance penalised]
-       [--calibrate on|off] [--designs causalimages,scene,overlap,clustered] [--first-draw 0]
+       [--calibrate on|off] [--designs causalimages,scene,scene-builtup,overlap,clustered] [--first-draw 0]
        [--villages 80] [--village-size 8] [--json out.json]
 
 --nuisance: geocate:estimateate's NUISANCE (core.stacking): "penalised" (the default models), "stacked"
@@ -23,6 +23,9 @@ balancing_propensities, after trimming; the draws whose balance was only close, 
   more likely where the window shows settlement (propensities about 0.1 to
   0.9), the outcome also driven by the image, true effect 1. --reps draws of
   treatment and outcome on the same units.
+* scene-builtup: the scene's units and draws, a design not tuned on: the confounder is the window's built-up
+  share (core.simulate.built_up_share: its share of pixels brighter than the 90th percentile of all windows'),
+  in texture's place in the propensity and the outcome.
 * kang-schafer: Kang & Schafer's (2007) design, the classic test of doubly robust estimators when both
   models are wrong, as an ATE: Z ~ N(0, I4), logit P(W) = -Z1 + 0.5 Z2 - 0.25 Z3 - 0.1 Z4, Y(0) = 210 +
   27.4 Z1 + 13.7 (Z2 + Z3 + Z4) + noise, Y(1) = Y(0) + 10 + 5 Z1 (ATE 10), n = 1000; the models see only
@@ -135,27 +138,28 @@ def run_causalimages(reps, nuisance="penalised", first=0, calibrate=True):
     return out
 
 
-def run_scene(reps, nuisance="penalised", first=0, calibrate=True):
+def run_scene(reps, nuisance="penalised", first=0, calibrate=True, confounder="texture"):
     from geocate.core.embed import BandScaler, RandomConvFeatures
     from geocate.core.inputs import outcome_inputs
     from geocate.core.patches import extract_patches
-    from geocate.core.simulate import confound, simulate_trial
+    from geocate.core.simulate import built_up_share, confound, simulate_trial
 
     trial = simulate_trial(DEMO_RASTER, n_units=600, seed=7)
     patches = extract_patches(DEMO_RASTER, trial.coords, trial.crs_wkt, window_size_px=33).patches
     scaled = BandScaler(seed=7).fit(patches).transform(patches)
     features = np.log1p(RandomConvFeatures(seed=7).fit(scaled).transform(scaled))  # core.represent scale
     inputs = outcome_inputs(features, trial.covariates, seed=7)
+    image = built_up_share(patches) if confounder == "built-up" else None
     errors, covered, spans, shares = {}, {}, [], {}
     for rep in range(first, first + reps):
-        W, Y, true_propensity = confound(trial, seed=rep)
+        W, Y, true_propensity = confound(trial, seed=rep, image=image)
         spans.append(np.quantile(true_propensity, [0.05, 0.95]))
         record(estimates(Y, W, features, trial.covariates, inputs, rep, nuisance, scaled, shares, calibrate), 1.0,
                errors, covered)
         print(rep, round(float(np.mean(errors["AIPW"])), 4), flush=True)
     out = with_shares(summarise(errors, covered), shares)
     out["true_propensity_5_95_percent"] = np.mean(spans, axis=0).round(3).tolist()
-    print("scene", json.dumps(out), flush=True)
+    print("scene" if confounder == "texture" else "scene-builtup", json.dumps(out), flush=True)
     return out
 
 
@@ -227,7 +231,8 @@ def run_overlap(reps, calibrate=True):
 
 def run_clustered(reps, calibrate=True, villages=80, size=8):
     """Coverage of the population ATE (1) when units share villages: each estimator's interval with standard errors
-    clustered by village (as estimateate's CLUSTER gives them) and, to show what ignoring the villages does,
+    clustered by village and read on Student's t with G - 1 degrees of freedom (as estimateate's CLUSTER gives
+    them; core.observational.adjusted_effects) and, to show what ignoring the villages does,
     without; folds keep villages whole."""
     from geocate.core.crossfit import Folds
     from geocate.core.design import StudyDesign
@@ -261,7 +266,7 @@ def main(argv=None):
     parser.add_argument("--causalimages-reps", type=int, default=None)
     parser.add_argument("--nuisance", default="penalised", choices=("penalised", "stacked", "stacked with windows"))
     parser.add_argument("--calibrate", default="on", choices=("on", "off"))
-    parser.add_argument("--designs", default="causalimages,scene,overlap,clustered")
+    parser.add_argument("--designs", default="causalimages,scene,scene-builtup,overlap,clustered")
     parser.add_argument("--first-draw", type=int, default=0, help="the scene's and causalimages' first draw (seed)")
     parser.add_argument("--villages", type=int, default=80, help="the clustered design's villages")
     parser.add_argument("--village-size", type=int, default=8, help="the clustered design's units per village")
@@ -272,6 +277,7 @@ def main(argv=None):
     calibrate = args.calibrate == "on"
     runs = {"causalimages": lambda: run_causalimages(causalimages_reps, args.nuisance, args.first_draw, calibrate),
             "scene": lambda: run_scene(args.reps, args.nuisance, args.first_draw, calibrate),
+            "scene-builtup": lambda: run_scene(args.reps, args.nuisance, args.first_draw, calibrate, "built-up"),
             "overlap": lambda: run_overlap(max(args.reps // 4, 1), calibrate),
             "kang-schafer": lambda: run_kang_schafer(max(args.reps // 4, 1), calibrate),
             "clustered": lambda: run_clustered(args.reps, calibrate, args.villages, args.village_size)}

@@ -188,17 +188,31 @@ def simulate_predicted_outcome_world(seed=0, n_features=20, feature_noise=4.0, p
     return dataclasses.replace(world, validation_truth=truth, validation_prediction=prediction)
 
 
-def confound(trial, seed=0, strength=1.2, effect=1.0, baseline=1.5):
+def confound(trial, seed=0, strength=1.2, effect=1.0, baseline=1.5, image=None):
     """A confounded study on the units of a simulated trial: treatment more likely where the image shows
     settlement (bright, textured windows: logit P(W = 1) = strength z(texture)), and the outcome also driven by
     the image: Y = baseline mu0 + effect W + noise, mu0 the trial's image-and-covariate baseline.
-    Returns (treated, outcome, propensity); the true ATE is ``effect``."""
+    image: (n,) another quantity the windows show, which then confounds in texture's place (z(image) in the
+    propensity and in mu0 = z(image) + 0.5 X1; e.g. built_up_share). Returns (treated, outcome, propensity); the
+    true ATE is ``effect``."""
     rng = np.random.default_rng(seed)
     image_part = trial.true_mu0 - 0.5 * trial.covariates[:, 0]   # z(texture): what the window shows
+    mu0 = trial.true_mu0
+    if image is not None:
+        image_part = _z(np.asarray(image, float))
+        mu0 = image_part + 0.5 * trial.covariates[:, 0]
     propensity = 1 / (1 + np.exp(-strength * image_part))
     treated = (rng.random(len(propensity)) < propensity).astype(int)
-    outcome = baseline * trial.true_mu0 + effect * treated + rng.standard_normal(len(propensity))
+    outcome = baseline * mu0 + effect * treated + rng.standard_normal(len(propensity))
     return treated, outcome, propensity
+
+
+def built_up_share(patches, quantile=0.9):
+    """(n,) each window's share of pixels brighter than the ``quantile`` of all the windows' pixel brightness (the
+    mean over bands): a stand-in for the share of roofs and bare ground, for a confounder (confound's ``image``)
+    that neither the scene design's texture nor the windows' band statistics describe."""
+    brightness = np.asarray(patches, np.float64).mean(axis=1)     # (n, h, w)
+    return (brightness > np.quantile(brightness, quantile)).mean(axis=(1, 2))
 
 
 def confounded_villages(seed=0, villages=80, size=8, assignment="village"):

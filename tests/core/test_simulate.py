@@ -52,3 +52,24 @@ def test_a_trial_larger_than_the_raster_holds_is_refused_at_once(demo_raster, mo
     assert "larger raster" in refused.value.fix
     with pytest.raises(GeoCateError, match="30 pixels apart"):
         simulate_trial(demo_raster, n_units=2000, min_spacing_px=30)
+
+
+def test_a_confounder_given_in_texture_s_place_drives_treatment_and_outcome(small_trial, demo_raster):
+    """confound(image=...): the built-up share (pixels brighter than all windows' 90th percentile) confounds as the
+    texture did: the true propensity is logistic in its z-score, the untreated outcome's mean 1.5 (z + X1 / 2), and it
+    is a different quantity from the texture (bench_observational.py's scene-builtup, a design not tuned on)."""
+    from geocate.core.simulate import built_up_share, confound
+
+    patches = extract_patches(demo_raster, small_trial.coords, small_trial.crs_wkt, window_size_px=33).patches
+    share = built_up_share(patches)
+    brightness = patches.astype(float).mean(axis=1)
+    assert share.mean() == pytest.approx(np.mean(brightness > np.quantile(brightness, 0.9)), abs=1e-12)
+    z = (share - share.mean()) / share.std()
+    W, Y, e = confound(small_trial, seed=3, image=share)
+    assert e == pytest.approx(1 / (1 + np.exp(-1.2 * z)), abs=1e-12)
+    W_again, _, _ = confound(small_trial, seed=3)
+    assert (W == W_again).mean() < 0.95              # another confounder, other units treated
+    residual = Y - W - 1.5 * (z + 0.5 * small_trial.covariates[:, 0])
+    assert abs(residual.mean()) < 0.15 and residual.std() == pytest.approx(1.0, abs=0.1)   # the noise, N(0, 1)
+    texture = small_trial.true_mu0 - 0.5 * small_trial.covariates[:, 0]
+    assert abs(np.corrcoef(z, texture)[0, 1]) < 0.9
