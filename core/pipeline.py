@@ -1137,7 +1137,7 @@ def estimate_ate(units, raster_path, design, bands=None, window_size_px=33, noda
         analysis = analyse_or_warn(warnings, study.outcome[used], arms, design, features, covariates,
                                    study.covariate_names, folds, groups, seed, *sensitivity, kept=kept,
                                    tick=stage(progress, 0.8, 0.95), is_cancelled=is_cancelled,
-                                   estimands=("ATE", "ATT"), penalty_groups=groups)
+                                   estimands=("ATE", "ATT"), penalty_groups=groups, small_sample=True)
         warnings += analysis.warnings if analysis is not None else []
     predicted = None
     if versions is not None:
@@ -1198,7 +1198,8 @@ def standard_errors_rule(groups):
     n_groups = grouped_clusters(groups, len(groups))
     if n_groups is None:
         return "robust (every unit its own cluster), read on the normal distribution"
-    return (f"cluster-robust (CR1) over the {n_groups} fold groups (clusters or spatial blocks), read on Student's t "
+    return (f"cluster-robust (CR1) over the {n_groups} fold groups (clusters, spatial blocks, units sharing "
+            f"coordinates), read on Student's t "
             f"with {n_groups - 1} degrees of freedom (each SE scaled by t / z)")
 
 

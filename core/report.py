@@ -685,7 +685,9 @@ def observational_report(metadata, out, html_path):
     if metadata.get("predicted_outcome"):
         sections.append(("Outcome from a map", predicted_outcome_section(metadata["predicted_outcome"])))
     sections.append(("Estimates", f"<p>Design: <b>{html.escape(metadata['design'])}</b>; {metadata['n_used']} units "
-                     f"used. Propensity: {html.escape(metadata['propensity_model']['model'])}.</p>" + trimmed
+                     f"used. Propensity: {html.escape(metadata['propensity_model']['model'])}."
+                     + (f" Standard errors: {html.escape(metadata['standard_errors'])}."
+                        if metadata.get("standard_errors") else "") + "</p>" + trimmed
                      + calibration_sentence(metadata.get("calibration"), "<p>", "</p>")
                      + table(["estimator", "estimand", "contrast", "estimate", "SE", "95 % low", "95 % high", "units"],
                              rows, digits=3)))

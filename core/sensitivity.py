@@ -11,8 +11,8 @@ the outcome's residual variation the confounder would explain, CF_D its relative
 variation, and RHO the correlation of the two confounding parts (1: the worst case). The three elements are
 estimated from the same cross-fitted nuisance predictions as the AIPW estimate (orthogonal scores: nu2's is
 2 (1 / e_a + 1 / e_b) - alpha^2), their joint covariance is cluster-robust over the groups the folds keep whole
-(and, when the units come in G groups, scaled by (t_{G-1} / z)^2, so that the interval at zero strength is the
-estimate's own t interval), and the bounds on the estimate and its confidence interval, and the robustness values RV (the equal strength
+(estimateate's: when the units come in G groups, scaled by (t_{G-1} / z)^2, so that the interval at zero
+strength is the estimate's own t interval), and the bounds on the estimate and its confidence interval, and the robustness values RV (the equal strength
 CF_Y = CF_D that brings the estimate to 0) and RV_a (its interval), are econml's own arithmetic
 (econml.validate.sensitivity_analysis: sensitivity_interval, RV), called here, not copied; the elements equal
 econml's dr_sensitivity_values on the same nuisance predictions when every unit is its own cluster (tested).
@@ -56,7 +56,7 @@ class Benchmark:
     delta_theta: float    # the estimate without the group minus with it
 
 
-def contrast_elements(outcome, index, mu, e, a, b, clusters=None, contrast="", estimand="ATE"):
+def contrast_elements(outcome, index, mu, e, a, b, clusters=None, contrast="", estimand="ATE", small_sample=False):
     """SensitivityElements of the AIPW contrast of arm ``a`` against arm ``b``.
 
     outcome: (n,); index: (n,) each unit's arm (0..A-1); mu: (n, A) cross-fitted E[Y | X, arm]; e: (n, A)
@@ -68,7 +68,11 @@ def contrast_elements(outcome, index, mu, e, a, b, clusters=None, contrast="", e
     E[omega (g_a - g_b)] with omega = D_a / p_a and its mean given X, omega_bar = e_a / p_a; the Riesz representer
     alpha = omega_bar (D_a / e_a - D_b / e_b) = D_a / p_a - D_b e_a / (e_b p_a), nu2's score
     2 omega omega_bar (1 / e_a + 1 / e_b) - alpha^2 (DoubleML's IRM with the ATTE score, binary case), and theta's
-    influence psi - D_a theta / p_a (the share p_a estimated)."""
+    influence psi - D_a theta / p_a (the share p_a estimated).
+
+    small_sample: when ``clusters`` group the units (G of them, fewer than the units), scale the covariance by
+    (t_{G-1} / z)^2, as core.observational.adjusted_effects scales estimateate's standard errors, so the interval at
+    zero strength is the estimate's own (estimateate passes True; estimatecate's ATE is read on the normal)."""
     Y = np.asarray(outcome, float)
     index = np.asarray(index)
     mu = np.asarray(mu, float)
@@ -103,8 +107,8 @@ def contrast_elements(outcome, index, mu, e, a, b, clusters=None, contrast="", e
     cov = centred.T @ centred / n / n
     if clusters is not None and len(centred) > 1:   # CR1, as the estimate's own SE (core.scores.mean_and_se)
         cov = cov * len(centred) / (len(centred) - 1)
-    if grouped_clusters(clusters, n) is not None:   # read on t with G - 1 degrees of freedom, as the estimate's own
-        cov = cov * small_sample_se(1.0, len(centred)) ** 2   # interval (core.observational.adjusted_effects)
+    if small_sample and grouped_clusters(clusters, n) is not None:   # on t with G - 1 degrees of freedom, as the
+        cov = cov * small_sample_se(1.0, len(centred)) ** 2          # estimate's (core.observational)
     return SensitivityElements(contrast=contrast, theta=float(means[0]), sigma2=float(means[1]),
                                nu2=float(means[2]), cov=cov, var_y=float(np.var(Y[in_pair])),
                                nu2_plugin=nu2_plugin)
@@ -252,7 +256,7 @@ class Sensitivity:
 
 def analyse(outcome, arms, design, features, covariates, covariate_names, folds, clusters, seed, cf_y=0.03,
             cf_d=0.03, rho=1.0, kept=None, tick=None, is_cancelled=None, n_components=20, estimands=("ATE",),
-            penalty_groups=None):
+            penalty_groups=None, small_sample=False):
     """The sensitivity analysis of every AIPW contrast of an arm against the reference (arm levels sorted, the
     first the reference), for each of ``estimands`` ("ATE", "ATT": the effect on the arm's units; the ATE's
     contrasts first, named "1 vs 0", the ATT's "1 vs 0 (ATT)"), with benchmarks: everything the imagery shows, and
@@ -265,7 +269,8 @@ def analyse(outcome, arms, design, features, covariates, covariate_names, folds,
     alone (not on the propensity they start from), so its calibration is reached whenever the full fit's is.
     penalty_groups: the groups the outcome models' penalty cross-validation keeps whole (core.scores.arm_models;
     None: leave-one-out), those of the estimate the analysis describes: estimateate's fold groups, none for
-    estimatecate's forest."""
+    estimatecate's forest. small_sample: the elements' covariance read on t with G - 1 degrees of freedom over the
+    ``clusters`` (contrast_elements), as estimateate's own standard errors are (it passes True)."""
     from .design import CLIP
     from .inputs import outcome_inputs, propensity_inputs
     from .scores import arm_models
@@ -289,7 +294,8 @@ def analyse(outcome, arms, design, features, covariates, covariate_names, folds,
                         is_cancelled=is_cancelled, groups=None if penalty_groups is None else penalty_groups[kept])
         e = np.clip(e[kept], CLIP, 1 - CLIP)
         return [contrast_elements(Y[kept], index[kept], mu, e, a, 0, None if clusters is None else clusters[kept],
-                                  names[a - 1] + ("" if estimand == "ATE" else f" ({estimand})"), estimand)
+                                  names[a - 1] + ("" if estimand == "ATE" else f" ({estimand})"), estimand,
+                                  small_sample)
                 for estimand in estimands for a in range(1, k)]
 
     long, dropped = [], []

@@ -467,8 +467,16 @@ def test_with_spatial_blocks_each_sensitivity_analysis_is_on_its_own_estimate(sm
         "the splines' ridge penalty by cross-validation over whole groups") and out["metadata"]["fold_groups"] < 200
     aipw = next(e for e in out["effects"] if (e.estimator, e.estimand) == ("AIPW", "ATE"))
     assert out["sensitivity"].elements[0].theta == pytest.approx(aipw.estimate, abs=1e-9)
+    # Its interval at zero strength is the AIPW's own, read on t over the blocks (core.observational), as the record
+    # says; estimatecate's (below) is its ATE's, on the normal.
+    from geocate.core.sensitivity import bounds
+
+    assert bounds(out["sensitivity"].elements[0], 0.0, 0.0)[2:] == pytest.approx(aipw.interval(), abs=1e-9)
+    assert "Student's t" in out["metadata"]["standard_errors"]
     treated, outcome, _ = confound(small_trial, seed=4, strength=0.6)   # untrimmed: milder, so nu2 > 0
     units = dataclasses.replace(units, treated=treated.astype(float), outcome=outcome)
     cate = estimate_cate(units, demo_raster, n_folds=3, n_estimators=40, n_draws=50, spatial_block=4000,
                          study_design=StudyDesign("observational", seed=4), sensitivity=(0.03, 0.03, 1.0))[1]
     assert cate.sensitivity.elements[0].theta == pytest.approx(cate.ate, abs=1e-9)
+    assert bounds(cate.sensitivity.elements[0], 0.0, 0.0)[2:] == pytest.approx(
+        (cate.ate - 1.959964 * cate.ate_se, cate.ate + 1.959964 * cate.ate_se), abs=1e-6)
