@@ -12,8 +12,9 @@ variation, and RHO the correlation of the two confounding parts (1: the worst ca
 estimated from the same cross-fitted nuisance predictions as the AIPW estimate (orthogonal scores: nu2's is
 2 (1 / e_a + 1 / e_b) - alpha^2), their joint covariance is cluster-robust over the groups the folds keep whole
 (estimateate's: when the units come in G groups, scaled by (t_{G-1} / z)^2, so that the interval at zero
-strength is the estimate's own t interval), and the bounds on the estimate and its confidence interval, and the robustness values RV (the equal strength
-CF_Y = CF_D that brings the estimate to 0) and RV_a (its interval), are econml's own arithmetic
+strength is the estimate's own t interval), and the bounds on the estimate and its confidence interval, and the
+robustness values RV (the equal strength CF_Y = CF_D that brings the estimate to 0) and RV_a (its interval), are
+econml's own arithmetic
 (econml.validate.sensitivity_analysis: sensitivity_interval, RV), called here, not copied; the elements equal
 econml's dr_sensitivity_values on the same nuisance predictions when every unit is its own cluster (tested).
 

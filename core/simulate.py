@@ -211,8 +211,8 @@ def built_up_share(patches, quantile=0.9):
     """(n,) each window's share of pixels brighter than the ``quantile`` of all the windows' pixel brightness (the
     mean over bands): a stand-in for the share of roofs and bare ground, for a confounder (confound's ``image``)
     that neither the scene design's texture nor the windows' band statistics describe."""
-    brightness = np.asarray(patches, np.float64).mean(axis=1)     # (n, h, w); nodata pixels (NaN) count as not built
-    return (brightness > np.nanquantile(brightness, quantile)).mean(axis=(1, 2))
+    brightness = np.asarray(patches, np.float64).mean(axis=1)     # (n, h, w)
+    return (brightness > np.quantile(brightness, quantile)).mean(axis=(1, 2))
 
 
 def confounded_villages(seed=0, villages=80, size=8, assignment="village"):

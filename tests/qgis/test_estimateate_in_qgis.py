@@ -1,5 +1,6 @@
 """geocate:estimateate through Processing: a confounded study on the demo imagery, its table, report and warnings."""
 
+import html
 import json
 import re
 
@@ -224,6 +225,10 @@ def test_a_cluster_field_keeps_villages_whole_in_the_outcome_models_penalty(plug
     rule = re.search(r"over the (\d+) fold groups .* with (\d+) degrees", records["villages"]["standard_errors"])
     g, df = map(int, rule.groups())
     assert df == g - 1 and g <= records["villages"]["fold_groups"]
-    assert f"Student&#x27;s t with {df} degrees of freedom" in (tmp_path / "villages.html").read_text()
+    estimates = {name: (tmp_path / f"{name}.html").read_text().split("<h2>Run metadata</h2>")[0]
+                 for name in records}   # the report's sections before the run record's JSON
+    assert f"Standard errors: {html.escape(records['villages']['standard_errors'])}." in estimates["villages"]
+    assert f"Student&#x27;s t with {df} degrees of freedom" in estimates["villages"]
     assert records["units"]["standard_errors"].endswith("read on the normal distribution")
-    assert "Student" not in (tmp_path / "units.html").read_text()
+    assert "Standard errors: robust (every unit its own cluster), read on the normal distribution." in \
+        estimates["units"]
