@@ -1199,8 +1199,7 @@ def standard_errors_rule(groups):
     if n_groups is None:
         return "robust (every unit its own cluster), read on the normal distribution"
     return (f"cluster-robust (CR1) over the {n_groups} fold groups (clusters, spatial blocks, units sharing "
-            f"coordinates), read on Student's t "
-            f"with {n_groups - 1} degrees of freedom (each SE scaled by t / z)")
+            f"coordinates), read on Student's t with {n_groups - 1} degrees of freedom (each SE scaled by t / z)")
 
 
 def _on_rows(fit_predict, rows, n):

@@ -205,7 +205,7 @@ def mean_and_se(values, clusters=None):
 def small_sample_se(std_err, n_clusters):
     """A cluster-robust standard error over ``n_clusters`` clusters scaled by t_{G-1, 0.975} / z_{0.975}: the normal
     interval +/- 1.96 SE becomes the t interval with G - 1 degrees of freedom, as Cameron & Miller (2015) advise
-    with few clusters (and as Stata reads every clustered regression)."""
+    with few clusters (and as Stata's ``regress`` with ``vce(cluster)`` reads it)."""
     from scipy.stats import t as student
 
     if not np.isfinite(std_err) or n_clusters < 2:
