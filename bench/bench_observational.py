@@ -2,7 +2,7 @@
 
 Usage: python bench/bench_observational.py [--reps 200] [--causalimages-reps 50] [--nuisance penalised]
        [--calibrate on|off] [--designs causalimages,scene,scene-builtup,overlap,clustered] [--first-draw 0]
-       [--villages 80] [--village-size 8] [--json out.json]
+       [--villages 80] [--village-size 8] [--oracle none|proxy|"boosted proxy"|truth] [--json out.json]
 
 --nuisance: geocate:estimateate's NUISANCE (core.stacking): "penalised" (the default models), "stacked"
 (with gradient boosting) or "stacked with windows" (and a network on the windows, for both models); the
@@ -26,6 +26,10 @@ balancing_propensities, after trimming; the draws whose balance was only close, 
 * scene-builtup: the scene's units and draws, a design not tuned on: the confounder is the window's built-up
   share (core.simulate.built_up_share: its share of pixels brighter than the 90th percentile of all windows'),
   in texture's place in the propensity and the outcome.
+  --oracle (both scene designs) adds to the nuisance models' inputs what no user has: the confounder z itself
+  ("truth"), or the features' best proxy of it fitted with z ("proxy": a cross-fitted ridge of z on every
+  standardised feature; "boosted proxy": gradient boosting), to split AIPW's bias into what the features do not
+  hold of the confounder and what the nuisance models make of it (docs/benchmarks.md).
 * kang-schafer: Kang & Schafer's (2007) design, the classic test of doubly robust estimators when both
   models are wrong, as an ATE: Z ~ N(0, I4), logit P(W) = -Z1 + 0.5 Z2 - 0.25 Z3 - 0.1 Z4, Y(0) = 210 +
   27.4 Z1 + 13.7 (Z2 + Z3 + Z4) + noise, Y(1) = Y(0) + 10 + 5 Z1 (ATE 10), n = 1000; the models see only
@@ -138,27 +142,53 @@ def run_causalimages(reps, nuisance="penalised", first=0, calibrate=True):
     return out
 
 
-def run_scene(reps, nuisance="penalised", first=0, calibrate=True, confounder="texture"):
+def oracle_input(features, z, kind):
+    """(n,) the confounder z as an oracle would add it to the nuisance models' inputs: "truth" (z itself), "proxy"
+    (the features' best linear proxy of z: a ridge of z on every standardised feature, cross-fitted on 5 folds) or
+    "boosted proxy" (gradient boosting of z on the same), with the proxy's out-of-fold R^2."""
+    from sklearn.ensemble import HistGradientBoostingRegressor
+    from sklearn.linear_model import RidgeCV
+    from sklearn.model_selection import KFold, cross_val_predict
+
+    from geocate.core.inputs import propensity_inputs
+
+    if kind == "truth":
+        return z, 1.0
+    model = RidgeCV(alphas=np.logspace(-3, 4, 30)) if kind == "proxy" else \
+        HistGradientBoostingRegressor(max_iter=300, learning_rate=0.05, random_state=0)
+    proxy = cross_val_predict(model, propensity_inputs(features), z, cv=KFold(5, shuffle=True, random_state=0))
+    return proxy, float(1 - np.var(z - proxy) / np.var(z))
+
+
+def run_scene(reps, nuisance="penalised", first=0, calibrate=True, confounder="texture", oracle="none"):
+    """oracle: "none", or what an oracle adds to the nuisance models' inputs (oracle_input), to measure how much of
+    AIPW's bias is the representation's (what the features do not hold of the confounder)."""
     from geocate.core.embed import BandScaler, RandomConvFeatures
     from geocate.core.inputs import outcome_inputs
     from geocate.core.patches import extract_patches
-    from geocate.core.simulate import built_up_share, confound, simulate_trial
+    from geocate.core.simulate import built_up_share, confound, image_confounder, simulate_trial
 
     trial = simulate_trial(DEMO_RASTER, n_units=600, seed=7)
     patches = extract_patches(DEMO_RASTER, trial.coords, trial.crs_wkt, window_size_px=33).patches
     scaled = BandScaler(seed=7).fit(patches).transform(patches)
     features = np.log1p(RandomConvFeatures(seed=7).fit(scaled).transform(scaled))  # core.represent scale
-    inputs = outcome_inputs(features, trial.covariates, seed=7)
     image = built_up_share(patches) if confounder == "built-up" else None
+    covariates, r2 = trial.covariates, None
+    if oracle != "none":
+        extra, r2 = oracle_input(features, image_confounder(trial, image), oracle)
+        covariates = np.column_stack([covariates, extra])
+    inputs = outcome_inputs(features, covariates, seed=7)
     errors, covered, spans, shares = {}, {}, [], {}
     for rep in range(first, first + reps):
         W, Y, true_propensity = confound(trial, seed=rep, image=image)
         spans.append(np.quantile(true_propensity, [0.05, 0.95]))
-        record(estimates(Y, W, features, trial.covariates, inputs, rep, nuisance, scaled, shares, calibrate), 1.0,
+        record(estimates(Y, W, features, covariates, inputs, rep, nuisance, scaled, shares, calibrate), 1.0,
                errors, covered)
         print(rep, round(float(np.mean(errors["AIPW"])), 4), flush=True)
     out = with_shares(summarise(errors, covered), shares)
     out["true_propensity_5_95_percent"] = np.mean(spans, axis=0).round(3).tolist()
+    if oracle != "none":
+        out["oracle_input"] = {"kind": oracle, "out_of_fold_r2": round(r2, 4)}
     print("scene" if confounder == "texture" else "scene-builtup", json.dumps(out), flush=True)
     return out
 
@@ -270,14 +300,17 @@ def main(argv=None):
     parser.add_argument("--first-draw", type=int, default=0, help="the scene's and causalimages' first draw (seed)")
     parser.add_argument("--villages", type=int, default=80, help="the clustered design's villages")
     parser.add_argument("--village-size", type=int, default=8, help="the clustered design's units per village")
+    parser.add_argument("--oracle", default="none", choices=("none", "proxy", "boosted proxy", "truth"),
+                        help="the scene designs: what an oracle adds to the nuisance models' inputs")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     started = time.perf_counter()
     causalimages_reps = args.causalimages_reps or max(args.reps // 4, 1)
     calibrate = args.calibrate == "on"
     runs = {"causalimages": lambda: run_causalimages(causalimages_reps, args.nuisance, args.first_draw, calibrate),
-            "scene": lambda: run_scene(args.reps, args.nuisance, args.first_draw, calibrate),
-            "scene-builtup": lambda: run_scene(args.reps, args.nuisance, args.first_draw, calibrate, "built-up"),
+            "scene": lambda: run_scene(args.reps, args.nuisance, args.first_draw, calibrate, oracle=args.oracle),
+            "scene-builtup": lambda: run_scene(args.reps, args.nuisance, args.first_draw, calibrate, "built-up",
+                                               args.oracle),
             "overlap": lambda: run_overlap(max(args.reps // 4, 1), calibrate),
             "kang-schafer": lambda: run_kang_schafer(max(args.reps // 4, 1), calibrate),
             "clustered": lambda: run_clustered(args.reps, calibrate, args.villages, args.village_size)}

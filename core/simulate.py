@@ -196,15 +196,20 @@ def confound(trial, seed=0, strength=1.2, effect=1.0, baseline=1.5, image=None):
     propensity and in mu0 = z(image) + 0.5 X1; e.g. built_up_share). Returns (treated, outcome, propensity); the
     true ATE is ``effect``."""
     rng = np.random.default_rng(seed)
-    image_part = trial.true_mu0 - 0.5 * trial.covariates[:, 0]   # z(texture): what the window shows
-    mu0 = trial.true_mu0
-    if image is not None:
-        image_part = _z(np.asarray(image, float))
-        mu0 = image_part + 0.5 * trial.covariates[:, 0]
+    image_part = image_confounder(trial, image)
+    mu0 = trial.true_mu0 if image is None else image_part + 0.5 * trial.covariates[:, 0]
     propensity = 1 / (1 + np.exp(-strength * image_part))
     treated = (rng.random(len(propensity)) < propensity).astype(int)
     outcome = baseline * mu0 + effect * treated + rng.standard_normal(len(propensity))
     return treated, outcome, propensity
+
+
+def image_confounder(trial, image=None):
+    """(n,) what confounds in confound's study: z(texture), the part of the trial's baseline the window shows, or
+    z(image) when ``image`` is given."""
+    if image is None:
+        return trial.true_mu0 - 0.5 * trial.covariates[:, 0]
+    return _z(np.asarray(image, float))
 
 
 def built_up_share(patches, quantile=0.9):

@@ -58,7 +58,7 @@ def test_a_confounder_given_in_texture_s_place_drives_treatment_and_outcome(smal
     """confound(image=...): the built-up share (pixels brighter than all windows' 90th percentile) confounds as the
     texture did: the true propensity is logistic in its z-score, the untreated outcome's mean 1.5 (z + X1 / 2), and it
     is a different quantity from the texture (bench_observational.py's scene-builtup, a design not tuned on)."""
-    from geocate.core.simulate import built_up_share, confound
+    from geocate.core.simulate import built_up_share, confound, image_confounder
 
     patches = extract_patches(demo_raster, small_trial.coords, small_trial.crs_wkt, window_size_px=33).patches
     share = built_up_share(patches)
@@ -73,3 +73,7 @@ def test_a_confounder_given_in_texture_s_place_drives_treatment_and_outcome(smal
     assert abs(residual.mean()) < 0.15 and residual.std() == pytest.approx(1.0, abs=0.1)   # the noise, N(0, 1)
     texture = small_trial.true_mu0 - 0.5 * small_trial.covariates[:, 0]
     assert abs(np.corrcoef(z, texture)[0, 1]) < 0.9
+    # image_confounder: what confounds (the bench's --oracle truth), for either design
+    assert image_confounder(small_trial, share) == pytest.approx(z, abs=1e-12)
+    assert image_confounder(small_trial) == pytest.approx(texture, abs=1e-12)
+    assert confound(small_trial, seed=3)[2] == pytest.approx(1 / (1 + np.exp(-1.2 * texture)), abs=1e-12)
