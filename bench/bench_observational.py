@@ -2,7 +2,8 @@
 
 Usage: python bench/bench_observational.py [--reps 200] [--causalimages-reps 50] [--nuisance penalised]
        [--calibrate on|off] [--designs causalimages,scene,scene-builtup,overlap,clustered] [--first-draw 0]
-       [--villages 80] [--village-size 8] [--oracle none|proxy|"boosted proxy"|truth] [--json out.json]
+       [--villages 80] [--village-size 8] [--oracle none|proxy|"boosted proxy"|truth] [--filters 256]
+       [--json out.json]
 
 --nuisance: geocate:estimateate's NUISANCE (core.stacking): "penalised" (the default models), "stacked"
 (with gradient boosting) or "stacked with windows" (and a network on the windows, for both models); the
@@ -29,7 +30,8 @@ balancing_propensities, after trimming; the draws whose balance was only close, 
   --oracle (both scene designs) adds to the nuisance models' inputs what no user has: the confounder z itself
   ("truth"), or the features' best proxy of it fitted with z ("proxy": a cross-fitted ridge of z on every
   standardised feature; "boosted proxy": gradient boosting), to split AIPW's bias into what the features do not
-  hold of the confounder and what the nuisance models make of it (docs/benchmarks.md).
+  hold of the confounder and what the nuisance models make of it (docs/benchmarks.md); --filters: the random
+  convolutions' number (the features' linear proxy's R^2 is recorded either way).
 * kang-schafer: Kang & Schafer's (2007) design, the classic test of doubly robust estimators when both
   models are wrong, as an ATE: Z ~ N(0, I4), logit P(W) = -Z1 + 0.5 Z2 - 0.25 Z3 - 0.1 Z4, Y(0) = 210 +
   27.4 Z1 + 13.7 (Z2 + Z3 + Z4) + noise, Y(1) = Y(0) + 10 + 5 Z1 (ATE 10), n = 1000; the models see only
@@ -157,12 +159,14 @@ def oracle_input(features, z, kind):
     model = RidgeCV(alphas=np.logspace(-3, 4, 30)) if kind == "proxy" else \
         HistGradientBoostingRegressor(max_iter=300, learning_rate=0.05, random_state=0)
     proxy = cross_val_predict(model, propensity_inputs(features), z, cv=KFold(5, shuffle=True, random_state=0))
-    return proxy, float(1 - np.var(z - proxy) / np.var(z))
+    return proxy, float(1 - np.mean((z - proxy) ** 2) / np.var(z))
 
 
-def run_scene(reps, nuisance="penalised", first=0, calibrate=True, confounder="texture", oracle="none"):
+def run_scene(reps, nuisance="penalised", first=0, calibrate=True, confounder="texture", oracle="none", filters=256):
     """oracle: "none", or what an oracle adds to the nuisance models' inputs (oracle_input), to measure how much of
-    AIPW's bias is the representation's (what the features do not hold of the confounder)."""
+    AIPW's bias comes from what the features do not hold of the confounder; filters: the random convolutions'
+    number (256, core.represent's default, gives 512 features). The features' linear proxy's R^2 is recorded
+    whatever ``oracle``."""
     from geocate.core.embed import BandScaler, RandomConvFeatures
     from geocate.core.inputs import outcome_inputs
     from geocate.core.patches import extract_patches
@@ -171,11 +175,13 @@ def run_scene(reps, nuisance="penalised", first=0, calibrate=True, confounder="t
     trial = simulate_trial(DEMO_RASTER, n_units=600, seed=7)
     patches = extract_patches(DEMO_RASTER, trial.coords, trial.crs_wkt, window_size_px=33).patches
     scaled = BandScaler(seed=7).fit(patches).transform(patches)
-    features = np.log1p(RandomConvFeatures(seed=7).fit(scaled).transform(scaled))  # core.represent scale
+    features = RandomConvFeatures(seed=7, n_filters=filters).fit(scaled).transform(scaled)
+    features = np.log1p(features)                                                   # core.represent's scale
     image = built_up_share(patches) if confounder == "built-up" else None
-    covariates, r2 = trial.covariates, None
+    z = image_confounder(trial, image)
+    covariates, linear_r2 = trial.covariates, oracle_input(features, z, "proxy")[1]
     if oracle != "none":
-        extra, r2 = oracle_input(features, image_confounder(trial, image), oracle)
+        extra, r2 = oracle_input(features, z, oracle)
         covariates = np.column_stack([covariates, extra])
     inputs = outcome_inputs(features, covariates, seed=7)
     errors, covered, spans, shares = {}, {}, [], {}
@@ -187,6 +193,7 @@ def run_scene(reps, nuisance="penalised", first=0, calibrate=True, confounder="t
         print(rep, round(float(np.mean(errors["AIPW"])), 4), flush=True)
     out = with_shares(summarise(errors, covered), shares)
     out["true_propensity_5_95_percent"] = np.mean(spans, axis=0).round(3).tolist()
+    out["features"] = {"random_filters": filters, "linear_proxy_out_of_fold_r2": round(linear_r2, 4)}
     if oracle != "none":
         out["oracle_input"] = {"kind": oracle, "out_of_fold_r2": round(r2, 4)}
     print("scene" if confounder == "texture" else "scene-builtup", json.dumps(out), flush=True)
@@ -302,15 +309,20 @@ def main(argv=None):
     parser.add_argument("--village-size", type=int, default=8, help="the clustered design's units per village")
     parser.add_argument("--oracle", default="none", choices=("none", "proxy", "boosted proxy", "truth"),
                         help="the scene designs: what an oracle adds to the nuisance models' inputs")
+    parser.add_argument("--filters", type=int, default=256, help="the scene designs: random convolution filters")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
+    others = set(args.designs.split(",")) - {"scene", "scene-builtup"}
+    if (args.oracle != "none" or args.filters != 256) and others:
+        parser.error(f"--oracle and --filters apply to the scene designs only, not {', '.join(sorted(others))}")
     started = time.perf_counter()
     causalimages_reps = args.causalimages_reps or max(args.reps // 4, 1)
     calibrate = args.calibrate == "on"
     runs = {"causalimages": lambda: run_causalimages(causalimages_reps, args.nuisance, args.first_draw, calibrate),
-            "scene": lambda: run_scene(args.reps, args.nuisance, args.first_draw, calibrate, oracle=args.oracle),
+            "scene": lambda: run_scene(args.reps, args.nuisance, args.first_draw, calibrate, "texture", args.oracle,
+                                       args.filters),
             "scene-builtup": lambda: run_scene(args.reps, args.nuisance, args.first_draw, calibrate, "built-up",
-                                               args.oracle),
+                                               args.oracle, args.filters),
             "overlap": lambda: run_overlap(max(args.reps // 4, 1), calibrate),
             "kang-schafer": lambda: run_kang_schafer(max(args.reps // 4, 1), calibrate),
             "clustered": lambda: run_clustered(args.reps, calibrate, args.villages, args.village_size)}

@@ -76,4 +76,7 @@ def test_a_confounder_given_in_texture_s_place_drives_treatment_and_outcome(smal
     # image_confounder: what confounds (the bench's --oracle truth), for either design
     assert image_confounder(small_trial, share) == pytest.approx(z, abs=1e-12)
     assert image_confounder(small_trial) == pytest.approx(texture, abs=1e-12)
-    assert confound(small_trial, seed=3)[2] == pytest.approx(1 / (1 + np.exp(-1.2 * texture)), abs=1e-12)
+    W_texture, Y_texture, e_texture = confound(small_trial, seed=3)
+    assert e_texture == pytest.approx(1 / (1 + np.exp(-1.2 * texture)), abs=1e-12)
+    residual = Y_texture - W_texture - 1.5 * (texture + 0.5 * small_trial.covariates[:, 0])   # mu0 = the trial's
+    assert abs(residual.mean()) < 0.15 and residual.std() == pytest.approx(1.0, abs=0.1)
