@@ -179,9 +179,9 @@ def run_scene(reps, nuisance="penalised", first=0, calibrate=True, confounder="t
     features = np.log1p(features)                                                   # core.represent's scale
     image = built_up_share(patches) if confounder == "built-up" else None
     z = image_confounder(trial, image)
-    covariates, linear_r2 = trial.covariates, oracle_input(features, z, "proxy")[1]
+    covariates, (proxy, linear_r2) = trial.covariates, oracle_input(features, z, "proxy")
     if oracle != "none":
-        extra, r2 = oracle_input(features, z, oracle)
+        extra, r2 = (proxy, linear_r2) if oracle == "proxy" else oracle_input(features, z, oracle)
         covariates = np.column_stack([covariates, extra])
     inputs = outcome_inputs(features, covariates, seed=7)
     errors, covered, spans, shares = {}, {}, [], {}
